@@ -1,0 +1,154 @@
+"""Export a trained model (safetensors / diffusers folder) with a model card, atomically, during and after fit."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_only
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def atomic_replace_dir(tmp_dir: Path, target: Path) -> None:
+    """Move a finished folder ``tmp_dir`` into place at ``target``; an older ``target`` is swapped out, then removed."""
+    old = None
+    if target.exists():
+        old = target.with_name(target.name + f".old-{int(time.time() * 1000)}")
+        target.rename(old)
+    tmp_dir.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class ExportModel(Callback):
+    """Write ``pl_module.export(folder)`` plus ``MODEL_CARD.md`` and ``training_summary.json`` into ``dirpath``.
+
+    The export is written to a temporary folder next to ``dirpath`` and renamed into place, so a reader never sees
+    a half-written checkpoint. Wall time accumulates across resumes (it is stored in the Lightning checkpoint).
+
+    Args:
+        dirpath: export folder (e.g. ``checkpoints/fashion_mnist/ddpm_32``).
+        every_n_steps: also export every so many optimiser steps (0: only at the end of fit).
+        dtype: 'float32', 'float16' or 'bfloat16' for the exported weights.
+        overwrite: allow replacing an existing folder on a fresh (non-resumed) run.
+        sample_grid: for modules with ``sample(n, steps, seed)``: save a 8x8 seeded DDIM grid as ``samples.png``.
+        title: first line of the model card.
+
+    Raises:
+        FileExistsError: at setup, when ``dirpath`` exists, the run is not a resume and ``overwrite`` is false.
+    """
+
+    def __init__(
+        self,
+        dirpath: str,
+        every_n_steps: int = 0,
+        dtype: str = "float32",
+        overwrite: bool = False,
+        sample_grid: bool = True,
+        title: str = "model",
+    ) -> None:
+        if dtype not in _DTYPES:
+            raise ValueError(f"ExportModel.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        self.dirpath = Path(dirpath)
+        self.every_n_steps = every_n_steps
+        self.dtype = dtype
+        self.overwrite = overwrite
+        self.sample_grid = sample_grid
+        self.title = title
+        self.wall_time_s = 0.0
+        self._t0: Optional[float] = None
+        self.command = " ".join(shlex.quote(a) for a in ["python"] + sys.argv)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit" and self.dirpath.exists() and not self.overwrite and not trainer.ckpt_path:
+            raise FileExistsError(
+                f"export folder {self.dirpath} already exists; choose another ExportModel.dirpath, resume with "
+                "--ckpt_path last, or set overwrite: true for this callback"
+            )
+
+    def state_dict(self) -> dict:
+        return {"wall_time_s": self._elapsed()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.wall_time_s = float(state_dict.get("wall_time_s", 0.0))
+
+    def _elapsed(self) -> float:
+        return self.wall_time_s + (time.time() - self._t0 if self._t0 is not None else 0.0)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._t0 = time.time()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
+            self.export(trainer, pl_module)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.export(trainer, pl_module)
+
+    @rank_zero_only
+    def export(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.dirpath.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{self.dirpath.name}.", dir=self.dirpath.parent))
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            pl_module.export(tmp, dtype=_DTYPES[self.dtype])
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+            summary = {
+                "title": self.title,
+                "command": self.command,
+                "global_step": trainer.global_step,
+                "epoch": trainer.current_epoch,
+                "wall_time_s": round(self._elapsed(), 1),
+                "metrics": metrics,
+                "hparams": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(pl_module.hparams).items()},
+                "precision": str(trainer.precision),
+                "torch": torch.__version__,
+            }
+            if self.sample_grid and hasattr(pl_module, "sample"):
+                from PIL import Image
+
+                from inversion.logging_utils import to_uint8_hwc
+
+                imgs = pl_module.sample(64, num_inference_steps=100, seed=0)
+                Image.fromarray(to_uint8_hwc(imgs, nrow=8)).save(tmp / "samples.png")
+                summary["sample_grid"] = "samples.png (64 seeded DDIM samples, 100 steps, EMA weights, seed 0)"
+            (tmp / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            (tmp / "MODEL_CARD.md").write_text(render_model_card(summary))
+            atomic_replace_dir(tmp, self.dirpath)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+            pl_module.train(was_training)
+
+
+def render_model_card(summary: dict) -> str:
+    """Markdown model card from a training summary dict (command, steps, wall time, final metrics)."""
+    lines = [
+        f"# {summary['title']}",
+        "",
+        "Produced by this project's own `train.py`:",
+        "",
+        "```bash",
+        summary["command"],
+        "```",
+        "",
+        f"- optimiser steps: {summary['global_step']} (epochs completed: {summary['epoch']})",
+        f"- wall time: {summary['wall_time_s'] / 60:.1f} min ({summary['wall_time_s']:.0f} s), precision {summary['precision']}, torch {summary['torch']}",
+        "- final logged metrics:",
+    ]
+    lines += [f"  - `{k}`: {v:.4f}" for k, v in sorted(summary["metrics"].items())]
+    if "sample_grid" in summary:
+        lines += ["", f"![samples](samples.png) — {summary['sample_grid']}"]
+    lines += ["", "Hyper-parameters:", "", "```json", json.dumps(summary["hparams"], indent=2, default=str), "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,229 @@
+"""Fashion-MNIST: idx readers, a training DataModule, and the held-out split used to build FL users.
+
+The files are the ones torchvision downloads (``{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz``); on Debian
+they ship in the package ``dataset-fashion-mnist`` under ``/usr/share/datasets/fashion-mnist``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader, TensorDataset
+
+DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+class DataNotFoundError(FileNotFoundError):
+    """Raised when a data set cannot be found on disk; the message says how to get it."""
+
+
+def _open_idx(path: Path) -> bytes:
+    for candidate in (path.with_name(path.name + ".gz"), path):
+        if candidate.is_file():
+            opener = gzip.open if candidate.suffix == ".gz" else open
+            with opener(candidate, "rb") as fh:
+                return fh.read()
+    raise DataNotFoundError(str(path))
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read one idx file (gzipped or not) into a numpy array of dtype uint8.
+
+    Args:
+        path: path without the ``.gz`` suffix; ``path.gz`` is tried first.
+
+    Returns:
+        uint8 array of shape (N,) for labels or (N, 28, 28) for images.
+
+    Raises:
+        DataNotFoundError: neither ``path.gz`` nor ``path`` exists.
+        ValueError: the file is not a uint8 idx file.
+    """
+    raw = _open_idx(Path(path))
+    zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype != 0x08:
+        raise ValueError(f"{path}: not a uint8 idx file (magic {raw[:4]!r})")
+    shape = struct.unpack(">" + "I" * ndim, raw[4 : 4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: truncated idx file ({data.size} values for shape {shape})")
+    return data.reshape(shape)
+
+
+def _has_split(root: Path, split: str) -> bool:
+    return all((root / f).is_file() or (root / (f + ".gz")).is_file() for f in _FILES[split])
+
+
+def find_fashion_mnist_root(root: Optional[str] = None, download: bool = True) -> Path:
+    """Locate the Fashion-MNIST idx files.
+
+    Search order: ``root`` (also ``root/FashionMNIST/raw``, torchvision's layout), then
+    ``/usr/share/datasets/fashion-mnist`` (Debian package), then torchvision's download into ``root`` (or
+    ``~/.cache/fashion-mnist``) when ``download`` is true and the network is reachable.
+
+    Raises:
+        DataNotFoundError: none found; the message names the apt package and the config key to set.
+    """
+    candidates = []
+    if root:
+        candidates += [Path(root), Path(root) / "FashionMNIST" / "raw"]
+    candidates.append(Path(DEBIAN_ROOT))
+    for cand in candidates:
+        if _has_split(cand, "train") and _has_split(cand, "test"):
+            return cand
+    download_error = None
+    if download:
+        target = Path(root) if root else Path.home() / ".cache" / "fashion-mnist"
+        try:  # users with internet: torchvision fetches the same files
+            from torchvision.datasets import FashionMNIST
+
+            for train in (True, False):
+                FashionMNIST(str(target), train=train, download=True)
+            raw = target / "FashionMNIST" / "raw"
+            if _has_split(raw, "train") and _has_split(raw, "test"):
+                return raw
+        except Exception as exc:  # offline: fall through to the clear error below
+            download_error = exc
+    raise DataNotFoundError(
+        "Fashion-MNIST idx files not found (looked in "
+        + ", ".join(str(c) for c in candidates)
+        + (f"; download failed: {download_error}" if download_error else "")
+        + "). Fix: `sudo apt-get install dataset-fashion-mnist` (installs them in "
+        f"{DEBIAN_ROOT}), or set `data.root` (e.g. `--data.root /path/to/fashion-mnist`) to a folder holding "
+        "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz."
+    )
+
+
+def load_split(split: str, root: Optional[str] = None, download: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Load one split as (images uint8 (N, 28, 28), labels uint8 (N,)). ``split`` is 'train' or 'test'."""
+    if split not in _FILES:
+        raise ValueError(f"split must be one of {sorted(_FILES)}, got {split!r}")
+    base = find_fashion_mnist_root(root, download)
+    images = read_idx(base / _FILES[split][0])
+    labels = read_idx(base / _FILES[split][1])
+    if len(images) != len(labels):
+        raise ValueError(f"{base}: {len(images)} images but {len(labels)} labels in split {split!r}")
+    return images, labels
+
+
+def to_tensor_images(images: np.ndarray, image_size: int = 32, channels: int = 1) -> torch.Tensor:
+    """Convert uint8 (N, 28, 28) images into float32 (N, channels, image_size, image_size) pixels in [0, 1].
+
+    28 -> 32 is done by zero padding (2 px each side, the usual LeNet/DDPM convention); other sizes are padded to
+    32 and then resized bilinearly. ``channels`` 3 replicates the grey channel.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if image_size < 28:
+        x = torch.from_numpy(images.copy()).float().div_(255.0).unsqueeze(1)
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+    else:
+        x = torch.from_numpy(images.copy()).float().div_(255.0).unsqueeze(1)
+        x = F.pad(x, (2, 2, 2, 2))
+        if image_size != 32:
+            x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    x = x.clamp_(0.0, 1.0)
+    return x.repeat(1, channels, 1, 1) if channels == 3 else x
+
+
+class FashionMNISTDataModule(LightningDataModule):
+    """Fashion-MNIST for training the victim, the evaluator and the DDPM prior.
+
+    Batches are ``(images, labels)``: images float32 (B, channels, image_size, image_size) in [0, 1], labels int64.
+    Training uses the train split (minus ``val_size`` held out for validation); the test split is never used for
+    training, since FL users are built from it.
+
+    Args:
+        root: folder with the idx files; None searches the Debian package path, then downloads when online.
+        image_size: output side in pixels (28 -> 32 by zero padding by default).
+        channels: 1, or 3 to replicate the grey channel.
+        batch_size: training batch size.
+        val_size: images of the train split held out for validation (seeded).
+        num_workers: DataLoader workers.
+        augment: random horizontal flips for training (used for the prior; fine for garments).
+        seed: seed of the validation split.
+    """
+
+    num_classes = 10
+    class_names = CLASSES
+
+    def __init__(
+        self,
+        root: Optional[str] = None,
+        image_size: int = 32,
+        channels: int = 1,
+        batch_size: int = 128,
+        val_size: int = 5000,
+        num_workers: int = 0,
+        augment: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if image_size < 8:
+            raise ValueError(f"data.image_size must be >= 8, got {image_size}")
+        self.save_hyperparameters()
+        self.root = root
+        self.image_size = image_size
+        self.channels = channels
+        self.batch_size = batch_size
+        self.val_size = val_size
+        self.num_workers = num_workers
+        self.augment = augment
+        self.seed = seed
+        self._train = self._val = self._test = None
+
+    def prepare_data(self) -> None:
+        find_fashion_mnist_root(self.root)  # fail early with the install hint
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self._train is None:
+            images, labels = load_split("train", self.root)
+            x = to_tensor_images(images, self.image_size, self.channels)
+            y = torch.from_numpy(labels.astype(np.int64))
+            perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed))
+            val_idx, train_idx = perm[: self.val_size], perm[self.val_size :]
+            self._train = TensorDataset(x[train_idx], y[train_idx])
+            self._val = TensorDataset(x[val_idx], y[val_idx])
+        if stage in (None, "test") and self._test is None:
+            images, labels = load_split("test", self.root)
+            self._test = TensorDataset(
+                to_tensor_images(images, self.image_size, self.channels), torch.from_numpy(labels.astype(np.int64))
+            )
+
+    def _collate_train(self, batch):
+        x = torch.stack([b[0] for b in batch])
+        y = torch.stack([b[1] for b in batch])
+        if self.augment:
+            flip = torch.rand(len(x)) < 0.5
+            x[flip] = x[flip].flip(-1)
+        return x, y
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self._train,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+            collate_fn=self._collate_train,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self._val, batch_size=512, num_workers=self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self._test, batch_size=512, num_workers=self.num_workers)

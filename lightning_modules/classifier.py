@@ -1,0 +1,217 @@
+"""Victim and evaluator classifiers: architectures, a LightningModule to train them, safetensors save/load.
+
+The victim is torchvision's ``resnet18`` with the small-image stem (3x3 conv, stride 1, no max-pool, as in the
+CIFAR ResNets of He et al. 2016 sec. 4.2) for inputs up to 64 px. The per-channel input normalisation is a layer
+inside the model, so every caller (client, attacker, evaluation) feeds plain pixels in [0, 1].
+
+The evaluator is an independent classifier (another architecture, another seed) used only to judge whether a
+reconstruction shows a user's class; it never sees the attack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from lightning import LightningModule
+from safetensors.torch import load_file, save_file
+
+ARCHITECTURES = ("resnet18", "convnet")
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel, as a layer. Input float (B, C, H, W) in [0, 1]."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def resnet18_small(in_channels: int, num_classes: int) -> nn.Module:
+    """torchvision ``resnet18`` with a 3x3/stride-1 stem and no max-pool (for 28-64 px inputs)."""
+    net = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    return net
+
+
+class ConvNet(nn.Module):
+    """A small VGG-style CNN (the evaluator's architecture): 3 conv stages with BN, dropout, global pooling."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 32) -> None:
+        super().__init__()
+
+        def stage(cin, cout):
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            )
+
+        self.features = nn.Sequential(stage(in_channels, width), stage(width, 2 * width), stage(2 * width, 4 * width))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.3), nn.Linear(4 * width, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def build_classifier(
+    arch: str,
+    in_channels: int,
+    num_classes: int,
+    image_size: int = 32,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+) -> nn.Sequential:
+    """Build ``Sequential(Normalize, net)``: takes float (B, in_channels, H, W) pixels in [0, 1], returns logits.
+
+    Raises:
+        ValueError: unknown ``arch``, or ``image_size`` above 64 px for the small-stem ResNet-18.
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown classifier arch {arch!r}; choose one of {ARCHITECTURES}")
+    if arch == "resnet18" and image_size > 64:
+        raise ValueError(f"the small-stem resnet18 is for inputs up to 64 px, got image_size={image_size}")
+    mean = list(mean) if mean is not None else [0.5] * in_channels
+    std = list(std) if std is not None else [0.5] * in_channels
+    if len(mean) != in_channels or len(std) != in_channels:
+        raise ValueError(f"mean/std need {in_channels} values (in_channels), got {len(mean)}/{len(std)}")
+    net = resnet18_small(in_channels, num_classes) if arch == "resnet18" else ConvNet(in_channels, num_classes)
+    return nn.Sequential(Normalize(mean, std), net)
+
+
+class ImageClassifier(LightningModule):
+    """Train a victim or evaluator classifier with cross-entropy.
+
+    Batches are ``(images, labels)`` with images float (B, C, H, W) in [0, 1] and labels int64 (B,).
+
+    Args:
+        arch: 'resnet18' (victim) or 'convnet' (evaluator).
+        in_channels, num_classes, image_size: input and output shapes; must agree with the data.
+        mean, std: per-channel normalisation stored inside the model (default 0.5/0.5).
+        lr, weight_decay, max_lr_steps: AdamW with a one-cycle schedule over ``max_lr_steps`` (0: constant lr).
+        label_smoothing: CE label smoothing.
+        seed: recorded in the exported config (the trainer's seed is set by ``seed_everything``).
+    """
+
+    def __init__(
+        self,
+        arch: str = "resnet18",
+        in_channels: int = 1,
+        num_classes: int = 10,
+        image_size: int = 32,
+        mean: Optional[list[float]] = None,
+        std: Optional[list[float]] = None,
+        lr: float = 2e-3,
+        weight_decay: float = 5e-4,
+        max_lr_steps: int = 0,
+        label_smoothing: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = build_classifier(arch, in_channels, num_classes, image_size, mean, std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _step(self, batch, stage: str):
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing if stage == "train" else 0.0)
+        acc = (logits.argmax(1) == y).float().mean()
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
+        self.log(f"{stage}/acc", acc, prog_bar=True, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test")
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        if not self.hparams.max_lr_steps:
+            return opt
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.hparams.lr, total_steps=self.hparams.max_lr_steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def classifier_config(self) -> dict:
+        hp = self.hparams
+        return {
+            "arch": hp.arch,
+            "in_channels": hp.in_channels,
+            "num_classes": hp.num_classes,
+            "image_size": hp.image_size,
+            "mean": list(self.model[0].mean.flatten().tolist()),
+            "std": list(self.model[0].std.flatten().tolist()),
+            "seed": hp.seed,
+        }
+
+    def export(self, dirpath: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+        """Write ``model.safetensors`` + ``config.json`` (rebuilds with :func:`load_classifier`)."""
+        return save_classifier(self.model, self.classifier_config(), dirpath, dtype)
+
+
+def save_classifier(model: nn.Module, config: dict, dirpath: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Save weights as safetensors (cast to ``dtype``, buffers too) and the JSON config into ``dirpath``."""
+    dirpath = Path(dirpath)
+    dirpath.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous().cpu()
+        for k, v in model.state_dict().items()
+    }
+    fd, tmp = tempfile.mkstemp(dir=dirpath, suffix=".tmp")
+    os.close(fd)
+    save_file(state, tmp, metadata={"format": "pt"})
+    os.replace(tmp, dirpath / WEIGHTS_FILE)
+    (dirpath / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return dirpath
+
+
+def load_classifier(dirpath: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild a classifier saved by :func:`save_classifier`; returns (model in eval mode, float32, config).
+
+    Raises:
+        FileNotFoundError: the folder, its ``config.json`` or ``model.safetensors`` is missing.
+        ValueError: the weights do not fit the architecture the config describes.
+    """
+    dirpath = Path(dirpath)
+    cfg_path, w_path = dirpath / CONFIG_FILE, dirpath / WEIGHTS_FILE
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise FileNotFoundError(
+                f"classifier checkpoint {dirpath} lacks {p.name}; expected a folder written by train.py "
+                f"(model.safetensors + config.json), e.g. checkpoints/fashion_mnist/victim_resnet18"
+            )
+    cfg = json.loads(cfg_path.read_text())
+    model = build_classifier(
+        cfg["arch"], cfg["in_channels"], cfg["num_classes"], cfg.get("image_size", 32), cfg.get("mean"), cfg.get("std")
+    )
+    state = load_file(str(w_path))
+    try:
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    except RuntimeError as exc:
+        raise ValueError(
+            f"{w_path} does not hold a {cfg['arch']} with in_channels={cfg['in_channels']}, "
+            f"num_classes={cfg['num_classes']} as {cfg_path} says: {str(exc).splitlines()[0]}"
+        ) from exc
+    return model.to(device).eval(), cfg

@@ -1,0 +1,179 @@
+"""DDPM image prior: diffusers ``UNet2DModel`` + ``DDPMScheduler`` trained on epsilon-prediction MSE with EMA.
+
+Follows diffusers' ``examples/unconditional_image_generation/train_unconditional.py`` (Ho et al. 2020, eq. 14):
+x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, loss = |eps_theta(x_t, t) - eps|^2. Exported with
+``DDPMPipeline.save_pretrained`` so that the attack loads it exactly like any diffusers DDPM folder or hub id.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+from lightning import LightningModule
+
+from inversion.logging_utils import log_image_grid
+
+
+class DDPMPrior(LightningModule):
+    """Unconditional DDPM on images in [0, 1] (mapped to the prior's [-1, 1] inside).
+
+    Args:
+        image_size: side of the square images in pixels (the UNet's ``sample_size``).
+        in_channels: image channels (1 for Fashion-MNIST, 3 for faces).
+        block_out_channels: UNet widths per resolution level.
+        layers_per_block: ResNet blocks per level.
+        attention: use attention blocks at the two lowest resolutions.
+        num_train_timesteps: T of the forward process.
+        beta_schedule: diffusers beta schedule name ('linear', 'squaredcos_cap_v2', ...).
+        lr: AdamW learning rate; warmup_steps: linear warm-up.
+        ema_decay: maximal EMA decay (with diffusers' EMA warm-up, power 3/4).
+        sample_every_n_steps: log a seeded DDIM sample grid every so many optimiser steps (0: never).
+        sample_grid_size: number of images in that grid; sample_inference_steps: DDIM steps for it.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        in_channels: int = 1,
+        block_out_channels: Sequence[int] = (32, 64, 64, 128),
+        layers_per_block: int = 2,
+        attention: bool = False,
+        num_train_timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        lr: float = 5e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 200,
+        ema_decay: float = 0.999,
+        sample_every_n_steps: int = 1000,
+        sample_grid_size: int = 64,
+        sample_inference_steps: int = 50,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        n = len(block_out_channels)
+        down = ["DownBlock2D"] * n
+        up = ["UpBlock2D"] * n
+        if attention:
+            down[-2:] = ["AttnDownBlock2D"] * min(2, n)
+            up[:2] = ["AttnUpBlock2D"] * min(2, n)
+        self.unet = UNet2DModel(
+            sample_size=image_size,
+            in_channels=in_channels,
+            out_channels=in_channels,
+            layers_per_block=layers_per_block,
+            block_out_channels=tuple(block_out_channels),
+            down_block_types=tuple(down),
+            up_block_types=tuple(up),
+        )
+        self.scheduler = DDPMScheduler(
+            num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, prediction_type="epsilon"
+        )
+        self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
+        self.ema_unet.eval()
+        self.ema_decay = ema_decay
+
+    # ----------------------------------------------------------------------------------------------- training
+    def diffusion_loss(self, x01: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Epsilon-prediction MSE on a batch of images in [0, 1], shape (B, C, H, W); returns a scalar."""
+        x0 = x01 * 2.0 - 1.0
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        t = torch.randint(
+            0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device, generator=generator
+        )
+        xt = self.scheduler.add_noise(x0, noise, t)
+        eps = self.unet(xt, t).sample
+        return F.mse_loss(eps.float(), noise.float())
+
+    def training_step(self, batch, batch_idx):
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        loss = self.diffusion_loss(x)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        g = torch.Generator(device=x.device).manual_seed(1000 + batch_idx)
+        loss = self.diffusion_loss(x, generator=g)
+        self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True)
+
+    def _ema_step_decay(self) -> float:
+        step = self.global_step
+        return min(self.ema_decay, 1.0 - (1.0 + step / 1.0) ** -0.75) if step > 0 else 0.0
+
+    @torch.no_grad()
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        decay = self._ema_step_decay()
+        for p_ema, p in zip(self.ema_unet.parameters(), self.unet.parameters()):
+            p_ema.lerp_(p.detach().to(p_ema.dtype), 1.0 - decay)
+        every = self.hparams.sample_every_n_steps
+        if every and self.global_step > 0 and self.global_step % every == 0:
+            self.log_samples()
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        warm = max(1, self.hparams.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint) -> None:  # EMA weights travel with the Lightning checkpoint
+        checkpoint["ema_decay"] = self.ema_decay
+
+    # ----------------------------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def sample(self, n: int, num_inference_steps: int = 50, seed: int = 0, use_ema: bool = True) -> torch.Tensor:
+        """Seeded DDIM (eta = 0) samples, float32 (n, C, H, W) in [0, 1]."""
+        unet = self.ema_unet if use_ema else self.unet
+        return sample_ddim(unet, self.scheduler, n, num_inference_steps, seed, device=self.device)
+
+    def log_samples(self) -> None:
+        imgs = self.sample(self.hparams.sample_grid_size, self.hparams.sample_inference_steps, self.hparams.seed)
+        log_image_grid(self.logger, "samples/ddim_ema", imgs, step=self.global_step)
+
+    # ----------------------------------------------------------------------------------------------- export
+    def export(self, dirpath: str | Path, use_ema: bool = True, dtype: torch.dtype = torch.float32) -> Path:
+        """Write a diffusers ``DDPMPipeline`` folder (safetensors) with the EMA UNet; returns the folder."""
+        unet = copy.deepcopy(self.ema_unet if use_ema else self.unet).to("cpu", dtype)
+        pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(self.scheduler.config))
+        pipe.save_pretrained(str(dirpath), safe_serialization=True)
+        return Path(dirpath)
+
+
+@torch.no_grad()
+def sample_ddim(
+    unet: UNet2DModel,
+    scheduler_config_source,
+    n: int,
+    num_inference_steps: int = 100,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    batch_size: int = 250,
+) -> torch.Tensor:
+    """Seeded DDIM (eta = 0, Song et al. 2021) samples from an epsilon-prediction UNet.
+
+    Args:
+        unet: diffusers UNet2DModel; scheduler_config_source: a scheduler whose config gives betas and T.
+        n: number of images; num_inference_steps: DDIM steps; seed: torch seed of the initial noise.
+
+    Returns:
+        float32 tensor (n, C, H, W), pixels in [0, 1].
+    """
+    sched = DDIMScheduler.from_config(scheduler_config_source.config)
+    sched.set_timesteps(num_inference_steps)
+    cfg = unet.config
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=gen)
+    dtype = next(unet.parameters()).dtype
+    out = []
+    for chunk in x.split(batch_size):
+        xt = chunk.to(device)
+        for t in sched.timesteps:
+            eps = unet(xt.to(dtype), t.to(device)).sample.float()
+            xt = sched.step(eps, t, xt, eta=0.0).prev_sample
+        out.append(((xt.clamp(-1, 1) + 1) / 2).cpu())
+    return torch.cat(out)
