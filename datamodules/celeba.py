@@ -1,0 +1,529 @@
+"""CelebA (aligned) in torchvision's layout: reader, FL users (one identity per user) and a training DataModule.
+
+CelebA cannot be downloaded automatically (Google Drive quota); users get it from
+https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html and point ``root`` at it. Expected layout (``root`` may also be
+the ``celeba`` folder itself)::
+
+    root/celeba/img_align_celeba/000001.jpg ...     178x218 aligned faces
+    root/celeba/identity_CelebA.txt                 "000001.jpg 2880" (file, identity) per line
+    root/celeba/list_attr_celeba.txt                line 1: count; line 2: the 40 attribute names;
+                                                    then "000001.jpg -1  1 ..." (values -1/1)
+    root/celeba/list_eval_partition.txt             "000001.jpg 0" (0 train, 1 valid, 2 test)
+
+The official partition is identity-disjoint (8192 / 985 / 1000 identities for train / valid / test).
+
+Preprocessing (the usual one for 64x64 CelebA generative models): centre crop 178x178, resize (PIL bilinear,
+anti-aliased) to ``image_size``, RGB, float32 pixels in [0, 1]; i.e. torchvision's
+``Compose([CenterCrop(178), Resize(image_size), ToTensor()])``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import torch
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader
+
+from datamodules.fashion_mnist import DataNotFoundError
+from datamodules.folder import ImageListDataset, _choose, load_image, load_images
+from datamodules.users import User, UserSource
+
+CROP = 178
+IMAGE_DIR = "img_align_celeba"
+IDENTITY_FILE = "identity_CelebA.txt"
+ATTR_FILE = "list_attr_celeba.txt"
+PARTITION_FILE = "list_eval_partition.txt"
+SPLITS = {"train": 0, "valid": 1, "test": 2}
+_SPLIT_ALIASES = {"val": "valid", "validation": "valid"}
+
+_LAYOUT = (
+    "Expected torchvision's layout: ROOT/celeba/img_align_celeba/000001.jpg ..., ROOT/celeba/identity_CelebA.txt, "
+    "ROOT/celeba/list_attr_celeba.txt, ROOT/celeba/list_eval_partition.txt (ROOT may also be the celeba folder "
+    "itself). Get CelebA (aligned & cropped images, identities, attributes, partition) from "
+    "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html and set `data.init_args.root` (training) or "
+    "`users.init_args.root` (FL users) to ROOT."
+)
+
+
+def find_celeba_root(root: Optional[str | os.PathLike]) -> Path:
+    """Return the ``celeba`` folder (the one holding ``img_align_celeba/`` and the three txt files).
+
+    ``root/celeba`` is used when it exists, else ``root`` itself.
+
+    Raises:
+        DataNotFoundError: ``root`` unset or a required file/folder missing; one error naming every missing entry,
+            the expected layout and the config keys to set.
+    """
+    if root is None or str(root) == "":
+        raise DataNotFoundError("CelebA root is not set. " + _LAYOUT)
+    base = Path(root).expanduser()
+    if (base / "celeba").is_dir():
+        base = base / "celeba"
+    missing = [str(base / IMAGE_DIR) + "/"] if not (base / IMAGE_DIR).is_dir() else []
+    missing += [str(base / f) for f in (IDENTITY_FILE, ATTR_FILE, PARTITION_FILE) if not (base / f).is_file()]
+    if missing:
+        zip_hint = (
+            f" ({IMAGE_DIR}.zip is there: unzip it in {base}.)" if (base / f"{IMAGE_DIR}.zip").is_file() else ""
+        )
+        raise DataNotFoundError(f"CelebA not found: missing {', '.join(missing)}.{zip_hint} " + _LAYOUT)
+    return base
+
+
+@dataclass(frozen=True)
+class CelebAIndex:
+    """The parsed txt files, one row per image, ordered like ``identity_CelebA.txt``.
+
+    Attributes:
+        base: the ``celeba`` folder.
+        files: image file names (N,), e.g. '000001.jpg'.
+        identities: int64 (N,) CelebA identity ids (1 .. 10177).
+        attributes: uint8 (N, A) attribute values mapped -1 -> 0, 1 -> 1.
+        attribute_names: the A attribute names (40 in CelebA: '5_o_Clock_Shadow', ..., 'Male', ..., 'Young').
+        partition: int64 (N,) 0 train, 1 valid, 2 test.
+    """
+
+    base: Path
+    files: tuple
+    identities: np.ndarray
+    attributes: np.ndarray
+    attribute_names: tuple
+    partition: np.ndarray
+
+    def image_path(self, row: int) -> Path:
+        return self.base / IMAGE_DIR / self.files[row]
+
+    def split_rows(self, split: str) -> np.ndarray:
+        """int64 row indices of ``split`` ('train', 'valid' (or 'val'), 'test' or 'all')."""
+        split = _SPLIT_ALIASES.get(split, split)
+        if split == "all":
+            return np.arange(len(self.files))
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of 'train', 'valid', 'test', 'all', got {split!r}")
+        return np.flatnonzero(self.partition == SPLITS[split])
+
+    def attribute_column(self, name: str) -> int:
+        if name not in self.attribute_names:
+            raise ValueError(
+                f"unknown CelebA attribute {name!r}; target must be 'identity' or one of: "
+                + ", ".join(self.attribute_names)
+            )
+        return self.attribute_names.index(name)
+
+
+def _read_two_columns(path: Path, what: str) -> pd.Series:
+    try:
+        df = pd.read_csv(path, sep=r"\s+", header=None, names=["file", what], dtype={"file": str}, engine="c")
+    except Exception as exc:
+        raise ValueError(f"{path}: cannot be parsed as '<file> <{what}>' lines ({exc})") from exc
+    if df[what].isna().any() or not np.issubdtype(df[what].dtype, np.integer):
+        raise ValueError(f"{path}: expected '<file> <integer {what}>' on every line")
+    return df.set_index("file")[what]
+
+
+@lru_cache(maxsize=4)
+def _load_index_cached(base: str, stamp: tuple) -> CelebAIndex:
+    base_p = Path(base)
+    ident = _read_two_columns(base_p / IDENTITY_FILE, "identity")
+    part = _read_two_columns(base_p / PARTITION_FILE, "partition")
+    attr_path = base_p / ATTR_FILE
+    with open(attr_path) as fh:
+        fh.readline()
+        names = tuple(fh.readline().split())
+    if not names:
+        raise ValueError(f"{attr_path}: line 2 must list the attribute names")
+    try:
+        attrs = pd.read_csv(
+            attr_path, sep=r"\s+", header=None, skiprows=2, names=("file",) + names, dtype={"file": str}, engine="c"
+        ).set_index("file")
+    except Exception as exc:
+        raise ValueError(f"{attr_path}: cannot be parsed ({exc})") from exc
+    values = attrs.to_numpy()
+    if not all(np.issubdtype(t, np.integer) for t in attrs.dtypes) or not np.isin(values, (-1, 1)).all():
+        raise ValueError(f"{attr_path}: every row needs {len(names)} values of -1 or 1")
+    files = ident.index
+    for name, table in ((PARTITION_FILE, part), (ATTR_FILE, attrs)):
+        lacking = files.difference(table.index)
+        if len(lacking):
+            raise ValueError(
+                f"{base_p / name} lacks {len(lacking)} image(s) listed in {IDENTITY_FILE}, e.g. {lacking[0]}"
+            )
+    part = part.reindex(files)
+    values = attrs.reindex(files).to_numpy()
+    if not set(np.unique(part.to_numpy()).tolist()) <= {0, 1, 2}:
+        raise ValueError(f"{base_p / PARTITION_FILE}: partition values must be 0, 1 or 2")
+    return CelebAIndex(
+        base=base_p,
+        files=tuple(files),
+        identities=ident.to_numpy().astype(np.int64),
+        attributes=(values > 0).astype(np.uint8),
+        attribute_names=names,
+        partition=part.to_numpy().astype(np.int64),
+    )
+
+
+def load_celeba_index(root: Optional[str | os.PathLike]) -> CelebAIndex:
+    """Parse the three CelebA txt files under ``root`` (cached per folder and file modification times).
+
+    Raises:
+        DataNotFoundError: see :func:`find_celeba_root`.
+        ValueError: a malformed txt file, or files listed in one txt file and missing from another.
+    """
+    base = find_celeba_root(root)
+    stamp = tuple((base / f).stat().st_mtime_ns for f in (IDENTITY_FILE, ATTR_FILE, PARTITION_FILE))
+    return _load_index_cached(str(base.resolve()), stamp)
+
+
+def load_celeba_image(path: str | os.PathLike, image_size: int = 64) -> torch.Tensor:
+    """One CelebA image as float32 (3, image_size, image_size) in [0, 1]: centre crop 178x178, then resize."""
+    return load_image(path, image_size, channels=3, crop=CROP)
+
+
+def _check_target(index: CelebAIndex, target: str) -> None:
+    if target != "identity":
+        index.attribute_column(target)
+
+
+class CelebAUsers(UserSource):
+    """FL users from CelebA: each user is one identity and holds B images of that person.
+
+    The identities of ``split`` (sorted by id; with ``min_images``, only those having at least that many images in
+    the split) are permuted with ``numpy.random.default_rng(seed)``; user i (``first_user <= i < first_user +
+    num_users``) is the i-th identity of that permutation and gets B of its images chosen with
+    ``default_rng([seed, i])``. So user i is the same for a seed whatever ``num_users``/``first_user`` are, and
+    users never share an identity.
+
+    CelebA identities have at most about 35 images (about 20 on average; 30 is common), fewer within a split. When a
+    chosen identity has fewer than B images in the split, :meth:`check` (and :meth:`users`) raise a ``ValueError``
+    before any image is loaded, unless ``allow_replacement`` (then all its images once plus seeded draws with
+    replacement, so images repeat; ``meta['replacement']`` is True).
+
+    Labels (``target``):
+        'identity': every image gets the identity's class index: the position of the identity in the sorted list of
+            all identities present in ``split`` (:attr:`identity_to_class`; class k <-> identity
+            ``classes[k]``), ``num_classes`` = number of identities in the split. This is the same mapping as
+            :class:`CelebADataModule` with ``target='identity'`` only when both use the same split (the official
+            partition is identity-disjoint, so a victim trained on train identities has never seen test ones).
+        an attribute name (e.g. 'Male'): each image's 0/1 value (1 = attribute present), ``num_classes`` 2.
+    ``dominant_class`` is the identity's class, or the attribute's majority value (ties -> 0).
+
+    ``meta``: ``identity`` (CelebA id), ``files`` (B file names), ``attributes`` ({name: majority 0/1 over the B
+    images}), ``image_attributes`` ({name: list of B 0/1 values}), ``attribute_fractions`` ({name: share of 1s}),
+    ``num_available`` (images of the identity in the split), ``replacement``, ``split``, ``target``.
+
+    Args:
+        root: CelebA root (see :func:`find_celeba_root`).
+        num_users: users to build; batch_size: B, images per user.
+        split: 'test' (default; held out from training), 'valid', 'train' or 'all'.
+        image_size: output side in pixels (after the 178x178 centre crop).
+        seed: seed of the identity order and of the image choice.
+        first_user: index of the first user returned.
+        allow_replacement: allow identities with fewer than B images (images repeat).
+        min_images: consider only identities with at least this many images in the split (e.g. = B).
+        target: 'identity' or a CelebA attribute name.
+    """
+
+    def __init__(
+        self,
+        root: Optional[str] = None,
+        num_users: int = 4,
+        batch_size: int = 8,
+        split: str = "test",
+        image_size: int = 64,
+        seed: int = 0,
+        first_user: int = 0,
+        allow_replacement: bool = False,
+        min_images: Optional[int] = None,
+        target: str = "identity",
+    ) -> None:
+        if num_users < 1:
+            raise ValueError(f"users.init_args.num_users must be >= 1, got {num_users}")
+        if batch_size < 1:
+            raise ValueError(f"users.init_args.batch_size must be >= 1, got {batch_size}")
+        if first_user < 0:
+            raise ValueError(f"users.init_args.first_user must be >= 0, got {first_user}")
+        split = _SPLIT_ALIASES.get(split, split)
+        if split not in (*SPLITS, "all"):
+            raise ValueError(f"users.init_args.split must be 'train', 'valid', 'test' or 'all', got {split!r}")
+        self.root = root
+        self.num_users = num_users
+        self.batch_size = batch_size
+        self.split = split
+        self.image_size = image_size
+        self.seed = seed
+        self.first_user = first_user
+        self.allow_replacement = allow_replacement
+        self.min_images = min_images
+        self.target = target
+        self.channels = 3
+
+    # --------------------------------------------------------------------------------------------- bookkeeping
+    def index(self) -> CelebAIndex:
+        return load_celeba_index(self.root)
+
+    @property
+    def classes(self) -> np.ndarray:
+        """int64 (K,) sorted identity ids of the split; class k is identity ``classes[k]`` (target 'identity')."""
+        index = self.index()
+        return np.unique(index.identities[index.split_rows(self.split)])
+
+    @property
+    def identity_to_class(self) -> dict[int, int]:
+        return {int(ident): k for k, ident in enumerate(self.classes)}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes) if self.target == "identity" else 2
+
+    def plan(self) -> list[dict]:
+        """Which identity and which images each user gets, without loading any image.
+
+        Returns:
+            one dict per user: ``user`` (i), ``identity``, ``rows`` (int (B,) rows into the index),
+            ``num_available``, ``replacement``.
+
+        Raises:
+            DataNotFoundError: CelebA missing; ValueError: unknown target, too many users, or (without
+            ``allow_replacement``) an identity with fewer than B images.
+        """
+        index = self.index()
+        _check_target(index, self.target)
+        rows = index.split_rows(self.split)
+        ids = index.identities[rows]
+        order = np.argsort(ids, kind="stable")  # rows grouped by identity, file order kept inside a group
+        rows, ids = rows[order], ids[order]
+        uniq, start, counts = np.unique(ids, return_index=True, return_counts=True)
+        group = {int(u): rows[s : s + c] for u, s, c in zip(uniq, start, counts)}
+        eligible = uniq if self.min_images is None else uniq[counts >= self.min_images]
+        need = self.first_user + self.num_users
+        if need > len(eligible):
+            extra = f" with >= {self.min_images} images" if self.min_images is not None else ""
+            raise ValueError(
+                f"users.init_args.first_user + num_users = {need} but CelebA split {self.split!r} has only "
+                f"{len(eligible)} identities{extra}; lower num_users/first_user"
+                + (" or min_images" if self.min_images is not None else "")
+            )
+        perm = np.random.default_rng(self.seed).permutation(eligible)
+        chosen = [int(c) for c in perm[self.first_user : need]]
+        short = [(c, len(group[c])) for c in chosen if len(group[c]) < self.batch_size]
+        if short and not self.allow_replacement:
+            enough = int((counts >= self.batch_size).sum())
+            raise ValueError(
+                f"users.init_args.batch_size={self.batch_size} but {len(short)} chosen CelebA identit"
+                + ("y has" if len(short) == 1 else "ies have")
+                + f" fewer images in split {self.split!r}: "
+                + ", ".join(f"identity {c} ({n})" for c, n in short[:5])
+                + (" ..." if len(short) > 5 else "")
+                + f". The split's largest identity has {int(counts.max())} images and {enough} identities have "
+                f">= {self.batch_size}. Fix: lower batch_size, set min_images: {self.batch_size} (only identities "
+                "with enough images), or set allow_replacement: true (images then repeat within a batch)."
+            )
+        plans = []
+        for i, ident in zip(range(self.first_user, need), chosen):
+            rng = np.random.default_rng([self.seed, i])
+            idx, repeated = _choose(len(group[ident]), self.batch_size, rng, self.allow_replacement)
+            plans.append(
+                {
+                    "user": i,
+                    "identity": ident,
+                    "rows": group[ident][idx],
+                    "num_available": len(group[ident]),
+                    "replacement": repeated,
+                }
+            )
+        return plans
+
+    def check(self) -> None:
+        """Fail early (before any long work): missing files, bad target/split, impossible B, missing images."""
+        index = self.index()
+        if self.image_size < 1:
+            raise ValueError(f"users.init_args.image_size must be >= 1, got {self.image_size}")
+        for p in self.plan():
+            for r in p["rows"]:
+                if not index.image_path(r).is_file():
+                    raise DataNotFoundError(
+                        f"CelebA image {index.image_path(r)} (listed in {IDENTITY_FILE}) is missing; is "
+                        f"{IMAGE_DIR}/ fully extracted? " + _LAYOUT
+                    )
+
+    def users(self) -> list[User]:
+        """Build the users: images float32 (B, 3, image_size, image_size) in [0, 1], labels int64 (B,)."""
+        self.check()
+        index = self.index()
+        to_class = self.identity_to_class
+        num_classes = self.num_classes
+        out = []
+        for p in self.plan():
+            rows = p["rows"]
+            x = load_images([index.image_path(r) for r in rows], self.image_size, 3, CROP)
+            attrs = index.attributes[rows].astype(np.int64)  # (B, A)
+            if self.target == "identity":
+                y = torch.full((len(rows),), to_class[p["identity"]], dtype=torch.int64)
+            else:
+                y = torch.from_numpy(attrs[:, index.attribute_column(self.target)].copy())
+            b = len(rows)
+            out.append(
+                User(
+                    user_id=p["user"],
+                    images=x,
+                    labels=y,
+                    num_classes=num_classes,
+                    dominant_class=int(torch.bincount(y, minlength=num_classes).argmax()),
+                    meta={
+                        "identity": p["identity"],
+                        "files": [index.files[r] for r in rows],
+                        "attributes": {n: int(2 * attrs[:, k].sum() > b) for k, n in enumerate(index.attribute_names)},
+                        "image_attributes": {n: attrs[:, k].tolist() for k, n in enumerate(index.attribute_names)},
+                        "attribute_fractions": {
+                            n: float(attrs[:, k].mean()) for k, n in enumerate(index.attribute_names)
+                        },
+                        "num_available": p["num_available"],
+                        "replacement": p["replacement"],
+                        "split": self.split,
+                        "target": self.target,
+                    },
+                )
+            )
+        return out
+
+
+class CelebADataModule(LightningDataModule):
+    """CelebA for training a victim/evaluator classifier or a DDPM prior (64x64 by default).
+
+    Batches are ``(images, labels)``: images float32 (B, 3, image_size, image_size) in [0, 1] (178 centre crop,
+    resize), labels int64 (B,). Images are loaded lazily with PIL in the Dataset (nothing kept in memory).
+
+    Targets:
+        a binary attribute (e.g. 'Male'): labels 0/1, ``num_classes`` 2; train / val / test are the official
+            train / valid / test partition.
+        'identity': labels are the identities of the official *train* partition remapped to 0..K-1 in sorted
+            id order (class k <-> identity ``classes[k]``; K = ``num_classes`` = 8192 on full CelebA). Since the
+            partition is identity-disjoint, the valid/test partitions hold no image of these identities, so a seeded
+            ``identity_holdout`` share of the train-partition images is held out instead: its first half is the
+            validation set, the second half the test set. (FL users drawn from the test partition are therefore
+            people this classifier has never seen.)
+
+    Args:
+        root: CelebA root (see :func:`find_celeba_root`).
+        target: 'identity' or an attribute name.
+        image_size: output side in pixels.
+        batch_size: training batch size.
+        num_workers: DataLoader workers.
+        augment: random horizontal flips for training.
+        identity_holdout: share of the train partition held out for val/test with target 'identity', in [0, 1).
+        seed: seed of that holdout.
+    """
+
+    channels = 3
+
+    def __init__(
+        self,
+        root: Optional[str] = None,
+        target: str = "identity",
+        image_size: int = 64,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        augment: bool = False,
+        identity_holdout: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if image_size < 8:
+            raise ValueError(f"data.init_args.image_size must be >= 8, got {image_size}")
+        if not 0.0 <= identity_holdout < 1.0:
+            raise ValueError(f"data.init_args.identity_holdout must be in [0, 1), got {identity_holdout}")
+        self.save_hyperparameters()
+        self.root = root
+        self.target = target
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.augment = augment
+        self.identity_holdout = identity_holdout
+        self.seed = seed
+        self._train = self._val = self._test = None
+
+    def index(self) -> CelebAIndex:
+        index = load_celeba_index(self.root)
+        _check_target(index, self.target)
+        return index
+
+    @property
+    def classes(self) -> np.ndarray:
+        """int64 (K,) sorted identity ids of the train partition (target 'identity'): class k <-> ``classes[k]``."""
+        index = self.index()
+        return np.unique(index.identities[index.split_rows("train")])
+
+    @property
+    def num_classes(self) -> int:
+        """2 for an attribute; the number of train-partition identities for 'identity' (parses the txt files)."""
+        return 2 if self.target != "identity" else len(self.classes)
+
+    @property
+    def class_names(self) -> tuple:
+        if self.target != "identity":
+            return (f"not {self.target}", self.target)
+        return tuple(str(c) for c in self.classes)
+
+    def prepare_data(self) -> None:
+        self.index()  # fail early: missing files, unknown target
+
+    def _dataset(self, index: CelebAIndex, rows: np.ndarray, labels: np.ndarray, train: bool) -> ImageListDataset:
+        return ImageListDataset(
+            [index.image_path(r) for r in rows],
+            labels,
+            image_size=self.image_size,
+            channels=3,
+            crop=CROP,
+            hflip=train and self.augment,
+        )
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self._train is not None:
+            return
+        index = self.index()
+        if self.target == "identity":
+            rows = index.split_rows("train")
+            labels = np.searchsorted(self.classes, index.identities[rows])
+            perm = np.random.default_rng(self.seed).permutation(len(rows))
+            n_hold = int(round(self.identity_holdout * len(rows)))
+            hold, train = np.sort(perm[:n_hold]), np.sort(perm[n_hold:])
+            val, test = hold[: n_hold // 2], hold[n_hold // 2 :]
+            parts = {"train": (rows[train], labels[train]), "val": (rows[val], labels[val])}
+            parts["test"] = (rows[test], labels[test])
+        else:
+            col = index.attribute_column(self.target)
+            parts = {}
+            for name, split in (("train", "train"), ("val", "valid"), ("test", "test")):
+                rows = index.split_rows(split)
+                parts[name] = (rows, index.attributes[rows, col].astype(np.int64))
+        if len(parts["train"][0]) < self.batch_size:
+            raise ValueError(
+                f"CelebA training set has {len(parts['train'][0])} images, fewer than data.init_args.batch_size="
+                f"{self.batch_size}; lower batch_size"
+            )
+        self._train = self._dataset(index, *parts["train"], train=True)
+        self._val = self._dataset(index, *parts["val"], train=False)
+        self._test = self._dataset(index, *parts["test"], train=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self._train,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self._val, batch_size=self.batch_size, num_workers=self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self._test, batch_size=self.batch_size, num_workers=self.num_workers)

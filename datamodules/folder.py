@@ -1,0 +1,431 @@
+"""Image folders that users supply themselves: one subfolder per FL user (LFW, VGGFace2) or one unlabelled folder
+(FFHQ-like) for training the prior.
+
+Layouts:
+
+* :class:`FolderUsers`: ``root/<user_id>/*.jpg|*.jpeg|*.png`` (e.g. LFW's ``lfw/Aaron_Eckhart/Aaron_Eckhart_0001.jpg``
+  or VGGFace2's ``train/n000002/0001_01.jpg``). Each subfolder is one user; only the image files directly inside it
+  count.
+* :class:`ImageFolderDataModule`: every ``*.jpg|*.jpeg|*.png`` under ``root``, recursively (FFHQ's
+  ``images1024x1024/00000/00000.png``, or a flat folder).
+
+Every image is centre-cropped to the largest square and resized (PIL bilinear, anti-aliased) to ``image_size``;
+pixels are float32 in [0, 1]. Extensions are matched case-insensitively; other files (``.txt``, ``.DS_Store``) are
+ignored; a file with an image extension that PIL cannot decode raises a ``ValueError`` naming it.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from lightning import LightningDataModule
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.fashion_mnist import DataNotFoundError
+from datamodules.users import User, UserSource
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """True for names ending in .jpg/.jpeg/.png (any case)."""
+    return str(path).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def load_image(
+    path: str | os.PathLike, image_size: int = 64, channels: int = 3, crop: Optional[int] = None
+) -> torch.Tensor:
+    """Read one image file into float32 (channels, image_size, image_size) pixels in [0, 1].
+
+    The image is converted to RGB (``channels=3``) or grey (``channels=1``), centre-cropped to a square of side
+    ``crop`` (None: the shorter side; a crop larger than the image is clipped to the shorter side), then resized to
+    ``image_size`` with PIL bilinear (anti-aliased when shrinking). With ``crop=178`` this is exactly torchvision's
+    ``Compose([CenterCrop(178), Resize(image_size), ToTensor()])``, the usual CelebA preprocessing.
+
+    Raises:
+        ValueError: bad ``channels``/``image_size``, or the file cannot be decoded (the message names it).
+        FileNotFoundError: the file does not exist.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if image_size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB" if channels == 3 else "L")
+    except FileNotFoundError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ValueError(
+            f"{path}: cannot be decoded as an image ({exc}); delete the file or re-encode it as JPEG/PNG"
+        ) from exc
+    w, h = img.size
+    side = min(w, h) if crop is None else min(int(crop), w, h)
+    left, top = int(round((w - side) / 2.0)), int(round((h - side) / 2.0))  # torchvision CenterCrop's rounding
+    if side != w or side != h:
+        img = img.crop((left, top, left + side, top + side))
+    if side != image_size:
+        img = img.resize((image_size, image_size), Image.BILINEAR)
+    arr = np.asarray(img, dtype=np.uint8)
+    x = torch.from_numpy(arr.copy()).float().div_(255.0)
+    return x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1).contiguous()
+
+
+def load_images(
+    paths: Sequence[str | os.PathLike], image_size: int = 64, channels: int = 3, crop: Optional[int] = None
+) -> torch.Tensor:
+    """Stack :func:`load_image` over ``paths``: float32 (N, channels, image_size, image_size) in [0, 1]."""
+    return torch.stack([load_image(p, image_size, channels, crop) for p in paths])
+
+
+class ImageListDataset(Dataset):
+    """Lazily loaded images (PIL on each ``__getitem__``, nothing kept in memory).
+
+    Items are ``(image, label)``: image float32 (channels, image_size, image_size) in [0, 1], label an int64 scalar
+    tensor (so the default collate gives int64 (B,)).
+
+    Args:
+        paths: image files (N,).
+        labels: int (N,) or None for zeros.
+        image_size, channels, crop: see :func:`load_image`.
+        hflip: flip each image horizontally with probability 1/2 (training augmentation; uses torch's RNG).
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike],
+        labels: Optional[Sequence[int] | np.ndarray | torch.Tensor] = None,
+        image_size: int = 64,
+        channels: int = 3,
+        crop: Optional[int] = None,
+        hflip: bool = False,
+    ) -> None:
+        self.paths = [str(p) for p in paths]
+        if labels is None:
+            self.labels = torch.zeros(len(self.paths), dtype=torch.int64)
+        else:
+            self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+        if len(self.labels) != len(self.paths):
+            raise ValueError(f"{len(self.paths)} images but {len(self.labels)} labels")
+        self.image_size = image_size
+        self.channels = channels
+        self.crop = crop
+        self.hflip = hflip
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = load_image(self.paths[i], self.image_size, self.channels, self.crop)
+        if self.hflip and bool(torch.rand(()) < 0.5):
+            x = x.flip(-1)
+        return x, self.labels[i]
+
+
+def _list_images(folder: Path) -> list[Path]:
+    """Image files directly inside ``folder``, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p.name))
+
+
+def _choose(n: int, batch_size: int, rng: np.random.Generator, allow_replacement: bool) -> tuple[np.ndarray, bool]:
+    """Pick ``batch_size`` indices into ``n`` items: without replacement when ``n >= batch_size``; otherwise (only
+    with ``allow_replacement``) every item once plus ``batch_size - n`` draws with replacement, shuffled.
+    Returns (indices int (B,), whether any item repeats)."""
+    if n >= batch_size:
+        return rng.choice(n, size=batch_size, replace=False), False
+    if not allow_replacement:  # callers check this before loading anything; kept as a guard
+        raise ValueError(f"{batch_size} images needed but only {n} available")
+    idx = np.concatenate([np.arange(n), rng.choice(n, size=batch_size - n, replace=True)])
+    return rng.permutation(idx), True
+
+
+class FolderUsers(UserSource):
+    """FL users from a folder of per-user subfolders: ``root/<user_id>/*.jpg|*.jpeg|*.png`` (LFW, VGGFace2).
+
+    Users are the subfolders sorted by name (those with at least ``min_images`` images when it is set; subfolders
+    without any image are skipped with a warning), the first ``num_users`` of them (all when None). User ``k`` gets
+    ``batch_size`` images of its folder chosen with the seeded generator ``numpy.random.default_rng([seed, k])``,
+    so a user's batch depends only on ``seed`` and its position, never on ``num_users``. Users are disjoint (one
+    folder each). When a folder holds fewer than B images a ``ValueError`` is raised before any image is loaded,
+    unless ``allow_replacement`` (then every image once plus seeded draws with replacement).
+
+    Labels: ``label_mode='zeros'`` (default): label-free, ``User.labels`` all 0 and ``num_classes`` 1 (or
+    ``num_classes`` when given). ``label_mode='index'``: the user's position k among the selected users for all B
+    images, ``num_classes`` = number of selected users (or ``num_classes`` when given, which must be larger than
+    every index).
+
+    ``User.user_id`` is the folder name; ``meta``: ``identity`` (folder name), ``index`` (k), ``files`` (B file
+    names, relative to the folder), ``num_available`` (images in the folder), ``replacement`` (whether images repeat).
+
+    Args:
+        root: folder holding one subfolder per user.
+        batch_size: B, images per user.
+        num_users: users to build (None: every subfolder).
+        image_size: output side (centre crop to square, then resize); channels: 3 (RGB) or 1 (grey).
+        seed: seed of the image choice.
+        allow_replacement: allow users with fewer than B images (some images repeat).
+        min_images: keep only subfolders with at least this many images (LFW: most people have a single image).
+        label_mode: 'zeros' or 'index'; num_classes: override of the number of classes.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        batch_size: int = 8,
+        num_users: Optional[int] = None,
+        image_size: int = 64,
+        channels: int = 3,
+        seed: int = 0,
+        allow_replacement: bool = False,
+        min_images: Optional[int] = None,
+        label_mode: str = "zeros",
+        num_classes: Optional[int] = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"users.init_args.batch_size must be >= 1, got {batch_size}")
+        if num_users is not None and num_users < 1:
+            raise ValueError(f"users.init_args.num_users must be >= 1 (or null for all), got {num_users}")
+        if label_mode not in ("zeros", "index"):
+            raise ValueError(f"users.init_args.label_mode must be 'zeros' or 'index', got {label_mode!r}")
+        if channels not in (1, 3):
+            raise ValueError(f"users.init_args.channels must be 1 or 3, got {channels}")
+        self.root = root
+        self.batch_size = batch_size
+        self.num_users = num_users
+        self.image_size = image_size
+        self.channels = channels
+        self.seed = seed
+        self.allow_replacement = allow_replacement
+        self.min_images = min_images
+        self.label_mode = label_mode
+        self._num_classes = num_classes
+
+    def user_folders(self) -> list[tuple[str, list[Path]]]:
+        """The selected users as (folder name, sorted image files) in user order; no image is decoded.
+
+        Raises:
+            DataNotFoundError: ``root`` missing or holding no subfolder with images.
+            ValueError: fewer subfolders than ``num_users``.
+        """
+        root = Path(self.root) if self.root else None
+        layout = "expected layout: root/<user_id>/*.jpg|*.jpeg|*.png, one subfolder per user (LFW, VGGFace2)"
+        if root is None or not root.is_dir():
+            raise DataNotFoundError(
+                f"user folder {self.root!r} does not exist ({layout}). Fix: set `users.init_args.root` to it."
+            )
+        subdirs = sorted(p for p in root.iterdir() if p.is_dir())
+        folders, empty = [], []
+        for d in subdirs:
+            files = _list_images(d)
+            (folders if files else empty).append((d.name, files))
+        if empty:
+            warnings.warn(
+                f"{len(empty)} subfolder(s) of {root} hold no .jpg/.jpeg/.png image and are skipped: "
+                + ", ".join(name for name, _ in empty[:5])
+                + (" ..." if len(empty) > 5 else "")
+            )
+        if not folders:
+            loose = [p.name for p in root.iterdir() if p.is_file() and is_image_file(p.name)]
+            hint = (
+                f" {len(loose)} image(s) lie directly in {root}: move each user's images into its own subfolder "
+                "(or train a prior on them with datamodules.folder.ImageFolderDataModule)."
+                if loose
+                else ""
+            )
+            raise DataNotFoundError(
+                f"no user subfolder with images in {root} ({layout}).{hint} Fix: set `users.init_args.root` to the "
+                "folder that holds the per-user subfolders."
+            )
+        if self.min_images is not None:
+            folders = [(n, f) for n, f in folders if len(f) >= self.min_images]
+            if not folders:
+                raise ValueError(
+                    f"no subfolder of {root} has min_images={self.min_images} images; lower "
+                    "users.init_args.min_images"
+                )
+        if self.num_users is not None:
+            if self.num_users > len(folders):
+                raise ValueError(
+                    f"users.init_args.num_users={self.num_users} but {root} has only {len(folders)} user subfolders "
+                    + (f"with >= {self.min_images} images " if self.min_images is not None else "with images ")
+                    + "; lower num_users (or min_images)"
+                )
+            folders = folders[: self.num_users]
+        return folders
+
+    @property
+    def num_classes(self) -> int:
+        if self._num_classes is not None:
+            return self._num_classes
+        return 1 if self.label_mode == "zeros" else len(self.user_folders())
+
+    def check(self) -> None:
+        """Fail early (before any long work): missing root, too few users, or a user with fewer than B images."""
+        folders = self.user_folders()
+        if self.label_mode == "index" and self._num_classes is not None and self._num_classes < len(folders):
+            raise ValueError(
+                f"users.init_args.num_classes={self._num_classes} but label_mode='index' needs at least "
+                f"{len(folders)} classes"
+            )
+        if not self.allow_replacement:
+            short = [(name, len(files)) for name, files in folders if len(files) < self.batch_size]
+            if short:
+                most = max(len(f) for _, f in folders)
+                raise ValueError(
+                    f"users.init_args.batch_size={self.batch_size} but {len(short)} user folder(s) of {self.root} "
+                    "hold fewer images: "
+                    + ", ".join(f"{name} ({n})" for name, n in short[:5])
+                    + (" ..." if len(short) > 5 else "")
+                    + f" (largest selected folder: {most}). Fix: lower batch_size, set min_images: {self.batch_size}"
+                    " to skip small folders, or set allow_replacement: true (images then repeat within a batch)."
+                )
+
+    def users(self) -> list[User]:
+        """Build the users: images float32 (B, channels, image_size, image_size) in [0, 1], labels int64 (B,)."""
+        self.check()
+        folders = self.user_folders()
+        num_classes = self.num_classes
+        out = []
+        for k, (name, files) in enumerate(folders):
+            rng = np.random.default_rng([self.seed, k])
+            idx, repeated = _choose(len(files), self.batch_size, rng, self.allow_replacement)
+            chosen = [files[j] for j in idx]
+            x = load_images(chosen, self.image_size, self.channels)
+            label = 0 if self.label_mode == "zeros" else k
+            out.append(
+                User(
+                    user_id=name,
+                    images=x,
+                    labels=torch.full((self.batch_size,), label, dtype=torch.int64),
+                    num_classes=num_classes,
+                    dominant_class=label,
+                    meta={
+                        "identity": name,
+                        "index": k,
+                        "files": [p.name for p in chosen],
+                        "num_available": len(files),
+                        "replacement": repeated,
+                    },
+                )
+            )
+        return out
+
+
+def find_images(root: str | os.PathLike) -> list[Path]:
+    """Every .jpg/.jpeg/.png under ``root`` (recursively, following no symlinked folders), sorted by path.
+
+    Raises:
+        DataNotFoundError: ``root`` missing or holding no image (the message names the path and the config key).
+    """
+    base = Path(root) if root else None
+    if base is None or not base.is_dir():
+        raise DataNotFoundError(
+            f"image folder {root!r} does not exist. Fix: set `data.init_args.root` to a folder holding "
+            ".jpg/.jpeg/.png images (searched recursively, e.g. FFHQ's images1024x1024)."
+        )
+    files = []
+    for dirpath, dirnames, filenames in os.walk(base):
+        dirnames.sort()
+        files += [Path(dirpath) / f for f in filenames if is_image_file(f)]
+    if not files:
+        raise DataNotFoundError(
+            f"no .jpg/.jpeg/.png image under {base} (searched recursively). Fix: set `data.init_args.root` to the "
+            "folder holding the images."
+        )
+    return sorted(files)
+
+
+class ImageFolderDataModule(LightningDataModule):
+    """Unlabelled images under one folder (FFHQ-like), for training the DDPM prior.
+
+    Batches are ``(images, labels)``: images float32 (B, channels, image_size, image_size) in [0, 1] (centre crop
+    to square, resize), labels int64 zeros (so :class:`lightning_modules.ddpm.DDPMPrior`, which takes ``batch[0]``,
+    works unchanged). Images are loaded lazily with PIL. A seeded ``val_fraction`` of the files is held out for
+    validation (at least one file when the fraction is > 0); the test loader reuses the validation files.
+
+    Args:
+        root: folder searched recursively for .jpg/.jpeg/.png.
+        image_size: output side in pixels; channels: 3 (RGB) or 1 (grey).
+        batch_size: training batch size (must not exceed the training images, since the last partial batch is
+            dropped).
+        val_fraction: share of the files held out for validation, in [0, 1).
+        num_workers: DataLoader workers.
+        augment: random horizontal flips for training.
+        seed: seed of the validation split.
+    """
+
+    num_classes = 1
+
+    def __init__(
+        self,
+        root: Optional[str] = None,
+        image_size: int = 64,
+        channels: int = 3,
+        batch_size: int = 64,
+        val_fraction: float = 0.02,
+        num_workers: int = 0,
+        augment: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if image_size < 8:
+            raise ValueError(f"data.init_args.image_size must be >= 8, got {image_size}")
+        if channels not in (1, 3):
+            raise ValueError(f"data.init_args.channels must be 1 or 3, got {channels}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"data.init_args.val_fraction must be in [0, 1), got {val_fraction}")
+        self.save_hyperparameters()
+        self.root = root
+        self.image_size = image_size
+        self.channels = channels
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.num_workers = num_workers
+        self.augment = augment
+        self.seed = seed
+        self._train = self._val = None
+
+    def prepare_data(self) -> None:
+        find_images(self.root)  # fail early with the path and the config key
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self._train is not None:
+            return
+        files = find_images(self.root)
+        n_val = int(round(self.val_fraction * len(files)))
+        if self.val_fraction > 0:
+            n_val = max(1, n_val)
+        if len(files) - n_val < self.batch_size:
+            raise ValueError(
+                f"{self.root} holds {len(files)} images, {len(files) - n_val} for training after holding out "
+                f"{n_val} for validation: fewer than data.init_args.batch_size={self.batch_size}. Fix: lower "
+                "batch_size or val_fraction, or add images."
+            )
+        perm = np.random.default_rng(self.seed).permutation(len(files))
+        val = sorted(perm[:n_val].tolist())
+        train = sorted(perm[n_val:].tolist())
+        kw = dict(image_size=self.image_size, channels=self.channels)
+        self._train = ImageListDataset([files[i] for i in train], hflip=self.augment, **kw)
+        self._val = ImageListDataset([files[i] for i in val], **kw)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self._train,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self._val, batch_size=self.batch_size, num_workers=self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

@@ -1,0 +1,230 @@
+"""Federated-learning users: clients that each hold a private batch of B images sharing something.
+
+A :class:`User` carries its private batch (what the client computes its update on) and its ground truth (label
+histogram, dominant class, identity, attributes). Ground truth is for evaluation only: the attacker never sees it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+
+@dataclass
+class User:
+    """One FL client and its private batch.
+
+    Attributes:
+        user_id: index of the user within the experiment (int) or a folder/identity name (str).
+        images: float32 (B, C, H, W), pixels in [0, 1].
+        labels: int64 (B,) class labels the client trains on (for label-free data sets: zeros).
+        num_classes: number of classes of the task.
+        dominant_class: the most frequent label in the batch (ground truth, evaluation only).
+        meta: other ground truth (identity, attributes such as ``Male``, file names, ...).
+    """
+
+    user_id: Any
+    images: torch.Tensor
+    labels: torch.Tensor
+    num_classes: int
+    dominant_class: int
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def label_histogram(self) -> torch.Tensor:
+        """int64 (num_classes,) counts of each label in the batch."""
+        return torch.bincount(self.labels, minlength=self.num_classes)
+
+
+class UserSource:
+    """Base class of user sources (the ``users:`` config group of attack.py).
+
+    Subclasses set ``num_classes``, ``image_size`` and ``channels`` and implement :meth:`check` (fast validation,
+    before any long work) and :meth:`users` (the list of :class:`User`).
+    """
+
+    num_classes: int
+    image_size: int
+    channels: int
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the users' images."""
+        return (self.channels, self.image_size, self.image_size)
+
+    def check(self) -> None:
+        raise NotImplementedError
+
+    def users(self) -> list[User]:
+        raise NotImplementedError
+
+
+def build_label_skewed_users(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_users: int,
+    batch_size: int,
+    num_classes: int,
+    dominant_fraction: float = 1.0,
+    dirichlet_alpha: Optional[float] = None,
+    seed: int = 0,
+    first_user: int = 0,
+) -> list[User]:
+    """Build label-skewed users from a held-out labelled split.
+
+    Each user gets B = ``batch_size`` images. Either (default) a dominant class takes
+    ``round(dominant_fraction * B)`` images and the rest come from the other classes uniformly, or, when
+    ``dirichlet_alpha`` is given, class proportions are drawn from Dirichlet(alpha) and the counts from a multinomial.
+    Dominant classes go round-robin over a seeded permutation of the classes, so classes are balanced over users.
+
+    Images are drawn without replacement from per-class pools shuffled once with ``seed``, users in order 0, 1, ...:
+    user i gets the same images for the same seed, whatever ``num_users`` is, and no image is shared between users
+    while the pool lasts; when a class pool runs out it is reshuffled (with a warning).
+
+    Args:
+        images: float (N, C, H, W) in [0, 1]; labels: int (N,).
+        num_users: users to build (ids ``first_user .. first_user + num_users - 1``).
+        batch_size: B, images per user.
+        dominant_fraction: p in (0, 1], share of the dominant class.
+        dirichlet_alpha: if set (> 0), use Dirichlet(alpha) class mixtures instead of ``dominant_fraction``.
+        seed: seed of the pools, the class order and the mixtures.
+        first_user: id of the first user returned (earlier users are built and skipped, to keep disjointness).
+
+    Returns:
+        list of :class:`User`, labels int64, ``meta`` holding the image indices into the split.
+
+    Raises:
+        ValueError: bad fraction/alpha/batch size, or B larger than a class pool can ever provide.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0.0 < dominant_fraction <= 1.0:
+        raise ValueError(f"dominant_fraction must be in (0, 1], got {dominant_fraction}")
+    if dirichlet_alpha is not None and dirichlet_alpha <= 0:
+        raise ValueError(f"dirichlet_alpha must be > 0 (or null for a dominant class), got {dirichlet_alpha}")
+    labels = labels.long()
+    rng = np.random.default_rng(seed)
+    pools = {c: list(rng.permutation(np.flatnonzero(labels.numpy() == c))) for c in range(num_classes)}
+    sizes = {c: len(p) for c, p in pools.items()}
+    class_order = rng.permutation(num_classes)
+    present = [c for c in range(num_classes) if sizes[c] > 0]
+    if not present:
+        raise ValueError("the split holds no images")
+
+    def take(c: int, k: int) -> list[int]:
+        if k > sizes[c]:
+            raise ValueError(
+                f"a user needs {k} images of class {c} but the split has only {sizes[c]}; lower batch_size or "
+                "dominant_fraction"
+            )
+        if len(pools[c]) < k:
+            warnings.warn(f"class {c} pool exhausted: reshuffling, later users may share images with earlier ones")
+            pools[c] = list(rng.permutation(np.flatnonzero(labels.numpy() == c)))
+        out, pools[c] = pools[c][:k], pools[c][k:]
+        return out
+
+    users: list[User] = []
+    for i in range(first_user + num_users):
+        if dirichlet_alpha is not None:
+            q = rng.dirichlet([dirichlet_alpha] * num_classes)
+            counts = rng.multinomial(batch_size, q)
+        else:
+            dom = int(class_order[i % num_classes])
+            n_dom = max(1, int(round(dominant_fraction * batch_size)))
+            others = [c for c in present if c != dom]
+            counts = np.zeros(num_classes, dtype=int)
+            counts[dom] = n_dom
+            if batch_size - n_dom > 0:
+                counts += np.bincount(rng.choice(others, size=batch_size - n_dom), minlength=num_classes)
+        idx = [j for c in range(num_classes) for j in take(c, int(counts[c]))]
+        idx = [idx[j] for j in rng.permutation(len(idx))]
+        if i < first_user:
+            continue
+        y = labels[idx]
+        hist = torch.bincount(y, minlength=num_classes)
+        users.append(
+            User(
+                user_id=i,
+                images=images[idx].float(),
+                labels=y,
+                num_classes=num_classes,
+                dominant_class=int(hist.argmax()),
+                meta={"indices": [int(j) for j in idx]},
+            )
+        )
+    return users
+
+
+class FashionMNISTUsers(UserSource):
+    """Label-skewed users built from the Fashion-MNIST *test* split (never seen by the victim or the prior).
+
+    Args:
+        num_users, batch_size, dominant_fraction, dirichlet_alpha, seed, first_user: see
+            :func:`build_label_skewed_users`.
+        root, image_size, channels: see :class:`datamodules.fashion_mnist.FashionMNISTDataModule`.
+    """
+
+    num_classes = 10
+
+    def __init__(
+        self,
+        num_users: int = 4,
+        batch_size: int = 10,
+        dominant_fraction: float = 1.0,
+        dirichlet_alpha: Optional[float] = None,
+        seed: int = 0,
+        first_user: int = 0,
+        root: Optional[str] = None,
+        image_size: int = 32,
+        channels: int = 1,
+    ) -> None:
+        if num_users < 1:
+            raise ValueError(f"num_users must be >= 1, got {num_users}")
+        self.num_users = num_users
+        self.batch_size = batch_size
+        self.dominant_fraction = dominant_fraction
+        self.dirichlet_alpha = dirichlet_alpha
+        self.seed = seed
+        self.first_user = first_user
+        self.root = root
+        self.image_size = image_size
+        self.channels = channels
+
+    def check(self) -> None:
+        """Fail early (before any long work) when the data is missing or the settings are impossible."""
+        from datamodules.fashion_mnist import find_fashion_mnist_root
+
+        find_fashion_mnist_root(self.root)
+        if self.batch_size < 1:
+            raise ValueError(f"users.batch_size must be >= 1, got {self.batch_size}")
+        if self.dirichlet_alpha is None and round(self.dominant_fraction * self.batch_size) > 1000:
+            raise ValueError(
+                f"users.batch_size={self.batch_size} with dominant_fraction={self.dominant_fraction} needs more than "
+                "the 1000 test images per class of Fashion-MNIST"
+            )
+
+    def users(self) -> list[User]:
+        from datamodules.fashion_mnist import load_split, to_tensor_images
+
+        self.check()
+        raw, labels = load_split("test", self.root)
+        x = to_tensor_images(raw, self.image_size, self.channels)
+        return build_label_skewed_users(
+            x,
+            torch.from_numpy(labels.astype(np.int64)),
+            num_users=self.num_users,
+            batch_size=self.batch_size,
+            num_classes=self.num_classes,
+            dominant_fraction=self.dominant_fraction,
+            dirichlet_alpha=self.dirichlet_alpha,
+            seed=self.seed,
+            first_user=self.first_user,
+        )

@@ -1,0 +1,346 @@
+"""CelebA reader/users/DataModule and image-folder users/DataModule on tiny fixtures built in tmp_path."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datamodules.celeba import CelebADataModule, CelebAUsers, find_celeba_root, load_celeba_image
+from datamodules.fashion_mnist import DataNotFoundError
+from datamodules.folder import FolderUsers, ImageFolderDataModule, ImageListDataset, load_image
+
+ATTRS = ["5_o_Clock_Shadow", "Male", "Smiling"]
+# identity -> (partition, number of images); test identities 3, 7, 12; train 5, 9; valid 11
+IDENTITIES = {7: (2, 4), 3: (2, 3), 12: (2, 2), 5: (0, 5), 9: (0, 3), 11: (1, 2)}
+
+
+def _noise(w: int, h: int, seed: int, mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    shape = (h, w, 3) if mode == "RGB" else (h, w)
+    return Image.fromarray(rng.integers(0, 256, size=shape, dtype=np.uint8), mode)
+
+
+def make_celeba(root: Path, files: tuple = ("identity", "attr", "partition")) -> dict:
+    """CelebA in torchvision's layout under root/celeba; returns {file: (identity, partition, {attr: 0/1})}."""
+    base = root / "celeba"
+    (base / "img_align_celeba").mkdir(parents=True)
+    rng = np.random.default_rng(123)
+    entries = [(ident, part) for ident, (part, n) in IDENTITIES.items() for _ in range(n)]
+    entries = [entries[i] for i in rng.permutation(len(entries))]  # identities interleaved in file order
+    gt = {}
+    for k, (ident, part) in enumerate(entries):
+        name = f"{k + 1:06d}.jpg"
+        _noise(178, 218, seed=k).save(base / "img_align_celeba" / name, quality=95)
+        gt[name] = (ident, part, {a: int(v) for a, v in zip(ATTRS, rng.integers(0, 2, size=len(ATTRS)))})
+    if "identity" in files:
+        (base / "identity_CelebA.txt").write_text("".join(f"{f} {g[0]}\n" for f, g in gt.items()))
+    if "partition" in files:
+        (base / "list_eval_partition.txt").write_text("".join(f"{f} {g[1]}\n" for f, g in gt.items()))
+    if "attr" in files:
+        lines = [f"{len(gt)}\n", " ".join(ATTRS) + " \n"]  # trailing space and double spaces as in the real file
+        lines += [f + "  " + "  ".join("1" if g[2][a] else "-1" for a in ATTRS) + "\n" for f, g in gt.items()]
+        (base / "list_attr_celeba.txt").write_text("".join(lines))
+    return gt
+
+
+@pytest.fixture(scope="module")
+def celeba(tmp_path_factory):
+    root = tmp_path_factory.mktemp("celeba_root")
+    return root, make_celeba(root)
+
+
+# ------------------------------------------------------------------------------------------------ preprocessing
+def test_centre_crop_white_centre_black_borders(tmp_path):
+    arr = np.zeros((218, 178, 3), dtype=np.uint8)
+    arr[20:198] = 255  # the central 178x178 square is white, 20 black rows above and below
+    Image.fromarray(arr).save(tmp_path / "c.png")
+    Image.fromarray(arr).save(tmp_path / "c.jpg", quality=100)
+    x = load_celeba_image(tmp_path / "c.png", 64)
+    assert x.shape == (3, 64, 64) and x.dtype == torch.float32
+    assert torch.all(x == 1.0)
+    assert load_celeba_image(tmp_path / "c.jpg", 64).min() > 0.95
+    # without the crop, a plain resize keeps the black borders: the test above is not vacuous
+    plain = np.asarray(Image.fromarray(arr).resize((64, 64), Image.BILINEAR))
+    assert plain[0].max() < 128 and plain[-1].max() < 128
+
+
+def test_load_image_matches_torchvision_celeba_transform(tmp_path):
+    from torchvision import transforms as T
+
+    _noise(178, 218, seed=5).save(tmp_path / "a.png")
+    ref = T.Compose([T.CenterCrop(178), T.Resize(64), T.ToTensor()])(Image.open(tmp_path / "a.png").convert("RGB"))
+    assert torch.equal(load_celeba_image(tmp_path / "a.png", 64), ref)
+    # folder images: crop the largest centred square (60x40 -> 40x40), then resize
+    arr = np.zeros((40, 60), dtype=np.uint8)
+    arr[:, 10:50] = 255
+    Image.fromarray(arr, "L").save(tmp_path / "wide.png")
+    y = load_image(tmp_path / "wide.png", 16, channels=1)
+    assert y.shape == (1, 16, 16) and torch.all(y == 1.0)
+    assert load_image(tmp_path / "wide.png", 16, channels=3).shape == (3, 16, 16)
+
+
+# ------------------------------------------------------------------------------------------------ CelebA files
+def test_celeba_missing_files_error(tmp_path):
+    make_celeba(tmp_path, files=("identity",))
+    with pytest.raises(DataNotFoundError) as err:
+        CelebAUsers(tmp_path, num_users=1, batch_size=1).check()
+    msg = str(err.value)
+    for part in ("list_attr_celeba.txt", "list_eval_partition.txt", "users.init_args.root", "data.init_args.root"):
+        assert part in msg
+    assert "identity_CelebA.txt" in msg and "img_align_celeba" in msg  # the expected layout is spelled out
+    assert "missing" in msg and str(tmp_path / "celeba" / "list_attr_celeba.txt") in msg
+    with pytest.raises(DataNotFoundError, match="not set"):
+        CelebADataModule(root=None).prepare_data()
+    with pytest.raises(DataNotFoundError, match="img_align_celeba"):
+        find_celeba_root(tmp_path / "nowhere")
+
+
+def test_celeba_missing_image_error(tmp_path):
+    make_celeba(tmp_path)
+    for f in (tmp_path / "celeba" / "img_align_celeba").iterdir():
+        f.unlink()
+    with pytest.raises(DataNotFoundError, match="is missing"):
+        CelebAUsers(tmp_path, num_users=1, batch_size=1).check()
+
+
+def test_celeba_root_may_be_the_celeba_folder(celeba):
+    root, _ = celeba
+    assert find_celeba_root(root) == find_celeba_root(root / "celeba") == root / "celeba"
+    a = CelebAUsers(root, num_users=2, batch_size=2).users()
+    b = CelebAUsers(str(root / "celeba"), num_users=2, batch_size=2).users()
+    assert [u.meta["files"] for u in a] == [u.meta["files"] for u in b]
+
+
+# ------------------------------------------------------------------------------------------------ CelebA users
+def test_celeba_users_identity(celeba):
+    root, gt = celeba
+    spec = CelebAUsers(root, num_users=3, batch_size=2, split="test", seed=0)
+    assert spec.identity_to_class == {3: 0, 7: 1, 12: 2} and spec.num_classes == 3
+    users = spec.users()
+    assert [u.user_id for u in users] == [0, 1, 2]
+    assert sorted(u.meta["identity"] for u in users) == [3, 7, 12]  # distinct test identities
+    for u in users:
+        assert u.images.shape == (2, 3, 64, 64) and u.images.dtype == torch.float32
+        assert 0.0 <= u.images.min() and u.images.max() <= 1.0 and u.images.std() > 0.02
+        files = u.meta["files"]
+        assert len(set(files)) == 2 and not u.meta["replacement"]
+        assert all(gt[f][0] == u.meta["identity"] and gt[f][1] == 2 for f in files)
+        cls = spec.identity_to_class[u.meta["identity"]]
+        assert u.labels.dtype == torch.int64 and u.labels.tolist() == [cls, cls] and u.dominant_class == cls
+        assert u.num_classes == 3 and u.label_histogram.tolist()[cls] == 2
+        # attributes: per image and the majority, as in list_attr_celeba.txt
+        for a in ATTRS:
+            vals = [gt[f][2][a] for f in files]
+            assert u.meta["image_attributes"][a] == vals
+            assert u.meta["attributes"][a] == int(2 * sum(vals) > len(vals))
+            assert u.meta["attribute_fractions"][a] == pytest.approx(np.mean(vals))
+        ref = torch.stack([load_celeba_image(root / "celeba" / "img_align_celeba" / f, 64) for f in files])
+        assert torch.equal(u.images, ref)
+    # disjoint: no image shared between users
+    all_files = [f for u in users for f in u.meta["files"]]
+    assert len(all_files) == len(set(all_files))
+    # reproducible for the same seed, user i independent of num_users / first_user
+    again = CelebAUsers(root, num_users=3, batch_size=2, split="test", seed=0).users()
+    for u, v in zip(users, again):
+        assert u.meta["files"] == v.meta["files"] and torch.equal(u.images, v.images)
+    later = CelebAUsers(root, num_users=1, batch_size=2, split="test", seed=0, first_user=1).users()
+    assert later[0].user_id == 1 and later[0].meta["files"] == users[1].meta["files"]
+    # the seed matters
+    orders = {tuple(p["identity"] for p in CelebAUsers(root, 3, 2, seed=s).plan()) for s in range(8)}
+    assert len(orders) > 1
+
+
+def test_celeba_users_attribute_target(celeba):
+    root, gt = celeba
+    users = CelebAUsers(root, num_users=2, batch_size=3, split="train", target="Male", seed=1).users()
+    assert sorted(u.meta["identity"] for u in users) == [5, 9]
+    for u in users:
+        male = [gt[f][2]["Male"] for f in u.meta["files"]]
+        assert u.labels.tolist() == male and u.num_classes == 2
+        assert u.dominant_class == int(2 * sum(male) > 3) == u.meta["attributes"]["Male"]
+    with pytest.raises(ValueError, match="unknown CelebA attribute 'Bald'.*Smiling"):
+        CelebAUsers(root, num_users=1, batch_size=1, target="Bald").check()
+
+
+def test_celeba_batch_larger_than_identity(celeba, monkeypatch):
+    root, gt = celeba
+    import datamodules.celeba as celeba_mod
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("images loaded before the batch-size check")
+
+    monkeypatch.setattr(celeba_mod, "load_images", no_loading)
+    with pytest.raises(ValueError, match="batch_size=5") as err:
+        CelebAUsers(root, num_users=1, batch_size=5, split="test").users()
+    assert "allow_replacement" in str(err.value) and "min_images" in str(err.value)
+    assert "largest identity has 4 images" in str(err.value)
+    monkeypatch.undo()
+    users = CelebAUsers(root, num_users=3, batch_size=6, split="test", allow_replacement=True).users()
+    for u in users:
+        files = u.meta["files"]
+        own = {f for f, g in gt.items() if g[0] == u.meta["identity"] and g[1] == 2}
+        assert len(files) == 6 and set(files) == own and u.meta["replacement"]  # every image at least once
+        assert u.images.shape == (6, 3, 64, 64) and u.meta["num_available"] == len(own)
+        for i, j in [(i, j) for i in range(6) for j in range(6) if i < j and files[i] == files[j]]:
+            assert torch.equal(u.images[i], u.images[j])
+    again = CelebAUsers(root, num_users=3, batch_size=6, split="test", allow_replacement=True).users()
+    assert [u.meta["files"] for u in users] == [u.meta["files"] for u in again]
+    # min_images keeps only identities that have enough images
+    ok = CelebAUsers(root, num_users=2, batch_size=3, split="test", min_images=3).users()
+    assert sorted(u.meta["identity"] for u in ok) == [3, 7]
+    with pytest.raises(ValueError, match="only 2 identities with >= 3 images"):
+        CelebAUsers(root, num_users=3, batch_size=3, split="test", min_images=3).check()
+    with pytest.raises(ValueError, match="split 'valid' has only 1 identities"):
+        CelebAUsers(root, num_users=2, batch_size=1, split="valid").check()
+
+
+# ------------------------------------------------------------------------------------------------ CelebA DataModule
+def test_celeba_datamodule_attribute(celeba):
+    root, gt = celeba
+    dm = CelebADataModule(root, target="Male", image_size=32, batch_size=4)
+    assert dm.num_classes == 2 and dm.channels == 3 and dm.image_size == 32
+    dm.prepare_data()
+    dm.setup("fit")
+    assert (len(dm._train), len(dm._val), len(dm._test)) == (8, 2, 9)
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert 0.0 <= x.min() and x.max() <= 1.0
+    xv, yv = next(iter(dm.val_dataloader()))
+    files = [Path(p).name for p in dm._val.paths]
+    assert all(gt[f][1] == 1 for f in files) and yv.tolist() == [gt[f][2]["Male"] for f in files]
+    assert torch.equal(xv[0], load_celeba_image(dm._val.paths[0], 32))
+    with pytest.raises(ValueError, match="unknown CelebA attribute"):
+        CelebADataModule(root, target="male").prepare_data()
+
+
+def test_celeba_datamodule_identity(celeba):
+    root, gt = celeba
+    dm = CelebADataModule(root, target="identity", batch_size=2, identity_holdout=0.25)
+    assert dm.num_classes == 2 and dm.classes.tolist() == [5, 9]
+    dm.setup()
+    assert (len(dm._train), len(dm._val), len(dm._test)) == (6, 1, 1)
+    everything = dm._train.paths + dm._val.paths + dm._test.paths
+    assert sorted(Path(p).name for p in everything) == sorted(f for f, g in gt.items() if g[1] == 0)
+    for ds in (dm._train, dm._val, dm._test):
+        assert [gt[Path(p).name][0] for p in ds.paths] == [[5, 9][c] for c in ds.labels.tolist()]
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (2, 3, 64, 64) and y.dtype == torch.int64 and set(y.tolist()) <= {0, 1}
+    with pytest.raises(ValueError, match="fewer than data.init_args.batch_size"):
+        CelebADataModule(root, target="identity", batch_size=64).setup()
+
+
+# ------------------------------------------------------------------------------------------------ folder users
+@pytest.fixture()
+def user_folders(tmp_path):
+    root = tmp_path / "lfw"
+    specs = (("bob", 3, "jpg", (30, 50)), ("alice", 4, "png", (40, 30)), ("carol", 2, "jpeg", (32, 32)))
+    for j, (name, n, ext, size) in enumerate(specs):
+        (root / name).mkdir(parents=True)
+        for k in range(n):
+            _noise(*size, seed=10 * j + k).save(root / name / f"{name}_{k:04d}.{ext}")
+    (root / "carol" / "notes.txt").write_text("not an image")
+    (root / "dave").mkdir()  # empty: skipped with a warning
+    (root / "README.txt").write_text("LFW")
+    return root
+
+
+def test_folder_users(user_folders):
+    with pytest.warns(UserWarning, match="dave"):
+        spec = FolderUsers(str(user_folders), batch_size=2, seed=0)
+        users = spec.users()
+    assert [u.user_id for u in users] == ["alice", "bob", "carol"]
+    for k, u in enumerate(users):
+        assert u.images.shape == (2, 3, 64, 64) and u.images.dtype == torch.float32
+        assert 0.0 <= u.images.min() and u.images.max() <= 1.0
+        assert u.labels.tolist() == [0, 0] and u.num_classes == 1 and u.dominant_class == 0
+        assert u.meta["identity"] == u.user_id and u.meta["index"] == k
+        assert len(set(u.meta["files"])) == 2 and all(f.startswith(u.user_id + "_") for f in u.meta["files"])
+        ref = torch.stack([load_image(user_folders / u.user_id / f, 64) for f in u.meta["files"]])
+        assert torch.equal(u.images, ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = FolderUsers(str(user_folders), batch_size=2, seed=0).users()
+        assert [u.meta["files"] for u in again] == [u.meta["files"] for u in users]
+        assert all(torch.equal(u.images, v.images) for u, v in zip(users, again))
+        two = FolderUsers(str(user_folders), batch_size=2, num_users=2, label_mode="index", channels=1).users()
+        assert [u.user_id for u in two] == ["alice", "bob"]
+        assert [u.labels.tolist() for u in two] == [[0, 0], [1, 1]] and two[1].num_classes == 2
+        assert two[0].images.shape == (2, 1, 64, 64) and two[0].meta["files"] == users[0].meta["files"]
+        # B larger than a folder
+        with pytest.raises(ValueError, match=r"batch_size=3.*carol \(2\).*allow_replacement"):
+            FolderUsers(str(user_folders), batch_size=3).check()
+        rep = FolderUsers(str(user_folders), batch_size=3, allow_replacement=True, image_size=16).users()
+        carol = rep[2]
+        assert carol.meta["replacement"] and set(carol.meta["files"]) == {"carol_0000.jpeg", "carol_0001.jpeg"}
+        assert carol.images.shape == (3, 3, 16, 16) and not rep[0].meta["replacement"]
+        big = FolderUsers(str(user_folders), batch_size=3, min_images=3).users()
+        assert [u.user_id for u in big] == ["alice", "bob"]
+        with pytest.raises(ValueError, match="only 3 user subfolders"):
+            FolderUsers(str(user_folders), batch_size=1, num_users=4).check()
+
+
+def test_folder_users_errors(tmp_path, user_folders):
+    with pytest.raises(DataNotFoundError, match="users.init_args.root"):
+        FolderUsers(str(tmp_path / "missing"), batch_size=1).check()
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    _noise(8, 8, 0).save(flat / "a.png")
+    with pytest.raises(DataNotFoundError, match="directly in .*ImageFolderDataModule"):
+        FolderUsers(str(flat), batch_size=1).check()
+    (user_folders / "alice" / "broken.jpg").write_bytes(b"this is not a jpeg")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match=r"broken\.jpg: cannot be decoded.*re-encode"):
+            FolderUsers(str(user_folders), batch_size=5, num_users=1).users()
+
+
+# ------------------------------------------------------------------------------------------------ image folder
+def test_image_folder_datamodule(tmp_path):
+    root = tmp_path / "ffhq"
+    for k in range(10):
+        sub = root / f"{k // 4:05d}" / ("deep" if k == 9 else "")
+        sub.mkdir(parents=True, exist_ok=True)
+        _noise(48, 40, seed=k).save(sub / f"{k:05d}.{'png' if k % 2 else 'jpg'}")
+    (root / "LICENSE.txt").write_text("cc")
+    dm = ImageFolderDataModule(str(root), image_size=32, batch_size=4, val_fraction=0.2)
+    assert dm.image_size == 32 and dm.channels == 3
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm._train) == 8 and len(dm._val) == 2
+    assert len(set(dm._train.paths) | set(dm._val.paths)) == 10
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and 0.0 <= x.min() and x.max() <= 1.0
+    assert y.dtype == torch.int64 and y.tolist() == [0, 0, 0, 0]
+    grey = ImageFolderDataModule(str(root), image_size=16, channels=1, batch_size=2, val_fraction=0.0)
+    grey.setup()
+    assert len(grey._train) == 10 and next(iter(grey.train_dataloader()))[0].shape == (2, 1, 16, 16)
+    with pytest.raises(ValueError, match="fewer than data.init_args.batch_size=16"):
+        ImageFolderDataModule(str(root), batch_size=16).setup()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("x")
+    with pytest.raises(DataNotFoundError, match=r"no \.jpg/\.jpeg/\.png image under .*data.init_args.root"):
+        ImageFolderDataModule(str(empty)).prepare_data()
+    with pytest.raises(DataNotFoundError, match="does not exist.*data.init_args.root"):
+        ImageFolderDataModule(str(tmp_path / "nope")).prepare_data()
+
+
+def test_horizontal_flip_augment(tmp_path):
+    arr = np.zeros((16, 16), dtype=np.uint8)
+    arr[:, :4] = 255  # white left edge: flipping is visible
+    Image.fromarray(arr, "L").save(tmp_path / "edge.png")
+    ds = ImageListDataset([tmp_path / "edge.png"], image_size=16, channels=1, hflip=True)
+    base = load_image(tmp_path / "edge.png", 16, channels=1)
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(20):
+        x, y = ds[0]
+        assert y.dtype == torch.int64 and int(y) == 0
+        assert torch.equal(x, base) or torch.equal(x, base.flip(-1))
+        seen.add(torch.equal(x, base))
+    assert seen == {True, False}
