@@ -1,0 +1,413 @@
+"""Aggregate attack run directories into a summary table and figures.
+
+Usage::
+
+    python -m inversion.report RUN_DIR [RUN_DIR ...] --out OUT_DIR [--wandb] [--gallery-users 4]
+
+Each RUN_DIR (written by ``attack.py``) holds ``results.csv`` (one row per user, method and batch size B, with at
+least ``user, method, B`` and metric columns such as ``mse_nearest, psnr_mean, ssim_*, lpips_*, evaluator_correct,
+steps, seconds``; empty cells = not measurable), ``config.yaml`` and ``users/user_0000/grid.png`` (the user's batch
+beside the reconstructions). A ``grid`` / ``grid_path`` / ``user_dir`` column, if present, names the user's folder or
+grid image relative to RUN_DIR (needed when one run holds several B or methods in separate folders).
+
+Writes, into a new OUT_DIR (an existing one is never touched: a free ``OUT_DIR-1``, ``-2``... is used instead), built
+in a temporary folder next to it and renamed into place at the end:
+
+* ``summary.csv``: per (method, B): ``n_users``, ``evaluator_accuracy`` (mean of ``evaluator_correct``),
+  ``label_accuracy`` (mean of ``inferred_dominant == dominant_class``), and for each numeric metric column ``M``:
+  ``M_avg`` (mean over users), ``M_std`` (sample std over users, ddof 1; empty for one user) and ``M_n`` (users with
+  a value);
+* ``summary.md``: the same table (avg ± std, n when some users were not measurable) and the figures;
+* ``metrics_vs_B.png``: each metric against B per method, mean ± std band over users and every user as a dot;
+* ``gallery.png``: a few users' ``grid.png`` per (method, B).
+
+With ``--wandb`` the table (``wandb.Table``) and both figures (uint8 images) are also logged to W&B, offline unless
+``WANDB_MODE`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["GROUP_KEYS", "aggregate", "build_report", "load_runs", "main", "plot_gallery", "plot_metrics_vs_b"]
+
+GROUP_KEYS = ["method", "B"]
+NON_METRIC = {"user", "B", "method", "dominant_class", "inferred_dominant", "evaluator_class", "evaluator_correct",
+              "evaluator_class_raw", "nearest_index", "true_histogram", "inferred_counts", "label_strategy",
+              "run", "run_dir", "grid", "grid_path", "user_dir", "seed"}
+# Order of the main metrics in tables and figures; other numeric columns follow.
+MAIN_METRICS = ["mse_nearest", "mse_mean", "psnr_nearest", "psnr_mean", "ssim_nearest", "ssim_mean",
+                "lpips_nearest", "lpips_mean", "evaluator_prob"]
+FIGURE_METRICS = ["psnr_nearest", "ssim_nearest", "lpips_nearest", "mse_nearest", "evaluator_accuracy"]
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False, "mse": False}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# loading and aggregation
+
+
+def _to_number(col: pd.Series) -> pd.Series:
+    if col.dtype == bool:
+        return col.astype(float)
+    if col.dtype == object:
+        col = col.replace({"True": 1.0, "False": 0.0, "true": 1.0, "false": 0.0, True: 1.0, False: 0.0})
+    return pd.to_numeric(col, errors="coerce")
+
+
+def load_runs(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
+    """Concatenate ``RUN_DIR/results.csv`` of every run, adding ``run`` (folder name) and ``run_dir`` columns.
+
+    Numeric-looking columns are converted to float (empty cells -> NaN; "True"/"False" -> 1/0); ``B`` to int.
+
+    Raises:
+        FileNotFoundError: a run has no results.csv.
+        ValueError: a results.csv lacks ``user``, ``method`` or ``B``.
+    """
+    frames = []
+    for d in run_dirs:
+        d = Path(d)
+        csv = d / "results.csv"
+        if not csv.is_file():
+            raise FileNotFoundError(f"{csv} not found: expected a run directory written by attack.py")
+        df = pd.read_csv(csv)
+        missing = [c for c in ("user", "method", "B") if c not in df.columns]
+        if missing:
+            raise ValueError(f"{csv} lacks column(s) {missing}")
+        df["run"] = d.name
+        df["run_dir"] = str(d)
+        frames.append(df)
+    if not frames:
+        raise ValueError("no run directories given")
+    df = pd.concat(frames, ignore_index=True)
+    df["B"] = pd.to_numeric(df["B"], errors="raise").astype(int)
+    df["method"] = df["method"].astype(str)
+    for c in df.columns:
+        if c in ("method", "run", "run_dir", "user", "grid", "grid_path", "user_dir", "true_histogram",
+                 "inferred_counts", "label_strategy"):
+            continue
+        conv = _to_number(df[c])
+        if conv.notna().sum() >= df[c].notna().sum() and (conv.notna().any() or df[c].isna().all()):
+            df[c] = conv
+    return df
+
+
+def metric_columns(df: pd.DataFrame) -> list[str]:
+    """Numeric metric columns of a loaded frame, main metrics first (see MAIN_METRICS)."""
+    numeric = [c for c in df.columns if c not in NON_METRIC and pd.api.types.is_numeric_dtype(df[c])]
+    return [m for m in MAIN_METRICS if m in numeric] + [c for c in numeric if c not in MAIN_METRICS]
+
+
+def aggregate(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (method, B): n_users, evaluator/label accuracy and avg/std/n over users of every metric column.
+
+    std is the sample standard deviation over users (ddof 1), NaN for a single user; NaN cells (not measurable) are
+    left out of avg/std and counted in ``M_n``.
+    """
+    metrics = metric_columns(df)
+    rows = []
+    for (method, b), g in df.groupby(GROUP_KEYS, sort=True):
+        row: dict = {"method": method, "B": int(b), "n_users": int(len(g))}
+        if "evaluator_correct" in g:
+            ok = _to_number(g["evaluator_correct"]).dropna()
+            row["evaluator_accuracy"] = float(ok.mean()) if len(ok) else math.nan
+        if "dominant_class" in g and "inferred_dominant" in g:
+            both = g[["dominant_class", "inferred_dominant"]].dropna()
+            row["label_accuracy"] = (float((both["dominant_class"] == both["inferred_dominant"]).mean())
+                                     if len(both) else math.nan)
+        for m in metrics:
+            v = g[m].astype(float)
+            v = v[np.isfinite(v)]
+            row[f"{m}_avg"] = float(v.mean()) if len(v) else math.nan
+            row[f"{m}_std"] = float(v.std(ddof=1)) if len(v) > 1 else math.nan
+            row[f"{m}_n"] = int(len(v))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# figures
+
+
+def plot_metrics_vs_b(df: pd.DataFrame, summary: pd.DataFrame, path: Path) -> Optional[Path]:
+    """Line plot per metric: avg over users vs B per method, ± std band, every user as a dot. Returns path or None."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in FIGURE_METRICS if f"{m}_avg" in summary or m in summary]
+    metrics = [m for m in metrics if summary.get(f"{m}_avg", summary.get(m)).notna().any()]
+    if not metrics:
+        return None
+    ncol = min(3, len(metrics))
+    nrow = math.ceil(len(metrics) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.3 * nrow), squeeze=False)
+    bs = sorted(summary["B"].unique())
+    rng = np.random.default_rng(0)
+    for ax, m in zip(axes.flat, metrics):
+        for i, (method, s) in enumerate(summary.groupby("method", sort=True)):
+            s = s.sort_values("B")
+            color = f"C{i}"
+            if m == "evaluator_accuracy":
+                ax.plot(s["B"], s[m], "o-", color=color, label=method)
+                continue
+            avg, std = s[f"{m}_avg"].to_numpy(float), s[f"{m}_std"].fillna(0).to_numpy(float)
+            ax.plot(s["B"], avg, "o-", color=color, label=method)
+            ax.fill_between(s["B"], avg - std, avg + std, color=color, alpha=0.2, linewidth=0)
+            u = df[(df["method"] == method) & np.isfinite(df[m].astype(float))]
+            jitter = np.exp(rng.uniform(-0.06, 0.06, len(u))) if len(bs) > 1 else 1.0
+            ax.scatter(u["B"] * jitter, u[m], s=8, color=color, alpha=0.35, linewidths=0)
+        if len(bs) > 1 and max(bs) / max(min(bs), 1) >= 8:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(bs, [str(b) for b in bs])
+        ax.minorticks_off()
+        better = HIGHER_IS_BETTER.get(m.split("_")[0])
+        ax.set_title(m + ("" if better is None else (" (higher better)" if better else " (lower better)")), fontsize=9)
+        ax.set_xlabel("batch size B")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle("metrics vs batch size: mean ± std over users, dots = users", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _grid_path(row: pd.Series) -> Optional[Path]:
+    run = Path(row["run_dir"])
+    for col in ("grid", "grid_path", "user_dir"):
+        if col in row and isinstance(row[col], str) and row[col]:
+            p = run / row[col]
+            p = p / "grid.png" if p.is_dir() else p
+            if p.is_file():
+                return p
+    user = row["user"]
+    try:
+        name = f"user_{int(user):04d}"
+    except (TypeError, ValueError):
+        name = str(user)
+    p = run / "users" / name / "grid.png"
+    return p if p.is_file() else None
+
+
+def plot_gallery(df: pd.DataFrame, path: Path, users_per_group: int = 4, max_rows: int = 12) -> Optional[Path]:
+    """One panel per user grid.png (batch beside reconstructions), a few users per (method, B). Returns path or None."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    groups = list(df.groupby(GROUP_KEYS, sort=True))
+    per_group = min(users_per_group, max(1, max_rows // max(1, len(groups))))
+    labels: dict[Path, list[str]] = {}  # a grid shared by several (method, B) rows is shown once, with all labels
+    for (method, b), g in groups:
+        for _, row in g.iterrows():
+            p = _grid_path(row)
+            if p is not None:
+                labels.setdefault(p, []).append(f"{method} B={b}")
+    panels, seen = [], set()
+    for (method, b), g in groups:
+        n = 0
+        for _, row in g.iterrows():
+            p = _grid_path(row)
+            if p is None or p in seen:
+                continue
+            seen.add(p)
+            where = f"{row['run']}/{p.parent.name}" if p.name == "grid.png" else f"{row['run']}/{p.name}"
+            tags = ", ".join(dict.fromkeys(labels[p]))
+            panels.append((f"{where}: {tags if len(tags) < 90 else tags[:87] + '...'}", p))
+            n += 1
+            if n >= per_group:
+                break
+    panels = panels[:max_rows]
+    if not panels:
+        return None
+    images = [np.asarray(Image.open(p).convert("RGB")) for _, p in panels]
+    aspect = max(im.shape[1] / im.shape[0] for im in images)
+    width = min(14.0, 2.2 * aspect + 1)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(width, 2.2 * len(panels)), squeeze=False)
+    for ax, (title, _), im in zip(axes[:, 0], panels, images):
+        ax.imshow(im, interpolation="nearest")
+        ax.set_title(title, fontsize=8, loc="left")
+        ax.axis("off")
+    fig.suptitle("user batch (left) beside reconstructions (grid.png)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# markdown and output
+
+
+def _fmt(x: float) -> str:
+    if x is None or (isinstance(x, float) and not np.isfinite(x)):
+        return ""
+    return f"{x:.4g}"
+
+
+def _markdown_table(summary: pd.DataFrame, df: pd.DataFrame) -> str:
+    metrics = [c[: -len("_avg")] for c in summary.columns if c.endswith("_avg")]
+    head = ["method", "B", "users"] + [c for c in ("evaluator_accuracy", "label_accuracy") if c in summary] + metrics
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in summary.iterrows():
+        cells = [str(r["method"]), str(r["B"]), str(r["n_users"])]
+        cells += [_fmt(r[c]) for c in ("evaluator_accuracy", "label_accuracy") if c in summary]
+        for m in metrics:
+            avg, std, n = r[f"{m}_avg"], r[f"{m}_std"], int(r[f"{m}_n"])
+            cell = _fmt(avg) if n else "n/a"
+            if n > 1 and np.isfinite(std):
+                cell += f" ± {_fmt(std)}"
+            if 0 < n < r["n_users"]:
+                cell += f" (n={n})"
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _config_lines(run_dir: Path, limit: int = 25) -> list[str]:
+    p = run_dir / "config.yaml"
+    if not p.is_file():
+        return ["  - (no config.yaml)"]
+    try:
+        import yaml
+
+        cfg = yaml.safe_load(p.read_text()) or {}
+    except Exception as exc:  # noqa: BLE001 - report, don't fail
+        return [f"  - config.yaml unreadable: {exc}"]
+    flat: list[str] = []
+
+    def walk(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            elif not isinstance(v, (list, tuple)) or len(v) <= 8:
+                flat.append(f"  - `{prefix}{k}`: {v}")
+
+    if isinstance(cfg, dict):
+        walk(cfg)
+    return flat[:limit] + ([f"  - ... ({len(flat) - limit} more in config.yaml)"] if len(flat) > limit else [])
+
+
+def write_markdown(path: Path, df: pd.DataFrame, summary: pd.DataFrame, run_dirs: Sequence[Path],
+                   figures: dict[str, Optional[Path]]) -> None:
+    lines = ["# Gradient inversion: summary", "",
+             "Per method and batch size B: mean ± sample std (ddof 1) over users; `(n=k)` when only k users had a "
+             "measurable value; empty = nothing measurable. `evaluator_accuracy` = mean of `evaluator_correct`; "
+             "`label_accuracy` = mean of `inferred_dominant == dominant_class`. PSNR in dB (data range 1), "
+             "MSE on pixels in [0, 1], LPIPS = AlexNet v0.1.", "",
+             _markdown_table(summary, df), "", "## Figures", ""]
+    for name, p in figures.items():
+        lines.append(f"![{name}]({p.name})" if p is not None else f"- {name}: not drawn (no data)")
+        lines.append("")
+    lines += ["## Runs", ""]
+    for d in run_dirs:
+        n = int((df["run_dir"] == str(d)).sum())
+        lines.append(f"- `{d}`: {n} rows")
+        lines += _config_lines(Path(d))
+    _write_text(path, "\n".join(lines) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _free_out_dir(out: Path) -> Path:
+    if not out.exists():
+        return out
+    for i in range(1, 10000):
+        cand = out.with_name(f"{out.name}-{i}")
+        if not cand.exists():
+            return cand
+    raise FileExistsError(f"no free name next to {out}")
+
+
+def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, users_per_group: int = 4,
+                 use_wandb: bool = False, wandb_project: str = "gradinv-report") -> Path:
+    """Build the report (see module docstring) and return the folder it was written to.
+
+    The folder is ``out_dir`` or, if that exists, the first free ``out_dir-N``; files are written in a temporary
+    sibling folder which is renamed into place at the end, so a crash leaves no half-written report.
+    """
+    run_dirs = [Path(d) for d in run_dirs]
+    df = load_runs(run_dirs)
+    summary = aggregate(df)
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        summary.to_csv(tmp / "summary.csv", index=False)
+        figures = {
+            "metrics_vs_B": plot_metrics_vs_b(df, summary, tmp / "metrics_vs_B.png"),
+            "gallery": plot_gallery(df, tmp / "gallery.png", users_per_group),
+        }
+        write_markdown(tmp / "summary.md", df, summary, run_dirs, figures)
+        os.chmod(tmp, 0o755)
+        while True:
+            final = _free_out_dir(out)
+            try:
+                os.rename(tmp, final)  # atomic; fails if final appeared meanwhile (non-empty)
+                break
+            except OSError:
+                if not final.exists():
+                    raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if use_wandb:
+        log_to_wandb(final, summary, wandb_project)
+    return final
+
+
+def log_to_wandb(out: Path, summary: pd.DataFrame, project: str) -> None:
+    """Log summary (wandb.Table) and the figures (uint8 arrays) to W&B; offline unless WANDB_MODE is set."""
+    import wandb
+    from PIL import Image
+
+    run = wandb.init(project=project, dir=str(out), job_type="report", mode=os.environ.get("WANDB_MODE", "offline"),
+                     config={"report_dir": str(out)})
+    try:
+        log = {"summary": wandb.Table(dataframe=summary)}
+        for name in ("metrics_vs_B", "gallery"):
+            p = out / f"{name}.png"
+            if p.is_file():
+                log[name] = wandb.Image(np.asarray(Image.open(p).convert("RGB"), dtype=np.uint8), caption=name)
+        run.log(log)
+    finally:
+        run.finish()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m inversion.report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("run_dirs", nargs="+", type=Path, help="run directories holding results.csv")
+    ap.add_argument("--out", type=Path, required=True, help="new output folder (never overwritten)")
+    ap.add_argument("--gallery-users", type=int, default=4, help="users per (method, B) in gallery.png")
+    ap.add_argument("--wandb", action="store_true", help="also log table and figures to W&B (offline by default)")
+    ap.add_argument("--wandb-project", default="gradinv-report")
+    args = ap.parse_args(argv)
+    requested = args.out
+    out = build_report(args.run_dirs, requested, args.gallery_users, args.wandb, args.wandb_project)
+    if out != requested:
+        print(f"{requested} exists; wrote to {out} instead", file=sys.stderr)
+    print(f"wrote {out}/summary.md, summary.csv, metrics_vs_B.png, gallery.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Tests of inversion.report on small fake run directories laid out as attack.py writes them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from inversion import report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fake_run(root: Path, name: str, methods=("diffusion", "tv"), bs=(1, 4, 16), users=3, seed=0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    run = root / name
+    rows = []
+    for method in methods:
+        for b in bs:
+            for u in range(users):
+                rows.append({
+                    "user": u, "method": method, "B": b, "dominant_class": u % 10, "inferred_dominant": u % 10,
+                    "evaluator_class": u % 10, "evaluator_prob": rng.uniform(0.3, 1.0),
+                    "evaluator_correct": bool(rng.integers(0, 2)),
+                    "mse_nearest": rng.uniform(0.01, 0.1), "mse_mean": rng.uniform(0.05, 0.2),
+                    "psnr_nearest": rng.uniform(10, 25), "psnr_mean": rng.uniform(8, 15),
+                    "ssim_nearest": rng.uniform(0, 1), "ssim_mean": rng.uniform(0, 0.5),
+                    "lpips_nearest": rng.uniform(0, 0.5), "lpips_mean": rng.uniform(0.2, 0.7),
+                    "steps": 100, "seconds": rng.uniform(1, 3), "nearest_index": int(rng.integers(0, b)),
+                    "true_histogram": str(b), "label_strategy": "count",
+                })
+    df = pd.DataFrame(rows)
+    df.loc[1, "lpips_nearest"] = np.nan  # not measurable for one user
+    df.loc[2, "ssim_mean"] = np.nan
+    df.loc[0, "inferred_dominant"] = 99  # one wrong label inference
+    (run / "users").mkdir(parents=True)
+    df.to_csv(run / "results.csv", index=False)
+    (run / "config.yaml").write_text("dataset: fashion_mnist\nattack:\n  steps: 100\n  lr: 0.1\n")
+    for u in range(users):
+        d = run / "users" / f"user_{u:04d}"
+        d.mkdir()
+        for f in ("batch", "raw", "denoised"):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"{f}.png")
+        Image.fromarray(rng.integers(0, 255, (34, 100, 3), dtype=np.uint8)).save(d / "grid.png")
+    return df
+
+
+def test_aggregate_values_equal_inputs(tmp_path):
+    df = _fake_run(tmp_path, "run_a")
+    out = report.build_report([tmp_path / "run_a"], tmp_path / "rep")
+    assert out == tmp_path / "rep"
+    s = pd.read_csv(out / "summary.csv")
+    assert "nearest_index_avg" not in s.columns and "true_histogram_avg" not in s.columns
+    assert len(s) == 6 and set(s["method"]) == {"diffusion", "tv"} and sorted(set(s["B"])) == [1, 4, 16]
+    for (method, b), g in df.groupby(["method", "B"]):
+        r = s[(s["method"] == method) & (s["B"] == b)].iloc[0]
+        assert r["n_users"] == len(g)
+        assert r["evaluator_accuracy"] == pytest.approx(g["evaluator_correct"].astype(float).mean())
+        assert r["label_accuracy"] == pytest.approx((g["dominant_class"] == g["inferred_dominant"]).mean())
+        for m in ("mse_nearest", "psnr_mean", "lpips_nearest", "ssim_mean", "seconds"):
+            v = g[m].dropna()
+            assert r[f"{m}_avg"] == pytest.approx(v.mean())
+            assert r[f"{m}_std"] == pytest.approx(v.std(ddof=1))
+            assert r[f"{m}_n"] == len(v)
+    first = s[(s["method"] == "diffusion") & (s["B"] == 1)].iloc[0]
+    assert first["lpips_nearest_n"] == 2 and first["label_accuracy"] == pytest.approx(2 / 3)
+    md = (out / "summary.md").read_text()
+    assert "| diffusion | 1 | 3 |" in md and "(n=2)" in md and "fashion_mnist" in md
+    for fig in ("metrics_vs_B.png", "gallery.png"):
+        p = out / fig
+        assert p.is_file() and p.stat().st_size > 5000
+        im = np.asarray(Image.open(p).convert("L"))
+        assert im.std() > 5  # not a blank canvas
+    assert not list(tmp_path.glob(".rep.tmp-*"))  # temp folder renamed away
+
+
+def test_existing_out_dir_is_never_overwritten_and_cli(tmp_path):
+    _fake_run(tmp_path, "run_a", methods=("diffusion",), bs=(2,))
+    _fake_run(tmp_path, "run_b", methods=("tv",), bs=(2, 8), seed=1)
+    (tmp_path / "rep").mkdir()
+    (tmp_path / "rep" / "keep.txt").write_text("mine")
+    res = subprocess.run([sys.executable, "-m", "inversion.report", str(tmp_path / "run_a"), str(tmp_path / "run_b"),
+                          "--out", str(tmp_path / "rep")], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "rep" / "keep.txt").read_text() == "mine" and not (tmp_path / "rep" / "summary.csv").exists()
+    s = pd.read_csv(tmp_path / "rep-1" / "summary.csv")
+    assert list(zip(s["method"], s["B"])) == [("diffusion", 2), ("tv", 2), ("tv", 8)]
+    assert "rep-1" in res.stderr
+
+
+def test_missing_columns_and_empty_metrics(tmp_path):
+    run = tmp_path / "run_c"
+    (run / "users").mkdir(parents=True)
+    pd.DataFrame({"user": [0, 1], "method": ["m", "m"], "B": [4, 4], "psnr_nearest": [12.0, 14.0],
+                  "lpips_nearest": [np.nan, np.nan]}).to_csv(run / "results.csv", index=False)
+    out = report.build_report([run], tmp_path / "rep")
+    s = pd.read_csv(out / "summary.csv")
+    assert s.loc[0, "psnr_nearest_avg"] == pytest.approx(13.0) and s.loc[0, "lpips_nearest_n"] == 0
+    assert "evaluator_accuracy" not in s.columns
+    assert "n/a" in (out / "summary.md").read_text()
+    assert (out / "metrics_vs_B.png").is_file() and not (out / "gallery.png").exists()
+    with pytest.raises(FileNotFoundError, match="results.csv"):
+        report.build_report([tmp_path / "nothing"], tmp_path / "rep2")
+
+
+def test_wandb_offline_logging(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    _fake_run(tmp_path, "run_a", methods=("diffusion",), bs=(1, 2), users=2)
+    out = report.build_report([tmp_path / "run_a"], tmp_path / "rep", use_wandb=True)
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
