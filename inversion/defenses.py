@@ -1,0 +1,326 @@
+"""Client-side defenses applied to an update before the server sees it (FedSGD gradient or FedAvg weight difference).
+
+An update is an ``OrderedDict`` parameter name -> float tensor (see :mod:`inversion.scenario`). Every defense is a
+callable ``update -> new update`` (same names, shapes, dtypes and devices; the input is never modified):
+
+- :class:`Clip`: global L2 clipping, ``u * min(1, C / ||u||)`` with ``||u||`` over all tensors together.
+- :class:`GaussianDP`: the Gaussian mechanism of DP-SGD (Abadi et al. 2016, Alg. 1) applied to the whole client
+  update (user-level, as in DP-FedAvg, McMahan et al. 2018): clip globally to ``clip_norm`` C, then add
+  N(0, (sigma C)^2) i.i.d. to every coordinate. (Abadi et al. clip per example and add the noise to the sum; the
+  update here is one client's, so one clip and one noise draw.)
+- :class:`TopKPruning`: gradient pruning (Zhu et al. 2019, sec. 5 "Gradient compression and sparsification"): per
+  layer (per tensor), keep the ``k = max(1, round(keep_fraction * numel))`` entries of largest magnitude, zero the rest.
+- :class:`Quantize`: per tensor, uniform quantisation to ``levels`` equally spaced values between the tensor's
+  minimum and maximum (both representable); deterministic rounding to the nearest level, or stochastic (unbiased)
+  rounding to one of the two neighbouring levels with probability given by the distance, as in QSGD (Alistarh et
+  al. 2017) but on a min-max grid.
+- :class:`SignCompression`: signSGD with scale (Bernstein et al. 2018): per tensor ``sign(u) * mean(|u|)``, so each
+  tensor keeps its L1 mass and only the sign pattern is revealed.
+- :class:`Compose`: applies a list of defenses in order (e.g. clip, then prune, then noise).
+
+Randomness: a defense built with an integer ``seed`` draws from a CPU ``torch.Generator`` re-seeded with that seed at
+every call, so the same input always gets the same noise (and the same on every device); give each client its own
+seed (e.g. base seed + user index) to get independent noise across clients. ``seed=None`` draws from the global RNG.
+
+Configs: :func:`build_defenses` turns ``[{name: gaussian_dp, clip_norm: 1.0, noise_multiplier: 0.1}, ...]`` into a
+:class:`Compose`; names are the keys of :data:`DEFENSES`. Invalid values raise one ``ValueError`` naming the key and
+its valid range, at construction.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections import OrderedDict
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import torch
+
+Update = "OrderedDict[str, torch.Tensor]"
+
+
+def _number(owner: str, key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        raise ValueError(f"{owner}: {key} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _seed(owner: str, seed: Any) -> Optional[int]:
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"{owner}: seed must be an integer or None, got {seed!r}")
+    return seed
+
+
+def global_l2_norm(update: Update) -> torch.Tensor:
+    """L2 norm of all tensors of the update taken together (float32 scalar, computed in float64 for accuracy)."""
+    if not update:
+        return torch.tensor(0.0)
+    return torch.sqrt(sum(t.detach().double().pow(2).sum().cpu() for t in update.values())).float()
+
+
+class Defense:
+    """Base class: ``__call__(update) -> defended update`` (a new OrderedDict; the input is left untouched)."""
+
+    name: str = "defense"
+
+    def __call__(self, update: Update) -> Update:
+        if not isinstance(update, Mapping):
+            raise TypeError(f"{type(self).__name__} expects an OrderedDict name -> tensor, got {type(update).__name__}")
+        return self.apply(OrderedDict(update))
+
+    def apply(self, update: Update) -> Update:
+        raise NotImplementedError
+
+    def _generator(self, seed: Optional[int]) -> Optional[torch.Generator]:
+        return None if seed is None else torch.Generator(device="cpu").manual_seed(seed)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+
+class Clip(Defense):
+    """Global L2 clipping: ``u <- u * min(1, clip_norm / ||u||_2)``, the norm taken over every tensor together.
+
+    Args:
+        clip_norm: C > 0.
+
+    Raises:
+        ValueError: clip_norm <= 0 or not a finite number.
+    """
+
+    name = "clip"
+
+    def __init__(self, clip_norm: float) -> None:
+        self.clip_norm = _number("Clip", "clip_norm", clip_norm)
+        if self.clip_norm <= 0:
+            raise ValueError(f"Clip: clip_norm must be > 0, got {clip_norm}")
+
+    def apply(self, update: Update) -> Update:
+        norm = float(global_l2_norm(update))
+        scale = min(1.0, self.clip_norm / norm) if norm > 0 else 1.0
+        return OrderedDict((n, t * scale) for n, t in update.items())
+
+
+class GaussianDP(Defense):
+    """Gaussian mechanism on the whole update (DP-SGD, Abadi et al. 2016; per client as in DP-FedAvg).
+
+    ``u <- clip(u, C) + N(0, (sigma * C)^2 I)``: global L2 clipping to C (:class:`Clip`) then i.i.d. Gaussian noise of
+    standard deviation ``sigma * C`` on every coordinate. The noise is drawn in float32 on the CPU (seeded, see the
+    module docstring) and moved to each tensor's device.
+
+    Args:
+        clip_norm: C > 0.
+        noise_multiplier: sigma >= 0 (``sigma`` is accepted as an alias; 0 means clipping only).
+        seed: integer for reproducible noise (the same input gets the same noise), None for the global RNG.
+
+    Raises:
+        ValueError: clip_norm <= 0, sigma < 0, both ``noise_multiplier`` and ``sigma`` given with different values,
+            neither given, or a non-integer seed.
+    """
+
+    name = "gaussian_dp"
+
+    def __init__(
+        self,
+        clip_norm: float,
+        noise_multiplier: Optional[float] = None,
+        seed: Optional[int] = None,
+        sigma: Optional[float] = None,
+    ) -> None:
+        if noise_multiplier is None and sigma is None:
+            raise ValueError("GaussianDP: noise_multiplier (alias sigma) is required, a number >= 0")
+        if noise_multiplier is not None and sigma is not None and float(noise_multiplier) != float(sigma):
+            raise ValueError(f"GaussianDP: noise_multiplier={noise_multiplier} and sigma={sigma} disagree; give one")
+        value = noise_multiplier if noise_multiplier is not None else sigma
+        self.noise_multiplier = _number("GaussianDP", "noise_multiplier (sigma)", value)
+        if self.noise_multiplier < 0:
+            raise ValueError(f"GaussianDP: noise_multiplier (sigma) must be >= 0, got {value}")
+        self.clip_norm = _number("GaussianDP", "clip_norm", clip_norm)
+        if self.clip_norm <= 0:
+            raise ValueError(f"GaussianDP: clip_norm must be > 0, got {clip_norm}")
+        self.clip = Clip(self.clip_norm)
+        self.seed = _seed("GaussianDP", seed)
+
+    @property
+    def noise_std(self) -> float:
+        """Per-coordinate noise standard deviation sigma * C."""
+        return self.noise_multiplier * self.clip_norm
+
+    def apply(self, update: Update) -> Update:
+        clipped = self.clip.apply(update)
+        if self.noise_std == 0:
+            return clipped
+        gen = self._generator(self.seed)
+        out = OrderedDict()
+        for n, t in clipped.items():
+            noise = torch.randn(t.shape, generator=gen, dtype=torch.float32) * self.noise_std
+            out[n] = (t.float() + noise.to(t.device)).to(t.dtype)
+        return out
+
+
+class TopKPruning(Defense):
+    """Magnitude pruning per layer (Zhu et al. 2019's pruning defense): keep the largest |u| entries of each tensor.
+
+    Each tensor keeps exactly ``k = max(1, round(keep_fraction * numel))`` entries (ties broken by ``torch.topk``),
+    the others become 0. Pruning per tensor (not globally) keeps every layer represented, as the per-layer sparsity
+    of Zhu et al.'s experiments.
+
+    Args:
+        keep_fraction: in (0, 1]; 1 keeps everything.
+
+    Raises:
+        ValueError: keep_fraction not in (0, 1].
+    """
+
+    name = "topk_pruning"
+
+    def __init__(self, keep_fraction: float) -> None:
+        self.keep_fraction = _number("TopKPruning", "keep_fraction", keep_fraction)
+        if not 0 < self.keep_fraction <= 1:
+            raise ValueError(f"TopKPruning: keep_fraction must be in (0, 1], got {keep_fraction}")
+
+    def kept(self, numel: int) -> int:
+        """Number of entries kept in a tensor of ``numel`` entries."""
+        return min(numel, max(1, int(round(self.keep_fraction * numel))))
+
+    def apply(self, update: Update) -> Update:
+        out = OrderedDict()
+        for n, t in update.items():
+            k = self.kept(t.numel())
+            if k >= t.numel():
+                out[n] = t.clone()
+                continue
+            flat = t.reshape(-1)
+            idx = torch.topk(flat.abs(), k, sorted=False).indices
+            mask = torch.zeros_like(flat, dtype=torch.bool)
+            mask[idx] = True
+            out[n] = torch.where(mask, flat, torch.zeros_like(flat)).reshape(t.shape)
+        return out
+
+
+class Quantize(Defense):
+    """Uniform quantisation per tensor to ``levels`` values ``lo + i (hi - lo) / (levels - 1)``, i = 0..levels-1.
+
+    lo/hi are the tensor's min/max (a constant tensor is returned unchanged). Deterministic: round to the nearest
+    level. Stochastic: with r = (u - lo) / step, take floor(r) + Bernoulli(r - floor(r)), which is unbiased
+    (E[q(u)] = u, QSGD-style). Either way a tensor holds at most ``levels`` distinct values.
+
+    Args:
+        levels: integer >= 2.
+        stochastic: stochastic rounding (default False: deterministic).
+        seed: seed of the stochastic rounding (see the module docstring), None for the global RNG.
+
+    Raises:
+        ValueError: levels < 2 or not an integer, or a non-integer seed.
+    """
+
+    name = "quantize"
+
+    def __init__(self, levels: int, stochastic: bool = False, seed: Optional[int] = None) -> None:
+        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
+            raise ValueError(f"Quantize: levels must be an integer >= 2, got {levels!r}")
+        self.levels = levels
+        self.stochastic = bool(stochastic)
+        self.seed = _seed("Quantize", seed)
+
+    def apply(self, update: Update) -> Update:
+        gen = self._generator(self.seed) if self.stochastic else None
+        out = OrderedDict()
+        for n, t in update.items():
+            tf = t.float()
+            lo, hi = tf.min(), tf.max()
+            if t.numel() == 0 or float(hi - lo) == 0:
+                out[n] = t.clone()
+                continue
+            step = (hi - lo) / (self.levels - 1)
+            r = (tf - lo) / step
+            if self.stochastic:
+                base = r.floor()
+                u = torch.rand(t.shape, generator=gen, dtype=torch.float32).to(t.device)
+                idx = base + (u < (r - base)).float()
+            else:
+                idx = r.round()
+            idx = idx.clamp(0, self.levels - 1)
+            out[n] = (lo + idx * step).to(t.dtype)
+        return out
+
+
+class SignCompression(Defense):
+    """signSGD with a per-tensor scale (Bernstein et al. 2018): ``u <- sign(u) * mean(|u|)`` (zeros stay zero)."""
+
+    name = "sign_compression"
+
+    def apply(self, update: Update) -> Update:
+        return OrderedDict((n, torch.sign(t) * t.abs().mean()) for n, t in update.items())
+
+
+class Compose(Defense):
+    """Apply defenses in list order: ``Compose([a, b])(u) == b(a(u))``. An empty list is the identity (a copy)."""
+
+    name = "compose"
+
+    def __init__(self, defenses: Sequence[Defense] = ()) -> None:
+        defenses = list(defenses)
+        for d in defenses:
+            if not callable(d):
+                raise ValueError(f"Compose: every element must be a defense (callable), got {d!r}")
+        self.defenses = defenses
+
+    def apply(self, update: Update) -> Update:
+        out = OrderedDict((n, t.clone()) for n, t in update.items())
+        for d in self.defenses:
+            out = d(out)
+        return out
+
+    def __len__(self) -> int:
+        return len(self.defenses)
+
+
+DEFENSES: dict[str, type] = {
+    "clip": Clip,
+    "gaussian_dp": GaussianDP,
+    "topk_pruning": TopKPruning,
+    "quantize": Quantize,
+    "sign_compression": SignCompression,
+}
+
+
+def build_defense(spec: Mapping[str, Any]) -> Defense:
+    """One defense from a config mapping ``{name: <key of DEFENSES>, **params}``.
+
+    Raises:
+        ValueError: missing/unknown name, unknown parameters (the accepted ones are listed), or invalid values.
+    """
+    if not isinstance(spec, Mapping) or "name" not in spec:
+        raise ValueError(f"a defense config needs a 'name' (one of {sorted(DEFENSES)}), got {spec!r}")
+    params = dict(spec)
+    name = params.pop("name")
+    if name not in DEFENSES:
+        raise ValueError(f"unknown defense name {name!r}; choose one of {sorted(DEFENSES)}")
+    cls = DEFENSES[name]
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = [k for k in params if k not in accepted]
+    if unknown:
+        raise ValueError(f"defense {name!r}: unknown parameter(s) {unknown}; accepted: {accepted}")
+    try:
+        return cls(**params)
+    except TypeError as exc:  # a required parameter is missing
+        raise ValueError(f"defense {name!r}: {exc}; accepted parameters: {accepted}") from exc
+
+
+def build_defenses(specs: Optional[Iterable[Mapping[str, Any]]]) -> Compose:
+    """A :class:`Compose` of the defenses listed in a config (applied in order); None or [] gives the identity.
+
+    Raises:
+        ValueError: as :func:`build_defense`, naming the offending entry's position.
+    """
+    out = []
+    for i, spec in enumerate(specs or []):
+        try:
+            out.append(build_defense(spec))
+        except ValueError as exc:
+            raise ValueError(f"defenses[{i}]: {exc}") from exc
+    return Compose(out)

@@ -1,0 +1,166 @@
+"""FedAvg client update (McMahan et al. 2017, Alg. 1 "ClientUpdate") and the server's pseudo-gradient.
+
+The client runs E local epochs of plain SGD (no momentum, no weight decay) with learning rate eta over its batch of B
+images split into mini-batches of size b (the last one may be smaller), i.e. ``local_steps_for(B, E, b) = E *
+ceil(B / b)`` steps, each on the mean cross-entropy of its mini-batch. It trains a deep copy of the global model, so
+the caller's victim is untouched, and keeps that copy in **eval mode**: BatchNorm uses (and does not update) its
+running statistics, exactly as in the FedSGD client of :mod:`inversion.scenario`, which makes a mini-batch of one
+image well defined and keeps FedAvg with one step identical to FedSGD; dropout is off.
+
+The server receives the weight difference ``delta = w_before - w_after`` (trainable parameters, names and order of
+``victim.named_parameters()``). Gradient inversion attacks match gradients, so the common approximation treats the
+update as one averaged gradient (attacks that simulate the local steps instead, as Geiping et al. 2020 sec. 6 and
+Dimitrov et al. 2022 do, need no such approximation):
+
+    pseudo_gradient = delta / (eta * local_steps)                                                  (1)
+
+which is exact for a single local step (E = 1, b >= B): delta = eta * g_FedSGD.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from inversion.scenario import victim_parameters
+
+
+def local_steps_for(batch_size: int, epochs: int, local_batch_size: int) -> int:
+    """Number of local SGD steps: ``epochs * ceil(batch_size / local_batch_size)``.
+
+    A ``local_batch_size`` above ``batch_size`` means one full-batch step per epoch.
+
+    Raises:
+        ValueError: batch_size < 1, epochs < 1 or local_batch_size < 1 (any of which gives zero steps).
+    """
+    for key, value in (("batch_size", batch_size), ("epochs", epochs), ("local_batch_size", local_batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"FedAvg: {key} must be an integer >= 1 (otherwise no local step is taken), got {value!r}")
+    return epochs * math.ceil(batch_size / local_batch_size)
+
+
+def fedavg_pseudo_gradient(
+    delta: "OrderedDict[str, torch.Tensor]", local_lr: float, local_steps: int
+) -> "OrderedDict[str, torch.Tensor]":
+    """Eq. (1): ``delta / (local_lr * local_steps)`` per tensor (float32), the gradient-like target for attacks.
+
+    Raises:
+        ValueError: local_lr <= 0 or local_steps < 1.
+    """
+    if not local_lr > 0 or not math.isfinite(local_lr):
+        raise ValueError(f"FedAvg: local_lr must be a finite number > 0, got {local_lr!r}")
+    if isinstance(local_steps, bool) or not isinstance(local_steps, int) or local_steps < 1:
+        raise ValueError(f"FedAvg: local_steps must be an integer >= 1, got {local_steps!r}")
+    scale = 1.0 / (local_lr * local_steps)
+    return OrderedDict((n, d.detach().float() * scale) for n, d in delta.items())
+
+
+@dataclass
+class FedAvgUpdate:
+    """A client's FedAvg round.
+
+    Attributes:
+        delta: OrderedDict name -> float32 ``w_before - w_after`` (what the server receives).
+        pseudo_gradient: eq. (1), same names/shapes (the target for gradient-matching attacks).
+        local_steps: SGD steps taken; epochs, local_lr, local_batch_size: the settings used.
+        losses: mini-batch losses, one per step (before the step).
+    """
+
+    delta: "OrderedDict[str, torch.Tensor]"
+    pseudo_gradient: "OrderedDict[str, torch.Tensor]"
+    local_steps: int
+    epochs: int
+    local_lr: float
+    local_batch_size: int
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def meta(self) -> dict:
+        """Protocol metadata for ``ServerView.meta`` (the server knows the FedAvg hyper-parameters)."""
+        return {
+            "protocol": "fedavg",
+            "local_epochs": self.epochs,
+            "local_lr": self.local_lr,
+            "local_batch_size": self.local_batch_size,
+            "local_steps": self.local_steps,
+        }
+
+
+def fedavg_client_update(
+    victim: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    epochs: int = 1,
+    local_lr: float = 0.01,
+    local_batch_size: int | None = None,
+    shuffle: bool = False,
+    seed: int = 0,
+) -> FedAvgUpdate:
+    """Run FedAvg's ClientUpdate on a deep copy of ``victim`` (eval mode) and return the weight difference.
+
+    Args:
+        victim: the global model; float (B, C, H, W) pixels in [0, 1] -> logits (B, num_classes). Not modified.
+        images: float (B, C, H, W) in [0, 1]; labels: int64 (B,).
+        epochs: E >= 1 local epochs.
+        local_lr: eta > 0.
+        local_batch_size: b >= 1 (None: b = B, full-batch steps).
+        shuffle: False: mini-batches in data order every epoch; True: a fresh permutation per epoch drawn from a
+            CPU generator seeded with ``seed`` (reproducible).
+        seed: seed of the shuffling.
+
+    Returns:
+        :class:`FedAvgUpdate` (tensors detached, float32, on the victim's device).
+
+    Raises:
+        ValueError: before any work, if the settings give zero steps (empty batch, epochs < 1, local batch < 1),
+            local_lr <= 0, or images and labels disagree in length; or if a local loss becomes NaN/inf.
+    """
+    if images.dim() != 4:
+        raise ValueError(f"FedAvg: images must be (B, C, H, W), got shape {tuple(images.shape)}")
+    B = int(images.shape[0])
+    if labels.shape != (B,):
+        raise ValueError(f"FedAvg: labels must be int64 (B,) = ({B},), got shape {tuple(labels.shape)}")
+    b = B if local_batch_size is None else local_batch_size
+    steps = local_steps_for(B, epochs, b)
+    lr_ok = isinstance(local_lr, (int, float)) and not isinstance(local_lr, bool) and math.isfinite(local_lr)
+    if not lr_ok or local_lr <= 0:
+        raise ValueError(f"FedAvg: local_lr must be a finite number > 0, got {local_lr!r}")
+    b = min(b, B)
+
+    model = copy.deepcopy(victim).eval()
+    params = victim_parameters(model)
+    before = OrderedDict((n, p.detach().clone()) for n, p in params.items())
+    gen = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    for epoch in range(epochs):
+        order = torch.randperm(B, generator=gen) if shuffle else torch.arange(B)
+        order = order.to(images.device)
+        for start in range(0, B, b):
+            idx = order[start : start + b]
+            with torch.enable_grad():
+                loss = F.cross_entropy(model(images[idx]), labels[idx])
+                grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            if not torch.isfinite(loss):
+                raise ValueError(f"FedAvg: local loss is NaN/inf at epoch {epoch}, step {len(losses)}; lower local_lr")
+            losses.append(float(loss.detach()))
+            with torch.no_grad():
+                for p, g in zip(params.values(), grads):
+                    if g is not None:
+                        p.sub_(local_lr * g)
+    assert len(losses) == steps
+    delta = OrderedDict((n, (before[n] - p.detach()).float()) for n, p in params.items())
+    return FedAvgUpdate(
+        delta=delta,
+        pseudo_gradient=fedavg_pseudo_gradient(delta, float(local_lr), steps),
+        local_steps=steps,
+        epochs=epochs,
+        local_lr=float(local_lr),
+        local_batch_size=b,
+        losses=losses,
+    )

@@ -1,0 +1,632 @@
+"""Sample-level gradient inversion baselines: DLG, iDLG and Inverting Gradients, on the common attack interface.
+
+Each baseline reconstructs the B images of the client's batch (B from ``view.batch_size``; sample-level attacks cannot
+run without it) by matching the gradient of dummy images to the target gradient:
+
+- :class:`DLG` (Zhu et al. 2019, "Deep Leakage from Gradients", Alg. 1): dummy images and dummy soft labels
+  (logits, passed through a softmax), squared L2 gradient distance ``||grad(x', y') - g||^2`` summed over all layers,
+  optimised jointly with L-BFGS. Pixels are free (no box); results are clamped to [0, 1] only for reporting.
+- :class:`iDLG` (Zhao et al. 2020, "iDLG: Improved Deep Leakage from Gradients"): DLG for B = 1 with the label read
+  analytically from the sign of the last layer's gradient (``label_strategy='idlg'``), so only the image is optimised.
+- :class:`InvertingGradients` (Geiping et al. 2020, "Inverting Gradients - How easy is it to break privacy in
+  federated learning?", eq. 4): ``1 - <grad(x', y), g> / (||grad(x', y)|| ||g||)`` over all layers jointly plus a
+  total-variation prior, Adam on the signed gradient, step decay at 3/8, 5/8 and 7/8 of the steps (x0.1), pixels
+  boxed to [0, 1] after every step, several restarts (the one with the lowest final gradient loss is kept, their
+  ``scoring_choice='loss'``), labels from label inference.
+
+The victim is deep-copied at :meth:`bind`, kept in eval mode (BatchNorm running statistics, as on the client, see
+:mod:`inversion.scenario`) and never stepped: the dummy gradient is ``torch.autograd.grad`` w.r.t. the victim's
+parameters with ``create_graph=True``, and backward runs only into the dummy variables (``inputs=``).
+
+Representative image: sample-level attacks reconstruct B images while the user-level comparison needs one image per
+user. The server has no ground truth, so each baseline reports the reconstruction whose *own* single-image gradient
+(victim in eval mode, CE with that image's label) has the lowest cosine distance to the target gradient, i.e. the
+image that explains the observed update best; ties go to the lowest index. For B = 1 it is the only image.
+
+``ATTACKS`` maps config names to import paths (the user-level attack included) and :func:`resolve_attack` imports
+them lazily.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from collections import OrderedDict
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from inversion.label_inference import LabelInference, infer_labels
+from inversion.logging_utils import log_image_grid
+from inversion.scenario import ServerView, check_target_gradient, victim_parameters
+from lightning_modules.base_attack import AttackDivergedError, AttackResult, GradientInversionAttack
+
+GradientList = Sequence[torch.Tensor]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pure functions (tested directly)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _as_list(g: "GradientList | OrderedDict[str, torch.Tensor]") -> list[torch.Tensor]:
+    return list(g.values()) if isinstance(g, dict) else list(g)
+
+
+def l2_gradient_distance(
+    dummy: "GradientList | OrderedDict[str, torch.Tensor]", target: "GradientList | OrderedDict[str, torch.Tensor]"
+) -> torch.Tensor:
+    """DLG's gradient distance (Zhu et al. 2019, Alg. 1): ``sum_layers ||d_l - t_l||_2^2``.
+
+    Args:
+        dummy, target: per-layer gradients (lists or OrderedDicts in the same order), matching shapes, float.
+
+    Returns:
+        float scalar tensor >= 0 (differentiable w.r.t. ``dummy``).
+
+    Raises:
+        ValueError: different numbers of layers or a shape mismatch.
+    """
+    d, t = _as_list(dummy), _as_list(target)
+    _check_pairs(d, t)
+    return sum(((a - b) ** 2).sum() for a, b in zip(d, t))
+
+
+def cosine_gradient_distance(
+    dummy: "GradientList | OrderedDict[str, torch.Tensor]",
+    target: "GradientList | OrderedDict[str, torch.Tensor]",
+    eps: float = 1e-12,
+) -> torch.Tensor:
+    """Geiping et al. 2020, eq. 4: ``1 - <d, t> / (||d|| ||t||)`` with every layer concatenated into one vector.
+
+    As in their ``reconstruction_costs`` (cost_fn='sim', all layers, equal weights): the inner product and both norms
+    are summed over all layers before dividing. ``eps`` guards a zero norm.
+
+    Returns:
+        float scalar tensor in [0, 2] (differentiable w.r.t. ``dummy``).
+
+    Raises:
+        ValueError: different numbers of layers or a shape mismatch.
+    """
+    d, t = _as_list(dummy), _as_list(target)
+    _check_pairs(d, t)
+    dot = sum((a * b).sum() for a, b in zip(d, t))
+    dn = sum(a.pow(2).sum() for a in d)
+    tn = sum(b.pow(2).sum() for b in t)
+    return 1 - dot / (dn.sqrt() * tn.sqrt()).clamp_min(eps)
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Anisotropic L1 total variation as in Geiping et al.'s ``inversefed.metrics.total_variation``.
+
+    ``TV(x) = mean |x[..., :, 1:] - x[..., :, :-1]| + mean |x[..., 1:, :] - x[..., :-1, :]|`` (means over every
+    batch element, channel and pixel pair), so the value does not grow with image size or batch size.
+
+    Args:
+        x: float (..., H, W), typically (B, C, H, W) in [0, 1].
+
+    Returns:
+        float scalar tensor >= 0.
+    """
+    dw = (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+    dh = (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
+    return dw + dh
+
+
+def _check_pairs(d: list[torch.Tensor], t: list[torch.Tensor]) -> None:
+    if len(d) != len(t):
+        raise ValueError(f"gradient lists differ in length: {len(d)} dummy layers vs {len(t)} target layers")
+    for i, (a, b) in enumerate(zip(d, t)):
+        if a.shape != b.shape:
+            raise ValueError(f"gradient layer {i}: dummy shape {tuple(a.shape)} vs target shape {tuple(b.shape)}")
+
+
+def labels_from_counts(counts: torch.Tensor) -> torch.Tensor:
+    """Expand per-class counts (C,) that sum to B into B int64 labels, sorted by class (e.g. [0, 2, 1] -> [0, 2, 2]).
+
+    Raises:
+        ValueError: negative or non-integer counts.
+    """
+    c = counts.detach().cpu()
+    if (c < 0).any() or not torch.equal(c, c.round()):
+        raise ValueError(f"label counts must be non-negative integers, got {c.tolist()}")
+    return torch.repeat_interleave(torch.arange(c.numel()), c.long())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared machinery
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class SampleLevelAttack(GradientInversionAttack):
+    """Common part of the sample-level baselines: binding, frozen victim, dummy gradients, representative choice.
+
+    Subclasses create their dummy variables in ``_init_variables`` and implement ``configure_optimizers``,
+    ``training_step`` and ``result``.
+    """
+
+    def __init__(
+        self,
+        steps: int = 300,
+        label_strategy: str = "bias_corrected",
+        seed: int = 0,
+        log_images_every: int = 0,
+        log_prefix: str = "",
+    ) -> None:
+        super().__init__(steps, label_strategy, seed, log_images_every, log_prefix)
+        self.victim: Optional[torch.nn.Module] = None
+        self.batch_size: Optional[int] = None
+        self.image_shape: Optional[tuple[int, int, int]] = None
+        self.num_classes: Optional[int] = None
+        self.label_inference: Optional[LabelInference] = None
+        self._target_names: list[str] = []
+        self._steps_done = 0
+
+    # -- binding ---------------------------------------------------------------------------------------------------
+
+    def bind(self, view: ServerView, prior: Optional[Any] = None) -> "SampleLevelAttack":
+        """Take what the server sees; ``prior`` is ignored (these baselines have none).
+
+        Raises:
+            ValueError: ``view.batch_size`` is None (sample-level attacks reconstruct exactly B images).
+            TargetGradientError: the target gradient does not fit the victim or holds NaN/inf.
+        """
+        if view.batch_size is None:
+            raise ValueError(
+                f"{type(self).__name__} is a sample-level attack and needs the batch size B (it reconstructs B "
+                "images), but the server view has batch_size=None; use a threat model that reveals B, or the "
+                "user-level attack"
+            )
+        if view.batch_size < 1:
+            raise ValueError(f"view.batch_size must be >= 1, got {view.batch_size}")
+        check_target_gradient(view.victim, view.target_gradient)
+        self.victim = copy.deepcopy(view.victim).eval()
+        params = victim_parameters(self.victim)
+        for n in self._target_names:  # re-binding: drop the previous target
+            delattr(self, n)
+        self._target_names = []
+        for i, name in enumerate(params):
+            buf = f"_target_{i}"
+            self.register_buffer(buf, view.target_gradient[name].detach().float().clone(), persistent=False)
+            self._target_names.append(buf)
+        self.batch_size = int(view.batch_size)
+        self.image_shape = tuple(int(s) for s in view.image_shape)
+        self.num_classes = int(view.num_classes)
+        self.history = {}
+        self._steps_done = 0
+        self._init_variables(view)
+        return self
+
+    def _init_variables(self, view: ServerView) -> None:
+        raise NotImplementedError
+
+    def _require_bound(self) -> None:
+        if self.victim is None:
+            raise RuntimeError(f"{type(self).__name__}: call bind(view) before fitting or asking for the result")
+
+    def train(self, mode: bool = True) -> "SampleLevelAttack":
+        """Lightning switches the module to train mode at fit start; the victim always stays in eval mode."""
+        super().train(mode)
+        if self.victim is not None:
+            self.victim.eval()
+        return self
+
+    def _init_pixels(self, *leading: int) -> torch.Tensor:
+        """Seeded initial pixels, float32 (*leading, C, H, W) ~ N(0.5, 0.5^2).
+
+        This is DLG's / Geiping's ``randn`` initialisation in the normalised space of the default
+        ``Normalize(0.5, 0.5)`` (:mod:`lightning_modules.classifier`), expressed in [0, 1] pixel units.
+        """
+        gen = torch.Generator().manual_seed(self.seed)
+        return 0.5 + 0.5 * torch.randn(*leading, *self.image_shape, generator=gen)
+
+    # -- gradients -------------------------------------------------------------------------------------------------
+
+    def targets(self) -> list[torch.Tensor]:
+        """The target gradient as a list of float32 tensors (victim parameter order), on the module's device."""
+        return [getattr(self, n) for n in self._target_names]
+
+    def dummy_gradient(self, x: torch.Tensor, y: torch.Tensor, create_graph: bool = True) -> list[torch.Tensor]:
+        """``grad_w CE(f_w(x), y)`` (mean over the batch) w.r.t. the frozen victim's parameters.
+
+        Args:
+            x: float (n, C, H, W) dummy pixels. y: int64 (n,) hard labels or float (n, num_classes) probabilities.
+            create_graph: keep the graph so that a distance of this gradient can be differentiated w.r.t. ``x``.
+
+        Returns:
+            list of float tensors, parameter shapes (a parameter that does not influence the output gets zeros).
+        """
+        params = list(victim_parameters(self.victim).values())
+        with torch.enable_grad():
+            loss = F.cross_entropy(self.victim(x), y)
+            grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+    def _check_finite(self, loss: torch.Tensor, step: int, what: str = "gradient loss") -> None:
+        if not torch.isfinite(loss).all():
+            raise AttackDivergedError(step, what)
+
+    @torch.no_grad()
+    def image_scores(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Cosine gradient distance of each image's own single-image gradient to the target.
+
+        Args:
+            x: float (B, C, H, W) in [0, 1]; y: int64 (B,) or float (B, num_classes) probabilities.
+
+        Returns:
+            float32 (B,) distances in [0, 2] (lower: the image explains the update better).
+        """
+        tg = self.targets()
+        scores = []
+        for i in range(x.shape[0]):
+            g = self.dummy_gradient(x[i : i + 1], y[i : i + 1], create_graph=False)
+            scores.append(float(cosine_gradient_distance([a.detach() for a in g], tg)))
+        return torch.tensor(scores, dtype=torch.float32)
+
+    def _maybe_log_images(self, x: torch.Tensor, step: int) -> None:
+        if self.log_images_every and step % self.log_images_every == 0 and self.logger is not None:
+            log_image_grid(self.logger, f"{self.log_prefix}reconstruction", x.detach().clamp(0, 1), step=step)
+
+    def _finish(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        labels: LabelInference,
+        extras: Optional[dict] = None,
+    ) -> AttackResult:
+        """Package B reconstructions x (B, C, H, W) (clamped to [0, 1]) into an :class:`AttackResult`."""
+        x = x.detach().float().clamp(0, 1)
+        scores = self.image_scores(x, y)
+        best = int(torch.argmin(scores))
+        hard = y if y.dim() == 1 else y.argmax(dim=1)
+        ex = {"image_scores": scores.tolist(), "representative_index": best, "image_labels": hard.detach().cpu()}
+        ex.update(extras or {})
+        return AttackResult(
+            representative=x[best : best + 1].cpu(),
+            reconstructions=x.cpu(),
+            denoised=None,
+            labels=labels,
+            steps=self._steps_done,
+            history={k: list(v) for k, v in self.history.items()},
+            extras=ex,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DLG / iDLG
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class DLG(SampleLevelAttack):
+    """Deep Leakage from Gradients (Zhu et al. 2019, Alg. 1).
+
+    Variables: dummy pixels x' float32 (B, C, H, W), free (no box; initialised N(0.5, 0.5^2), see ``_init_pixels``),
+    and, with ``label_strategy='optimize'``, dummy label logits float32 (B, num_classes) ~ N(0, 1) whose softmax is
+    the soft label y'. Objective ``sum_l ||grad_l CE(f(x'), y') - g_l||^2`` (:func:`l2_gradient_distance`), minimised
+    by ``torch.optim.LBFGS`` with a closure; each Trainer step is one ``LBFGS.step`` (up to ``max_iter`` inner
+    iterations). With any other ``label_strategy`` (see :mod:`inversion.label_inference`) the labels are inferred and
+    fixed (B labels expanded from the inferred counts) and only x' is optimised.
+
+    Args:
+        steps: L-BFGS ``step`` calls (Trainer steps). DLG ran 300 iterations of L-BFGS.
+        lr: L-BFGS learning rate (DLG: 1).
+        max_iter, history_size: L-BFGS inner iterations per step and memory (torch defaults 20 and 100, as in DLG's
+            code, which used the defaults).
+        line_search_fn: None (DLG's code) or 'strong_wolfe' (more robust on deep nets).
+        label_strategy: 'optimize' (DLG's soft labels) or a label-inference strategy.
+        seed, log_images_every, log_prefix: see :class:`GradientInversionAttack`.
+
+    Raises at step time:
+        AttackDivergedError: the gradient loss (or a pixel) becomes NaN/inf (L-BFGS without line search can blow up).
+    """
+
+    def __init__(
+        self,
+        steps: int = 300,
+        lr: float = 1.0,
+        max_iter: int = 20,
+        history_size: int = 100,
+        line_search_fn: Optional[str] = None,
+        label_strategy: str = "optimize",
+        seed: int = 0,
+        log_images_every: int = 0,
+        log_prefix: str = "",
+    ) -> None:
+        super().__init__(steps, label_strategy, seed, log_images_every, log_prefix)
+        if lr <= 0 or max_iter < 1 or history_size < 1:
+            raise ValueError(
+                f"DLG needs lr > 0, max_iter >= 1, history_size >= 1; got {lr}, {max_iter}, {history_size}"
+            )
+        if line_search_fn not in (None, "strong_wolfe"):
+            raise ValueError(f"line_search_fn must be None or 'strong_wolfe', got {line_search_fn!r}")
+        self.lr = lr
+        self.max_iter = max_iter
+        self.history_size = history_size
+        self.line_search_fn = line_search_fn
+        self.x: Optional[torch.nn.Parameter] = None
+        self.label_logits: Optional[torch.nn.Parameter] = None
+
+    @property
+    def optimizes_labels(self) -> bool:
+        return self.label_strategy == "optimize"
+
+    def _init_variables(self, view: ServerView) -> None:
+        B = self.batch_size
+        self.x = torch.nn.Parameter(self._init_pixels(B))
+        if self.optimizes_labels:
+            gen = torch.Generator().manual_seed(self.seed + 1)
+            self.label_logits = torch.nn.Parameter(torch.randn(B, self.num_classes, generator=gen))
+            self.label_inference = None
+            self.register_buffer("fixed_labels", None, persistent=False)
+        else:
+            self.label_logits = None
+            self.label_inference = infer_labels(
+                view.target_gradient, self.num_classes, B, self.label_strategy, known_labels=view.labels
+            )
+            y = view.labels.long().cpu() if self.label_strategy == "known" else labels_from_counts(
+                self.label_inference.counts
+            )
+            if y.numel() != B:
+                raise ValueError(f"label inference gave {y.numel()} labels for a batch of B = {B}")
+            self.register_buffer("fixed_labels", y.clone(), persistent=False)
+
+    def dummy_variables(self) -> list[torch.nn.Parameter]:
+        return [self.x] + ([self.label_logits] if self.optimizes_labels else [])
+
+    def current_labels(self) -> torch.Tensor:
+        """float (B, num_classes) soft labels (DLG) or int64 (B,) fixed labels."""
+        return F.softmax(self.label_logits, dim=-1) if self.optimizes_labels else self.fixed_labels
+
+    def configure_optimizers(self):
+        self._require_bound()
+        return torch.optim.LBFGS(
+            self.dummy_variables(),
+            lr=self.lr,
+            max_iter=self.max_iter,
+            history_size=self.history_size,
+            line_search_fn=self.line_search_fn,
+        )
+
+    def training_step(self, batch, batch_idx):
+        self._require_bound()
+        step = int(batch_idx)
+        opt = self.optimizers()
+        tg = self.targets()
+        last = {}
+
+        def closure():
+            opt.zero_grad()
+            g = self.dummy_gradient(self.x, self.current_labels(), create_graph=True)
+            loss = l2_gradient_distance(g, tg)
+            self._check_finite(loss, step)
+            self.manual_backward(loss, inputs=self.dummy_variables())
+            last["loss"] = loss.detach()
+            return loss
+
+        opt.step(closure=closure)
+        self._check_finite(self.x.detach(), step, "image")
+        self._steps_done += 1
+        self.record({"grad_loss": float(last["loss"])}, prog_bar=("grad_loss",))
+        self._maybe_log_images(self.x, step)
+
+    def result(self) -> AttackResult:
+        """B reconstructions clamped to [0, 1]; labels: the inferred ones, or (DLG) the argmax of the soft labels.
+
+        ``extras``: 'image_scores' (B,), 'representative_index', 'image_labels' int64 (B,), and for DLG
+        'soft_labels' float32 (B, num_classes).
+        """
+        self._require_bound()
+        y = self.current_labels().detach()
+        extras = {}
+        if self.optimizes_labels:
+            hard = y.argmax(dim=1).cpu()
+            counts = torch.bincount(hard, minlength=self.num_classes).float()
+            labels = LabelInference(counts, counts > 0, int(counts.argmax()), "dlg")
+            extras["soft_labels"] = y.cpu()
+        else:
+            labels = self.label_inference
+        return self._finish(self.x, y, labels, extras)
+
+
+class iDLG(DLG):
+    """Improved DLG (Zhao et al. 2020): DLG for a single image with the analytically extracted label.
+
+    For B = 1 the last layer's bias gradient is ``p - onehot(y)``, negative only at the true class, so the label is
+    exact (``label_strategy='idlg'``; 'known' is also accepted) and L-BFGS optimises the image alone with
+    :func:`l2_gradient_distance`. Arguments as :class:`DLG`.
+
+    Raises (at bind):
+        ValueError: ``view.batch_size`` is not 1 (or None), or ``label_strategy`` is not 'idlg'/'known'.
+    """
+
+    def __init__(
+        self,
+        steps: int = 300,
+        lr: float = 1.0,
+        max_iter: int = 20,
+        history_size: int = 100,
+        line_search_fn: Optional[str] = None,
+        label_strategy: str = "idlg",
+        seed: int = 0,
+        log_images_every: int = 0,
+        log_prefix: str = "",
+    ) -> None:
+        if label_strategy not in ("idlg", "known"):
+            raise ValueError(f"iDLG reads the label analytically: label_strategy must be 'idlg' or 'known', got "
+                             f"{label_strategy!r}")
+        super().__init__(steps, lr, max_iter, history_size, line_search_fn, label_strategy, seed, log_images_every,
+                         log_prefix)
+
+    def bind(self, view: ServerView, prior: Optional[Any] = None) -> "iDLG":
+        if view.batch_size is not None and view.batch_size != 1:
+            raise ValueError(f"iDLG is defined for a single image (B = 1), got batch_size={view.batch_size}; use DLG "
+                             "or InvertingGradients for B > 1")
+        return super().bind(view, prior)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inverting Gradients
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class InvertingGradients(SampleLevelAttack):
+    """Inverting Gradients (Geiping et al. 2020, eq. 4), as in their ``inversefed.GradientReconstructor``.
+
+    Variables: R restarts of B dummy images, float32 (R, B, C, H, W), initialised N(0.5, 0.5^2) (seeded) and clamped
+    to [0, 1]. Per restart r the loss is ``cosine_gradient_distance(grad CE(f(x_r), y), g) + tv_weight * TV(x_r)``;
+    the restarts are independent (one backward each, per-element Adam), so one optimiser over all of them equals R
+    separate runs. After backward the gradient is replaced by its sign (``signed``), Adam steps, the learning rate
+    decays by 0.1 at 3/8, 5/8 and 7/8 of the steps (``lr_decay``) and the pixels are clamped to [0, 1] (``boxed``).
+    Labels y: int64 (B,) expanded from the counts of :func:`inversion.label_inference.infer_labels` (or the known
+    labels). At the end the restart with the lowest gradient loss (without TV) at its final pixels is kept.
+
+    Args:
+        steps: Adam steps (Geiping: 4800 to 24000 on CIFAR/ImageNet).
+        lr: Adam learning rate (inversefed: 0.1; it acts on normalised pixels there, on [0, 1] pixels here).
+        tv_weight: weight of :func:`total_variation` (inversefed's default config: 1e-1 on normalised pixels; tune
+            per dataset).
+        restarts: R independent initialisations (inversefed: 1 by default, up to 8 in their experiments).
+        signed, boxed, lr_decay: Geiping's switches, all on by default.
+        label_strategy, seed, log_images_every, log_prefix: see :class:`GradientInversionAttack`.
+
+    Raises at step time:
+        AttackDivergedError: a restart's loss is NaN/inf.
+    """
+
+    def __init__(
+        self,
+        steps: int = 4800,
+        lr: float = 0.1,
+        tv_weight: float = 1e-2,
+        restarts: int = 4,
+        signed: bool = True,
+        boxed: bool = True,
+        lr_decay: bool = True,
+        label_strategy: str = "bias_corrected",
+        seed: int = 0,
+        log_images_every: int = 0,
+        log_prefix: str = "",
+    ) -> None:
+        super().__init__(steps, label_strategy, seed, log_images_every, log_prefix)
+        if lr <= 0:
+            raise ValueError(f"InvertingGradients lr must be > 0, got {lr}")
+        if tv_weight < 0:
+            raise ValueError(f"InvertingGradients tv_weight must be >= 0, got {tv_weight}")
+        if restarts < 1:
+            raise ValueError(f"InvertingGradients restarts must be >= 1, got {restarts}")
+        self.lr = lr
+        self.tv_weight = tv_weight
+        self.restarts = restarts
+        self.signed = signed
+        self.boxed = boxed
+        self.lr_decay = lr_decay
+        self.x: Optional[torch.nn.Parameter] = None
+
+    def _init_variables(self, view: ServerView) -> None:
+        B = self.batch_size
+        self.label_inference = infer_labels(
+            view.target_gradient, self.num_classes, B, self.label_strategy, known_labels=view.labels
+        )
+        if self.label_strategy == "known":
+            y = view.labels.long().cpu()
+        else:
+            y = labels_from_counts(self.label_inference.counts)
+        if y.numel() != B:
+            raise ValueError(f"label inference gave {y.numel()} labels for a batch of B = {B}")
+        self.register_buffer("fixed_labels", y.clone(), persistent=False)
+        x = self._init_pixels(self.restarts, B)
+        self.x = torch.nn.Parameter(x.clamp(0, 1) if self.boxed else x)
+
+    def milestones(self) -> list[int]:
+        """Steps at which the lr is multiplied by 0.1: 3/8, 5/8 and 7/8 of ``steps`` (inversefed's schedule)."""
+        return [int(self.steps * 3 / 8), int(self.steps * 5 / 8), int(self.steps * 7 / 8)]
+
+    def configure_optimizers(self):
+        self._require_bound()
+        opt = torch.optim.Adam([self.x], lr=self.lr)
+        if not self.lr_decay:
+            return opt
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=self.milestones(), gamma=0.1)
+        return [opt], [sched]
+
+    def restart_loss(self, r: int, create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cosine gradient loss, TV) of restart r at the current pixels; scalars."""
+        g = self.dummy_gradient(self.x[r], self.fixed_labels, create_graph=create_graph)
+        return cosine_gradient_distance(g, self.targets()), total_variation(self.x[r])
+
+    def training_step(self, batch, batch_idx):
+        self._require_bound()
+        step = int(batch_idx)
+        opt = self.optimizers()
+        opt.zero_grad()
+        grad_losses, tvs = [], []
+        for r in range(self.restarts):
+            gl, tv = self.restart_loss(r, create_graph=True)
+            loss = gl + self.tv_weight * tv
+            self._check_finite(loss, step)
+            self.manual_backward(loss, inputs=[self.x])  # one graph at a time; x.grad accumulates per restart slice
+            grad_losses.append(float(gl.detach()))
+            tvs.append(float(tv.detach()))
+        if self.signed:
+            self.x.grad.sign_()
+        lr = opt.param_groups[0]["lr"]  # the lr of this step (before the scheduler moves it)
+        opt.step()
+        if self.lr_decay:
+            self.lr_schedulers().step()
+        with torch.no_grad():
+            if self.boxed:
+                self.x.clamp_(0, 1)
+        self._check_finite(self.x.detach(), step, "image")
+        self._steps_done += 1
+        best = min(range(self.restarts), key=lambda i: grad_losses[i])
+        self.record(
+            {"grad_loss": grad_losses[best], "tv": tvs[best], "lr": lr}, prog_bar=("grad_loss",)
+        )
+        self._maybe_log_images(self.x[best], step)
+
+    def result(self) -> AttackResult:
+        """The best restart's B images in [0, 1] (lowest final cosine gradient loss, TV excluded).
+
+        ``extras``: 'restart_grad_loss' (R,), 'best_restart', 'image_scores' (B,), 'representative_index',
+        'image_labels' int64 (B,).
+        """
+        self._require_bound()
+        with torch.enable_grad():
+            finals = [float(self.restart_loss(r, create_graph=False)[0]) for r in range(self.restarts)]
+        finals_t = torch.tensor(finals)
+        if not torch.isfinite(finals_t).all():
+            raise AttackDivergedError(self._steps_done, "final gradient loss")
+        best = int(torch.argmin(finals_t))
+        extras = {"restart_grad_loss": finals, "best_restart": best}
+        return self._finish(self.x[best], self.fixed_labels, self.label_inference, extras)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registry
+# ----------------------------------------------------------------------------------------------------------------
+
+ATTACKS: dict[str, str] = {
+    "user_level": "lightning_modules.user_level_inversion.UserLevelInversion",
+    "dlg": "lightning_modules.baselines.DLG",
+    "idlg": "lightning_modules.baselines.iDLG",
+    "inverting_gradients": "lightning_modules.baselines.InvertingGradients",
+}
+
+
+def resolve_attack(name: str) -> type:
+    """The attack class registered under ``name`` in :data:`ATTACKS`, imported lazily.
+
+    Raises:
+        ValueError: unknown name (the message lists the choices).
+        ImportError: the registered module or class cannot be imported (the message names the import path).
+    """
+    if name not in ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; choose one of {sorted(ATTACKS)}")
+    path = ATTACKS[name]
+    module_name, cls_name = path.rsplit(".", 1)
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError) as exc:
+        raise ImportError(f"attack {name!r} is registered as {path}, which cannot be imported: {exc}") from exc
+    return cls

@@ -1,0 +1,166 @@
+"""Client-side defenses: each changes an update exactly as documented; composition, seeding, validation."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+
+from inversion.defenses import (
+    DEFENSES,
+    Clip,
+    Compose,
+    GaussianDP,
+    Quantize,
+    SignCompression,
+    TopKPruning,
+    build_defenses,
+    global_l2_norm,
+)
+
+
+def update(seed: int = 0, scale: float = 1.0) -> "OrderedDict[str, torch.Tensor]":
+    g = torch.Generator().manual_seed(seed)
+    return OrderedDict(
+        [
+            ("conv.weight", scale * torch.randn(4, 1, 3, 3, generator=g)),
+            ("conv.bias", scale * torch.randn(4, generator=g)),
+            ("fc.weight", scale * torch.randn(10, 37, generator=g)),
+        ]
+    )
+
+
+def test_clip_exact_norm_and_no_op_below():
+    u = update(scale=3.0)
+    assert float(global_l2_norm(u)) > 1.0
+    out = Clip(1.0)(u)
+    assert float(global_l2_norm(out)) == pytest.approx(1.0, rel=1e-6)
+    ratio = u["fc.weight"] / out["fc.weight"]
+    assert torch.allclose(ratio, ratio.flatten()[0].expand_as(ratio))  # one global scale, direction kept
+    small = Clip(1e6)(u)
+    for n in u:
+        assert torch.equal(small[n], u[n])
+    assert float(global_l2_norm(update(scale=3.0))) == float(global_l2_norm(u))  # input untouched
+
+
+def test_gaussian_dp_clips_then_adds_noise_with_exact_statistics():
+    # zero update: clipping is a no-op, the output is the noise alone; 200k coordinates
+    zero = OrderedDict([("a", torch.zeros(100_000)), ("b", torch.zeros(500, 200))])
+    dp = GaussianDP(clip_norm=2.0, noise_multiplier=0.5, seed=7)
+    noise = torch.cat([t.flatten() for t in dp(zero).values()])
+    std = 0.5 * 2.0
+    assert noise.mean().item() == pytest.approx(0.0, abs=4 * std / noise.numel() ** 0.5)
+    assert noise.std().item() == pytest.approx(std, rel=0.01)
+    # seeded: same input -> same noise; another seed -> other noise
+    again = torch.cat([t.flatten() for t in GaussianDP(2.0, 0.5, seed=7)(zero).values()])
+    other = torch.cat([t.flatten() for t in GaussianDP(2.0, 0.5, seed=8)(zero).values()])
+    assert torch.equal(noise, again) and not torch.equal(noise, other)
+    # sigma = 0 is exactly clipping; sigma alias
+    u = update(scale=3.0)
+    for n, t in GaussianDP(1.0, sigma=0.0)(u).items():
+        assert torch.equal(t, Clip(1.0)(u)[n])
+    # noisy output = clipped + noise drawn from the same seed
+    noisy = GaussianDP(1.0, noise_multiplier=0.1, seed=3)(u)
+    pure = GaussianDP(1.0, noise_multiplier=0.1, seed=3)(OrderedDict((n, torch.zeros_like(t)) for n, t in u.items()))
+    clipped = Clip(1.0)(u)
+    for n in u:
+        assert torch.allclose(noisy[n], clipped[n] + pure[n], atol=1e-6)
+
+
+def test_topk_pruning_exact_count_and_largest_kept():
+    u = update()
+    out = TopKPruning(0.25)(u)
+    for n, t in u.items():
+        k = max(1, round(0.25 * t.numel()))
+        kept = out[n] != 0
+        assert int(kept.sum()) == k, n
+        assert torch.equal(out[n][kept], t[kept])  # kept entries unchanged
+        assert t[kept].abs().min() >= t[~kept].abs().max()  # largest magnitudes per tensor
+    for n, t in TopKPruning(1.0)(u).items():
+        assert torch.equal(t, u[n])
+    assert int((TopKPruning(1e-6)(u)["conv.bias"] != 0).sum()) == 1  # at least one entry per tensor
+
+
+def test_quantize_levels_error_and_stochastic_unbiased():
+    b = torch.randn(50, generator=torch.Generator().manual_seed(1))
+    u = OrderedDict([("w", torch.linspace(-1.0, 3.0, 1001)), ("b", b)])
+    for levels in (2, 5, 16):
+        out = Quantize(levels)(u)
+        assert out["w"].unique().numel() == levels
+        assert out["b"].unique().numel() <= levels
+        step = 4.0 / (levels - 1)
+        assert (out["w"] - u["w"]).abs().max().item() <= step / 2 + 1e-6
+        assert out["w"].min().item() == pytest.approx(-1.0) and out["w"].max().item() == pytest.approx(3.0)
+    # stochastic rounding on the grid {0, 1}: 0.3 -> 1 with probability 0.3 (unbiased)
+    v = OrderedDict([("x", torch.cat([torch.tensor([0.0, 1.0]), torch.full((20_000,), 0.3)]))])
+    q = Quantize(2, stochastic=True, seed=0)(v)["x"]
+    assert set(q.unique().tolist()) <= {0.0, 1.0}
+    assert q[2:].mean().item() == pytest.approx(0.3, abs=0.01)
+    assert torch.equal(q, Quantize(2, stochastic=True, seed=0)(v)["x"])
+    const = OrderedDict([("c", torch.full((5,), 0.7))])
+    assert torch.equal(Quantize(4)(const)["c"], const["c"])
+
+
+def test_sign_compression():
+    u = update()
+    u["conv.bias"][0] = 0.0
+    out = SignCompression()(u)
+    for n, t in u.items():
+        m = t.abs().mean()
+        assert torch.allclose(out[n], torch.sign(t) * m)
+        nonzero = out[n][t != 0]
+        assert torch.allclose(nonzero.abs(), m.expand_as(nonzero))  # only +-mean|u| (and 0 where u = 0)
+    assert out["conv.bias"][0] == 0.0
+
+
+def test_compose_order_and_identity():
+    u = update(scale=3.0)
+    clip, sign = Clip(1.0), SignCompression()
+    a = Compose([clip, sign])(u)
+    b = Compose([sign, clip])(u)
+    for n in u:
+        assert torch.allclose(a[n], sign(clip(u))[n])
+        assert torch.allclose(b[n], clip(sign(u))[n])
+    assert float(global_l2_norm(b)) == pytest.approx(1.0, rel=1e-6)
+    assert float(global_l2_norm(a)) != pytest.approx(1.0, rel=1e-3)  # sign after clip changes the norm
+    ident = Compose([])(u)
+    for n in u:
+        assert torch.equal(ident[n], u[n])
+
+
+def test_build_defenses_from_config():
+    chain = build_defenses(
+        [{"name": "clip", "clip_norm": 1.0}, {"name": "topk_pruning", "keep_fraction": 0.5},
+         {"name": "gaussian_dp", "clip_norm": 1.0, "sigma": 0.0}]
+    )
+    assert [type(d) for d in chain.defenses] == [Clip, TopKPruning, GaussianDP]
+    assert len(build_defenses(None)) == 0 and len(build_defenses([])) == 0
+    assert set(DEFENSES) == {"clip", "gaussian_dp", "topk_pruning", "quantize", "sign_compression"}
+    with pytest.raises(ValueError, match=r"defenses\[1\].*unknown defense name 'dp'.*gaussian_dp"):
+        build_defenses([{"name": "clip", "clip_norm": 1.0}, {"name": "dp"}])
+    with pytest.raises(ValueError, match="unknown parameter.*'norm'.*clip_norm"):
+        build_defenses([{"name": "clip", "norm": 1.0}])
+    with pytest.raises(ValueError, match="name"):
+        build_defenses([{"clip_norm": 1.0}])
+
+
+@pytest.mark.parametrize(
+    "make, pattern",
+    [
+        (lambda: GaussianDP(clip_norm=1.0, noise_multiplier=-0.1), r"noise_multiplier \(sigma\) must be >= 0"),
+        (lambda: GaussianDP(clip_norm=0.0, noise_multiplier=0.1), r"clip_norm must be > 0"),
+        (lambda: GaussianDP(clip_norm=1.0), r"noise_multiplier.*required"),
+        (lambda: GaussianDP(clip_norm=1.0, noise_multiplier=0.1, sigma=0.2), r"disagree"),
+        (lambda: Clip(-1.0), r"clip_norm must be > 0"),
+        (lambda: TopKPruning(0.0), r"keep_fraction must be in \(0, 1\]"),
+        (lambda: TopKPruning(1.5), r"keep_fraction must be in \(0, 1\]"),
+        (lambda: Quantize(1), r"levels must be an integer >= 2"),
+        (lambda: Quantize(2.5), r"levels must be an integer >= 2"),
+        (lambda: Clip(float("nan")), r"clip_norm must be a finite number"),
+        (lambda: build_defenses([{"name": "quantize", "levels": 1}]), r"levels must be an integer >= 2"),
+    ],
+)
+def test_validation_errors(make, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        make()

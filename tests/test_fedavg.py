@@ -1,0 +1,118 @@
+"""FedAvg client update: one local step equals FedSGD, multi-step SGD replicated by hand, seeded shuffling, errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from inversion.fedavg import fedavg_client_update, fedavg_pseudo_gradient, local_steps_for
+from inversion.scenario import check_target_gradient, fedsgd_gradient, make_server_view, victim_parameters
+
+
+def bn_convnet(seed: int = 0) -> nn.Module:
+    """Normalize-free conv net with BatchNorm and dropout on 1x8x8 images (eval mode must freeze both)."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Dropout(0.5), nn.Linear(256, 4)
+    )
+    net[1].running_mean.uniform_(-0.2, 0.2)
+    net[1].running_var.uniform_(0.5, 1.5)
+    return net
+
+
+def batch(n: int = 5, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def test_local_steps_for():
+    assert local_steps_for(10, 2, 3) == 8
+    assert local_steps_for(10, 1, 10) == 1
+    assert local_steps_for(4, 3, 100) == 3  # local batch above B: one full-batch step per epoch
+    for args in ((0, 1, 1), (4, 0, 1), (4, 1, 0)):
+        with pytest.raises(ValueError, match="must be an integer >= 1"):
+            local_steps_for(*args)
+
+
+def test_single_step_equals_fedsgd():
+    x, y = batch(5)
+    victim = bn_convnet()
+    victim.train()  # the client switches to eval itself
+    before = copy.deepcopy(victim.state_dict())
+    up = fedavg_client_update(victim, x, y, epochs=1, local_lr=0.5, local_batch_size=5)
+    g = fedsgd_gradient(victim, x, y)
+    assert up.local_steps == 1 and list(up.pseudo_gradient) == list(g)
+    for n in g:
+        assert torch.allclose(up.pseudo_gradient[n], g[n], rtol=1e-4, atol=1e-6), n
+        assert torch.allclose(up.delta[n], 0.5 * g[n], rtol=1e-4, atol=1e-7), n
+    for k, v in victim.state_dict().items():  # caller's model untouched, BN running stats included
+        assert torch.equal(v, before[k])
+    assert victim.training
+    # the pseudo-gradient is a valid target for the server view
+    check_target_gradient(victim, up.pseudo_gradient)
+    view = make_server_view(victim, x, y, num_classes=4, gradient=up.pseudo_gradient)
+    view.meta.update(up.meta)
+    assert view.meta["local_steps"] == 1
+
+
+def test_multi_step_matches_manual_sgd_and_pseudo_gradient():
+    x, y = batch(5)
+    victim = bn_convnet().eval()
+    up = fedavg_client_update(victim, x, y, epochs=2, local_lr=0.1, local_batch_size=2)
+    assert up.local_steps == local_steps_for(5, 2, 2) == 6 and len(up.losses) == 6
+    model = copy.deepcopy(victim).eval()
+    params = victim_parameters(model)
+    w0 = {n: p.detach().clone() for n, p in params.items()}
+    for _ in range(2):
+        for s in (slice(0, 2), slice(2, 4), slice(4, 5)):  # deterministic order, last mini-batch smaller
+            grads = torch.autograd.grad(F.cross_entropy(model(x[s]), y[s]), list(params.values()))
+            with torch.no_grad():
+                for p, gr in zip(params.values(), grads):
+                    p.sub_(0.1 * gr)
+    for n, p in params.items():
+        assert torch.allclose(up.delta[n], w0[n] - p.detach(), atol=1e-6), n
+        assert torch.allclose(up.pseudo_gradient[n], up.delta[n] / (0.1 * 6), atol=1e-6)
+    pg = fedavg_pseudo_gradient(up.delta, 0.1, 6)
+    for n in pg:
+        assert torch.allclose(pg[n], up.pseudo_gradient[n])
+
+
+def test_seeded_shuffle():
+    x, y = batch(6, seed=1)
+    victim = bn_convnet().eval()
+    a = fedavg_client_update(victim, x, y, epochs=1, local_lr=0.2, local_batch_size=1, shuffle=True, seed=3)
+    b = fedavg_client_update(victim, x, y, epochs=1, local_lr=0.2, local_batch_size=1, shuffle=True, seed=3)
+    c = fedavg_client_update(victim, x, y, epochs=1, local_lr=0.2, local_batch_size=1, shuffle=True, seed=4)
+    assert all(torch.equal(a.delta[n], b.delta[n]) for n in a.delta)
+    assert a.losses != c.losses  # another permutation visits the images in another order
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        (dict(epochs=0), "epochs must be an integer >= 1"),
+        (dict(local_batch_size=0), "local_batch_size must be an integer >= 1"),
+        (dict(local_lr=0.0), "local_lr must be a finite number > 0"),
+        (dict(local_lr=float("inf")), "local_lr must be a finite number > 0"),
+    ],
+)
+def test_invalid_settings_raise_before_work(kwargs, pattern):
+    x, y = batch(3)
+    with pytest.raises(ValueError, match=pattern):
+        fedavg_client_update(bn_convnet(), x, y, **kwargs)
+
+
+def test_empty_batch_and_bad_pseudo_gradient_args():
+    x, y = batch(3)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        fedavg_client_update(bn_convnet(), x[:0], y[:0])
+    with pytest.raises(ValueError, match="labels"):
+        fedavg_client_update(bn_convnet(), x, y[:2])
+    with pytest.raises(ValueError, match="local_steps"):
+        fedavg_pseudo_gradient({"w": torch.ones(2)}, 0.1, 0)
+    with pytest.raises(ValueError, match="local_lr"):
+        fedavg_pseudo_gradient({"w": torch.ones(2)}, -0.1, 1)
