@@ -1,0 +1,455 @@
+"""Run a gradient inversion attack on many FL users and evaluate it: the project's main job.
+
+    python attack.py --config configs/attack/fashion_mnist.yaml
+    python attack.py --config configs/attack/fashion_mnist.yaml --users.init_args.batch_size 50 --attack.init_args.steps 200
+
+Config groups: ``users`` (who the clients are), ``victim`` (the global model), ``prior`` (the DDPM), ``threat``
+(protocol, what the server learns, client-side defenses), ``attack`` (the method, by class_path), ``evaluation``,
+``trainer`` (Lightning Trainer options), ``logger`` and ``output``. Each run writes a NEW directory
+``<output.root>/<output.name>-<timestamp>-<id>/`` (never overwriting) with ``config.yaml``, ``results.csv``,
+``summary.json`` and per-user images; every file is written to a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import secrets
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+os.environ.setdefault("WANDB_MODE", "offline")
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace  # noqa: E402
+
+from datamodules.users import User, UserSource  # noqa: E402
+from lightning_modules.base_attack import AttackDivergedError, AttackResult, GradientInversionAttack  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------------ config groups
+@dataclass
+class VictimSpec:
+    """The victim (global model). ``checkpoint``: folder with model.safetensors + config.json. ``random_init``: use
+    the architecture of that checkpoint at a random initialisation (seed ``init_seed``) instead of its weights."""
+
+    checkpoint: str = "checkpoints/fashion_mnist/victim_resnet18"
+    random_init: bool = False
+    init_seed: int = 0
+
+
+@dataclass
+class PriorSpec:
+    """The DDPM prior: a diffusers DDPM folder (e.g. from train.py) or a hub id such as google/ddpm-cifar10-32."""
+
+    path: Optional[str] = "checkpoints/fashion_mnist/ddpm_32"
+
+
+@dataclass
+class ThreatSpec:
+    """What the client sends and what the server learns.
+
+    protocol: 'fedsgd' (one gradient) or 'fedavg' (E local epochs: the server sees the weight difference and the
+    attack uses the pseudo-gradient delta / (lr * local steps)). reveal_batch_size: the server learns B.
+    known_labels: the server is given the labels. defenses: client-side defenses, e.g.
+    ``[{name: gaussian_dp, clip_norm: 1.0, sigma: 0.01}]`` (see inversion/defenses.py).
+    """
+
+    protocol: str = "fedsgd"
+    fedavg_epochs: int = 1
+    fedavg_lr: float = 0.01
+    fedavg_batch_size: int = 0
+    reveal_batch_size: bool = True
+    known_labels: bool = False
+    defenses: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class EvaluationSpec:
+    """Evaluation (ground truth reaches only this stage). evaluator: an independent classifier folder (or null).
+    lpips: compute LPIPS (needs the offline AlexNet weights: scripts/setup_offline_assets.sh)."""
+
+    evaluator: Optional[str] = "checkpoints/fashion_mnist/evaluator_convnet"
+    lpips: bool = False
+
+
+@dataclass
+class LoggerSpec:
+    """Experiment tracking. backend: 'wandb' (offline unless mode 'online'), 'csv' or 'none'."""
+
+    backend: str = "wandb"
+    project: str = "gradinv-diffusion"
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    mode: str = "offline"
+
+
+@dataclass
+class OutputSpec:
+    """Run directories are created as ``root/name-YYYYmmdd-HHMMSS-<hex>``; never reused."""
+
+    root: str = "runs"
+    name: str = "attack"
+
+
+TRAINER_SKIP = {
+    "logger", "callbacks", "max_steps", "max_epochs", "min_steps", "min_epochs", "max_time", "enable_checkpointing",
+    "default_root_dir", "limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches",
+    "val_check_interval", "check_val_every_n_epoch", "num_sanity_val_steps", "fast_dev_run", "overfit_batches",
+    "accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm", "reload_dataloaders_every_n_epochs",
+    "use_distributed_sampler", "enable_autolog_hparams", "model_registry", "plugins", "profiler", "barebones",
+    "inference_mode", "detect_anomaly", "sync_batchnorm",
+}
+
+
+def build_parser() -> ArgumentParser:
+    from lightning import Trainer
+
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], default_env=False, exit_on_error=True)
+    p.add_argument("--config", action=ActionConfigFile, help="One YAML per experiment (configs/attack/*.yaml).")
+    p.add_subclass_arguments(UserSource, "users", required=True, help="Who the FL users are.")
+    p.add_dataclass_arguments(VictimSpec, "victim")
+    p.add_dataclass_arguments(PriorSpec, "prior")
+    p.add_dataclass_arguments(ThreatSpec, "threat")
+    p.add_subclass_arguments(GradientInversionAttack, "attack", required=True, instantiate=False, skip={"log_prefix"})
+    p.add_dataclass_arguments(EvaluationSpec, "evaluation")
+    p.add_class_arguments(Trainer, "trainer", instantiate=False, skip=TRAINER_SKIP)
+    p.add_dataclass_arguments(LoggerSpec, "logger")
+    p.add_dataclass_arguments(OutputSpec, "output")
+    p.add_argument("--seed", type=int, default=0, help="Global seed (Lightning seed_everything).")
+    p.add_argument("--image_log_every", type=int, default=0, help="Log reconstructions every k steps (0: off).")
+    return p
+
+
+# ------------------------------------------------------------------------------------------------ atomic I/O
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def save_png(path: Path, images: torch.Tensor, nrow: Optional[int] = None) -> None:
+    """Save float images in [0, 1] ((N, C, H, W) or (C, H, W)) as one uint8 PNG grid, atomically."""
+    from PIL import Image
+
+    from inversion.logging_utils import to_uint8_hwc
+
+    buf = io.BytesIO()
+    Image.fromarray(to_uint8_hwc(images, nrow=nrow)).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def new_run_dir(root: str, name: str) -> Path:
+    """Create and return a fresh run directory ``root/name-YYYYmmdd-HHMMSS-<hex>`` (exclusive mkdir)."""
+    base = Path(root)
+    base.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):
+        d = base / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        try:
+            d.mkdir()
+            return d
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a new run directory under {base}")
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+class ConfigError(ValueError):
+    """A config that cannot run; raised before any long work."""
+
+
+def load_victim(spec: VictimSpec):
+    from lightning_modules.classifier import build_classifier, load_classifier
+
+    path = Path(spec.checkpoint)
+    if not path.is_absolute() and not path.exists():
+        path = ROOT / path
+    model, cfg = load_classifier(path)
+    if spec.random_init:
+        torch.manual_seed(spec.init_seed)
+        model = build_classifier(cfg["arch"], cfg["in_channels"], cfg["num_classes"], cfg.get("image_size", 32), cfg.get("mean"), cfg.get("std")).eval()
+    return model, cfg
+
+
+def load_prior(spec: PriorSpec, image_shape):
+    from inversion.prior import DiffusionPrior
+
+    path = spec.path
+    if path and not Path(path).is_absolute() and not Path(path).exists() and (ROOT / path).exists():
+        path = str(ROOT / path)
+    return DiffusionPrior.from_pretrained(path, image_shape)
+
+
+def resolve_attack_class(class_path: str):
+    from jsonargparse._util import import_object  # jsonargparse's own resolver
+
+    return import_object(class_path)
+
+
+def validate(cfg: Namespace, source: UserSource, victim_cfg: dict) -> None:
+    """Cross-check the groups (shapes, classes, protocol) before any attack starts; raises :class:`ConfigError`."""
+    C, H, W = source.image_shape
+    if victim_cfg["in_channels"] != C or victim_cfg.get("image_size", H) != H:
+        raise ConfigError(
+            f"users give {C}x{H}x{W} images but the victim {cfg.victim.checkpoint} expects "
+            f"{victim_cfg['in_channels']}x{victim_cfg.get('image_size')}; set users.init_args.image_size/channels to match"
+        )
+    if victim_cfg["num_classes"] < source.num_classes:
+        raise ConfigError(f"the users have {source.num_classes} classes but the victim only {victim_cfg['num_classes']} outputs")
+    if cfg.threat.protocol not in ("fedsgd", "fedavg"):
+        raise ConfigError(f"threat.protocol must be 'fedsgd' or 'fedavg', got {cfg.threat.protocol!r}")
+    if cfg.logger.backend not in ("wandb", "csv", "none"):
+        raise ConfigError(f"logger.backend must be wandb, csv or none, got {cfg.logger.backend!r}")
+
+
+def client_update(victim, user: User, threat: ThreatSpec, num_classes: int):
+    """The client's side: FedSGD gradient (or FedAvg pseudo-gradient), then its defenses. Returns the ServerView."""
+    from inversion.scenario import fedsgd_gradient, make_server_view
+
+    if threat.protocol == "fedavg":
+        from inversion.fedavg import fedavg_client_update
+
+        grad = fedavg_client_update(victim, user.images, user.labels, threat)
+    else:
+        grad = fedsgd_gradient(victim, user.images, user.labels)
+    if threat.defenses:
+        from inversion.defenses import build_defenses
+
+        grad = build_defenses(threat.defenses)(grad)
+    return make_server_view(
+        victim, user.images, user.labels, num_classes,
+        reveal_batch_size=threat.reveal_batch_size, reveal_labels=threat.known_labels, gradient=grad,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def evaluate(result: AttackResult, user: User, evaluator, lpips: bool) -> dict[str, Any]:
+    """Compare the reconstruction with the user's ground truth (this is the only place the private batch is used)."""
+    from inversion.metrics import image_metrics
+
+    final = result.denoised if result.denoised is not None else result.representative
+    row: dict[str, Any] = {}
+    if evaluator is not None:
+        with torch.no_grad():
+            probs = F.softmax(evaluator(final.float()), dim=1)[0]
+            probs_raw = F.softmax(evaluator(result.representative.float()), dim=1)[0]
+        row.update(
+            evaluator_class=int(probs.argmax()),
+            evaluator_prob=round(float(probs.max()), 4),
+            evaluator_correct=int(int(probs.argmax()) == user.dominant_class),
+            evaluator_prob_of_dominant=round(float(probs[user.dominant_class]), 4),
+            evaluator_class_raw=int(probs_raw.argmax()),
+            evaluator_correct_raw=int(int(probs_raw.argmax()) == user.dominant_class),
+        )
+    metrics = image_metrics(final, user.images, lpips=lpips)
+    row.update({k: round(float(v), 5) for k, v in metrics.items()})
+    raw_metrics = image_metrics(result.representative, user.images, lpips=False)
+    row.update({f"raw_{k}": round(float(v), 5) for k, v in raw_metrics.items() if k.startswith("psnr")})
+    return row
+
+
+# ------------------------------------------------------------------------------------------------ main job
+def write_results(run_dir: Path, rows: list[dict]) -> None:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(run_dir / "results.csv", buf.getvalue())
+
+
+def summarize(rows: list[dict]) -> dict[str, Any]:
+    out: dict[str, Any] = {"users": len(rows)}
+    for k in ("evaluator_correct", "evaluator_correct_raw", "evaluator_prob", "psnr_nearest", "psnr_mean", "mse_nearest",
+              "mse_mean", "lpips_nearest", "lpips_mean", "seconds", "seconds_per_step"):
+        vals = [float(r[k]) for r in rows if r.get(k) not in (None, "")]
+        vals = [v for v in vals if math.isfinite(v)]
+        if vals:
+            out[f"{k}_mean"] = sum(vals) / len(vals)
+    if "evaluator_correct_mean" in out:
+        out["evaluator_accuracy"] = out.pop("evaluator_correct_mean")
+    return out
+
+
+def make_logger(cfg: Namespace, run_dir: Path, config_dict: dict):
+    spec = cfg.logger
+    if spec.backend == "none":
+        return None
+    if spec.backend == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(save_dir=str(run_dir), name="logs")
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = WandbLogger(
+        project=spec.project, name=run_dir.name, save_dir=str(run_dir), offline=spec.mode != "online",
+        group=spec.group, tags=list(spec.tags) or None,
+    )
+    logger.log_hyperparams(config_dict)
+    return logger
+
+
+def log_final(logger, run_dir: Path, rows: list[dict], grids: list[torch.Tensor]) -> None:
+    if logger is None or not rows:
+        return
+    from inversion.logging_utils import log_image_grid
+
+    if grids:
+        log_image_grid(logger, "final/grid", torch.cat(grids), caption="rows: user batch | raw | denoised")
+    if hasattr(logger, "log_table"):
+        keys = list(rows[0].keys())
+        logger.log_table(key="final/results", columns=keys, data=[[r.get(k) for k in keys] for r in rows])
+    logger.log_metrics({f"final/{k}": v for k, v in summarize(rows).items()})
+
+
+def run(cfg: Namespace) -> Path:
+    """Run the configured attack on every user; returns the run directory. See the module docstring."""
+    from lightning import Trainer, seed_everything
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+
+    seed_everything(cfg.seed, workers=True)
+    # 1. everything that can fail fast, before any long work
+    init = build_parser().instantiate_classes(cfg)
+    source: UserSource = init.users
+    source.check()
+    victim, victim_cfg = load_victim(init.victim)
+    validate(cfg, source, victim_cfg)
+    attack_cls = resolve_attack_class(cfg.attack.class_path)
+    attack_kwargs = dict(cfg.attack.init_args or {})
+    probe = attack_cls(**attack_kwargs)  # validates the attack's hyper-parameters
+    prior = None
+    if getattr(probe, "requires_prior", False):
+        if not init.prior.path:
+            raise ConfigError("this attack uses the diffusion prior: set prior.path to a diffusers DDPM folder or hub id")
+        prior = load_prior(init.prior, source.image_shape)
+    evaluator = None
+    if init.evaluation.evaluator:
+        from lightning_modules.classifier import load_classifier
+
+        ev_path = Path(init.evaluation.evaluator)
+        evaluator, ev_cfg = load_classifier(ev_path if ev_path.exists() else ROOT / ev_path)
+        if ev_cfg["in_channels"] != source.image_shape[0]:
+            raise ConfigError(f"evaluator {ev_path} takes {ev_cfg['in_channels']} channels, the users have {source.image_shape[0]}")
+    if init.evaluation.lpips:
+        from inversion.metrics import get_lpips_model
+
+        get_lpips_model()  # raises with the install command when the AlexNet weights are missing
+    users = source.users()
+    # 2. the run directory
+    run_dir = new_run_dir(init.output.root, init.output.name)
+    parser = build_parser()
+    atomic_write_text(run_dir / "config.yaml", parser.dump(cfg, skip_none=False))
+    config_dict = json.loads(parser.dump(cfg, format="json", skip_none=False))
+    logger = make_logger(cfg, run_dir, config_dict)
+    trainer_kwargs = {k: v for k, v in dict(cfg.trainer).items() if v is not None}
+    trainer_kwargs.setdefault("enable_progress_bar", True)
+    rows: list[dict] = []
+    grids: list[torch.Tensor] = []
+    status = "running"
+    print(f"[attack] run directory: {run_dir}  ({len(users)} users, B = {source.batch_size if hasattr(source, 'batch_size') else '?'})", flush=True)
+    try:
+        for user in users:
+            uid = f"user_{int(user.user_id):04d}" if str(user.user_id).isdigit() else f"user_{user.user_id}"
+            view = client_update(victim, user, init.threat, source.num_classes)
+            attack: GradientInversionAttack = attack_cls(**attack_kwargs, log_prefix=f"{uid}/")
+            attack.log_images_every = cfg.image_log_every
+            attack.bind(view, prior)
+            trainer = Trainer(
+                max_steps=attack.steps, logger=logger if logger is not None else False, enable_checkpointing=False,
+                default_root_dir=str(run_dir / "lightning"), enable_autolog_hparams=False, num_sanity_val_steps=0,
+                callbacks=[TQDMProgressBar(refresh_rate=max(1, attack.steps // 100))], **trainer_kwargs,
+            )
+            t0 = time.time()
+            trainer.fit(attack)
+            seconds = time.time() - t0
+            if trainer.interrupted:
+                raise KeyboardInterrupt
+            result = attack.result()
+            inferred = result.labels
+            row = {
+                "user": user.user_id, "method": attack_cls.__name__, "B": user.batch_size,
+                "dominant_class": user.dominant_class,
+                "true_histogram": " ".join(str(int(v)) for v in user.label_histogram.tolist()),
+                "inferred_dominant": inferred.dominant,
+                "inferred_counts": " ".join(f"{float(v):g}" for v in inferred.counts.tolist()),
+                "label_strategy": inferred.strategy,
+            }
+            row.update(evaluate(result, user, evaluator, init.evaluation.lpips))
+            row.update(steps=result.steps, seconds=round(seconds, 2), seconds_per_step=round(seconds / max(1, result.steps), 4))
+            udir = run_dir / "users" / uid
+            save_png(udir / "batch.png", user.images)
+            save_png(udir / "raw.png", result.representative)
+            if result.reconstructions.shape[0] > 1:
+                save_png(udir / "reconstructions.png", result.reconstructions)
+            shown = [result.representative]
+            if result.denoised is not None:
+                save_png(udir / "denoised.png", result.denoised)
+                shown.append(result.denoised)
+            batch_show = user.images[: min(user.batch_size, 10)]
+            grid = torch.cat([batch_show, *shown])
+            save_png(udir / "grid.png", grid, nrow=len(grid))
+            grids.append(grid)
+            rows.append(row)
+            write_results(run_dir, rows)
+            print(
+                f"[attack] {uid}: dominant {user.dominant_class}, inferred {inferred.dominant}, evaluator "
+                f"{row.get('evaluator_class')} (p={row.get('evaluator_prob')}), PSNR nearest {row.get('psnr_nearest')} dB, "
+                f"{seconds:.1f} s",
+                flush=True,
+            )
+        status = "finished"
+    except AttackDivergedError as exc:
+        status = f"diverged: {exc}"
+        print(f"[attack] stopped: {exc}. Results of the {len(rows)} finished users are kept in {run_dir}", file=sys.stderr)
+    except KeyboardInterrupt:
+        status = "interrupted"
+        print(f"[attack] interrupted; results of the {len(rows)} finished users are kept in {run_dir}", file=sys.stderr)
+    finally:
+        summary = {"status": status, "run_dir": str(run_dir), **summarize(rows)}
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        if status == "finished":
+            log_final(logger, run_dir, rows, grids)
+        if logger is not None and hasattr(logger, "experiment") and cfg.logger.backend == "wandb":
+            import wandb
+
+            wandb.finish()
+    if status != "finished":
+        raise SystemExit(1 if status.startswith("diverged") else 130)
+    print(json.dumps(summary, indent=2), flush=True)
+    return run_dir
+
+
+def main(argv: Optional[list[str]] = None) -> Path:
+    parser = build_parser()
+    cfg = parser.parse_args(argv)
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()

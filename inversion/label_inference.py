@@ -1,0 +1,156 @@
+"""Label inference from the last fully connected layer's gradient (a registry of strategies, as in breaching).
+
+For softmax cross-entropy averaged over a batch of B images, the gradient of the last layer's bias is
+
+    g_c = dL/db_c = pbar_c - n_c / B,                                                     (1)
+
+with pbar_c the batch-mean softmax probability of class c and n_c the number of images labelled c (Zhao et al. 2020,
+iDLG; Wainakh et al. 2022, LLG). Classes absent from the batch have g_c = pbar_c >= 0; present ones are pulled down.
+
+Strategies (``LABEL_STRATEGIES``):
+- ``idlg``: B = 1, the single class with a negative gradient (Zhao et al. 2020).
+- ``sign``: presence = classes with g_c < 0; counts split evenly among them (no count estimate).
+- ``bias_corrected`` (default): LLG-style count estimation (Wainakh et al. 2022, "User-level label leakage from
+  gradients in federated learning"). Modelling each class's mean probability as an offset pi (the probability mass a
+  class gets from images of other classes, estimated from the classes taken as absent, for which g_c = pi_c exactly)
+  plus a self-confidence a = 1 - (C - 1) pi that keeps the probabilities summing to one, (1) becomes
+  g_c = pi (1 - C n_c / B), hence n_c = B (pi - g_c) / (C pi). It is exact for an untrained victim that outputs
+  uniform probabilities and for a batch of a single class, is scale-free (works on weight-row sums when the layer
+  has no bias). Presence is read from the sign (absent classes have g_c = pi_c >= 0 exactly), pi is the mean
+  gradient of the absent classes, and the counts of the present classes are rounded to sum to B.
+- ``known``: the server is given the labels (threat model with known labels).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass
+class LabelInference:
+    """Result of label inference.
+
+    Attributes:
+        counts: float32 (C,) estimated number of images per class (sums to B when B is known; else proportions).
+        present: bool (C,) classes inferred present.
+        dominant: the class with the largest estimated count.
+        strategy: name of the strategy used.
+    """
+
+    counts: torch.Tensor
+    present: torch.Tensor
+    dominant: int
+    strategy: str
+
+    @property
+    def proportions(self) -> torch.Tensor:
+        """float32 (C,) estimated label distribution (sums to 1)."""
+        return self.counts / self.counts.sum().clamp_min(1e-12)
+
+
+def last_layer_signal(target_gradient: "OrderedDict[str, torch.Tensor]", num_classes: int) -> torch.Tensor:
+    """Per-class signal from the last layer: the bias gradient (C,), or the weight-row sums when there is no bias.
+
+    Raises:
+        ValueError: no parameter with a leading dimension of ``num_classes`` at the output side.
+    """
+    names = list(target_gradient)
+    for i in range(len(names) - 1, -1, -1):
+        g = target_gradient[names[i]]
+        if g.dim() == 1 and g.shape[0] == num_classes and names[i].endswith("bias"):
+            return g.detach().float()
+        if g.dim() == 2 and g.shape[0] == num_classes:
+            return g.detach().float().sum(dim=1)
+    raise ValueError(
+        f"no last fully connected layer with {num_classes} outputs found in the target gradient; label inference "
+        "needs the classifier's final layer (or use label_strategy: known)"
+    )
+
+
+def round_to_total(x: torch.Tensor, total: int) -> torch.Tensor:
+    """Largest-remainder rounding of non-negative reals ``x`` (C,) to integers summing to ``total``."""
+    x = x.clamp_min(0)
+    if x.sum() <= 0:
+        x = torch.ones_like(x)
+    scaled = x / x.sum() * total
+    base = scaled.floor()
+    rest = int(total - base.sum().item())
+    if rest > 0:
+        order = torch.argsort(scaled - base, descending=True)
+        base[order[:rest]] += 1
+    return base
+
+
+def _idlg(signal: torch.Tensor, batch_size: Optional[int]) -> LabelInference:
+    c = int(torch.argmin(signal))
+    counts = torch.zeros_like(signal)
+    counts[c] = float(batch_size or 1)
+    return LabelInference(counts, counts > 0, c, "idlg")
+
+
+def _sign(signal: torch.Tensor, batch_size: Optional[int]) -> LabelInference:
+    present = signal < 0
+    if not present.any():
+        present[torch.argmin(signal)] = True
+    counts = present.float() / present.sum()
+    if batch_size:
+        counts = round_to_total(counts, batch_size)
+    return LabelInference(counts, present, int(torch.argmin(signal)), "sign")
+
+
+def _bias_corrected(signal: torch.Tensor, batch_size: Optional[int]) -> LabelInference:
+    C = signal.numel()
+    present = signal < 0  # absent classes have g_c = pi_c >= 0 exactly
+    if not present.any():
+        present[torch.argmin(signal)] = True
+    absent = ~present
+    if absent.any():
+        pi = signal[absent].mean().clamp_min(1e-12)
+        share = torch.where(present, (pi - signal) / (C * pi), torch.zeros_like(signal)).clamp_min(0)
+    else:  # every class present: no offset to estimate, split by the size of the negative gradients
+        share = -signal / (-signal).sum()
+    counts = round_to_total(share, batch_size) if batch_size else share / share.sum().clamp_min(1e-12)
+    return LabelInference(counts, counts > 0, int(torch.argmax(share)), "bias_corrected")
+
+
+LABEL_STRATEGIES: dict[str, Callable[[torch.Tensor, Optional[int]], LabelInference]] = {
+    "idlg": _idlg,
+    "sign": _sign,
+    "bias_corrected": _bias_corrected,
+}
+
+
+def infer_labels(
+    target_gradient: "OrderedDict[str, torch.Tensor]",
+    num_classes: int,
+    batch_size: Optional[int] = None,
+    strategy: str = "bias_corrected",
+    known_labels: Optional[torch.Tensor] = None,
+) -> LabelInference:
+    """Infer which labels a client's batch holds, and how many of each, from its target gradient.
+
+    Args:
+        target_gradient: name -> gradient, the victim's parameter order (see :mod:`inversion.scenario`).
+        num_classes: C.
+        batch_size: B if known (counts then sum to B), else None (counts are proportions).
+        strategy: 'bias_corrected', 'sign', 'idlg' or 'known'.
+        known_labels: int64 (B,) labels, required for 'known'.
+
+    Raises:
+        ValueError: unknown strategy, 'idlg' with B > 1, or 'known' without labels.
+    """
+    if strategy == "known":
+        if known_labels is None:
+            raise ValueError("label_strategy 'known' needs the labels in the server view (threat model known_labels)")
+        counts = torch.bincount(known_labels.long().cpu(), minlength=num_classes).float()
+        return LabelInference(counts, counts > 0, int(counts.argmax()), "known")
+    if strategy not in LABEL_STRATEGIES:
+        raise ValueError(f"unknown label strategy {strategy!r}; choose one of {sorted(LABEL_STRATEGIES) + ['known']}")
+    if strategy == "idlg" and batch_size not in (None, 1):
+        raise ValueError(f"label strategy 'idlg' is exact only for B = 1, got B = {batch_size}; use bias_corrected")
+    signal = last_layer_signal(target_gradient, num_classes).cpu()
+    return LABEL_STRATEGIES[strategy](signal, batch_size)

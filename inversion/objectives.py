@@ -1,0 +1,109 @@
+"""Objectives and schedules of the user-level attack (arXiv 2409.07291, mechanisms 1-3).
+
+- :func:`layer_cosine_distances` / :func:`gradient_matching_loss`: per-layer cosine distance between the target and
+  the dummy gradient, weighted per layer.
+- :func:`sliding_window_weights`: the asymmetric Hamming window over the layer index whose centre slides from the
+  deepest (output side) to the shallowest (input side) layer, matching high-level semantics first.
+- :func:`timestep_at`: the prior's timestep t(s) annealed from t_max to t_min.
+- :func:`clip_matching_gradient`: dynamic clipping of the matching gradient relative to the prior gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+
+def layer_cosine_distances(target: Sequence[torch.Tensor], dummy: Sequence[torch.Tensor], eps: float = 1e-12) -> torch.Tensor:
+    """1 - <g_l, g_hat_l> / (|g_l| |g_hat_l|) for each layer l; float32 (L,), values in [0, 2].
+
+    ``target`` and ``dummy`` are sequences of L tensors with matching shapes (one per victim parameter, input side
+    first); differentiable w.r.t. ``dummy``.
+    """
+    if len(target) != len(dummy):
+        raise ValueError(f"{len(target)} target layers but {len(dummy)} dummy layers")
+    out = []
+    for g, h in zip(target, dummy):
+        g, h = g.flatten().float(), h.flatten().float()
+        out.append(1.0 - (g * h).sum() / (g.norm() * h.norm()).clamp_min(eps))
+    return torch.stack(out)
+
+
+def gradient_matching_loss(target: Sequence[torch.Tensor], dummy: Sequence[torch.Tensor], weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Weighted sum over layers of the cosine distances, weights normalised to sum 1 (uniform when None); scalar."""
+    d = layer_cosine_distances(target, dummy)
+    if weights is None:
+        return d.mean()
+    w = weights.to(d.device, d.dtype)
+    return (w * d).sum() / w.sum().clamp_min(1e-12)
+
+
+def window_centre(num_layers: int, progress: float, slide_fraction: float = 0.5, start: float = 1.0, end: float = 0.0) -> float:
+    """Centre of the sliding window, as a (fractional) layer index in [0, L-1].
+
+    It moves linearly from ``start`` (fraction of L-1; 1.0 = deepest, output side) to ``end`` (0.0 = shallowest,
+    input side) while ``progress`` (s / S, in [0, 1]) goes from 0 to ``slide_fraction``, and stays at ``end`` after.
+    """
+    if not 0.0 < slide_fraction <= 1.0:
+        raise ValueError(f"window slide_fraction must be in (0, 1], got {slide_fraction}")
+    a = min(1.0, max(0.0, progress / slide_fraction))
+    return (start + (end - start) * a) * (num_layers - 1)
+
+
+def sliding_window_weights(
+    num_layers: int,
+    centre: float,
+    width_deep: float,
+    width_shallow: float,
+    floor: float = 0.0,
+) -> torch.Tensor:
+    """Asymmetric Hamming window over the layer index; float32 (L,).
+
+    With d = l - centre, a layer gets 0.54 + 0.46 cos(pi d / W) for |d| <= W, where W = ``width_deep`` toward deeper
+    layers (d > 0) and W = ``width_shallow`` toward shallower ones (d < 0): 1 at the centre, 0.08 at the edges (the
+    Hamming window's end value), ``floor`` beyond. Widths are in layers (parameter tensors) and must be > 0.
+    """
+    if width_deep <= 0 or width_shallow <= 0:
+        raise ValueError(f"window widths must be > 0 layers, got deep={width_deep}, shallow={width_shallow}")
+    idx = torch.arange(num_layers, dtype=torch.float32)
+    d = idx - centre
+    W = torch.where(d > 0, torch.tensor(float(width_deep)), torch.tensor(float(width_shallow)))
+    w = 0.54 + 0.46 * torch.cos(math.pi * d / W)
+    return torch.where(d.abs() <= W, w, torch.tensor(float(floor)))
+
+
+def timestep_at(progress: float, t_max: int, t_min: int, schedule: str = "linear", anneal_fraction: float = 1.0) -> int:
+    """Prior timestep t(s) annealed from ``t_max`` at progress 0 to ``t_min`` at ``anneal_fraction`` (then constant).
+
+    ``schedule``: 'linear', 'cosine' (slow start and end) or 'sqrt' (fast early decay, t = t_min + (t_max - t_min)
+    (1 - sqrt(a))). Returns an int timestep.
+    """
+    if t_min > t_max:
+        raise ValueError(f"t_min ({t_min}) must be <= t_max ({t_max})")
+    a = min(1.0, max(0.0, progress / max(anneal_fraction, 1e-12)))
+    if schedule == "linear":
+        f = 1.0 - a
+    elif schedule == "cosine":
+        f = 0.5 * (1.0 + math.cos(math.pi * a))
+    elif schedule == "sqrt":
+        f = 1.0 - math.sqrt(a)
+    else:
+        raise ValueError(f"unknown t schedule {schedule!r}; choose linear, cosine or sqrt")
+    return int(round(t_min + (t_max - t_min) * f))
+
+
+def clip_matching_gradient(g_match: torch.Tensor, g_prior: torch.Tensor, kappa: float) -> tuple[torch.Tensor, float]:
+    """Dynamic clipping: if |g_match| > kappa |g_prior|, rescale g_match to norm kappa |g_prior|.
+
+    Returns the (possibly rescaled) matching gradient and the ratio |g_match| / |g_prior| before clipping
+    (inf when the prior gradient is zero, in which case nothing is clipped).
+    """
+    nm, npr = g_match.norm(), g_prior.norm()
+    if npr <= 0:
+        return g_match, float("inf")
+    ratio = float(nm / npr)
+    if ratio > kappa:
+        g_match = g_match * (kappa * npr / nm)
+    return g_match, ratio

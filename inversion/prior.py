@@ -1,0 +1,186 @@
+"""A pretrained DDPM used as an image prior: loading, the prior loss, and the final denoising.
+
+Loads any diffusers DDPM (a folder written by ``DDPMPipeline.save_pretrained``, e.g. the one train.py exports, or a
+hub id such as ``google/ddpm-cifar10-32`` when online) through the same code. Pixels cross the boundary explicitly:
+the attack's images are in [0, 1] at the victim's resolution; the prior works in [-1, 1] at its own
+``sample_size``; :meth:`DiffusionPrior.to_prior` / :meth:`DiffusionPrior.from_prior` resize and rescale.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DModel
+
+
+class PriorMismatchError(ValueError):
+    """The prior cannot be used with the data (channels differ)."""
+
+
+def load_ddpm(path_or_id: str, device: str | torch.device = "cpu") -> tuple[UNet2DModel, DDPMScheduler]:
+    """Load the UNet and the scheduler of a diffusers DDPM pipeline folder or hub id (safetensors preferred).
+
+    Raises:
+        FileNotFoundError: a local-looking path that does not exist, or a hub id while offline; the message says
+            how to train one (train.py) or pre-download it.
+        ValueError: the folder holds no epsilon-prediction UNet2DModel.
+    """
+    local = Path(path_or_id)
+    looks_local = local.exists() or path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1
+    if looks_local and not local.is_dir():
+        raise FileNotFoundError(
+            f"prior {path_or_id!r} not found: give a diffusers DDPM folder (e.g. checkpoints/fashion_mnist/ddpm_32, "
+            "written by `python train.py --config configs/train/ddpm_fashion_mnist.yaml`) or a hub id such as "
+            "google/ddpm-cifar10-32"
+        )
+    if looks_local and not (local / "unet" / "config.json").is_file():
+        raise ValueError(f"{local} is not a diffusers DDPM pipeline folder (no unet/config.json)")
+    try:
+        unet = UNet2DModel.from_pretrained(path_or_id, subfolder="unet", use_safetensors=None)
+        scheduler = DDPMScheduler.from_pretrained(path_or_id, subfolder="scheduler")
+    except OSError as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise FileNotFoundError(
+            f"could not load the DDPM {path_or_id!r}"
+            + (" (HF_HUB_OFFLINE=1: hub ids need a prior download into the HF cache)" if offline else "")
+            + f": {exc}"
+        ) from exc
+    if scheduler.config.prediction_type != "epsilon":
+        raise ValueError(f"{path_or_id}: prediction_type {scheduler.config.prediction_type!r}; the prior loss needs epsilon")
+    return unet.to(device).eval().requires_grad_(False), scheduler
+
+
+class DiffusionPrior(nn.Module):
+    """Frozen epsilon-prediction DDPM with the operations the attack needs.
+
+    Args:
+        unet, scheduler: from :func:`load_ddpm` (or any UNet2DModel / DDPMScheduler pair).
+        image_shape: (C, H, W) of the victim's images; C must equal the UNet's channels.
+
+    Raises:
+        PriorMismatchError: channel counts differ (e.g. a 3-channel CIFAR prior with 1-channel Fashion-MNIST).
+    """
+
+    def __init__(self, unet: UNet2DModel, scheduler: DDPMScheduler, image_shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        c = unet.config.in_channels
+        if c != image_shape[0]:
+            raise PriorMismatchError(
+                f"the prior has {c} channel(s) but the images have {image_shape[0]}; use a prior trained on "
+                f"{image_shape[0]}-channel data (train.py with data channels={image_shape[0]}) or set the data's "
+                f"channels to {c}"
+            )
+        self.unet = unet.eval().requires_grad_(False)
+        self.scheduler = scheduler
+        self.image_shape = tuple(image_shape)
+        self.prior_size = int(unet.config.sample_size if isinstance(unet.config.sample_size, int) else unet.config.sample_size[0])
+        self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone().float(), persistent=False)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str, image_shape: tuple[int, int, int]) -> "DiffusionPrior":
+        unet, scheduler = load_ddpm(path_or_id)
+        return cls(unet, scheduler, image_shape)
+
+    # ------------------------------------------------------------------ scale and resolution conversions
+    def to_prior(self, x01: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) pixels in [0, 1] at the victim's size -> [-1, 1] at the prior's ``sample_size``."""
+        if x01.shape[-1] != self.prior_size or x01.shape[-2] != self.prior_size:
+            x01 = F.interpolate(x01, size=(self.prior_size, self.prior_size), mode="bilinear", align_corners=False, antialias=True)
+        return x01 * 2.0 - 1.0
+
+    def from_prior(self, xpm1: torch.Tensor) -> torch.Tensor:
+        """(N, C, S, S) in [-1, 1] at the prior's size -> [0, 1] at the victim's (H, W), clamped."""
+        H, W = self.image_shape[1:]
+        x01 = (xpm1 + 1.0) / 2.0
+        if x01.shape[-2:] != (H, W):
+            x01 = F.interpolate(x01, size=(H, W), mode="bilinear", align_corners=False, antialias=True)
+        return x01.clamp(0.0, 1.0)
+
+    # ------------------------------------------------------------------ prior loss
+    def prior_loss(
+        self, x01: torch.Tensor, t: int, num_noise: int = 1, generator: Optional[torch.Generator] = None
+    ) -> torch.Tensor:
+        """Diffusion prior loss (Graikos et al. 2022, "Diffusion models as plug-and-play priors", eq. 6-7).
+
+        The DDPM bound at q(x0) = delta(x0 - x_hat) at one timestep:
+        L = mean_eps |eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) - eps|^2, differentiable w.r.t. x_hat
+        through eps_theta.
+
+        Args:
+            x01: (N, C, H, W) pixels in [0, 1] (victim resolution); gradients flow back to it.
+            t: timestep in [0, T-1].
+            num_noise: noise samples eps averaged per image.
+            generator: torch.Generator for the noise (seeded runs).
+
+        Returns:
+            scalar float32 loss (mean over images, noise samples and pixels).
+        """
+        x0 = self.to_prior(x01)
+        if num_noise > 1:
+            x0 = x0.repeat_interleave(num_noise, dim=0)
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        abar = self.alphas_cumprod[int(t)].to(x0.device)
+        xt = abar.sqrt() * x0 + (1.0 - abar).sqrt() * eps
+        tt = torch.full((x0.shape[0],), int(t), device=x0.device, dtype=torch.long)
+        eps_hat = self.unet(xt, tt).sample
+        dtype = torch.promote_types(eps_hat.dtype, torch.float32)  # fp32 under autocast, fp64 stays fp64
+        return F.mse_loss(eps_hat.to(dtype), eps.to(dtype))
+
+    # ------------------------------------------------------------------ final denoising
+    @torch.no_grad()
+    def denoise(
+        self,
+        x01: torch.Tensor,
+        t_final: int,
+        method: str = "ddim",
+        num_steps: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> torch.Tensor:
+        """Diffuse images to ``t_final`` and run the prior's reverse process back to t = 0 (SDEdit-style).
+
+        Args:
+            x01: (N, C, H, W) in [0, 1].
+            t_final: starting timestep (small, e.g. 50-200 of T = 1000).
+            method: 'ddpm' (ancestral, every timestep t_final..0, diffusers DDPMScheduler.step with custom
+                timesteps) or 'ddim' (deterministic eta = 0 updates on ``num_steps`` evenly spaced timesteps).
+            num_steps: DDIM steps (default: t_final // 10, at least 1).
+
+        Returns:
+            (N, C, H, W) float32 in [0, 1] at the victim's resolution.
+
+        Raises:
+            ValueError: t_final outside [1, T-1] or an unknown method.
+        """
+        T = self.num_train_timesteps
+        if not 1 <= t_final < T:
+            raise ValueError(f"t_final must be in [1, {T - 1}], got {t_final}")
+        x0 = self.to_prior(x01.float())
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        abar = self.alphas_cumprod.to(x0.device)
+        x = abar[t_final].sqrt() * x0 + (1 - abar[t_final]).sqrt() * eps
+        if method == "ddpm":
+            sched = DDPMScheduler.from_config(self.scheduler.config)
+            sched.set_timesteps(timesteps=list(range(t_final, -1, -1)))
+            for t in sched.timesteps:
+                e = self.unet(x, t.to(x.device).expand(x.shape[0])).sample.float()
+                x = sched.step(e, t, x, generator=generator).prev_sample
+        elif method == "ddim":
+            n = max(1, num_steps or t_final // 10)
+            ts = torch.linspace(t_final, 0, n + 1).round().long().tolist()
+            for t, t_prev in zip(ts[:-1], ts[1:]):
+                e = self.unet(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)).sample.float()
+                x0_pred = (x - (1 - abar[t]).sqrt() * e) / abar[t].sqrt()
+                x0_pred = x0_pred.clamp(-1, 1)
+                x = abar[t_prev].sqrt() * x0_pred + (1 - abar[t_prev]).sqrt() * e if t_prev > 0 else x0_pred
+        else:
+            raise ValueError(f"denoise method must be 'ddpm' or 'ddim', got {method!r}")
+        return self.from_prior(x)

@@ -1,0 +1,110 @@
+"""Common interface of every gradient inversion attack in this project (user-level and sample-level baselines).
+
+An attack is a LightningModule built from hyper-parameters only (so that a YAML ``attack:`` group can choose it by
+``class_path``), then bound to what the server sees with :meth:`GradientInversionAttack.bind`, then driven by a
+Lightning ``Trainer`` for ``steps`` optimisation steps. The Trainer's ``max_steps`` is set from ``attack.steps``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from lightning import LightningModule
+from torch.utils.data import DataLoader, Dataset
+
+from inversion.label_inference import LabelInference
+from inversion.scenario import ServerView
+
+
+class AttackDivergedError(RuntimeError):
+    """The attack produced NaN/inf (loss or image) at a given step; ``step`` says where."""
+
+    def __init__(self, step: int, what: str) -> None:
+        super().__init__(
+            f"attack diverged at step {step}: {what} is NaN or inf. Lower attack.lr, raise the prior weight, or "
+            "check the target gradient (a defense with a huge noise scale?)."
+        )
+        self.step = step
+
+
+@dataclass
+class AttackResult:
+    """What an attack returns for one user.
+
+    Attributes:
+        representative: float32 (1, C, H, W) in [0, 1], the image the method reports for the user (user-level: the
+            representative image; sample-level baselines: their reconstruction that best matches the gradient).
+        reconstructions: float32 (K, C, H, W) in [0, 1], every image the method produced (K = 1 for user-level).
+        denoised: float32 (1, C, H, W) in [0, 1] after the prior's final denoising, or None.
+        labels: the label inference the attack used.
+        steps: optimisation steps run; history: per-step scalars (losses, t, window centre, ...).
+    """
+
+    representative: torch.Tensor
+    reconstructions: torch.Tensor
+    denoised: Optional[torch.Tensor]
+    labels: LabelInference
+    steps: int
+    history: dict[str, list[float]] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class _Steps(Dataset):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+class GradientInversionAttack(LightningModule):
+    """Base class: subclasses implement ``bind``, ``training_step`` (manual optimisation) and ``result``.
+
+    Args:
+        steps: optimisation steps S (the Trainer runs exactly this many).
+        label_strategy: 'bias_corrected', 'sign', 'idlg' or 'known' (see :mod:`inversion.label_inference`).
+        seed: seed of the attack's own randomness (initialisation, noise draws).
+        log_images_every: log the current reconstruction through the logger every so many steps (0: never).
+        log_prefix: prefix of logged keys (e.g. 'user_0003/').
+    """
+
+    requires_prior: bool = False
+
+    def __init__(
+        self,
+        steps: int = 1000,
+        label_strategy: str = "bias_corrected",
+        seed: int = 0,
+        log_images_every: int = 0,
+        log_prefix: str = "",
+    ) -> None:
+        super().__init__()
+        if steps < 1:
+            raise ValueError(f"attack.steps must be >= 1, got {steps}")
+        self.automatic_optimization = False
+        self.steps = steps
+        self.label_strategy = label_strategy
+        self.seed = seed
+        self.log_images_every = log_images_every
+        self.log_prefix = log_prefix
+        self.history: dict[str, list[float]] = {}
+
+    def bind(self, view: ServerView, prior: Optional[Any] = None) -> "GradientInversionAttack":
+        raise NotImplementedError
+
+    def result(self) -> AttackResult:
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_Steps(self.steps), batch_size=None, shuffle=False)
+
+    def record(self, values: dict[str, float], prog_bar: tuple[str, ...] = ()) -> None:
+        """Append scalars to ``history`` and log them (prefixed) through the Lightning logger."""
+        for k, v in values.items():
+            self.history.setdefault(k, []).append(float(v))
+            self.log(self.log_prefix + k, float(v), prog_bar=k in prog_bar, on_step=True, on_epoch=False)

@@ -1,0 +1,39 @@
+"""Tiny models and fixtures shared by the tests (fast on 2 CPU cores)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+from lightning_modules.classifier import build_classifier, save_classifier
+
+
+def tiny_victim(size: int = 8, channels: int = 1, num_classes: int = 10, seed: int = 0, arch: str = "resnet18"):
+    torch.manual_seed(seed)
+    model = build_classifier(arch, channels, num_classes, size).eval()
+    cfg = {"arch": arch, "in_channels": channels, "num_classes": num_classes, "image_size": size,
+           "mean": [0.5] * channels, "std": [0.5] * channels, "seed": seed}
+    return model, cfg
+
+
+def tiny_unet(size: int = 8, channels: int = 1, seed: int = 0) -> UNet2DModel:
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=size, in_channels=channels, out_channels=channels, layers_per_block=1,
+        block_out_channels=(16, 32), down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8,
+    ).eval()
+
+
+def save_tiny_assets(root: Path, size: int = 8, channels: int = 1) -> dict[str, str]:
+    """Write a tiny victim, evaluator and DDPM folder under ``root``; returns their paths."""
+    victim, vcfg = tiny_victim(size, channels, seed=0)
+    save_classifier(victim, vcfg, root / "victim")
+    ev, ecfg = tiny_victim(size, channels, seed=1, arch="convnet")
+    save_classifier(ev, ecfg, root / "evaluator")
+    DDPMPipeline(unet=tiny_unet(size, channels), scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(
+        str(root / "ddpm"), safe_serialization=True
+    )
+    return {"victim": str(root / "victim"), "evaluator": str(root / "evaluator"), "prior": str(root / "ddpm")}

@@ -1,0 +1,241 @@
+"""Scenario, label inference, objectives, prior loss and the user-level attack on tiny models."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn as nn
+from diffusers import DDPMScheduler
+from lightning import Trainer
+
+from inversion.label_inference import infer_labels, round_to_total
+from inversion.objectives import (
+    clip_matching_gradient,
+    gradient_matching_loss,
+    layer_cosine_distances,
+    sliding_window_weights,
+    timestep_at,
+    window_centre,
+)
+from inversion.prior import DiffusionPrior, PriorMismatchError
+from inversion.scenario import TargetGradientError, check_target_gradient, fedsgd_gradient, make_server_view
+from lightning_modules.base_attack import AttackDivergedError
+from lightning_modules.user_level_inversion import UserLevelInversion
+from tests.helpers import tiny_unet, tiny_victim
+
+
+def _trainer(steps: int) -> Trainer:
+    return Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, accelerator="cpu", devices=1)
+
+
+# ------------------------------------------------------------------------------------------- scenario
+def test_fedsgd_gradient_equals_manual_gradient_and_uses_eval_mode():
+    model, _ = tiny_victim()
+    model.train()
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([1, 2, 2])
+    g = fedsgd_gradient(model, x, y)
+    assert model.training, "the client must restore the victim's mode"
+    model.eval()
+    loss = nn.functional.cross_entropy(model(x), y)
+    ref = torch.autograd.grad(loss, [p for p in model.parameters()])
+    assert list(g) == [n for n, _ in model.named_parameters()]
+    for (n, a), b in zip(g.items(), ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_target_gradient_checks_shapes_names_and_nan():
+    model, _ = tiny_victim()
+    g = fedsgd_gradient(model, torch.rand(2, 1, 8, 8), torch.tensor([0, 1]))
+    bad = OrderedDict(g)
+    name = next(iter(bad))
+    bad[name] = bad[name][:1]
+    with pytest.raises(TargetGradientError, match="shape"):
+        check_target_gradient(model, bad)
+    nan = OrderedDict(g)
+    nan[name] = nan[name].clone().fill_(float("nan"))
+    with pytest.raises(TargetGradientError, match="NaN"):
+        check_target_gradient(model, nan)
+    missing = OrderedDict(list(g.items())[1:])
+    with pytest.raises(TargetGradientError, match="missing"):
+        check_target_gradient(model, missing)
+
+
+def test_server_view_holds_no_images():
+    model, _ = tiny_victim()
+    x, y = torch.rand(4, 1, 8, 8), torch.tensor([3, 3, 3, 1])
+    view = make_server_view(model, x, y, 10)
+    assert view.labels is None and view.batch_size == 4 and view.image_shape == (1, 8, 8)
+    assert not any(isinstance(v, torch.Tensor) and v.shape == x.shape for v in vars(view).values())
+
+
+# ------------------------------------------------------------------------------------------- labels
+class LinearHead(nn.Module):
+    def __init__(self, zero: bool):
+        super().__init__()
+        self.fc = nn.Linear(6, 10)
+        if zero:
+            nn.init.zeros_(self.fc.weight)
+            nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x):
+        return self.fc(torch.relu(x.flatten(1)[:, :6]) + 0.1)
+
+
+@pytest.mark.parametrize("counts", [[0, 3, 0, 1, 0, 0, 2, 0, 0, 0], [5, 0, 0, 0, 0, 0, 0, 0, 0, 0], [3, 0, 0, 0, 0, 0, 0, 0, 0, 1]])
+def test_bias_corrected_counts_exact_for_uniform_outputs(counts):
+    model = LinearHead(zero=True)  # uniform softmax: eq. (1) with pbar = 1/C, the estimator is exact
+    y = torch.tensor([c for c, n in enumerate(counts) for _ in range(n)])
+    g = fedsgd_gradient(model, torch.rand(len(y), 1, 8, 8), y)
+    inf = infer_labels(g, 10, batch_size=len(y))
+    assert inf.counts.tolist() == [float(c) for c in counts]
+    assert inf.dominant == max(range(10), key=lambda c: counts[c])
+
+
+def test_single_class_batch_exact_on_resnet_and_dominant_at_b50():
+    model, _ = tiny_victim(seed=3)
+    x = torch.rand(50, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    g = fedsgd_gradient(model, x, torch.full((50,), 7))
+    inf = infer_labels(g, 10, batch_size=50)
+    assert inf.counts[7] == 50 and inf.counts.sum() == 50
+    # dominant class at B = 50 with 80% dominant share on a random-init ResNet-18
+    y = torch.tensor([4] * 40 + [0] * 5 + [9] * 5)
+    g = fedsgd_gradient(model, x, y)
+    inf = infer_labels(g, 10, batch_size=50)
+    assert inf.dominant == 4 and inf.counts.sum() == 50
+
+
+def test_idlg_sign_known_and_errors():
+    model = LinearHead(zero=False)
+    g = fedsgd_gradient(model, torch.rand(1, 1, 8, 8), torch.tensor([6]))
+    assert infer_labels(g, 10, 1, "idlg").dominant == 6
+    assert infer_labels(g, 10, 1, "sign").present.nonzero().flatten().tolist() == [6]
+    known = infer_labels(g, 10, 3, "known", known_labels=torch.tensor([1, 1, 2]))
+    assert known.counts[1] == 2 and known.dominant == 1
+    with pytest.raises(ValueError, match="unknown label strategy"):
+        infer_labels(g, 10, 1, "magic")
+    with pytest.raises(ValueError, match="B = 1"):
+        infer_labels(g, 10, 4, "idlg")
+    assert round_to_total(torch.tensor([0.26, 0.26, 0.48]), 10).tolist() == [3.0, 2.0, 5.0]
+
+
+# ------------------------------------------------------------------------------------------- objectives
+def test_window_endpoints_widths_and_uniform():
+    L = 21
+    assert window_centre(L, 0.0, 0.5) == 20.0
+    assert window_centre(L, 0.5, 0.5) == 0.0 and window_centre(L, 1.0, 0.5) == 0.0
+    assert window_centre(L, 0.25, 0.5) == pytest.approx(10.0)
+    w = sliding_window_weights(L, centre=10, width_deep=4, width_shallow=8)
+    assert w[10] == pytest.approx(1.0)
+    assert w[14] == pytest.approx(0.08) and w[15] == 0.0  # deep side: width 4
+    assert w[2] == pytest.approx(0.08) and w[1] == 0.0  # shallow side: width 8
+    assert w[12] == pytest.approx(0.54 + 0.46 * math.cos(math.pi * 2 / 4))
+    assert w[6] == pytest.approx(0.54 + 0.46 * math.cos(math.pi * 4 / 8))
+    # uniform weights equal the plain mean of the layer distances
+    t = [torch.randn(3, 4), torch.randn(5)]
+    d = [torch.randn(3, 4), torch.randn(5)]
+    assert gradient_matching_loss(t, d) == pytest.approx(float(layer_cosine_distances(t, d).mean()))
+    with pytest.raises(ValueError):
+        sliding_window_weights(5, 2, 0, 3)
+
+
+def test_t_schedule_endpoints():
+    for sched in ("linear", "cosine", "sqrt"):
+        assert timestep_at(0.0, 800, 20, sched) == 800
+        assert timestep_at(1.0, 800, 20, sched) == 20
+    assert timestep_at(0.5, 800, 20, "linear") == 410
+    assert timestep_at(0.6, 800, 20, "linear", anneal_fraction=0.5) == 20
+    with pytest.raises(ValueError):
+        timestep_at(0.1, 10, 20)
+
+
+def test_clipping_rule():
+    gp = torch.tensor([3.0, 4.0])  # norm 5
+    gm = torch.tensor([30.0, 0.0])  # norm 30 > 2 * 5
+    clipped, ratio = clip_matching_gradient(gm, gp, kappa=2.0)
+    assert ratio == pytest.approx(6.0)
+    assert clipped.norm() / gp.norm() == pytest.approx(2.0)
+    torch.testing.assert_close(clipped / clipped.norm(), gm / gm.norm())
+    small = torch.tensor([1.0, 1.0])
+    same, ratio = clip_matching_gradient(small, gp, kappa=2.0)
+    assert same is small and ratio == pytest.approx(math.sqrt(2) / 5)
+
+
+def test_matching_loss_zero_at_true_image_b1():
+    model, _ = tiny_victim(seed=1)
+    x = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([5])
+    view = make_server_view(model, x, y, 10)
+    atk = UserLevelInversion(steps=1, use_prior=False, final_denoise=False, label_strategy="idlg").bind(view)
+    assert atk.labels.dominant == 5
+    assert float(atk.matching_loss(x, None)) == pytest.approx(0.0, abs=1e-5)
+    assert float(atk.matching_loss(torch.rand_like(x), None)) > 1e-3
+
+
+# ------------------------------------------------------------------------------------------- prior
+def test_prior_loss_gradient_matches_finite_difference():
+    torch.manual_seed(0)
+    prior = DiffusionPrior(tiny_unet(8).double(), DDPMScheduler(num_train_timesteps=1000), (1, 8, 8))
+    prior.alphas_cumprod = prior.alphas_cumprod.double()
+    x = torch.rand(1, 1, 8, 8, dtype=torch.float64, requires_grad=True)
+
+    def loss(z):
+        return prior.prior_loss(z, t=300, generator=torch.Generator().manual_seed(5)).double()
+
+    g = torch.autograd.grad(loss(x), x)[0]
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+    direction = torch.randn_like(x)
+    h = 1e-4
+    fd = (loss(x + h * direction) - loss(x - h * direction)) / (2 * h)
+    assert float((g * direction).sum()) == pytest.approx(float(fd), rel=1e-3, abs=1e-7)
+
+
+def test_prior_channel_mismatch_and_denoise_range():
+    with pytest.raises(PriorMismatchError, match="channel"):
+        DiffusionPrior(tiny_unet(8, channels=3), DDPMScheduler(), (1, 8, 8))
+    prior = DiffusionPrior(tiny_unet(16), DDPMScheduler(), (1, 8, 8))  # prior at 16 px, images at 8 px
+    x = torch.rand(2, 1, 8, 8)
+    for method in ("ddim", "ddpm"):
+        out = prior.denoise(x, t_final=20, method=method, num_steps=4, generator=torch.Generator().manual_seed(0))
+        assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    with pytest.raises(ValueError):
+        prior.denoise(x, t_final=0)
+
+
+# ------------------------------------------------------------------------------------------- the attack
+def test_attack_lowers_matching_loss_and_denoises():
+    torch.manual_seed(0)
+    model, _ = tiny_victim(seed=2)
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    view = make_server_view(model, x, torch.full((4,), 2), 10)
+    prior = DiffusionPrior(tiny_unet(8), DDPMScheduler(num_train_timesteps=1000), (1, 8, 8))
+    atk = UserLevelInversion(steps=20, lr=0.02, t_max=500, t_min=10, kappa=10.0, prior_weight=0.1, t_final=30,
+                             denoise_steps=3).bind(view, prior)
+    before = float(atk.matching_loss(atk.x_hat.detach(), None))
+    _trainer(20).fit(atk)
+    res = atk.result()
+    after = float(atk.matching_loss(res.representative, None))
+    assert after < before
+    assert res.steps == 20 and len(res.history["match"]) == 20
+    assert res.history["t"][0] == 500 and res.history["t"][-1] == 10
+    assert res.representative.shape == (1, 1, 8, 8) and res.denoised.shape == (1, 1, 8, 8)
+    assert 0 <= float(res.representative.min()) and float(res.representative.max()) <= 1
+    assert not model.training and all(p.grad is None for p in model.parameters())
+
+
+def test_attack_validation_and_nan():
+    with pytest.raises(ValueError, match="label_target"):
+        UserLevelInversion(label_target="hard")
+    with pytest.raises(ValueError, match="t_min"):
+        UserLevelInversion(t_min=900, t_max=100)
+    model, _ = tiny_victim()
+    view = make_server_view(model, torch.rand(2, 1, 8, 8), torch.tensor([1, 1]), 10)
+    with pytest.raises(ValueError, match="no prior"):
+        UserLevelInversion(steps=2).bind(view, None)
+    atk = UserLevelInversion(steps=3, use_prior=False, final_denoise=False, lr=float("nan")).bind(view)
+    with pytest.raises(AttackDivergedError, match="step 1"):
+        _trainer(3).fit(atk)
