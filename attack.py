@@ -36,7 +36,12 @@ import torch.nn.functional as F  # noqa: E402
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace  # noqa: E402
 
 from datamodules.users import User, UserSource  # noqa: E402
+from datamodules.celeba import CelebAUsers  # noqa: E402,F401  (short class names in configs)
+from datamodules.folder import FolderUsers  # noqa: E402,F401
+from datamodules.users import FashionMNISTUsers  # noqa: E402,F401
 from lightning_modules.base_attack import AttackDivergedError, AttackResult, GradientInversionAttack  # noqa: E402
+from lightning_modules.baselines import DLG, InvertingGradients, iDLG  # noqa: E402,F401
+from lightning_modules.user_level_inversion import UserLevelInversion  # noqa: E402,F401
 
 
 # ------------------------------------------------------------------------------------------------ config groups
@@ -221,28 +226,54 @@ def validate(cfg: Namespace, source: UserSource, victim_cfg: dict) -> None:
         raise ConfigError(f"the users have {source.num_classes} classes but the victim only {victim_cfg['num_classes']} outputs")
     if cfg.threat.protocol not in ("fedsgd", "fedavg"):
         raise ConfigError(f"threat.protocol must be 'fedsgd' or 'fedavg', got {cfg.threat.protocol!r}")
+    if cfg.threat.protocol == "fedavg":
+        from inversion.fedavg import local_steps_for
+
+        B = getattr(source, "batch_size", 1)
+        local_steps_for(B, cfg.threat.fedavg_epochs, cfg.threat.fedavg_batch_size or B)  # raises on zero steps
+        if not cfg.threat.fedavg_lr > 0:
+            raise ConfigError(f"threat.fedavg_lr must be > 0, got {cfg.threat.fedavg_lr}")
+    if cfg.threat.defenses:
+        from inversion.defenses import build_defenses
+
+        build_defenses([dict(d) for d in cfg.threat.defenses])  # raises on unknown names or out-of-range settings
     if cfg.logger.backend not in ("wandb", "csv", "none"):
         raise ConfigError(f"logger.backend must be wandb, csv or none, got {cfg.logger.backend!r}")
 
 
-def client_update(victim, user: User, threat: ThreatSpec, num_classes: int):
+def user_defenses(threat: ThreatSpec, user_index: int):
+    """Build the client's defenses; a configured ``seed`` is offset by the user index (independent noise per
+    client, reproducible per user)."""
+    from inversion.defenses import build_defenses
+
+    specs = [dict(d, seed=d["seed"] + user_index) if d.get("seed") is not None else dict(d) for d in threat.defenses]
+    return build_defenses(specs)
+
+
+def client_update(victim, user: User, threat: ThreatSpec, num_classes: int, user_index: int = 0):
     """The client's side: FedSGD gradient (or FedAvg pseudo-gradient), then its defenses. Returns the ServerView."""
     from inversion.scenario import fedsgd_gradient, make_server_view
 
+    meta: dict = {"protocol": threat.protocol}
     if threat.protocol == "fedavg":
         from inversion.fedavg import fedavg_client_update
 
-        grad = fedavg_client_update(victim, user.images, user.labels, threat)
+        upd = fedavg_client_update(
+            victim, user.images, user.labels, epochs=threat.fedavg_epochs, local_lr=threat.fedavg_lr,
+            local_batch_size=threat.fedavg_batch_size or None, seed=user_index,
+        )
+        grad = upd.pseudo_gradient
+        meta.update(upd.meta)
     else:
         grad = fedsgd_gradient(victim, user.images, user.labels)
     if threat.defenses:
-        from inversion.defenses import build_defenses
-
-        grad = build_defenses(threat.defenses)(grad)
-    return make_server_view(
+        grad = user_defenses(threat, user_index)(grad)
+    view = make_server_view(
         victim, user.images, user.labels, num_classes,
         reveal_batch_size=threat.reveal_batch_size, reveal_labels=threat.known_labels, gradient=grad,
     )
+    view.meta.update(meta)
+    return view
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -374,16 +405,17 @@ def run(cfg: Namespace) -> Path:
     status = "running"
     print(f"[attack] run directory: {run_dir}  ({len(users)} users, B = {source.batch_size if hasattr(source, 'batch_size') else '?'})", flush=True)
     try:
-        for user in users:
+        for i, user in enumerate(users):
             uid = f"user_{int(user.user_id):04d}" if str(user.user_id).isdigit() else f"user_{user.user_id}"
-            view = client_update(victim, user, init.threat, source.num_classes)
+            view = client_update(victim, user, init.threat, source.num_classes, user_index=i)
             attack: GradientInversionAttack = attack_cls(**attack_kwargs, log_prefix=f"{uid}/")
             attack.log_images_every = cfg.image_log_every
             attack.bind(view, prior)
             trainer = Trainer(
                 max_steps=attack.steps, logger=logger if logger is not None else False, enable_checkpointing=False,
                 default_root_dir=str(run_dir / "lightning"), enable_autolog_hparams=False, num_sanity_val_steps=0,
-                callbacks=[TQDMProgressBar(refresh_rate=max(1, attack.steps // 100))], **trainer_kwargs,
+                callbacks=[TQDMProgressBar(refresh_rate=max(1, attack.steps // 100))] if trainer_kwargs["enable_progress_bar"] else [],
+                **trainer_kwargs,
             )
             t0 = time.time()
             trainer.fit(attack)

@@ -41,7 +41,7 @@ def load_ddpm(path_or_id: str, device: str | torch.device = "cpu") -> tuple[UNet
     if looks_local and not (local / "unet" / "config.json").is_file():
         raise ValueError(f"{local} is not a diffusers DDPM pipeline folder (no unet/config.json)")
     try:
-        unet = UNet2DModel.from_pretrained(path_or_id, subfolder="unet", use_safetensors=None)
+        unet = UNet2DModel.from_pretrained(path_or_id, subfolder="unet", low_cpu_mem_usage=False)
         scheduler = DDPMScheduler.from_pretrained(path_or_id, subfolder="scheduler")
     except OSError as exc:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
