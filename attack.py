@@ -84,10 +84,13 @@ class ThreatSpec:
 @dataclass
 class EvaluationSpec:
     """Evaluation (ground truth reaches only this stage). evaluator: an independent classifier folder (or null).
-    lpips: compute LPIPS (needs the offline AlexNet weights: scripts/setup_offline_assets.sh)."""
+    lpips: compute LPIPS (needs the offline AlexNet weights: scripts/setup_offline_assets.sh).
+    faces: face analysis for face users (detection, identity match against this user's vs other users' photos,
+    gender vs the CelebA ``Male`` attribute; inversion/faces.py); unmeasurable cases are reported, never zero."""
 
     evaluator: Optional[str] = "checkpoints/fashion_mnist/evaluator_convnet"
     lpips: bool = False
+    faces: bool = False
 
 
 @dataclass
@@ -125,14 +128,14 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], default_env=False, exit_on_error=True)
     p.add_argument("--config", action=ActionConfigFile, help="One YAML per experiment (configs/attack/*.yaml).")
     p.add_subclass_arguments(UserSource, "users", required=True, help="Who the FL users are.")
-    p.add_dataclass_arguments(VictimSpec, "victim")
-    p.add_dataclass_arguments(PriorSpec, "prior")
-    p.add_dataclass_arguments(ThreatSpec, "threat")
+    p.add_class_arguments(VictimSpec, "victim")
+    p.add_class_arguments(PriorSpec, "prior")
+    p.add_class_arguments(ThreatSpec, "threat")
     p.add_subclass_arguments(GradientInversionAttack, "attack", required=True, instantiate=False, skip={"log_prefix"})
-    p.add_dataclass_arguments(EvaluationSpec, "evaluation")
+    p.add_class_arguments(EvaluationSpec, "evaluation")
     p.add_class_arguments(Trainer, "trainer", instantiate=False, skip=TRAINER_SKIP)
-    p.add_dataclass_arguments(LoggerSpec, "logger")
-    p.add_dataclass_arguments(OutputSpec, "output")
+    p.add_class_arguments(LoggerSpec, "logger")
+    p.add_class_arguments(OutputSpec, "output")
     p.add_argument("--seed", type=int, default=0, help="Global seed (Lightning seed_everything).")
     p.add_argument("--image_log_every", type=int, default=0, help="Log reconstructions every k steps (0: off).")
     return p
@@ -241,6 +244,23 @@ def validate(cfg: Namespace, source: UserSource, victim_cfg: dict) -> None:
         raise ConfigError(f"logger.backend must be wandb, csv or none, got {cfg.logger.backend!r}")
 
 
+STRENGTH_KEYS = ("sigma", "noise_multiplier", "keep_fraction", "levels", "clip_norm")
+
+
+def defense_label(defenses: list[dict]) -> tuple[str, float]:
+    """A readable label of the configured defenses ('none' when off) and the strength of the first one (its sigma,
+    keep fraction, levels or clip norm; NaN when none) for privacy curves."""
+    if not defenses:
+        return "none", float("nan")
+    parts, strength = [], float("nan")
+    for d in defenses:
+        params = ",".join(f"{k}={v}" for k, v in d.items() if k not in ("name", "seed"))
+        parts.append(f"{d.get('name')}({params})")
+        if strength != strength:
+            strength = next((float(d[k]) for k in STRENGTH_KEYS if d.get(k) is not None), float("nan"))
+    return "+".join(parts), strength
+
+
 def user_defenses(threat: ThreatSpec, user_index: int):
     """Build the client's defenses; a configured ``seed`` is offset by the user index (independent noise per
     client, reproducible per user)."""
@@ -277,6 +297,15 @@ def client_update(victim, user: User, threat: ThreatSpec, num_classes: int, user
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
+def face_columns(final: torch.Tensor, user: User, others: list[torch.Tensor]) -> dict[str, Any]:
+    """Face analysis columns for one user (see inversion.faces.face_report); ``Male`` from the user's ground truth."""
+    from inversion.faces import face_report
+
+    male = user.meta.get("image_attributes", {}).get("Male") if isinstance(user.meta.get("image_attributes"), dict) else None
+    rep = face_report(final[0], user.images, others, male_attr=male)
+    return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in rep.items()}
+
+
 def evaluate(result: AttackResult, user: User, evaluator, lpips: bool) -> dict[str, Any]:
     """Compare the reconstruction with the user's ground truth (this is the only place the private batch is used)."""
     from inversion.metrics import image_metrics
@@ -299,6 +328,17 @@ def evaluate(result: AttackResult, user: User, evaluator, lpips: bool) -> dict[s
     row.update({k: round(float(v), 5) for k, v in metrics.items()})
     raw_metrics = image_metrics(result.representative, user.images, lpips=False)
     row.update({f"raw_{k}": round(float(v), 5) for k, v in raw_metrics.items() if k.startswith("psnr")})
+    recs = result.reconstructions
+    if recs.shape[0] > 1:  # sample-level baselines: also the mean over all their reconstructions
+        per = [image_metrics(r, user.images, lpips=lpips) for r in recs]
+        for k in per[0]:
+            if k.endswith("_nearest"):
+                vals = [p[k] for p in per if math.isfinite(p[k])]
+                row[f"all_{k}_mean"] = round(sum(vals) / len(vals), 5) if vals else float("nan")
+        if evaluator is not None:
+            with torch.no_grad():
+                cls = F.softmax(evaluator(recs.float()), dim=1).argmax(1)
+            row["all_evaluator_dominant_share"] = round(float((cls == user.dominant_class).float().mean()), 4)
     return row
 
 
@@ -387,6 +427,10 @@ def run(cfg: Namespace) -> Path:
         evaluator, ev_cfg = load_classifier(ev_path if ev_path.exists() else ROOT / ev_path)
         if ev_cfg["in_channels"] != source.image_shape[0]:
             raise ConfigError(f"evaluator {ev_path} takes {ev_cfg['in_channels']} channels, the users have {source.image_shape[0]}")
+    if init.evaluation.faces:
+        from inversion.faces import _dlib_models, _gender_model
+
+        _dlib_models(), _gender_model()  # raises FaceModelsMissing with the pip command before any attack
     if init.evaluation.lpips:
         from inversion.metrics import get_lpips_model
 
@@ -402,6 +446,7 @@ def run(cfg: Namespace) -> Path:
     trainer_kwargs.setdefault("enable_progress_bar", True)
     rows: list[dict] = []
     grids: list[torch.Tensor] = []
+    defense_name, defense_strength = defense_label([dict(d) for d in init.threat.defenses])
     status = "running"
     print(f"[attack] run directory: {run_dir}  ({len(users)} users, B = {source.batch_size if hasattr(source, 'batch_size') else '?'})", flush=True)
     try:
@@ -431,8 +476,15 @@ def run(cfg: Namespace) -> Path:
                 "inferred_dominant": inferred.dominant,
                 "inferred_counts": " ".join(f"{float(v):g}" for v in inferred.counts.tolist()),
                 "label_strategy": inferred.strategy,
+                "protocol": init.threat.protocol,
+                "defense": defense_name,
+                "defense_strength": defense_strength,
+                "victim_init": "random" if init.victim.random_init else "trained",
             }
             row.update(evaluate(result, user, evaluator, init.evaluation.lpips))
+            if init.evaluation.faces:
+                final = result.denoised if result.denoised is not None else result.representative
+                row.update(face_columns(final, user, [u.images for u in users if u is not user]))
             row.update(steps=result.steps, seconds=round(seconds, 2), seconds_per_step=round(seconds / max(1, result.steps), 4))
             udir = run_dir / "users" / uid
             save_png(udir / "batch.png", user.images)
@@ -484,4 +536,8 @@ def main(argv: Optional[list[str]] = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:  # bad input: one clear line, no traceback
+        print(f"attack.py: error: {exc}", file=sys.stderr)
+        raise SystemExit(2)

@@ -74,4 +74,8 @@ def main(args=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:  # bad input: one clear line, no traceback
+        print(f"train.py: error: {exc}", file=sys.stderr)
+        raise SystemExit(2)

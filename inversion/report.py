@@ -21,6 +21,25 @@ in a temporary folder next to it and renamed into place at the end:
 * ``metrics_vs_B.png``: each metric against B per method, mean ± std band over users and every user as a dot;
 * ``gallery.png``: a few users' ``grid.png`` per (method, B).
 
+Extra grouping, only when the runs differ in it (so a report of one kind of run is unchanged): ``protocol``,
+``victim_init``, ``defense`` + ``defense_strength`` (columns of results.csv; a run without them counts as
+``defense = none``, strength NaN) and ``run_name`` (``output.name`` from each run's ``config.yaml``, else the run
+folder name without its ``-YYYYmmdd-HHMMSS-hex`` suffix). These become extra key columns of ``summary.csv`` (after
+``method, B``), so e.g. an ablation table (full vs no_prior vs no_window ..., one ``output.name`` each) comes out
+directly, and the figures draw one line per method and extra key. When more than one defense (or strength) is
+present, also:
+
+* ``privacy.csv``: per (method, B, defense, defense_strength), pooled over run names: n_users,
+  ``evaluator_accuracy``, ``label_accuracy`` and avg/std/n of ``psnr_nearest`` and ``lpips_nearest`` (when present);
+* ``privacy_curve.png``: attack success (evaluator accuracy; LPIPS nearest and PSNR nearest when measured) against
+  the defense strength (the first defense's sigma / keep fraction / levels / clip norm, see attack.defense_label),
+  one line per method (and per defense kind, and per B when several). The x axis is logarithmic when the positive
+  strengths span more than 10x. ``none`` (no defense) is drawn as a hollow square at the left end of each line with
+  the tick label ``none`` (at x = 0 on a linear axis; one decade left of the smallest strength on a log axis, since
+  0 has no log position); a strength of exactly 0 (e.g. clipping only, sigma 0) is drawn the same way with the tick
+  label ``0`` (then ``none`` moves one more step left). A defense without a strength (e.g. sign_compression) is in
+  the tables but not on the curve.
+
 With ``--wandb`` the table (``wandb.Table``) and both figures (uint8 images) are also logged to W&B, offline unless
 ``WANDB_MODE`` says otherwise.
 """
@@ -39,12 +58,20 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["GROUP_KEYS", "aggregate", "build_report", "load_runs", "main", "plot_gallery", "plot_metrics_vs_b"]
+__all__ = ["GROUP_KEYS", "aggregate", "aggregate_privacy", "build_report", "group_keys", "load_runs", "main",
+           "plot_gallery", "plot_metrics_vs_b", "plot_privacy_curve"]
 
 GROUP_KEYS = ["method", "B"]
+# Extra group keys, used only when the runs differ in them (see group_keys); defense and strength go together.
+VARIANT_KEYS = ["protocol", "victim_init", "defense", "defense_strength", "run_name"]
+PRIVACY_KEYS = ["method", "B", "defense", "defense_strength"]
+TEXT_COLUMNS = ("method", "run", "run_dir", "user", "grid", "grid_path", "user_dir", "true_histogram",
+                "inferred_counts", "label_strategy", "defense", "protocol", "victim_init", "run_name")
 NON_METRIC = {"user", "B", "method", "dominant_class", "inferred_dominant", "evaluator_class", "evaluator_correct",
               "evaluator_class_raw", "nearest_index", "true_histogram", "inferred_counts", "label_strategy",
-              "run", "run_dir", "grid", "grid_path", "user_dir", "seed"}
+              "run", "run_dir", "grid", "grid_path", "user_dir", "seed", "defense", "defense_strength", "protocol",
+              "victim_init", "run_name"}
+RUN_DIR_SUFFIX = r"-\d{8}-\d{6}-[0-9a-f]{6}$"
 # Order of the main metrics in tables and figures; other numeric columns follow.
 MAIN_METRICS = ["mse_nearest", "mse_mean", "psnr_nearest", "psnr_mean", "ssim_nearest", "ssim_mean",
                 "lpips_nearest", "lpips_mean", "evaluator_prob"]
@@ -64,8 +91,30 @@ def _to_number(col: pd.Series) -> pd.Series:
     return pd.to_numeric(col, errors="coerce")
 
 
+def run_name_of(run_dir: Path) -> Optional[str]:
+    """``output.name`` from the run's config.yaml, else the folder name without attack.py's time-hex suffix (None
+    when the folder is not named that way)."""
+    import re
+
+    p = run_dir / "config.yaml"
+    if p.is_file():
+        try:
+            import yaml
+
+            cfg = yaml.safe_load(p.read_text()) or {}
+            name = (cfg.get("output") or {}).get("name") if isinstance(cfg, dict) else None
+            if name:
+                return str(name)
+        except Exception:  # noqa: BLE001 - an unreadable config only loses the name
+            pass
+    if re.search(RUN_DIR_SUFFIX, run_dir.name):
+        return re.sub(RUN_DIR_SUFFIX, "", run_dir.name)
+    return None
+
+
 def load_runs(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
-    """Concatenate ``RUN_DIR/results.csv`` of every run, adding ``run`` (folder name) and ``run_dir`` columns.
+    """Concatenate ``RUN_DIR/results.csv`` of every run, adding ``run`` (folder name), ``run_dir`` and ``run_name``
+    (see :func:`run_name_of`) columns; ``defense`` is filled with 'none' where a run lacks it.
 
     Numeric-looking columns are converted to float (empty cells -> NaN; "True"/"False" -> 1/0); ``B`` to int.
 
@@ -85,15 +134,19 @@ def load_runs(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
             raise ValueError(f"{csv} lacks column(s) {missing}")
         df["run"] = d.name
         df["run_dir"] = str(d)
+        df["run_name"] = run_name_of(d)
         frames.append(df)
     if not frames:
         raise ValueError("no run directories given")
     df = pd.concat(frames, ignore_index=True)
     df["B"] = pd.to_numeric(df["B"], errors="raise").astype(int)
     df["method"] = df["method"].astype(str)
+    if "defense" in df or "defense_strength" in df:
+        df["defense"] = df["defense"].fillna("none").astype(str) if "defense" in df else "none"
+        df["defense_strength"] = (pd.to_numeric(df["defense_strength"], errors="coerce")
+                                  if "defense_strength" in df else math.nan)
     for c in df.columns:
-        if c in ("method", "run", "run_dir", "user", "grid", "grid_path", "user_dir", "true_histogram",
-                 "inferred_counts", "label_strategy"):
+        if c in TEXT_COLUMNS:
             continue
         conv = _to_number(df[c])
         if conv.notna().sum() >= df[c].notna().sum() and (conv.notna().any() or df[c].isna().all()):
@@ -107,16 +160,52 @@ def metric_columns(df: pd.DataFrame) -> list[str]:
     return [m for m in MAIN_METRICS if m in numeric] + [c for c in numeric if c not in MAIN_METRICS]
 
 
-def aggregate(df: pd.DataFrame) -> pd.DataFrame:
-    """Per (method, B): n_users, evaluator/label accuracy and avg/std/n over users of every metric column.
+def _varies(df: pd.DataFrame, col: str) -> bool:
+    return col in df and df[col].astype(object).where(df[col].notna(), None).nunique(dropna=False) > 1
+
+
+def group_keys(df: pd.DataFrame) -> list[str]:
+    """``method, B`` plus the :data:`VARIANT_KEYS` the runs differ in (defense and defense_strength together)."""
+    keys = list(GROUP_KEYS)
+    for k in VARIANT_KEYS:
+        if k in ("defense", "defense_strength"):
+            if (_varies(df, "defense") or _varies(df, "defense_strength")) and k in df:
+                keys.append(k)
+        elif _varies(df, k):
+            keys.append(k)
+    return keys
+
+
+def has_defense_levels(df: pd.DataFrame) -> bool:
+    """More than one distinct defense or defense strength among the runs."""
+    return _varies(df, "defense") or _varies(df, "defense_strength")
+
+
+def _key_value(v):
+    if isinstance(v, (float, np.floating)) and not np.isfinite(v):
+        return math.nan
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return float(v)
+    return v
+
+
+def aggregate(df: pd.DataFrame, keys: Optional[Sequence[str]] = None, metrics: Optional[Sequence[str]] = None) -> pd.DataFrame:
+    """Per group (default :func:`group_keys`: method, B and what the runs differ in): n_users, evaluator/label
+    accuracy and avg/std/n over users of every metric column (or of ``metrics``).
 
     std is the sample standard deviation over users (ddof 1), NaN for a single user; NaN cells (not measurable) are
-    left out of avg/std and counted in ``M_n``.
+    left out of avg/std and counted in ``M_n``. Missing key values (e.g. strength NaN for 'none') form their own group.
     """
-    metrics = metric_columns(df)
+    keys = list(keys) if keys is not None else group_keys(df)
+    metrics = metric_columns(df) if metrics is None else [m for m in metrics if m in df]
     rows = []
-    for (method, b), g in df.groupby(GROUP_KEYS, sort=True):
-        row: dict = {"method": method, "B": int(b), "n_users": int(len(g))}
+    for key, g in df.groupby(keys, sort=True, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        row: dict = {k: _key_value(v) for k, v in zip(keys, key)}
+        row["B"] = int(row["B"])
+        row["n_users"] = int(len(g))
         if "evaluator_correct" in g:
             ok = _to_number(g["evaluator_correct"]).dropna()
             row["evaluator_accuracy"] = float(ok.mean()) if len(ok) else math.nan
@@ -132,6 +221,13 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
             row[f"{m}_n"] = int(len(v))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def aggregate_privacy(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (method, B, defense, defense_strength), pooled over runs: accuracies and psnr/lpips nearest."""
+    out = aggregate(df, PRIVACY_KEYS, metrics=["psnr_nearest", "lpips_nearest"])
+    return out.sort_values(["method", "B", "defense_strength", "defense"], na_position="first", kind="stable",
+                           ignore_index=True)
 
 
 # --------------------------------------------------------------------------------------------------------------------

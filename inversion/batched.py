@@ -1,0 +1,191 @@
+"""Many users per step: per-user gradient matching of U representative images in one batched pass.
+
+The user-level attack (:mod:`lightning_modules.user_level_inversion`) optimises one image x_hat per user against that
+user's target gradient g_u. Run one user at a time, a step costs a batch-1 forward, a double backward and a
+parameter-sized gradient comparison, which leaves an accelerator mostly idle. :class:`BatchedMatching` computes, for U
+users at once,
+
+    loss_u = sum_l w_l (1 - cos(g_u,l, ghat_u,l)) / sum_l w_l,   ghat_u = grad_w CE(f_w(x_u), y_u)   (batch of 1)
+
+and d loss_u / d x_u, identical (up to float rounding) to U separate calls of
+:func:`inversion.objectives.gradient_matching_loss` on an ``autograd.grad(..., create_graph=True)`` dummy gradient
+followed by ``autograd.grad(loss, x)``.
+
+How: torch.func's per-sample-gradient recipe (https://pytorch.org/tutorials/intermediate/per_sample_grads.html,
+``vmap(grad(loss))`` over a ``functional_call`` of the model), nested once more: ``vmap(grad_and_value(per_user))``
+where ``per_user`` itself takes ``torch.func.grad`` of the cross-entropy w.r.t. the parameter dict (the dummy
+gradient), then the weighted per-layer cosine distance to that user's target. The outer ``grad`` is w.r.t. the image
+only. The victim must be in eval mode (BatchNorm on running statistics): then user u's dummy gradient depends on
+x_u alone, which is what makes a vmap over users equal to independent attacks. In train mode BatchNorm would mix the
+users (and vmap refuses in-place running-stat updates), so the constructor puts the victim in eval mode.
+
+A summed loss with ``torch.autograd.grad(sum_u loss_u, x)`` would also give each d loss_u / d x_u (users are
+independent), but ``sum_u loss_u`` needs each user's *own* dummy gradient, i.e. per-sample parameter gradients,
+which plain autograd only yields with a loop over users; hence torch.func. ``chunk_size`` bounds the memory
+(the U per-user dummy gradients are each as large as the victim).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Mapping, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, grad, grad_and_value, vmap
+
+from inversion.scenario import victim_parameters
+
+
+def stack_targets(
+    target_gradients: Sequence[Mapping[str, torch.Tensor]], param_names: Sequence[str]
+) -> list[torch.Tensor]:
+    """Stack U users' target gradients per parameter.
+
+    Args:
+        target_gradients: U >= 1 mappings parameter name -> gradient tensor (e.g. ``ServerView.target_gradient`` or
+            :func:`inversion.scenario.fedsgd_gradient` outputs), all on one device.
+        param_names: the L parameter names to keep, in the victim's order (input side first), e.g.
+            ``BatchedMatching.param_names``.
+
+    Returns:
+        list of L float32 tensors, the l-th of shape (U, *shape_l).
+
+    Raises:
+        ValueError: no users, a user missing a parameter, or users whose gradients for one parameter differ in shape.
+    """
+    if len(target_gradients) == 0:
+        raise ValueError("stack_targets needs at least one user's target gradient")
+    out = []
+    for name in param_names:
+        per_user = []
+        for u, tg in enumerate(target_gradients):
+            if name not in tg:
+                raise ValueError(f"user {u}'s target gradient has no entry for parameter {name!r}")
+            per_user.append(tg[name].detach().float())
+        shapes = {tuple(t.shape) for t in per_user}
+        if len(shapes) != 1:
+            raise ValueError(f"users' target gradients for {name!r} differ in shape: {sorted(shapes)}")
+        out.append(torch.stack(per_user))
+    return out
+
+
+class BatchedMatching:
+    """Per-user gradient matching losses and image gradients for U users in one vectorised pass.
+
+    Args:
+        victim: the frozen classifier, float32, taking (N, C, H, W) pixels in [0, 1] and returning logits (N, K).
+            It is put in eval mode (BatchNorm on running statistics, so each image is independent); its weights
+            are not modified (they are detached into a parameter dict).
+        param_names: the parameters whose gradient is matched (default: all trainable ones, the order of
+            :func:`inversion.scenario.victim_parameters`, as the attack uses); the others stay fixed.
+        chunk_size: passed to ``torch.func.vmap``: users processed together (None: all U at once). Smaller bounds
+            peak memory (each user's dummy gradient is victim-sized) at some speed cost.
+
+    Raises:
+        ValueError: an unknown or duplicated parameter name, or an empty list.
+    """
+
+    def __init__(self, victim: nn.Module, param_names: Optional[Sequence[str]] = None, chunk_size: Optional[int] = None) -> None:
+        self.victim = victim.eval()
+        trainable = victim_parameters(victim)
+        names = list(trainable) if param_names is None else list(param_names)
+        if not names:
+            raise ValueError("param_names is empty: nothing to match")
+        all_params = dict(victim.named_parameters())
+        unknown = [n for n in names if n not in all_params]
+        if unknown:
+            raise ValueError(f"unknown victim parameter(s) {unknown[:3]}; known e.g. {list(all_params)[:3]}")
+        if len(set(names)) != len(names):
+            raise ValueError("param_names holds duplicates")
+        self.param_names: list[str] = names
+        self.chunk_size = chunk_size
+        # matched parameters (differentiated) and everything else (fixed: other parameters and buffers)
+        self._params = OrderedDict((n, all_params[n].detach()) for n in names)
+        self._fixed = {n: p.detach() for n, p in all_params.items() if n not in self._params}
+        self._fixed.update({n: b for n, b in victim.named_buffers()})
+        self._fn = vmap(grad_and_value(self._per_user), in_dims=(0, 0, 0, 0), chunk_size=chunk_size)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.param_names)
+
+    @property
+    def param_shapes(self) -> list[torch.Size]:
+        return [p.shape for p in self._params.values()]
+
+    # ------------------------------------------------------------------------------------------ per-user function
+    def _ce(self, params: dict, x_u: torch.Tensor, y_u: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(self.victim, (params, self._fixed), (x_u.unsqueeze(0),))
+        return -(y_u.to(logits.dtype) * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+    def _per_user(self, x_u: torch.Tensor, y_u: torch.Tensor, targets_u: list, w_u: torch.Tensor) -> torch.Tensor:
+        """loss_u for one user: x_u (C, H, W), y_u (K,), targets_u L tensors (*shape_l), w_u (L,); scalar."""
+        dummy = grad(self._ce)(self._params, x_u, y_u)
+        dists = []
+        for g, n in zip(targets_u, self.param_names):
+            g, h = g.flatten().float(), dummy[n].flatten().float()
+            # as inversion.objectives.layer_cosine_distances (eps = 1e-12)
+            dists.append(1.0 - (g * h).sum() / (g.norm() * h.norm()).clamp_min(1e-12))
+        d = torch.stack(dists)
+        return (w_u * d).sum() / w_u.sum().clamp_min(1e-12)
+
+    # ------------------------------------------------------------------------------------------ public API
+    def matching_loss_and_grad(
+        self,
+        x: torch.Tensor,
+        y_soft: torch.Tensor,
+        targets: Sequence[torch.Tensor],
+        weights: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-user gradient matching losses and their gradients w.r.t. each user's image.
+
+        Args:
+            x: float (U, C, H, W) representative images, pixels in [0, 1], on the victim's device. Not modified;
+                ``requires_grad`` is not needed (the gradient is returned, not accumulated into ``x.grad``).
+            y_soft: float (U, K) soft or one-hot CE targets (rows summing to 1), one row per user.
+            targets: L tensors, the l-th (U, *shape_l): the users' target gradients stacked per parameter, in
+                :attr:`param_names` order (see :func:`stack_targets`); cast to float32 on x's device.
+            weights: None (uniform, i.e. the mean over layers), (L,) layer weights shared by all users (e.g.
+                :func:`inversion.objectives.sliding_window_weights`), or (U, L) per-user weights; non-negative,
+                normalised to sum 1 per user.
+
+        Returns:
+            (losses, grads): float32 (U,) losses in [0, 2] and (U, C, H, W) d loss_u / d x_u in x's dtype; both
+            detached.
+
+        Raises:
+            ValueError: x not 4-D; y_soft not (U, K); U differing between x, y_soft, targets or weights; a wrong
+                number of layers; a target of the wrong shape; weights of the wrong shape.
+        """
+        if x.dim() != 4:
+            raise ValueError(f"x must be (U, C, H, W), got shape {tuple(x.shape)}")
+        U = x.shape[0]
+        if y_soft.dim() != 2 or y_soft.shape[0] != U:
+            raise ValueError(f"y_soft must be (U={U}, K), got shape {tuple(y_soft.shape)}")
+        if len(targets) != self.num_layers:
+            raise ValueError(f"{len(targets)} target layers but {self.num_layers} matched parameters")
+        dev = x.device
+        tg = []
+        for t, n, s in zip(targets, self.param_names, self.param_shapes):
+            if tuple(t.shape) != (U, *s):
+                raise ValueError(f"target for {n!r} must have shape {(U, *s)} (U users x parameter), got {tuple(t.shape)}")
+            tg.append(t.to(device=dev, dtype=torch.float32))
+        L = self.num_layers
+        if weights is None:
+            w = torch.ones(U, L, device=dev)
+        else:
+            w = weights.to(device=dev, dtype=torch.float32)
+            if w.dim() == 1 and w.shape[0] == L:
+                w = w.unsqueeze(0).expand(U, L)
+            elif tuple(w.shape) != (U, L):
+                raise ValueError(f"weights must be (L={L},) or (U={U}, L={L}), got shape {tuple(w.shape)}")
+        x_in = x.detach()
+        y_in = y_soft.detach().to(device=dev)
+        with torch.enable_grad():
+            grads, losses = self._fn(x_in, y_in, tg, w)
+        return losses.detach().float(), grads.detach().to(x.dtype)
+
+    def __call__(self, *args, **kwargs):
+        return self.matching_loss_and_grad(*args, **kwargs)

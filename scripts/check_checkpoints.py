@@ -1,0 +1,118 @@
+"""Measure the shipped Fashion-MNIST checkpoints against their bars and print a report.
+
+    python scripts/check_checkpoints.py                      # full: 10,000 test images, 500 prior samples
+    python scripts/check_checkpoints.py --n-test 500 --n-samples 100 --ddim-steps 20   # quick
+
+Bars (issue 3): victim and evaluator top-1 accuracy >= 90% on the Fashion-MNIST test split; 500 prior samples
+(DDIM, 100 steps, eta 0, seed 0) classified by the evaluator with mean top-1 probability >= 0.8 and every class
+between 0.5x and 2x of uniform. Exit status 1 when a bar fails (with --strict).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> float:
+    """Top-1 accuracy (fraction in [0, 1]) of ``model`` on images x (N, C, H, W) in [0, 1] with labels y (N,)."""
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            correct += int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum())
+    return correct / len(x)
+
+
+def prior_sample_report(prior_dir: Path, evaluator, n: int, steps: int, seed: int = 0) -> dict:
+    """Sample ``n`` images with DDIM and classify them with the evaluator; returns the figures of the bar."""
+    from inversion.prior import load_ddpm
+    from lightning_modules.ddpm import sample_ddim
+
+    unet, scheduler = load_ddpm(str(prior_dir))
+    t0 = time.time()
+    imgs = sample_ddim(unet, scheduler, n, num_inference_steps=steps, seed=seed)
+    seconds = time.time() - t0
+    with torch.no_grad():
+        probs = torch.softmax(evaluator(imgs), dim=1)
+    top1 = probs.max(1).values
+    counts = np.bincount(probs.argmax(1).numpy(), minlength=probs.shape[1])
+    uniform = n / probs.shape[1]
+    return {
+        "n_samples": n,
+        "ddim_steps": steps,
+        "sampling_seconds": round(seconds, 1),
+        "mean_top1_prob": round(float(top1.mean()), 4),
+        "class_counts": counts.tolist(),
+        "class_ratio_min": round(float(counts.min() / uniform), 3),
+        "class_ratio_max": round(float(counts.max() / uniform), 3),
+        "bar_mean_top1": bool(top1.mean() >= 0.8),
+        "bar_class_balance": bool(counts.min() >= 0.5 * uniform and counts.max() <= 2 * uniform),
+    }, imgs
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoints", default=str(ROOT / "checkpoints" / "fashion_mnist"))
+    ap.add_argument("--n-test", type=int, default=10000, help="test images for the accuracies (max 10000)")
+    ap.add_argument("--n-samples", type=int, default=500)
+    ap.add_argument("--ddim-steps", type=int, default=100)
+    ap.add_argument("--json", default=None, help="also write the report as JSON here")
+    ap.add_argument("--grid", default=None, help="save the first 100 prior samples as a PNG grid here")
+    ap.add_argument("--strict", action="store_true", help="exit 1 when a bar fails")
+    args = ap.parse_args(argv)
+
+    from datamodules.fashion_mnist import load_split, to_tensor_images
+    from lightning_modules.classifier import load_classifier
+
+    ck = Path(args.checkpoints)
+    raw, labels = load_split("test")
+    x = to_tensor_images(raw[: args.n_test], 32, 1)
+    y = torch.from_numpy(labels[: args.n_test].astype(np.int64))
+    report: dict = {"n_test": len(x)}
+    evaluator = None
+    for name in ("victim_resnet18", "evaluator_convnet"):
+        model, cfg = load_classifier(ck / name)
+        t0 = time.time()
+        acc = accuracy(model, x, y)
+        report[name] = {"arch": cfg["arch"], "test_accuracy": round(acc, 4), "seconds": round(time.time() - t0, 1), "bar": acc >= 0.9}
+        if name.startswith("evaluator"):
+            evaluator = model
+    prior, imgs = prior_sample_report(ck / "ddpm_32", evaluator, args.n_samples, args.ddim_steps)
+    report["ddpm_32"] = prior
+    if args.grid:
+        from PIL import Image
+
+        from inversion.logging_utils import to_uint8_hwc
+
+        Image.fromarray(to_uint8_hwc(imgs[:100], nrow=10)).save(args.grid)
+
+    print(f"Fashion-MNIST checkpoints ({ck})")
+    for name in ("victim_resnet18", "evaluator_convnet"):
+        r = report[name]
+        print(f"  {name:18s} test accuracy {100 * r['test_accuracy']:.2f}% on {len(x)} images  [bar >= 90%: {'PASS' if r['bar'] else 'FAIL'}]")
+    print(
+        f"  ddpm_32            {prior['n_samples']} DDIM-{prior['ddim_steps']} samples: evaluator mean top-1 prob "
+        f"{prior['mean_top1_prob']:.3f} [bar >= 0.8: {'PASS' if prior['bar_mean_top1'] else 'FAIL'}]; class counts "
+        f"{prior['class_counts']} -> {prior['class_ratio_min']:.2f}x..{prior['class_ratio_max']:.2f}x of uniform "
+        f"[bar 0.5x..2x: {'PASS' if prior['bar_class_balance'] else 'FAIL'}]"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    ok = all(report[n]["bar"] for n in ("victim_resnet18", "evaluator_convnet")) and prior["bar_mean_top1"] and prior["bar_class_balance"]
+    print("ALL BARS PASS" if ok else "SOME BARS FAIL")
+    return 0 if ok or not args.strict else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,575 @@
+"""Run a grid of attack.py experiments (a sweep), resumably, and report them together.
+
+    python sweep.py --config configs/sweep/dp_noise.yaml [--dry-run] [--max-cells N] [--new] [--root DIR]
+
+A sweep YAML::
+
+    name: dp_noise                       # W&B group of every cell (logger.group) and default root runs/sweeps/<name>
+    root: runs/sweeps/dp_noise           # the sweep directory (relative to the current directory, like output.root)
+    base: configs/attack/fashion_mnist.yaml   # attack config every cell starts from
+    configs: []                          # optional: more config files layered over base in every cell
+    fixed:                               # optional: dotted-key overrides for every cell
+      users.init_args.batch_size: 10
+    grid:                                # dotted key -> list of values; the cartesian product gives the cells
+      threat.defenses:
+        - []
+        - [{name: gaussian_dp, clip_norm: 1.0, sigma: 0.01}]
+      seed: [0, 1]
+      attack: [null, configs/method/dlg.yaml]   # special: config files layered over base (null: none)
+
+Config file paths (base, configs, ``attack`` grid values) are looked up next to the sweep file first, then in the
+repository root, then in the current directory. A grid value of the special key ``attack`` (alias ``configs``) is a
+config path, a list of paths, or null (no extra file); a mapping value is passed as an ``--attack`` override instead.
+Other keys are any attack.py option (``users.init_args.batch_size``, ``threat.defenses``, ``seed``...), given as
+``--key value`` after the config files (order: base, configs, attack files, fixed, grid, then ``--output.root
+<sweep>/cells --output.name <cell slug> --logger.group <name>``). ``output.root``, ``output.name`` and
+``logger.group`` belong to the sweep and may not be set in fixed or grid.
+
+Before any work every key is checked against attack.py's parser and every cell is parsed: an unknown key, an empty
+value list, a missing config file or a value attack.py refuses stops the sweep with one error naming the key.
+
+The sweep directory holds ``sweep.json`` (the resolved sweep config and its sha256 ``hash``), ``index.json`` (cell
+slug -> run dir, status, overrides; rewritten atomically after each cell), ``cells/<slug>-<time>-<hex>/`` (the
+attack.py run directories) and ``report/`` (``python -m inversion.report`` over every finished cell; ``report-1``...
+when it exists). Re-running the same sweep skips the cells whose run dir has ``summary.json`` status ``finished``
+(an unfinished run dir is kept and the cell re-run in a new one); a sweep directory made from a different sweep
+config is refused unless ``--new`` (then a fresh ``<root>-1``, ``-2``... is used). Cells run in this process, one
+after the other (``attack.main``); a cell that fails or diverges is recorded and the sweep goes on; Ctrl-C stops the
+sweep (the cell is recorded as interrupted). Exit status: 0 when every cell finished, 1 otherwise, 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import hashlib
+import io
+import itertools
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("WANDB_MODE", "offline")
+
+CONFIG_KEYS = ("attack", "configs")  # grid keys whose values are config files layered over base
+MANAGED_KEYS = ("output.root", "output.name", "logger.group", "config")
+SWEEP_FIELDS = {"name", "root", "base", "configs", "fixed", "grid"}
+RUN_DIR_RE = r"-\d{8}-\d{6}-[0-9a-f]{6}$"
+
+
+class SweepError(ValueError):
+    """A sweep config or sweep directory that cannot be used; raised before any cell runs."""
+
+
+# ------------------------------------------------------------------------------------------------ small helpers
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write JSON through a temporary file in the same folder and an atomic rename."""
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=False, default=str)
+            fh.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def resolve_path(p: str, sweep_file: Optional[Path]) -> Path:
+    """A config path: absolute, else next to the sweep file, else in the repository root, else in the cwd."""
+    path = Path(p).expanduser()
+    if path.is_absolute():
+        return path
+    for base in ([sweep_file.parent] if sweep_file else []) + [ROOT, Path.cwd()]:
+        cand = (base / path)
+        if cand.is_file():
+            return cand.resolve()
+    return path
+
+
+def _short(v: Any) -> str:
+    """A short, filename-safe text for a grid value (used in cell slugs)."""
+    if v is None:
+        return "none"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (int, str)):
+        s = str(v)
+        if isinstance(v, str) and (s.endswith(".yaml") or s.endswith(".yml") or "/" in s):
+            s = Path(s).stem
+        return s
+    if isinstance(v, dict):
+        if "name" in v:  # a defense spec
+            params = "-".join(f"{k}{_short(x)}" for k, x in v.items() if k not in ("name", "seed"))
+            return f"{v['name']}" + (f"-{params}" if params else "")
+        if "class_path" in v:
+            return str(v["class_path"]).rsplit(".", 1)[-1]
+        return "-".join(f"{k}{_short(x)}" for k, x in v.items())
+    if isinstance(v, (list, tuple)):
+        return "+".join(_short(x) for x in v) if v else "none"
+    return str(v)
+
+
+def _sanitize(s: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9._=+-]+", "_", s)
+    return s.strip("._-") or "x"
+
+
+def cell_slug(assignment: dict[str, Any]) -> str:
+    """``lastkey=value`` parts joined by ``__`` (e.g. ``batch_size=10__defenses=gaussian_dp-clip_norm1-sigma0.01``)."""
+    if not assignment:
+        return "base"
+    parts = []
+    for key, value in assignment.items():
+        parts.append(f"{key.rsplit('.', 1)[-1]}={_short(value)}")
+    slug = _sanitize("__".join(parts))
+    if len(slug) > 100:  # keep folder names reasonable; the hash keeps it unique
+        slug = slug[:88].rstrip("._-") + "-" + hashlib.sha1(slug.encode()).hexdigest()[:8]
+    return slug
+
+
+def _cli_value(v: Any) -> str:
+    """A value as jsonargparse reads it after ``--key``: strings as they are, everything else as JSON."""
+    if isinstance(v, str):
+        return v
+    return json.dumps(v)
+
+
+# ------------------------------------------------------------------------------------------------ the sweep config
+@dataclass
+class Cell:
+    index: int
+    slug: str
+    assignment: dict[str, Any]        # grid key -> value
+    config_files: list[str]           # extra config files of this cell (after base and configs)
+    overrides: list[tuple[str, Any]]  # (dotted key, value) after the config files: fixed then grid
+
+    def argv(self, sweep: "Sweep", cells_root: Path) -> list[str]:
+        args = ["--config", sweep.base]
+        for c in sweep.configs + self.config_files:
+            args += ["--config", c]
+        for k, v in self.overrides:
+            args += [f"--{k}", _cli_value(v)]
+        args += ["--output.root", str(cells_root), "--output.name", self.slug, "--logger.group", sweep.name]
+        return args
+
+
+@dataclass
+class Sweep:
+    name: str
+    root: str
+    base: str
+    configs: list[str]
+    fixed: dict[str, Any]
+    grid: dict[str, list[Any]]
+    source: Optional[Path] = None
+    cells: list[Cell] = field(default_factory=list)
+
+    def resolved(self) -> dict[str, Any]:
+        """What the hash covers: everything that decides the cells' results (not where they are written)."""
+        return {"name": self.name, "base": self.base, "configs": self.configs, "fixed": self.fixed, "grid": self.grid}
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.resolved(), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def load_sweep(path: str | Path, root_override: Optional[str] = None) -> Sweep:
+    """Read and resolve a sweep YAML (paths resolved, cells expanded). Raises :class:`SweepError` on a bad file."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise SweepError(f"sweep config {path} not found")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise SweepError(f"{path}: a sweep config is a mapping with keys {sorted(SWEEP_FIELDS)}")
+    unknown = sorted(set(raw) - SWEEP_FIELDS)
+    if unknown:
+        raise SweepError(f"{path}: unknown sweep field(s) {unknown}; valid fields: {sorted(SWEEP_FIELDS)}")
+    name = raw.get("name") or path.stem
+    if not isinstance(name, str) or _sanitize(name) != name:
+        raise SweepError(f"{path}: name must be a simple word (letters, digits, . _ = + -), got {name!r}")
+    if not raw.get("base"):
+        raise SweepError(f"{path}: 'base' (the attack config every cell starts from) is required")
+
+    def config_file(p: Any, where: str) -> str:
+        if not isinstance(p, str) or not p:
+            raise SweepError(f"{path}: {where} must be a config file path, got {p!r}")
+        rp = resolve_path(p, path)
+        if not rp.is_file():
+            raise SweepError(f"{path}: {where} config file {p!r} not found (looked next to the sweep file, in {ROOT} "
+                             f"and in {Path.cwd()})")
+        return str(rp)
+
+    base = config_file(raw["base"], "base")
+    configs = raw.get("configs") or []
+    if isinstance(configs, str):
+        configs = [configs]
+    configs = [config_file(c, "configs") for c in configs]
+    fixed = raw.get("fixed") or {}
+    grid = raw.get("grid") or {}
+    if not isinstance(fixed, dict):
+        raise SweepError(f"{path}: 'fixed' must be a mapping of dotted keys to values")
+    if not isinstance(grid, dict):
+        raise SweepError(f"{path}: 'grid' must be a mapping of dotted keys to lists of values")
+    for key, values in grid.items():
+        if not isinstance(values, list):
+            raise SweepError(f"{path}: grid key {key!r} must map to a list of values, got {values!r}")
+        if not values:
+            raise SweepError(f"{path}: grid key {key!r} has an empty list of values: a sweep needs at least one")
+    for key in list(fixed) + list(grid):
+        if key in MANAGED_KEYS:
+            raise SweepError(f"{path}: {key!r} is set by the sweep (cells go to <root>/cells/<slug>-..., W&B group = "
+                             f"the sweep name); remove it from fixed/grid")
+    both = sorted(set(fixed) & set(grid))
+    if both:
+        raise SweepError(f"{path}: key(s) {both} are both fixed and in the grid")
+    for key in fixed:
+        if key in CONFIG_KEYS and not isinstance(fixed[key], dict):
+            raise SweepError(f"{path}: put config files for every cell in 'configs', not fixed.{key}")
+
+    # config-file grid values, resolved once (the resolved paths are part of the hash)
+    grid = copy.deepcopy(grid)
+    for key in CONFIG_KEYS:
+        if key in grid:
+            out = []
+            for v in grid[key]:
+                if v is None or isinstance(v, dict):
+                    out.append(v)
+                elif isinstance(v, str):
+                    out.append(config_file(v, f"grid.{key}"))
+                elif isinstance(v, list):
+                    out.append([config_file(x, f"grid.{key}") for x in v])
+                else:
+                    raise SweepError(f"{path}: grid.{key} values are config paths, lists of them or null; got {v!r}")
+            grid[key] = out
+
+    root = root_override or raw.get("root") or f"runs/sweeps/{name}"
+    sweep = Sweep(name=name, root=str(root), base=base, configs=configs, fixed=fixed, grid=grid, source=path)
+    sweep.cells = expand_cells(sweep)
+    return sweep
+
+
+def expand_cells(sweep: Sweep) -> list[Cell]:
+    keys = list(sweep.grid)
+    cells: list[Cell] = []
+    seen: dict[str, int] = {}
+    for i, combo in enumerate(itertools.product(*(sweep.grid[k] for k in keys))):
+        assignment = dict(zip(keys, combo))
+        files: list[str] = []
+        overrides: list[tuple[str, Any]] = list(sweep.fixed.items())
+        for k, v in assignment.items():
+            if k in CONFIG_KEYS and not isinstance(v, dict):
+                files += [] if v is None else ([v] if isinstance(v, str) else list(v))
+            else:
+                overrides.append((k, v))
+        slug = cell_slug(assignment)
+        if slug in seen:  # two values that print alike
+            seen[slug] += 1
+            slug = f"{slug}-{seen[slug]}"
+        else:
+            seen[slug] = 0
+        cells.append(Cell(index=i, slug=slug, assignment=assignment, config_files=files, overrides=overrides))
+    return cells
+
+
+# ------------------------------------------------------------------------------------------------ validation
+def _parser_layout(parser) -> tuple[list[str], set[str], set[str]]:
+    """(top-level groups, known dotted keys, groups whose nested keys depend on a class_path)."""
+    dests = [a.dest for a in parser._actions if a.dest not in ("help", "config", "print_config")]
+    dests = [d for d in dests if not d.endswith(".help")]
+    groups = list(dict.fromkeys(d.split(".")[0] for d in dests))
+    subclass = {"users", "attack", "trainer"}
+    return groups, set(dests), subclass
+
+
+def validate(sweep: Sweep) -> None:
+    """Check every key against attack.py's parser and parse every cell; raises :class:`SweepError`."""
+    import attack
+
+    parser = attack.build_parser()
+    groups, dests, subclass = _parser_layout(parser)
+    for where, keys in (("fixed", list(sweep.fixed)), ("grid", list(sweep.grid))):
+        for key in keys:
+            if where == "grid" and key in CONFIG_KEYS:
+                continue
+            top = key.split(".")[0]
+            if top not in groups:
+                raise SweepError(f"unknown {where} key {key!r}: attack.py has no group {top!r}; valid top-level groups: "
+                                 f"{', '.join(groups)}")
+            if key not in dests and top not in subclass and "." in key:
+                valid = sorted(d for d in dests if d.startswith(top + "."))
+                raise SweepError(f"unknown {where} key {key!r}: valid keys of {top!r}: {', '.join(valid)}; valid "
+                                 f"top-level groups: {', '.join(groups)}")
+    cells_root = Path(sweep.root) / "cells"
+    for cell in sweep.cells:
+        p = attack.build_parser()
+        p.exit_on_error = False
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                p.parse_args(cell.argv(sweep, cells_root))
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - jsonargparse raises ArgumentError
+            keys = ", ".join(repr(k) for k in cell.assignment) or "(no grid keys)"
+            msg = str(exc).strip()
+            keys_here = [k for k, _ in cell.overrides]
+            bad = [k for k in keys_here if k in msg] or [
+                k for k in keys_here if f"'{k.split('.')[-1]}'" in msg or f'"{k.split(".")[-1]}"' in msg]
+            named = f"key {bad[0]!r}" if bad else f"one of {keys}"
+            raise SweepError(f"cell {cell.slug!r}: attack.py rejects {named}: {msg}\nvalid top-level groups: "
+                             f"{', '.join(groups)}") from None
+
+
+# ------------------------------------------------------------------------------------------------ sweep directory
+def _run_status(run_dir: Optional[str | Path]) -> Optional[str]:
+    if not run_dir:
+        return None
+    p = Path(run_dir) / "summary.json"
+    try:
+        return json.loads(p.read_text()).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+def _free_dir(p: Path) -> Path:
+    for i in range(1, 10000):
+        cand = p.with_name(f"{p.name}-{i}")
+        if not cand.exists():
+            return cand
+    raise SweepError(f"no free directory name next to {p}")
+
+
+def open_sweep_dir(sweep: Sweep, new: bool, create: bool = True) -> Path:
+    """The sweep directory to use: the configured root (resumed when made by the same config) or, with ``new``, a
+    fresh suffixed one. Raises :class:`SweepError` for a directory from another config."""
+    root = Path(sweep.root)
+    meta = root / "sweep.json"
+    if root.exists() and new:
+        root = _free_dir(root)
+    elif meta.is_file():
+        try:
+            old = json.loads(meta.read_text())
+        except ValueError as exc:
+            raise SweepError(f"{meta} is unreadable ({exc}); use --new for a fresh sweep directory") from None
+        if old.get("hash") != sweep.hash():
+            raise SweepError(
+                f"resume directory from another config: {root} was made by sweep {old.get('name')!r} (hash "
+                f"{str(old.get('hash'))[:12]}), this config hashes to {sweep.hash()[:12]}; use --new for a fresh "
+                f"suffixed directory or set another root")
+    elif root.exists() and any(root.iterdir()):
+        raise SweepError(f"{root} exists, is not empty and holds no sweep.json: not a sweep directory; use --new or "
+                         f"another root")
+    if create:
+        root.mkdir(parents=True, exist_ok=True)
+        if not (root / "sweep.json").is_file():
+            atomic_write_json(root / "sweep.json", {"name": sweep.name, "hash": sweep.hash(),
+                                                    "source": str(sweep.source), "root": str(root),
+                                                    "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                                    "config": sweep.resolved(),
+                                                    "cells": [c.slug for c in sweep.cells]})
+    return root
+
+
+def load_index(sweep_dir: Path) -> dict:
+    p = sweep_dir / "index.json"
+    if p.is_file():
+        try:
+            idx = json.loads(p.read_text())
+            idx.setdefault("cells", {})
+            return idx
+        except ValueError:
+            pass
+    return {"cells": {}}
+
+
+def find_finished_run(cells_root: Path, slug: str, recorded: Optional[str]) -> Optional[Path]:
+    """The cell's finished run dir: the one in the index, else the newest finished ``<slug>-<time>-<hex>`` folder
+    (a cell that finished just before a crash, before the index was written)."""
+    if recorded and _run_status(recorded) == "finished":
+        return Path(recorded)
+    if not cells_root.is_dir():
+        return None
+    pat = re.compile(re.escape(slug) + RUN_DIR_RE)
+    for d in sorted((d for d in cells_root.iterdir() if pat.match(d.name)), key=lambda d: d.name, reverse=True):
+        if _run_status(d) == "finished":
+            return d
+    return None
+
+
+def _new_run_dirs(cells_root: Path, slug: str, before: set[str]) -> list[Path]:
+    if not cells_root.is_dir():
+        return []
+    pat = re.compile(re.escape(slug) + RUN_DIR_RE)
+    return sorted(d for d in cells_root.iterdir() if pat.match(d.name) and d.name not in before)
+
+
+# ------------------------------------------------------------------------------------------------ running
+def _summary_text(run_dir: Path) -> str:
+    try:
+        s = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    bits = []
+    for k in ("evaluator_accuracy", "psnr_nearest_mean", "lpips_nearest_mean"):
+        if isinstance(s.get(k), (int, float)):
+            bits.append(f"{k} {s[k]:.3g}")
+    return ", ".join(bits)
+
+
+def run_sweep(sweep: Sweep, *, new: bool = False, max_cells: Optional[int] = None, report: bool = True,
+              quiet: bool = False, runner: Optional[Callable[[list[str]], Path]] = None) -> dict:
+    """Run (or resume) the sweep; returns the final index. ``runner`` defaults to ``attack.main``."""
+    if runner is None:
+        import attack
+
+        runner = attack.main
+    sweep_dir = open_sweep_dir(sweep, new)
+    cells_root = sweep_dir / "cells"
+    index = load_index(sweep_dir)
+    index.update(name=sweep.name, hash=sweep.hash(), sweep_dir=str(sweep_dir))
+    entries: dict = index["cells"]
+    n = len(sweep.cells)
+    ran = 0
+    interrupted = False
+    print(f"[sweep] {sweep.name}: {n} cells in {sweep_dir}", flush=True)
+
+    def save() -> None:
+        atomic_write_json(sweep_dir / "index.json", index)
+
+    for cell in sweep.cells:
+        entry = entries.setdefault(cell.slug, {})
+        entry.update(index=cell.index, assignment=cell.assignment, argv=cell.argv(sweep, cells_root))
+        done = find_finished_run(cells_root, cell.slug, entry.get("run_dir"))
+        tag = f"[sweep] {cell.index + 1}/{n} {cell.slug}"
+        if done is not None:
+            entry.update(run_dir=str(done), status="finished")
+            save()
+            print(f"{tag}: skipped, finished in {done}", flush=True)
+            continue
+        if max_cells is not None and ran >= max_cells:
+            if entry.get("status") in (None, "running"):
+                entry["status"] = "pending"
+            save()
+            continue
+        if entry.get("run_dir"):
+            entry.setdefault("previous_run_dirs", []).append(entry["run_dir"])
+        before = {d.name for d in _new_run_dirs(cells_root, cell.slug, set())}
+        entry.update(status="running", run_dir=None, started=time.strftime("%Y-%m-%d %H:%M:%S"), error=None)
+        save()
+        print(f"{tag}: running ...", flush=True)
+        t0 = time.time()
+        run_dir: Optional[Path] = None
+        try:
+            log = sweep_dir / "logs" / f"{cell.slug}.log"
+            if quiet:
+                log.parent.mkdir(parents=True, exist_ok=True)
+                with log.open("a") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+                    run_dir = Path(runner(cell.argv(sweep, cells_root)))
+            else:
+                run_dir = Path(runner(cell.argv(sweep, cells_root)))
+            status = _run_status(run_dir) or "finished"
+        except KeyboardInterrupt:
+            status, interrupted = "interrupted", True
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+            status = "interrupted" if code == 130 else f"failed (exit {exc.code})"
+            interrupted = code == 130
+        except Exception as exc:  # noqa: BLE001 - record and go on with the next cell
+            status = f"failed: {type(exc).__name__}: {exc}"
+        ran += 1
+        if run_dir is None:
+            made = _new_run_dirs(cells_root, cell.slug, before)
+            run_dir = made[-1] if made else None
+            if run_dir is not None:
+                status = _run_status(run_dir) or status  # e.g. 'diverged: ...' / 'interrupted' from summary.json
+        entry.update(status=status, run_dir=str(run_dir) if run_dir else None, seconds=round(time.time() - t0, 1),
+                     finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+        save()
+        extra = _summary_text(run_dir) if run_dir and status == "finished" else ""
+        print(f"{tag}: {status} in {time.time() - t0:.1f} s" + (f" -> {run_dir}" if run_dir else "")
+              + (f" ({extra})" if extra else ""), flush=True)
+        if interrupted:
+            break
+
+    finished = [e["run_dir"] for e in entries.values()
+                if e.get("run_dir") and e.get("status") == "finished" and _run_status(e["run_dir"]) == "finished"]
+    n_fin = sum(1 for c in sweep.cells if entries.get(c.slug, {}).get("status") == "finished")
+    print(f"[sweep] {n_fin}/{n} cells finished", flush=True)
+    if report and finished and not interrupted:
+        from inversion.report import build_report
+
+        order = {c.slug: c.index for c in sweep.cells}
+        finished = sorted(finished, key=lambda d: order.get(re.sub(RUN_DIR_RE, "", Path(d).name), 1 << 30))
+        out = build_report(finished, sweep_dir / "report")
+        index.setdefault("reports", []).append({"dir": str(out), "cells": len(finished),
+                                                "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+        index["report"] = str(out)
+        print(f"[sweep] report: {out}/summary.md", flush=True)
+    index["interrupted"] = interrupted
+    save()
+    return index
+
+
+def dry_run(sweep: Sweep, new: bool) -> None:
+    """Print the cells, their command lines and what a real run would do; writes nothing."""
+    sweep_dir = open_sweep_dir(sweep, new, create=False)
+    index = load_index(sweep_dir) if sweep_dir.exists() else {"cells": {}}
+    cells_root = sweep_dir / "cells"
+    print(f"[sweep] {sweep.name}: {len(sweep.cells)} cells, sweep directory {sweep_dir} (hash {sweep.hash()[:12]})")
+    for cell in sweep.cells:
+        done = find_finished_run(cells_root, cell.slug, index["cells"].get(cell.slug, {}).get("run_dir"))
+        what = f"skip (finished: {done})" if done else "run"
+        print(f"[sweep] {cell.index + 1}/{len(sweep.cells)} {cell.slug}: {what}")
+        print("    python attack.py " + " ".join(_quote(a) for a in cell.argv(sweep, cells_root)))
+
+
+def _quote(a: str) -> str:
+    import shlex
+
+    return shlex.quote(a)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python sweep.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True, help="sweep YAML (configs/sweep/*.yaml)")
+    ap.add_argument("--dry-run", action="store_true", help="validate and list the cells; run nothing, write nothing")
+    ap.add_argument("--max-cells", type=int, default=None, help="run at most N cells this time (skipped ones not counted)")
+    ap.add_argument("--new", action="store_true", help="use a fresh suffixed sweep directory instead of resuming")
+    ap.add_argument("--root", default=None, help="sweep directory (overrides the YAML's root)")
+    ap.add_argument("--no-report", action="store_true", help="do not build the report at the end")
+    ap.add_argument("--quiet", action="store_true", help="send each cell's output to <sweep>/logs/<slug>.log")
+    args = ap.parse_args(argv)
+    if args.max_cells is not None and args.max_cells < 0:
+        ap.error("--max-cells must be >= 0")
+    try:
+        sweep = load_sweep(args.config, args.root)
+        validate(sweep)
+        if args.dry_run:
+            dry_run(sweep, args.new)
+            return 0
+        index = run_sweep(sweep, new=args.new, max_cells=args.max_cells, report=not args.no_report, quiet=args.quiet)
+    except SweepError as exc:
+        print(f"sweep.py: error: {exc}", file=sys.stderr)
+        return 2
+    if index.get("interrupted"):
+        return 130
+    statuses = [index["cells"].get(c.slug, {}).get("status") for c in sweep.cells]
+    return 0 if all(s == "finished" for s in statuses) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

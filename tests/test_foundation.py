@@ -1,0 +1,235 @@
+"""Data, victim/evaluator, DDPM prior, export and train.py (issue: foundation)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from diffusers import DDPMPipeline
+
+from callbacks.export import ExportModel
+from datamodules.fashion_mnist import (
+    DataNotFoundError,
+    FashionMNISTDataModule,
+    find_fashion_mnist_root,
+    read_idx,
+    to_tensor_images,
+)
+from datamodules.users import build_label_skewed_users
+from inversion.prior import DiffusionPrior, load_ddpm
+from lightning_modules.classifier import ImageClassifier, build_classifier, load_classifier, save_classifier
+from lightning_modules.ddpm import DDPMPrior
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "checkpoints" / "fashion_mnist"
+
+
+def write_idx(path: Path, arr: np.ndarray) -> None:
+    header = struct.pack(">HBB", 0, 8, arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + arr.astype(np.uint8).tobytes())
+
+
+@pytest.fixture()
+def fake_fmnist(tmp_path: Path) -> Path:
+    """A tiny Fashion-MNIST in the idx layout: 200 train and 100 test images, label = index % 10."""
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 200), ("t10k", 100)):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    return tmp_path
+
+
+# ------------------------------------------------------------------------------------------------ data
+def test_idx_reader_and_padding(fake_fmnist):
+    imgs = read_idx(fake_fmnist / "t10k-images-idx3-ubyte")
+    assert imgs.shape == (100, 28, 28) and imgs.dtype == np.uint8
+    x = to_tensor_images(imgs[:2], 32, 1)
+    assert x.shape == (2, 1, 32, 32) and x[:, :, :2].abs().sum() == 0 and x[:, :, :, -2:].abs().sum() == 0
+    torch.testing.assert_close(x[0, 0, 2:30, 2:30], torch.from_numpy(imgs[0]).float() / 255)
+    assert to_tensor_images(imgs[:2], 32, 3).shape == (2, 3, 32, 32)
+
+
+def test_missing_data_error_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setattr("datamodules.fashion_mnist.DEBIAN_ROOT", str(tmp_path / "nowhere"))
+    with pytest.raises(DataNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        find_fashion_mnist_root(str(tmp_path / "empty"), download=False)
+
+
+def test_datamodule_batches(fake_fmnist):
+    dm = FashionMNISTDataModule(root=str(fake_fmnist), batch_size=16, val_size=40)
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (16, 1, 32, 32) and y.dtype == torch.int64 and 0 <= float(x.min()) and float(x.max()) <= 1
+    assert len(dm._train) == 160 and len(dm._val) == 40
+
+
+def test_users_reproducible_disjoint_and_skewed():
+    n = 600
+    labels = torch.arange(n) % 10
+    images = torch.arange(n).float().view(n, 1, 1, 1).expand(n, 1, 2, 2) / n
+    a = build_label_skewed_users(images, labels, num_users=6, batch_size=20, num_classes=10, dominant_fraction=0.8, seed=3)
+    b = build_label_skewed_users(images, labels, num_users=3, batch_size=20, num_classes=10, dominant_fraction=0.8, seed=3)
+    for ua, ub in zip(a, b):  # user i is the same whatever num_users is
+        assert ua.meta["indices"] == ub.meta["indices"]
+    idx = [i for u in a for i in u.meta["indices"]]
+    assert len(idx) == len(set(idx)) == 120  # disjoint
+    for u in a:
+        assert u.label_histogram[u.dominant_class] == 16 and u.batch_size == 20
+        assert torch.equal(labels[u.meta["indices"]], u.labels)
+    assert len({u.dominant_class for u in a}) == 6  # round-robin over a permutation of the classes
+    later = build_label_skewed_users(images, labels, 2, 20, 10, 0.8, seed=3, first_user=4)
+    assert [u.meta["indices"] for u in later] == [a[4].meta["indices"], a[5].meta["indices"]]
+    d = build_label_skewed_users(images, labels, 5, 30, 10, dirichlet_alpha=0.1, seed=0)
+    assert all(u.label_histogram.sum() == 30 for u in d)
+    assert np.mean([u.label_histogram.max().item() / 30 for u in d]) > 0.5  # alpha = 0.1: strongly skewed
+    with pytest.raises(ValueError, match="dominant_fraction"):
+        build_label_skewed_users(images, labels, 1, 5, 10, dominant_fraction=0.0)
+
+
+# ------------------------------------------------------------------------------------------------ models
+def test_victim_shape_stem_and_training_step_lowers_loss():
+    torch.manual_seed(0)
+    net = build_classifier("resnet18", 1, 10, 32)
+    assert net[1].conv1.kernel_size == (3, 3) and net[1].conv1.stride == (1, 1)
+    assert isinstance(net[1].maxpool, torch.nn.Identity)
+    assert net(torch.rand(2, 1, 32, 32)).shape == (2, 10)
+    module = ImageClassifier(arch="convnet", lr=3e-3)
+    opt = module.configure_optimizers()
+    x, y = torch.rand(32, 1, 32, 32), torch.randint(0, 10, (32,))
+    losses = []
+    for _ in range(15):
+        loss = torch.nn.functional.cross_entropy(module(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0]
+    with pytest.raises(ValueError, match="unknown classifier arch"):
+        build_classifier("vgg", 1, 10)
+
+
+def test_classifier_save_load_roundtrip_and_wrong_architecture(tmp_path):
+    torch.manual_seed(0)
+    module = ImageClassifier(arch="convnet", in_channels=1, num_classes=10)
+    module.eval()
+    module.export(tmp_path / "a")
+    model, cfg = load_classifier(tmp_path / "a")
+    x = torch.rand(3, 1, 32, 32)
+    torch.testing.assert_close(model(x), module(x))
+    assert cfg["arch"] == "convnet" and (tmp_path / "a" / "model.safetensors").is_file()
+    cfg["arch"] = "resnet18"
+    (tmp_path / "a" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="does not hold a resnet18"):
+        load_classifier(tmp_path / "a")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_classifier(tmp_path / "missing")
+
+
+def test_ddpm_training_step_and_export_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    m = DDPMPrior(image_size=8, block_out_channels=(32, 32), layers_per_block=1, sample_every_n_steps=0, lr=2e-3)
+    x = torch.rand(16, 1, 8, 8)
+    opt = torch.optim.AdamW(m.unet.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    first = float(m.diffusion_loss(x, generator=torch.Generator().manual_seed(1)))
+    for _ in range(30):
+        loss = m.diffusion_loss(x, generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(m.diffusion_loss(x, generator=torch.Generator().manual_seed(1))) < first
+    m.ema_unet.load_state_dict(m.unet.state_dict())
+    m.export(tmp_path / "ddpm")
+    assert (tmp_path / "ddpm" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    unet, sched = load_ddpm(str(tmp_path / "ddpm"))
+    xt, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 500])
+    with torch.no_grad():
+        torch.testing.assert_close(unet(xt, t).sample, m.unet.eval()(xt, t).sample)
+    assert isinstance(DDPMPipeline.from_pretrained(str(tmp_path / "ddpm")), DDPMPipeline)
+    prior = DiffusionPrior(unet, sched, (1, 8, 8))
+    assert torch.isfinite(prior.prior_loss(torch.rand(1, 1, 8, 8), 100))
+
+
+def test_export_callback_refuses_to_overwrite(tmp_path):
+    (tmp_path / "exists").mkdir()
+    cb = ExportModel(str(tmp_path / "exists"))
+
+    class T:
+        ckpt_path = None
+
+    with pytest.raises(FileExistsError, match="already exists"):
+        cb.setup(T(), None, "fit")
+
+
+# ------------------------------------------------------------------------------------------------ train.py
+def _fake_cfg(tmp_path: Path, data_root: Path, model: dict) -> Path:
+    cfg = {
+        "seed_everything": 0,
+        "model": model,
+        "data": {"class_path": "datamodules.fashion_mnist.FashionMNISTDataModule",
+                 "init_args": {"root": str(data_root), "batch_size": 8, "val_size": 40}},
+        "trainer": {"max_steps": 3, "limit_val_batches": 1, "logger": False, "enable_checkpointing": False,
+                    "enable_progress_bar": False, "default_root_dir": str(tmp_path / "tr"),
+                    "callbacks": [{"class_path": "callbacks.export.ExportModel",
+                                   "init_args": {"dirpath": str(tmp_path / "export"), "title": "tiny", "sample_grid": False}}]},
+        "test_after_fit": False,
+    }
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+@pytest.mark.slow
+def test_train_py_runs_exports_and_writes_a_model_card(tmp_path, fake_fmnist):
+    import train
+
+    model = {"class_path": "lightning_modules.classifier.ImageClassifier", "init_args": {"arch": "convnet"}}
+    train.main(["--config", str(_fake_cfg(tmp_path, fake_fmnist, model))])
+    model_, cfg = load_classifier(tmp_path / "export")
+    assert cfg["arch"] == "convnet"
+    card = (tmp_path / "export" / "MODEL_CARD.md").read_text()
+    assert "python" in card and "optimiser steps: 3" in card
+    summary = json.loads((tmp_path / "export" / "training_summary.json").read_text())
+    assert summary["global_step"] == 3
+
+
+def test_train_py_rejects_mismatched_shapes_and_unknown_keys(tmp_path, fake_fmnist, capsys):
+    import train
+
+    model = {"class_path": "lightning_modules.classifier.ImageClassifier", "init_args": {"arch": "convnet", "image_size": 64}}
+    with pytest.raises(train.ConfigMismatchError, match="image_size"):
+        train.main(["--config", str(_fake_cfg(tmp_path, fake_fmnist, model))])
+    model = {"class_path": "lightning_modules.classifier.ImageClassifier", "init_args": {"arch": "convnet", "widht": 3}}
+    with pytest.raises(SystemExit):
+        train.main(["--config", str(_fake_cfg(tmp_path, fake_fmnist, model))])
+    assert "widht" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ shipped
+needs_shipped = pytest.mark.skipif(not (SHIPPED / "victim_resnet18" / "config.json").is_file(), reason="no shipped checkpoints")
+
+
+@needs_shipped
+def test_shipped_checkpoints_load_and_classify():
+    try:
+        from datamodules.fashion_mnist import load_split
+        raw, labels = load_split("test", download=False)
+    except DataNotFoundError:
+        pytest.skip("needs dataset-fashion-mnist")
+    x = to_tensor_images(raw[:500], 32, 1)
+    y = torch.from_numpy(labels[:500].astype(np.int64))
+    for name in ("victim_resnet18", "evaluator_convnet"):
+        model, cfg = load_classifier(SHIPPED / name)
+        with torch.no_grad():
+            acc = float((model(x).argmax(1) == y).float().mean())
+        assert acc >= 0.85, f"{name}: {acc:.3f} on 500 test images"
+    unet, sched = load_ddpm(str(SHIPPED / "ddpm_32"))
+    assert unet.config.sample_size == 32 and unet.config.in_channels == 1
+    assert sched.config.prediction_type == "epsilon"
