@@ -138,6 +138,11 @@ def build_parser() -> ArgumentParser:
     p.add_class_arguments(OutputSpec, "output")
     p.add_argument("--seed", type=int, default=0, help="Global seed (Lightning seed_everything).")
     p.add_argument("--image_log_every", type=int, default=0, help="Log reconstructions every k steps (0: off).")
+    p.add_argument("--resume", type=Optional[str], default=None,
+                   help="Continue an interrupted run directory of the same config: finished users are skipped, an "
+                        "interrupted attack continues from its last checkpoint.")
+    p.add_argument("--checkpoint_every", type=int, default=0,
+                   help="Save the attack's Lightning checkpoint every k steps (0: off) under RUN_DIR/checkpoints.")
     return p
 
 
@@ -398,15 +403,65 @@ def log_final(logger, run_dir: Path, rows: list[dict], grids: list[torch.Tensor]
     logger.log_metrics({f"final/{k}": v for k, v in summarize(rows).items()})
 
 
+def user_uid(user: User) -> str:
+    return f"user_{int(user.user_id):04d}" if str(user.user_id).isdigit() else f"user_{user.user_id}"
+
+
+def comparable_config(parser: ArgumentParser, cfg: Namespace) -> dict:
+    """The config as a dict without the keys that may differ between a run and its resume."""
+    d = json.loads(parser.dump(cfg, format="json", skip_none=False))
+    for k in ("resume", "output", "checkpoint_every", "logger"):
+        d.pop(k, None)
+    return d
+
+
+def open_resume_dir(parser: ArgumentParser, cfg: Namespace) -> tuple[Path, list[dict]]:
+    """Check that ``cfg.resume`` is a run directory of the same config; return it and its finished rows.
+
+    Raises:
+        ConfigError: not a run directory, or one made from another config (the differing keys are named).
+    """
+    run_dir = Path(cfg.resume)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--resume {run_dir}: not a run directory of attack.py (no config.yaml)")
+    old = comparable_config(parser, parser.parse_path(str(run_dir / "config.yaml")))
+    new = comparable_config(parser, cfg)
+    if old != new:
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise ConfigError(f"--resume {run_dir}: resume directory from another config (differs in {diff}); "
+                          "run without --resume for a new run directory")
+    rows = list(csv.DictReader((run_dir / "results.csv").open())) if (run_dir / "results.csv").is_file() else []
+    return run_dir, rows
+
+
+def start_distributed(cfg: Namespace, trainer_kwargs: dict):
+    """With ``trainer.strategy: ddp``, launch one process per device through Lightning Fabric (subprocess launcher,
+    torchrun or SLURM, as Lightning detects) and return the Fabric object; the per-user Trainers then run on the
+    process's own device. Returns None for a single process."""
+    strategy = str(trainer_kwargs.get("strategy", "auto"))
+    if not strategy.startswith("ddp"):
+        return None
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(
+        accelerator=trainer_kwargs.get("accelerator", "auto"), devices=trainer_kwargs.get("devices", "auto"),
+        num_nodes=trainer_kwargs.get("num_nodes", 1), strategy="ddp",
+    )
+    fabric.launch()
+    trainer_kwargs.update(strategy="auto", num_nodes=1)
+    trainer_kwargs["devices"] = [fabric.local_rank] if fabric.device.type == "cuda" else 1
+    return fabric
+
+
 def run(cfg: Namespace) -> Path:
     """Run the configured attack on every user; returns the run directory. See the module docstring."""
     from lightning import Trainer, seed_everything
-    from lightning.pytorch.callbacks import TQDMProgressBar
+    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
-
-    seed_everything(cfg.seed, workers=True)
+    seed_everything(cfg.seed, workers=True, verbose=False)
     # 1. everything that can fail fast, before any long work
-    init = build_parser().instantiate_classes(cfg)
+    parser = build_parser()
+    init = parser.instantiate(cfg) if hasattr(parser, "instantiate") else parser.instantiate_classes(cfg)
     source: UserSource = init.users
     source.check()
     victim, victim_cfg = load_victim(init.victim)
@@ -414,6 +469,9 @@ def run(cfg: Namespace) -> Path:
     attack_cls = resolve_attack_class(cfg.attack.class_path)
     attack_kwargs = dict(cfg.attack.init_args or {})
     probe = attack_cls(**attack_kwargs)  # validates the attack's hyper-parameters
+    resume_rows: list[dict] = []
+    if cfg.resume:
+        run_dir, resume_rows = open_resume_dir(parser, cfg)
     prior = None
     if getattr(probe, "requires_prior", False):
         if not init.prior.path:
@@ -436,34 +494,56 @@ def run(cfg: Namespace) -> Path:
 
         get_lpips_model()  # raises with the install command when the AlexNet weights are missing
     users = source.users()
-    # 2. the run directory
-    run_dir = new_run_dir(init.output.root, init.output.name)
-    parser = build_parser()
-    atomic_write_text(run_dir / "config.yaml", parser.dump(cfg, skip_none=False))
-    config_dict = json.loads(parser.dump(cfg, format="json", skip_none=False))
-    logger = make_logger(cfg, run_dir, config_dict)
     trainer_kwargs = {k: v for k, v in dict(cfg.trainer).items() if v is not None}
     trainer_kwargs.setdefault("enable_progress_bar", True)
-    rows: list[dict] = []
+    fabric = start_distributed(cfg, trainer_kwargs)
+    rank, world = (fabric.global_rank, fabric.world_size) if fabric else (0, 1)
+    # 2. the run directory (rank 0 makes it; the others get its path)
+    if not cfg.resume:
+        run_dir = new_run_dir(init.output.root, init.output.name) if rank == 0 else None
+        if fabric:
+            run_dir = Path(fabric.broadcast(str(run_dir) if run_dir else None, src=0))
+        if rank == 0:
+            atomic_write_text(run_dir / "config.yaml", parser.dump(cfg, skip_none=False))
+    config_dict = json.loads(parser.dump(cfg, format="json", skip_none=False))
+    logger = make_logger(cfg, run_dir, config_dict) if rank == 0 else None
+    done = {str(r["user"]) for r in resume_rows}
+    rows: list[dict] = list(resume_rows)
     grids: list[torch.Tensor] = []
+    local: list[tuple[int, dict, dict]] = []  # (user index, row, images) of this rank
     defense_name, defense_strength = defense_label([dict(d) for d in init.threat.defenses])
     status = "running"
-    print(f"[attack] run directory: {run_dir}  ({len(users)} users, B = {source.batch_size if hasattr(source, 'batch_size') else '?'})", flush=True)
+    mine = [(i, u) for i, u in enumerate(users) if i % world == rank and str(u.user_id) not in done]
+    if rank == 0:
+        print(f"[attack] run directory: {run_dir}  ({len(users)} users, {len(done)} already done, "
+              f"B = {getattr(source, 'batch_size', '?')}, {world} process(es))", flush=True)
     try:
-        for i, user in enumerate(users):
-            uid = f"user_{int(user.user_id):04d}" if str(user.user_id).isdigit() else f"user_{user.user_id}"
+        for i, user in mine:
+            uid = user_uid(user)
             view = client_update(victim, user, init.threat, source.num_classes, user_index=i)
             attack: GradientInversionAttack = attack_cls(**attack_kwargs, log_prefix=f"{uid}/")
             attack.log_images_every = cfg.image_log_every
             attack.bind(view, prior)
+            callbacks = []
+            if trainer_kwargs["enable_progress_bar"]:
+                callbacks.append(TQDMProgressBar(refresh_rate=max(1, attack.steps // 100)))
+            ckpt_dir = run_dir / "checkpoints" / uid
+            if cfg.checkpoint_every:
+                callbacks.append(ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=cfg.checkpoint_every,
+                                                 save_last=True, save_top_k=0))
             trainer = Trainer(
-                max_steps=attack.steps, logger=logger if logger is not None else False, enable_checkpointing=False,
-                default_root_dir=str(run_dir / "lightning"), enable_autolog_hparams=False, num_sanity_val_steps=0,
-                callbacks=[TQDMProgressBar(refresh_rate=max(1, attack.steps // 100))] if trainer_kwargs["enable_progress_bar"] else [],
-                **trainer_kwargs,
+                max_steps=attack.steps, logger=logger if logger is not None else False,
+                enable_checkpointing=bool(cfg.checkpoint_every), default_root_dir=str(run_dir / "lightning"),
+                enable_autolog_hparams=False, num_sanity_val_steps=0, callbacks=callbacks, **trainer_kwargs,
             )
+            last = ckpt_dir / "last.ckpt"
             t0 = time.time()
-            trainer.fit(attack)
+            try:
+                trainer.fit(attack, ckpt_path=str(last) if last.is_file() else None)
+            except SystemExit:  # Lightning turns Ctrl-C into a graceful shutdown and exit(1)
+                if trainer.interrupted:
+                    raise KeyboardInterrupt from None
+                raise
             seconds = time.time() - t0
             if trainer.interrupted:
                 raise KeyboardInterrupt
@@ -486,21 +566,24 @@ def run(cfg: Namespace) -> Path:
                 final = result.denoised if result.denoised is not None else result.representative
                 row.update(face_columns(final, user, [u.images for u in users if u is not user]))
             row.update(steps=result.steps, seconds=round(seconds, 2), seconds_per_step=round(seconds / max(1, result.steps), 4))
-            udir = run_dir / "users" / uid
-            save_png(udir / "batch.png", user.images)
-            save_png(udir / "raw.png", result.representative)
+            images = {"batch": user.images, "raw": result.representative}
             if result.reconstructions.shape[0] > 1:
-                save_png(udir / "reconstructions.png", result.reconstructions)
-            shown = [result.representative]
+                images["reconstructions"] = result.reconstructions
             if result.denoised is not None:
-                save_png(udir / "denoised.png", result.denoised)
-                shown.append(result.denoised)
-            batch_show = user.images[: min(user.batch_size, 10)]
-            grid = torch.cat([batch_show, *shown])
-            save_png(udir / "grid.png", grid, nrow=len(grid))
-            grids.append(grid)
-            rows.append(row)
-            write_results(run_dir, rows)
+                images["denoised"] = result.denoised
+            images["grid"] = torch.cat([user.images[: min(user.batch_size, 10)], result.representative,
+                                        *([result.denoised] if result.denoised is not None else [])])
+            if rank == 0:
+                write_user(run_dir, uid, images)
+                rows.append(row)
+                grids.append(images["grid"])
+                write_results(run_dir, sort_rows(rows, users))
+            else:
+                local.append((i, row, images))
+            if ckpt_dir.exists():
+                import shutil
+
+                shutil.rmtree(ckpt_dir, ignore_errors=True)
             print(
                 f"[attack] {uid}: dominant {user.dominant_class}, inferred {inferred.dominant}, evaluator "
                 f"{row.get('evaluator_class')} (p={row.get('evaluator_prob')}), PSNR nearest {row.get('psnr_nearest')} dB, "
@@ -508,25 +591,53 @@ def run(cfg: Namespace) -> Path:
                 flush=True,
             )
         status = "finished"
+        if fabric and world > 1:  # gather the other ranks' users into rank 0's run directory
+            import torch.distributed as dist
+
+            gathered: list = [None] * world
+            dist.all_gather_object(gathered, local)
+            if rank == 0:
+                for part in gathered[1:]:
+                    for i, row, images in part:
+                        write_user(run_dir, user_uid(users[i]), images)
+                        rows.append(row)
+                        grids.append(images["grid"])
+                rows = sort_rows(rows, users)
+                write_results(run_dir, rows)
     except AttackDivergedError as exc:
         status = f"diverged: {exc}"
-        print(f"[attack] stopped: {exc}. Results of the {len(rows)} finished users are kept in {run_dir}", file=sys.stderr)
+        print(f"[attack] stopped: {exc}. Results of the finished users are kept in {run_dir}", file=sys.stderr)
     except KeyboardInterrupt:
         status = "interrupted"
-        print(f"[attack] interrupted; results of the {len(rows)} finished users are kept in {run_dir}", file=sys.stderr)
+        print(f"[attack] interrupted; results of the finished users are kept in {run_dir} "
+              f"(continue with --resume {run_dir})", file=sys.stderr)
     finally:
-        summary = {"status": status, "run_dir": str(run_dir), **summarize(rows)}
-        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        if status == "finished":
-            log_final(logger, run_dir, rows, grids)
-        if logger is not None and hasattr(logger, "experiment") and cfg.logger.backend == "wandb":
-            import wandb
+        summary = {"status": status, "run_dir": str(run_dir), "processes": world, **summarize(rows)}
+        if rank == 0:
+            atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+            if status == "finished":
+                log_final(logger, run_dir, rows, grids)
+            if logger is not None and cfg.logger.backend == "wandb":
+                import wandb
 
-            wandb.finish()
+                wandb.finish()
     if status != "finished":
         raise SystemExit(1 if status.startswith("diverged") else 130)
-    print(json.dumps(summary, indent=2), flush=True)
+    if rank == 0:
+        print(json.dumps(summary, indent=2), flush=True)
     return run_dir
+
+
+def sort_rows(rows: list[dict], users: list[User]) -> list[dict]:
+    order = {str(u.user_id): k for k, u in enumerate(users)}
+    return sorted(rows, key=lambda r: order.get(str(r["user"]), len(order)))
+
+
+def write_user(run_dir: Path, uid: str, images: dict[str, torch.Tensor]) -> None:
+    """Per-user PNGs: batch, raw, denoised, reconstructions (baselines) and the grid (batch | raw | denoised)."""
+    udir = run_dir / "users" / uid
+    for name, img in images.items():
+        save_png(udir / f"{name}.png", img, nrow=len(img) if name == "grid" else None)
 
 
 def main(argv: Optional[list[str]] = None) -> Path:

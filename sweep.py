@@ -62,7 +62,7 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("WANDB_MODE", "offline")
 
 CONFIG_KEYS = ("attack", "configs")  # grid keys whose values are config files layered over base
-MANAGED_KEYS = ("output.root", "output.name", "logger.group", "config")
+MANAGED_KEYS = ("output.root", "output.name", "logger.group", "config", "resume")
 SWEEP_FIELDS = {"name", "root", "base", "configs", "fixed", "grid"}
 RUN_DIR_RE = r"-\d{8}-\d{6}-[0-9a-f]{6}$"
 
@@ -86,6 +86,20 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _display(path: Path) -> str:
+    """A resolved config path as stored in sweep.json (and hashed): relative to the repository root when inside it,
+    so the same sweep hashes alike from any checkout or working directory."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path.resolve())
+
+
+def _absolute(p: str) -> str:
+    path = Path(p)
+    return str(path if path.is_absolute() else ROOT / path)
 
 
 def resolve_path(p: str, sweep_file: Optional[Path]) -> Path:
@@ -131,12 +145,14 @@ def _sanitize(s: str) -> str:
 
 
 def cell_slug(assignment: dict[str, Any]) -> str:
-    """``lastkey=value`` parts joined by ``__`` (e.g. ``batch_size=10__defenses=gaussian_dp-clip_norm1-sigma0.01``)."""
+    """``lastkey=value`` parts joined by ``__`` (e.g. ``batch_size=10__defenses=gaussian_dp-clip_norm1-sigma0.01``;
+    a config file shows as its stem, a null config value as ``base``, an empty list as ``none``)."""
     if not assignment:
         return "base"
     parts = []
     for key, value in assignment.items():
-        parts.append(f"{key.rsplit('.', 1)[-1]}={_short(value)}")
+        text = "base" if key in CONFIG_KEYS and value is None else _short(value)
+        parts.append(f"{key.rsplit('.', 1)[-1]}={text}")
     slug = _sanitize("__".join(parts))
     if len(slug) > 100:  # keep folder names reasonable; the hash keeps it unique
         slug = slug[:88].rstrip("._-") + "-" + hashlib.sha1(slug.encode()).hexdigest()[:8]
@@ -160,9 +176,9 @@ class Cell:
     overrides: list[tuple[str, Any]]  # (dotted key, value) after the config files: fixed then grid
 
     def argv(self, sweep: "Sweep", cells_root: Path) -> list[str]:
-        args = ["--config", sweep.base]
+        args = ["--config", _absolute(sweep.base)]
         for c in sweep.configs + self.config_files:
-            args += ["--config", c]
+            args += ["--config", _absolute(c)]
         for k, v in self.overrides:
             args += [f"--{k}", _cli_value(v)]
         args += ["--output.root", str(cells_root), "--output.name", self.slug, "--logger.group", sweep.name]
@@ -214,7 +230,7 @@ def load_sweep(path: str | Path, root_override: Optional[str] = None) -> Sweep:
         if not rp.is_file():
             raise SweepError(f"{path}: {where} config file {p!r} not found (looked next to the sweep file, in {ROOT} "
                              f"and in {Path.cwd()})")
-        return str(rp)
+        return _display(rp)
 
     base = config_file(raw["base"], "base")
     configs = raw.get("configs") or []
@@ -317,21 +333,42 @@ def validate(sweep: Sweep) -> None:
                 raise SweepError(f"unknown {where} key {key!r}: valid keys of {top!r}: {', '.join(valid)}; valid "
                                  f"top-level groups: {', '.join(groups)}")
     cells_root = Path(sweep.root) / "cells"
-    for cell in sweep.cells:
+
+    def parse(argv: list[str]) -> Optional[str]:
         p = attack.build_parser()
         p.exit_on_error = False
         try:
             with contextlib.redirect_stderr(io.StringIO()):
-                p.parse_args(cell.argv(sweep, cells_root))
+                p.parse_args(argv)
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - jsonargparse raises ArgumentError
-            keys = ", ".join(repr(k) for k in cell.assignment) or "(no grid keys)"
-            msg = str(exc).strip()
-            keys_here = [k for k, _ in cell.overrides]
-            bad = [k for k in keys_here if k in msg] or [
-                k for k in keys_here if f"'{k.split('.')[-1]}'" in msg or f'"{k.split(".")[-1]}"' in msg]
-            named = f"key {bad[0]!r}" if bad else f"one of {keys}"
-            raise SweepError(f"cell {cell.slug!r}: attack.py rejects {named}: {msg}\nvalid top-level groups: "
-                             f"{', '.join(groups)}") from None
+            return _condense(str(exc).strip()) or type(exc).__name__
+        return None
+
+    for cell in sweep.cells:
+        msg = parse(cell.argv(sweep, cells_root))
+        if msg is None:
+            continue
+        # name the culprit: the config files alone, else the first override that fails on its own
+        files = ["--config", _absolute(sweep.base)]
+        for c in sweep.configs + cell.config_files:
+            files += ["--config", _absolute(c)]
+        culprit = "its config files " + ", ".join(repr(c) for c in [sweep.base] + sweep.configs + cell.config_files)
+        if parse(files) is None:
+            culprit = "the combination of " + ", ".join(repr(k) for k, _ in cell.overrides)
+            for k, v in cell.overrides:
+                if parse(files + [f"--{k}", _cli_value(v)]) is not None:
+                    culprit = f"key {k!r} = {v!r}"
+                    break
+        raise SweepError(f"cell {cell.slug!r}: attack.py rejects {culprit}: {msg}\nvalid top-level groups: "
+                         f"{', '.join(groups)}")
+
+
+def _condense(msg: str) -> str:
+    """jsonargparse's union errors are long; keep the lines that say what is wrong."""
+    lines = [ln.strip(" -") for ln in msg.splitlines()]
+    keep = [ln for ln in lines if re.search(r"not accepted|unrecognized|Expected a|Got value|not found|invalid|"
+                                            r"must be|No action", ln, re.I) and "NoneType" not in ln]
+    return "; ".join(dict.fromkeys(keep)) if keep else " ".join(ln for ln in lines if ln)
 
 
 # ------------------------------------------------------------------------------------------------ sweep directory

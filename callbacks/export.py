@@ -96,6 +96,22 @@ class ExportModel(Callback):
         self.export(trainer, pl_module)
 
     @rank_zero_only
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Add the test metrics (e.g. test/acc on the held-out split) to the exported summary and model card."""
+        summary_path = self.dirpath / "training_summary.json"
+        if not summary_path.is_file():
+            return
+        summary = json.loads(summary_path.read_text())
+        summary["metrics"].update(
+            {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/") and torch.is_tensor(v)}
+        )
+        for name, text in (("training_summary.json", json.dumps(summary, indent=2, default=str) + "\n"),
+                           ("MODEL_CARD.md", render_model_card(summary))):
+            tmp = self.dirpath / f".{name}.tmp"
+            tmp.write_text(text)
+            tmp.replace(self.dirpath / name)
+
+    @rank_zero_only
     def export(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.dirpath.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{self.dirpath.name}.", dir=self.dirpath.parent))

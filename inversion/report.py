@@ -220,22 +220,57 @@ def aggregate(df: pd.DataFrame, keys: Optional[Sequence[str]] = None, metrics: O
             row[f"{m}_std"] = float(v.std(ddof=1)) if len(v) > 1 else math.nan
             row[f"{m}_n"] = int(len(v))
         rows.append(row)
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    if "defense_strength" in keys and len(out):  # no defense ('none', strength NaN) first, then by strength
+        order = [k for k in keys if k != "defense"]
+        order.insert(order.index("defense_strength") + 1, "defense")
+        out = out.sort_values(order, na_position="first", kind="stable", ignore_index=True)
+    return out
 
 
 def aggregate_privacy(df: pd.DataFrame) -> pd.DataFrame:
     """Per (method, B, defense, defense_strength), pooled over runs: accuracies and psnr/lpips nearest."""
-    out = aggregate(df, PRIVACY_KEYS, metrics=["psnr_nearest", "lpips_nearest"])
-    return out.sort_values(["method", "B", "defense_strength", "defense"], na_position="first", kind="stable",
-                           ignore_index=True)
+    return aggregate(df, PRIVACY_KEYS, metrics=["psnr_nearest", "lpips_nearest"])
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # figures
 
 
+def _series(summary: pd.DataFrame, keys: Sequence[str]):
+    """Yield (label, summary rows, key dict) per combination of ``keys`` (NaN-safe)."""
+    if not keys:
+        yield "", summary, {}
+        return
+    for key, s in summary.groupby(list(keys), sort=True, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        kd = dict(zip(keys, key))
+        parts = [str(kd["method"])] if "method" in kd else []
+        parts += [f"{k}={_fmt_key(v)}" for k, v in kd.items() if k != "method"]
+        yield " | ".join(parts), s, kd
+
+
+def _fmt_key(v) -> str:
+    if isinstance(v, float):
+        return "-" if not np.isfinite(v) else f"{v:g}"
+    return str(v)
+
+
+def _match(df: pd.DataFrame, kd: dict) -> pd.Series:
+    mask = pd.Series(True, index=df.index)
+    for k, v in kd.items():
+        if k not in df:
+            continue
+        if isinstance(v, float) and not np.isfinite(v):
+            mask &= df[k].isna()
+        else:
+            mask &= df[k] == v
+    return mask
+
+
 def plot_metrics_vs_b(df: pd.DataFrame, summary: pd.DataFrame, path: Path) -> Optional[Path]:
-    """Line plot per metric: avg over users vs B per method, ± std band, every user as a dot. Returns path or None."""
+    """Line plot per metric: avg over users vs B per method (and per extra group key), ± std band, every user as a
+    dot. Returns path or None."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -251,16 +286,17 @@ def plot_metrics_vs_b(df: pd.DataFrame, summary: pd.DataFrame, path: Path) -> Op
     bs = sorted(summary["B"].unique())
     rng = np.random.default_rng(0)
     for ax, m in zip(axes.flat, metrics):
-        for i, (method, s) in enumerate(summary.groupby("method", sort=True)):
+        series_keys = [k for k in summary.columns if k in GROUP_KEYS + VARIANT_KEYS and k != "B"]
+        for i, (label, s, kd) in enumerate(_series(summary, series_keys)):
             s = s.sort_values("B")
-            color = f"C{i}"
+            color = f"C{i % 10}"
             if m == "evaluator_accuracy":
-                ax.plot(s["B"], s[m], "o-", color=color, label=method)
+                ax.plot(s["B"], s[m], "o-", color=color, label=label)
                 continue
             avg, std = s[f"{m}_avg"].to_numpy(float), s[f"{m}_std"].fillna(0).to_numpy(float)
-            ax.plot(s["B"], avg, "o-", color=color, label=method)
+            ax.plot(s["B"], avg, "o-", color=color, label=label)
             ax.fill_between(s["B"], avg - std, avg + std, color=color, alpha=0.2, linewidth=0)
-            u = df[(df["method"] == method) & np.isfinite(df[m].astype(float))]
+            u = df[_match(df, kd) & np.isfinite(df[m].astype(float))]
             jitter = np.exp(rng.uniform(-0.06, 0.06, len(u))) if len(bs) > 1 else 1.0
             ax.scatter(u["B"] * jitter, u[m], s=8, color=color, alpha=0.35, linewidths=0)
         if len(bs) > 1 and max(bs) / max(min(bs), 1) >= 8:
@@ -273,8 +309,94 @@ def plot_metrics_vs_b(df: pd.DataFrame, summary: pd.DataFrame, path: Path) -> Op
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
+    axes.flat[0].legend(fontsize=8 if len(summary) <= 8 else 6)
     fig.suptitle("metrics vs batch size: mean ± std over users, dots = users", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _defense_kind(label: str) -> str:
+    """'gaussian_dp(clip_norm=1.0,sigma=0.01)+topk_pruning(...)' -> 'gaussian_dp+topk_pruning'."""
+    import re
+
+    return re.sub(r"\([^)]*\)", "", str(label))
+
+
+PRIVACY_METRICS = [("evaluator_accuracy", "evaluator accuracy (higher = attack succeeds)"),
+                   ("lpips_nearest_avg", "LPIPS nearest (lower = attack succeeds)"),
+                   ("psnr_nearest_avg", "PSNR nearest, dB (higher = attack succeeds)")]
+
+
+def plot_privacy_curve(privacy: pd.DataFrame, path: Path) -> Optional[Path]:
+    """Attack success vs defense strength, one line per method (x defense kind, x B when several); see the module
+    docstring for where 'none' and strength 0 are drawn. Returns path or None when nothing can be drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if privacy.empty:
+        return None
+    p = privacy.copy()
+    p["kind"] = p["defense"].map(_defense_kind)
+    is_none = p["defense"] == "none"
+    strength = p["defense_strength"].astype(float)
+    on_curve = is_none | np.isfinite(strength)
+    pos = strength[~is_none & (strength > 0)]
+    has_zero = bool((~is_none & (strength == 0)).any())
+    log = len(pos) > 0 and pos.max() / pos.min() > 10
+    if log:
+        lo = float(pos.min())
+        x_zero = lo / 10
+        x_none = lo / 100 if has_zero else lo / 10
+    else:
+        hi = float(pos.max()) if len(pos) else 1.0
+        x_zero = 0.0
+        x_none = -0.15 * hi if has_zero else 0.0
+    p["x"] = np.where(is_none, x_none, np.where(strength == 0, x_zero, strength))
+    metrics = [(m, t) for m, t in PRIVACY_METRICS if m in p and p[m].notna().any()]
+    if not metrics:
+        return None
+    multi_b = p["B"].nunique() > 1
+    kinds = [k for k in sorted(p.loc[~is_none & on_curve, "kind"].unique())] or ["none"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.6), squeeze=False)
+    for ax, (m, title) in zip(axes[0], metrics):
+        i = 0
+        for (method, b), g in p[on_curve].groupby(["method", "B"], sort=True):
+            base = g[g["defense"] == "none"]
+            for kind in kinds:
+                line = g[(g["kind"] == kind) & (g["defense"] != "none")].sort_values("x")
+                if line.empty and (base.empty or kind != kinds[0]):
+                    continue
+                label = str(method) + (f" B={b}" if multi_b else "") + (f" [{kind}]" if len(kinds) > 1 else "")
+                color = f"C{i % 10}"
+                i += 1
+                if not line.empty:
+                    ax.plot(line["x"], line[m], "o-", color=color, label=label)
+                if not base.empty:
+                    ax.plot(base["x"], base[m], "s", color=color, markerfacecolor="none", markersize=8,
+                            label=label if line.empty else None)
+                    if not line.empty:
+                        ax.plot([base["x"].iloc[0], line["x"].iloc[0]], [base[m].iloc[0], line[m].iloc[0]], "--",
+                                color=color, alpha=0.6)
+        if log:
+            ax.set_xscale("log")
+        ticks = sorted(set(p.loc[on_curve, "x"].tolist()))
+        names = {x_none: "none"}
+        if has_zero:
+            names[x_zero] = "0"
+        if len(ticks) <= 8:
+            ax.set_xticks(ticks, [names.get(t, f"{t:g}") for t in ticks], fontsize=8)
+            ax.minorticks_off()
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("defense strength" + (" (log scale)" if log else ""))
+        if m == "evaluator_accuracy":
+            ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle("privacy curve: attack success vs defense strength (hollow square = no defense)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -306,16 +428,21 @@ def plot_gallery(df: pd.DataFrame, path: Path, users_per_group: int = 4, max_row
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    groups = list(df.groupby(GROUP_KEYS, sort=True))
+    keys = group_keys(df)
+    groups = []
+    for key, g in df.groupby(keys, sort=True, dropna=False):
+        kd = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
+        extra = "".join(f" {k}={_fmt_key(v)}" for k, v in kd.items() if k not in GROUP_KEYS)
+        groups.append((f"{kd['method']} B={kd['B']}{extra}", g))
     per_group = min(users_per_group, max(1, max_rows // max(1, len(groups))))
     labels: dict[Path, list[str]] = {}  # a grid shared by several (method, B) rows is shown once, with all labels
-    for (method, b), g in groups:
+    for name, g in groups:
         for _, row in g.iterrows():
             p = _grid_path(row)
             if p is not None:
-                labels.setdefault(p, []).append(f"{method} B={b}")
+                labels.setdefault(p, []).append(name)
     panels, seen = [], set()
-    for (method, b), g in groups:
+    for _name, g in groups:
         n = 0
         for _, row in g.iterrows():
             p = _grid_path(row)
@@ -358,10 +485,11 @@ def _fmt(x: float) -> str:
 
 def _markdown_table(summary: pd.DataFrame, df: pd.DataFrame) -> str:
     metrics = [c[: -len("_avg")] for c in summary.columns if c.endswith("_avg")]
-    head = ["method", "B", "users"] + [c for c in ("evaluator_accuracy", "label_accuracy") if c in summary] + metrics
+    keys = [k for k in GROUP_KEYS + VARIANT_KEYS if k in summary.columns]
+    head = keys + ["users"] + [c for c in ("evaluator_accuracy", "label_accuracy") if c in summary] + metrics
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in summary.iterrows():
-        cells = [str(r["method"]), str(r["B"]), str(r["n_users"])]
+        cells = [_fmt_key(r[k]) if k == "defense_strength" else str(r[k]) for k in keys] + [str(r["n_users"])]
         cells += [_fmt(r[c]) for c in ("evaluator_accuracy", "label_accuracy") if c in summary]
         for m in metrics:
             avg, std, n = r[f"{m}_avg"], r[f"{m}_std"], int(r[f"{m}_n"])
@@ -400,13 +528,20 @@ def _config_lines(run_dir: Path, limit: int = 25) -> list[str]:
 
 
 def write_markdown(path: Path, df: pd.DataFrame, summary: pd.DataFrame, run_dirs: Sequence[Path],
-                   figures: dict[str, Optional[Path]]) -> None:
+                   figures: dict[str, Optional[Path]], privacy: Optional[pd.DataFrame] = None) -> None:
+    keys = [k for k in GROUP_KEYS + VARIANT_KEYS if k in summary.columns]
     lines = ["# Gradient inversion: summary", "",
-             "Per method and batch size B: mean ± sample std (ddof 1) over users; `(n=k)` when only k users had a "
+             f"Per {', '.join(keys)}: mean ± sample std (ddof 1) over users; `(n=k)` when only k users had a "
              "measurable value; empty = nothing measurable. `evaluator_accuracy` = mean of `evaluator_correct`; "
              "`label_accuracy` = mean of `inferred_dominant == dominant_class`. PSNR in dB (data range 1), "
              "MSE on pixels in [0, 1], LPIPS = AlexNet v0.1.", "",
-             _markdown_table(summary, df), "", "## Figures", ""]
+             _markdown_table(summary, df), ""]
+    if privacy is not None:
+        lines += ["## Privacy (per method, B, defense, defense_strength; pooled over runs)", "",
+                  "`defense_strength` is the first defense's sigma / keep fraction / levels / clip norm; `-` = none. "
+                  "In privacy_curve.png 'none' is the hollow square at the left.", "",
+                  _markdown_table(privacy, df), ""]
+    lines += ["## Figures", ""]
     for name, p in figures.items():
         lines.append(f"![{name}]({p.name})" if p is not None else f"- {name}: not drawn (no data)")
         lines.append("")
@@ -453,7 +588,12 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, users_per_
             "metrics_vs_B": plot_metrics_vs_b(df, summary, tmp / "metrics_vs_B.png"),
             "gallery": plot_gallery(df, tmp / "gallery.png", users_per_group),
         }
-        write_markdown(tmp / "summary.md", df, summary, run_dirs, figures)
+        privacy = None
+        if has_defense_levels(df):
+            privacy = aggregate_privacy(df)
+            privacy.to_csv(tmp / "privacy.csv", index=False)
+            figures["privacy_curve"] = plot_privacy_curve(privacy, tmp / "privacy_curve.png")
+        write_markdown(tmp / "summary.md", df, summary, run_dirs, figures, privacy)
         os.chmod(tmp, 0o755)
         while True:
             final = _free_out_dir(out)
@@ -480,7 +620,7 @@ def log_to_wandb(out: Path, summary: pd.DataFrame, project: str) -> None:
                      config={"report_dir": str(out)})
     try:
         log = {"summary": wandb.Table(dataframe=summary)}
-        for name in ("metrics_vs_B", "gallery"):
+        for name in ("metrics_vs_B", "gallery", "privacy_curve"):
             p = out / f"{name}.png"
             if p.is_file():
                 log[name] = wandb.Image(np.asarray(Image.open(p).convert("RGB"), dtype=np.uint8), caption=name)
@@ -501,7 +641,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = build_report(args.run_dirs, requested, args.gallery_users, args.wandb, args.wandb_project)
     if out != requested:
         print(f"{requested} exists; wrote to {out} instead", file=sys.stderr)
-    print(f"wrote {out}/summary.md, summary.csv, metrics_vs_B.png, gallery.png")
+    extra = ", privacy.csv, privacy_curve.png" if (out / "privacy.csv").is_file() else ""
+    print(f"wrote {out}/summary.md, summary.csv, metrics_vs_B.png, gallery.png{extra}")
     return 0
 
 

@@ -74,6 +74,8 @@ class GradientInversionAttack(LightningModule):
     """
 
     requires_prior: bool = False
+    #: submodules that are inputs of the attack, not its state: left out of Lightning checkpoints (resume re-binds)
+    frozen_prefixes: tuple[str, ...] = ("victim.", "prior.")
 
     def __init__(
         self,
@@ -93,12 +95,23 @@ class GradientInversionAttack(LightningModule):
         self.log_images_every = log_images_every
         self.log_prefix = log_prefix
         self.history: dict[str, list[float]] = {}
+        self.strict_loading = False  # checkpoints hold the attack's own state only (see on_save_checkpoint)
 
     def bind(self, view: ServerView, prior: Optional[Any] = None) -> "GradientInversionAttack":
         raise NotImplementedError
 
     def result(self) -> AttackResult:
         raise NotImplementedError
+
+    def on_save_checkpoint(self, checkpoint) -> None:
+        """Keep the attack's state (images, labels, optimiser) and its history; drop the frozen victim and prior."""
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(self.frozen_prefixes)
+        }
+        checkpoint["attack_history"] = self.history
+
+    def on_load_checkpoint(self, checkpoint) -> None:
+        self.history = checkpoint.get("attack_history", {})
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(_Steps(self.steps), batch_size=None, shuffle=False)

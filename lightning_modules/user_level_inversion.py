@@ -193,6 +193,12 @@ class UserLevelInversion(GradientInversionAttack):
         self._noise_gen = torch.Generator(device=self.device).manual_seed(self.seed + 1)
         self._t_gen = torch.Generator().manual_seed(self.seed + 2)
 
+    def on_train_start(self) -> None:  # after a checkpoint restore: continue the same noise streams
+        rng = getattr(self, "_resume_rng", None)
+        if rng is not None:
+            self._noise_gen.set_state(rng["noise"])
+            self._t_gen.set_state(rng["t"])
+
     # ------------------------------------------------------------------------------------------ the loop
     def layer_weights(self, progress: float) -> tuple[Optional[torch.Tensor], float]:
         """Window weights (L,) at progress s/S and the window centre (layer index); (None, nan) when off."""
@@ -266,10 +272,12 @@ class UserLevelInversion(GradientInversionAttack):
             ).cpu()
 
     def on_save_checkpoint(self, checkpoint) -> None:
-        checkpoint["attack_history"] = self.history
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["attack_rng"] = {"noise": self._noise_gen.get_state(), "t": self._t_gen.get_state()}
 
     def on_load_checkpoint(self, checkpoint) -> None:
-        self.history = checkpoint.get("attack_history", {})
+        super().on_load_checkpoint(checkpoint)
+        self._resume_rng = checkpoint.get("attack_rng")
 
     def result(self) -> AttackResult:
         x = self.x_hat.detach().float().cpu().clamp(0, 1)

@@ -100,3 +100,63 @@ def test_unknown_config_key_is_rejected(tmp_path, capsys):
     with pytest.raises(SystemExit):
         attack.main(["--config", str(cfg)])
     assert "stepz" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_resume_skips_finished_users_and_continues_the_interrupted_one(tmp_path, monkeypatch):
+    from lightning_modules.user_level_inversion import UserLevelInversion
+
+    cfg = tiny_config(tmp_path, **{"logger.backend": "csv"})
+    original = UserLevelInversion.training_step
+    calls: list[tuple[str, int]] = []
+
+    def interrupting(self, batch, batch_idx):
+        calls.append((self.log_prefix, self.global_step))
+        if self.log_prefix == "user_0001/" and self.global_step == 3:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the second user's attack
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(UserLevelInversion, "training_step", interrupting)
+    with pytest.raises(SystemExit):
+        attack.main(["--config", str(cfg), "--checkpoint_every", "2"])
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+    first = list(csv.DictReader((run_dir / "results.csv").open()))
+    assert [r["user"] for r in first] == ["0"]
+    assert (run_dir / "checkpoints" / "user_0001" / "last.ckpt").is_file()
+
+    calls.clear()
+    monkeypatch.setattr(UserLevelInversion, "training_step", lambda self, b, i: (calls.append((self.log_prefix, self.global_step)), original(self, b, i))[1])
+    assert attack.main(["--config", str(cfg), "--checkpoint_every", "2", "--resume", str(run_dir)]) == run_dir
+    assert calls == [("user_0001/", 2), ("user_0001/", 3)]  # user 0 skipped, user 1 resumed at step 2
+    rows = list(csv.DictReader((run_dir / "results.csv").open()))
+    assert [r["user"] for r in rows] == ["0", "1"] and rows[0] == first[0] and rows[1]["steps"] == "4"
+    assert not (run_dir / "checkpoints" / "user_0001").exists()
+    other = tiny_config(tmp_path / "other", **{"attack.init_args.steps": 5})
+    with pytest.raises(attack.ConfigError, match="another config"):
+        attack.main(["--config", str(other), "--resume", str(run_dir)])
+
+
+@pytest.mark.slow
+def test_two_process_cpu_ddp_gives_the_same_results_table(tmp_path):
+    import subprocess
+    import sys
+
+    cfg = tiny_config(tmp_path, **{"logger.backend": "none", "users.init_args.num_users": 3})
+    env = dict(__import__("os").environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(attack.__file__).parent))
+    script = str(Path(attack.__file__))
+    for extra, name in (([], "one"), (["--trainer.strategy", "ddp", "--trainer.devices", "2"], "two")):
+        out = subprocess.run([sys.executable, script, "--config", str(cfg), "--output.name", name, *extra],
+                             env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+    one = list(csv.DictReader(next((tmp_path / "runs").glob("one-*")).joinpath("results.csv").open()))
+    two_dir = next((tmp_path / "runs").glob("two-*"))
+    two = list(csv.DictReader(two_dir.joinpath("results.csv").open()))
+    assert json.loads((two_dir / "summary.json").read_text())["processes"] == 2
+    assert [r["user"] for r in two] == [r["user"] for r in one] == ["0", "1", "2"]
+    for a, b in zip(one, two):
+        for key in ("dominant_class", "inferred_dominant", "inferred_counts", "evaluator_class", "B", "steps"):
+            assert a[key] == b[key], key
+        for key in ("mse_nearest", "psnr_mean", "evaluator_prob"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-3, abs=1e-4), key
+    assert len(list((two_dir / "users").iterdir())) == 3

@@ -1,0 +1,263 @@
+"""sweep.py on a tiny setup (tiny victim/evaluator/DDPM, real Fashion-MNIST users) and the report's privacy curve
+and run_name grouping on fake run directories."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+import attack
+import sweep
+from inversion import report
+from tests.helpers import save_tiny_assets
+
+try:
+    from datamodules.fashion_mnist import find_fashion_mnist_root
+
+    find_fashion_mnist_root(download=False)
+    HAVE_FMNIST = True
+except Exception:  # noqa: BLE001
+    HAVE_FMNIST = False
+
+needs_data = pytest.mark.skipif(not HAVE_FMNIST, reason="needs `apt-get install dataset-fashion-mnist`")
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> Path:
+    """A tiny attack config (2 users, B 3, 8x8 images, 3 steps, no logger)."""
+    root = tmp_path_factory.mktemp("tiny")
+    assets = save_tiny_assets(root / "assets", size=8)
+    cfg = {
+        "seed": 0,
+        "users": {"class_path": "FashionMNISTUsers", "init_args": {"num_users": 2, "batch_size": 3, "image_size": 8}},
+        "victim": {"checkpoint": assets["victim"]},
+        "prior": {"path": assets["prior"]},
+        "attack": {"class_path": "UserLevelInversion",
+                   "init_args": {"steps": 3, "t_max": 300, "t_min": 10, "t_final": 20, "denoise_steps": 2}},
+        "evaluation": {"evaluator": assets["evaluator"], "lpips": False},
+        "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
+                    "enable_model_summary": False},
+        "logger": {"backend": "none"},
+        "output": {"root": str(root / "unused_runs"), "name": "tiny"},
+    }
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def write_sweep(path: Path, base: Path, grid: dict, **extra) -> Path:
+    cfg = {"name": "tiny_sweep", "root": str(path.parent / "sweep_dir"), "base": str(base), "grid": grid, **extra}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ sweep.py
+@needs_data
+def test_sweep_runs_skips_finished_and_reruns_unfinished(tmp_path, tiny_base, monkeypatch, capsys):
+    cfg = write_sweep(tmp_path / "s.yaml", tiny_base, {"users.init_args.batch_size": [2, 3]},
+                      fixed={"attack.init_args.steps": 3})
+    sweep_dir = tmp_path / "sweep_dir"
+    real_main = attack.main
+    calls: list[list[str]] = []
+
+    def counting(argv):
+        calls.append(list(argv))
+        return real_main(argv)
+
+    monkeypatch.setattr(attack, "main", counting)
+    assert sweep.main(["--config", str(cfg)]) == 0
+    assert len(calls) == 2
+    assert all("--logger.group" in a and a[a.index("--logger.group") + 1] == "tiny_sweep" for a in calls)
+    meta = json.loads((sweep_dir / "sweep.json").read_text())
+    index = json.loads((sweep_dir / "index.json").read_text())
+    slugs = ["batch_size=2", "batch_size=3"]
+    assert meta["cells"] == slugs and list(index["cells"]) == slugs
+    for slug, b in zip(slugs, (2, 3)):
+        e = index["cells"][slug]
+        run = Path(e["run_dir"])
+        assert e["status"] == "finished" and run.parent == sweep_dir / "cells" and run.name.startswith(slug + "-")
+        assert json.loads((run / "summary.json").read_text())["status"] == "finished"
+        rows = pd.read_csv(run / "results.csv")
+        assert set(rows["B"]) == {b} and len(rows) == 2
+    s = pd.read_csv(sweep_dir / "report" / "summary.csv")
+    assert sorted(s["B"]) == [2, 3] and set(s["n_users"]) == {2}
+    assert not list(sweep_dir.rglob("*.tmp"))
+    out = capsys.readouterr().out
+    assert "[sweep] 1/2 batch_size=2: finished" in out and "[sweep] 2/2 batch_size=3: finished" in out
+
+    # re-running the same sweep: nothing runs again; the report goes to a new folder
+    assert sweep.main(["--config", str(cfg)]) == 0
+    assert len(calls) == 2
+    assert "skipped" in capsys.readouterr().out
+    assert (sweep_dir / "report-1" / "summary.csv").is_file()
+
+    # an unfinished cell (interrupted run, and a run dir without summary.json) is run again, in a new run dir
+    first = Path(index["cells"]["batch_size=2"]["run_dir"])
+    second = Path(index["cells"]["batch_size=3"]["run_dir"])
+    summary = json.loads((first / "summary.json").read_text())
+    (first / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
+    (second / "summary.json").unlink()
+    assert sweep.main(["--config", str(cfg), "--no-report"]) == 0
+    assert len(calls) == 4
+    index2 = json.loads((sweep_dir / "index.json").read_text())
+    for slug, old in zip(slugs, (first, second)):
+        e = index2["cells"][slug]
+        assert e["status"] == "finished" and Path(e["run_dir"]) != old and str(old) in e["previous_run_dirs"]
+    assert first.is_dir()  # the old run dir is kept
+
+
+def test_unknown_or_bad_keys_fail_before_any_work(tmp_path, tiny_base, monkeypatch, capsys):
+    monkeypatch.setattr(attack, "main", lambda argv: pytest.fail("attack.main must not be called"))
+    sweep_dir = tmp_path / "sweep_dir"
+    cases = [
+        ({"thread.defenses": [[]]}, "'thread.defenses'.*valid top-level groups: users, victim, prior, threat, attack"),
+        ({"threat.sigma": [0.1]}, "'threat.sigma'.*threat.defenses"),
+        ({"attack.init_args.stepz": [3]}, "'attack.init_args.stepz' = 3: Option 'stepz' is not accepted"),
+        ({"users.init_args.batch_size": []}, "'users.init_args.batch_size' has an empty list"),
+        ({"output.name": ["x"]}, "'output.name' is set by the sweep"),
+        ({"attack": ["configs/ablation/no_such.yaml"]}, "no_such.yaml.*not found"),
+    ]
+    for grid, match in cases:
+        cfg = write_sweep(tmp_path / "s.yaml", tiny_base, grid)
+        with pytest.raises(sweep.SweepError, match=match):
+            sweep.validate(sweep.load_sweep(cfg))
+        assert sweep.main(["--config", str(cfg)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("sweep.py: error:") and err.count("\n") <= 3
+        assert not sweep_dir.exists()
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "x", "base": str(tmp_path / "missing.yaml"), "grid": {"seed": [0]}}))
+    with pytest.raises(sweep.SweepError, match="missing.yaml.*not found"):
+        sweep.load_sweep(cfg)
+    # a valid grid with an unusable value is refused too, naming the key
+    cfg = write_sweep(tmp_path / "s.yaml", tiny_base, {"users.init_args.batch_size": [2, "abc"]})
+    with pytest.raises(sweep.SweepError, match="batch_size=abc.*key 'users.init_args.batch_size' = 'abc'"):
+        sweep.validate(sweep.load_sweep(cfg))
+    assert not sweep_dir.exists()
+
+
+def _fake_runner(argv):
+    """Stands in for attack.main: a finished run dir with a one-row results.csv."""
+    root = Path(argv[argv.index("--output.root") + 1])
+    name = argv[argv.index("--output.name") + 1]
+    run = attack.new_run_dir(str(root), name)
+    (run / "results.csv").write_text("user,method,B,psnr_nearest\n0,m,3,12.5\n")
+    (run / "config.yaml").write_text(yaml.safe_dump({"output": {"name": name}}))
+    (run / "summary.json").write_text(json.dumps({"status": "finished"}))
+    return run
+
+
+def test_changed_config_is_refused_unless_new(tmp_path, tiny_base, capsys):
+    cfg = write_sweep(tmp_path / "s.yaml", tiny_base, {"seed": [0, 1]})
+    s1 = sweep.load_sweep(cfg)
+    sweep.validate(s1)
+    idx = sweep.run_sweep(s1, runner=_fake_runner, report=False, max_cells=1)
+    assert [e["status"] for e in idx["cells"].values()] == ["finished", "pending"]
+    idx = sweep.run_sweep(s1, runner=_fake_runner)  # resumes: runs only the second cell, then the report
+    assert sum(1 for _ in (tmp_path / "sweep_dir" / "cells").iterdir()) == 2
+    assert Path(idx["report"]).name == "report" and (Path(idx["report"]) / "summary.csv").is_file()
+    cfg = write_sweep(tmp_path / "s.yaml", tiny_base, {"seed": [0, 2]})
+    with pytest.raises(sweep.SweepError, match="resume directory from another config"):
+        sweep.run_sweep(sweep.load_sweep(cfg), runner=_fake_runner)
+    assert sweep.main(["--config", str(cfg), "--dry-run"]) == 2
+    assert "resume directory from another config" in capsys.readouterr().err
+    idx = sweep.run_sweep(sweep.load_sweep(cfg), runner=_fake_runner, new=True, report=False)
+    assert Path(idx["sweep_dir"]) == tmp_path / "sweep_dir-1"
+    assert json.loads((tmp_path / "sweep_dir" / "sweep.json").read_text())["hash"] == s1.hash()
+
+
+def test_slugs_and_config_values():
+    s = sweep.Sweep(name="n", root="r", base="configs/attack/fashion_mnist.yaml", configs=[], fixed={},
+                    grid={"attack": [None, "configs/method/dlg.yaml"],
+                          "threat.defenses": [[], [{"name": "gaussian_dp", "clip_norm": 1.0, "sigma": 0.01}]]})
+    cells = sweep.expand_cells(s)
+    assert [c.slug for c in cells] == [
+        "attack=base__defenses=none", "attack=base__defenses=gaussian_dp-clip_norm1-sigma0.01",
+        "attack=dlg__defenses=none", "attack=dlg__defenses=gaussian_dp-clip_norm1-sigma0.01"]
+    argv = cells[3].argv(s, Path("out"))
+    assert argv[argv.index("--threat.defenses") + 1] == '[{"name": "gaussian_dp", "clip_norm": 1.0, "sigma": 0.01}]'
+    assert [a for a in argv if a.endswith(".yaml")][1].endswith("configs/method/dlg.yaml")
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _fake_run(root: Path, name: str, method: str, defense: str, strength: float, rng, users: int = 4) -> pd.DataFrame:
+    run = root / f"{name}-20240101-000000-{rng.integers(0, 1 << 24):06x}"
+    rows = [{"user": u, "method": method, "B": 10, "dominant_class": u, "inferred_dominant": u,
+             "evaluator_correct": int(rng.integers(0, 2)), "evaluator_prob": rng.uniform(0.2, 1),
+             "psnr_nearest": rng.uniform(8, 20), "lpips_nearest": rng.uniform(0.1, 0.6),
+             "defense": defense, "defense_strength": strength, "protocol": "fedsgd", "victim_init": "trained"}
+            for u in range(users)]
+    df = pd.DataFrame(rows)
+    (run / "users" / "user_0000").mkdir(parents=True)
+    df.to_csv(run / "results.csv", index=False)
+    (run / "config.yaml").write_text(yaml.safe_dump({"output": {"name": name}}))
+    Image.fromarray(rng.integers(0, 255, (10, 40, 3), dtype=np.uint8)).save(run / "users" / "user_0000" / "grid.png")
+    df["run_dir"] = str(run)
+    return df
+
+
+def test_report_privacy_curve_values_and_figure(tmp_path):
+    rng = np.random.default_rng(0)
+    frames, dirs = [], []
+    for method in ("UserLevelInversion", "DLG"):
+        for sigma in (None, 1e-3, 1e-2, 1e-1):
+            defense = "none" if sigma is None else f"gaussian_dp(clip_norm=1.0,sigma={sigma})"
+            name = f"{method}_{'none' if sigma is None else sigma}"
+            df = _fake_run(tmp_path / "runs", name, method, defense, np.nan if sigma is None else sigma, rng)
+            frames.append(df)
+            dirs.append(df["run_dir"].iloc[0])
+    # a second seed of one cell: pooled in privacy.csv, its own row (run_name) in summary.csv
+    df = _fake_run(tmp_path / "runs", "UserLevelInversion_0.01_seed1", "UserLevelInversion",
+                   "gaussian_dp(clip_norm=1.0,sigma=0.01)", 0.01, rng)
+    frames.append(df)
+    dirs.append(df["run_dir"].iloc[0])
+    truth = pd.concat(frames, ignore_index=True)
+    (tmp_path / "runs" / Path(dirs[0]).name / "results.csv").write_text(  # an old run without defense columns
+        truth[truth["run_dir"] == dirs[0]].drop(columns=["defense", "defense_strength", "run_dir"]).to_csv(index=False))
+    out = report.build_report(dirs, tmp_path / "rep")
+    fig = out / "privacy_curve.png"
+    assert fig.is_file() and fig.stat().st_size > 5000
+    assert np.asarray(Image.open(fig).convert("L")).std() > 5
+    p = pd.read_csv(out / "privacy.csv")
+    assert list(p.columns[:4]) == ["method", "B", "defense", "defense_strength"] and len(p) == 8
+    truth["key"] = truth["defense_strength"].fillna(-1)
+    for (method, strength), g in truth.groupby(["method", "key"]):
+        r = p[(p["method"] == method) & (p["defense_strength"].fillna(-1) == strength)]
+        assert len(r) == 1
+        r = r.iloc[0]
+        assert r["defense"] == g["defense"].iloc[0] and r["n_users"] == len(g)
+        assert r["evaluator_accuracy"] == pytest.approx(g["evaluator_correct"].mean())
+        assert r["lpips_nearest_avg"] == pytest.approx(g["lpips_nearest"].mean())
+        assert r["psnr_nearest_std"] == pytest.approx(g["psnr_nearest"].std(ddof=1))
+    assert p.loc[p["method"] == "DLG", "defense"].iloc[0] == "none"  # 'none' first (left of the curve)
+    s = pd.read_csv(out / "summary.csv")
+    assert list(s.columns[:5]) == ["method", "B", "defense", "defense_strength", "run_name"] and len(s) == 9
+    assert "protocol" not in s.columns  # same for every run: not a group key
+    md = (out / "summary.md").read_text()
+    assert "privacy_curve.png" in md and "## Privacy" in md
+
+
+def test_report_ablation_table_by_run_name(tmp_path):
+    rng = np.random.default_rng(1)
+    frames, dirs = [], []
+    for name in ("full", "ablation_no_prior", "ablation_no_window", "full"):  # two runs of 'full' are pooled
+        df = _fake_run(tmp_path / "runs", name, "UserLevelInversion", "none", np.nan, rng, users=3)
+        frames.append(df)
+        dirs.append(df["run_dir"].iloc[0])
+    truth = pd.concat(frames, ignore_index=True)
+    truth["run_name"] = [Path(d).name.rsplit("-", 3)[0] for d in truth["run_dir"]]
+    out = report.build_report(dirs, tmp_path / "rep")
+    s = pd.read_csv(out / "summary.csv")
+    assert list(s.columns[:3]) == ["method", "B", "run_name"] and "defense" not in s.columns
+    assert sorted(s["run_name"]) == ["ablation_no_prior", "ablation_no_window", "full"]
+    for name, g in truth.groupby("run_name"):
+        r = s[s["run_name"] == name].iloc[0]
+        assert r["n_users"] == len(g) and r["psnr_nearest_avg"] == pytest.approx(g["psnr_nearest"].mean())
+    assert not (out / "privacy.csv").exists() and not (out / "privacy_curve.png").exists()
+    assert "| UserLevelInversion | 10 | full | 6 |" in (out / "summary.md").read_text()
