@@ -17,7 +17,8 @@ where ``per_user`` itself takes ``torch.func.grad`` of the cross-entropy w.r.t. 
 gradient), then the weighted per-layer cosine distance to that user's target. The outer ``grad`` is w.r.t. the image
 only. The victim must be in eval mode (BatchNorm on running statistics): then user u's dummy gradient depends on
 x_u alone, which is what makes a vmap over users equal to independent attacks. In train mode BatchNorm would mix the
-users (and vmap refuses in-place running-stat updates), so the constructor puts the victim in eval mode.
+users (and vmap refuses in-place running-stat updates), so the constructor
+puts its private copy of the victim in eval mode.
 
 A summed loss with ``torch.autograd.grad(sum_u loss_u, x)`` would also give each d loss_u / d x_u (users are
 independent), but ``sum_u loss_u`` needs each user's *own* dummy gradient, i.e. per-sample parameter gradients,
@@ -30,7 +31,14 @@ group per user and channel (slow on CPU: measured 1.7x slower than ``'unfold'`` 
 ``conv_impl='unfold'`` (default) runs the attack on a private copy of the victim in which every plain
 ``nn.Conv2d`` (zeros padding, groups = 1, numeric padding) computes ``W.view(C_out, -1) @ F.unfold(x)`` instead:
 the same function and parameters, but the per-user weight gradients and the double backward become batched
-matmuls. ``'native'`` keeps the victim's own convolutions.
+matmuls. ``'native'`` keeps the victim's own convolutions. BatchNorm layers of the copy normalise in their
+parameters' dtype so that the pass also runs under ``torch.autocast`` (bf16 on CPU is tested).
+
+Cost: the work per user is the same as one at a time (a batch-1 double backward plus several passes over
+victim-sized per-user tensors); batching saves per-op overhead (kernel launches on a GPU), not arithmetic. On a
+CPU the one-at-a-time path is already compute- or memory-bound and the batched pass is not faster
+(``scripts/benchmark.py`` reports both); the gain is expected on accelerators, where batch-1 steps are
+launch-bound.
 """
 
 from __future__ import annotations
