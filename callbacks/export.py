@@ -68,8 +68,9 @@ class ExportModel(Callback):
         self._t0: Optional[float] = None
         self.command = " ".join(shlex.quote(a) for a in ["python"] + sys.argv)
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit" and self.dirpath.exists() and not self.overwrite and not trainer.ckpt_path:
+    def check_target(self, resuming: bool) -> None:
+        """Raise FileExistsError when a fresh run would replace an existing export."""
+        if self.dirpath.exists() and not self.overwrite and not resuming:
             raise FileExistsError(
                 f"export folder {self.dirpath} already exists; choose another ExportModel.dirpath, resume with "
                 "--ckpt_path last, or set overwrite: true for this callback"
@@ -84,7 +85,8 @@ class ExportModel(Callback):
     def _elapsed(self) -> float:
         return self.wall_time_s + (time.time() - self._t0 if self._t0 is not None else 0.0)
 
-    def on_fit_start(self, trainer, pl_module) -> None:
+    def on_fit_start(self, trainer, pl_module) -> None:  # after a checkpoint restore, before the first step
+        self.check_target(resuming=bool(trainer.ckpt_path))
         self._t0 = time.time()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -105,6 +105,8 @@ class ImageClassifier(LightningModule):
         lr, weight_decay, max_lr_steps: AdamW with a one-cycle schedule over ``max_lr_steps`` (0: constant lr).
         label_smoothing: CE label smoothing.
         seed: recorded in the exported config (the trainer's seed is set by ``seed_everything``).
+        init_weights: optional classifier folder (model.safetensors + config.json) to start from (fine-tuning);
+            its architecture and shapes must match.
     """
 
     def __init__(
@@ -120,10 +122,17 @@ class ImageClassifier(LightningModule):
         max_lr_steps: int = 0,
         label_smoothing: float = 0.0,
         seed: int = 0,
+        init_weights: Optional[str] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = build_classifier(arch, in_channels, num_classes, image_size, mean, std)
+        if init_weights:
+            start, cfg = load_classifier(init_weights)
+            if (cfg["arch"], cfg["in_channels"], cfg["num_classes"]) != (arch, in_channels, num_classes):
+                raise ValueError(f"init_weights {init_weights} holds a {cfg['arch']} ({cfg['in_channels']} -> "
+                                 f"{cfg['num_classes']}), not a {arch} ({in_channels} -> {num_classes})")
+            self.model.load_state_dict(start.state_dict())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)

@@ -165,7 +165,9 @@ def test_export_callback_refuses_to_overwrite(tmp_path):
         ckpt_path = None
 
     with pytest.raises(FileExistsError, match="already exists"):
-        cb.setup(T(), None, "fit")
+        cb.on_fit_start(T(), None)
+    T.ckpt_path = "last.ckpt"  # a resumed run keeps exporting into its folder
+    cb.on_fit_start(T(), None)
 
 
 # ------------------------------------------------------------------------------------------------ train.py
