@@ -34,6 +34,8 @@ class DDPMPrior(LightningModule):
         ema_decay: maximal EMA decay (with diffusers' EMA warm-up, power 3/4).
         sample_every_n_steps: log a seeded DDIM sample grid every so many optimiser steps (0: never).
         sample_grid_size: number of images in that grid; sample_inference_steps: DDIM steps for it.
+        init_weights: optional diffusers DDPM folder (e.g. a shipped prior) whose UNet initialises both the trained
+            and the EMA weights (warm start); its UNet config must equal the one built here.
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class DDPMPrior(LightningModule):
         sample_grid_size: int = 64,
         sample_inference_steps: int = 50,
         seed: int = 0,
+        init_weights: Optional[str] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -74,6 +77,12 @@ class DDPMPrior(LightningModule):
         self.scheduler = DDPMScheduler(
             num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, prediction_type="epsilon"
         )
+        if init_weights:
+            start = UNet2DModel.from_pretrained(init_weights, subfolder="unet", low_cpu_mem_usage=False)
+            try:
+                self.unet.load_state_dict(start.state_dict())
+            except RuntimeError as exc:
+                raise ValueError(f"init_weights {init_weights}: its UNet differs from this config: {str(exc).splitlines()[0]}") from exc
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
         self.ema_unet.eval()
         self.ema_decay = ema_decay

@@ -155,6 +155,11 @@ def test_ddpm_training_step_and_export_roundtrip(tmp_path):
     assert isinstance(DDPMPipeline.from_pretrained(str(tmp_path / "ddpm")), DDPMPipeline)
     prior = DiffusionPrior(unet, sched, (1, 8, 8))
     assert torch.isfinite(prior.prior_loss(torch.rand(1, 1, 8, 8), 100))
+    warm = DDPMPrior(image_size=8, block_out_channels=(32, 32), layers_per_block=1, init_weights=str(tmp_path / "ddpm"))
+    with torch.no_grad():
+        torch.testing.assert_close(warm.ema_unet(xt, t).sample, unet(xt, t).sample)
+    with pytest.raises(ValueError, match="differs"):
+        DDPMPrior(image_size=8, block_out_channels=(32, 64), layers_per_block=1, init_weights=str(tmp_path / "ddpm"))
 
 
 def test_export_callback_refuses_to_overwrite(tmp_path):
