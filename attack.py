@@ -311,6 +311,18 @@ def face_columns(final: torch.Tensor, user: User, others: list[torch.Tensor]) ->
     return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in rep.items()}
 
 
+def topk_overlap(probs: torch.Tensor, histogram: torch.Tensor, max_k: int = 3) -> float:
+    """Share of the user's k most frequent classes found among the evaluator's top-k classes for the image.
+
+    k = min(number of classes present in the batch, ``max_k``); 1.0 for a single-class user whose class is the
+    evaluator's top-1. ``probs`` (C,) evaluator probabilities, ``histogram`` (C,) label counts of the user's batch.
+    """
+    k = max(1, min(int((histogram > 0).sum()), max_k))
+    true_top = set(torch.topk(histogram.float(), k).indices.tolist())
+    pred_top = set(torch.topk(probs.float(), k).indices.tolist())
+    return len(true_top & pred_top) / k
+
+
 def evaluate(result: AttackResult, user: User, evaluator, lpips: bool) -> dict[str, Any]:
     """Compare the reconstruction with the user's ground truth (this is the only place the private batch is used)."""
     from inversion.metrics import image_metrics
@@ -328,6 +340,7 @@ def evaluate(result: AttackResult, user: User, evaluator, lpips: bool) -> dict[s
             evaluator_prob_of_dominant=round(float(probs[user.dominant_class]), 4),
             evaluator_class_raw=int(probs_raw.argmax()),
             evaluator_correct_raw=int(int(probs_raw.argmax()) == user.dominant_class),
+            evaluator_topk_overlap=round(topk_overlap(probs, user.label_histogram), 4),
         )
     metrics = image_metrics(final, user.images, lpips=lpips)
     row.update({k: round(float(v), 5) for k, v in metrics.items()})

@@ -22,6 +22,16 @@ except DataNotFoundError:
 pytestmark = pytest.mark.skipif(not HAVE_FMNIST, reason="needs `apt-get install dataset-fashion-mnist`")
 
 
+def test_topk_overlap_by_hand():
+    import torch
+
+    hist = torch.tensor([0, 5, 3, 0, 2, 0, 0, 0, 0, 0])
+    probs = torch.tensor([0.0, 0.5, 0.1, 0.0, 0.0, 0.3, 0.0, 0.0, 0.0, 0.05])
+    assert attack.topk_overlap(probs, hist) == pytest.approx(2 / 3)  # top-3 true {1,2,4}, predicted {1,5,2}
+    assert attack.topk_overlap(probs, torch.tensor([0, 9, 0, 0, 0, 0, 0, 0, 0, 0])) == 1.0
+    assert attack.topk_overlap(probs, torch.tensor([7, 0, 0, 0, 0, 0, 0, 0, 0, 0])) == 0.0
+
+
 def tiny_config(tmp_path: Path, **overrides) -> Path:
     assets = save_tiny_assets(tmp_path / "assets", size=8)
     cfg = {
