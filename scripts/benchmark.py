@@ -24,6 +24,8 @@ next to trainings. ``--tiny`` (8 px, random tiny models, B = 2, 5, 10, U = 1, 2,
 it checks the script, its numbers mean little.
 
 Usage: python scripts/benchmark.py [--device cuda] [--steps N] [--image-size S] [--tiny] [--json OUT]
+       python scripts/benchmark.py --device cuda --image-size 64 --random-models --channels 3 --prior-arch ddpm-cifar10
+           (the paper's setting: 64x64 RGB faces, a CIFAR-10-sized DDPM, 4,000 steps per attack)
 """
 
 from __future__ import annotations
@@ -142,29 +144,37 @@ def build_models(args, device: torch.device):
 
     S = args.image_size
     torch.manual_seed(0)
-    if VICTIM_DIR.is_dir() and not args.tiny:
+    shipped = not (args.tiny or args.random_models)
+    if VICTIM_DIR.is_dir() and shipped:
         victim, cfg = load_classifier(VICTIM_DIR, device)
         C = int(cfg["in_channels"])
         vsrc = str(VICTIM_DIR.relative_to(ROOT))
     else:
-        C = 1
+        C = args.channels
         victim = build_classifier("resnet18", C, NUM_CLASSES, S).to(device).eval()
         vsrc = f"random resnet18 small-stem ({C}x{S}x{S}, {NUM_CLASSES} classes)"
     shape = (C, S, S)
-    if PRIOR_DIR.is_dir() and not args.tiny:
+    if PRIOR_DIR.is_dir() and shipped:
         prior = DiffusionPrior.from_pretrained(str(PRIOR_DIR), shape)
         psrc = str(PRIOR_DIR.relative_to(ROOT))
     else:
+        layers, groups = 1, 8
         if args.tiny:
             boc, down, up = (16, 32), ("DownBlock2D",) * 2, ("UpBlock2D",) * 2
+        elif args.prior_arch == "ddpm-cifar10":
+            # the architecture of google/ddpm-cifar10-32 (Ho et al. 2020): 35.7M parameters, attention at 16x16
+            boc, layers, groups = (128, 256, 256, 256), 2, 32
+            down = ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D")
+            up = ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D")
         else:
             boc, down, up = (32, 64, 64, 128), ("DownBlock2D",) * 4, ("UpBlock2D",) * 4
         unet = UNet2DModel(
-            sample_size=S, in_channels=C, out_channels=C, layers_per_block=1, block_out_channels=boc,
-            down_block_types=down, up_block_types=up, norm_num_groups=8,
+            sample_size=S, in_channels=C, out_channels=C, layers_per_block=layers, block_out_channels=boc,
+            down_block_types=down, up_block_types=up, norm_num_groups=groups,
         )
         prior = DiffusionPrior(unet, DDPMScheduler(num_train_timesteps=1000), shape)
-        psrc = f"random UNet2DModel block_out_channels={boc}, layers_per_block=1"
+        n_params = sum(p.numel() for p in unet.parameters())
+        psrc = f"random UNet2DModel block_out_channels={boc}, layers_per_block={layers} ({n_params / 1e6:.1f}M parameters)"
     prior = prior.to(device).eval()
     victim.requires_grad_(True)  # parameters must be differentiable targets (the weights are never stepped)
     return victim, prior, shape, {"victim": vsrc, "prior": psrc}
@@ -287,6 +297,11 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default 5; 2 with --tiny)")
     p.add_argument("--image-size", type=int, default=None, help="S of the S x S images (default 32; 8 with --tiny)")
     p.add_argument("--tiny", action="store_true", help="tiny random models and sizes: a smoke run in seconds")
+    p.add_argument("--random-models", action="store_true",
+                   help="random victim (C x S x S) and prior instead of the shipped 1-channel 32 px checkpoints")
+    p.add_argument("--channels", type=int, default=1, help="C of the random models (3 for CelebA-like RGB)")
+    p.add_argument("--prior-arch", default="small", choices=("small", "ddpm-cifar10"),
+                   help="random prior: the shipped small UNet (2.9M) or google/ddpm-cifar10-32's architecture (35.7M)")
     p.add_argument("--batch-sizes", default=None, help="comma list of B (default 10,50,100; 2,5,10 with --tiny)")
     p.add_argument("--users", default=None, help="comma list of U (default 1,8,32; 1,2,4 with --tiny)")
     p.add_argument("--attack-steps", type=int, default=4000, help="steps per user for users/hour (paper: 4000)")

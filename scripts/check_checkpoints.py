@@ -2,6 +2,7 @@
 
     python scripts/check_checkpoints.py                      # full: 10,000 test images, 500 prior samples
     python scripts/check_checkpoints.py --n-test 500 --n-samples 100 --ddim-steps 20   # quick
+    python scripts/check_checkpoints.py --prior-only --device cuda   # the prior's bar alone (no test split needed)
 
 Bars (issue 3): victim and evaluator top-1 accuracy >= 90% on the Fashion-MNIST test split; 500 prior samples
 (DDIM, 100 steps, eta 0, seed 0) classified by the evaluator with mean top-1 probability >= 0.8 and every class
@@ -34,17 +35,18 @@ def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> float
     return correct / len(x)
 
 
-def prior_sample_report(prior_dir: Path, evaluator, n: int, steps: int, seed: int = 0) -> dict:
+def prior_sample_report(prior_dir: Path, evaluator, n: int, steps: int, seed: int = 0, device: str = "cpu") -> dict:
     """Sample ``n`` images with DDIM and classify them with the evaluator; returns the figures of the bar."""
     from inversion.prior import load_ddpm
     from lightning_modules.ddpm import sample_ddim
 
-    unet, scheduler = load_ddpm(str(prior_dir))
+    unet, scheduler = load_ddpm(str(prior_dir), device)
     t0 = time.time()
-    imgs = sample_ddim(unet, scheduler, n, num_inference_steps=steps, seed=seed)
+    imgs = sample_ddim(unet, scheduler, n, num_inference_steps=steps, seed=seed, device=device)
     seconds = time.time() - t0
     with torch.no_grad():
-        probs = torch.softmax(evaluator(imgs), dim=1)
+        probs = torch.softmax(evaluator.to(device)(imgs.to(device)), dim=1).cpu()
+    imgs = imgs.cpu()
     top1 = probs.max(1).values
     counts = np.bincount(probs.argmax(1).numpy(), minlength=probs.shape[1])
     uniform = n / probs.shape[1]
@@ -70,25 +72,29 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="also write the report as JSON here")
     ap.add_argument("--grid", default=None, help="save the first 100 prior samples as a PNG grid here")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a bar fails")
+    ap.add_argument("--prior-only", action="store_true", help="only the prior's bar (skips the test-split accuracies)")
+    ap.add_argument("--device", default="cpu", help="where the prior samples (cpu or cuda)")
     args = ap.parse_args(argv)
 
     from datamodules.fashion_mnist import load_split, to_tensor_images
     from lightning_modules.classifier import load_classifier
 
     ck = Path(args.checkpoints)
-    raw, labels = load_split("test")
-    x = to_tensor_images(raw[: args.n_test], 32, 1)
-    y = torch.from_numpy(labels[: args.n_test].astype(np.int64))
-    report: dict = {"n_test": len(x)}
-    evaluator = None
-    for name in ("victim_resnet18", "evaluator_convnet"):
+    names = () if args.prior_only else ("victim_resnet18", "evaluator_convnet")
+    if names:
+        raw, labels = load_split("test")
+        x = to_tensor_images(raw[: args.n_test], 32, 1)
+        y = torch.from_numpy(labels[: args.n_test].astype(np.int64))
+    report: dict = {"n_test": len(x) if names else 0}
+    evaluator = load_classifier(ck / "evaluator_convnet")[0] if args.prior_only else None
+    for name in names:
         model, cfg = load_classifier(ck / name)
         t0 = time.time()
         acc = accuracy(model, x, y)
         report[name] = {"arch": cfg["arch"], "test_accuracy": round(acc, 4), "seconds": round(time.time() - t0, 1), "bar": acc >= 0.9}
         if name.startswith("evaluator"):
             evaluator = model
-    prior, imgs = prior_sample_report(ck / "ddpm_32", evaluator, args.n_samples, args.ddim_steps)
+    prior, imgs = prior_sample_report(ck / "ddpm_32", evaluator, args.n_samples, args.ddim_steps, device=args.device)
     report["ddpm_32"] = prior
     if args.grid:
         from PIL import Image
@@ -98,7 +104,7 @@ def main(argv=None) -> int:
         Image.fromarray(to_uint8_hwc(imgs[:100], nrow=10)).save(args.grid)
 
     print(f"Fashion-MNIST checkpoints ({ck})")
-    for name in ("victim_resnet18", "evaluator_convnet"):
+    for name in names:
         r = report[name]
         print(f"  {name:18s} test accuracy {100 * r['test_accuracy']:.2f}% on {len(x)} images  [bar >= 90%: {'PASS' if r['bar'] else 'FAIL'}]")
     print(
@@ -109,7 +115,7 @@ def main(argv=None) -> int:
     )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    ok = all(report[n]["bar"] for n in ("victim_resnet18", "evaluator_convnet")) and prior["bar_mean_top1"] and prior["bar_class_balance"]
+    ok = all(report[n]["bar"] for n in names) and prior["bar_mean_top1"] and prior["bar_class_balance"]
     print("ALL BARS PASS" if ok else "SOME BARS FAIL")
     return 0 if ok or not args.strict else 1
 
