@@ -28,9 +28,8 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 import torch
-from lightning import LightningDataModule
-from torch.utils.data import DataLoader
 
+from datamodules.base import ImageDataModule
 from datamodules.fashion_mnist import DataNotFoundError
 from datamodules.folder import ImageListDataset, _choose, load_image, load_images
 from datamodules.users import User, UserSource
@@ -393,7 +392,7 @@ class CelebAUsers(UserSource):
         return out
 
 
-class CelebADataModule(LightningDataModule):
+class CelebADataModule(ImageDataModule):
     """CelebA for training a victim/evaluator classifier or a DDPM prior (64x64 by default).
 
     Batches are ``(images, labels)``: images float32 (B, 3, image_size, image_size) in [0, 1] (178 centre crop,
@@ -433,21 +432,12 @@ class CelebADataModule(LightningDataModule):
         identity_holdout: float = 0.1,
         seed: int = 0,
     ) -> None:
-        super().__init__()
-        if image_size < 8:
-            raise ValueError(f"data.init_args.image_size must be >= 8, got {image_size}")
+        super().__init__(root, image_size, batch_size, num_workers, augment, seed)
         if not 0.0 <= identity_holdout < 1.0:
             raise ValueError(f"data.init_args.identity_holdout must be in [0, 1), got {identity_holdout}")
         self.save_hyperparameters()
-        self.root = root
         self.target = target
-        self.image_size = image_size
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.augment = augment
         self.identity_holdout = identity_holdout
-        self.seed = seed
-        self._train = self._val = self._test = None
 
     def index(self) -> CelebAIndex:
         index = load_celeba_index(self.root)
@@ -511,19 +501,3 @@ class CelebADataModule(LightningDataModule):
         self._train = self._dataset(index, *parts["train"], train=True)
         self._val = self._dataset(index, *parts["val"], train=False)
         self._test = self._dataset(index, *parts["test"], train=False)
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self._train,
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=True,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self._val, batch_size=self.batch_size, num_workers=self.num_workers)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self._test, batch_size=self.batch_size, num_workers=self.num_workers)

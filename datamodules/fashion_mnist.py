@@ -15,8 +15,9 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning import LightningDataModule
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
+
+from datamodules.base import ImageDataModule
 
 DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -139,7 +140,7 @@ def to_tensor_images(images: np.ndarray, image_size: int = 32, channels: int = 1
     return x.repeat(1, channels, 1, 1) if channels == 3 else x
 
 
-class FashionMNISTDataModule(LightningDataModule):
+class FashionMNISTDataModule(ImageDataModule):
     """Fashion-MNIST for training the victim, the evaluator and the DDPM prior.
 
     Batches are ``(images, labels)``: images float32 (B, channels, image_size, image_size) in [0, 1], labels int64.
@@ -159,6 +160,7 @@ class FashionMNISTDataModule(LightningDataModule):
 
     num_classes = 10
     class_names = CLASSES
+    eval_batch_size = 512
 
     def __init__(
         self,
@@ -171,19 +173,10 @@ class FashionMNISTDataModule(LightningDataModule):
         augment: bool = False,
         seed: int = 0,
     ) -> None:
-        super().__init__()
-        if image_size < 8:
-            raise ValueError(f"data.image_size must be >= 8, got {image_size}")
+        super().__init__(root, image_size, batch_size, num_workers, augment, seed)
         self.save_hyperparameters()
-        self.root = root
-        self.image_size = image_size
         self.channels = channels
-        self.batch_size = batch_size
         self.val_size = val_size
-        self.num_workers = num_workers
-        self.augment = augment
-        self.seed = seed
-        self._train = self._val = self._test = None
 
     def prepare_data(self) -> None:
         find_fashion_mnist_root(self.root)  # fail early with the install hint
@@ -210,20 +203,3 @@ class FashionMNISTDataModule(LightningDataModule):
             flip = torch.rand(len(x)) < 0.5
             x[flip] = x[flip].flip(-1)
         return x, y
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self._train,
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=True,
-            num_workers=self.num_workers,
-            collate_fn=self._collate_train,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self._val, batch_size=512, num_workers=self.num_workers)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self._test, batch_size=512, num_workers=self.num_workers)

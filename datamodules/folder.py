@@ -23,10 +23,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from lightning import LightningDataModule
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from datamodules.base import ImageDataModule
 from datamodules.fashion_mnist import DataNotFoundError
 from datamodules.users import User, UserSource
 
@@ -341,7 +341,7 @@ def find_images(root: str | os.PathLike) -> list[Path]:
     return sorted(files)
 
 
-class ImageFolderDataModule(LightningDataModule):
+class ImageFolderDataModule(ImageDataModule):
     """Unlabelled images under one folder (FFHQ-like), for training the DDPM prior.
 
     Batches are ``(images, labels)``: images float32 (B, channels, image_size, image_size) in [0, 1] (centre crop
@@ -373,23 +373,14 @@ class ImageFolderDataModule(LightningDataModule):
         augment: bool = False,
         seed: int = 0,
     ) -> None:
-        super().__init__()
-        if image_size < 8:
-            raise ValueError(f"data.init_args.image_size must be >= 8, got {image_size}")
+        super().__init__(root, image_size, batch_size, num_workers, augment, seed)
         if channels not in (1, 3):
             raise ValueError(f"data.init_args.channels must be 1 or 3, got {channels}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.init_args.val_fraction must be in [0, 1), got {val_fraction}")
         self.save_hyperparameters()
-        self.root = root
-        self.image_size = image_size
         self.channels = channels
-        self.batch_size = batch_size
         self.val_fraction = val_fraction
-        self.num_workers = num_workers
-        self.augment = augment
-        self.seed = seed
-        self._train = self._val = None
 
     def prepare_data(self) -> None:
         find_images(self.root)  # fail early with the path and the config key
@@ -413,19 +404,3 @@ class ImageFolderDataModule(LightningDataModule):
         kw = dict(image_size=self.image_size, channels=self.channels)
         self._train = ImageListDataset([files[i] for i in train], hflip=self.augment, **kw)
         self._val = ImageListDataset([files[i] for i in val], **kw)
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self._train,
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=True,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self._val, batch_size=self.batch_size, num_workers=self.num_workers)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
