@@ -8,6 +8,12 @@ Config groups: ``users`` (who the clients are), ``victim`` (the global model), `
 ``trainer`` (Lightning Trainer options), ``logger`` and ``output``. Each run writes a NEW directory
 ``<output.root>/<output.name>-<timestamp>-<id>/`` (never overwriting) with ``config.yaml``, ``results.csv``,
 ``summary.json`` and per-user images; every file is written to a temporary name and renamed into place.
+
+Many users per step: ``--attack.init_args.users_per_step U`` (user-level attack only; default 1) groups each
+process's users into consecutive chunks of U and runs one Trainer fit per chunk, optimising the chunk's U
+representative images together (``UserLevelInversion.bind`` with U views); each user's result equals its
+one-at-a-time result up to float rounding and is evaluated and written exactly as before (plus a
+``users_per_step`` column, the chunk's size; ``seconds`` is the chunk's time divided by its users).
 """
 
 from __future__ import annotations
@@ -140,7 +146,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--image_log_every", type=int, default=0, help="Log reconstructions every k steps (0: off).")
     p.add_argument("--resume", type=Optional[str], default=None,
                    help="Continue an interrupted run directory of the same config: finished users are skipped, an "
-                        "interrupted attack continues from its last checkpoint.")
+                        "interrupted attack (a chunk of users_per_step users) continues from its last checkpoint.")
     p.add_argument("--checkpoint_every", type=int, default=0,
                    help="Save the attack's Lightning checkpoint every k steps (0: off) under RUN_DIR/checkpoints.")
     return p
@@ -420,6 +426,38 @@ def user_uid(user: User) -> str:
     return f"user_{int(user.user_id):04d}" if str(user.user_id).isdigit() else f"user_{user.user_id}"
 
 
+def users_per_step_of(attack_cls, attack_kwargs: dict) -> int:
+    """``attack.init_args.users_per_step`` (default 1), checked before any long work.
+
+    Raises:
+        ConfigError: not an integer >= 1, or > 1 for an attack that attacks one user per fit.
+    """
+    per_step = attack_kwargs.get("users_per_step", 1)
+    if isinstance(per_step, bool) or not isinstance(per_step, int) or per_step < 1:
+        raise ConfigError(f"attack.init_args.users_per_step must be an integer >= 1, got {per_step!r}")
+    if per_step > 1 and not getattr(attack_cls, "supports_many_users", False):
+        raise ConfigError(f"{attack_cls.__name__} attacks one user per run: users_per_step must be 1, got {per_step}")
+    return per_step
+
+
+def user_chunks(indexed_users: list, per_step: int, done: set[str]) -> list[list]:
+    """Group one rank's users ``[(index, User), ...]`` into consecutive chunks of ``per_step``, then drop the finished
+    users (``done``: user ids as strings) and empty chunks.
+
+    Chunks are cut from the whole shard before finished users are dropped, so a resumed run forms the same chunks
+    (and finds an interrupted chunk's checkpoint) as the run it continues.
+    """
+    chunks = [indexed_users[k : k + per_step] for k in range(0, len(indexed_users), per_step)]
+    chunks = [[(i, u) for i, u in c if str(u.user_id) not in done] for c in chunks]
+    return [c for c in chunks if c]
+
+
+def chunk_name(uids: list[str]) -> str:
+    """Name of a chunk's checkpoint folder and log prefix: the user's uid alone (one user, as before), else
+    ``<first uid>_to_<last uid>`` (chunks are disjoint, so the first uid already identifies one)."""
+    return uids[0] if len(uids) == 1 else f"{uids[0]}_to_{uids[-1]}"
+
+
 def comparable_config(parser: ArgumentParser, cfg: Namespace) -> dict:
     """The config as a dict without the keys that may differ between a run and its resume."""
     d = json.loads(parser.dump(cfg, format="json", skip_none=False))
@@ -481,6 +519,7 @@ def run(cfg: Namespace) -> Path:
     validate(cfg, source, victim_cfg)
     attack_cls = resolve_attack_class(cfg.attack.class_path)
     attack_kwargs = dict(cfg.attack.init_args or {})
+    per_step = users_per_step_of(attack_cls, attack_kwargs)
     probe = attack_cls(**attack_kwargs)  # validates the attack's hyper-parameters
     resume_rows: list[dict] = []
     if cfg.resume:
@@ -507,6 +546,9 @@ def run(cfg: Namespace) -> Path:
 
         get_lpips_model()  # raises with the install command when the AlexNet weights are missing
     users = source.users()
+    if per_step > len(users):
+        raise ConfigError(f"attack.init_args.users_per_step ({per_step}) is larger than the number of users "
+                          f"({len(users)}): set it to at most {len(users)}")
     trainer_kwargs = {k: v for k, v in dict(cfg.trainer).items() if v is not None}
     trainer_kwargs.setdefault("enable_progress_bar", True)
     fabric = start_distributed(cfg, trainer_kwargs)
@@ -526,21 +568,27 @@ def run(cfg: Namespace) -> Path:
     local: list[tuple[int, dict, dict]] = []  # (user index, row, images) of this rank
     defense_name, defense_strength = defense_label([dict(d) for d in init.threat.defenses])
     status = "running"
-    mine = [(i, u) for i, u in enumerate(users) if i % world == rank and str(u.user_id) not in done]
+    shard = [(i, u) for i, u in enumerate(users) if i % world == rank]
+    chunks = user_chunks(shard, per_step, done)
     if rank == 0:
         print(f"[attack] run directory: {run_dir}  ({len(users)} users, {len(done)} already done, "
-              f"B = {getattr(source, 'batch_size', '?')}, {world} process(es))", flush=True)
+              f"B = {getattr(source, 'batch_size', '?')}, {world} process(es)"
+              + (f", {per_step} users per step" if per_step > 1 else "") + ")", flush=True)
     try:
-        for i, user in mine:
-            uid = user_uid(user)
-            view = client_update(victim, user, init.threat, source.num_classes, user_index=i)
-            attack: GradientInversionAttack = attack_cls(**attack_kwargs, log_prefix=f"{uid}/")
+        for chunk in chunks:
+            uids = [user_uid(u) for _, u in chunk]
+            name = chunk_name(uids)
+            views = [client_update(victim, user, init.threat, source.num_classes, user_index=i) for i, user in chunk]
+            attack: GradientInversionAttack = attack_cls(**attack_kwargs, log_prefix=f"{name}/")
             attack.log_images_every = cfg.image_log_every
-            attack.bind(view, prior)
+            if len(chunk) == 1:
+                attack.bind(views[0], prior)
+            else:  # many users per step: one module, one fit, each user logged under its own prefix
+                attack.bind(views, prior, log_prefixes=[f"{uid}/" for uid in uids])
             callbacks = []
             if trainer_kwargs["enable_progress_bar"]:
                 callbacks.append(TQDMProgressBar(refresh_rate=max(1, attack.steps // 100)))
-            ckpt_dir = run_dir / "checkpoints" / uid
+            ckpt_dir = run_dir / "checkpoints" / name
             if cfg.checkpoint_every:
                 callbacks.append(ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=cfg.checkpoint_every,
                                                  save_last=True, save_top_k=0))
@@ -557,52 +605,54 @@ def run(cfg: Namespace) -> Path:
                 if trainer.interrupted:
                     raise KeyboardInterrupt from None
                 raise
-            seconds = time.time() - t0
+            seconds = (time.time() - t0) / len(chunk)  # a chunk's time is shared equally by its users
             if trainer.interrupted:
                 raise KeyboardInterrupt
-            result = attack.result()
-            inferred = result.labels
-            row = {
-                "user": user.user_id, "method": attack_cls.__name__, "B": user.batch_size,
-                "dominant_class": user.dominant_class,
-                "true_histogram": " ".join(str(int(v)) for v in user.label_histogram.tolist()),
-                "inferred_dominant": inferred.dominant,
-                "inferred_counts": " ".join(f"{float(v):g}" for v in inferred.counts.tolist()),
-                "label_strategy": inferred.strategy,
-                "protocol": init.threat.protocol,
-                "defense": defense_name,
-                "defense_strength": defense_strength,
-                "victim_init": "random" if init.victim.random_init else "trained",
-            }
-            row.update(evaluate(result, user, evaluator, init.evaluation.lpips))
-            if init.evaluation.faces:
-                final = result.denoised if result.denoised is not None else result.representative
-                row.update(face_columns(final, user, [u.images for u in users if u is not user]))
-            row.update(steps=result.steps, seconds=round(seconds, 2), seconds_per_step=round(seconds / max(1, result.steps), 4))
-            images = {"batch": user.images, "raw": result.representative}
-            if result.reconstructions.shape[0] > 1:
-                images["reconstructions"] = result.reconstructions
-            if result.denoised is not None:
-                images["denoised"] = result.denoised
-            images["grid"] = torch.cat([user.images[: min(user.batch_size, 10)], result.representative,
-                                        *([result.denoised] if result.denoised is not None else [])])
-            if rank == 0:
-                write_user(run_dir, uid, images)
-                rows.append(row)
-                grids.append(images["grid"])
-                write_results(run_dir, sort_rows(rows, users))
-            else:
-                local.append((i, row, images))
+            for (i, user), uid, result in zip(chunk, uids, attack.results()):
+                inferred = result.labels
+                row = {
+                    "user": user.user_id, "method": attack_cls.__name__, "B": user.batch_size,
+                    "dominant_class": user.dominant_class,
+                    "true_histogram": " ".join(str(int(v)) for v in user.label_histogram.tolist()),
+                    "inferred_dominant": inferred.dominant,
+                    "inferred_counts": " ".join(f"{float(v):g}" for v in inferred.counts.tolist()),
+                    "label_strategy": inferred.strategy,
+                    "protocol": init.threat.protocol,
+                    "defense": defense_name,
+                    "defense_strength": defense_strength,
+                    "victim_init": "random" if init.victim.random_init else "trained",
+                }
+                row.update(evaluate(result, user, evaluator, init.evaluation.lpips))
+                if init.evaluation.faces:
+                    final = result.denoised if result.denoised is not None else result.representative
+                    row.update(face_columns(final, user, [u.images for u in users if u is not user]))
+                row.update(steps=result.steps, seconds=round(seconds, 2), seconds_per_step=round(seconds / max(1, result.steps), 4))
+                if per_step > 1:
+                    row["users_per_step"] = len(chunk)
+                images = {"batch": user.images, "raw": result.representative}
+                if result.reconstructions.shape[0] > 1:
+                    images["reconstructions"] = result.reconstructions
+                if result.denoised is not None:
+                    images["denoised"] = result.denoised
+                images["grid"] = torch.cat([user.images[: min(user.batch_size, 10)], result.representative,
+                                            *([result.denoised] if result.denoised is not None else [])])
+                if rank == 0:
+                    write_user(run_dir, uid, images)
+                    rows.append(row)
+                    grids.append(images["grid"])
+                    write_results(run_dir, sort_rows(rows, users))
+                else:
+                    local.append((i, row, images))
+                print(
+                    f"[attack] {uid}: dominant {user.dominant_class}, inferred {inferred.dominant}, evaluator "
+                    f"{row.get('evaluator_class')} (p={row.get('evaluator_prob')}), PSNR nearest {row.get('psnr_nearest')} dB, "
+                    f"{seconds:.1f} s" + (f" (share of a {len(chunk)}-user step)" if len(chunk) > 1 else ""),
+                    flush=True,
+                )
             if ckpt_dir.exists():
                 import shutil
 
                 shutil.rmtree(ckpt_dir, ignore_errors=True)
-            print(
-                f"[attack] {uid}: dominant {user.dominant_class}, inferred {inferred.dominant}, evaluator "
-                f"{row.get('evaluator_class')} (p={row.get('evaluator_prob')}), PSNR nearest {row.get('psnr_nearest')} dB, "
-                f"{seconds:.1f} s",
-                flush=True,
-            )
         status = "finished"
         if fabric and world > 1:  # gather the other ranks' users into rank 0's run directory
             import torch.distributed as dist
@@ -617,6 +667,12 @@ def run(cfg: Namespace) -> Path:
                         grids.append(images["grid"])
                 rows = sort_rows(rows, users)
                 write_results(run_dir, rows)
+        ckpt_root = run_dir / "checkpoints"
+        if rank == 0 and ckpt_root.is_dir():  # every user finished: leftovers (a chunk cut short while writing) go
+            import shutil
+
+            for d in ckpt_root.iterdir():
+                shutil.rmtree(d, ignore_errors=True)
     except AttackDivergedError as exc:
         status = f"diverged: {exc}"
         print(f"[attack] stopped: {exc}. Results of the finished users are kept in {run_dir}", file=sys.stderr)

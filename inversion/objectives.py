@@ -107,3 +107,25 @@ def clip_matching_gradient(g_match: torch.Tensor, g_prior: torch.Tensor, kappa: 
     if ratio > kappa:
         g_match = g_match * (kappa * npr / nm)
     return g_match, ratio
+
+
+def clip_matching_gradients(g_match: torch.Tensor, g_prior: torch.Tensor, kappa: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic clipping per user (the many-users attack): :func:`clip_matching_gradient` applied to each row.
+
+    Args:
+        g_match, g_prior: float (U, ...) matching and prior gradients of U users' images (row u is user u's).
+        kappa: the largest allowed |g_match_u| / |g_prior_u|.
+
+    Returns:
+        (clipped, ratios): g_match with each row u rescaled to norm kappa |g_prior_u| where |g_match_u| > kappa
+        |g_prior_u| (other rows unchanged), and float32 (U,) ratios |g_match_u| / |g_prior_u| before clipping (inf
+        where the prior gradient is zero; that row is not clipped). One user's clipping never depends on another's.
+    """
+    if g_match.shape != g_prior.shape or g_match.dim() < 1:
+        raise ValueError(f"g_match {tuple(g_match.shape)} and g_prior {tuple(g_prior.shape)} must be equal (U, ...) shapes")
+    nm = g_match.flatten(1).norm(dim=1)
+    npr = g_prior.flatten(1).norm(dim=1)
+    ratio = torch.where(npr > 0, nm / npr.clamp_min(torch.finfo(npr.dtype).tiny), torch.full_like(nm, float("inf")))
+    clip = (npr > 0) & (ratio > kappa)
+    scale = torch.where(clip, kappa * npr / nm.clamp_min(torch.finfo(nm.dtype).tiny), torch.ones_like(nm))
+    return g_match * scale.view(-1, *([1] * (g_match.dim() - 1))).to(g_match.dtype), ratio.float()

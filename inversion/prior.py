@@ -10,12 +10,37 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
+
+
+#: one torch.Generator, a sequence of per-image generators, or None (the global RNG)
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+
+
+def randn_per_image(
+    shape: Sequence[int], generator: Generators, num_images: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """Standard normal noise of ``shape`` (rows = ``num_images`` consecutive blocks of ``shape[0] // num_images``).
+
+    ``generator`` None or one Generator: a single ``torch.randn`` draw (as before). A sequence of ``num_images``
+    generators: block n is ``torch.randn((shape[0] // num_images, *shape[1:]), generator=generator[n])``, i.e. the same
+    numbers image n would get from its generator when drawn alone (the per-user streams of the many-users attack).
+
+    Raises:
+        ValueError: the number of generators differs from ``num_images``.
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+    gens = list(generator)
+    if len(gens) != num_images:
+        raise ValueError(f"{len(gens)} generators for {num_images} images: give one per image")
+    per = (shape[0] // num_images, *shape[1:])
+    return torch.cat([torch.randn(per, generator=g, device=device, dtype=dtype) for g in gens])
 
 
 class PriorMismatchError(ValueError):
@@ -107,7 +132,12 @@ class DiffusionPrior(nn.Module):
 
     # ------------------------------------------------------------------ prior loss
     def prior_loss(
-        self, x01: torch.Tensor, t: int, num_noise: int = 1, generator: Optional[torch.Generator] = None
+        self,
+        x01: torch.Tensor,
+        t: Union[int, Sequence[int], torch.Tensor],
+        num_noise: int = 1,
+        generator: Generators = None,
+        reduction: str = "mean",
     ) -> torch.Tensor:
         """Diffusion prior loss (Graikos et al. 2022, "Diffusion models as plug-and-play priors", eq. 6-7).
 
@@ -117,23 +147,41 @@ class DiffusionPrior(nn.Module):
 
         Args:
             x01: (N, C, H, W) pixels in [0, 1] (victim resolution); gradients flow back to it.
-            t: timestep in [0, T-1].
+            t: timestep in [0, T-1]: one int for all images, or N ints (a sequence or an int64 (N,) tensor), one per
+                image (the many-users attack with random t draws each user's own).
             num_noise: noise samples eps averaged per image.
-            generator: torch.Generator for the noise (seeded runs).
+            generator: torch.Generator for the noise (seeded runs), or a sequence of N generators, one per image:
+                image n's ``num_noise`` draws then come from generator n alone, exactly the numbers that image would
+                get alone (N = 1) with that generator.
+            reduction: 'mean' (scalar: mean over images, noise samples and pixels) or 'none' ((N,): each image's
+                loss, the mean over its noise samples and pixels; ``sum()`` of it gives each image its own
+                single-image loss gradient).
 
         Returns:
-            scalar float32 loss (mean over images, noise samples and pixels).
+            float32 scalar ('mean') or (N,) ('none') loss (float64 when the UNet runs in float64).
         """
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+        N = x01.shape[0]
         x0 = self.to_prior(x01)
         if num_noise > 1:
             x0 = x0.repeat_interleave(num_noise, dim=0)
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        abar = self.alphas_cumprod[int(t)].to(x0.device)
+        eps = randn_per_image(x0.shape, generator, N, x0.device, x0.dtype)
+        if not (isinstance(t, Sequence) or (isinstance(t, torch.Tensor) and t.dim() > 0)):  # one timestep
+            tt = torch.full((x0.shape[0],), int(t), device=x0.device, dtype=torch.long)
+            abar = self.alphas_cumprod[int(t)].to(x0.device)
+        else:
+            t_img = torch.as_tensor(t, dtype=torch.long).flatten()
+            if t_img.numel() != N:
+                raise ValueError(f"t must be one int or {N} timesteps (one per image), got {t_img.numel()}")
+            tt = t_img.to(x0.device).repeat_interleave(num_noise)
+            abar = self.alphas_cumprod.to(x0.device)[tt].view(-1, *([1] * (x0.dim() - 1)))
         xt = abar.sqrt() * x0 + (1.0 - abar).sqrt() * eps
-        tt = torch.full((x0.shape[0],), int(t), device=x0.device, dtype=torch.long)
         eps_hat = self.unet(xt, tt).sample
         dtype = torch.promote_types(eps_hat.dtype, torch.float32)  # fp32 under autocast, fp64 stays fp64
-        return F.mse_loss(eps_hat.to(dtype), eps.to(dtype))
+        if reduction == "mean":
+            return F.mse_loss(eps_hat.to(dtype), eps.to(dtype))
+        return (eps_hat.to(dtype) - eps.to(dtype)).square().reshape(N, -1).mean(dim=1)
 
     # ------------------------------------------------------------------ final denoising
     @torch.no_grad()
@@ -143,7 +191,7 @@ class DiffusionPrior(nn.Module):
         t_final: int,
         method: str = "ddim",
         num_steps: Optional[int] = None,
-        generator: Optional[torch.Generator] = None,
+        generator: Generators = None,
     ) -> torch.Tensor:
         """Diffuse images to ``t_final`` and run the prior's reverse process back to t = 0 (SDEdit-style).
 
@@ -153,6 +201,9 @@ class DiffusionPrior(nn.Module):
             method: 'ddpm' (ancestral, every timestep t_final..0, diffusers DDPMScheduler.step with custom
                 timesteps) or 'ddim' (deterministic eta = 0 updates on ``num_steps`` evenly spaced timesteps).
             num_steps: DDIM steps (default: t_final // 10, at least 1).
+            generator: a torch.Generator, or a sequence of N generators, one per image (each image then gets exactly
+                the noise it would get denoised alone with its generator: the initial diffusion noise, and for 'ddpm'
+                each ancestral step's noise, through diffusers' per-sample generator lists).
 
         Returns:
             (N, C, H, W) float32 in [0, 1] at the victim's resolution.
@@ -164,7 +215,9 @@ class DiffusionPrior(nn.Module):
         if not 1 <= t_final < T:
             raise ValueError(f"t_final must be in [1, {T - 1}], got {t_final}")
         x0 = self.to_prior(x01.float())
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        eps = randn_per_image(x0.shape, generator, x0.shape[0], x0.device, x0.dtype)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            generator = list(generator)  # diffusers' schedulers take per-sample generators as a list
         abar = self.alphas_cumprod.to(x0.device)
         x = abar[t_final].sqrt() * x0 + (1 - abar[t_final]).sqrt() * eps
         if method == "ddpm":

@@ -65,6 +65,10 @@ class _Steps(Dataset):
 class GradientInversionAttack(LightningModule):
     """Base class: subclasses implement ``bind``, ``training_step`` (manual optimisation) and ``result``.
 
+    Attacks that can attack several users in one run (one Trainer fit, one optimisation over all their images) set
+    ``supports_many_users = True``, accept a sequence of views in ``bind`` and return one result per user from
+    :meth:`results` (attack.py's ``attack.init_args.users_per_step``); the others attack one user per fit.
+
     Args:
         steps: optimisation steps S (the Trainer runs exactly this many).
         label_strategy: 'bias_corrected', 'sign', 'idlg' or 'known' (see :mod:`inversion.label_inference`).
@@ -74,6 +78,8 @@ class GradientInversionAttack(LightningModule):
     """
 
     requires_prior: bool = False
+    #: bind() accepts a sequence of users' views (see UserLevelInversion); results() then returns one result each
+    supports_many_users: bool = False
     #: submodules that are inputs of the attack, not its state: left out of Lightning checkpoints (resume re-binds)
     frozen_prefixes: tuple[str, ...] = ("victim.", "prior.")
 
@@ -102,6 +108,10 @@ class GradientInversionAttack(LightningModule):
 
     def result(self) -> AttackResult:
         raise NotImplementedError
+
+    def results(self) -> list[AttackResult]:
+        """One :class:`AttackResult` per bound user, in bind order (a single user here: ``[self.result()]``)."""
+        return [self.result()]
 
     def on_save_checkpoint(self, checkpoint) -> None:
         """Keep the attack's state (images, labels, optimiser) and its history; drop the frozen victim and prior."""

@@ -14,19 +14,32 @@ and the DDPM prior are frozen and kept in eval mode. Each step s of S:
 
 Every mechanism is switchable for ablations (``use_window``, ``anneal_t``, ``use_clipping``, ``use_prior``,
 ``final_denoise``).
+
+Many users per step: :meth:`UserLevelInversion.bind` also takes a sequence of U users' views. x_hat is then
+U x C x H x W, row u being user u's representative image, and each step does, per user, exactly the computation
+above on that user's own target gradient and inferred label: the U dummy gradients and matching losses and their
+image gradients come from one vmapped pass (:class:`inversion.batched.BatchedMatching`, torch.func's
+per-sample-gradient recipe), the prior loss is evaluated on the U images in one UNet batch and summed over users
+(so d/dx_u is user u's own prior gradient), clipping is per user (:func:`inversion.objectives.clip_matching_gradients`),
+and Adam, the lr schedule and the box are elementwise, so one parameter for all users is the same as U parameters.
+All randomness is per user: user u has its own generators seeded from its seed (``seeds[u]``, default the attack's
+``seed``) exactly as a one-user attack with that seed, so user u's image equals, up to float rounding, the image it
+gets attacked alone (tested in tests/test_batched_attack.py). U = 1 runs the original one-user code unchanged.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
-from inversion.label_inference import infer_labels
+from inversion.batched import BatchedMatching, stack_targets
+from inversion.label_inference import LabelInference, infer_labels
 from inversion.logging_utils import log_image_grid
 from inversion.objectives import (
     clip_matching_gradient,
+    clip_matching_gradients,
     gradient_matching_loss,
     sliding_window_weights,
     timestep_at,
@@ -42,7 +55,7 @@ LR_DECAYS = ("none", "cosine", "step")
 
 
 class UserLevelInversion(GradientInversionAttack):
-    """Recover one representative image of a user from its target gradient.
+    """Recover one representative image of a user from its target gradient (or of U users at once, see :meth:`bind`).
 
     Args:
         steps: optimisation steps S (paper: 4000).
@@ -66,11 +79,15 @@ class UserLevelInversion(GradientInversionAttack):
         use_clipping: dynamic clipping on; kappa: the largest allowed |g_match| / |g_prior|.
         final_denoise: run the final denoising; t_final: its starting timestep; denoise_method: 'ddim' or 'ddpm';
             denoise_steps: DDIM steps.
+        users_per_step: how many users attack.py binds to one module (one Trainer fit, one batched optimisation);
+            1 (default) attacks one user at a time. :meth:`bind` itself accepts any number of users.
         steps, label_strategy, seed, log_images_every, log_prefix: see :class:`GradientInversionAttack`.
 
     Raises:
         ValueError: an unknown option or an out-of-range setting (at construction, before any work).
     """
+
+    supports_many_users = True
 
     def __init__(
         self,
@@ -99,6 +116,7 @@ class UserLevelInversion(GradientInversionAttack):
         t_final: int = 100,
         denoise_method: str = "ddim",
         denoise_steps: int = 10,
+        users_per_step: int = 1,
         seed: int = 0,
         log_images_every: int = 0,
         log_prefix: str = "",
@@ -110,6 +128,8 @@ class UserLevelInversion(GradientInversionAttack):
             raise ValueError(f"attack.init must be one of {INITS}, got {init!r}")
         if lr_decay not in LR_DECAYS:
             raise ValueError(f"attack.lr_decay must be one of {LR_DECAYS}, got {lr_decay!r}")
+        if users_per_step < 1:
+            raise ValueError(f"attack.users_per_step must be >= 1, got {users_per_step}")
         if lr <= 0 or kappa <= 0 or prior_weight < 0 or prior_noise_samples < 1:
             raise ValueError("attack.lr and attack.kappa must be > 0, prior_weight >= 0, prior_noise_samples >= 1")
         if not 0 <= t_min <= t_max:
@@ -123,18 +143,65 @@ class UserLevelInversion(GradientInversionAttack):
         self.view: Optional[ServerView] = None
         self.prior: Optional[DiffusionPrior] = None
         self._denoised: Optional[torch.Tensor] = None
+        self.seeds: list[int] = [seed]
+        self.log_prefixes: list[str] = [log_prefix]
+        self.histories: list[dict[str, list[float]]] = [self.history]
+        self.user_labels: list[LabelInference] = []
+        self._bm: Optional[BatchedMatching] = None
 
     # ------------------------------------------------------------------------------------------ set-up
-    def bind(self, view: ServerView, prior: Optional[DiffusionPrior] = None) -> "UserLevelInversion":
+    def bind(
+        self,
+        view: Union[ServerView, Sequence[ServerView]],
+        prior: Optional[DiffusionPrior] = None,
+        seeds: Optional[Sequence[int]] = None,
+        log_prefixes: Optional[Sequence[str]] = None,
+    ) -> "UserLevelInversion":
         """Attach what the server sees (and the prior); infers labels and initialises x_hat. Validates first.
 
+        Args:
+            view: one user's :class:`ServerView`, or a sequence of U >= 1 users' views (many users per step). All
+                views must share the victim object (one global model), the image shape and the class count.
+            prior: the DDPM prior (needed when use_prior or final_denoise).
+            seeds: U ints, user u's seed (default: the attack's ``seed`` for every user). User u's initialisation,
+                noise draws, random t and final-denoising noise come from generators seeded from ``seeds[u]`` exactly
+                as a one-user attack with ``seed=seeds[u]`` seeds them.
+            log_prefixes: U distinct prefixes of user u's logged keys (default: the attack's ``log_prefix`` for one
+                user, ``f"{log_prefix}user{u}/"`` for U > 1).
+
+        After binding: ``x_hat`` float32 (U, C, H, W) in [0, 1]; ``y_soft`` float32 (U, K); ``user_labels`` U label
+        inferences (``labels`` is the single user's for U = 1, None otherwise).
+
         Raises:
-            TargetGradientError: the target gradient does not fit the victim or holds NaN/inf.
-            ValueError: a prior is needed (use_prior or final_denoise) but none is given; T too small for t_max.
+            TargetGradientError: a target gradient does not fit the victim or holds NaN/inf.
+            ValueError: no views; views with different victims, image shapes or class counts; seeds or prefixes of
+                the wrong length (or repeated prefixes); a prior is needed (use_prior or final_denoise) but none is
+                given; T too small for t_max.
             PriorMismatchError: (from DiffusionPrior) channels differ.
         """
         hp = self.hparams
-        check_target_gradient(view.victim, view.target_gradient)
+        views = [view] if isinstance(view, ServerView) else list(view)
+        U = len(views)
+        if U == 0:
+            raise ValueError("bind needs at least one user's ServerView")
+        view = views[0]
+        for u, v in enumerate(views):
+            check_target_gradient(v.victim, v.target_gradient)
+            if v.victim is not view.victim:
+                raise ValueError(f"user {u}'s view has another victim: users attacked together must share the global model")
+            if tuple(v.image_shape) != tuple(view.image_shape) or v.num_classes != view.num_classes:
+                raise ValueError(
+                    f"user {u}'s view has images {tuple(v.image_shape)} and {v.num_classes} classes, user 0's "
+                    f"{tuple(view.image_shape)} and {view.num_classes}"
+                )
+        seeds = [self.seed] * U if seeds is None else [int(s) for s in seeds]
+        if len(seeds) != U:
+            raise ValueError(f"{len(seeds)} seeds for {U} users: give one per user")
+        if log_prefixes is None:
+            log_prefixes = [self.log_prefix] if U == 1 else [f"{self.log_prefix}user{u}/" for u in range(U)]
+        log_prefixes = [str(p) for p in log_prefixes]
+        if len(log_prefixes) != U or len(set(log_prefixes)) != U:
+            raise ValueError(f"log_prefixes must be {U} distinct strings, got {log_prefixes}")
         if self.requires_prior:
             if prior is None:
                 raise ValueError("this attack config uses the prior (use_prior or final_denoise) but no prior was given")
@@ -143,29 +210,51 @@ class UserLevelInversion(GradientInversionAttack):
                 raise ValueError(f"t_max ({hp.t_max}) and t_final ({hp.t_final}) must be below the prior's T = {T}")
             if tuple(prior.image_shape) != tuple(view.image_shape):
                 raise ValueError(f"prior built for images {prior.image_shape}, the target is {view.image_shape}")
-        self.view = view
+        self.views = views
+        self.view = view if U == 1 else None
+        self.seeds = seeds
+        self.log_prefixes = log_prefixes
         self.victim = view.victim.eval()
         self.prior = prior.eval() if prior is not None else None
         params = victim_parameters(self.victim)
         self.param_names = list(params)
         self._params = list(params.values())
-        self.target = [view.target_gradient[n].float() for n in self.param_names]
-        self.labels = infer_labels(
-            view.target_gradient, view.num_classes, view.batch_size, self.label_strategy, known_labels=view.labels
-        )
-        if hp.label_target == "soft":
-            soft = self.labels.proportions.float()
-        else:
-            soft = F.one_hot(torch.tensor(self.labels.dominant), view.num_classes).float()
-        self.register_buffer("y_soft", soft.unsqueeze(0))
-        g = torch.Generator().manual_seed(self.seed)
+        if U == 1:
+            self.target = [view.target_gradient[n].float() for n in self.param_names]
+            self._stacked_target = None
+        else:  # L tensors (U, *shape_l), the layout BatchedMatching takes
+            self.target = None
+            self._stacked_target = stack_targets([v.target_gradient for v in views], self.param_names)
+        self.user_labels = [
+            infer_labels(v.target_gradient, v.num_classes, v.batch_size, self.label_strategy, known_labels=v.labels)
+            for v in views
+        ]
+        self.labels = self.user_labels[0] if U == 1 else None
+        rows = []
+        for labels in self.user_labels:
+            if hp.label_target == "soft":
+                rows.append(labels.proportions.float())
+            else:
+                rows.append(F.one_hot(torch.tensor(labels.dominant), view.num_classes).float())
+        self.register_buffer("y_soft", torch.stack(rows))
         shape = (1, *view.image_shape)
-        if hp.init == "noise":
-            x0 = torch.rand(shape, generator=g)
-        else:
-            x0 = (0.5 + 0.05 * torch.randn(shape, generator=g)).clamp(0, 1)
-        self.x_hat = torch.nn.Parameter(x0)
+        x0 = []
+        for s in seeds:  # user u's initialisation: the draw a one-user attack with seed s makes
+            g = torch.Generator().manual_seed(s)
+            if hp.init == "noise":
+                x0.append(torch.rand(shape, generator=g))
+            else:
+                x0.append((0.5 + 0.05 * torch.randn(shape, generator=g)).clamp(0, 1))
+        self.x_hat = torch.nn.Parameter(torch.cat(x0))
+        self.histories = [{} for _ in range(U)]
+        self.history = self.histories[0]
+        self._denoised = None
         return self
+
+    @property
+    def num_users(self) -> int:
+        """U, the users bound (1 before binding)."""
+        return len(self.seeds)
 
     def train(self, mode: bool = True):
         """Lightning puts the module in train mode at fit start; the victim and the prior stay in eval mode."""
@@ -189,15 +278,29 @@ class UserLevelInversion(GradientInversionAttack):
         return {"optimizer": opt, "lr_scheduler": sched}
 
     def on_fit_start(self) -> None:
-        self.target = [g.to(self.device) for g in self.target]
-        self._noise_gen = torch.Generator(device=self.device).manual_seed(self.seed + 1)
-        self._t_gen = torch.Generator().manual_seed(self.seed + 2)
+        if self.num_users == 1:
+            self.target = [g.to(self.device) for g in self.target]
+        else:
+            self._stacked_target = [g.to(self.device) for g in self._stacked_target]
+            # built here, after Lightning moved the victim to its device (BatchedMatching snapshots the victim)
+            self._bm = BatchedMatching(self.victim)
+        # per-user streams, seeded as a one-user attack with seed s seeds its own
+        self._noise_gens = [torch.Generator(device=self.device).manual_seed(s + 1) for s in self.seeds]
+        self._t_gens = [torch.Generator().manual_seed(s + 2) for s in self.seeds]
 
     def on_train_start(self) -> None:  # after a checkpoint restore: continue the same noise streams
         rng = getattr(self, "_resume_rng", None)
         if rng is not None:
-            self._noise_gen.set_state(rng["noise"])
-            self._t_gen.set_state(rng["t"])
+            noise, ts = rng["noise"], rng["t"]
+            if isinstance(noise, torch.Tensor):  # a one-user checkpoint written before many users per step
+                noise, ts = [noise], [ts]
+            if len(noise) != self.num_users or len(ts) != self.num_users:
+                raise ValueError(f"the checkpoint holds {len(noise)} users' RNG states, the attack has {self.num_users} users")
+            for g, state in zip(self._noise_gens, noise):
+                g.set_state(state)
+            for g, state in zip(self._t_gens, ts):
+                g.set_state(state)
+            self._resume_rng = None
 
     # ------------------------------------------------------------------------------------------ the loop
     def layer_weights(self, progress: float) -> tuple[Optional[torch.Tensor], float]:
@@ -209,23 +312,28 @@ class UserLevelInversion(GradientInversionAttack):
         w = sliding_window_weights(L, c, self.hparams.window_width_deep, self.hparams.window_width_shallow, self.hparams.window_floor)
         return w, c
 
-    def timestep(self, progress: float) -> int:
+    def timestep(self, progress: float, user: int = 0) -> int:
+        """t(s) of the prior loss: annealed (the same for every user), or drawn from ``user``'s own t stream."""
         hp = self.hparams
         if hp.anneal_t:
             return timestep_at(progress, hp.t_max, hp.t_min, hp.t_schedule, hp.anneal_fraction)
-        return int(torch.randint(hp.t_min, hp.t_max + 1, (1,), generator=self._t_gen))
+        return int(torch.randint(hp.t_min, hp.t_max + 1, (1,), generator=self._t_gens[user]))
 
-    def matching_loss(self, x: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
-        """Gradient matching loss of images x (1, C, H, W) in [0, 1] against the target gradient; scalar."""
+    def matching_loss(self, x: torch.Tensor, weights: Optional[torch.Tensor], user: int = 0) -> torch.Tensor:
+        """Gradient matching loss of image x (1, C, H, W) in [0, 1] against ``user``'s target gradient and label
+        (the one-user autograd path, create_graph=True); scalar."""
+        if self.num_users == 1:
+            target, y = self.target, self.y_soft
+        else:
+            target, y = [t[user] for t in self._stacked_target], self.y_soft[user : user + 1]
         logits = self.victim(x)
-        ce = -(self.y_soft.to(logits.dtype) * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+        ce = -(y.to(logits.dtype) * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
         dummy = torch.autograd.grad(ce, self._params, create_graph=True)
-        return gradient_matching_loss(self.target, dummy, weights)
+        return gradient_matching_loss(target, dummy, weights)
 
-    def training_step(self, batch, batch_idx):
+    def _one_user_gradient(self, step: int, progress: float) -> tuple[torch.Tensor, list[dict[str, float]]]:
+        """U = 1: the image gradient (1, C, H, W) and the step's logged values (the original one-user code)."""
         hp = self.hparams
-        step = self.global_step
-        progress = step / max(1, self.steps - 1)
         x = self.x_hat
         weights, centre = self.layer_weights(progress)
         l_match = self.matching_loss(x, weights)
@@ -233,7 +341,7 @@ class UserLevelInversion(GradientInversionAttack):
         values = {"match": float(l_match)}
         if hp.use_prior:
             t = self.timestep(progress)
-            l_prior = self.prior.prior_loss(x, t, hp.prior_noise_samples, self._noise_gen)
+            l_prior = self.prior.prior_loss(x, t, hp.prior_noise_samples, self._noise_gens[0])
             g_prior = torch.autograd.grad(hp.prior_weight * l_prior, x)[0]
             ratio = float(g_match.norm() / g_prior.norm().clamp_min(1e-30))
             if hp.use_clipping:
@@ -244,11 +352,65 @@ class UserLevelInversion(GradientInversionAttack):
             grad = g_match
         if hp.use_window:
             values["window_centre"] = centre
-        for name, v in values.items():
-            if v != v or v in (float("inf"), float("-inf")) and name != "clip_ratio":
-                raise AttackDivergedError(step, f"the {name} value")
-        if not torch.isfinite(grad).all():
-            raise AttackDivergedError(step, "the image gradient")
+        return grad, [values]
+
+    def _many_users_gradient(self, step: int, progress: float) -> tuple[torch.Tensor, list[dict[str, float]]]:
+        """U > 1: the image gradients (U, C, H, W), row u user u's own, and each user's logged values.
+
+        Matching: BatchedMatching (vmap over users of the dummy gradient and the window-weighted per-layer cosine
+        loss, and its image gradient). Prior: one UNet batch of the U images with per-user timesteps and noise
+        streams; sum over users of the per-user losses, so each row of the gradient is that user's own. Clipping:
+        per user.
+        """
+        hp = self.hparams
+        x = self.x_hat
+        U = x.shape[0]
+        weights, centre = self.layer_weights(progress)
+        l_match, g_match = self._bm.matching_loss_and_grad(x.detach(), self.y_soft, self._stacked_target, weights)
+        cols = {"match": l_match}
+        ts: list[int] = []
+        if hp.use_prior:
+            ts = [self.timestep(progress, u) for u in range(U)]
+            l_prior = self.prior.prior_loss(x, ts, hp.prior_noise_samples, self._noise_gens, reduction="none")
+            g_prior = torch.autograd.grad((hp.prior_weight * l_prior).sum(), x)[0]
+            if hp.use_clipping:
+                g_match, ratio = clip_matching_gradients(g_match, g_prior, hp.kappa)
+            else:
+                ratio = g_match.flatten(1).norm(dim=1) / g_prior.flatten(1).norm(dim=1).clamp_min(1e-30)
+            grad = g_match + g_prior
+            cols.update(prior=l_prior.detach(), clip_ratio=ratio)
+        else:
+            grad = g_match
+        table = torch.stack([c.detach().float() for c in cols.values()], dim=1).cpu().tolist()  # (U, k), one sync
+        per_user = []
+        for u in range(U):
+            row = dict(zip(cols, table[u]))
+            values = {"match": row["match"]}
+            if hp.use_prior:
+                values.update(prior=row["prior"], t=ts[u], clip_ratio=row["clip_ratio"])
+            if hp.use_window:
+                values["window_centre"] = centre
+            per_user.append(values)
+        return grad, per_user
+
+    def _who(self, u: int) -> str:
+        return "" if self.num_users == 1 else f" of user {self.log_prefixes[u].rstrip('/') or u}"
+
+    def training_step(self, batch, batch_idx):
+        step = self.global_step
+        progress = step / max(1, self.steps - 1)
+        if self.num_users == 1:
+            grad, per_user = self._one_user_gradient(step, progress)
+        else:
+            grad, per_user = self._many_users_gradient(step, progress)
+        for u, values in enumerate(per_user):
+            for name, v in values.items():
+                if v != v or v in (float("inf"), float("-inf")) and name != "clip_ratio":
+                    raise AttackDivergedError(step, f"the {name} value{self._who(u)}")
+        finite = torch.isfinite(grad.flatten(1)).all(dim=1)
+        if not finite.all():
+            raise AttackDivergedError(step, f"the image gradient{self._who(int((~finite).nonzero()[0]))}")
+        x = self.x_hat
         opt = self.optimizers()
         opt.zero_grad()
         x.grad = grad.to(x.dtype)
@@ -258,34 +420,74 @@ class UserLevelInversion(GradientInversionAttack):
             sch.step()
         with torch.no_grad():
             x.clamp_(0.0, 1.0)
-        self.record(values, prog_bar=("match", "prior", "t"))
+        for u, values in enumerate(per_user):
+            self._record_user(u, values, prog_bar=("match", "prior", "t") if u == 0 else ())
         every = self.log_images_every
         if every and (step % every == 0 or step == self.steps - 1):
-            log_image_grid(self.logger, self.log_prefix + "reconstruction", x.detach(), step=step)
+            for u, prefix in enumerate(self.log_prefixes):
+                log_image_grid(self.logger, prefix + "reconstruction", x[u : u + 1].detach(), step=step)
+
+    def _record_user(self, u: int, values: dict[str, float], prog_bar: tuple[str, ...] = ()) -> None:
+        """:meth:`record` for user u: its own history and log prefix (U = 1: exactly ``record``)."""
+        prefix, history = self.log_prefixes[u], self.histories[u]
+        for k, v in values.items():
+            history.setdefault(k, []).append(float(v))
+            self.log(prefix + k, float(v), prog_bar=k in prog_bar, on_step=True, on_epoch=False)
 
     def on_train_end(self) -> None:
         hp = self.hparams
         if hp.final_denoise and self.prior is not None:
-            g = torch.Generator(device=self.device).manual_seed(self.seed + 3)
+            gens = [torch.Generator(device=self.device).manual_seed(s + 3) for s in self.seeds]
             self._denoised = self.prior.denoise(
-                self.x_hat.detach().float(), hp.t_final, hp.denoise_method, hp.denoise_steps, generator=g
+                self.x_hat.detach().float(), hp.t_final, hp.denoise_method, hp.denoise_steps,
+                generator=gens[0] if len(gens) == 1 else gens,
             ).cpu()
 
     def on_save_checkpoint(self, checkpoint) -> None:
+        """The attack's state: x_hat (U, C, H, W), y_soft, the optimiser (Lightning), every user's history and RNG
+        states (lists of U noise and U t generator states)."""
         super().on_save_checkpoint(checkpoint)
-        checkpoint["attack_rng"] = {"noise": self._noise_gen.get_state(), "t": self._t_gen.get_state()}
+        checkpoint["attack_histories"] = self.histories
+        checkpoint["attack_rng"] = {"noise": [g.get_state() for g in self._noise_gens], "t": [g.get_state() for g in self._t_gens]}
+        checkpoint["attack_users"] = list(self.log_prefixes)
 
     def on_load_checkpoint(self, checkpoint) -> None:
         super().on_load_checkpoint(checkpoint)
+        histories = checkpoint.get("attack_histories") or [self.history]
+        if self.x_hat is not None and len(histories) != self.num_users:
+            raise ValueError(f"the checkpoint holds {len(histories)} users' attack state, the attack has {self.num_users} users")
+        self.histories = histories
+        self.history = histories[0]
         self._resume_rng = checkpoint.get("attack_rng")
 
-    def result(self) -> AttackResult:
+    def results(self) -> list[AttackResult]:
+        """One :class:`AttackResult` per bound user, in bind order: user u's image (1, C, H, W) in [0, 1] (row u of
+        x_hat), its denoised image, label inference and history."""
         x = self.x_hat.detach().float().cpu().clamp(0, 1)
-        return AttackResult(
-            representative=x,
-            reconstructions=x,
-            denoised=self._denoised,
-            labels=self.labels,
-            steps=self.global_step,
-            history=self.history,
-        )
+        if self.num_users == 1:
+            return [AttackResult(
+                representative=x,
+                reconstructions=x,
+                denoised=self._denoised,
+                labels=self.labels,
+                steps=self.global_step,
+                history=self.history,
+            )]
+        out = []
+        for u in range(self.num_users):
+            xu = x[u : u + 1].clone()
+            out.append(AttackResult(
+                representative=xu,
+                reconstructions=xu,
+                denoised=None if self._denoised is None else self._denoised[u : u + 1].clone(),
+                labels=self.user_labels[u],
+                steps=self.global_step,
+                history=self.histories[u],
+            ))
+        return out
+
+    def result(self) -> AttackResult:
+        """The single user's result (U = 1); use :meth:`results` for U > 1."""
+        if self.num_users != 1:
+            raise RuntimeError(f"this attack is bound to {self.num_users} users: use results() (one result per user)")
+        return self.results()[0]
