@@ -5,23 +5,35 @@ Measures, with the shipped victim (``checkpoints/fashion_mnist/victim_resnet18``
 small-stem ResNet-18 (C x S x S, 10 classes), and the shipped DDPM prior (``checkpoints/fashion_mnist/ddpm_32``)
 when present, else a random diffusers UNet2DModel (block_out_channels (32, 64, 64, 128), layers_per_block 1):
 
-1. The user-level attack step (as ``UserLevelInversion.training_step``: dummy gradient with create_graph, window
-   weighted ``gradient_matching_loss``, its image gradient, ``DiffusionPrior.prior_loss`` and its gradient, dynamic
-   clipping, Adam, box) with target gradients of B = 10, 50, 100 images. B only enters the (one-off) target
-   computation, so the step time should not depend on it: target t(B_max) / t(B_min) <= 1.05.
+1. The user-level attack step, hand-assembled without Lightning (``UserLevelStep``: the computation of
+   ``UserLevelInversion.training_step`` for one user: dummy gradient with create_graph, window weighted
+   ``gradient_matching_loss``, its image gradient, ``DiffusionPrior.prior_loss`` and its gradient, dynamic clipping,
+   Adam, box) with target gradients of B = 10, 50, 100 images. B only enters the (one-off) target computation, so the
+   step time should not depend on it: target t(B_max) / t(B_min) <= 1.05. This isolates the step's own cost.
 2. Inverting Gradients' step at the same B (B reconstructions, 1 restart: batched dummy gradient over B images,
    ``cosine_gradient_distance`` + ``total_variation``, signed Adam, box).
-3. Users per hour: one user at a time (the step of 1.) against U users per step with
-   :class:`inversion.batched.BatchedMatching` (vmapped per-user matching + the prior on the U images + per-user
-   clipping), U = 1, 8, 32: users/h = 3600 * U / (t_step(U) * attack_steps). Target: >= 3x one-at-a-time.
-4. Achieved FLOP/s of one step (``torch.utils.flop_counter.FlopCounterMode``: matmul/conv/attention FLOPs only,
-   elementwise ops are not counted) against a measured peak (CPU: a 2048^2 float32 matmul with the current threads;
-   CUDA: an 8192^2 bf16 matmul).
-5. Peak memory: CUDA ``max_memory_allocated`` per section; CPU the process's ``ru_maxrss`` (monotone).
+3. Users per hour through the product's code path: for each U in ``--users`` (and U = 1, the one-at-a-time
+   baseline, always), U ServerViews of random batches of B = min(``--batch-sizes``) images
+   (``inversion.scenario.make_server_view``: FedSGD, batch size revealed) are bound to one
+   :class:`lightning_modules.user_level_inversion.UserLevelInversion` with the attack settings of
+   ``configs/attack/fashion_mnist.yaml`` (prior on, clipping kappa 10, sliding window, t annealing; ``steps =
+   --attack-steps`` so the schedules are the real ones; final denoising off, it is not part of a step), as attack.py
+   binds a chunk of ``users_per_step`` users, and a Lightning ``Trainer`` (accelerator ``--device``, ``max_steps =
+   --warmup + --steps``, no logger, checkpointing, progress bar or model summary) fits it. A callback records the wall
+   time at every ``on_train_batch_end`` (CUDA synchronised first); s/step(U) is the median of the intervals after the
+   warm-up, so it includes everything the Trainer does per step (the module's per-user logging, NaN checks, lr
+   scheduler). users/h = 3600 * U / (s/step(U) * attack_steps); speedup(U) = users/h(U) / users/h(1). Target: >= 3x.
+   The report also gives s/step(U = 1) against the bare step of 1. at the same B (the Trainer's and module's
+   overhead).
+4. Achieved FLOP/s (``torch.utils.flop_counter.FlopCounterMode``: matmul/conv/attention FLOPs only, elementwise ops
+   are not counted) of one ``UserLevelInversion`` training step (the warm-up step of 3.'s fit, counted by the same
+   callback) at U = 1 and at the largest U, against a measured peak (CPU: a 2048^2 float32 matmul with the current
+   threads; CUDA: an 8192^2 bf16 matmul).
+5. Peak memory: CUDA ``max_memory_allocated`` per measurement; CPU the process's ``ru_maxrss`` (monotone).
 
-Times are medians over ``--steps`` timed steps after one warm-up step. Run with ``OMP_NUM_THREADS=1 nice -n 10``
-next to trainings. ``--tiny`` (8 px, random tiny models, B = 2, 5, 10, U = 1, 2, 4, 2 steps) finishes in seconds;
-it checks the script, its numbers mean little.
+Times are medians over ``--steps`` timed steps after ``--warmup`` (default 1) warm-up steps. Run with
+``OMP_NUM_THREADS=1 nice -n 10`` next to trainings. ``--tiny`` (8 px, random tiny models, B = 2, 5, 10,
+U = 1, 2, 4, 2 steps) finishes in seconds; it checks the script, its numbers mean little.
 
 Usage: python scripts/benchmark.py [--device cuda] [--steps N] [--image-size S] [--tiny] [--json OUT]
        python scripts/benchmark.py --device cuda --image-size 64 --random-models --channels 3 --prior-arch ddpm-cifar10
@@ -32,11 +44,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -49,15 +63,18 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from lightning import Trainer  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
 
-from inversion.batched import BatchedMatching, stack_targets  # noqa: E402
 from inversion.objectives import clip_matching_gradient, gradient_matching_loss, sliding_window_weights, timestep_at  # noqa: E402
 from inversion.prior import DiffusionPrior  # noqa: E402
-from inversion.scenario import fedsgd_gradient, victim_parameters  # noqa: E402
+from inversion.scenario import ServerView, fedsgd_gradient, make_server_view, victim_parameters  # noqa: E402
 from lightning_modules.baselines import cosine_gradient_distance, total_variation  # noqa: E402
+from lightning_modules.user_level_inversion import UserLevelInversion  # noqa: E402
 
 VICTIM_DIR = ROOT / "checkpoints" / "fashion_mnist" / "victim_resnet18"
 PRIOR_DIR = ROOT / "checkpoints" / "fashion_mnist" / "ddpm_32"
+ATTACK_CONFIG = ROOT / "configs" / "attack" / "fashion_mnist.yaml"  # section 3 takes its attack settings from here
 NUM_CLASSES = 10
 
 
@@ -104,22 +121,6 @@ class _GlobalOnlyTracker:
         return self
 
     def __exit__(self, *args):
-        return None
-
-
-def count_flops(fn: Callable[[], None]) -> Optional[int]:
-    """FLOPs of one call of fn by FlopCounterMode (None if the counter fails, e.g. on an unsupported transform)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    try:
-        fc = FlopCounterMode(display=False)
-        if hasattr(fc, "mod_tracker"):
-            fc.mod_tracker = _GlobalOnlyTracker()
-        with fc:
-            fn()
-        return int(fc.get_total_flops())
-    except Exception as exc:  # pragma: no cover - depends on the torch version
-        print(f"[benchmark] FlopCounterMode failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return None
 
 
@@ -180,11 +181,127 @@ def build_models(args, device: torch.device):
     return victim, prior, shape, {"victim": vsrc, "prior": psrc}
 
 
-def random_target(victim, shape, B: int, device, seed: int):
+def random_batch(shape, B: int, device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """B uniform random images (B, *shape) in [0, 1] and int64 labels (B,), drawn from a generator seeded with seed."""
     g = torch.Generator().manual_seed(seed)
     imgs = torch.rand((B, *shape), generator=g).to(device)
     labels = torch.randint(0, NUM_CLASSES, (B,), generator=g).to(device)
+    return imgs, labels
+
+
+def random_target(victim, shape, B: int, device, seed: int):
+    imgs, labels = random_batch(shape, B, device, seed)
     return fedsgd_gradient(victim, imgs, labels), labels
+
+
+def random_view(victim, shape, B: int, device, seed: int) -> ServerView:
+    """One user's ServerView of a random batch: FedSGD update, batch size revealed, labels not (the threat of
+    configs/attack/fashion_mnist.yaml), built by :func:`inversion.scenario.make_server_view` as attack.py's client."""
+    imgs, labels = random_batch(shape, B, device, seed)
+    return make_server_view(victim, imgs, labels, NUM_CLASSES)
+
+
+# ------------------------------------------------------------------------------------------------------ section 3
+def attack_settings(attack_steps: int) -> dict:
+    """``attack.init_args`` of configs/attack/fashion_mnist.yaml (prior on, kappa 10, window, annealing, ...) with
+    ``steps = attack_steps`` (the window slide and the t / lr schedules run over the full attack) and the final
+    denoising off (it runs once per attack, after the timed steps; not part of a step's cost)."""
+    import yaml
+
+    attack = yaml.safe_load(ATTACK_CONFIG.read_text())["attack"]
+    assert attack["class_path"].endswith("UserLevelInversion"), attack["class_path"]
+    kw = dict(attack["init_args"])
+    kw.update(steps=attack_steps, final_denoise=False, log_images_every=0)
+    return kw
+
+
+class StepTimer(Callback):
+    """Wall time at every ``on_train_batch_end`` (CUDA synchronised first), and optionally the FLOPs of the first
+    training step (FlopCounterMode entered at ``on_train_batch_start`` of batch 0 and left at its
+    ``on_train_batch_end``: one whole ``training_step`` of the module, its optimizer step included)."""
+
+    def __init__(self, device: torch.device, count_flops: bool = True) -> None:
+        self.device = device
+        self.count_flops = count_flops
+        self.marks: list[float] = []
+        self.flops: Optional[int] = None
+        self.failed_while_counting = False
+        self._fc = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.count_flops and batch_idx == 0:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            self._fc = FlopCounterMode(display=False)
+            if hasattr(self._fc, "mod_tracker"):
+                self._fc.mod_tracker = _GlobalOnlyTracker()
+            self._fc.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._fc is not None:
+            self._fc.__exit__(None, None, None)
+            self.flops = int(self._fc.get_total_flops())
+            self._fc = None
+        sync(self.device)
+        self.marks.append(time.perf_counter())
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if self._fc is not None:  # never leave the counting mode on the dispatch stack
+            self._fc.__exit__(None, None, None)
+            self._fc = None
+            self.failed_while_counting = True
+
+    def step_times(self, warmup: int) -> list[float]:
+        """Seconds of each step after the first ``warmup`` ones (intervals between consecutive batch ends)."""
+        m = self.marks[warmup - 1 :]
+        return [b - a for a, b in zip(m, m[1:])]
+
+
+def fit_users(victim, prior, views: list, device: torch.device, settings: dict, steps: int, warmup: int = 1,
+              count_flops: bool = True) -> dict:
+    """The product path for U = len(views) users: ``UserLevelInversion(**settings, users_per_step=U)`` bound to the U
+    views as attack.py binds a chunk, one ``Trainer.fit`` of warmup + steps steps. Returns s/step (median of the timed
+    steps), their mean, the FLOPs of the first (warm-up) step, the fit's wall time and the peak memory."""
+    U = len(views)
+    attack = UserLevelInversion(**{**settings, "users_per_step": U})
+    if U == 1:
+        attack.bind(views[0], prior)
+    else:  # as attack.py binds a chunk of users: the attack's seed for every user, one log prefix each
+        attack.bind(views, prior, log_prefixes=[f"user{u}/" for u in range(U)])
+    reset_peak(device)
+    timer = StepTimer(device, count_flops=count_flops)
+    pl_log = logging.getLogger("lightning.pytorch")
+    level = pl_log.level
+    pl_log.setLevel(logging.WARNING)  # no "GPU available" / "max_steps reached" lines per fit
+    with tempfile.TemporaryDirectory(prefix="benchmark_") as tmp:
+        trainer = Trainer(
+            accelerator=device.type, devices=1, precision="32-true", max_steps=warmup + steps, logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            num_sanity_val_steps=0, callbacks=[timer], default_root_dir=tmp,
+        )
+        t0 = time.perf_counter()
+        try:
+            trainer.fit(attack)
+        except Exception as exc:
+            if not timer.failed_while_counting:
+                raise
+            # FlopCounterMode's support depends on the torch version: measure again without counting
+            print(f"[benchmark] FlopCounterMode failed in the step: {type(exc).__name__}: {exc}", file=sys.stderr)
+            victim.to(device)
+            prior.to(device)
+            return fit_users(victim, prior, views, device, settings, steps, warmup, count_flops=False)
+        finally:
+            pl_log.setLevel(level)
+        fit_s = time.perf_counter() - t0
+    peak = peak_mib(device)
+    # Lightning's teardown moves the module, hence the shared victim and prior, to the CPU: put them back
+    victim.to(device)
+    prior.to(device)
+    ts = timer.step_times(warmup)
+    if len(ts) != steps or attack.global_step != warmup + steps:
+        raise RuntimeError(f"expected {warmup + steps} steps, the fit ran {attack.global_step} ({len(timer.marks)} batch ends)")
+    return {"s_per_step": statistics.median(ts), "s_per_step_mean": statistics.fmean(ts), "flops_per_step": timer.flops,
+            "fit_s": fit_s, "peak_mib": peak}
 
 
 # ------------------------------------------------------------------------------------------------------ steps
@@ -224,43 +341,6 @@ class UserLevelStep:
         with torch.no_grad():
             x.clamp_(0.0, 1.0)
         return {"match": float(l_match.detach()), "prior": float(l_prior.detach())}
-
-
-class BatchedUserLevelStep:
-    """The same step for U users at once: BatchedMatching + the prior on (U, C, H, W) + per-user clipping."""
-
-    def __init__(self, bm: BatchedMatching, prior, targets: list, shape, device, total_steps: int = 4000, kappa: float = 1.0):
-        self.bm, self.prior, self.kappa = bm, prior, kappa
-        U = len(targets)
-        self.U = U
-        self.targets = stack_targets(targets, bm.param_names)
-        g = torch.Generator().manual_seed(1)
-        self.x = torch.nn.Parameter(torch.rand((U, *shape), generator=g).to(device))
-        self.y = F.one_hot(torch.arange(U) % NUM_CLASSES, NUM_CLASSES).float().to(device)
-        self.opt = torch.optim.Adam([self.x], lr=0.05)
-        self.noise = torch.Generator(device=device).manual_seed(2)
-        self.total, self.step_idx = total_steps, 0
-
-    def __call__(self) -> dict:
-        progress = (self.step_idx % self.total) / max(1, self.total - 1)
-        self.step_idx += 1
-        L = self.bm.num_layers
-        w = sliding_window_weights(L, (1 - progress) * (L - 1), 12.0, 24.0)
-        t = timestep_at(progress, 800, 20)
-        x = self.x
-        l_match, g_match = self.bm.matching_loss_and_grad(x.detach(), self.y, self.targets, w)
-        # prior_loss averages over the U images: times U gives each image its own single-user loss gradient
-        l_prior = self.prior.prior_loss(x, t, 1, self.noise)
-        g_prior = torch.autograd.grad(self.U * l_prior, x)[0]
-        nm = g_match.flatten(1).norm(dim=1)
-        npr = g_prior.flatten(1).norm(dim=1)
-        scale = torch.where(nm > self.kappa * npr, self.kappa * npr / nm.clamp_min(1e-30), torch.ones_like(nm))
-        self.opt.zero_grad()
-        x.grad = g_match * scale.view(-1, 1, 1, 1) + g_prior
-        self.opt.step()
-        with torch.no_grad():
-            x.clamp_(0.0, 1.0)
-        return {"match": l_match.tolist(), "prior": float(l_prior.detach())}
 
 
 class InvertingGradientsStep:
@@ -304,17 +384,19 @@ def parse_args(argv=None):
                    help="random prior: the shipped small UNet (2.9M) or google/ddpm-cifar10-32's architecture (35.7M)")
     p.add_argument("--batch-sizes", default=None, help="comma list of B (default 10,50,100; 2,5,10 with --tiny)")
     p.add_argument("--users", default=None, help="comma list of U (default 1,8,32; 1,2,4 with --tiny)")
-    p.add_argument("--attack-steps", type=int, default=4000, help="steps per user for users/hour (paper: 4000)")
-    p.add_argument("--conv-impl", default="unfold", choices=("unfold", "native"), help="BatchedMatching convolutions")
-    p.add_argument("--chunk-size", type=int, default=None, help="BatchedMatching vmap chunk size (default: all U)")
+    p.add_argument("--attack-steps", type=int, default=4000,
+                   help="steps per user (paper: 4000): the users/hour divisor and the attack's own steps (schedules)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones (default 1)")
     p.add_argument("--json", default=None, help="write the report as JSON here")
     args = p.parse_args(argv)
     args.steps = args.steps or (2 if args.tiny else 5)
     args.image_size = args.image_size or (8 if args.tiny else 32)
     args.batch_sizes = [int(b) for b in (args.batch_sizes or ("2,5,10" if args.tiny else "10,50,100")).split(",")]
-    args.users = [int(u) for u in (args.users or ("1,2,4" if args.tiny else "1,8,32")).split(",")]
-    if args.steps < 1 or min(args.batch_sizes) < 1 or min(args.users) < 1:
-        p.error("--steps, batch sizes and user counts must be >= 1")
+    args.users = sorted({int(u) for u in (args.users or ("1,2,4" if args.tiny else "1,8,32")).split(",")})
+    if args.steps < 1 or args.warmup < 1 or min(args.batch_sizes) < 1 or min(args.users) < 1:
+        p.error("--steps, --warmup, batch sizes and user counts must be >= 1")
+    if args.attack_steps < args.warmup + args.steps:
+        p.error(f"--attack-steps ({args.attack_steps}) must be at least --warmup + --steps ({args.warmup + args.steps})")
     return args
 
 
@@ -340,28 +422,25 @@ def main(argv=None) -> dict:
         },
         "config": {
             "image_shape": list(shape), "steps": steps, "batch_sizes": args.batch_sizes, "users": args.users,
-            "attack_steps": args.attack_steps, "conv_impl": args.conv_impl, "chunk_size": args.chunk_size,
-            "tiny": args.tiny, **sources,
+            "attack_steps": args.attack_steps, "warmup": args.warmup, "tiny": args.tiny, **sources,
         },
     }
 
     # 1 + 2: user-level step and Inverting Gradients' step against B
     user_level, ig = {}, {}
-    targets_by_B = {}
     for B in args.batch_sizes:
         t0 = time.perf_counter()
         target, labels = random_target(victim, shape, B, device, seed=B)
         sync(device)
         t_target = time.perf_counter() - t0
-        targets_by_B[B] = target
         reset_peak(device)
         step = UserLevelStep(victim, prior, target, shape, device, args.attack_steps)
-        ts = time_steps(step, steps, device)
+        ts = time_steps(step, steps, device, warmup=args.warmup)
         user_level[B] = {"s_per_step": statistics.median(ts), "s_per_step_mean": statistics.fmean(ts),
                          "target_s": t_target, "peak_mib": peak_mib(device)}
         reset_peak(device)
         ig_step = InvertingGradientsStep(victim, target, labels, shape, device)
-        ts = time_steps(ig_step, steps, device)
+        ts = time_steps(ig_step, steps, device, warmup=args.warmup)
         ig[B] = {"s_per_step": statistics.median(ts), "s_per_step_mean": statistics.fmean(ts), "peak_mib": peak_mib(device)}
     b_lo, b_hi = min(args.batch_sizes), max(args.batch_sizes)
     ratio = user_level[b_hi]["s_per_step"] / user_level[b_lo]["s_per_step"]
@@ -369,30 +448,30 @@ def main(argv=None) -> dict:
     report["user_level_ratio"] = {"B_lo": b_lo, "B_hi": b_hi, "ratio": ratio, "target": 1.05, "met": ratio <= 1.05}
     report["inverting_gradients_step"] = {str(b): v for b, v in ig.items()}
 
-    # 3: users per hour, one at a time vs U per step
-    t_single = user_level[b_lo]["s_per_step"]
-    single_rate = 1.0 / t_single
-    bm = BatchedMatching(victim, chunk_size=args.chunk_size, conv_impl=args.conv_impl)
-    base_target = targets_by_B[b_lo]
+    # 3: users per hour through the product path: UserLevelInversion bound to U users, one Trainer fit per U
+    settings = attack_settings(args.attack_steps)
     throughput = {}
-    last_batched = None
-    for U in args.users:
-        # U users with different target gradients (reuse the B targets, rescaled so that each user differs)
-        user_targets = [{n: g * (1.0 + 0.1 * u) + 0.01 * u * g.roll(1) for n, g in base_target.items()} for u in range(U)]
-        reset_peak(device)
-        bstep = BatchedUserLevelStep(bm, prior, user_targets, shape, device, args.attack_steps)
-        ts = time_steps(bstep, steps, device)
-        s = statistics.median(ts)
-        rate = U / s
-        throughput[U] = {"s_per_step": s, "user_steps_per_s": rate, "users_per_hour": 3600 * rate / args.attack_steps,
-                         "speedup_vs_one_at_a_time": rate / single_rate, "peak_mib": peak_mib(device)}
-        last_batched = bstep
-        del user_targets
-    best_U = max(throughput, key=lambda u: throughput[u]["speedup_vs_one_at_a_time"])
+    for U in sorted({1, *args.users}):  # U = 1 is the one-at-a-time baseline, measured even when not listed
+        views = [random_view(victim, shape, b_lo, device, seed=1000 + u) for u in range(U)]
+        throughput[U] = fit_users(victim, prior, views, device, settings, steps, warmup=args.warmup)
+        del views
+    rate_1 = 1.0 / throughput[1]["s_per_step"]
+    for U, v in throughput.items():
+        rate = U / v["s_per_step"]
+        v.update(user_steps_per_s=rate, users_per_hour=3600 * rate / args.attack_steps, speedup_vs_one_at_a_time=rate / rate_1)
+    one = throughput[1]
+    hand = user_level[b_lo]["s_per_step"]
+    best_U = max(args.users, key=lambda u: throughput[u]["speedup_vs_one_at_a_time"])
     report["users_per_hour"] = {
-        "one_at_a_time": {"s_per_step": t_single, "user_steps_per_s": single_rate,
-                          "users_per_hour": 3600 * single_rate / args.attack_steps},
-        "batched": {str(u): v for u, v in throughput.items()},
+        "how": (f"UserLevelInversion ({ATTACK_CONFIG.relative_to(ROOT)} attack, steps={args.attack_steps}, final "
+                f"denoising off) bound to U random users (B={b_lo}), Trainer.fit of {args.warmup}+{steps} steps; "
+                f"s/step = median time between on_train_batch_end calls after {args.warmup} warm-up step(s)"),
+        "B": b_lo,
+        "attack_settings": settings,
+        "one_at_a_time": {"U": 1, "s_per_step": one["s_per_step"], "user_steps_per_s": rate_1,
+                          "users_per_hour": one["users_per_hour"], "peak_mib": one["peak_mib"], "hand_step_s_per_step": hand,
+                          "trainer_over_hand_step": one["s_per_step"] / hand},
+        "batched": {str(u): throughput[u] for u in args.users},
         "best_U": best_U,
         "best_speedup": throughput[best_U]["speedup_vs_one_at_a_time"],
         "target_speedup": 3.0,
@@ -401,17 +480,13 @@ def main(argv=None) -> dict:
 
     # 4: FLOP/s of one step against a measured peak
     peak, peak_how = peak_flops(device, args.tiny)
-    one = UserLevelStep(victim, prior, base_target, shape, device, args.attack_steps)
-    flops_one = count_flops(one)
-    flops_batched = count_flops(last_batched)
-    U_last = args.users[-1]
-    fl = {"peak_flops": peak, "peak_measured_by": peak_how, "counted": "matmul/conv FLOPs (FlopCounterMode)"}
-    fl["one_at_a_time"] = {"flops_per_step": flops_one, "s_per_step": t_single,
-                           "flops_per_s": flops_one / t_single if flops_one else None}
-    fl[f"batched_U{U_last}"] = {"flops_per_step": flops_batched, "s_per_step": throughput[U_last]["s_per_step"],
-                                "flops_per_s": flops_batched / throughput[U_last]["s_per_step"] if flops_batched else None}
-    for k in ("one_at_a_time", f"batched_U{U_last}"):
-        fl[k]["fraction_of_peak"] = fl[k]["flops_per_s"] / peak if fl[k]["flops_per_s"] else None
+    U_last = max(args.users)
+    fl = {"peak_flops": peak, "peak_measured_by": peak_how,
+          "counted": "matmul/conv/attention FLOPs (FlopCounterMode) of one UserLevelInversion training_step (the warm-up step)"}
+    for k, U in (("one_at_a_time", 1), (f"batched_U{U_last}", U_last)):
+        f, t = throughput[U]["flops_per_step"], throughput[U]["s_per_step"]
+        fl[k] = {"U": U, "flops_per_step": f, "s_per_step": t, "flops_per_s": f / t if f else None,
+                 "fraction_of_peak": f / t / peak if f else None}
     report["flops"] = fl
     report["peak_memory_mib"] = {
         "how": "torch.cuda.max_memory_allocated per section" if device.type == "cuda" else "process ru_maxrss (monotone)",
@@ -447,15 +522,18 @@ def print_report(r: dict) -> None:
     print(f"user-level t(B={q['B_hi']})/t(B={q['B_lo']}) = {q['ratio']:.3f}  (target <= {q['target']}: "
           f"{'MET' if q['met'] else 'NOT MET'})")
     print("-" * 96)
-    print("[2] users per hour: one user at a time vs U users per step (BatchedMatching)")
+    print("[2] users per hour: UserLevelInversion through a Lightning Trainer, U users per step (U = 1: one at a time)")
     u = r["users_per_hour"]
+    print(f"    {u['how']}")
     w = (16, 12, 18, 16, 22, 10)
     print(fmt_row(["mode", "s/step", "user-steps/s", "users/hour", "speedup vs 1-at-a-time", "peak MiB"], w))
     o = u["one_at_a_time"]
-    print(fmt_row(["one-at-a-time", f"{o['s_per_step']:.4f}", f"{o['user_steps_per_s']:.3f}", f"{o['users_per_hour']:.2f}", "1.00x", "-"], w))
+    print(fmt_row(["one-at-a-time", f"{o['s_per_step']:.4f}", f"{o['user_steps_per_s']:.3f}", f"{o['users_per_hour']:.2f}", "1.00x", f"{o['peak_mib']:.0f}"], w))
     for U, v in u["batched"].items():
         print(fmt_row([f"batched U={U}", f"{v['s_per_step']:.4f}", f"{v['user_steps_per_s']:.3f}", f"{v['users_per_hour']:.2f}",
                        f"{v['speedup_vs_one_at_a_time']:.2f}x", f"{v['peak_mib']:.0f}"], w))
+    print(f"one-at-a-time through the Trainer / the bare step of [1] at B={u['B']}: "
+          f"{o['s_per_step']:.4f} / {o['hand_step_s_per_step']:.4f} s = {o['trainer_over_hand_step']:.2f}x")
     print(f"best speedup {u['best_speedup']:.2f}x at U={u['best_U']}  (target >= {u['target_speedup']}x: "
           f"{'MET' if u['met'] else 'NOT MET'})")
     print("-" * 96)

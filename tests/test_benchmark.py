@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,7 +24,9 @@ def test_benchmark_tiny_report(tmp_path, capsys):
     report = bench.main(["--tiny", "--json", str(out)])
     text = capsys.readouterr().out
     for line in ("BENCHMARK", "[1] seconds per step", "user-level t(B=10)/t(B=2)", "[2] users per hour",
-                 "one-at-a-time", "batched U=4", "best speedup", "[3] achieved FLOP/s", "[4] peak memory"):
+                 "UserLevelInversion through a Lightning Trainer", "one-at-a-time", "batched U=4",
+                 "one-at-a-time through the Trainer / the bare step", "best speedup", "[3] achieved FLOP/s",
+                 "[4] peak memory"):
         assert line in text, line
     saved = json.loads(out.read_text())
     assert saved.keys() == report.keys()
@@ -30,12 +34,49 @@ def test_benchmark_tiny_report(tmp_path, capsys):
                 "users_per_hour", "flops", "peak_memory_mib", "wall_s"):
         assert key in saved, key
     assert set(saved["user_level_step"]) == set(saved["inverting_gradients_step"]) == {"2", "5", "10"}
-    assert set(saved["users_per_hour"]["batched"]) == {"1", "2", "4"}
     for v in saved["user_level_step"].values():
         assert v["s_per_step"] > 0 and v["target_s"] > 0 and v["peak_mib"] > 0
     assert saved["user_level_ratio"]["ratio"] > 0 and isinstance(saved["user_level_ratio"]["met"], bool)
+
+    # [2]: the product path (UserLevelInversion + Trainer) at U = 1, 2, 4; U = 1 is the one-at-a-time baseline
     u = saved["users_per_hour"]
-    assert u["one_at_a_time"]["users_per_hour"] > 0 and u["best_speedup"] > 0
-    assert saved["flops"]["peak_flops"] > 0
-    assert saved["flops"]["one_at_a_time"]["flops_per_step"] > 0  # FlopCounterMode works with create_graph
-    assert saved["flops"]["batched_U4"]["flops_per_step"] > 0  # ... and under vmap
+    attack_steps = saved["config"]["attack_steps"]
+    assert u["B"] == 2
+    s = u["attack_settings"]  # configs/attack/fashion_mnist.yaml's attack, final denoising off, steps = attack_steps
+    assert s["use_prior"] and s["use_clipping"] and s["kappa"] == 10.0 and s["use_window"] and s["anneal_t"]
+    assert not s["final_denoise"] and s["steps"] == attack_steps
+    assert set(u["batched"]) == {"1", "2", "4"}
+    one = u["one_at_a_time"]
+    assert one["U"] == 1 and one["s_per_step"] > 0
+    assert one["s_per_step"] == u["batched"]["1"]["s_per_step"]  # the same fit, reported once per view
+    assert one["user_steps_per_s"] == pytest.approx(1 / one["s_per_step"])
+    assert one["users_per_hour"] == pytest.approx(3600 / (one["s_per_step"] * attack_steps))
+    assert one["trainer_over_hand_step"] == pytest.approx(one["s_per_step"] / saved["user_level_step"]["2"]["s_per_step"])
+    for U, v in u["batched"].items():
+        U = int(U)
+        assert v["s_per_step"] > 0 and v["s_per_step_mean"] > 0 and v["fit_s"] > 0 and v["peak_mib"] > 0
+        assert v["user_steps_per_s"] == pytest.approx(U / v["s_per_step"])
+        assert v["users_per_hour"] == pytest.approx(3600 * U / (v["s_per_step"] * attack_steps))
+        assert v["speedup_vs_one_at_a_time"] == pytest.approx(v["users_per_hour"] / one["users_per_hour"])
+        assert v["flops_per_step"] > 0  # FlopCounterMode around one training_step (create_graph at U = 1, vmap at U > 1)
+    assert u["best_U"] in (1, 2, 4)
+    assert u["best_speedup"] == max(v["speedup_vs_one_at_a_time"] for v in u["batched"].values())
+    assert u["met"] == (u["best_speedup"] >= u["target_speedup"])
+
+    f = saved["flops"]
+    assert f["peak_flops"] > 0
+    assert f["one_at_a_time"]["flops_per_step"] == u["batched"]["1"]["flops_per_step"] > 0
+    assert f["batched_U4"]["flops_per_step"] == u["batched"]["4"]["flops_per_step"] > f["one_at_a_time"]["flops_per_step"]
+    assert f["batched_U4"]["flops_per_s"] == pytest.approx(f["batched_U4"]["flops_per_step"] / u["batched"]["4"]["s_per_step"])
+
+
+def test_benchmark_baseline_without_u1(tmp_path):
+    """U = 1 is measured for the speedup even when --users leaves it out (and not reported as a batched row)."""
+    bench = load_benchmark()
+    report = bench.main(["--tiny", "--users", "2", "--batch-sizes", "2", "--steps", "1"])
+    u = report["users_per_hour"]
+    assert set(u["batched"]) == {"2"}
+    assert u["one_at_a_time"]["s_per_step"] > 0
+    v = u["batched"]["2"]
+    assert v["speedup_vs_one_at_a_time"] == pytest.approx(v["user_steps_per_s"] * u["one_at_a_time"]["s_per_step"])
+    assert set(report["flops"]) >= {"one_at_a_time", "batched_U2"}
