@@ -338,7 +338,7 @@ class UserLevelInversion(GradientInversionAttack):
         weights, centre = self.layer_weights(progress)
         l_match = self.matching_loss(x, weights)
         g_match = torch.autograd.grad(l_match, x)[0]
-        values = {"match": float(l_match)}
+        values = {"match": float(l_match.detach())}
         if hp.use_prior:
             t = self.timestep(progress)
             l_prior = self.prior.prior_loss(x, t, hp.prior_noise_samples, self._noise_gens[0])
@@ -347,7 +347,7 @@ class UserLevelInversion(GradientInversionAttack):
             if hp.use_clipping:
                 g_match, ratio = clip_matching_gradient(g_match, g_prior, hp.kappa)
             grad = g_match + g_prior
-            values.update(prior=float(l_prior), t=t, clip_ratio=ratio)
+            values.update(prior=float(l_prior.detach()), t=t, clip_ratio=ratio)
         else:
             grad = g_match
         if hp.use_window:
