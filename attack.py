@@ -716,8 +716,6 @@ def main(argv: Optional[list[str]] = None) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:  # bad input: one clear line, no traceback
-        print(f"attack.py: error: {exc}", file=sys.stderr)
-        raise SystemExit(2)
+    from inversion.cli import run_main
+
+    run_main(main, "attack.py")

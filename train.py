@@ -74,8 +74,6 @@ def main(args=None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:  # bad input: one clear line, no traceback
-        print(f"train.py: error: {exc}", file=sys.stderr)
-        raise SystemExit(2)
+    from inversion.cli import run_main
+
+    run_main(main, "train.py")
