@@ -228,6 +228,44 @@ def resolve_attack_class(class_path: str):
     return import_object(class_path)
 
 
+def check_devices(trainer: dict) -> None:
+    """Refuse, before any work, a trainer that asks for devices this machine does not have.
+
+    ``trainer.accelerator`` gpu/cuda without CUDA, or ``trainer.devices`` (an int per node, or a list of device
+    indices) above the local count: CUDA devices for gpu/cuda (and for auto when CUDA is present), CPU cores
+    (``os.cpu_count()``) for cpu, one process per device. Multi-node runs count per node, as Lightning does.
+
+    Raises:
+        ConfigError: naming the key, what was asked and what the machine has.
+    """
+    import torch
+
+    accelerator = str(trainer.get("accelerator") or "auto")
+    devices = trainer.get("devices", "auto")
+    has_cuda = torch.cuda.is_available()
+    if accelerator in ("gpu", "cuda") and not has_cuda:
+        raise ConfigError(
+            f"trainer.accelerator is {accelerator!r} but this machine has no CUDA device; use --trainer.accelerator "
+            "cpu (or auto)"
+        )
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and has_cuda)
+    available = torch.cuda.device_count() if on_gpu else (os.cpu_count() or 1)
+    kind = "CUDA devices" if on_gpu else "CPU cores"
+    if isinstance(devices, (list, tuple)):
+        asked = max(int(d) for d in devices) + 1 if devices else 0
+        if asked > available:
+            raise ConfigError(f"trainer.devices {list(devices)} names device {asked - 1}, but this machine has {available} {kind}")
+    elif isinstance(devices, int) or (isinstance(devices, str) and devices.lstrip("-").isdigit()):
+        n = int(devices)
+        if n == 0 or n < -1:
+            raise ConfigError(f"trainer.devices must be >= 1 (or -1 / auto for all), got {n}")
+        if n > available:
+            raise ConfigError(
+                f"trainer.devices is {n} but this machine has {available} {kind}; lower --trainer.devices (one "
+                "process per device; several nodes: --trainer.num_nodes)"
+            )
+
+
 def validate(cfg: Namespace, source: UserSource, victim_cfg: dict) -> None:
     """Cross-check the groups (shapes, classes, protocol) before any attack starts; raises :class:`ConfigError`."""
     C, H, W = source.image_shape
@@ -511,6 +549,7 @@ def run(cfg: Namespace) -> Path:
 
     seed_everything(cfg.seed, workers=True, verbose=False)
     # 1. everything that can fail fast, before any long work
+    check_devices(dict(cfg.trainer))
     parser = build_parser()
     init = parser.instantiate(cfg) if hasattr(parser, "instantiate") else parser.instantiate_classes(cfg)
     source: UserSource = init.users

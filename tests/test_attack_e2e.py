@@ -105,6 +105,34 @@ def test_bad_input_fails_before_any_run_dir(tmp_path, overrides, error, match):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+@pytest.mark.parametrize(
+    "trainer, match",
+    [
+        ({"accelerator": "gpu", "devices": 1}, "no CUDA device"),
+        ({"accelerator": "cpu", "devices": 64, "strategy": "ddp"}, "devices is 64 but this machine has 2 CPU cores"),
+        ({"accelerator": "cpu", "devices": 0}, ">= 1"),
+    ],
+)
+def test_devices_the_machine_lacks_fail_before_any_run_dir(tmp_path, monkeypatch, trainer, match):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    cfg = tiny_config(tmp_path, **{f"trainer.{k}": v for k, v in trainer.items()})
+    with pytest.raises(attack.ConfigError, match=match):
+        attack.main(["--config", str(cfg)])
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_check_devices_accepts_what_the_machine_has(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    attack.check_devices({"accelerator": "gpu", "devices": 2})
+    attack.check_devices({"accelerator": "auto", "devices": [1]})
+    with pytest.raises(attack.ConfigError, match="names device 2"):
+        attack.check_devices({"accelerator": "cuda", "devices": [0, 2]})
+    with pytest.raises(attack.ConfigError, match="3 but this machine has 2 CUDA devices"):
+        attack.check_devices({"accelerator": "auto", "devices": 3})
+
+
 def test_unknown_config_key_is_rejected(tmp_path, capsys):
     cfg = tiny_config(tmp_path, **{"attack.init_args.stepz": 3})
     with pytest.raises(SystemExit):
