@@ -24,6 +24,7 @@ import json
 import math
 import os
 import secrets
+import shutil
 import sys
 import tempfile
 import time
@@ -689,8 +690,6 @@ def run(cfg: Namespace) -> Path:
                     flush=True,
                 )
             if ckpt_dir.exists():
-                import shutil
-
                 shutil.rmtree(ckpt_dir, ignore_errors=True)
         status = "finished"
         if fabric and world > 1:  # gather the other ranks' users into rank 0's run directory
@@ -708,8 +707,6 @@ def run(cfg: Namespace) -> Path:
                 write_results(run_dir, rows)
         ckpt_root = run_dir / "checkpoints"
         if rank == 0 and ckpt_root.is_dir():  # every user finished: leftovers (a chunk cut short while writing) go
-            import shutil
-
             for d in ckpt_root.iterdir():
                 shutil.rmtree(d, ignore_errors=True)
     except AttackDivergedError as exc:

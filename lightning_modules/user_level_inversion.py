@@ -331,7 +331,7 @@ class UserLevelInversion(GradientInversionAttack):
         dummy = torch.autograd.grad(ce, self._params, create_graph=True)
         return gradient_matching_loss(target, dummy, weights)
 
-    def _one_user_gradient(self, step: int, progress: float) -> tuple[torch.Tensor, list[dict[str, float]]]:
+    def _one_user_gradient(self, progress: float) -> tuple[torch.Tensor, list[dict[str, float]]]:
         """U = 1: the image gradient (1, C, H, W) and the step's logged values (the original one-user code)."""
         hp = self.hparams
         x = self.x_hat
@@ -343,9 +343,10 @@ class UserLevelInversion(GradientInversionAttack):
             t = self.timestep(progress)
             l_prior = self.prior.prior_loss(x, t, hp.prior_noise_samples, self._noise_gens[0])
             g_prior = torch.autograd.grad(hp.prior_weight * l_prior, x)[0]
-            ratio = float(g_match.norm() / g_prior.norm().clamp_min(1e-30))
             if hp.use_clipping:
                 g_match, ratio = clip_matching_gradient(g_match, g_prior, hp.kappa)
+            else:
+                ratio = float(g_match.norm() / g_prior.norm().clamp_min(1e-30))
             grad = g_match + g_prior
             values.update(prior=float(l_prior.detach()), t=t, clip_ratio=ratio)
         else:
@@ -354,7 +355,7 @@ class UserLevelInversion(GradientInversionAttack):
             values["window_centre"] = centre
         return grad, [values]
 
-    def _many_users_gradient(self, step: int, progress: float) -> tuple[torch.Tensor, list[dict[str, float]]]:
+    def _many_users_gradient(self, progress: float) -> tuple[torch.Tensor, list[dict[str, float]]]:
         """U > 1: the image gradients (U, C, H, W), row u user u's own, and each user's logged values.
 
         Matching: BatchedMatching (vmap over users of the dummy gradient and the window-weighted per-layer cosine
@@ -400,9 +401,9 @@ class UserLevelInversion(GradientInversionAttack):
         step = self.global_step
         progress = step / max(1, self.steps - 1)
         if self.num_users == 1:
-            grad, per_user = self._one_user_gradient(step, progress)
+            grad, per_user = self._one_user_gradient(progress)
         else:
-            grad, per_user = self._many_users_gradient(step, progress)
+            grad, per_user = self._many_users_gradient(progress)
         for u, values in enumerate(per_user):
             for name, v in values.items():
                 if v != v or v in (float("inf"), float("-inf")) and name != "clip_ratio":
