@@ -71,6 +71,50 @@ def last_layer_signal(target_gradient: "OrderedDict[str, torch.Tensor]", num_cla
     )
 
 
+def mean_softmax_from_gradient(
+    target_gradient: "OrderedDict[str, torch.Tensor]", label_proportions: torch.Tensor
+) -> torch.Tensor:
+    """The batch-mean softmax output of the victim, read off the last layer's bias gradient: pbar = g_b + n / B.
+
+    From Eq. (1) of this module (softmax cross-entropy averaged over the batch): g_c = pbar_c - n_c / B, so with the
+    inferred label distribution n / B the server recovers the victim's mean predicted distribution over the user's
+    batch (exact for FedSGD with the true label distribution; under FedAvg's pseudo-gradient or a noise defense an
+    estimate). Negative entries (from noise or wrong counts) are clamped to 0 and the result renormalised.
+
+    Args:
+        target_gradient: name -> gradient in the victim's parameter order; its last 1-D tensor named ``*bias`` with C
+            entries is taken as the final layer's bias gradient.
+        label_proportions: float (C,) inferred label distribution n / B (sums to 1), e.g.
+            ``LabelInference.proportions``.
+
+    Returns:
+        float32 (C,) probabilities summing to 1 (on the CPU).
+
+    Raises:
+        ValueError: no final-layer bias gradient with C entries (a victim whose last layer has no bias: the mean
+            output cannot be read off; turn the output term off).
+    """
+    C = int(label_proportions.numel())
+    names = list(target_gradient)
+    bias = None
+    for i in range(len(names) - 1, -1, -1):
+        g = target_gradient[names[i]]
+        if g.dim() == 2 and g.shape[0] == C:  # reached the final weight without finding its bias after it
+            break
+        if g.dim() == 1 and g.shape[0] == C and names[i].endswith("bias"):
+            bias = g
+            break
+    if bias is None:
+        raise ValueError(
+            f"the target gradient has no final-layer bias with {C} entries: the victim's mean softmax output cannot "
+            "be recovered; set attack.output_weight: 0"
+        )
+    p = (bias.detach().float().cpu() + label_proportions.detach().float().cpu()).clamp_min(0)
+    if p.sum() <= 0:
+        return torch.full((C,), 1.0 / C)
+    return p / p.sum()
+
+
 def round_to_total(x: torch.Tensor, total: int) -> torch.Tensor:
     """Largest-remainder rounding of non-negative reals ``x`` (C,) to integers summing to ``total``."""
     x = x.clamp_min(0)

@@ -15,6 +15,17 @@ and the DDPM prior are frozen and kept in eval mode. Each step s of S:
 Every mechanism is switchable for ablations (``use_window``, ``anneal_t``, ``use_clipping``, ``use_prior``,
 ``final_denoise``).
 
+Output matching (an extension, off by default: ``output_weight`` = 0 is the paper's method). The cosine matching loss
+is blind to how confidently the victim classifies x_hat: for a trained victim and a single-class user, the target's
+last-layer residual (mean softmax minus labels) is mostly "-1 on the user's class, + on its look-alikes", and an
+image that the victim reads as a look-alike (a sandal user's image read as a sneaker) has nearly the same residual
+direction. The server can do better with what it already sees: the final bias gradient is g_b = pbar - n / B
+(:mod:`inversion.label_inference`, Eq. 1), so with the inferred label distribution it recovers the victim's mean
+softmax output over the user's batch, pbar (:func:`inversion.label_inference.mean_softmax_from_gradient`). With
+``output_weight`` mu > 0 the data term becomes L_match + mu KL(pbar || softmax(f_w(x_hat))), i.e. the representative
+image should make the victim predict what the user's batch made it predict on average; the sum is what dynamic
+clipping compares with the prior's gradient.
+
 Many users per step: :meth:`UserLevelInversion.bind` also takes a sequence of U users' views. x_hat is then
 U x C x H x W, row u being user u's representative image, and each step does, per user, exactly the computation
 above on that user's own target gradient and inferred label: the U dummy gradients and matching losses and their
@@ -35,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from inversion.batched import BatchedMatching, stack_targets
-from inversion.label_inference import LabelInference, infer_labels
+from inversion.label_inference import LabelInference, infer_labels, mean_softmax_from_gradient
 from inversion.logging_utils import log_image_grid
 from inversion.objectives import (
     clip_matching_gradient,
@@ -77,6 +88,8 @@ class UserLevelInversion(GradientInversionAttack):
         t_schedule: 'linear', 'cosine' or 'sqrt'; anneal_fraction: part of the run the annealing takes.
         prior_noise_samples: noise draws eps averaged per step.
         use_clipping: dynamic clipping on; kappa: the largest allowed |g_match| / |g_prior|.
+        output_weight: mu >= 0 of the output matching term (module docstring; 0 = off, the paper's method). Needs a
+            victim whose last layer has a bias.
         final_denoise: run the final denoising; t_final: its starting timestep; denoise_method: 'ddim' or 'ddpm';
             denoise_steps: DDIM steps.
         users_per_step: how many users attack.py binds to one module (one Trainer fit, one batched optimisation);
@@ -112,6 +125,7 @@ class UserLevelInversion(GradientInversionAttack):
         prior_noise_samples: int = 1,
         use_clipping: bool = True,
         kappa: float = 1.0,
+        output_weight: float = 0.0,
         final_denoise: bool = True,
         t_final: int = 100,
         denoise_method: str = "ddim",
@@ -130,8 +144,10 @@ class UserLevelInversion(GradientInversionAttack):
             raise ValueError(f"attack.lr_decay must be one of {LR_DECAYS}, got {lr_decay!r}")
         if users_per_step < 1:
             raise ValueError(f"attack.users_per_step must be >= 1, got {users_per_step}")
-        if lr <= 0 or kappa <= 0 or prior_weight < 0 or prior_noise_samples < 1:
-            raise ValueError("attack.lr and attack.kappa must be > 0, prior_weight >= 0, prior_noise_samples >= 1")
+        if lr <= 0 or kappa <= 0 or prior_weight < 0 or prior_noise_samples < 1 or output_weight < 0:
+            raise ValueError(
+                "attack.lr and attack.kappa must be > 0, prior_weight and output_weight >= 0, prior_noise_samples >= 1"
+            )
         if not 0 <= t_min <= t_max:
             raise ValueError(f"need 0 <= t_min <= t_max, got t_min={t_min}, t_max={t_max}")
         timestep_at(0.0, t_max, t_min, t_schedule, anneal_fraction)  # validates the schedule name
@@ -148,6 +164,7 @@ class UserLevelInversion(GradientInversionAttack):
         self.histories: list[dict[str, list[float]]] = [self.history]
         self.user_labels: list[LabelInference] = []
         self._bm: Optional[BatchedMatching] = None
+        self.register_buffer("p_out", None)  # (U, K) recovered mean softmax outputs when output_weight > 0
 
     # ------------------------------------------------------------------------------------------ set-up
     def bind(
@@ -169,7 +186,8 @@ class UserLevelInversion(GradientInversionAttack):
             log_prefixes: U distinct prefixes of user u's logged keys (default: the attack's ``log_prefix`` for one
                 user, ``f"{log_prefix}user{u}/"`` for U > 1).
 
-        After binding: ``x_hat`` float32 (U, C, H, W) in [0, 1]; ``y_soft`` float32 (U, K); ``user_labels`` U label
+        After binding: ``x_hat`` float32 (U, C, H, W) in [0, 1]; ``y_soft`` float32 (U, K); ``p_out`` float32 (U, K)
+        each user's recovered mean softmax output (only when output_weight > 0, else None); ``user_labels`` U label
         inferences (``labels`` is the single user's for U = 1, None otherwise).
 
         Raises:
@@ -178,6 +196,7 @@ class UserLevelInversion(GradientInversionAttack):
                 the wrong length (or repeated prefixes); a prior is needed (use_prior or final_denoise) but none is
                 given; T too small for t_max.
             PriorMismatchError: (from DiffusionPrior) channels differ.
+            ValueError: output_weight > 0 but the victim's last layer has no bias.
         """
         hp = self.hparams
         views = [view] if isinstance(view, ServerView) else list(view)
@@ -237,6 +256,11 @@ class UserLevelInversion(GradientInversionAttack):
             else:
                 rows.append(F.one_hot(torch.tensor(labels.dominant), view.num_classes).float())
         self.register_buffer("y_soft", torch.stack(rows))
+        if hp.output_weight > 0:
+            p_out = [mean_softmax_from_gradient(v.target_gradient, lab.proportions) for v, lab in zip(views, self.user_labels)]
+            self.p_out = torch.stack(p_out)
+        else:
+            self.p_out = None
         shape = (1, *view.image_shape)
         x0 = []
         for s in seeds:  # user u's initialisation: the draw a one-user attack with seed s makes
@@ -331,14 +355,27 @@ class UserLevelInversion(GradientInversionAttack):
         dummy = torch.autograd.grad(ce, self._params, create_graph=True)
         return gradient_matching_loss(target, dummy, weights)
 
+    def output_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """Output matching losses KL(pbar_u || softmax(f_w(x_u))) of images x (U, C, H, W) in [0, 1] against the bound
+        users' recovered mean softmax outputs ``p_out`` (U, K); float32 (U,), in nats, >= 0. Needs output_weight > 0
+        at bind. The victim is in eval mode, so row u depends on x_u only."""
+        if self.p_out is None:
+            raise RuntimeError("output_loss needs attack.output_weight > 0 at bind (p_out is not recovered otherwise)")
+        logp = F.log_softmax(self.victim(x).float(), dim=1)
+        return F.kl_div(logp, self.p_out.to(logp.device), reduction="none").sum(dim=1)
+
     def _one_user_gradient(self, progress: float) -> tuple[torch.Tensor, list[dict[str, float]]]:
         """U = 1: the image gradient (1, C, H, W) and the step's logged values (the original one-user code)."""
         hp = self.hparams
         x = self.x_hat
         weights, centre = self.layer_weights(progress)
         l_match = self.matching_loss(x, weights)
-        g_match = torch.autograd.grad(l_match, x)[0]
         values = {"match": float(l_match.detach())}
+        if hp.output_weight > 0:
+            l_out = self.output_loss(x)[0]
+            values["output"] = float(l_out.detach())
+            l_match = l_match + hp.output_weight * l_out
+        g_match = torch.autograd.grad(l_match, x)[0]
         if hp.use_prior:
             t = self.timestep(progress)
             l_prior = self.prior.prior_loss(x, t, hp.prior_noise_samples, self._noise_gens[0])
@@ -369,6 +406,10 @@ class UserLevelInversion(GradientInversionAttack):
         weights, centre = self.layer_weights(progress)
         l_match, g_match = self._bm.matching_loss_and_grad(x.detach(), self.y_soft, self._stacked_target, weights)
         cols = {"match": l_match}
+        if hp.output_weight > 0:  # rows are independent (eval-mode victim): the sum's gradient is per user
+            l_out = self.output_loss(x)
+            g_match = g_match + torch.autograd.grad(hp.output_weight * l_out.sum(), x)[0].to(g_match.dtype)
+            cols["output"] = l_out
         ts: list[int] = []
         if hp.use_prior:
             ts = [self.timestep(progress, u) for u in range(U)]
@@ -387,6 +428,8 @@ class UserLevelInversion(GradientInversionAttack):
         for u in range(U):
             row = dict(zip(cols, table[u]))
             values = {"match": row["match"]}
+            if "output" in row:
+                values["output"] = row["output"]
             if hp.use_prior:
                 values.update(prior=row["prior"], t=ts[u], clip_ratio=row["clip_ratio"])
             if hp.use_window:

@@ -11,7 +11,7 @@ import torch.nn as nn
 from diffusers import DDPMScheduler
 from lightning import Trainer
 
-from inversion.label_inference import infer_labels, round_to_total
+from inversion.label_inference import infer_labels, mean_softmax_from_gradient, round_to_total
 from inversion.objectives import (
     clip_matching_gradient,
     gradient_matching_loss,
@@ -174,6 +174,49 @@ def test_matching_loss_zero_at_true_image_b1():
     assert atk.labels.dominant == 5
     assert float(atk.matching_loss(x, None)) == pytest.approx(0.0, abs=1e-5)
     assert float(atk.matching_loss(torch.rand_like(x), None)) > 1e-3
+
+
+def test_mean_softmax_recovered_from_bias_gradient_exactly():
+    """pbar = g_b + n / B (FedSGD, mean CE): the server reads the victim's mean softmax over the user's batch."""
+    model, _ = tiny_victim(seed=4)
+    x = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([3, 3, 3, 3, 7, 1])
+    view = make_server_view(model, x, y, 10)
+    proportions = torch.bincount(y, minlength=10).float() / 6
+    with torch.no_grad():
+        truth = model(x).softmax(dim=1).mean(dim=0)
+    torch.testing.assert_close(mean_softmax_from_gradient(view.target_gradient, proportions), truth, rtol=0, atol=1e-6)
+    no_bias = OrderedDict((k, v) for k, v in view.target_gradient.items() if not k.endswith("fc.bias"))
+    with pytest.raises(ValueError, match="output_weight: 0"):
+        mean_softmax_from_gradient(no_bias, proportions)
+
+
+def test_output_matching_zero_at_true_image_and_lowered_by_the_attack():
+    model, _ = tiny_victim(seed=1)
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.mul_(30.0)  # peaked outputs (a tiny random victim predicts nearly uniformly)
+    x = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    view = make_server_view(model, x, torch.tensor([5]), 10)
+    atk = UserLevelInversion(steps=15, lr=0.05, use_prior=False, final_denoise=False, label_strategy="idlg",
+                             output_weight=1.0).bind(view)
+    with torch.no_grad():
+        truth = model(x).softmax(dim=1)
+    torch.testing.assert_close(atk.p_out, truth, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        assert float(atk.output_loss(x)[0]) == pytest.approx(0.0, abs=1e-5)
+        before = float(atk.output_loss(atk.x_hat)[0])
+    assert before > 1e-3
+    _trainer(15).fit(atk)
+    res = atk.result()
+    assert res.history["output"][0] == pytest.approx(before, rel=1e-5)
+    with torch.no_grad():
+        assert float(atk.output_loss(res.representative)[0]) < 0.5 * before
+    # off by default (the paper's method): nothing recovered, no 'output' in the history
+    plain = UserLevelInversion(steps=1, use_prior=False, final_denoise=False).bind(view)
+    assert plain.p_out is None and "output" not in plain.history
+    with pytest.raises(ValueError, match="output_weight"):
+        UserLevelInversion(output_weight=-1.0)
 
 
 # ------------------------------------------------------------------------------------------- prior

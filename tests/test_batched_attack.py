@@ -48,6 +48,7 @@ ALL_ON = dict(steps=STEPS, lr=0.05, t_max=500, t_min=10, kappa=0.4, t_final=30, 
 # annealing, prior, clipping (kappa 0.4 clips some steps of each user, not others) and DDIM denoising on
 RANDOM_T = dict(ALL_ON, anneal_t=False, prior_noise_samples=2, denoise_method="ddpm", label_target="soft", init="gray",
                 lr_decay="step")  # per-user random t, 2 noise draws per step, ancestral (noisy) denoising
+OUTPUT = dict(ALL_ON, output_weight=0.5)  # plus output matching (its gradient joins the matching gradient pre-clipping)
 
 
 def _trainer(steps: int, **kw) -> Trainer:
@@ -68,24 +69,27 @@ def case():
     return victim, prior, views
 
 
-def _assert_same_user(alone, together):
+def _assert_same_user(alone, together, output: bool = False):
     torch.testing.assert_close(together.representative, alone.representative, rtol=0, atol=IMAGE_ATOL)
     torch.testing.assert_close(together.denoised, alone.denoised, rtol=0, atol=IMAGE_ATOL)
     assert together.representative.shape == alone.representative.shape == (1, 1, 8, 8)
     assert together.labels.dominant == alone.labels.dominant
     assert torch.equal(together.labels.counts, alone.labels.counts)
     assert together.steps == alone.steps == STEPS
-    assert list(together.history) == list(alone.history) == ["match", "prior", "t", "clip_ratio", "window_centre"]
+    keys = ["match"] + (["output"] if output else []) + ["prior", "t", "clip_ratio", "window_centre"]
+    assert list(together.history) == list(alone.history) == keys
     for key in ("t", "window_centre"):
         assert together.history[key] == alone.history[key], key
-    for key in ("match", "prior", "clip_ratio"):
+    for key in [k for k in keys if k not in ("t", "window_centre")]:
         assert len(together.history[key]) == STEPS
         for a, b in zip(alone.history[key], together.history[key]):
             assert b == pytest.approx(a, rel=VALUE_REL, abs=VALUE_ABS), key
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", [ALL_ON, RANDOM_T], ids=["anneal_window_clip_ddim", "random_t_2noise_ddpm"])
+@pytest.mark.parametrize(
+    "config", [ALL_ON, RANDOM_T, OUTPUT], ids=["anneal_window_clip_ddim", "random_t_2noise_ddpm", "output_matching"]
+)
 def test_many_users_equal_one_at_a_time(case, config):
     _, prior, views = case
     alone = []
@@ -99,7 +103,7 @@ def test_many_users_equal_one_at_a_time(case, config):
     results = together.results()
     assert len(results) == 3
     for a, b in zip(alone, results):
-        _assert_same_user(a, b)
+        _assert_same_user(a, b, output="output_weight" in config)
     # users differ, and clipping was active for some steps and not others (the per-user rule is exercised)
     assert not torch.allclose(results[0].representative, results[1].representative)
     ratios = [r for res in results for r in res.history["clip_ratio"]]
