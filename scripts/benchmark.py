@@ -32,7 +32,8 @@ when present, else a random diffusers UNet2DModel (block_out_channels (32, 64, 6
 5. Peak memory: CUDA ``max_memory_allocated`` per measurement; CPU the process's ``ru_maxrss`` (monotone).
 
 Times are medians over ``--steps`` timed steps after ``--warmup`` (default 1) warm-up steps; the user-level steps of
-the different B are timed interleaved (one step of each B per round) so that load drift affects every B alike. Run with
+the different B are timed interleaved (one step of each B per round, the starting B rotating from round to round)
+so that load drift and position in the round affect every B alike. Run with
 ``OMP_NUM_THREADS=1 nice -n 10`` next to trainings. ``--tiny`` (8 px, random tiny models, B = 2, 5, 10,
 U = 1, 2, 4, 2 steps) finishes in seconds; it checks the script, its numbers mean little.
 
@@ -443,9 +444,10 @@ def main(argv=None) -> dict:
         sync(device)
         user_level[B] = {"target_s": targets[B][2], "peak_mib": peak_mib(device)}
     ul_times = {B: [] for B in args.batch_sizes}
-    for _ in range(steps):
-        for B, step in ul_steps.items():
-            ul_times[B].extend(time_steps(step, 1, device, warmup=0))
+    order = list(ul_steps)
+    for r in range(steps):  # round r starts at a different B (rotation), so no B always runs first or last
+        for B in order[r % len(order):] + order[: r % len(order)]:
+            ul_times[B].extend(time_steps(ul_steps[B], 1, device, warmup=0))
     for B, ts in ul_times.items():
         user_level[B].update(s_per_step=statistics.median(ts), s_per_step_mean=statistics.fmean(ts))
     del ul_steps
