@@ -52,19 +52,30 @@ class LabelInference:
         return self.counts / self.counts.sum().clamp_min(1e-12)
 
 
+def _final_layer(target_gradient: "OrderedDict[str, torch.Tensor]", num_classes: int):
+    """The output-side-most gradient with ``num_classes`` outputs: ('bias', g) for a 1-D ``*bias`` tensor, ('weight',
+    g) for a 2-D one, or (None, None) when there is none."""
+    names = list(target_gradient)
+    for i in range(len(names) - 1, -1, -1):
+        g = target_gradient[names[i]]
+        if g.dim() == 1 and g.shape[0] == num_classes and names[i].endswith("bias"):
+            return "bias", g
+        if g.dim() == 2 and g.shape[0] == num_classes:
+            return "weight", g
+    return None, None
+
+
 def last_layer_signal(target_gradient: "OrderedDict[str, torch.Tensor]", num_classes: int) -> torch.Tensor:
     """Per-class signal from the last layer: the bias gradient (C,), or the weight-row sums when there is no bias.
 
     Raises:
         ValueError: no parameter with a leading dimension of ``num_classes`` at the output side.
     """
-    names = list(target_gradient)
-    for i in range(len(names) - 1, -1, -1):
-        g = target_gradient[names[i]]
-        if g.dim() == 1 and g.shape[0] == num_classes and names[i].endswith("bias"):
-            return g.detach().float()
-        if g.dim() == 2 and g.shape[0] == num_classes:
-            return g.detach().float().sum(dim=1)
+    kind, g = _final_layer(target_gradient, num_classes)
+    if kind == "bias":
+        return g.detach().float()
+    if kind == "weight":
+        return g.detach().float().sum(dim=1)
     raise ValueError(
         f"no last fully connected layer with {num_classes} outputs found in the target gradient; label inference "
         "needs the classifier's final layer (or use label_strategy: known)"
@@ -95,16 +106,8 @@ def mean_softmax_from_gradient(
             output cannot be read off; turn the output term off).
     """
     C = int(label_proportions.numel())
-    names = list(target_gradient)
-    bias = None
-    for i in range(len(names) - 1, -1, -1):
-        g = target_gradient[names[i]]
-        if g.dim() == 2 and g.shape[0] == C:  # reached the final weight without finding its bias after it
-            break
-        if g.dim() == 1 and g.shape[0] == C and names[i].endswith("bias"):
-            bias = g
-            break
-    if bias is None:
+    kind, bias = _final_layer(target_gradient, C)
+    if kind != "bias":
         raise ValueError(
             f"the target gradient has no final-layer bias with {C} entries: the victim's mean softmax output cannot "
             "be recovered; set attack.output_weight: 0"

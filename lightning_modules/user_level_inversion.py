@@ -350,18 +350,24 @@ class UserLevelInversion(GradientInversionAttack):
             target, y = self.target, self.y_soft
         else:
             target, y = [t[user] for t in self._stacked_target], self.y_soft[user : user + 1]
+        return self._matching_loss_and_logits(x, weights, target, y)[0]
+
+    def _matching_loss_and_logits(self, x, weights, target, y) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`matching_loss` and the victim's logits f_w(x) (1, K) of its forward pass (reused by output
+        matching, so the one-user step runs the victim forward once)."""
         logits = self.victim(x)
         ce = -(y.to(logits.dtype) * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
         dummy = torch.autograd.grad(ce, self._params, create_graph=True)
-        return gradient_matching_loss(target, dummy, weights)
+        return gradient_matching_loss(target, dummy, weights), logits
 
-    def output_loss(self, x: torch.Tensor) -> torch.Tensor:
+    def output_loss(self, x: torch.Tensor, logits: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Output matching losses KL(pbar_u || softmax(f_w(x_u))) of images x (U, C, H, W) in [0, 1] against the bound
         users' recovered mean softmax outputs ``p_out`` (U, K); float32 (U,), in nats, >= 0. Needs output_weight > 0
-        at bind. The victim is in eval mode, so row u depends on x_u only."""
+        at bind. The victim is in eval mode, so row u depends on x_u only. ``logits``: f_w(x) (U, K) when already
+        computed (with x in its graph), else the victim is run on x."""
         if self.p_out is None:
             raise RuntimeError("output_loss needs attack.output_weight > 0 at bind (p_out is not recovered otherwise)")
-        logp = F.log_softmax(self.victim(x).float(), dim=1)
+        logp = F.log_softmax((self.victim(x) if logits is None else logits).float(), dim=1)
         return F.kl_div(logp, self.p_out.to(logp.device), reduction="none").sum(dim=1)
 
     def _one_user_gradient(self, progress: float) -> tuple[torch.Tensor, list[dict[str, float]]]:
@@ -369,10 +375,10 @@ class UserLevelInversion(GradientInversionAttack):
         hp = self.hparams
         x = self.x_hat
         weights, centre = self.layer_weights(progress)
-        l_match = self.matching_loss(x, weights)
+        l_match, logits = self._matching_loss_and_logits(x, weights, self.target, self.y_soft)
         values = {"match": float(l_match.detach())}
         if hp.output_weight > 0:
-            l_out = self.output_loss(x)[0]
+            l_out = self.output_loss(x, logits)[0]
             values["output"] = float(l_out.detach())
             l_match = l_match + hp.output_weight * l_out
         g_match = torch.autograd.grad(l_match, x)[0]
