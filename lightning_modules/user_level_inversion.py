@@ -52,6 +52,7 @@ from inversion.objectives import (
     clip_matching_gradient,
     clip_matching_gradients,
     gradient_matching_loss,
+    layer_cosine_distances,
     sliding_window_weights,
     timestep_at,
     window_centre,
@@ -359,6 +360,26 @@ class UserLevelInversion(GradientInversionAttack):
         ce = -(y.to(logits.dtype) * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
         dummy = torch.autograd.grad(ce, self._params, create_graph=True)
         return gradient_matching_loss(target, dummy, weights), logits
+
+    def layer_distances(self, x: torch.Tensor, user: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unweighted ingredients of the data term for an image x (1, C, H, W), pixels in [0, 1], without a
+        graph (for scoring candidate images, e.g. ``scripts/objective_audit.py``).
+
+        Returns:
+            (distances, logits): float32 (L,) per-layer cosine distances in [0, 2] between ``user``'s target gradient
+            and the dummy gradient of x with ``user``'s CE target (layers in :attr:`param_names` order; combine with
+            :meth:`layer_weights` as :func:`inversion.objectives.gradient_matching_loss` does), and the victim's
+            logits f_w(x) (1, K) for :meth:`output_loss`. Both detached.
+        """
+        if self.num_users == 1:
+            target, y = self.target, self.y_soft
+        else:
+            target, y = [t[user] for t in self._stacked_target], self.y_soft[user : user + 1]
+        with torch.enable_grad():
+            logits = self.victim(x)
+            ce = -(y.to(logits.dtype) * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+            dummy = torch.autograd.grad(ce, self._params)
+        return layer_cosine_distances(target, dummy).detach(), logits.detach()
 
     def output_loss(self, x: torch.Tensor, logits: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Output matching losses KL(pbar_u || softmax(f_w(x_u))) of images x (U, C, H, W) in [0, 1] against the bound

@@ -1,0 +1,100 @@
+"""The objective audit (scripts/objective_audit.py) and the attack's layer_distances it builds on."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from inversion.scenario import make_server_view
+from lightning_modules.user_level_inversion import UserLevelInversion
+from tests.helpers import tiny_victim
+from tests.test_attack_e2e import HAVE_FMNIST, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_audit():
+    spec = importlib.util.spec_from_file_location("objective_audit_script", ROOT / "scripts" / "objective_audit.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclass needs its module registered
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _bound(images, labels, **kw):
+    victim, _ = tiny_victim(size=8)
+    view = make_server_view(victim, images, labels, 10)
+    kw = {"use_prior": False, "final_denoise": False, **kw}
+    return UserLevelInversion(**kw).bind(view, None)
+
+
+def test_layer_distances_combine_to_the_attacks_matching_loss():
+    torch.manual_seed(0)
+    att = _bound(torch.rand(3, 1, 8, 8), torch.tensor([2, 2, 5]), output_weight=1.0)
+    x = torch.rand(1, 1, 8, 8)
+    d, logits = att.layer_distances(x)
+    assert d.shape == (len(att.param_names),) and not d.requires_grad
+    for progress in (0.0, 0.3, 1.0):
+        w, _ = att.layer_weights(progress)
+        expected = att.matching_loss(x.clone().requires_grad_(True), w)
+        assert float((w * d).sum() / w.sum()) == pytest.approx(float(expected.detach()), abs=1e-6)
+    assert torch.allclose(logits, att.victim(x), atol=1e-6)
+    assert float(att.output_loss(x, logits)[0]) == pytest.approx(float(att.output_loss(x)[0].detach()), abs=1e-6)
+
+
+def test_layer_distances_vanish_at_a_one_image_users_own_image():
+    torch.manual_seed(1)
+    x = torch.rand(1, 1, 8, 8)
+    att = _bound(x, torch.tensor([7]), label_strategy="idlg", output_weight=1.0)
+    assert att.labels.dominant == 7
+    d, logits = att.layer_distances(x)
+    assert float(d.abs().max()) < 1e-4  # the dummy gradient of the user's own image and label is the target
+    assert float(att.output_loss(x, logits)[0]) < 1e-5  # and pbar is that image's own softmax
+    assert float(att.layer_distances(torch.rand(1, 1, 8, 8))[0].mean()) > 0.01
+
+
+@pytest.mark.skipif(not HAVE_FMNIST, reason="needs `apt-get install dataset-fashion-mnist`")
+def test_audit_scores_the_users_own_image_as_perfect_and_summarises_the_table(tmp_path):
+    audit = load_audit()
+    cfg = tiny_config(tmp_path, **{"users.init_args.batch_size": 1, "attack.init_args.label_strategy": "idlg"})
+    run_dir = audit.main(["--config", str(cfg), "--audit.per_class", "2", "--audit.output_weights", "[0, 1]",
+                          "--audit.progress", "[0.0, 1.0]"])
+    rows = list(csv.DictReader((run_dir / "audit.csv").open()))
+    assert len(rows) == 2 * 3 * 2  # users x (uniform, window@0, window@1) x mu
+    assert {(r["mode"], r["output_weight"]) for r in rows} == {
+        (m, w) for m in ("uniform", "window@0", "window@1") for w in ("0.0", "1.0")}
+    for r in rows:
+        assert float(r["own_best_score"]) < 1e-3  # B = 1: the user's own image reproduces the target gradient
+        assert float(r["best_score"]) <= float(r["best_score_dominant"])
+        correct = int(r["objective_class"]) == int(r["dominant_class"])
+        assert int(r["objective_correct"]) == correct and (int(r["dominant_rank"]) == 1) == correct
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key, s in summary["modes"].items():
+        mode, mu = key.split(" mu=")
+        mine = [r for r in rows if r["mode"] == mode and float(r["output_weight"]) == float(mu)]
+        assert s["users"] == 2 and s["objective_correct"] == sum(int(r["objective_correct"]) for r in mine)
+    assert "| uniform mu=0 | 2 |" in (run_dir / "summary.md").read_text()
+
+
+@pytest.mark.skipif(not HAVE_FMNIST, reason="needs `apt-get install dataset-fashion-mnist`")
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--audit.per_class", "0"], "per_class"),
+        (["--audit.progress", "[1.5]"], "progress"),
+        (["--audit.output_weights", "[-1]"], "output_weights"),
+        (["--attack", "InvertingGradients"], "user-level"),
+    ],
+)
+def test_audit_bad_input_fails_before_any_run_dir(tmp_path, args, match):
+    audit = load_audit()
+    cfg = tiny_config(tmp_path)
+    with pytest.raises(ValueError, match=match):
+        audit.main(["--config", str(cfg), *args])
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
