@@ -32,6 +32,8 @@ Usage:
         [--users.init_args.batch_size 100] [--victim.random_init true] [--audit.output_weights '[0, 1]'] \\
         [--audit.per_class 20] [--audit.progress '[0.0, 1.0]']
 
+    python scripts/objective_audit.py collect runs/audit/audit_* --out reports/DIR   # one table over runs
+
 Output: a new directory ``OUTPUT_ROOT/audit_<output.name>-<time>-<hex>/`` with config.yaml, audit.csv, summary.md,
 summary.json (each written to a temporary file and renamed).
 """
@@ -241,7 +243,47 @@ def summary_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def collect(run_dirs: list[str], out: str) -> Path:
+    """One table over several audit run directories (their summary.json): a row per (B, victim), a column per
+    (mode, mu) with correct/users. Writes ``out/objective_audit.md`` and ``out/objective_audit.csv`` (atomically);
+    returns the Markdown path. Raises FileNotFoundError for a directory without summary.json."""
+    summaries = []
+    for d in run_dirs:
+        f = Path(d) / "summary.json"
+        if not f.is_file():
+            raise FileNotFoundError(f"{d} has no summary.json: is it an objective-audit run directory?")
+        summaries.append(json.loads(f.read_text()))
+    summaries.sort(key=lambda s: (bool(s["random_init"]), s["B"]))
+    cols = list(dict.fromkeys(k for s in summaries for k in s["modes"]))
+    header = ["B", "victim", "users"] + cols
+    table = []
+    for s in summaries:
+        row = [str(s["B"]), "random" if s["random_init"] else "trained", str(s["users"])]
+        for c in cols:
+            m = s["modes"].get(c)
+            row.append(f"{m['objective_correct']}/{m['users']}" if m else "")
+        table.append(row)
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in table]
+    buf = io.StringIO()
+    csv.writer(buf).writerows([header, *table])
+    out_dir = Path(out)
+    atomic_write_text(out_dir / "objective_audit.csv", buf.getvalue())
+    atomic_write_text(out_dir / "objective_audit.md", "\n".join(md) + "\n")
+    return out_dir / "objective_audit.md"
+
+
 def main(argv: Optional[list[str]] = None) -> Path:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["collect"]:
+        import argparse
+
+        ap = argparse.ArgumentParser(prog="objective_audit.py collect", description=collect.__doc__.split("\n")[0])
+        ap.add_argument("run_dirs", nargs="+")
+        ap.add_argument("--out", required=True)
+        a = ap.parse_args(argv[1:])
+        path = collect(a.run_dirs, a.out)
+        print(path.read_text(), end="")
+        return path
     parser = build_parser()
     return audit(parser.parse_args(argv))
 

@@ -98,3 +98,27 @@ def test_audit_bad_input_fails_before_any_run_dir(tmp_path, args, match):
     with pytest.raises(ValueError, match=match):
         audit.main(["--config", str(cfg), *args])
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_collect_tabulates_the_runs_summaries(tmp_path):
+    audit = load_audit()
+    dirs = []
+    for B, rnd, correct in ((50, False, 7), (10, True, 3), (10, False, 9)):
+        d = tmp_path / f"audit_B{B}_{rnd}"
+        d.mkdir()
+        modes = {"uniform mu=0": {"users": 10, "objective_correct": correct}}
+        if not rnd:
+            modes["uniform mu=1"] = {"users": 10, "objective_correct": correct + 1}
+        (d / "summary.json").write_text(json.dumps({"B": B, "random_init": rnd, "users": 10, "modes": modes}))
+        dirs.append(str(d))
+    md = audit.main(["collect", *dirs, "--out", str(tmp_path / "report")])
+    rows = list(csv.reader((tmp_path / "report" / "objective_audit.csv").open()))
+    assert rows == [
+        ["B", "victim", "users", "uniform mu=0", "uniform mu=1"],
+        ["10", "trained", "10", "9/10", "10/10"],
+        ["50", "trained", "10", "7/10", "8/10"],
+        ["10", "random", "10", "3/10", ""],
+    ]
+    assert "| 50 | trained | 10 | 7/10 | 8/10 |" in md.read_text()
+    with pytest.raises(FileNotFoundError, match="summary.json"):
+        audit.main(["collect", str(tmp_path), "--out", str(tmp_path / "r2")])
