@@ -368,12 +368,21 @@ def topk_overlap(probs: torch.Tensor, histogram: torch.Tensor, max_k: int = 3) -
     return len(true_top & pred_top) / k
 
 
-def evaluate(result: AttackResult, user: User, evaluator, lpips: bool) -> dict[str, Any]:
-    """Compare the reconstruction with the user's ground truth (this is the only place the private batch is used)."""
+def evaluate(result: AttackResult, user: User, evaluator, lpips: bool, victim=None) -> dict[str, Any]:
+    """Compare the reconstruction with the user's ground truth (this is the only place the private batch is used).
+
+    With ``victim``, also the victim's own reading of the final image (``victim_class``, ``victim_correct``,
+    ``victim_prob_of_dominant``): an image the victim reads as the user's class but the independent evaluator does
+    not is an adversarial fit to the victim rather than a picture of the class."""
     from inversion.metrics import image_metrics
 
     final = result.denoised if result.denoised is not None else result.representative
     row: dict[str, Any] = {}
+    if victim is not None:
+        with torch.no_grad():
+            vp = F.softmax(victim(final.float().to(next(victim.parameters()).device)), dim=1)[0].cpu()
+        row.update(victim_class=int(vp.argmax()), victim_correct=int(int(vp.argmax()) == user.dominant_class),
+                   victim_prob_of_dominant=round(float(vp[user.dominant_class]), 4))
     if evaluator is not None:
         with torch.no_grad():
             probs = F.softmax(evaluator(final.float()), dim=1)[0]
@@ -662,7 +671,7 @@ def run(cfg: Namespace) -> Path:
                     "defense_strength": defense_strength,
                     "victim_init": "random" if init.victim.random_init else "trained",
                 }
-                row.update(evaluate(result, user, evaluator, init.evaluation.lpips))
+                row.update(evaluate(result, user, evaluator, init.evaluation.lpips, victim))
                 if init.evaluation.faces:
                     final = result.denoised if result.denoised is not None else result.representative
                     row.update(face_columns(final, user, [u.images for u in users if u is not user]))

@@ -67,7 +67,7 @@ VARIANT_KEYS = ["protocol", "victim_init", "defense", "defense_strength", "run_n
 PRIVACY_KEYS = ["method", "B", "defense", "defense_strength"]
 TEXT_COLUMNS = ("method", "run", "run_dir", "user", "grid", "grid_path", "user_dir", "true_histogram",
                 "inferred_counts", "label_strategy", "defense", "protocol", "victim_init", "run_name")
-NON_METRIC = {"user", "B", "method", "dominant_class", "inferred_dominant", "evaluator_class", "evaluator_correct",
+NON_METRIC = {"user", "B", "method", "dominant_class", "inferred_dominant", "evaluator_class", "evaluator_correct", "victim_class",
               "evaluator_class_raw", "nearest_index", "true_histogram", "inferred_counts", "label_strategy",
               "run", "run_dir", "grid", "grid_path", "user_dir", "seed", "defense", "defense_strength", "protocol",
               "victim_init", "run_name"}

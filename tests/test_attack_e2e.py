@@ -75,6 +75,8 @@ def test_attack_py_writes_every_output(tmp_path):
         for key in ("evaluator_class", "evaluator_prob", "mse_nearest", "mse_mean", "psnr_nearest", "psnr_mean", "seconds"):
             assert r[key] != ""
         assert float(r["psnr_nearest"]) >= float(r["psnr_mean"])
+        assert int(r["victim_correct"]) == (r["victim_class"] == r["dominant_class"])
+        assert 0.0 <= float(r["victim_prob_of_dominant"]) <= 1.0
     for uid in ("user_0000", "user_0001"):
         for png in ("batch.png", "raw.png", "denoised.png", "grid.png"):
             assert (run_dir / "users" / uid / png).stat().st_size > 0
