@@ -110,7 +110,7 @@ def mean_softmax_from_gradient(
     if kind != "bias":
         raise ValueError(
             f"the target gradient has no final-layer bias with {C} entries: the victim's mean softmax output cannot "
-            "be recovered; set attack.output_weight: 0"
+            "be recovered; set attack.output_weight: 0 (and attack.selection_output_weight: 0 when final_candidates > 1)"
         )
     p = (bias.detach().float().cpu() + label_proportions.detach().float().cpu()).clamp_min(0)
     if p.sum() <= 0:

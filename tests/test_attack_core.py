@@ -284,3 +284,35 @@ def test_attack_validation_and_nan():
         atk.x_hat[0, 0, 0, 0] = float("nan")  # e.g. an overflow in the previous step
     with pytest.raises(AttackDivergedError, match="step 0"):
         _trainer(3).fit(atk)
+
+
+def test_final_candidate_selection_keeps_the_candidate_the_servers_score_prefers():
+    model, _ = tiny_victim(seed=1)
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    view = make_server_view(model, x, torch.tensor([5, 5, 2]), 10)
+    prior = DiffusionPrior(tiny_unet(8), DDPMScheduler(num_train_timesteps=1000), (1, 8, 8))
+    kw = dict(steps=3, t_max=500, t_min=10, kappa=10.0, t_final=200, denoise_steps=4, seed=7)
+    atk = UserLevelInversion(final_candidates=5, selection_output_weight=2.0, **kw).bind(view, prior)
+    assert atk.p_out is not None and atk.hparams.output_weight == 0  # pbar recovered for the selection only
+    _trainer(3).fit(atk)
+    res = atk.result()
+    with torch.no_grad():
+        cands = prior.denoise(res.representative.expand(5, -1, -1, -1), 200, "ddim", 4,
+                              generator=atk.candidate_generators(7))
+    scores = atk.selection_scores(cands)
+    k = int(scores.argmin())
+    assert scores.unique().numel() == 5  # distinct candidates: a real choice
+    torch.testing.assert_close(res.denoised, cands[k : k + 1])
+    assert res.history["final_candidate"] == [float(k)]
+    assert res.history["final_selection_score"][0] == pytest.approx(float(scores[k]))
+    # the score is the mean layer distance plus mu_sel times the output KL
+    d, logits = atk.layer_distances(cands[:1])
+    expected = float(d.mean()) + 2.0 * float(atk.output_loss(cands[:1], logits)[0])
+    assert float(scores[0]) == pytest.approx(expected, rel=1e-5)
+    # candidate 0 is the single denoising of final_candidates = 1 (same seed, same x_hat)
+    single = UserLevelInversion(**kw).bind(view, prior)
+    _trainer(3).fit(single)
+    torch.testing.assert_close(single.result().representative, res.representative)
+    torch.testing.assert_close(single.result().denoised, cands[:1])
+    with pytest.raises(ValueError, match="final_candidates"):
+        UserLevelInversion(final_candidates=0)

@@ -49,6 +49,7 @@ ALL_ON = dict(steps=STEPS, lr=0.05, t_max=500, t_min=10, kappa=0.4, t_final=30, 
 RANDOM_T = dict(ALL_ON, anneal_t=False, prior_noise_samples=2, denoise_method="ddpm", label_target="soft", init="gray",
                 lr_decay="step")  # per-user random t, 2 noise draws per step, ancestral (noisy) denoising
 OUTPUT = dict(ALL_ON, output_weight=0.5)  # plus output matching (its gradient joins the matching gradient pre-clipping)
+SELECT = dict(OUTPUT, final_candidates=3, t_final=60)  # plus final candidate selection (3 denoisings per user)
 
 
 def _trainer(steps: int, **kw) -> Trainer:
@@ -77,6 +78,10 @@ def _assert_same_user(alone, together, output: bool = False):
     assert torch.equal(together.labels.counts, alone.labels.counts)
     assert together.steps == alone.steps == STEPS
     keys = ["match"] + (["output"] if output else []) + ["prior", "t", "clip_ratio", "window_centre"]
+    if "final_candidate" in alone.history:  # the same candidate chosen, with the same score
+        assert together.history.pop("final_candidate") == alone.history.pop("final_candidate")
+        assert together.history.pop("final_selection_score")[0] == pytest.approx(
+            alone.history.pop("final_selection_score")[0], rel=VALUE_REL, abs=VALUE_ABS)
     assert list(together.history) == list(alone.history) == keys
     for key in ("t", "window_centre"):
         assert together.history[key] == alone.history[key], key
@@ -88,7 +93,8 @@ def _assert_same_user(alone, together, output: bool = False):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "config", [ALL_ON, RANDOM_T, OUTPUT], ids=["anneal_window_clip_ddim", "random_t_2noise_ddpm", "output_matching"]
+    "config", [ALL_ON, RANDOM_T, OUTPUT, SELECT],
+    ids=["anneal_window_clip_ddim", "random_t_2noise_ddpm", "output_matching", "final_candidate_selection"],
 )
 def test_many_users_equal_one_at_a_time(case, config):
     _, prior, views = case
