@@ -415,7 +415,8 @@ def evaluate(result: AttackResult, user: User, evaluator, lpips: bool, victim=No
 
 
 # ------------------------------------------------------------------------------------------------ main job
-def write_results(run_dir: Path, rows: list[dict]) -> None:
+def write_results(run_dir: Path, rows: list[dict], name: str = "results.csv") -> None:
+    """``rows`` as CSV ``run_dir/name`` (columns: every key, in first-seen order), written atomically."""
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
@@ -423,7 +424,7 @@ def write_results(run_dir: Path, rows: list[dict]) -> None:
     w = csv.DictWriter(buf, fieldnames=keys)
     w.writeheader()
     w.writerows(rows)
-    atomic_write_text(run_dir / "results.csv", buf.getvalue())
+    atomic_write_text(run_dir / name, buf.getvalue())
 
 
 def summarize(rows: list[dict]) -> dict[str, Any]:

@@ -31,13 +31,17 @@ def layer_cosine_distances(target: Sequence[torch.Tensor], dummy: Sequence[torch
     return torch.stack(out)
 
 
+def weighted_layer_mean(distances: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-layer values (L,) combined with layer weights (L,) normalised to sum 1 (the plain mean when None); scalar."""
+    if weights is None:
+        return distances.mean()
+    w = weights.to(distances.device, distances.dtype)
+    return (w * distances).sum() / w.sum().clamp_min(1e-12)
+
+
 def gradient_matching_loss(target: Sequence[torch.Tensor], dummy: Sequence[torch.Tensor], weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Weighted sum over layers of the cosine distances, weights normalised to sum 1 (uniform when None); scalar."""
-    d = layer_cosine_distances(target, dummy)
-    if weights is None:
-        return d.mean()
-    w = weights.to(d.device, d.dtype)
-    return (w * d).sum() / w.sum().clamp_min(1e-12)
+    return weighted_layer_mean(layer_cosine_distances(target, dummy), weights)
 
 
 def window_centre(num_layers: int, progress: float, slide_fraction: float = 0.5, start: float = 1.0, end: float = 0.0) -> float:

@@ -63,6 +63,7 @@ from inversion.objectives import (
     layer_cosine_distances,
     sliding_window_weights,
     timestep_at,
+    weighted_layer_mean,
     window_centre,
 )
 from inversion.prior import DiffusionPrior
@@ -363,18 +364,24 @@ class UserLevelInversion(GradientInversionAttack):
     def matching_loss(self, x: torch.Tensor, weights: Optional[torch.Tensor], user: int = 0) -> torch.Tensor:
         """Gradient matching loss of image x (1, C, H, W) in [0, 1] against ``user``'s target gradient and label
         (the one-user autograd path, create_graph=True); scalar."""
+        return self._matching_loss_and_logits(x, weights, *self._user_target(user))[0]
+
+    def _user_target(self, user: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """``user``'s target gradient (L tensors) and CE target (1, K)."""
         if self.num_users == 1:
-            target, y = self.target, self.y_soft
-        else:
-            target, y = [t[user] for t in self._stacked_target], self.y_soft[user : user + 1]
-        return self._matching_loss_and_logits(x, weights, target, y)[0]
+            return self.target, self.y_soft
+        return [t[user] for t in self._stacked_target], self.y_soft[user : user + 1]
+
+    def _dummy_gradient(self, x, y, create_graph: bool) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """grad_w CE(f_w(x), y) over the matched parameters, and the logits f_w(x) of that forward pass."""
+        logits = self.victim(x)
+        ce = -(y.to(logits.dtype) * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+        return torch.autograd.grad(ce, self._params, create_graph=create_graph), logits
 
     def _matching_loss_and_logits(self, x, weights, target, y) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`matching_loss` and the victim's logits f_w(x) (1, K) of its forward pass (reused by output
         matching, so the one-user step runs the victim forward once)."""
-        logits = self.victim(x)
-        ce = -(y.to(logits.dtype) * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
-        dummy = torch.autograd.grad(ce, self._params, create_graph=True)
+        dummy, logits = self._dummy_gradient(x, y, create_graph=True)
         return gradient_matching_loss(target, dummy, weights), logits
 
     def layer_distances(self, x: torch.Tensor, user: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -387,14 +394,9 @@ class UserLevelInversion(GradientInversionAttack):
             :meth:`layer_weights` as :func:`inversion.objectives.gradient_matching_loss` does), and the victim's
             logits f_w(x) (1, K) for :meth:`output_loss`. Both detached.
         """
-        if self.num_users == 1:
-            target, y = self.target, self.y_soft
-        else:
-            target, y = [t[user] for t in self._stacked_target], self.y_soft[user : user + 1]
+        target, y = self._user_target(user)
         with torch.enable_grad():
-            logits = self.victim(x)
-            ce = -(y.to(logits.dtype) * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
-            dummy = torch.autograd.grad(ce, self._params)
+            dummy, logits = self._dummy_gradient(x, y, create_graph=False)
         return layer_cosine_distances(target, dummy).detach(), logits.detach()
 
     @property
@@ -430,7 +432,7 @@ class UserLevelInversion(GradientInversionAttack):
         out = []
         for x in candidates:
             d, logits = self.layer_distances(x.unsqueeze(0), user=user)
-            score = d.mean()
+            score = weighted_layer_mean(d)
             if w > 0:
                 score = score + w * self.output_loss(x.unsqueeze(0), logits, user=user)[0]
             out.append(float(score))
@@ -555,8 +557,8 @@ class UserLevelInversion(GradientInversionAttack):
         if not (hp.final_denoise and self.prior is not None):
             return
         x = self.x_hat.detach().float()
-        if hp.final_candidates == 1:
-            gens = [torch.Generator(device=self.device).manual_seed(s + 3) for s in self.seeds]
+        if hp.final_candidates == 1:  # all users in one denoising batch, user u with its own generator
+            gens = [g for s in self.seeds for g in self.candidate_generators(s)]
             with torch.no_grad():
                 self._denoised = self.prior.denoise(
                     x, hp.t_final, hp.denoise_method, hp.denoise_steps, generator=gens[0] if len(gens) == 1 else gens,

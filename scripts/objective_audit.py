@@ -57,7 +57,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import attack as attack_main  # noqa: E402
-from attack import ConfigError, atomic_write_text, client_update, load_victim, new_run_dir  # noqa: E402
+from attack import ConfigError, atomic_write_text, client_update, load_victim, new_run_dir, write_results  # noqa: E402
+from inversion.objectives import weighted_layer_mean  # noqa: E402
 
 
 @dataclass
@@ -135,7 +136,7 @@ def scores_per_mode(
         d, logits = attack.layer_distances(x.unsqueeze(0))
         kl = float(attack.output_loss(x.unsqueeze(0), logits)[0]) if max(output_weights) > 0 else 0.0
         for m, w in modes.items():
-            s = float(d.mean() if w is None else (w * d).sum() / w.sum().clamp_min(1e-12))
+            s = float(weighted_layer_mean(d, w))
             for mu in output_weights:
                 out[(m, mu)].append(s + mu * kl)
     return {k: torch.tensor(v) for k, v in out.items()}
@@ -172,7 +173,7 @@ def audit(cfg) -> Path:
     for i, user in enumerate(users):
         view = client_update(victim, user, init.threat, K, user_index=i)
         att = attack_cls(**kwargs).bind(view, None)
-        dominant = int(torch.bincount(user.labels, minlength=K).argmax())
+        dominant = user.dominant_class
         with torch.no_grad():
             p_dom = float(torch.softmax(victim(user.images), dim=1)[:, dominant].mean())
         pool_s = scores_per_mode(att, pool_x, spec.progress, mus)
@@ -190,14 +191,10 @@ def audit(cfg) -> Path:
                 "own_best_score": round(float(own_s[(mode, mu)].min()), 5),
                 "victim_p_dominant": round(p_dom, 4),
             })
-        done = [r for r in rows if r["mode"] == "uniform" and r["output_weight"] == mus[0]]
-        print(f"[audit] user {i}: class {dominant}, objective class (uniform) {done[-1]['objective_class']} "
+        first = rows[-len(pool_s)]  # this user's first (mode, mu): uniform with mus[0]
+        print(f"[audit] user {i}: class {dominant}, objective class (uniform) {first['objective_class']} "
               f"({time.time() - t0:.0f} s)", flush=True)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(run_dir / "audit.csv", buf.getvalue())
+    write_results(run_dir, rows, "audit.csv")
     summary = summarize(rows)
     summary.update(users=len(users), B=source.batch_size, per_class=spec.per_class, pool_split=spec.pool_split,
                    random_init=bool(init.victim.random_init), output_weights=mus,
