@@ -553,15 +553,18 @@ def start_distributed(cfg: Namespace, trainer_kwargs: dict):
     return fabric
 
 
-def run(cfg: Namespace) -> Path:
-    """Run the configured attack on every user; returns the run directory. See the module docstring."""
-    from lightning import Trainer, seed_everything
-    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+def prepare(parser: ArgumentParser, cfg: Namespace):
+    """Everything a run needs that can fail fast, loaded and checked before any long work: the instantiated config
+    groups, the user source (checked), the victim, the attack class and its init kwargs (validated, users_per_step
+    included, by a probe instance), the prior (only when the attack uses it), the evaluator; the face models and the
+    LPIPS weights are checked for presence when evaluation asks for them. Used by :func:`run` and
+    ``scripts/refinish.py``.
 
-    seed_everything(cfg.seed, workers=True, verbose=False)
-    # 1. everything that can fail fast, before any long work
-    check_devices(dict(cfg.trainer))
-    parser = build_parser()
+    Returns:
+        (init, source, victim, attack_cls, attack_kwargs, prior or None, evaluator or None).
+    Raises:
+        ConfigError (or the loaders' own errors): whatever is wrong, with how to fix it.
+    """
     init = parser.instantiate(cfg) if hasattr(parser, "instantiate") else parser.instantiate_classes(cfg)
     source: UserSource = init.users
     source.check()
@@ -569,11 +572,8 @@ def run(cfg: Namespace) -> Path:
     validate(cfg, source, victim_cfg)
     attack_cls = resolve_attack_class(cfg.attack.class_path)
     attack_kwargs = dict(cfg.attack.init_args or {})
-    per_step = users_per_step_of(attack_cls, attack_kwargs)
+    users_per_step_of(attack_cls, attack_kwargs)
     probe = attack_cls(**attack_kwargs)  # validates the attack's hyper-parameters
-    resume_rows: list[dict] = []
-    if cfg.resume:
-        run_dir, resume_rows = open_resume_dir(parser, cfg)
     prior = None
     if getattr(probe, "requires_prior", False):
         if not init.prior.path:
@@ -595,6 +595,41 @@ def run(cfg: Namespace) -> Path:
         from inversion.metrics import get_lpips_model
 
         get_lpips_model()  # raises with the install command when the AlexNet weights are missing
+    return init, source, victim, attack_cls, attack_kwargs, prior, evaluator
+
+
+def scenario_columns(method: str, user: User, inferred, init: Namespace) -> dict[str, Any]:
+    """The leading results.csv columns of one user: who it is, its ground-truth label histogram (evaluation side),
+    the server's label inference, and the threat model (protocol, defenses, victim initialisation)."""
+    defense_name, defense_strength = defense_label([dict(d) for d in init.threat.defenses])
+    return {
+        "user": user.user_id, "method": method, "B": user.batch_size,
+        "dominant_class": user.dominant_class,
+        "true_histogram": " ".join(str(int(v)) for v in user.label_histogram.tolist()),
+        "inferred_dominant": inferred.dominant,
+        "inferred_counts": " ".join(f"{float(v):g}" for v in inferred.counts.tolist()),
+        "label_strategy": inferred.strategy,
+        "protocol": init.threat.protocol,
+        "defense": defense_name,
+        "defense_strength": defense_strength,
+        "victim_init": "random" if init.victim.random_init else "trained",
+    }
+
+
+def run(cfg: Namespace) -> Path:
+    """Run the configured attack on every user; returns the run directory. See the module docstring."""
+    from lightning import Trainer, seed_everything
+    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+
+    seed_everything(cfg.seed, workers=True, verbose=False)
+    # 1. everything that can fail fast, before any long work
+    check_devices(dict(cfg.trainer))
+    parser = build_parser()
+    resume_rows: list[dict] = []
+    if cfg.resume:
+        run_dir, resume_rows = open_resume_dir(parser, cfg)
+    init, source, victim, attack_cls, attack_kwargs, prior, evaluator = prepare(parser, cfg)
+    per_step = users_per_step_of(attack_cls, attack_kwargs)
     users = source.users()
     if per_step > len(users):
         raise ConfigError(f"attack.init_args.users_per_step ({per_step}) is larger than the number of users "
@@ -616,7 +651,6 @@ def run(cfg: Namespace) -> Path:
     rows: list[dict] = list(resume_rows)
     grids: list[torch.Tensor] = []
     local: list[tuple[int, dict, dict]] = []  # (user index, row, images) of this rank
-    defense_name, defense_strength = defense_label([dict(d) for d in init.threat.defenses])
     status = "running"
     shard = [(i, u) for i, u in enumerate(users) if i % world == rank]
     chunks = user_chunks(shard, per_step, done)
@@ -660,18 +694,7 @@ def run(cfg: Namespace) -> Path:
                 raise KeyboardInterrupt
             for (i, user), uid, result in zip(chunk, uids, attack.results()):
                 inferred = result.labels
-                row = {
-                    "user": user.user_id, "method": attack_cls.__name__, "B": user.batch_size,
-                    "dominant_class": user.dominant_class,
-                    "true_histogram": " ".join(str(int(v)) for v in user.label_histogram.tolist()),
-                    "inferred_dominant": inferred.dominant,
-                    "inferred_counts": " ".join(f"{float(v):g}" for v in inferred.counts.tolist()),
-                    "label_strategy": inferred.strategy,
-                    "protocol": init.threat.protocol,
-                    "defense": defense_name,
-                    "defense_strength": defense_strength,
-                    "victim_init": "random" if init.victim.random_init else "trained",
-                }
+                row = scenario_columns(attack_cls.__name__, user, inferred, init)
                 row.update(evaluate(result, user, evaluator, init.evaluation.lpips, victim))
                 if init.evaluation.faces:
                     final = result.denoised if result.denoised is not None else result.representative
@@ -749,10 +772,16 @@ def sort_rows(rows: list[dict], users: list[User]) -> list[dict]:
 
 
 def write_user(run_dir: Path, uid: str, images: dict[str, torch.Tensor]) -> None:
-    """Per-user PNGs: batch, raw, denoised, reconstructions (baselines) and the grid (batch | raw | denoised)."""
+    """Per-user PNGs: batch, raw, denoised, reconstructions (baselines) and the grid (batch | raw | denoised); and
+    ``raw.pt``, the representative image(s) at full precision (float32 (1 or B, C, H, W) in [0, 1], ``torch.load``),
+    from which ``scripts/refinish.py`` reruns the final stage exactly."""
     udir = run_dir / "users" / uid
     for name, img in images.items():
         save_png(udir / f"{name}.png", img, nrow=len(img) if name == "grid" else None)
+    if "raw" in images:
+        buf = io.BytesIO()
+        torch.save(images["raw"].detach().float().cpu().contiguous(), buf)
+        atomic_write_bytes(udir / "raw.pt", buf.getvalue())
 
 
 def main(argv: Optional[list[str]] = None) -> Path:

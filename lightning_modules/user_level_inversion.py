@@ -553,17 +553,38 @@ class UserLevelInversion(GradientInversionAttack):
             self.log(prefix + k, float(v), prog_bar=k in prog_bar, on_step=True, on_epoch=False)
 
     def on_train_end(self) -> None:
+        self._denoised = self.final_stage()
+
+    def final_stage(self, x: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """Step 5 of the attack: final denoising of the representative images, with final candidate selection when
+        ``final_candidates`` > 1. Runs after the last step (``on_train_end``) and, on saved images of a finished run,
+        from ``scripts/refinish.py``.
+
+        Each user u's image is diffused to ``t_final`` and taken back to 0 by the prior's reverse process
+        (``denoise_method``, ``denoise_steps``) with the noise of :meth:`candidate_generators` of ``seeds[u]``; with
+        N = ``final_candidates`` > 1, N such denoisings are scored by :meth:`selection_scores` and the lowest kept
+        (``histories[u]`` gets ``final_candidate`` and ``final_selection_score``).
+
+        Args:
+            x: float (U, C, H, W) in [0, 1], row u for bound user u; default: ``x_hat``.
+        Returns:
+            float32 (U, C, H, W) in [0, 1] on the CPU, or None when final_denoise is off or no prior is bound.
+        Raises:
+            ValueError: x does not hold one image per bound user of the bound image shape.
+        """
         hp = self.hparams
         if not (hp.final_denoise and self.prior is not None):
-            return
-        x = self.x_hat.detach().float()
+            return None
+        x = (self.x_hat if x is None else x).detach().float().to(self.device)
+        if tuple(x.shape) != (self.num_users, *self.prior.image_shape):
+            raise ValueError(f"final_stage takes one image per bound user, shape {(self.num_users, *self.prior.image_shape)}, "
+                             f"got {tuple(x.shape)}")
         if hp.final_candidates == 1:  # all users in one denoising batch, user u with its own generator
             gens = [g for s in self.seeds for g in self.candidate_generators(s)]
             with torch.no_grad():
-                self._denoised = self.prior.denoise(
+                return self.prior.denoise(
                     x, hp.t_final, hp.denoise_method, hp.denoise_steps, generator=gens[0] if len(gens) == 1 else gens,
                 ).cpu()
-            return
         chosen = []
         for u, s in enumerate(self.seeds):
             with torch.no_grad():
@@ -576,7 +597,7 @@ class UserLevelInversion(GradientInversionAttack):
             chosen.append(cands[k : k + 1])
             self.histories[u]["final_candidate"] = [float(k)]
             self.histories[u]["final_selection_score"] = [float(scores[k])]
-        self._denoised = torch.cat(chosen).cpu()
+        return torch.cat(chosen).cpu()
 
     def candidate_generators(self, seed: int) -> list[torch.Generator]:
         """The final_candidates generators of the user with ``seed``: candidate k is seeded ``seed + 3 + 7919 k``,

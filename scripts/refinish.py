@@ -1,0 +1,219 @@
+#!/usr/bin/env python
+"""Refinish a finished attack.py run: rerun only the final stage (final denoising, final candidate selection) on its
+saved representative images, evaluate, and write a NEW run directory. No optimisation step is repeated.
+
+The optimisation does not depend on the final-stage settings, so refinishing a run with other settings gives the
+results the attack would have given with them, at the cost of the final stage alone (seconds per user instead of
+minutes or hours). Use it to compare final stages on one set of optimised images: one denoising vs selection among
+N, t_final, the selection's output term, DDPM vs DDIM.
+
+    python scripts/refinish.py RUN_DIR [--attack.init_args.final_candidates 8] [--attack.init_args.t_final 400]
+        [--attack.init_args.selection_output_weight 1.0] [--attack.init_args.denoise_method ddim]
+        [--attack.init_args.denoise_steps 10] [--attack.init_args.final_denoise false]
+        [--evaluation.lpips false] [--output.name NAME] [--output.root ROOT] [--logger.backend csv]
+    python scripts/refinish.py RUN_DIR --config configs/extension/final_selection.yaml   # an overlay works too
+
+What it reads from RUN_DIR: ``config.yaml`` (the run's resolved config, overridden by the arguments after RUN_DIR,
+exactly as attack.py takes them), ``results.csv`` (the finished users: an interrupted run is refinished for its
+finished users), and each user's ``users/user_XXXX/raw.pt`` (float32, written by attack.py; exact) or, for runs
+written before raw.pt existed, ``raw.png`` (uint8: the image is quantised to 1/255, a difference far below the
+final stage's noise, but not bit-exact; the ``refinish_source`` column says which).
+
+The server's side is rebuilt as attack.py builds it: the client's update of each user (same config, same seeds,
+defenses included), ``UserLevelInversion.bind``, then :meth:`UserLevelInversion.final_stage` on the saved image with
+the user's seed, so ``final_candidates`` N > 1 draws the same candidates (candidate 0 = the single denoising) and
+picks by the same score. Ground truth enters only the evaluation (attack.py's ``evaluate``).
+
+Output: ``<output.root>/<output.name>-<time>-<hex>/`` (default name: the run's name + ``_refinished``) with
+config.yaml (the merged config), results.csv (attack.py's columns; ``steps``, ``seconds``, ``seconds_per_step``
+are the original run's optimisation; plus ``final_candidate``, ``refinish_seconds``, ``refinish_source``,
+``refinished_from``), summary.json and per-user images including raw.pt; every file written to a temporary file and
+renamed.
+
+Raises (as one ConfigError before any work): RUN_DIR is not a finished attack.py run of the user-level attack; an
+argument changes anything but the final stage, evaluation, output, logger or trainer settings (the saved images
+would not be the ones that config optimises); the run's users do not match its config any more (the data changed).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+import attack as attack_main  # noqa: E402
+from attack import ConfigError  # noqa: E402
+
+#: attack.init_args keys a refinish may change: the final stage only.
+FINAL_STAGE_KEYS = ("final_denoise", "final_candidates", "t_final", "selection_output_weight", "denoise_method",
+                    "denoise_steps")
+#: top-level config groups and keys a refinish may change freely (they do not touch the optimised images).
+FREE_GROUPS = ("evaluation", "output", "logger", "trainer", "resume", "checkpoint_every", "image_log_every",
+               "config", "__path__")
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def check_changes(old: dict, new: dict) -> list[str]:
+    """The final-stage keys that change; raises ConfigError naming any other changed key."""
+    allowed = {f"attack.init_args.{k}" for k in FINAL_STAGE_KEYS}
+    changed = changed_keys(old, new)
+    bad = [k for k in changed if k not in allowed and k.split(".")[0] not in FREE_GROUPS]
+    if bad:
+        raise ConfigError(
+            f"refinish reruns only the final stage on the run's optimised images; these settings would change the "
+            f"optimisation or the users: {bad}. Allowed: attack.init_args.{{{', '.join(FINAL_STAGE_KEYS)}}}, and the "
+            f"{', '.join(FREE_GROUPS[:4])} groups. Run attack.py for a new optimisation."
+        )
+    return [k for k in changed if k in allowed]
+
+
+def load_raw(udir: Path, image_shape: tuple[int, int, int]) -> tuple[torch.Tensor, str]:
+    """A user's saved representative image, float32 (1, C, H, W) in [0, 1], and its source ('raw.pt' or
+    'raw.png (uint8)'). Raises ConfigError when neither file is there or the shape is not (1, *image_shape)."""
+    if (udir / "raw.pt").is_file():
+        x, source = torch.load(udir / "raw.pt", map_location="cpu", weights_only=True).float(), "raw.pt"
+    elif (udir / "raw.png").is_file():
+        import numpy as np
+        from PIL import Image
+
+        img = Image.open(udir / "raw.png").convert("L" if image_shape[0] == 1 else "RGB")
+        arr = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+        x = (arr[None] if arr.ndim == 2 else arr.permute(2, 0, 1))[None].contiguous()
+        source = "raw.png (uint8)"
+    else:
+        raise ConfigError(f"{udir}: no raw.pt or raw.png (the user's representative image); was this user finished?")
+    if tuple(x.shape) != (1, *image_shape):
+        raise ConfigError(f"{udir}: the saved image has shape {tuple(x.shape)}, the config's users {(1, *image_shape)}")
+    return x.clamp(0, 1), source
+
+
+def refinish(run_dir: Path, overrides: list[str]) -> Path:
+    """Refinish ``run_dir`` with the config overrides ``overrides`` (attack.py argument syntax); returns the new
+    run directory. See the module docstring."""
+    from lightning_modules.user_level_inversion import UserLevelInversion
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "results.csv").is_file():
+        raise ConfigError(f"{run_dir}: not a run directory of attack.py with finished users (needs config.yaml and "
+                          "results.csv)")
+    parser = attack_main.build_parser()
+    old_cfg = parser.parse_path(str(run_dir / "config.yaml"))
+    cfg = parser.parse_args(["--config", str(run_dir / "config.yaml"), *overrides])
+    as_dict = lambda c: json.loads(parser.dump(c, format="json", skip_none=False))  # noqa: E731
+    old, new = as_dict(old_cfg), as_dict(cfg)
+    changed = check_changes(old, new)
+    if not issubclass(attack_main.resolve_attack_class(cfg.attack.class_path), UserLevelInversion):
+        raise ConfigError(f"refinish reruns the user-level attack's final stage; {run_dir} ran {cfg.attack.class_path}")
+    if new["output"]["name"] == old["output"]["name"]:
+        cfg.output.name = f"{cfg.output.name}_refinished"
+        new["output"]["name"] = cfg.output.name
+    rows_in = list(csv.DictReader((run_dir / "results.csv").open()))
+    if not rows_in:
+        raise ConfigError(f"{run_dir}: results.csv has no finished user")
+
+    init, source, victim, attack_cls, attack_kwargs, prior, evaluator = attack_main.prepare(parser, cfg)
+    users = source.users()
+    by_id = {str(u.user_id): (i, u) for i, u in enumerate(users)}
+    plan = []
+    for r in rows_in:
+        if r["user"] not in by_id:
+            raise ConfigError(f"{run_dir}: user {r['user']} of results.csv is not among the config's users")
+        i, user = by_id[r["user"]]
+        hist = " ".join(str(int(v)) for v in user.label_histogram.tolist())
+        if r.get("true_histogram") not in (None, "", hist) or int(r["B"]) != user.batch_size:
+            raise ConfigError(f"{run_dir}: user {r['user']} of results.csv (B {r['B']}, labels {r.get('true_histogram')}) "
+                              f"differs from the config's user (B {user.batch_size}, labels {hist}): the data changed")
+        plan.append((i, user, r, *load_raw(run_dir / "users" / attack_main.user_uid(user), source.image_shape)))
+
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("gpu", "cuda", "auto")
+                          else "cpu")
+    out_dir = attack_main.new_run_dir(init.output.root, init.output.name)
+    attack_main.atomic_write_text(out_dir / "config.yaml", parser.dump(cfg, skip_none=False))
+    logger = attack_main.make_logger(cfg, out_dir, new)
+    print(f"[refinish] {run_dir} -> {out_dir} ({len(plan)} users; changed: {changed or 'nothing'})", flush=True)
+    rows, grids, status = [], [], "running"
+    try:
+        for i, user, r, raw, raw_source in plan:
+            t0 = time.time()
+            view = attack_main.client_update(victim, user, init.threat, source.num_classes, user_index=i)
+            attack = attack_cls(**attack_kwargs).bind(view, prior).to(device)
+            attack.on_fit_start()  # the target gradient to the device, as before a fit
+            denoised = attack.final_stage(raw.to(device))
+            seconds = time.time() - t0
+            result = attack_main.AttackResult(representative=raw, reconstructions=raw, denoised=denoised,
+                                              labels=attack.labels, steps=int(r["steps"]), history=attack.history)
+            row = attack_main.scenario_columns(attack_cls.__name__, user, attack.labels, init)
+            row.update(attack_main.evaluate(result, user, evaluator, init.evaluation.lpips, victim))
+            if init.evaluation.faces:
+                final = denoised if denoised is not None else raw
+                row.update(attack_main.face_columns(final, user, [u.images for u in users if u is not user]))
+            row.update(steps=r["steps"], seconds=r["seconds"], seconds_per_step=r["seconds_per_step"])
+            if r.get("users_per_step"):
+                row["users_per_step"] = r["users_per_step"]
+            row.update(final_candidate=int(attack.history["final_candidate"][0]) if "final_candidate" in attack.history else 0,
+                       refinish_seconds=round(seconds, 2), refinish_source=raw_source, refinished_from=run_dir.name)
+            images = {"batch": user.images, "raw": raw}
+            if denoised is not None:
+                images["denoised"] = denoised
+            images["grid"] = torch.cat([user.images[: min(user.batch_size, 10)], raw,
+                                        *([denoised] if denoised is not None else [])])
+            attack_main.write_user(out_dir, attack_main.user_uid(user), images)
+            rows.append(row)
+            grids.append(images["grid"])
+            attack_main.write_results(out_dir, rows)
+            print(f"[refinish] {attack_main.user_uid(user)}: dominant {user.dominant_class}, evaluator "
+                  f"{row.get('evaluator_class')} (was {r.get('evaluator_class')}), candidate {row['final_candidate']}, "
+                  f"{seconds:.1f} s", flush=True)
+        status = "finished"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        print(f"[refinish] interrupted; the finished users are kept in {out_dir}", file=sys.stderr)
+    finally:
+        summary = {"status": status, "run_dir": str(out_dir), "refinished_from": str(run_dir), "changed": changed,
+                   **attack_main.summarize(rows)}
+        attack_main.atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        if status == "finished":
+            attack_main.log_final(logger, out_dir, rows, grids)
+        if logger is not None and cfg.logger.backend == "wandb":
+            import wandb
+
+            wandb.finish()
+    if status != "finished":
+        raise SystemExit(130)
+    print(json.dumps(summary, indent=2), flush=True)
+    return out_dir
+
+
+def main(argv: Optional[list[str]] = None) -> Path:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0].startswith("-"):
+        raise ConfigError("usage: python scripts/refinish.py RUN_DIR [attack.py overrides of the final stage ...]")
+    return refinish(Path(argv[0]), argv[1:])
+
+
+if __name__ == "__main__":
+    from inversion.cli import run_main
+
+    run_main(main, "refinish.py")

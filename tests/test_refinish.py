@@ -1,0 +1,123 @@
+"""scripts/refinish.py: the final stage rerun on a finished run's saved images equals the attack's own."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import attack
+from tests.test_attack_e2e import HAVE_FMNIST, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not HAVE_FMNIST, reason="needs `apt-get install dataset-fashion-mnist`")
+
+SELECT = {"attack.init_args.final_candidates": 3, "attack.init_args.selection_output_weight": 1.0}
+
+
+def load_refinish():
+    spec = importlib.util.spec_from_file_location("refinish_script", ROOT / "scripts" / "refinish.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return list(csv.DictReader((run_dir / "results.csv").open()))
+
+
+def png(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path), dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A tiny attack run with one final denoising, and the same attack run with final candidate selection."""
+    tmp = tmp_path_factory.mktemp("refinish")
+    base = {"logger.backend": "csv", "attack.init_args.t_final": 60}
+    single = attack.main(["--config", str(tiny_config(tmp / "a", **base))])
+    select = attack.main(["--config", str(tiny_config(tmp / "b", **base, **SELECT))])
+    return single, select
+
+
+@pytest.mark.slow
+def test_refinish_with_selection_equals_the_attack_run_with_selection(runs):
+    single, select = runs
+    rf = load_refinish()
+    out = rf.main([str(single), "--attack.init_args.final_candidates", "3",
+                   "--attack.init_args.selection_output_weight", "1.0", "--logger.backend", "csv"])
+    assert out.parent == single.parent and out.name.startswith("tiny_refinished-")
+    got, want = rows(out), rows(select)
+    assert [r["user"] for r in got] == [r["user"] for r in want] == ["0", "1"]
+    for g, w in zip(got, want):
+        # the optimisation does not depend on the final stage: same raw image, so the same candidates and choice
+        assert g["raw_psnr_nearest"] == w["raw_psnr_nearest"]
+        for key in ("evaluator_class", "evaluator_prob", "victim_class", "psnr_nearest", "mse_mean", "psnr_mean"):
+            assert float(g[key]) == pytest.approx(float(w[key]), abs=1e-4), key
+        assert g["refinish_source"] == "raw.pt" and g["refinished_from"] == single.name
+        assert g["steps"] == rows(single)[0]["steps"] and 0 <= int(g["final_candidate"]) < 3
+    for uid in ("user_0000", "user_0001"):
+        assert np.abs(png(out / "users" / uid / "denoised.png") - png(select / "users" / uid / "denoised.png")).max() <= 1
+        assert torch.equal(torch.load(out / "users" / uid / "raw.pt"), torch.load(single / "users" / uid / "raw.pt"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["users"] == 2
+    assert summary["changed"] == ["attack.init_args.final_candidates"]  # selection_output_weight: 1.0 already
+    assert (single / "results.csv").read_text() == (single / "results.csv").read_text()  # the source is untouched
+
+
+@pytest.mark.slow
+def test_refinish_without_changes_reproduces_the_run_and_reads_old_png_runs(runs):
+    single, _ = runs
+    rf = load_refinish()
+    out = rf.main([str(single), "--logger.backend", "none"])
+    for g, w in zip(rows(out), rows(single)):
+        assert g["evaluator_class"] == w["evaluator_class"] and g["psnr_nearest"] == w["psnr_nearest"]
+        assert g["final_candidate"] == "0"
+    # a run written before raw.pt existed: the uint8 raw.png is used, and said so
+    for uid in ("user_0000", "user_0001"):
+        (single / "users" / uid / "raw.pt").unlink()
+    out2 = rf.main([str(single), "--logger.backend", "none", "--output.name", "from_png"])
+    assert out2.name.startswith("from_png-")
+    for g, w in zip(rows(out2), rows(single)):
+        assert g["refinish_source"] == "raw.png (uint8)"
+        assert abs(float(g["raw_psnr_nearest"]) - float(w["raw_psnr_nearest"])) < 0.2  # quantised to 1/255
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--attack.init_args.steps", "8"], r"attack\.init_args\.steps"),
+    (["--users.init_args.batch_size", "4"], r"users\.init_args\.batch_size"),
+    (["--victim.random_init", "true"], r"victim\.random_init"),
+])
+def test_refinish_refuses_changes_to_the_optimisation(tmp_path, args, match):
+    rf = load_refinish()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = tiny_config(tmp_path)
+    (run_dir / "config.yaml").write_text(cfg.read_text())
+    (run_dir / "results.csv").write_text("user\n0\n")
+    with pytest.raises(attack.ConfigError, match=match):
+        rf.main([str(run_dir), *args])
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_refinish_refuses_what_is_not_a_finished_run(tmp_path):
+    rf = load_refinish()
+    with pytest.raises(attack.ConfigError, match="not a run directory"):
+        rf.main([str(tmp_path)])
+    with pytest.raises(attack.ConfigError, match="usage"):
+        rf.main([])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(tiny_config(tmp_path, **{"attack.class_path": "InvertingGradients",
+                                                                  "attack.init_args": {"steps": 2}}).read_text())
+    (run_dir / "results.csv").write_text("user\n0\n")
+    with pytest.raises(attack.ConfigError, match="final stage"):
+        rf.main([str(run_dir)])
