@@ -101,16 +101,12 @@ def timestep_at(progress: float, t_max: int, t_min: int, schedule: str = "linear
 def clip_matching_gradient(g_match: torch.Tensor, g_prior: torch.Tensor, kappa: float) -> tuple[torch.Tensor, float]:
     """Dynamic clipping: if |g_match| > kappa |g_prior|, rescale g_match to norm kappa |g_prior|.
 
+    One user's case of :func:`clip_matching_gradients` (the same computation on a batch of one).
     Returns the (possibly rescaled) matching gradient and the ratio |g_match| / |g_prior| before clipping
     (inf when the prior gradient is zero, in which case nothing is clipped).
     """
-    nm, npr = g_match.norm(), g_prior.norm()
-    if npr <= 0:
-        return g_match, float("inf")
-    ratio = float(nm / npr)
-    if ratio > kappa:
-        g_match = g_match * (kappa * npr / nm)
-    return g_match, ratio
+    clipped, ratio = clip_matching_gradients(g_match.unsqueeze(0), g_prior.unsqueeze(0), kappa)
+    return clipped[0], float(ratio[0])
 
 
 def clip_matching_gradients(g_match: torch.Tensor, g_prior: torch.Tensor, kappa: float) -> tuple[torch.Tensor, torch.Tensor]:
