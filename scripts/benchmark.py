@@ -5,10 +5,10 @@ Measures, with the shipped victim (``checkpoints/fashion_mnist/victim_resnet18``
 small-stem ResNet-18 (C x S x S, 10 classes), and the shipped DDPM prior (``checkpoints/fashion_mnist/ddpm_32``)
 when present, else a random diffusers UNet2DModel (block_out_channels (32, 64, 64, 128), layers_per_block 1):
 
-1. The user-level attack step, hand-assembled without Lightning (``UserLevelStep``: the computation of
-   ``UserLevelInversion.training_step`` for one user: dummy gradient with create_graph, window weighted
-   ``gradient_matching_loss``, its image gradient, ``DiffusionPrior.prior_loss`` and its gradient, dynamic clipping,
-   Adam, box) with target gradients of B = 10, 50, 100 images. B only enters the (one-off) target computation, so the
+1. The user-level attack step without Lightning (``UserLevelStep``: a ``UserLevelInversion`` with the attack
+   settings of 3. computes its own image gradient for one user: dummy gradient with create_graph, window weighted
+   matching loss, its image gradient, ``DiffusionPrior.prior_loss`` and its gradient, dynamic clipping; then Adam and
+   the box) with target gradients of B = 10, 50, 100 images. B only enters the (one-off) target computation, so the
    step time should not depend on it: target t(B_max) / t(B_min) <= 1.05. This isolates the step's own cost.
 2. Inverting Gradients' step at the same B (B reconstructions, 1 restart: batched dummy gradient over B images,
    ``cosine_gradient_distance`` + ``total_variation``, signed Adam, box).
@@ -68,9 +68,8 @@ import torch.nn.functional as F  # noqa: E402
 from lightning import Trainer  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
-from inversion.objectives import clip_matching_gradient, gradient_matching_loss, sliding_window_weights, timestep_at  # noqa: E402
 from inversion.prior import DiffusionPrior  # noqa: E402
-from inversion.scenario import ServerView, fedsgd_gradient, make_server_view, victim_parameters  # noqa: E402
+from inversion.scenario import ServerView, make_server_view, victim_parameters  # noqa: E402
 from lightning_modules.baselines import cosine_gradient_distance, total_variation  # noqa: E402
 from lightning_modules.user_level_inversion import UserLevelInversion  # noqa: E402
 
@@ -191,11 +190,6 @@ def random_batch(shape, B: int, device, seed: int) -> tuple[torch.Tensor, torch.
     return imgs, labels
 
 
-def random_target(victim, shape, B: int, device, seed: int):
-    imgs, labels = random_batch(shape, B, device, seed)
-    return fedsgd_gradient(victim, imgs, labels), labels
-
-
 def random_view(victim, shape, B: int, device, seed: int) -> ServerView:
     """One user's ServerView of a random batch: FedSGD update, batch size revealed, labels not (the threat of
     configs/attack/fashion_mnist.yaml), built by :func:`inversion.scenario.make_server_view` as attack.py's client."""
@@ -308,41 +302,27 @@ def fit_users(victim, prior, views: list, device: torch.device, settings: dict, 
 
 # ------------------------------------------------------------------------------------------------------ steps
 class UserLevelStep:
-    """One step of the user-level attack for one user (the computation of UserLevelInversion.training_step)."""
+    """One step of the user-level attack for one user, outside Lightning: a :class:`UserLevelInversion` bound to
+    ``view`` (``settings``: the attack's init args) computes its own image gradient (the code of its
+    ``training_step``: matching, prior, clipping), then Adam and the box, as the step does. No Trainer, no logging."""
 
-    def __init__(self, victim, prior, target, shape, device, total_steps: int = 4000, kappa: float = 1.0):
-        self.victim, self.prior, self.kappa = victim, prior, kappa
-        self.params = list(victim_parameters(victim).values())
-        self.names = list(victim_parameters(victim))
-        self.target = [target[n] for n in self.names]
-        g = torch.Generator().manual_seed(1)
-        self.x = torch.nn.Parameter(torch.rand((1, *shape), generator=g).to(device))
-        self.y = F.one_hot(torch.tensor([3]), NUM_CLASSES).float().to(device)
-        self.opt = torch.optim.Adam([self.x], lr=0.05)
-        self.noise = torch.Generator(device=device).manual_seed(2)
-        self.total, self.step_idx = total_steps, 0
+    def __init__(self, view: ServerView, prior, device, settings: dict):
+        self.attack = UserLevelInversion(**settings).bind(view, prior).to(device)
+        self.attack.on_fit_start()  # the target to the device, the per-user noise streams
+        self.opt = torch.optim.Adam([self.attack.x_hat], lr=settings.get("lr", 0.05))
+        self.total, self.step_idx = settings["steps"], 0
 
     def __call__(self) -> dict:
         progress = (self.step_idx % self.total) / max(1, self.total - 1)
         self.step_idx += 1
-        L = len(self.params)
-        w = sliding_window_weights(L, (1 - progress) * (L - 1), 12.0, 24.0)
-        t = timestep_at(progress, 800, 20)
-        x = self.x
-        logits = self.victim(x)
-        ce = -(self.y * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
-        dummy = torch.autograd.grad(ce, self.params, create_graph=True)
-        l_match = gradient_matching_loss(self.target, dummy, w)
-        g_match = torch.autograd.grad(l_match, x)[0]
-        l_prior = self.prior.prior_loss(x, t, 1, self.noise)
-        g_prior = torch.autograd.grad(l_prior, x)[0]
-        g_match, _ = clip_matching_gradient(g_match, g_prior, self.kappa)
+        grad, values = self.attack._one_user_gradient(progress)
+        x = self.attack.x_hat
         self.opt.zero_grad()
-        x.grad = g_match + g_prior
+        x.grad = grad.to(x.dtype)
         self.opt.step()
         with torch.no_grad():
             x.clamp_(0.0, 1.0)
-        return {"match": float(l_match.detach()), "prior": float(l_prior.detach())}
+        return values[0]
 
 
 class InvertingGradientsStep:
@@ -432,13 +412,15 @@ def main(argv=None) -> dict:
     # timed interleaved (one step of each B per round), so that load drift on a shared machine hits every B alike:
     # their work is identical (B only enters the one-off target), and the ratio is what the target is about.
     user_level, ig, ul_steps, targets = {}, {}, {}, {}
+    settings = attack_settings(args.attack_steps)
     for B in args.batch_sizes:
+        imgs, labels = random_batch(shape, B, device, seed=B)
         t0 = time.perf_counter()
-        target, labels = random_target(victim, shape, B, device, seed=B)
+        view = make_server_view(victim, imgs, labels, NUM_CLASSES)  # the client's FedSGD update
         sync(device)
-        targets[B] = (target, labels, time.perf_counter() - t0)
+        targets[B] = (view.target_gradient, labels, time.perf_counter() - t0)
         reset_peak(device)
-        ul_steps[B] = UserLevelStep(victim, prior, target, shape, device, args.attack_steps)
+        ul_steps[B] = UserLevelStep(view, prior, device, settings)
         for _ in range(args.warmup):
             ul_steps[B]()
         sync(device)
@@ -464,7 +446,6 @@ def main(argv=None) -> dict:
     report["inverting_gradients_step"] = {str(b): v for b, v in ig.items()}
 
     # 3: users per hour through the product path: UserLevelInversion bound to U users, one Trainer fit per U
-    settings = attack_settings(args.attack_steps)
     throughput = {}
     for U in sorted({1, *args.users}):  # U = 1 is the one-at-a-time baseline, measured even when not listed
         views = [random_view(victim, shape, b_lo, device, seed=1000 + u) for u in range(U)]
