@@ -153,6 +153,16 @@ def build_parser() -> ArgumentParser:
     return p
 
 
+def dump_config(parser: ArgumentParser, cfg: Namespace, format: str = "parser_mode") -> str:
+    """``parser.dump(cfg)`` keeping the None entries (a resolved config says every value): jsonargparse's
+    ``skip_none=False``, renamed ``skip_unset=False`` in 4.49 (the old name warns there)."""
+    import jsonargparse
+
+    major, minor = (int(v) for v in jsonargparse.__version__.split(".")[:2])
+    key = "skip_unset" if (major, minor) >= (4, 49) else "skip_none"
+    return parser.dump(cfg, format=format, **{key: False})
+
+
 # ------------------------------------------------------------------------------------------------ atomic I/O
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
@@ -509,7 +519,7 @@ def chunk_name(uids: list[str]) -> str:
 
 def comparable_config(parser: ArgumentParser, cfg: Namespace) -> dict:
     """The config as a dict without the keys that may differ between a run and its resume."""
-    d = json.loads(parser.dump(cfg, format="json", skip_none=False))
+    d = json.loads(dump_config(parser, cfg, "json"))
     for k in ("resume", "output", "checkpoint_every", "logger"):
         d.pop(k, None)
     return d
@@ -644,8 +654,8 @@ def run(cfg: Namespace) -> Path:
         if fabric:
             run_dir = Path(fabric.broadcast(str(run_dir) if run_dir else None, src=0))
         if rank == 0:
-            atomic_write_text(run_dir / "config.yaml", parser.dump(cfg, skip_none=False))
-    config_dict = json.loads(parser.dump(cfg, format="json", skip_none=False))
+            atomic_write_text(run_dir / "config.yaml", dump_config(parser, cfg))
+    config_dict = json.loads(dump_config(parser, cfg, "json"))
     logger = make_logger(cfg, run_dir, config_dict) if rank == 0 else None
     done = {str(r["user"]) for r in resume_rows}
     rows: list[dict] = list(resume_rows)

@@ -164,7 +164,7 @@ def audit(cfg) -> Path:
     pool_x, pool_y = candidate_pool(source, spec)
     users = source.users()
     run_dir = new_run_dir(init.output.root, f"audit_{init.output.name}")
-    atomic_write_text(run_dir / "config.yaml", parser.dump(cfg, skip_none=False))
+    atomic_write_text(run_dir / "config.yaml", attack_main.dump_config(parser, cfg))
     print(f"[audit] {run_dir}: {len(users)} users, B = {source.batch_size}, pool {len(pool_x)} images "
           f"({spec.per_class} per class, {spec.pool_split} split)", flush=True)
     K = source.num_classes

@@ -121,7 +121,7 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
     parser = attack_main.build_parser()
     old_cfg = parser.parse_path(str(run_dir / "config.yaml"))
     cfg = parser.parse_args(["--config", str(run_dir / "config.yaml"), *overrides])
-    as_dict = lambda c: json.loads(parser.dump(c, format="json", skip_none=False))  # noqa: E731
+    as_dict = lambda c: json.loads(attack_main.dump_config(parser, c, "json"))  # noqa: E731
     old, new = as_dict(old_cfg), as_dict(cfg)
     changed = check_changes(old, new)
     if not issubclass(attack_main.resolve_attack_class(cfg.attack.class_path), UserLevelInversion):
@@ -150,7 +150,7 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("gpu", "cuda", "auto")
                           else "cpu")
     out_dir = attack_main.new_run_dir(init.output.root, init.output.name)
-    attack_main.atomic_write_text(out_dir / "config.yaml", parser.dump(cfg, skip_none=False))
+    attack_main.atomic_write_text(out_dir / "config.yaml", attack_main.dump_config(parser, cfg))
     logger = attack_main.make_logger(cfg, out_dir, new)
     print(f"[refinish] {run_dir} -> {out_dir} ({len(plan)} users; changed: {changed or 'nothing'})", flush=True)
     rows, grids, status = [], [], "running"
