@@ -381,6 +381,10 @@ def topk_overlap(probs: torch.Tensor, histogram: torch.Tensor, max_k: int = 3) -
 def evaluate(result: AttackResult, user: User, evaluator, lpips: bool, victim=None) -> dict[str, Any]:
     """Compare the reconstruction with the user's ground truth (this is the only place the private batch is used).
 
+    With final candidate selection (``result.extras["candidates"]``, N images), also how many of the N candidates
+    the evaluator reads as the user's class (``evaluator_candidates_correct``) and whether any
+    (``evaluator_any_candidate_correct``): the accuracy a perfect choice would reach, beside the server's own.
+
     With ``victim``, also the victim's own reading of the final image (``victim_class``, ``victim_correct``,
     ``victim_prob_of_dominant``): an image the victim reads as the user's class but the independent evaluator does
     not is an adversarial fit to the victim rather than a picture of the class."""
@@ -406,6 +410,12 @@ def evaluate(result: AttackResult, user: User, evaluator, lpips: bool, victim=No
             evaluator_correct_raw=int(int(probs_raw.argmax()) == user.dominant_class),
             evaluator_topk_overlap=round(topk_overlap(probs, user.label_histogram), 4),
         )
+        cands = result.extras.get("candidates")
+        if cands is not None:  # final candidate selection: were the proposals or the server's choice the limit?
+            with torch.no_grad():
+                cand_cls = F.softmax(evaluator(cands.float()), dim=1).argmax(1)
+            row["evaluator_candidates_correct"] = int((cand_cls == user.dominant_class).sum())
+            row["evaluator_any_candidate_correct"] = int(row["evaluator_candidates_correct"] > 0)
     metrics = image_metrics(final, user.images, lpips=lpips)
     row.update({k: round(float(v), 5) for k, v in metrics.items()})
     raw_metrics = image_metrics(result.representative, user.images, lpips=False)
@@ -717,6 +727,8 @@ def run(cfg: Namespace) -> Path:
                     images["reconstructions"] = result.reconstructions
                 if result.denoised is not None:
                     images["denoised"] = result.denoised
+                if result.extras.get("candidates") is not None:
+                    images["candidates"] = result.extras["candidates"]
                 images["grid"] = torch.cat([user.images[: min(user.batch_size, 10)], result.representative,
                                             *([result.denoised] if result.denoised is not None else [])])
                 if rank == 0:
@@ -782,12 +794,13 @@ def sort_rows(rows: list[dict], users: list[User]) -> list[dict]:
 
 
 def write_user(run_dir: Path, uid: str, images: dict[str, torch.Tensor]) -> None:
-    """Per-user PNGs: batch, raw, denoised, reconstructions (baselines) and the grid (batch | raw | denoised); and
+    """Per-user PNGs: batch, raw, denoised, reconstructions (baselines), candidates (final candidate selection) and
+    the grid (batch | raw | denoised); and
     ``raw.pt``, the representative image(s) at full precision (float32 (1 or B, C, H, W) in [0, 1], ``torch.load``),
     from which ``scripts/refinish.py`` reruns the final stage exactly."""
     udir = run_dir / "users" / uid
     for name, img in images.items():
-        save_png(udir / f"{name}.png", img, nrow=len(img) if name == "grid" else None)
+        save_png(udir / f"{name}.png", img, nrow=len(img) if name in ("grid", "candidates") else None)
     if "raw" in images:
         buf = io.BytesIO()
         torch.save(images["raw"].detach().float().cpu().contiguous(), buf)

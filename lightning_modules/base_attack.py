@@ -40,6 +40,8 @@ class AttackResult:
         denoised: float32 (1, C, H, W) in [0, 1] after the prior's final denoising, or None.
         labels: the label inference the attack used.
         steps: optimisation steps run; history: per-step scalars (losses, t, window centre, ...).
+        extras: method-specific outputs; the user-level attack with final_candidates N > 1 puts all N denoised
+            candidates there as ``candidates``, float32 (N, C, H, W) in [0, 1].
     """
 
     representative: torch.Tensor

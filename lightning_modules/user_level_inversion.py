@@ -183,6 +183,7 @@ class UserLevelInversion(GradientInversionAttack):
         self.user_labels: list[LabelInference] = []
         self._bm: Optional[BatchedMatching] = None
         self.register_buffer("p_out", None)  # (U, K) recovered mean softmax outputs when output_weight > 0
+        self.final_candidate_images: Optional[list[torch.Tensor]] = None  # U x (N, C, H, W) when final_candidates > 1
 
     # ------------------------------------------------------------------------------------------ set-up
     def bind(
@@ -563,7 +564,8 @@ class UserLevelInversion(GradientInversionAttack):
         Each user u's image is diffused to ``t_final`` and taken back to 0 by the prior's reverse process
         (``denoise_method``, ``denoise_steps``) with the noise of :meth:`candidate_generators` of ``seeds[u]``; with
         N = ``final_candidates`` > 1, N such denoisings are scored by :meth:`selection_scores` and the lowest kept
-        (``histories[u]`` gets ``final_candidate`` and ``final_selection_score``).
+        (``histories[u]`` gets ``final_candidate`` and ``final_selection_score``; ``final_candidate_images[u]``
+        keeps all N, float32 (N, C, H, W) on the CPU, for the evaluation's diagnostics; None when N = 1).
 
         Args:
             x: float (U, C, H, W) in [0, 1], row u for bound user u; default: ``x_hat``.
@@ -573,6 +575,7 @@ class UserLevelInversion(GradientInversionAttack):
             ValueError: x does not hold one image per bound user of the bound image shape.
         """
         hp = self.hparams
+        self.final_candidate_images = None
         if not (hp.final_denoise and self.prior is not None):
             return None
         x = (self.x_hat if x is None else x).detach().float().to(self.device)
@@ -585,7 +588,7 @@ class UserLevelInversion(GradientInversionAttack):
                 return self.prior.denoise(
                     x, hp.t_final, hp.denoise_method, hp.denoise_steps, generator=gens[0] if len(gens) == 1 else gens,
                 ).cpu()
-        chosen = []
+        chosen, self.final_candidate_images = [], []
         for u, s in enumerate(self.seeds):
             with torch.no_grad():
                 cands = self.prior.denoise(
@@ -595,6 +598,7 @@ class UserLevelInversion(GradientInversionAttack):
             scores = self.selection_scores(cands, u)
             k = int(scores.argmin())
             chosen.append(cands[k : k + 1])
+            self.final_candidate_images.append(cands.cpu())
             self.histories[u]["final_candidate"] = [float(k)]
             self.histories[u]["final_selection_score"] = [float(scores[k])]
         return torch.cat(chosen).cpu()
@@ -633,6 +637,7 @@ class UserLevelInversion(GradientInversionAttack):
                 labels=self.labels,
                 steps=self.global_step,
                 history=self.history,
+                extras=self.candidate_extras(0),
             )]
         out = []
         for u in range(self.num_users):
@@ -644,8 +649,14 @@ class UserLevelInversion(GradientInversionAttack):
                 labels=self.user_labels[u],
                 steps=self.global_step,
                 history=self.histories[u],
+                extras=self.candidate_extras(u),
             ))
         return out
+
+    def candidate_extras(self, u: int) -> dict:
+        """AttackResult extras of user u: ``{"candidates": (N, C, H, W)}`` after a final stage with N > 1 candidates."""
+        cands = self.final_candidate_images
+        return {} if cands is None else {"candidates": cands[u].clone()}
 
     def result(self) -> AttackResult:
         """The single user's result (U = 1); use :meth:`results` for U > 1."""

@@ -163,7 +163,8 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
             denoised = attack.final_stage(raw.to(device))
             seconds = time.time() - t0
             result = attack_main.AttackResult(representative=raw, reconstructions=raw, denoised=denoised,
-                                              labels=attack.labels, steps=int(r["steps"]), history=attack.history)
+                                              labels=attack.labels, steps=int(r["steps"]), history=attack.history,
+                                              extras=attack.candidate_extras(0))
             row = attack_main.scenario_columns(attack_cls.__name__, user, attack.labels, init)
             row.update(attack_main.evaluate(result, user, evaluator, init.evaluation.lpips, victim))
             if init.evaluation.faces:
@@ -177,6 +178,8 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
             images = {"batch": user.images, "raw": raw}
             if denoised is not None:
                 images["denoised"] = denoised
+            if result.extras.get("candidates") is not None:
+                images["candidates"] = result.extras["candidates"]
             images["grid"] = torch.cat([user.images[: min(user.batch_size, 10)], raw,
                                         *([denoised] if denoised is not None else [])])
             attack_main.write_user(out_dir, attack_main.user_uid(user), images)

@@ -64,9 +64,14 @@ def test_refinish_with_selection_equals_the_attack_run_with_selection(runs):
             assert float(g[key]) == pytest.approx(float(w[key]), abs=1e-4), key
         assert g["refinish_source"] == "raw.pt" and g["refinished_from"] == single.name
         assert g["steps"] == rows(single)[0]["steps"] and 0 <= int(g["final_candidate"]) < 3
+        assert g["evaluator_candidates_correct"] == w["evaluator_candidates_correct"]
+        assert 0 <= int(g["evaluator_candidates_correct"]) <= 3
+        assert int(g["evaluator_correct"]) <= int(g["evaluator_any_candidate_correct"])  # the choice is a candidate
     for uid in ("user_0000", "user_0001"):
         assert np.abs(png(out / "users" / uid / "denoised.png") - png(select / "users" / uid / "denoised.png")).max() <= 1
         assert torch.equal(torch.load(out / "users" / uid / "raw.pt"), torch.load(single / "users" / uid / "raw.pt"))
+        assert np.array_equal(png(out / "users" / uid / "candidates.png"), png(select / "users" / uid / "candidates.png"))
+        assert not (single / "users" / uid / "candidates.png").exists()  # one denoising: no candidates
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["users"] == 2
     assert summary["changed"] == ["attack.init_args.final_candidates"]  # selection_output_weight: 1.0 already
@@ -121,3 +126,27 @@ def test_refinish_refuses_what_is_not_a_finished_run(tmp_path):
     (run_dir / "results.csv").write_text("user\n0\n")
     with pytest.raises(attack.ConfigError, match="final stage"):
         rf.main([str(run_dir)])
+
+
+def test_evaluate_counts_the_candidates_of_the_users_class():
+    """evaluate() with final candidates: how many the evaluator reads as the user's class, on a known evaluator."""
+    from datamodules.users import User
+    from inversion.label_inference import LabelInference
+
+    def evaluator(x):  # class 1 for bright images, class 0 for dark ones
+        bright = (x.flatten(1).mean(1) > 0.5).float()
+        return torch.stack([1 - bright, bright], 1) * 10.0
+
+    user = User(0, torch.full((2, 1, 8, 8), 0.8), torch.tensor([1, 1]), 2, 1)
+    cands = torch.cat([torch.full((2, 1, 8, 8), 0.9), torch.full((3, 1, 8, 8), 0.1)])
+    labels = LabelInference(counts=torch.tensor([0.0, 2.0]), present=torch.tensor([False, True]), dominant=1, strategy="known")
+    result = attack.AttackResult(representative=cands[:1], reconstructions=cands[:1], denoised=cands[2:3],
+                                 labels=labels, steps=1, extras={"candidates": cands})
+    row = attack.evaluate(result, user, evaluator, lpips=False)
+    assert row["evaluator_candidates_correct"] == 2 and row["evaluator_any_candidate_correct"] == 1
+    assert row["evaluator_correct"] == 0  # the chosen (denoised) image is a dark one
+    result.extras = {"candidates": cands[2:]}
+    row = attack.evaluate(result, user, evaluator, lpips=False)
+    assert row["evaluator_candidates_correct"] == 0 and row["evaluator_any_candidate_correct"] == 0
+    result.extras = {}
+    assert "evaluator_candidates_correct" not in attack.evaluate(result, user, evaluator, lpips=False)
