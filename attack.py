@@ -715,6 +715,7 @@ def run(cfg: Namespace) -> Path:
             for (i, user), uid, result in zip(chunk, uids, attack.results()):
                 inferred = result.labels
                 row = scenario_columns(attack_cls.__name__, user, inferred, init)
+                row["final_stage"] = getattr(attack, "final_stage_name", "none")
                 row.update(evaluate(result, user, evaluator, init.evaluation.lpips, victim))
                 if init.evaluation.faces:
                     final = result.denoised if result.denoised is not None else result.representative

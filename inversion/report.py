@@ -23,11 +23,13 @@ in a temporary folder next to it and renamed into place at the end:
 
 Extra grouping, only when the runs differ in it (so a report of one kind of run is unchanged): ``protocol``,
 ``victim_init``, ``defense`` + ``defense_strength`` (columns of results.csv; a run without them counts as
-``defense = none``, strength NaN) and ``run_name`` (``output.name`` from each run's ``config.yaml``, else the run
+``defense = none``, strength NaN), ``final_stage`` (results.csv's column, else derived from the run's config.yaml:
+'denoise t=100', 'select N=32 t=400 mu=1', ...) and ``run_name`` (``output.name`` from each run's ``config.yaml``, else the run
 folder name without its ``-YYYYmmdd-HHMMSS-hex`` suffix). These become extra key columns of ``summary.csv`` (after
 ``method, B``), so e.g. an ablation table (full vs no_prior vs no_window ..., one ``output.name`` each) comes out
-directly, and the figures draw one line per method and extra key. When more than one defense (or strength) is
-present, also:
+directly, and the figures draw one line per method and extra key. ``--variants final_stage,victim_init`` (any subset
+of these keys) groups by exactly those instead, e.g. to pool runs of different names that share a final stage. When
+more than one defense (or strength) is present, also:
 
 * ``privacy.csv``: per (method, B, defense, defense_strength), pooled over run names: n_users,
   ``evaluator_accuracy``, ``label_accuracy`` and avg/std/n of ``psnr_nearest`` and ``lpips_nearest`` (when present);
@@ -63,14 +65,14 @@ __all__ = ["GROUP_KEYS", "aggregate", "aggregate_privacy", "build_report", "grou
 
 GROUP_KEYS = ["method", "B"]
 # Extra group keys, used only when the runs differ in them (see group_keys); defense and strength go together.
-VARIANT_KEYS = ["protocol", "victim_init", "defense", "defense_strength", "run_name"]
+VARIANT_KEYS = ["protocol", "victim_init", "defense", "defense_strength", "final_stage", "run_name"]
 PRIVACY_KEYS = ["method", "B", "defense", "defense_strength"]
 TEXT_COLUMNS = ("method", "run", "run_dir", "user", "grid", "grid_path", "user_dir", "true_histogram",
-                "inferred_counts", "label_strategy", "defense", "protocol", "victim_init", "run_name")
+                "inferred_counts", "label_strategy", "defense", "protocol", "victim_init", "run_name", "final_stage")
 NON_METRIC = {"user", "B", "method", "dominant_class", "inferred_dominant", "evaluator_class", "evaluator_correct", "victim_class",
               "evaluator_class_raw", "nearest_index", "true_histogram", "inferred_counts", "label_strategy",
               "run", "run_dir", "grid", "grid_path", "user_dir", "seed", "defense", "defense_strength", "protocol",
-              "victim_init", "run_name"}
+              "victim_init", "run_name", "final_stage", "refinish_source", "refinished_from"}
 RUN_DIR_SUFFIX = r"-\d{8}-\d{6}-[0-9a-f]{6}$"
 # Order of the main metrics in tables and figures; other numeric columns follow.
 MAIN_METRICS = ["mse_nearest", "mse_mean", "psnr_nearest", "psnr_mean", "ssim_nearest", "ssim_mean",
@@ -112,6 +114,25 @@ def run_name_of(run_dir: Path) -> Optional[str]:
     return None
 
 
+def final_stage_of(run_dir: Path) -> Optional[str]:
+    """The user-level attack's final stage (:func:`lightning_modules.user_level_inversion.final_stage_label`) from the
+    run's config.yaml, for runs written before results.csv had a ``final_stage`` column; 'none' for other attacks,
+    None when the config cannot be read."""
+    try:
+        import yaml
+
+        attack = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("attack") or {}
+    except Exception:  # noqa: BLE001 - no config: the column stays empty for this run
+        return None
+    if not str(attack.get("class_path", "")).endswith("UserLevelInversion"):
+        return "none"
+    from lightning_modules.user_level_inversion import final_stage_label
+
+    a = attack.get("init_args") or {}
+    return final_stage_label(a.get("final_denoise", True), int(a.get("final_candidates", 1)), int(a.get("t_final", 100)),
+                             float(a.get("selection_output_weight", 1.0)))
+
+
 def load_runs(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
     """Concatenate ``RUN_DIR/results.csv`` of every run, adding ``run`` (folder name), ``run_dir`` and ``run_name``
     (see :func:`run_name_of`) columns; ``defense`` is filled with 'none' where a run lacks it.
@@ -135,6 +156,8 @@ def load_runs(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
         df["run"] = d.name
         df["run_dir"] = str(d)
         df["run_name"] = run_name_of(d)
+        if "final_stage" not in df:
+            df["final_stage"] = final_stage_of(d)
         frames.append(df)
     if not frames:
         raise ValueError("no run directories given")
@@ -165,9 +188,16 @@ def _varies(df: pd.DataFrame, col: str) -> bool:
 
 
 def group_keys(df: pd.DataFrame) -> list[str]:
-    """``method, B`` plus the :data:`VARIANT_KEYS` the runs differ in (defense and defense_strength together)."""
+    """``method, B`` plus the :data:`VARIANT_KEYS` the runs differ in (defense and defense_strength together), or
+    exactly the variant keys chosen with ``df.attrs["variant_keys"]`` (``--variants``; e.g. ``final_stage`` alone
+    pools runs of different names that share a final stage)."""
     keys = list(GROUP_KEYS)
+    chosen = df.attrs.get("variant_keys")
     for k in VARIANT_KEYS:
+        if chosen is not None:
+            if k in chosen and k in df:
+                keys.append(k)
+            continue
         if k in ("defense", "defense_strength"):
             if (_varies(df, "defense") or _varies(df, "defense_strength")) and k in df:
                 keys.append(k)
@@ -570,14 +600,25 @@ def _free_out_dir(out: Path) -> Path:
 
 
 def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, users_per_group: int = 4,
-                 use_wandb: bool = False, wandb_project: str = "gradinv-report") -> Path:
+                 use_wandb: bool = False, wandb_project: str = "gradinv-report",
+                 variants: Optional[Sequence[str]] = None) -> Path:
     """Build the report (see module docstring) and return the folder it was written to.
 
-    The folder is ``out_dir`` or, if that exists, the first free ``out_dir-N``; files are written in a temporary
-    sibling folder which is renamed into place at the end, so a crash leaves no half-written report.
+    ``variants``: the extra group keys to use (a subset of :data:`VARIANT_KEYS`) instead of every key the runs
+    differ in. The folder is ``out_dir`` or, if that exists, the first free ``out_dir-N``; files are written in a
+    temporary sibling folder which is renamed into place at the end, so a crash leaves no half-written report.
+
+    Raises:
+        ValueError: a variant key that is not one of VARIANT_KEYS (before anything is read).
     """
+    if variants is not None:
+        bad = [k for k in variants if k not in VARIANT_KEYS]
+        if bad:
+            raise ValueError(f"unknown variant key(s) {bad}: choose from {VARIANT_KEYS}")
     run_dirs = [Path(d) for d in run_dirs]
     df = load_runs(run_dirs)
+    if variants is not None:
+        df.attrs["variant_keys"] = list(variants)
     summary = aggregate(df)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -636,9 +677,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--gallery-users", type=int, default=4, help="users per (method, B) in gallery.png")
     ap.add_argument("--wandb", action="store_true", help="also log table and figures to W&B (offline by default)")
     ap.add_argument("--wandb-project", default="gradinv-report")
+    ap.add_argument("--variants", default=None,
+                    help=f"comma-separated extra group keys, from {','.join(VARIANT_KEYS)} (default: every key the "
+                         "runs differ in; '' for none)")
     args = ap.parse_args(argv)
     requested = args.out
-    out = build_report(args.run_dirs, requested, args.gallery_users, args.wandb, args.wandb_project)
+    variants = None if args.variants is None else [k for k in args.variants.split(",") if k]
+    out = build_report(args.run_dirs, requested, args.gallery_users, args.wandb, args.wandb_project, variants)
     if out != requested:
         print(f"{requested} exists; wrote to {out} instead", file=sys.stderr)
     extra = ", privacy.csv, privacy_curve.png" if (out / "privacy.csv").is_file() else ""

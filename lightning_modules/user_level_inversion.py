@@ -75,6 +75,17 @@ INITS = ("noise", "gray")
 LR_DECAYS = ("none", "cosine", "step")
 
 
+def final_stage_label(final_denoise: bool, final_candidates: int, t_final: int, selection_output_weight: float) -> str:
+    """A short name of the attack's final stage for results tables: ``'none'`` (no final denoising),
+    ``'denoise t=100'`` (the paper's single denoising from t_final) or ``'select N=32 t=400 mu=1'`` (final candidate
+    selection among N denoisings, score with output weight mu)."""
+    if not final_denoise:
+        return "none"
+    if final_candidates == 1:
+        return f"denoise t={t_final}"
+    return f"select N={final_candidates} t={t_final} mu={selection_output_weight:g}"
+
+
 class UserLevelInversion(GradientInversionAttack):
     """Recover one representative image of a user from its target gradient (or of U users at once, see :meth:`bind`).
 
@@ -602,6 +613,12 @@ class UserLevelInversion(GradientInversionAttack):
             self.histories[u]["final_candidate"] = [float(k)]
             self.histories[u]["final_selection_score"] = [float(scores[k])]
         return torch.cat(chosen).cpu()
+
+    @property
+    def final_stage_name(self) -> str:
+        """:func:`final_stage_label` of this attack's settings (results.csv's ``final_stage`` column)."""
+        hp = self.hparams
+        return final_stage_label(hp.final_denoise, hp.final_candidates, hp.t_final, hp.selection_output_weight)
 
     def candidate_generators(self, seed: int) -> list[torch.Generator]:
         """The final_candidates generators of the user with ``seed``: candidate k is seeded ``seed + 3 + 7919 k``,

@@ -166,6 +166,7 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
                                               labels=attack.labels, steps=int(r["steps"]), history=attack.history,
                                               extras=attack.candidate_extras(0))
             row = attack_main.scenario_columns(attack_cls.__name__, user, attack.labels, init)
+            row["final_stage"] = attack.final_stage_name
             row.update(attack_main.evaluate(result, user, evaluator, init.evaluation.lpips, victim))
             if init.evaluation.faces:
                 final = denoised if denoised is not None else raw

@@ -63,6 +63,7 @@ def test_refinish_with_selection_equals_the_attack_run_with_selection(runs):
         for key in ("evaluator_class", "evaluator_prob", "victim_class", "psnr_nearest", "mse_mean", "psnr_mean"):
             assert float(g[key]) == pytest.approx(float(w[key]), abs=1e-4), key
         assert g["refinish_source"] == "raw.pt" and g["refinished_from"] == single.name
+        assert g["final_stage"] == w["final_stage"] == "select N=3 t=60 mu=1"
         assert g["steps"] == rows(single)[0]["steps"] and 0 <= int(g["final_candidate"]) < 3
         assert g["evaluator_candidates_correct"] == w["evaluator_candidates_correct"]
         assert 0 <= int(g["evaluator_candidates_correct"]) <= 3
