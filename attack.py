@@ -716,6 +716,7 @@ def run(cfg: Namespace) -> Path:
                 inferred = result.labels
                 row = scenario_columns(attack_cls.__name__, user, inferred, init)
                 row["final_stage"] = getattr(attack, "final_stage_name", "none")
+                row["device"] = trainer.strategy.root_device.type  # where it ran (the module is back on the CPU)
                 row.update(evaluate(result, user, evaluator, init.evaluation.lpips, victim))
                 if init.evaluation.faces:
                     final = result.denoised if result.denoised is not None else result.representative
@@ -772,6 +773,9 @@ def run(cfg: Namespace) -> Path:
         status = "interrupted"
         print(f"[attack] interrupted; results of the finished users are kept in {run_dir} "
               f"(continue with --resume {run_dir})", file=sys.stderr)
+    except Exception as exc:  # summary.json says so instead of "running"; the finished users' rows stay
+        status = f"failed: {type(exc).__name__}: {exc}"
+        raise
     finally:
         summary = {"status": status, "run_dir": str(run_dir), "processes": world, **summarize(rows)}
         if rank == 0:

@@ -24,7 +24,7 @@ in a temporary folder next to it and renamed into place at the end:
 Extra grouping, only when the runs differ in it (so a report of one kind of run is unchanged): ``protocol``,
 ``victim_init``, ``defense`` + ``defense_strength`` (columns of results.csv; a run without them counts as
 ``defense = none``, strength NaN), ``final_stage`` (results.csv's column, else derived from the run's config.yaml:
-'denoise t=100', 'select N=32 t=400 mu=1', ...) and ``run_name`` (``output.name`` from each run's ``config.yaml``, else the run
+'denoise t=100 ddim/10', 'select N=32 t=400 mu=1 ddim/10', ...) and ``run_name`` (``output.name`` from each run's ``config.yaml``, else the run
 folder name without its ``-YYYYmmdd-HHMMSS-hex`` suffix). These become extra key columns of ``summary.csv`` (after
 ``method, B``), so e.g. an ablation table (full vs no_prior vs no_window ..., one ``output.name`` each) comes out
 directly, and the figures draw one line per method and extra key. ``--variants final_stage,victim_init`` (any subset
@@ -130,7 +130,8 @@ def final_stage_of(run_dir: Path) -> Optional[str]:
 
     a = attack.get("init_args") or {}
     return final_stage_label(a.get("final_denoise", True), int(a.get("final_candidates", 1)), int(a.get("t_final", 100)),
-                             float(a.get("selection_output_weight", 1.0)))
+                             float(a.get("selection_output_weight", 1.0)), str(a.get("denoise_method", "ddim")),
+                             int(a.get("denoise_steps", 10)))
 
 
 def load_runs(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
@@ -200,6 +201,9 @@ def group_keys(df: pd.DataFrame) -> list[str]:
             continue
         if k in ("defense", "defense_strength"):
             if (_varies(df, "defense") or _varies(df, "defense_strength")) and k in df:
+                keys.append(k)
+        elif k == "final_stage":  # only the user-level attack has one: it varies when it does within a method
+            if k in df and df.groupby("method")[k].nunique(dropna=False).max() > 1:
                 keys.append(k)
         elif _varies(df, k):
             keys.append(k)
@@ -683,6 +687,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
     requested = args.out
     variants = None if args.variants is None else [k for k in args.variants.split(",") if k]
+    if variants is not None and any(k not in VARIANT_KEYS for k in variants):
+        ap.error(f"--variants: unknown key(s) {[k for k in variants if k not in VARIANT_KEYS]}; choose from {VARIANT_KEYS}")
     out = build_report(args.run_dirs, requested, args.gallery_users, args.wandb, args.wandb_project, variants)
     if out != requested:
         print(f"{requested} exists; wrote to {out} instead", file=sys.stderr)

@@ -75,15 +75,18 @@ INITS = ("noise", "gray")
 LR_DECAYS = ("none", "cosine", "step")
 
 
-def final_stage_label(final_denoise: bool, final_candidates: int, t_final: int, selection_output_weight: float) -> str:
+def final_stage_label(final_denoise: bool, final_candidates: int, t_final: int, selection_output_weight: float,
+                      denoise_method: str = "ddim", denoise_steps: int = 10) -> str:
     """A short name of the attack's final stage for results tables: ``'none'`` (no final denoising),
-    ``'denoise t=100'`` (the paper's single denoising from t_final) or ``'select N=32 t=400 mu=1'`` (final candidate
-    selection among N denoisings, score with output weight mu)."""
+    ``'denoise t=100 ddim/10'`` (the paper's single denoising from t_final; sampler and DDIM steps, ``ddpm`` runs
+    every step from t_final) or ``'select N=32 t=400 mu=1 ddim/10'`` (final candidate selection among N denoisings,
+    score with output weight mu)."""
     if not final_denoise:
         return "none"
+    sampler = f"ddim/{denoise_steps}" if denoise_method == "ddim" else str(denoise_method)
     if final_candidates == 1:
-        return f"denoise t={t_final}"
-    return f"select N={final_candidates} t={t_final} mu={selection_output_weight:g}"
+        return f"denoise t={t_final} {sampler}"
+    return f"select N={final_candidates} t={t_final} mu={selection_output_weight:g} {sampler}"
 
 
 class UserLevelInversion(GradientInversionAttack):
@@ -170,6 +173,9 @@ class UserLevelInversion(GradientInversionAttack):
             raise ValueError(f"attack.lr_decay must be one of {LR_DECAYS}, got {lr_decay!r}")
         if users_per_step < 1:
             raise ValueError(f"attack.users_per_step must be >= 1, got {users_per_step}")
+        if denoise_method not in ("ddim", "ddpm") or denoise_steps < 1 or t_final < 1:
+            raise ValueError(f"attack.denoise_method must be 'ddim' or 'ddpm', denoise_steps >= 1 and t_final >= 1, got "
+                             f"{denoise_method!r}, {denoise_steps}, {t_final}")
         if final_candidates < 1 or selection_output_weight < 0:
             raise ValueError(f"attack.final_candidates must be >= 1 and selection_output_weight >= 0, got "
                              f"{final_candidates} and {selection_output_weight}")
@@ -618,7 +624,8 @@ class UserLevelInversion(GradientInversionAttack):
     def final_stage_name(self) -> str:
         """:func:`final_stage_label` of this attack's settings (results.csv's ``final_stage`` column)."""
         hp = self.hparams
-        return final_stage_label(hp.final_denoise, hp.final_candidates, hp.t_final, hp.selection_output_weight)
+        return final_stage_label(hp.final_denoise, hp.final_candidates, hp.t_final, hp.selection_output_weight,
+                                 hp.denoise_method, hp.denoise_steps)
 
     def candidate_generators(self, seed: int) -> list[torch.Generator]:
         """The final_candidates generators of the user with ``seed``: candidate k is seeded ``seed + 3 + 7919 k``,

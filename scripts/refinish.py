@@ -30,9 +30,15 @@ are the original run's optimisation; plus ``final_candidate``, ``refinish_second
 ``refinished_from``), summary.json and per-user images including raw.pt; every file written to a temporary file and
 renamed.
 
-Raises (as one ConfigError before any work): RUN_DIR is not a finished attack.py run of the user-level attack; an
+Raises (as one ConfigError before any output): RUN_DIR is not a finished attack.py run of the user-level attack; an
 argument changes anything but the final stage, evaluation, output, logger or trainer settings (the saved images
-would not be the ones that config optimises); the run's users do not match its config any more (the data changed).
+would not be the ones that config optimises); a final-stage setting the attack or the prior rejects (e.g. t_final
+>= T); the run used a stochastic defense without a seed (its noise cannot be redrawn); the run's users do not match
+its config any more (the data changed; checked on the labels, and on the rebuilt label inference of every user).
+
+Exactness: the candidates' noise comes from torch generators on the final stage's device (CUDA when available and
+trainer.accelerator allows it, else the CPU). A run made on the other device type gets statistically equivalent,
+not identical, candidates; refinish warns (results.csv's ``device`` column says where each ran).
 """
 
 from __future__ import annotations
@@ -93,7 +99,11 @@ def load_raw(udir: Path, image_shape: tuple[int, int, int]) -> tuple[torch.Tenso
     """A user's saved representative image, float32 (1, C, H, W) in [0, 1], and its source ('raw.pt' or
     'raw.png (uint8)'). Raises ConfigError when neither file is there or the shape is not (1, *image_shape)."""
     if (udir / "raw.pt").is_file():
-        x, source = torch.load(udir / "raw.pt", map_location="cpu", weights_only=True).float(), "raw.pt"
+        try:
+            x, source = torch.load(udir / "raw.pt", map_location="cpu", weights_only=True).float(), "raw.pt"
+        except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear error
+            raise ConfigError(f"{udir / 'raw.pt'} cannot be read ({type(exc).__name__}: {exc}); delete it to use "
+                              "raw.png (uint8) instead") from None
     elif (udir / "raw.png").is_file():
         import numpy as np
         from PIL import Image
@@ -133,6 +143,12 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
     if not rows_in:
         raise ConfigError(f"{run_dir}: results.csv has no finished user")
 
+    seedless = [d.get("name") for d in (dict(x) for x in cfg.threat.defenses) if d.get("seed") is None and (
+        d.get("name") == "gaussian_dp" or (d.get("name") == "quantize" and d.get("stochastic")))]
+    if seedless:
+        raise ConfigError(f"{run_dir} used the stochastic defense(s) {seedless} without a seed: their noise came from "
+                          "the global RNG and cannot be redrawn, so the server's view cannot be rebuilt; refinish works "
+                          "on runs whose defenses have a seed")
     init, source, victim, attack_cls, attack_kwargs, prior, evaluator = attack_main.prepare(parser, cfg)
     users = source.users()
     by_id = {str(u.user_id): (i, u) for i, u in enumerate(users)}
@@ -149,6 +165,29 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
 
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("gpu", "cuda", "auto")
                           else "cpu")
+    ran_on = {r.get("device") for r in rows_in} - {None, ""}
+    if ran_on and ran_on != {device.type}:  # torch's CPU and CUDA generators give other numbers for one seed
+        print(f"[refinish] warning: {run_dir} ran on {sorted(ran_on)}, this refinish runs on {device.type}: the "
+              "candidates' noise differs (same seeds, other generator), so results match in distribution, not "
+              "exactly", file=sys.stderr)
+
+    def server_side(i, user, r):
+        """The server's view of user i rebuilt as attack.py built it, checked against the run's label inference."""
+        view = attack_main.client_update(victim, user, init.threat, source.num_classes, user_index=i)
+        attack = attack_cls(**attack_kwargs).bind(view, prior).to(device)
+        counts = " ".join(f"{float(v):g}" for v in attack.labels.counts.tolist())
+        if r.get("inferred_counts") not in (None, "", counts):
+            raise ConfigError(f"{run_dir}: user {r['user']}'s rebuilt client update gives label counts {counts}, the "
+                              f"run's were {r['inferred_counts']}: the target gradient differs (data or defenses changed)")
+        attack.on_fit_start()  # the target gradient to the device, as before a fit
+        return attack
+
+    try:  # the first user's server side before any output: a bad final-stage setting fails here (e.g. t_final >= T)
+        server_side(*plan[0][:3])
+    except ValueError as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"refinish settings rejected: {exc}") from None
     out_dir = attack_main.new_run_dir(init.output.root, init.output.name)
     attack_main.atomic_write_text(out_dir / "config.yaml", attack_main.dump_config(parser, cfg))
     logger = attack_main.make_logger(cfg, out_dir, new)
@@ -157,9 +196,7 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
     try:
         for i, user, r, raw, raw_source in plan:
             t0 = time.time()
-            view = attack_main.client_update(victim, user, init.threat, source.num_classes, user_index=i)
-            attack = attack_cls(**attack_kwargs).bind(view, prior).to(device)
-            attack.on_fit_start()  # the target gradient to the device, as before a fit
+            attack = server_side(i, user, r)
             denoised = attack.final_stage(raw.to(device))
             seconds = time.time() - t0
             result = attack_main.AttackResult(representative=raw, reconstructions=raw, denoised=denoised,
@@ -174,8 +211,10 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
             row.update(steps=r["steps"], seconds=r["seconds"], seconds_per_step=r["seconds_per_step"])
             if r.get("users_per_step"):
                 row["users_per_step"] = r["users_per_step"]
-            row.update(final_candidate=int(attack.history["final_candidate"][0]) if "final_candidate" in attack.history else 0,
-                       refinish_seconds=round(seconds, 2), refinish_source=raw_source, refinished_from=run_dir.name)
+            row.update(device=device.type,
+                       final_candidate=int(attack.history["final_candidate"][0]) if "final_candidate" in attack.history else 0,
+                       refinish_seconds=round(seconds, 2), refinish_source=raw_source,
+                       refinished_from=run_dir.resolve().name)
             images = {"batch": user.images, "raw": raw}
             if denoised is not None:
                 images["denoised"] = denoised
@@ -194,6 +233,9 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
     except KeyboardInterrupt:
         status = "interrupted"
         print(f"[refinish] interrupted; the finished users are kept in {out_dir}", file=sys.stderr)
+    except Exception as exc:
+        status = f"failed: {type(exc).__name__}: {exc}"
+        raise
     finally:
         summary = {"status": status, "run_dir": str(out_dir), "refinished_from": str(run_dir), "changed": changed,
                    **attack_main.summarize(rows)}
@@ -212,6 +254,9 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
 
 def main(argv: Optional[list[str]] = None) -> Path:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        raise SystemExit(0)
     if not argv or argv[0].startswith("-"):
         raise ConfigError("usage: python scripts/refinish.py RUN_DIR [attack.py overrides of the final stage ...]")
     return refinish(Path(argv[0]), argv[1:])

@@ -71,7 +71,7 @@ def test_attack_py_writes_every_output(tmp_path):
     assert [r["user"] for r in rows] == ["0", "1"]
     for r in rows:
         assert r["B"] == "3" and r["steps"] == "4" and r["method"] == "UserLevelInversion"
-        assert r["final_stage"] == "denoise t=20"  # the tiny config's single final denoising
+        assert r["final_stage"] == "denoise t=20 ddim/2" and r["device"] == "cpu"  # the tiny config's final stage
         assert r["inferred_dominant"] == r["dominant_class"]  # single-class users: label inference is exact
         for key in ("evaluator_class", "evaluator_prob", "mse_nearest", "mse_mean", "psnr_nearest", "psnr_mean", "seconds"):
             assert r[key] != ""

@@ -63,7 +63,7 @@ def test_refinish_with_selection_equals_the_attack_run_with_selection(runs):
         for key in ("evaluator_class", "evaluator_prob", "victim_class", "psnr_nearest", "mse_mean", "psnr_mean"):
             assert float(g[key]) == pytest.approx(float(w[key]), abs=1e-4), key
         assert g["refinish_source"] == "raw.pt" and g["refinished_from"] == single.name
-        assert g["final_stage"] == w["final_stage"] == "select N=3 t=60 mu=1"
+        assert g["final_stage"] == w["final_stage"] == "select N=3 t=60 mu=1 ddim/2"
         assert g["steps"] == rows(single)[0]["steps"] and 0 <= int(g["final_candidate"]) < 3
         assert g["evaluator_candidates_correct"] == w["evaluator_candidates_correct"]
         assert 0 <= int(g["evaluator_candidates_correct"]) <= 3
@@ -151,3 +151,26 @@ def test_evaluate_counts_the_candidates_of_the_users_class():
     assert row["evaluator_candidates_correct"] == 0 and row["evaluator_any_candidate_correct"] == 0
     result.extras = {}
     assert "evaluator_candidates_correct" not in attack.evaluate(result, user, evaluator, lpips=False)
+
+
+@pytest.mark.slow
+def test_refinish_rejects_bad_final_stage_settings_before_any_output(runs):
+    single, _ = runs
+    rf = load_refinish()
+    before = sorted(single.parent.iterdir())
+    with pytest.raises(attack.ConfigError, match="t_final"):
+        rf.main([str(single), "--attack.init_args.t_final", "5000"])  # beyond the prior's T
+    with pytest.raises(ValueError, match="denoise_method"):
+        rf.main([str(single), "--attack.init_args.denoise_method", "heun"])
+    assert sorted(single.parent.iterdir()) == before  # no run directory was started
+
+
+def test_refinish_refuses_a_run_with_an_unseeded_stochastic_defense(tmp_path):
+    rf = load_refinish()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = tiny_config(tmp_path, **{"threat.defenses": [{"name": "gaussian_dp", "clip_norm": 1.0, "sigma": 0.1}]})
+    (run_dir / "config.yaml").write_text(cfg.read_text())
+    (run_dir / "results.csv").write_text("user\n0\n")
+    with pytest.raises(attack.ConfigError, match="without a seed"):
+        rf.main([str(run_dir)])

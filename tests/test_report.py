@@ -123,15 +123,15 @@ def test_final_stage_variants_pool_runs_of_one_final_stage(tmp_path):
     a = _fake_run(tmp_path, "paper", methods=("UserLevelInversion",), bs=(10,), seed=1)
     b = _fake_run(tmp_path, "sel_a", methods=("UserLevelInversion",), bs=(10,), seed=2)
     c = _fake_run(tmp_path, "sel_b", methods=("UserLevelInversion",), bs=(10,), seed=3)
-    for name, df, stage in (("paper", a, "denoise t=100"), ("sel_a", b, "select N=8 t=400 mu=1")):
+    for name, df, stage in (("paper", a, "denoise t=100 ddim/10"), ("sel_a", b, "select N=8 t=400 mu=1 ddim/10")):
         df.assign(final_stage=stage).to_csv(tmp_path / name / "results.csv", index=False)
     (tmp_path / "sel_b" / "config.yaml").write_text(
         "attack:\n  class_path: lightning_modules.user_level_inversion.UserLevelInversion\n"
         "  init_args: {final_candidates: 8, t_final: 400, selection_output_weight: 1.0}\n")
-    assert report.final_stage_of(tmp_path / "sel_b") == "select N=8 t=400 mu=1"
+    assert report.final_stage_of(tmp_path / "sel_b") == "select N=8 t=400 mu=1 ddim/10"  # defaults: DDIM, 10 steps
     runs = [tmp_path / n for n in ("paper", "sel_a", "sel_b")]
     s = pd.read_csv(report.build_report(runs, tmp_path / "rep", variants=["final_stage"]) / "summary.csv")
-    assert "run_name" not in s.columns and sorted(s["final_stage"]) == ["denoise t=100", "select N=8 t=400 mu=1"]
+    assert "run_name" not in s.columns and sorted(s["final_stage"]) == ["denoise t=100 ddim/10", "select N=8 t=400 mu=1 ddim/10"]
     sel = s[s["final_stage"].str.startswith("select")].iloc[0]
     pooled = pd.concat([b, c])
     assert sel["n_users"] == len(pooled) == 6
