@@ -618,6 +618,16 @@ def prepare(parser: ArgumentParser, cfg: Namespace):
     return init, source, victim, attack_cls, attack_kwargs, prior, evaluator
 
 
+def histogram_text(user: User) -> str:
+    """The user's label counts as results.csv writes them (``true_histogram``): 'n_0 n_1 ... n_{K-1}'."""
+    return " ".join(str(int(v)) for v in user.label_histogram.tolist())
+
+
+def counts_text(inferred) -> str:
+    """A label inference's estimated counts as results.csv writes them (``inferred_counts``)."""
+    return " ".join(f"{float(v):g}" for v in inferred.counts.tolist())
+
+
 def scenario_columns(method: str, user: User, inferred, init: Namespace) -> dict[str, Any]:
     """The leading results.csv columns of one user: who it is, its ground-truth label histogram (evaluation side),
     the server's label inference, and the threat model (protocol, defenses, victim initialisation)."""
@@ -625,15 +635,45 @@ def scenario_columns(method: str, user: User, inferred, init: Namespace) -> dict
     return {
         "user": user.user_id, "method": method, "B": user.batch_size,
         "dominant_class": user.dominant_class,
-        "true_histogram": " ".join(str(int(v)) for v in user.label_histogram.tolist()),
+        "true_histogram": histogram_text(user),
         "inferred_dominant": inferred.dominant,
-        "inferred_counts": " ".join(f"{float(v):g}" for v in inferred.counts.tolist()),
+        "inferred_counts": counts_text(inferred),
         "label_strategy": inferred.strategy,
         "protocol": init.threat.protocol,
         "defense": defense_name,
         "defense_strength": defense_strength,
         "victim_init": "random" if init.victim.random_init else "trained",
     }
+
+
+def user_row(attack, user: User, result: AttackResult, init: Namespace, evaluator, victim, users: list[User],
+             device: str) -> dict[str, Any]:
+    """One user's results.csv row before its timing columns: :func:`scenario_columns`, the attack's final stage, the
+    device it ran on, :func:`evaluate` and (when configured) :func:`face_columns`. Used by :func:`run` and
+    ``scripts/refinish.py``."""
+    row = scenario_columns(type(attack).__name__, user, result.labels, init)
+    row["final_stage"] = getattr(attack, "final_stage_name", "none")
+    row["device"] = device
+    row.update(evaluate(result, user, evaluator, init.evaluation.lpips, victim))
+    if init.evaluation.faces:
+        final = result.denoised if result.denoised is not None else result.representative
+        row.update(face_columns(final, user, [u.images for u in users if u is not user]))
+    return row
+
+
+def user_images(user: User, result: AttackResult) -> dict[str, torch.Tensor]:
+    """The images :func:`write_user` saves for one user: batch, raw, reconstructions (baselines), denoised,
+    candidates (final candidate selection) and the grid (up to 10 batch images | raw | denoised)."""
+    images = {"batch": user.images, "raw": result.representative}
+    if result.reconstructions.shape[0] > 1:
+        images["reconstructions"] = result.reconstructions
+    if result.denoised is not None:
+        images["denoised"] = result.denoised
+    if result.extras.get("candidates") is not None:
+        images["candidates"] = result.extras["candidates"]
+    images["grid"] = torch.cat([user.images[: min(user.batch_size, 10)], result.representative,
+                                *([result.denoised] if result.denoised is not None else [])])
+    return images
 
 
 def run(cfg: Namespace) -> Path:
@@ -714,25 +754,12 @@ def run(cfg: Namespace) -> Path:
                 raise KeyboardInterrupt
             for (i, user), uid, result in zip(chunk, uids, attack.results()):
                 inferred = result.labels
-                row = scenario_columns(attack_cls.__name__, user, inferred, init)
-                row["final_stage"] = getattr(attack, "final_stage_name", "none")
-                row["device"] = trainer.strategy.root_device.type  # where it ran (the module is back on the CPU)
-                row.update(evaluate(result, user, evaluator, init.evaluation.lpips, victim))
-                if init.evaluation.faces:
-                    final = result.denoised if result.denoised is not None else result.representative
-                    row.update(face_columns(final, user, [u.images for u in users if u is not user]))
+                # device: where it ran (after the fit the module is back on the CPU)
+                row = user_row(attack, user, result, init, evaluator, victim, users, trainer.strategy.root_device.type)
                 row.update(steps=result.steps, seconds=round(seconds, 2), seconds_per_step=round(seconds / max(1, result.steps), 4))
                 if per_step > 1:
                     row["users_per_step"] = len(chunk)
-                images = {"batch": user.images, "raw": result.representative}
-                if result.reconstructions.shape[0] > 1:
-                    images["reconstructions"] = result.reconstructions
-                if result.denoised is not None:
-                    images["denoised"] = result.denoised
-                if result.extras.get("candidates") is not None:
-                    images["candidates"] = result.extras["candidates"]
-                images["grid"] = torch.cat([user.images[: min(user.batch_size, 10)], result.representative,
-                                            *([result.denoised] if result.denoised is not None else [])])
+                images = user_images(user, result)
                 if rank == 0:
                     write_user(run_dir, uid, images)
                     rows.append(row)

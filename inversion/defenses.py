@@ -76,6 +76,12 @@ class Defense:
     def _generator(self, seed: Optional[int]) -> Optional[torch.Generator]:
         return None if seed is None else torch.Generator(device="cpu").manual_seed(seed)
 
+    @property
+    def reproducible(self) -> bool:
+        """True when the same input always gives the same output (no randomness, or randomness from its own seed);
+        False when it draws from the global RNG (``seed=None``), so its output cannot be redrawn later."""
+        return True
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({args})"
@@ -148,6 +154,10 @@ class GaussianDP(Defense):
     def noise_std(self) -> float:
         """Per-coordinate noise standard deviation sigma * C."""
         return self.noise_multiplier * self.clip_norm
+
+    @property
+    def reproducible(self) -> bool:
+        return self.seed is not None or self.noise_std == 0
 
     def apply(self, update: Update) -> Update:
         clipped = self.clip.apply(update)
@@ -226,6 +236,10 @@ class Quantize(Defense):
         self.stochastic = bool(stochastic)
         self.seed = _seed("Quantize", seed)
 
+    @property
+    def reproducible(self) -> bool:
+        return not self.stochastic or self.seed is not None
+
     def apply(self, update: Update) -> Update:
         gen = self._generator(self.seed) if self.stochastic else None
         out = OrderedDict()
@@ -277,6 +291,10 @@ class Compose(Defense):
 
     def __len__(self) -> int:
         return len(self.defenses)
+
+    @property
+    def reproducible(self) -> bool:
+        return all(getattr(d, "reproducible", False) for d in self.defenses)
 
 
 DEFENSES: dict[str, type] = {

@@ -114,6 +114,10 @@ def run_name_of(run_dir: Path) -> Optional[str]:
     return None
 
 
+class UnknownVariantError(ValueError):
+    """A ``--variants`` key that is not one of :data:`VARIANT_KEYS`."""
+
+
 def final_stage_of(run_dir: Path) -> Optional[str]:
     """The user-level attack's final stage (:func:`lightning_modules.user_level_inversion.final_stage_label`) from the
     run's config.yaml, for runs written before results.csv had a ``final_stage`` column; 'none' for other attacks,
@@ -126,12 +130,13 @@ def final_stage_of(run_dir: Path) -> Optional[str]:
         return None
     if not str(attack.get("class_path", "")).endswith("UserLevelInversion"):
         return "none"
-    from lightning_modules.user_level_inversion import final_stage_label
+    import inspect
 
-    a = attack.get("init_args") or {}
-    return final_stage_label(a.get("final_denoise", True), int(a.get("final_candidates", 1)), int(a.get("t_final", 100)),
-                             float(a.get("selection_output_weight", 1.0)), str(a.get("denoise_method", "ddim")),
-                             int(a.get("denoise_steps", 10)))
+    from lightning_modules.user_level_inversion import UserLevelInversion, final_stage_label
+
+    defaults = {k: p.default for k, p in inspect.signature(UserLevelInversion.__init__).parameters.items()}
+    a = {**defaults, **(attack.get("init_args") or {})}  # a hand-written config may leave keys at their defaults
+    return final_stage_label(*(a[k] for k in inspect.signature(final_stage_label).parameters))
 
 
 def load_runs(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
@@ -613,12 +618,12 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, users_per_
     temporary sibling folder which is renamed into place at the end, so a crash leaves no half-written report.
 
     Raises:
-        ValueError: a variant key that is not one of VARIANT_KEYS (before anything is read).
+        UnknownVariantError (a ValueError): a variant key that is not one of VARIANT_KEYS (before anything is read).
     """
     if variants is not None:
         bad = [k for k in variants if k not in VARIANT_KEYS]
         if bad:
-            raise ValueError(f"unknown variant key(s) {bad}: choose from {VARIANT_KEYS}")
+            raise UnknownVariantError(f"unknown variant key(s) {bad}: choose from {VARIANT_KEYS}")
     run_dirs = [Path(d) for d in run_dirs]
     df = load_runs(run_dirs)
     if variants is not None:
@@ -687,9 +692,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
     requested = args.out
     variants = None if args.variants is None else [k for k in args.variants.split(",") if k]
-    if variants is not None and any(k not in VARIANT_KEYS for k in variants):
-        ap.error(f"--variants: unknown key(s) {[k for k in variants if k not in VARIANT_KEYS]}; choose from {VARIANT_KEYS}")
-    out = build_report(args.run_dirs, requested, args.gallery_users, args.wandb, args.wandb_project, variants)
+    try:
+        out = build_report(args.run_dirs, requested, args.gallery_users, args.wandb, args.wandb_project, variants)
+    except UnknownVariantError as exc:
+        ap.error(f"--variants: {exc}")
     if out != requested:
         print(f"{requested} exists; wrote to {out} instead", file=sys.stderr)
     extra = ", privacy.csv, privacy_curve.png" if (out / "privacy.csv").is_file() else ""

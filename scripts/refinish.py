@@ -143,13 +143,11 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
     if not rows_in:
         raise ConfigError(f"{run_dir}: results.csv has no finished user")
 
-    seedless = [d.get("name") for d in (dict(x) for x in cfg.threat.defenses) if d.get("seed") is None and (
-        d.get("name") == "gaussian_dp" or (d.get("name") == "quantize" and d.get("stochastic")))]
-    if seedless:
-        raise ConfigError(f"{run_dir} used the stochastic defense(s) {seedless} without a seed: their noise came from "
-                          "the global RNG and cannot be redrawn, so the server's view cannot be rebuilt; refinish works "
-                          "on runs whose defenses have a seed")
     init, source, victim, attack_cls, attack_kwargs, prior, evaluator = attack_main.prepare(parser, cfg)
+    if not attack_main.user_defenses(init.threat, 0).reproducible:
+        raise ConfigError(f"{run_dir} used a stochastic defense without a seed: its noise came from the global RNG and "
+                          "cannot be redrawn, so the server's view cannot be rebuilt; refinish works on runs whose "
+                          "defenses have a seed")
     users = source.users()
     by_id = {str(u.user_id): (i, u) for i, u in enumerate(users)}
     plan = []
@@ -157,7 +155,7 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
         if r["user"] not in by_id:
             raise ConfigError(f"{run_dir}: user {r['user']} of results.csv is not among the config's users")
         i, user = by_id[r["user"]]
-        hist = " ".join(str(int(v)) for v in user.label_histogram.tolist())
+        hist = attack_main.histogram_text(user)
         if r.get("true_histogram") not in (None, "", hist) or int(r["B"]) != user.batch_size:
             raise ConfigError(f"{run_dir}: user {r['user']} of results.csv (B {r['B']}, labels {r.get('true_histogram')}) "
                               f"differs from the config's user (B {user.batch_size}, labels {hist}): the data changed")
@@ -175,7 +173,7 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
         """The server's view of user i rebuilt as attack.py built it, checked against the run's label inference."""
         view = attack_main.client_update(victim, user, init.threat, source.num_classes, user_index=i)
         attack = attack_cls(**attack_kwargs).bind(view, prior).to(device)
-        counts = " ".join(f"{float(v):g}" for v in attack.labels.counts.tolist())
+        counts = attack_main.counts_text(attack.labels)
         if r.get("inferred_counts") not in (None, "", counts):
             raise ConfigError(f"{run_dir}: user {r['user']}'s rebuilt client update gives label counts {counts}, the "
                               f"run's were {r['inferred_counts']}: the target gradient differs (data or defenses changed)")
@@ -202,26 +200,14 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
             result = attack_main.AttackResult(representative=raw, reconstructions=raw, denoised=denoised,
                                               labels=attack.labels, steps=int(r["steps"]), history=attack.history,
                                               extras=attack.candidate_extras(0))
-            row = attack_main.scenario_columns(attack_cls.__name__, user, attack.labels, init)
-            row["final_stage"] = attack.final_stage_name
-            row.update(attack_main.evaluate(result, user, evaluator, init.evaluation.lpips, victim))
-            if init.evaluation.faces:
-                final = denoised if denoised is not None else raw
-                row.update(attack_main.face_columns(final, user, [u.images for u in users if u is not user]))
+            row = attack_main.user_row(attack, user, result, init, evaluator, victim, users, device.type)
             row.update(steps=r["steps"], seconds=r["seconds"], seconds_per_step=r["seconds_per_step"])
             if r.get("users_per_step"):
                 row["users_per_step"] = r["users_per_step"]
-            row.update(device=device.type,
-                       final_candidate=int(attack.history["final_candidate"][0]) if "final_candidate" in attack.history else 0,
+            row.update(final_candidate=int(attack.history["final_candidate"][0]) if "final_candidate" in attack.history else 0,
                        refinish_seconds=round(seconds, 2), refinish_source=raw_source,
                        refinished_from=run_dir.resolve().name)
-            images = {"batch": user.images, "raw": raw}
-            if denoised is not None:
-                images["denoised"] = denoised
-            if result.extras.get("candidates") is not None:
-                images["candidates"] = result.extras["candidates"]
-            images["grid"] = torch.cat([user.images[: min(user.batch_size, 10)], raw,
-                                        *([denoised] if denoised is not None else [])])
+            images = attack_main.user_images(user, result)
             attack_main.write_user(out_dir, attack_main.user_uid(user), images)
             rows.append(row)
             grids.append(images["grid"])

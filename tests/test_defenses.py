@@ -164,3 +164,20 @@ def test_build_defenses_from_config():
 def test_validation_errors(make, pattern):
     with pytest.raises(ValueError, match=pattern):
         make()
+
+
+def test_reproducible_says_whether_the_output_can_be_redrawn():
+    """Defenses drawing from the global RNG (seed None) are not reproducible; seeded or noise-free ones are, and
+    the output of a reproducible one is the same on a second call."""
+    u = update()
+    assert not GaussianDP(clip_norm=1.0, sigma=0.1).reproducible
+    assert GaussianDP(clip_norm=1.0, sigma=0.1, seed=3).reproducible and GaussianDP(clip_norm=1.0, sigma=0.0).reproducible
+    assert not Quantize(4, stochastic=True).reproducible
+    assert Quantize(4, stochastic=True, seed=1).reproducible and Quantize(4).reproducible
+    assert Clip(1.0).reproducible and SignCompression().reproducible and TopKPruning(0.5).reproducible
+    assert build_defenses([{"name": "clip", "clip_norm": 1.0}, {"name": "quantize", "levels": 4, "seed": 2,
+                                                                 "stochastic": True}]).reproducible
+    assert not build_defenses([{"name": "clip", "clip_norm": 1.0}, {"name": "gaussian_dp", "clip_norm": 1.0,
+                                                                     "sigma": 0.1}]).reproducible
+    for d in (GaussianDP(clip_norm=1.0, sigma=0.1, seed=3), Quantize(4, stochastic=True, seed=1)):
+        torch.testing.assert_close(d(u)["fc.weight"], d(u)["fc.weight"], rtol=0, atol=0)
