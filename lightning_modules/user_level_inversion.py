@@ -44,6 +44,9 @@ and Adam, the lr schedule and the box are elementwise, so one parameter for all 
 All randomness is per user: user u has its own generators seeded from its seed (``seeds[u]``, default the attack's
 ``seed``) exactly as a one-user attack with that seed, so user u's image equals, up to float rounding, the image it
 gets attacked alone (tested in tests/test_batched_attack.py). U = 1 runs the original one-user code unchanged.
+Over thousands of steps on real models the rounding differences grow (Adam scales every pixel's step to about lr),
+so at U > 1 a user's final image is another draw of the attack, not the one-at-a-time image: README, "Many users
+per step", has the measured divergence.
 """
 
 from __future__ import annotations
