@@ -44,6 +44,12 @@ more than one defense (or strength) is present, also:
 
 With ``--wandb`` the table (``wandb.Table``) and both figures (uint8 images) are also logged to W&B, offline unless
 ``WANDB_MODE`` says otherwise.
+
+For hand-built tables (a report's ``table.py``: one row per configuration, its users run in several parts, compared
+user by user with a reference row): :func:`newest_run` picks the latest run of an ``output.name``, :func:`pool_users`
+joins runs of disjoint users into one per-user frame (a user twice is an error), :func:`paired_counts` and
+:func:`changed_count` compare two such frames on their shared users, :func:`count_cell` / :func:`mean_std_cell`
+format cells ('k/n', 'mean ± std').
 """
 
 from __future__ import annotations
@@ -60,8 +66,9 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["GROUP_KEYS", "aggregate", "aggregate_privacy", "build_report", "group_keys", "load_runs", "main",
-           "plot_gallery", "plot_metrics_vs_b", "plot_privacy_curve"]
+__all__ = ["GROUP_KEYS", "DuplicateUserError", "aggregate", "aggregate_privacy", "build_report", "changed_count",
+           "count_cell", "group_keys", "load_runs", "main", "mean_std_cell", "newest_run", "paired_counts",
+           "plot_gallery", "plot_metrics_vs_b", "plot_privacy_curve", "pool_users"]
 
 GROUP_KEYS = ["method", "B"]
 # Extra group keys, used only when the runs differ in them (see group_keys); defense and strength go together.
@@ -270,6 +277,109 @@ def aggregate(df: pd.DataFrame, keys: Optional[Sequence[str]] = None, metrics: O
 def aggregate_privacy(df: pd.DataFrame) -> pd.DataFrame:
     """Per (method, B, defense, defense_strength), pooled over runs: accuracies and psnr/lpips nearest."""
     return aggregate(df, PRIVACY_KEYS, metrics=["psnr_nearest", "lpips_nearest"])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# hand-built tables: one row per configuration pooled over runs, paired per-user comparisons
+
+
+class DuplicateUserError(ValueError):
+    """A user found in more than one of the runs pooled into one table row."""
+
+
+def newest_run(roots: Sequence[str | Path], name: str) -> Optional[Path]:
+    """The newest run directory of ``output.name`` ``name`` directly under any of ``roots``.
+
+    attack.py names run folders ``NAME-YYYYmmdd-HHMMSS-hex`` (:data:`RUN_DIR_SUFFIX`); the newest is the one with
+    the latest timestamp in its name (ties: folder name order). Only folders holding ``results.csv`` count; a folder
+    whose name merely starts with ``name`` (``B10_ig_u0`` for ``B10_ig``) does not match. Missing roots are skipped.
+
+    Returns:
+        The folder, or None when no run of that name exists.
+    """
+    import re
+
+    pattern = re.compile(re.escape(name) + RUN_DIR_SUFFIX)
+    found = [d for r in roots if Path(r).is_dir() for d in Path(r).iterdir()
+             if pattern.fullmatch(d.name) and (d / "results.csv").is_file()]
+    return max(found, key=lambda d: (d.name[len(name):], d.name)) if found else None
+
+
+def pool_users(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
+    """One configuration's rows pooled over the runs that hold its users (e.g. users 0-9 and 10-19 run apart).
+
+    Loads every ``results.csv`` with :func:`load_runs` (so numeric columns are float, booleans 1/0) and indexes the
+    result by ``user``, sorted; ``run`` says which run each user came from.
+
+    Raises:
+        DuplicateUserError: a user appears twice (in two runs, or twice in one), since which row to keep would be a
+            guess: pass each user's run once (see :func:`newest_run` for picking the latest of reruns).
+        FileNotFoundError, ValueError: as :func:`load_runs`.
+    """
+    df = load_runs(run_dirs)
+    dup = df[df["user"].duplicated(keep=False)]
+    if len(dup):
+        where = dup.groupby("user")["run"].apply(lambda r: ", ".join(r)).head(5)
+        raise DuplicateUserError("user(s) found more than once in the pooled runs: "
+                                 + "; ".join(f"user {u} in {r}" for u, r in where.items())
+                                 + ". Pool runs of disjoint users (pick one run per rerun).")
+    return df.set_index("user").sort_index()
+
+
+def count_cell(values: Optional[pd.Series]) -> str:
+    """``'k/n'``: k truthy values among the n measured (non-NaN) ones, e.g. users whose representative image the
+    evaluator reads as the dominant class (``evaluator_correct``); '-' when nothing was measured (or ``values`` is
+    None: a column the runs lack)."""
+    if values is None:
+        return "-"
+    v = _to_number(values).dropna()
+    return f"{int((v != 0).sum())}/{len(v)}" if len(v) else "-"
+
+
+def mean_std_cell(values: Optional[pd.Series], fmt: str = ".3g") -> str:
+    """``'mean ± std'`` over users (sample std, ddof 1, two significant digits; mean alone for one value), NaN
+    left out; '-' when nothing was measured (or ``values`` is None: a column the runs lack). ``fmt`` formats the
+    mean (a format spec such as '.3g' or '.2f')."""
+    if values is None:
+        return "-"
+    v = _to_number(values).dropna()
+    if not len(v):
+        return "-"
+    return f"{v.mean():{fmt}}" + (f" ± {v.std(ddof=1):.2g}" if len(v) > 1 else "")
+
+
+def paired_counts(a: pd.DataFrame, b: pd.DataFrame, column: str = "evaluator_correct") -> dict[str, int]:
+    """Per-user paired comparison of a success flag between two configurations on the users both measured.
+
+    ``a`` and ``b`` are per-user frames indexed by ``user`` (:func:`pool_users`); ``column`` holds 1/0 (True/False).
+    Success counts alone hide whether two configurations win on the same users: 10/20 vs 11/20 can be 10 shared
+    users or 1. Returns ``{"n": users in both, "both": , "a_only": , "b_only": , "neither": }``.
+
+    Raises:
+        KeyError: ``column`` missing from either frame.
+    """
+    for name, d in (("a", a), ("b", b)):
+        if column not in d:
+            raise KeyError(f"paired_counts: column {column!r} not in {name} (has {list(d.columns)[:8]}...)")
+    joined = pd.concat([_to_number(a[column]).rename("a"), _to_number(b[column]).rename("b")], axis=1,
+                       join="inner").dropna()
+    x, y = joined["a"] != 0, joined["b"] != 0
+    return {"n": int(len(joined)), "both": int((x & y).sum()), "a_only": int((x & ~y).sum()),
+            "b_only": int((~x & y).sum()), "neither": int((~x & ~y).sum())}
+
+
+def changed_count(a: pd.DataFrame, b: pd.DataFrame, column: str = "evaluator_class") -> tuple[int, int]:
+    """``(k, n)``: on the n users both frames measured (indexed by ``user``), k where ``column`` differs, e.g. the
+    evaluator's class of the reconstruction between an ablation and the full attack (or a rerun: the noise floor).
+
+    Raises:
+        KeyError: ``column`` missing from either frame.
+    """
+    for name, d in (("a", a), ("b", b)):
+        if column not in d:
+            raise KeyError(f"changed_count: column {column!r} not in {name}")
+    joined = pd.concat([a[column].rename("a"), b[column].rename("b")], axis=1, join="inner").dropna()
+    return int((joined["a"] != joined["b"]).sum()), int(len(joined))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -141,3 +141,54 @@ def test_final_stage_variants_pool_runs_of_one_final_stage(tmp_path):
     assert len(s_all) == 2 and "final_stage" in s_all.columns  # default: every key the runs differ in
     with pytest.raises(ValueError, match="unknown variant key"):
         report.build_report(runs, tmp_path / "rep_bad", variants=["colour"])
+
+
+def _user_run(root: Path, folder: str, users, correct, classes=None) -> Path:
+    """A one-method run directory with the given users and evaluator_correct flags (written as True/False)."""
+    run = root / folder
+    run.mkdir(parents=True)
+    classes = classes if classes is not None else [0] * len(users)
+    pd.DataFrame({"user": users, "method": "user_level", "B": 10, "dominant_class": 0, "inferred_dominant": 0,
+                  "evaluator_class": classes, "evaluator_correct": correct,
+                  "psnr_nearest": [10.0 + u for u in users]}).to_csv(run / "results.csv", index=False)
+    return run
+
+
+def test_newest_run_picks_latest_timestamp_of_that_exact_name(tmp_path):
+    old = _user_run(tmp_path / "a", "B10_ig-20261130-090000-aaaaaa", [0], [True])
+    new = _user_run(tmp_path / "b", "B10_ig-20261130-100000-000000", [0], [False])
+    _user_run(tmp_path / "b", "B10_ig_u0-20261130-110000-bbbbbb", [0], [True])  # another name sharing the prefix
+    (tmp_path / "b" / "B10_ig-20261130-120000-cccccc").mkdir()  # newer but no results.csv (crashed at start)
+    assert report.newest_run([tmp_path / "a", tmp_path / "b", tmp_path / "missing"], "B10_ig") == new
+    assert report.newest_run([tmp_path / "a"], "B10_ig") == old
+    assert report.newest_run([tmp_path / "b"], "B10_ig_u0").name.startswith("B10_ig_u0-")
+    assert report.newest_run([tmp_path / "a", tmp_path / "b"], "B10_dlg") is None
+
+
+def test_pool_users_joins_disjoint_runs_and_refuses_a_user_twice(tmp_path):
+    a = _user_run(tmp_path, "first-20261130-090000-aaaaaa", [1, 0], [True, False])
+    b = _user_run(tmp_path, "rest-20261130-090000-bbbbbb", [3, 2], [True, True])
+    d = report.pool_users([a, b])
+    assert list(d.index) == [0, 1, 2, 3]
+    assert list(d["run"]) == [a.name, a.name, b.name, b.name]
+    assert list(d["evaluator_correct"]) == [0.0, 1.0, 1.0, 1.0]  # "True"/"False" read as 1/0
+    assert list(d["psnr_nearest"]) == [10.0, 11.0, 12.0, 13.0]
+    c = _user_run(tmp_path, "rerun-20261130-100000-cccccc", [2], [False])
+    with pytest.raises(report.DuplicateUserError, match=r"user 2 in rest-.*, rerun-"):
+        report.pool_users([a, b, c])
+
+
+def test_cells_and_paired_counts_on_known_values():
+    assert report.count_cell(pd.Series([True, False, True, np.nan])) == "2/3"
+    assert report.count_cell(pd.Series([np.nan])) == "-" and report.count_cell(None) == "-"
+    assert report.mean_std_cell(pd.Series([1.0, 2.0, 3.0, np.nan])) == "2 ± 1"
+    assert report.mean_std_cell(pd.Series([0.25, 0.75]), ".2f") == "0.50 ± 0.35"
+    assert report.mean_std_cell(pd.Series([4.0])) == "4" and report.mean_std_cell(None) == "-"
+    a = pd.DataFrame({"evaluator_correct": [1, 1, 0, 0, 1], "evaluator_class": [3, 3, 1, 2, 3]}, index=[0, 1, 2, 3, 4])
+    b = pd.DataFrame({"evaluator_correct": [1, 0, 1, 0, np.nan, 1], "evaluator_class": [3, 5, 3, 2, 3, 3]},
+                     index=[0, 1, 2, 3, 4, 9])
+    # users 0-3 are measured in both (4 lacks b's value, 9 is only in b)
+    assert report.paired_counts(a, b) == {"n": 4, "both": 1, "a_only": 1, "b_only": 1, "neither": 1}
+    assert report.changed_count(a, b) == (2, 5)  # users 1 and 2 differ; user 4 has a class in both
+    with pytest.raises(KeyError, match="lpips"):
+        report.paired_counts(a, b, "lpips")

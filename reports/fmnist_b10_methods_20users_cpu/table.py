@@ -8,50 +8,48 @@ final image, a baseline's reconstruction that best matches the target gradient (
 dominant class (``all_evaluator_dominant_share``) and each image's LPIPS to its nearest batch image
 (``all_lpips_nearest_mean``); "most read as the class": users for whom more than half of the B
 reconstructions are read as the user's dominant class (a majority vote, the user-level reading of a sample-level
-attack).
+attack). "Paired with the paper's stage": on the same users, both / this row only / the paper's stage only read as
+the class (inversion.report.paired_counts).
 """
-import glob
 import sys
 
-import pandas as pd
+from inversion.report import count_cell, mean_std_cell, newest_run, paired_counts, pool_users
 
-ROWS = [  # (row, run-directory name prefix, optimisation steps shown)
-    ("user-level, paper's final stage (one denoising from t 100)", "B10_trained_mu0-", "300"),
-    ("user-level, final selection among 32 candidates (extension)", "B10_explore_select32_t400-", "300"),
-    ("Inverting Gradients (cosine + TV, signed Adam, boxed)", "B10_trained_ig-", "200"),
-    ("DLG (L2, L-BFGS, soft labels)", "B10_trained_dlg-", "10 x 20 evaluations"),
+ROWS = [  # (row, run names (output.name) pooled into it, optimisation steps shown)
+    ("user-level, paper's final stage (one denoising from t 100)", ["B10_trained_mu0"], "300"),
+    ("user-level, final selection among 32 candidates (extension)", ["B10_explore_select32_t400"], "300"),
+    ("Inverting Gradients (cosine + TV, signed Adam, boxed)", ["B10_trained_ig"], "200"),
+    ("DLG (L2, L-BFGS, soft labels)", ["B10_trained_dlg"], "10 x 20 evaluations"),
 ]
 
 
-def load(roots, prefix):
-    dirs = sorted(d for r in roots for d in glob.glob(f"{r}/{prefix}*/results.csv"))
-    return pd.read_csv(dirs[-1]).drop_duplicates("user").sort_values("user") if dirs else None
-
-
-def ms(d, c, f=".3g"):
-    if c not in d or d[c].isna().all():
-        return "-"
-    return f"{d[c].mean():{f}} ± {d[c].std():.2g}"
+def load(roots, names):
+    runs = [d for d in (newest_run(roots, n) for n in names) if d is not None]
+    return pool_users(runs) if runs else None
 
 
 def main(roots):
+    ref = load(roots, ROWS[0][1])
     print("| method (B = 10, trained victim) | users | steps | label inference | evaluator accuracy (representative) "
+          "| paired with the paper's stage: both / this only / paper only "
           "| all B: share read as the class | all B: most read as the class | PSNR nearest (dB) | SSIM nearest | LPIPS nearest | LPIPS mean "
           "| all B: LPIPS nearest | s/user |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, prefix, steps in ROWS:
-        d = load(roots, prefix)
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for i, (name, names, steps) in enumerate(ROWS):
+        d = load(roots, names)
         if d is None:
             continue
-        n = len(d)
-        labels = int((d.inferred_dominant == d.dominant_class).sum())
-        share = ms(d, "all_evaluator_dominant_share", ".2f")
-        most = (f"{int((d.all_evaluator_dominant_share > 0.5).sum())}/{n}" if "all_evaluator_dominant_share" in d
-                else "-")
+        p = paired_counts(d, ref) if i and ref is not None else None
+        paired = f"{p['both']} / {p['a_only']} / {p['b_only']}" if p else "-"
+        share = most = "-"
+        if "all_evaluator_dominant_share" in d:
+            share = mean_std_cell(d.all_evaluator_dominant_share, ".2f")
+            most = count_cell(d.all_evaluator_dominant_share > 0.5)
         secs = d.seconds + (d.refinish_seconds if "refinish_seconds" in d else 0)
-        print(f"| {name} | {n} | {steps} | {labels}/{n} | {int(d.evaluator_correct.sum())}/{n} | {share} | {most} "
-              f"| {ms(d, 'psnr_nearest')} | {ms(d, 'ssim_nearest')} | {ms(d, 'lpips_nearest')} | {ms(d, 'lpips_mean')} "
-              f"| {ms(d, 'all_lpips_nearest_mean')} | {secs.mean():.0f} |")
+        print(f"| {name} | {len(d)} | {steps} | {count_cell(d.inferred_dominant == d.dominant_class)} | {count_cell(d.evaluator_correct)} "
+              f"| {paired} | {share} | {most} | {mean_std_cell(d.psnr_nearest)} | {mean_std_cell(d.ssim_nearest)} "
+              f"| {mean_std_cell(d.lpips_nearest)} | {mean_std_cell(d.lpips_mean)} "
+              f"| {mean_std_cell(d.get('all_lpips_nearest_mean'))} | {secs.mean():.0f} |")
 
 
 if __name__ == "__main__":
