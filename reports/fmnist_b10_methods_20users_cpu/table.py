@@ -1,4 +1,4 @@
-"""The methods table of README.md (B = 10, 20 users) from the run directories; users matched by id.
+"""The methods tables (20 users; one table per B with runs) from the run directories; users matched by id.
 
     python reports/fmnist_b10_methods_20users_cpu/table.py runs/b10 runs/bsel runs/methods20
 
@@ -15,11 +15,18 @@ import sys
 
 from inversion.report import count_cell, mean_std_cell, newest_run, paired_counts, pool_users
 
-ROWS = [  # (row, run names (output.name) pooled into it, optimisation steps shown)
-    ("user-level, paper's final stage (one denoising from t 100)", ["B10_trained_mu0"], "300"),
-    ("user-level, final selection among 32 candidates (extension)", ["B10_explore_select32_t400"], "300"),
-    ("Inverting Gradients (cosine + TV, signed Adam, boxed)", ["B10_trained_ig"], "200"),
-    ("DLG (L2, L-BFGS, soft labels)", ["B10_trained_dlg"], "10 x 20 evaluations"),
+ROWS = [  # (row, run names (output.name) pooled into it per B, optimisation steps shown)
+    ("user-level, paper's final stage (one denoising from t 100)",
+     {10: ["B10_trained_mu0"], 50: ["B50_trained_paper_refinished"], 100: ["B100_trained_paper_refinished"]}, "300"),
+    ("user-level, final selection among 32 candidates (extension)",
+     {10: ["B10_explore_select32_t400"], 50: ["B50_explore_select32_t400"],
+      100: ["B100_trained_select32_t400_refinished"]}, "300"),
+    ("Inverting Gradients (cosine + TV, signed Adam, boxed)",
+     {10: ["B10_trained_ig"], 50: ["B50_trained_ig_u0", "B50_trained_ig_u10"],
+      100: ["B100_trained_ig_u0", "B100_trained_ig_u10"]}, "200"),
+    ("DLG (L2, L-BFGS, soft labels)",
+     {10: ["B10_trained_dlg"], 50: ["B50_trained_dlg_u0", "B50_trained_dlg_u10"],
+      100: ["B100_trained_dlg_u0", "B100_trained_dlg_u10"]}, "10 x 20 evaluations"),
 ]
 
 
@@ -28,28 +35,33 @@ def load(roots, names):
     return pool_users(runs) if runs else None
 
 
-def main(roots):
-    ref = load(roots, ROWS[0][1])
-    print("| method (B = 10, trained victim) | users | steps | label inference | evaluator accuracy (representative) "
-          "| paired with the paper's stage: both / this only / paper only "
-          "| all B: share read as the class | all B: most read as the class | PSNR nearest (dB) | SSIM nearest | LPIPS nearest | LPIPS mean "
-          "| all B: LPIPS nearest | s/user |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for i, (name, names, steps) in enumerate(ROWS):
-        d = load(roots, names)
-        if d is None:
+def main(roots, bs=(10, 50, 100)):
+    """One table per B that has the paper's-stage run (users of a baseline's parts pooled)."""
+    for b in bs:
+        ref = load(roots, ROWS[0][1][b])
+        if ref is None:
             continue
-        p = paired_counts(d, ref) if i and ref is not None else None
-        paired = f"{p['both']} / {p['a_only']} / {p['b_only']}" if p else "-"
-        share = most = "-"
-        if "all_evaluator_dominant_share" in d:
-            share = mean_std_cell(d.all_evaluator_dominant_share, ".2f")
-            most = count_cell(d.all_evaluator_dominant_share > 0.5)
-        secs = d.seconds + (d.refinish_seconds if "refinish_seconds" in d else 0)
-        print(f"| {name} | {len(d)} | {steps} | {count_cell(d.inferred_dominant == d.dominant_class)} | {count_cell(d.evaluator_correct)} "
-              f"| {paired} | {share} | {most} | {mean_std_cell(d.psnr_nearest)} | {mean_std_cell(d.ssim_nearest)} "
-              f"| {mean_std_cell(d.lpips_nearest)} | {mean_std_cell(d.lpips_mean)} "
-              f"| {mean_std_cell(d.get('all_lpips_nearest_mean'))} | {secs.mean():.0f} |")
+        print(f"| method (B = {b}, trained victim) | users | steps | label inference | evaluator accuracy (representative) "
+              "| paired with the paper's stage: both / this only / paper only "
+              "| all B: share read as the class | all B: most read as the class | PSNR nearest (dB) | SSIM nearest | LPIPS nearest | LPIPS mean "
+              "| all B: LPIPS nearest | s/user |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for i, (name, names, steps) in enumerate(ROWS):
+            d = load(roots, names[b])
+            if d is None:
+                continue
+            p = paired_counts(d, ref) if i else None
+            paired = f"{p['both']} / {p['a_only']} / {p['b_only']}" if p else "-"
+            share = most = "-"
+            if "all_evaluator_dominant_share" in d:
+                share = mean_std_cell(d.all_evaluator_dominant_share, ".2f")
+                most = count_cell(d.all_evaluator_dominant_share > 0.5)
+            secs = d.seconds + (d.refinish_seconds if "refinish_seconds" in d else 0)
+            print(f"| {name} | {len(d)} | {steps} | {count_cell(d.inferred_dominant == d.dominant_class)} | {count_cell(d.evaluator_correct)} "
+                  f"| {paired} | {share} | {most} | {mean_std_cell(d.psnr_nearest)} | {mean_std_cell(d.ssim_nearest)} "
+                  f"| {mean_std_cell(d.lpips_nearest)} | {mean_std_cell(d.lpips_mean)} "
+                  f"| {mean_std_cell(d.get('all_lpips_nearest_mean'))} | {secs.mean():.0f} |")
+        print()
 
 
 if __name__ == "__main__":
