@@ -130,6 +130,13 @@ TRAINER_SKIP = {
 
 
 def build_parser() -> ArgumentParser:
+    """The jsonargparse parser of attack.py: ``--config`` plus the groups of the module docstring.
+
+    ``users`` and ``attack`` are subclass groups (``class_path`` + ``init_args``; ``attack`` is not instantiated and
+    its ``log_prefix`` is set per user by :func:`run`), ``trainer`` holds Lightning ``Trainer`` options except
+    :data:`TRAINER_SKIP` (the attack sets those itself); then ``--seed``, ``--image_log_every``, ``--resume`` and
+    ``--checkpoint_every``. Built with ``exit_on_error=True``: a bad command line exits through argparse.
+    """
     from lightning import Trainer
 
     p = ArgumentParser(description=__doc__.split("\n\n")[0], default_env=False, exit_on_error=True)
@@ -178,6 +185,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically; see :func:`atomic_write_bytes`."""
     atomic_write_bytes(path, text.encode())
 
 
@@ -212,6 +220,19 @@ class ConfigError(ValueError):
 
 
 def load_victim(spec: VictimSpec):
+    """Load the victim classifier named by ``spec.checkpoint`` (a relative path that does not exist from the current
+    folder is taken relative to the repository root).
+
+    With ``spec.random_init`` the checkpoint's weights are discarded: the same architecture (and input
+    normalisation) is rebuilt after ``torch.manual_seed(spec.init_seed)``, which reseeds the global RNG.
+
+    Returns:
+        (model, config): the classifier in eval mode on the CPU, taking float (N, C, H, W) pixels in [0, 1] and
+        returning logits (N, num_classes); the checkpoint's ``config.json`` as a dict.
+
+    Raises:
+        FileNotFoundError, ValueError: see :func:`lightning_modules.classifier.load_classifier`.
+    """
     from lightning_modules.classifier import build_classifier, load_classifier
 
     path = Path(spec.checkpoint)
@@ -225,6 +246,14 @@ def load_victim(spec: VictimSpec):
 
 
 def load_prior(spec: PriorSpec, image_shape):
+    """The :class:`inversion.prior.DiffusionPrior` of ``spec.path`` for images of ``image_shape`` (C, H, W).
+
+    A relative path that does not exist from the current folder but does under the repository root is taken from
+    there; anything else is passed on unchanged (a hub id, or a missing path that then fails to load).
+
+    Raises:
+        FileNotFoundError, ValueError, PriorMismatchError: see :meth:`DiffusionPrior.from_pretrained`.
+    """
     from inversion.prior import DiffusionPrior
 
     path = spec.path
@@ -234,6 +263,9 @@ def load_prior(spec: PriorSpec, image_shape):
 
 
 def resolve_attack_class(class_path: str):
+    """The attack class named by the dotted ``class_path`` of the ``attack`` group (e.g.
+    ``lightning_modules.baselines.DLG``), imported with jsonargparse's own resolver (a private helper,
+    ``jsonargparse._util.import_object``); its import errors propagate."""
     from jsonargparse._util import import_object  # jsonargparse's own resolver
 
     return import_object(class_path)
@@ -448,6 +480,15 @@ def write_results(run_dir: Path, rows: list[dict], name: str = "results.csv") ->
 
 
 def summarize(rows: list[dict]) -> dict[str, Any]:
+    """Run-level means of results.csv rows (as written to summary.json and logged as ``final/*``).
+
+    Returns:
+        ``{"users": len(rows)}`` plus ``<key>_mean`` for each of evaluator_correct_raw, evaluator_prob,
+        psnr_nearest/psnr_mean (dB), mse_nearest/mse_mean (pixels in [0, 1]), lpips_nearest/lpips_mean, seconds and
+        seconds_per_step, over the rows where the value is present, non-empty and finite (a key with no such value
+        is left out); the mean of evaluator_correct is named ``evaluator_accuracy`` (fraction in [0, 1]). Values may
+        be numbers or numeric strings (rows read back from results.csv on resume).
+    """
     out: dict[str, Any] = {"users": len(rows)}
     for k in ("evaluator_correct", "evaluator_correct_raw", "evaluator_prob", "psnr_nearest", "psnr_mean", "mse_nearest",
               "mse_mean", "lpips_nearest", "lpips_mean", "seconds", "seconds_per_step"):
@@ -461,6 +502,10 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
 
 
 def make_logger(cfg: Namespace, run_dir: Path, config_dict: dict):
+    """The Lightning logger of ``cfg.logger``: None for backend 'none', a ``CSVLogger`` under ``run_dir/logs`` for
+    'csv', otherwise a ``WandbLogger`` saving under ``run_dir`` (run name = the run folder's name, offline unless
+    ``logger.mode`` is 'online') with ``config_dict`` logged as its hyper-parameters. The backend name itself is
+    checked earlier, by :func:`validate`."""
     spec = cfg.logger
     if spec.backend == "none":
         return None
@@ -479,6 +524,13 @@ def make_logger(cfg: Namespace, run_dir: Path, config_dict: dict):
 
 
 def log_final(logger, run_dir: Path, rows: list[dict], grids: list[torch.Tensor]) -> None:
+    """Log the end of a run through ``logger`` (nothing when it is None or there are no rows).
+
+    Logs ``final/grid``: all users' grids (each float (n_u, C, H, W) in [0, 1], as :func:`user_images` builds them)
+    concatenated into one image grid; ``final/results``: the rows as a table when the logger has ``log_table``
+    (W&B), columns from the first row; and ``final/<key>``: the metrics of :func:`summarize`. ``run_dir`` is not
+    used.
+    """
     if logger is None or not rows:
         return
     from inversion.logging_utils import log_image_grid
@@ -492,6 +544,8 @@ def log_final(logger, run_dir: Path, rows: list[dict], grids: list[torch.Tensor]
 
 
 def user_uid(user: User) -> str:
+    """A user's folder and log name: ``user_0003`` for an all-digit ``user_id`` (zero-padded to 4 digits), else
+    ``user_<user_id>`` (e.g. a folder or identity name)."""
     return f"user_{int(user.user_id):04d}" if str(user.user_id).isdigit() else f"user_{user.user_id}"
 
 
@@ -821,6 +875,8 @@ def run(cfg: Namespace) -> Path:
 
 
 def sort_rows(rows: list[dict], users: list[User]) -> list[dict]:
+    """``rows`` sorted into the order of ``users`` (matched by ``str(row["user"]) == str(user.user_id)``); rows of
+    users not in the list go last. The sort is stable; a new list is returned."""
     order = {str(u.user_id): k for k, u in enumerate(users)}
     return sorted(rows, key=lambda r: order.get(str(r["user"]), len(order)))
 
@@ -840,6 +896,14 @@ def write_user(run_dir: Path, uid: str, images: dict[str, torch.Tensor]) -> None
 
 
 def main(argv: Optional[list[str]] = None) -> Path:
+    """Command line entry point: parse ``argv`` (None: ``sys.argv[1:]``) with :func:`build_parser` and :func:`run`
+    the attack; returns the run directory.
+
+    Raises:
+        SystemExit: a bad command line (argparse); from :func:`run`, status 1 when the attack diverged and 130 when
+            it was interrupted.
+        ConfigError (a ValueError) and the loaders' errors: see :func:`prepare`.
+    """
     parser = build_parser()
     cfg = parser.parse_args(argv)
     return run(cfg)

@@ -53,6 +53,16 @@ class TrainCLI(LightningCLI):
 
 
 def main(args=None) -> None:
+    """Command line entry point: build the model and data module from the config with LightningCLI (``args``: the
+    argument list, None for ``sys.argv``; seed 0 unless ``seed_everything`` is set), fit, then run
+    ``trainer.test`` when ``--test_after_fit`` (default true) and the model overrides ``test_step`` (the
+    classifiers, not the DDPM). ``--ckpt_path`` resumes from a Lightning checkpoint file or 'last'.
+
+    Raises:
+        ConfigMismatchError (a ValueError): model and data disagree on image size, channels or classes.
+        FileNotFoundError: ``--ckpt_path`` is neither 'last' nor an existing file.
+        SystemExit: a bad command line (from the CLI's parser).
+    """
     cli = TrainCLI(
         LightningModule,
         LightningDataModule,

@@ -115,6 +115,15 @@ class ExportModel(Callback):
 
     @rank_zero_only
     def export(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Write the export folder now (rank 0 only), replacing ``dirpath`` atomically via :func:`atomic_replace_dir`.
+
+        Contents: ``pl_module.export(tmp, dtype=...)`` (the module's own weights format), ``training_summary.json``
+        (title, command, global step, epoch, wall time in seconds, the scalar ``callback_metrics``, hparams,
+        precision, torch version), ``MODEL_CARD.md`` (:func:`render_model_card`) and, when ``sample_grid`` and the
+        module has ``sample``, ``samples.png``: an 8x8 grid of ``sample(64, num_inference_steps=100, seed=0)``.
+        The module is put in eval mode meanwhile and its previous mode restored; the temporary folder is removed if
+        anything fails before it is moved into place.
+        """
         self.dirpath.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{self.dirpath.name}.", dir=self.dirpath.parent))
         was_training = pl_module.training

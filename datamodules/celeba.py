@@ -96,6 +96,7 @@ class CelebAIndex:
     partition: np.ndarray
 
     def image_path(self, row: int) -> Path:
+        """Path of the image at index row ``row``: ``base/img_align_celeba/<file>`` (existence not checked)."""
         return self.base / IMAGE_DIR / self.files[row]
 
     def split_rows(self, split: str) -> np.ndarray:
@@ -108,6 +109,11 @@ class CelebAIndex:
         return np.flatnonzero(self.partition == SPLITS[split])
 
     def attribute_column(self, name: str) -> int:
+        """Column of attribute ``name`` in :attr:`attributes` (its position in ``attribute_names``, 0-based).
+
+        Raises:
+            ValueError: ``name`` is not one of the attribute names (the message lists them).
+        """
         if name not in self.attribute_names:
             raise ValueError(
                 f"unknown CelebA attribute {name!r}; target must be 'identity' or one of: "
@@ -264,6 +270,11 @@ class CelebAUsers(UserSource):
 
     # --------------------------------------------------------------------------------------------- bookkeeping
     def index(self) -> CelebAIndex:
+        """The parsed CelebA txt files under ``root`` (:func:`load_celeba_index`, cached).
+
+        Raises:
+            DataNotFoundError, ValueError: see :func:`load_celeba_index`.
+        """
         return load_celeba_index(self.root)
 
     @property
@@ -274,10 +285,14 @@ class CelebAUsers(UserSource):
 
     @property
     def identity_to_class(self) -> dict[int, int]:
+        """CelebA identity id -> class index k in 0..K-1 (its position in the sorted :attr:`classes` of ``split``);
+        the labels of target 'identity'."""
         return {int(ident): k for k, ident in enumerate(self.classes)}
 
     @property
     def num_classes(self) -> int:
+        """K, the number of identities in ``split``, for target 'identity' (parses the txt files); 2 for an
+        attribute."""
         return len(self.classes) if self.target == "identity" else 2
 
     def plan(self) -> list[dict]:
@@ -440,6 +455,12 @@ class CelebADataModule(ImageDataModule):
         self.identity_holdout = identity_holdout
 
     def index(self) -> CelebAIndex:
+        """The parsed CelebA txt files under ``root`` (:func:`load_celeba_index`, cached), after checking ``target``.
+
+        Raises:
+            DataNotFoundError: see :func:`find_celeba_root`.
+            ValueError: a malformed txt file, or ``target`` is neither 'identity' nor an attribute name.
+        """
         index = load_celeba_index(self.root)
         _check_target(index, self.target)
         return index
@@ -457,6 +478,8 @@ class CelebADataModule(ImageDataModule):
 
     @property
     def class_names(self) -> tuple:
+        """Names of the classes, by label: ``('not <attr>', '<attr>')`` for an attribute target, else the K
+        train-partition identity ids as strings (class k -> ``str(classes[k])``)."""
         if self.target != "identity":
             return (f"not {self.target}", self.target)
         return tuple(str(c) for c in self.classes)

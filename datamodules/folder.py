@@ -261,6 +261,8 @@ class FolderUsers(UserSource):
 
     @property
     def num_classes(self) -> int:
+        """The ``num_classes`` argument when given; else 1 for ``label_mode='zeros'`` and the number of selected
+        users for 'index' (which lists the folders, so it raises as :meth:`user_folders` does)."""
         if self._num_classes is not None:
             return self._num_classes
         return 1 if self.label_mode == "zeros" else len(self.user_folders())

@@ -36,6 +36,7 @@ class User:
 
     @property
     def batch_size(self) -> int:
+        """B, the number of images in the user's private batch (``images.shape[0]``)."""
         return int(self.images.shape[0])
 
     @property
@@ -61,9 +62,21 @@ class UserSource:
         return (self.channels, self.image_size, self.image_size)
 
     def check(self) -> None:
+        """Validate the data location and settings cheaply, before any long work (attack.py calls it first).
+
+        Raises:
+            NotImplementedError: always, here; subclasses override it and raise their own errors (missing data,
+                impossible settings).
+        """
         raise NotImplementedError
 
     def users(self) -> list[User]:
+        """Build the users: a list of :class:`User` with float32 (B, C, H, W) images in [0, 1], C, H, W as
+        :attr:`image_shape`.
+
+        Raises:
+            NotImplementedError: always, here; subclasses override it.
+        """
         raise NotImplementedError
 
 
@@ -120,6 +133,8 @@ def build_label_skewed_users(
         raise ValueError("the split holds no images")
 
     def take(c: int, k: int) -> list[int]:
+        """Pop the next k image indices of class c from its pool (reshuffling the whole class, with a warning, when
+        fewer than k are left); raises ValueError if the class has fewer than k images at all."""
         if k > sizes[c]:
             raise ValueError(
                 f"a user needs {k} images of class {c} but the split has only {sizes[c]}; lower batch_size or "
@@ -212,6 +227,15 @@ class FashionMNISTUsers(UserSource):
             )
 
     def users(self) -> list[User]:
+        """Run :meth:`check`, load the test split and build the users with :func:`build_label_skewed_users`.
+
+        Returns:
+            ``num_users`` users (ids ``first_user ..``), images float32 (B, channels, image_size, image_size) in
+            [0, 1] (see :func:`datamodules.fashion_mnist.to_tensor_images`), labels int64 (B,) in 0..9.
+
+        Raises:
+            DataNotFoundError, ValueError: from :meth:`check` or :func:`build_label_skewed_users`.
+        """
         from datamodules.fashion_mnist import load_split, to_tensor_images
 
         self.check()

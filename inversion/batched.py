@@ -68,6 +68,8 @@ class UnfoldConv2d(nn.Conv2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``nn.Conv2d.forward`` as ``F.unfold`` + matmul: float (N, C_in, H, W) -> (N, C_out, H', W'), with H', W'
+        from the usual convolution output-size formula (stride, zero padding, dilation)."""
         N, _, H, W = x.shape
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
         Ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
@@ -103,6 +105,8 @@ class _BatchNormInParamDtype:
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The BatchNorm forward on ``x`` cast to the weight's dtype (the running mean's when there is no weight),
+        cast back to ``x.dtype``; plain BatchNorm when the dtypes already agree or there is neither."""
         ref = self.weight if self.weight is not None else self.running_mean
         if ref is None or x.dtype == ref.dtype:
             return super().forward(x)
@@ -206,10 +210,12 @@ class BatchedMatching:
 
     @property
     def num_layers(self) -> int:
+        """L, the number of matched parameters (``len(param_names)``; each parameter tensor counts as one layer)."""
         return len(self.param_names)
 
     @property
     def param_shapes(self) -> list[torch.Size]:
+        """The L matched parameters' shapes, in :attr:`param_names` order (what each user's target must match)."""
         return [p.shape for p in self._params.values()]
 
     # ------------------------------------------------------------------------------------------ per-user function

@@ -71,6 +71,18 @@ class Defense:
         return self.apply(OrderedDict(update))
 
     def apply(self, update: Update) -> Update:
+        """The defense itself, called by ``__call__`` with a shallow copy of the update (the tensors are the caller's).
+
+        Args:
+            update: OrderedDict parameter name -> float tensor (a FedSGD gradient or a FedAvg weight difference).
+
+        Returns:
+            a new OrderedDict with the same names, shapes, dtypes and devices; implementations must not modify the
+            input tensors in place.
+
+        Raises:
+            NotImplementedError: always, here; every defense overrides it.
+        """
         raise NotImplementedError
 
     def _generator(self, seed: Optional[int]) -> Optional[torch.Generator]:
@@ -105,6 +117,8 @@ class Clip(Defense):
             raise ValueError(f"Clip: clip_norm must be > 0, got {clip_norm}")
 
     def apply(self, update: Update) -> Update:
+        """Scale every tensor by ``min(1, clip_norm / ||u||)`` (:func:`global_l2_norm`; an all-zero update is kept).
+        See :meth:`Defense.apply`."""
         norm = float(global_l2_norm(update))
         scale = min(1.0, self.clip_norm / norm) if norm > 0 else 1.0
         return OrderedDict((n, t * scale) for n, t in update.items())
@@ -157,9 +171,14 @@ class GaussianDP(Defense):
 
     @property
     def reproducible(self) -> bool:
+        """True with an integer seed or when sigma * C = 0 (clipping only). See :attr:`Defense.reproducible`."""
         return self.seed is not None or self.noise_std == 0
 
     def apply(self, update: Update) -> Update:
+        """Clip globally to C, then add N(0, (sigma C)^2) noise to every coordinate; the result is cast back to each
+        tensor's dtype. The noise is float32, drawn on the CPU tensor by tensor in update order, from a generator
+        re-seeded with ``seed`` at each call (the global RNG when ``seed`` is None). With sigma * C = 0 this is
+        :class:`Clip` alone. See :meth:`Defense.apply`."""
         clipped = self.clip.apply(update)
         if self.noise_std == 0:
             return clipped
@@ -197,6 +216,8 @@ class TopKPruning(Defense):
         return min(numel, max(1, int(round(self.keep_fraction * numel))))
 
     def apply(self, update: Update) -> Update:
+        """Per tensor, keep the :meth:`kept` entries of largest magnitude and zero the rest (a tensor that keeps
+        all its entries is copied unchanged). See :meth:`Defense.apply`."""
         out = OrderedDict()
         for n, t in update.items():
             k = self.kept(t.numel())
@@ -238,9 +259,13 @@ class Quantize(Defense):
 
     @property
     def reproducible(self) -> bool:
+        """True for deterministic rounding, or stochastic rounding with an integer seed. See
+        :attr:`Defense.reproducible`."""
         return not self.stochastic or self.seed is not None
 
     def apply(self, update: Update) -> Update:
+        """Quantise each tensor on its own min-max grid of ``levels`` values (computed in float32, cast back to the
+        tensor's dtype); constant tensors are copied unchanged. See :meth:`Defense.apply`."""
         gen = self._generator(self.seed) if self.stochastic else None
         out = OrderedDict()
         for n, t in update.items():
@@ -268,6 +293,7 @@ class SignCompression(Defense):
     name = "sign_compression"
 
     def apply(self, update: Update) -> Update:
+        """Replace each tensor by ``sign(t) * mean(|t|)``. See :meth:`Defense.apply`."""
         return OrderedDict((n, torch.sign(t) * t.abs().mean()) for n, t in update.items())
 
 
@@ -284,6 +310,8 @@ class Compose(Defense):
         self.defenses = defenses
 
     def apply(self, update: Update) -> Update:
+        """Copy the update, then call each defense on the previous one's output, in list order. See
+        :meth:`Defense.apply`."""
         out = OrderedDict((n, t.clone()) for n, t in update.items())
         for d in self.defenses:
             out = d(out)
@@ -294,6 +322,8 @@ class Compose(Defense):
 
     @property
     def reproducible(self) -> bool:
+        """True when every element is reproducible (an element without a ``reproducible`` attribute, e.g. a plain
+        function, counts as not reproducible); True for an empty Compose. See :attr:`Defense.reproducible`."""
         return all(getattr(d, "reproducible", False) for d in self.defenses)
 
 

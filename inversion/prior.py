@@ -108,10 +108,18 @@ class DiffusionPrior(nn.Module):
 
     @property
     def num_train_timesteps(self) -> int:
+        """T, the number of diffusion timesteps the DDPM was trained with (valid timesteps are 0 .. T-1)."""
         return int(self.scheduler.config.num_train_timesteps)
 
     @classmethod
     def from_pretrained(cls, path_or_id: str, image_shape: tuple[int, int, int]) -> "DiffusionPrior":
+        """Load a diffusers DDPM folder or hub id with :func:`load_ddpm` (on the CPU) and wrap it for images of
+        ``image_shape`` (C, H, W).
+
+        Raises:
+            FileNotFoundError, ValueError: see :func:`load_ddpm`.
+            PriorMismatchError: the prior's channels differ from ``image_shape[0]``.
+        """
         unet, scheduler = load_ddpm(path_or_id)
         return cls(unet, scheduler, image_shape)
 

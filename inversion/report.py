@@ -678,6 +678,14 @@ def _config_lines(run_dir: Path, limit: int = 25) -> list[str]:
 
 def write_markdown(path: Path, df: pd.DataFrame, summary: pd.DataFrame, run_dirs: Sequence[Path],
                    figures: dict[str, Optional[Path]], privacy: Optional[pd.DataFrame] = None) -> None:
+    """Write ``summary.md`` at ``path`` (replaced atomically through a ``.tmp`` sibling).
+
+    Contents: a legend (PSNR in dB with data range 1, MSE on pixels in [0, 1]), the :func:`aggregate` table
+    ``summary`` (avg ± std, ``(n=k)`` when only k users were measurable, 'n/a' when none), the privacy table when
+    ``privacy`` (from :func:`aggregate_privacy`) is given, one image link per entry of ``figures`` (name -> PNG in
+    the same folder, or None: listed as not drawn) and, per run directory, its row count in ``df`` (from
+    :func:`load_runs`) and up to 25 flattened ``config.yaml`` entries.
+    """
     keys = [k for k in GROUP_KEYS + VARIANT_KEYS if k in summary.columns]
     lines = ["# Gradient inversion: summary", "",
              f"Per {', '.join(keys)}: mean ± sample std (ddof 1) over users; `(n=k)` when only k users had a "
@@ -790,6 +798,13 @@ def log_to_wandb(out: Path, summary: pd.DataFrame, project: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command line entry point (``python -m inversion.report RUN_DIR ... --out OUT_DIR``): parse ``argv`` (None:
+    ``sys.argv[1:]``), run :func:`build_report` and print where it wrote; returns 0.
+
+    Raises:
+        SystemExit: (2, from argparse) bad arguments or an unknown ``--variants`` key.
+        FileNotFoundError, ValueError: from :func:`load_runs` (a run without results.csv, missing columns).
+    """
     ap = argparse.ArgumentParser(prog="python -m inversion.report", description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dirs", nargs="+", type=Path, help="run directories holding results.csv")
     ap.add_argument("--out", type=Path, required=True, help="new output folder (never overwritten)")

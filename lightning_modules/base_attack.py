@@ -106,9 +106,22 @@ class GradientInversionAttack(LightningModule):
         self.strict_loading = False  # checkpoints hold the attack's own state only (see on_save_checkpoint)
 
     def bind(self, view: ServerView, prior: Optional[Any] = None) -> "GradientInversionAttack":
+        """Attach what the server sees (and, for attacks with ``requires_prior``, the diffusion prior); returns self.
+
+        Subclasses validate the view, infer the labels and initialise their optimisation variables here, before the
+        Trainer runs. Attacks with ``supports_many_users`` also accept a sequence of views.
+
+        Raises:
+            NotImplementedError: always, here; every concrete attack overrides it.
+        """
         raise NotImplementedError
 
     def result(self) -> AttackResult:
+        """The bound user's :class:`AttackResult` after the Trainer has run (images float32 in [0, 1]).
+
+        Raises:
+            NotImplementedError: always, here; every concrete attack overrides it.
+        """
         raise NotImplementedError
 
     def results(self) -> list[AttackResult]:

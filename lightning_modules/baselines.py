@@ -349,6 +349,7 @@ class DLG(SampleLevelAttack):
 
     @property
     def optimizes_labels(self) -> bool:
+        """True when ``label_strategy == 'optimize'``: DLG's dummy soft labels are optimised with the pixels."""
         return self.label_strategy == "optimize"
 
     def _init_variables(self, view: ServerView) -> None:
@@ -372,6 +373,9 @@ class DLG(SampleLevelAttack):
             self.register_buffer("fixed_labels", y.clone(), persistent=False)
 
     def dummy_variables(self) -> list[torch.nn.Parameter]:
+        """The optimised tensors: ``[x]`` (float32 (B, C, H, W) pixels), plus the label logits float32
+        (B, num_classes) when :attr:`optimizes_labels`. Valid after :meth:`bind`.
+        """
         return [self.x] + ([self.label_logits] if self.optimizes_labels else [])
 
     def current_labels(self) -> torch.Tensor:
@@ -459,6 +463,13 @@ class iDLG(DLG):
                          log_prefix)
 
     def bind(self, view: ServerView, prior: Optional[Any] = None) -> "iDLG":
+        """:meth:`SampleLevelAttack.bind` restricted to a single image; returns self.
+
+        Raises:
+            ValueError: ``view.batch_size`` is neither None nor 1; ``view.batch_size`` is None (raised by
+                :meth:`SampleLevelAttack.bind`, which needs B).
+            TargetGradientError: the target gradient does not fit the victim or holds NaN/inf.
+        """
         if view.batch_size is not None and view.batch_size != 1:
             raise ValueError(f"iDLG is defined for a single image (B = 1), got batch_size={view.batch_size}; use DLG "
                              "or InvertingGradients for B > 1")

@@ -37,6 +37,7 @@ class Normalize(nn.Module):
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels, same shape as ``x`` (B, C, H, W); ``x`` is float in [0, 1], C = len(mean)."""
         return (x - self.mean) / self.std
 
 
@@ -55,6 +56,7 @@ class ConvNet(nn.Module):
         super().__init__()
 
         def stage(cin, cout):
+            """Two 3x3 conv + BN + ReLU layers (cin -> cout -> cout), then a 2x2 max-pool halving H and W."""
             return nn.Sequential(
                 nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
                 nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
@@ -65,6 +67,11 @@ class ConvNet(nn.Module):
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.3), nn.Linear(4 * width, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, num_classes) of a float (B, in_channels, H, W) input.
+
+        The input is used as given (the pixel normalisation is the :class:`Normalize` layer that
+        :func:`build_classifier` puts in front).
+        """
         return self.head(self.features(x))
 
 
@@ -135,6 +142,7 @@ class ImageClassifier(LightningModule):
             self.model.load_state_dict(start.state_dict())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, num_classes) of float (B, in_channels, H, W) pixels in [0, 1] (normalised inside the model)."""
         return self.model(x)
 
     def _step(self, batch, stage: str):
@@ -164,6 +172,11 @@ class ImageClassifier(LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def classifier_config(self) -> dict:
+        """The JSON config written next to the weights by :meth:`export` and read back by :func:`load_classifier`.
+
+        Keys: 'arch', 'in_channels', 'num_classes', 'image_size', 'mean' and 'std' (per-channel floats, taken from
+        the model's :class:`Normalize` layer) and 'seed'.
+        """
         hp = self.hparams
         return {
             "arch": hp.arch,

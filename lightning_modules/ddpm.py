@@ -141,6 +141,12 @@ class DDPMPrior(LightningModule):
         return sample_ddim(unet, self.scheduler, n, num_inference_steps, seed, device=self.device)
 
     def log_samples(self) -> None:
+        """Log a grid of ``sample_grid_size`` EMA samples under ``samples/ddim_ema`` at the current global step.
+
+        The samples come from :meth:`sample` (seeded DDIM, eta = 0, ``sample_inference_steps`` steps, seed
+        ``hparams.seed``, so the grid shows the same initial noise every time), pixels in [0, 1]; logged with
+        :func:`inversion.logging_utils.log_image_grid` (nothing is logged without a logger).
+        """
         imgs = self.sample(self.hparams.sample_grid_size, self.hparams.sample_inference_steps, self.hparams.seed)
         log_image_grid(self.logger, "samples/ddim_ema", imgs, step=self.global_step)
 
