@@ -265,13 +265,16 @@ class Quantize(Defense):
 
     def apply(self, update: Update) -> Update:
         """Quantise each tensor on its own min-max grid of ``levels`` values (computed in float32, cast back to the
-        tensor's dtype); constant tensors are copied unchanged. See :meth:`Defense.apply`."""
+        tensor's dtype); constant and empty tensors are copied unchanged. See :meth:`Defense.apply`."""
         gen = self._generator(self.seed) if self.stochastic else None
         out = OrderedDict()
         for n, t in update.items():
+            if t.numel() == 0:  # nothing to quantise (min/max of an empty tensor would raise)
+                out[n] = t.clone()
+                continue
             tf = t.float()
             lo, hi = tf.min(), tf.max()
-            if t.numel() == 0 or float(hi - lo) == 0:
+            if float(hi - lo) == 0:
                 out[n] = t.clone()
                 continue
             step = (hi - lo) / (self.levels - 1)

@@ -100,6 +100,10 @@ def test_quantize_levels_error_and_stochastic_unbiased():
     assert torch.equal(q, Quantize(2, stochastic=True, seed=0)(v)["x"])
     const = OrderedDict([("c", torch.full((5,), 0.7))])
     assert torch.equal(Quantize(4)(const)["c"], const["c"])
+    empty = OrderedDict([("e", torch.zeros(0, 3)), ("w", torch.tensor([0.0, 0.4, 1.0]))])
+    for q in (Quantize(2), Quantize(2, stochastic=True, seed=0)):
+        out = q(empty)
+        assert out["e"].shape == (0, 3) and torch.equal(out["w"][[0, 2]], torch.tensor([0.0, 1.0]))
 
 
 def test_sign_compression():
