@@ -22,6 +22,7 @@ import csv
 import io
 import json
 import math
+import numbers
 import os
 import secrets
 import shutil
@@ -544,9 +545,14 @@ def log_final(logger, run_dir: Path, rows: list[dict], grids: list[torch.Tensor]
 
 
 def user_uid(user: User) -> str:
-    """A user's folder and log name: ``user_0003`` for an all-digit ``user_id`` (zero-padded to 4 digits), else
-    ``user_<user_id>`` (e.g. a folder or identity name)."""
-    return f"user_{int(user.user_id):04d}" if str(user.user_id).isdigit() else f"user_{user.user_id}"
+    """A user's folder and log name: ``user_0003`` for an integer ``user_id`` (zero-padded to 4 digits), else
+    ``user_<user_id>`` verbatim for a folder or identity name (``"012"`` -> ``user_012``, ``"12"`` -> ``user_12``: two
+    folders whose names differ only in leading zeros keep distinct names). results.csv's ``user_dir`` column records
+    it (``users/<uid>``)."""
+    uid = user.user_id
+    if isinstance(uid, numbers.Integral) and not isinstance(uid, bool):
+        return f"user_{int(uid):04d}"
+    return f"user_{uid}"
 
 
 def users_per_step_of(attack_cls, attack_kwargs: dict) -> int:
@@ -683,11 +689,12 @@ def counts_text(inferred) -> str:
 
 
 def scenario_columns(method: str, user: User, inferred, init: Namespace) -> dict[str, Any]:
-    """The leading results.csv columns of one user: who it is, its ground-truth label histogram (evaluation side),
+    """The leading results.csv columns of one user: who it is (and its folder under the run directory), its
+    ground-truth label histogram (evaluation side),
     the server's label inference, and the threat model (protocol, defenses, victim initialisation)."""
     defense_name, defense_strength = defense_label([dict(d) for d in init.threat.defenses])
     return {
-        "user": user.user_id, "method": method, "B": user.batch_size,
+        "user": user.user_id, "user_dir": f"users/{user_uid(user)}", "method": method, "B": user.batch_size,
         "dominant_class": user.dominant_class,
         "true_histogram": histogram_text(user),
         "inferred_dominant": inferred.dominant,

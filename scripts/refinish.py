@@ -159,7 +159,8 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
         if r.get("true_histogram") not in (None, "", hist) or int(r["B"]) != user.batch_size:
             raise ConfigError(f"{run_dir}: user {r['user']} of results.csv (B {r['B']}, labels {r.get('true_histogram')}) "
                               f"differs from the config's user (B {user.batch_size}, labels {hist}): the data changed")
-        plan.append((i, user, r, *load_raw(run_dir / "users" / attack_main.user_uid(user), source.image_shape)))
+        udir = run_dir / r["user_dir"] if r.get("user_dir") else run_dir / "users" / attack_main.user_uid(user)
+        plan.append((i, user, r, *load_raw(udir, source.image_shape)))  # user_dir: where the run wrote it
 
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("gpu", "cuda", "auto")
                           else "cpu")

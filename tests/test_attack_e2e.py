@@ -78,6 +78,7 @@ def test_attack_py_writes_every_output(tmp_path):
         assert float(r["psnr_nearest"]) >= float(r["psnr_mean"])
         assert int(r["victim_correct"]) == (r["victim_class"] == r["dominant_class"])
         assert 0.0 <= float(r["victim_prob_of_dominant"]) <= 1.0
+    assert [r["user_dir"] for r in rows] == ["users/user_0000", "users/user_0001"]
     for uid in ("user_0000", "user_0001"):
         for png in ("batch.png", "raw.png", "denoised.png", "grid.png"):
             assert (run_dir / "users" / uid / png).stat().st_size > 0
@@ -201,3 +202,18 @@ def test_two_process_cpu_ddp_gives_the_same_results_table(tmp_path):
         for key in ("mse_nearest", "psnr_mean", "evaluator_prob"):
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-3, abs=1e-4), key
     assert len(list((two_dir / "users").iterdir())) == 2
+
+
+def test_user_uid_pads_integer_ids_and_keeps_folder_names_verbatim():
+    import numpy as np
+    import torch
+
+    from datamodules.users import User
+
+    def uid(user_id):
+        return attack.user_uid(User(user_id=user_id, images=torch.zeros(1, 1, 2, 2), labels=torch.zeros(1, dtype=torch.int64),
+                                    num_classes=2, dominant_class=0))
+
+    assert uid(3) == "user_0003" and uid(np.int64(12345)) == "user_12345"
+    # folder names: two that differ only in leading zeros must not share a folder
+    assert uid("12") == "user_12" and uid("012") == "user_012" and uid("Aaron_Eckhart") == "user_Aaron_Eckhart"
