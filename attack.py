@@ -225,7 +225,8 @@ def load_victim(spec: VictimSpec):
     folder is taken relative to the repository root).
 
     With ``spec.random_init`` the checkpoint's weights are discarded: the same architecture (and input
-    normalisation) is rebuilt after ``torch.manual_seed(spec.init_seed)``, which reseeds the global RNG.
+    normalisation) is rebuilt after ``torch.manual_seed(spec.init_seed)``, so the weights depend only on ``init_seed``.
+    Loading runs inside ``torch.random.fork_rng``: the global (CPU) RNG is left as it was.
 
     Returns:
         (model, config): the classifier in eval mode on the CPU, taking float (N, C, H, W) pixels in [0, 1] and
@@ -239,10 +240,11 @@ def load_victim(spec: VictimSpec):
     path = Path(spec.checkpoint)
     if not path.is_absolute() and not path.exists():
         path = ROOT / path
-    model, cfg = load_classifier(path)
-    if spec.random_init:
-        torch.manual_seed(spec.init_seed)
-        model = build_classifier(cfg["arch"], cfg["in_channels"], cfg["num_classes"], cfg.get("image_size", 32), cfg.get("mean"), cfg.get("std")).eval()
+    with torch.random.fork_rng(devices=[]):  # building the model draws initial weights: keep the global RNG as it was
+        model, cfg = load_classifier(path)
+        if spec.random_init:
+            torch.manual_seed(spec.init_seed)
+            model = build_classifier(cfg["arch"], cfg["in_channels"], cfg["num_classes"], cfg.get("image_size", 32), cfg.get("mean"), cfg.get("std")).eval()
     return model, cfg
 
 
@@ -527,19 +529,23 @@ def make_logger(cfg: Namespace, run_dir: Path, config_dict: dict):
 def log_final(logger, run_dir: Path, rows: list[dict], grids: list[torch.Tensor]) -> None:
     """Log the end of a run through ``logger`` (nothing when it is None or there are no rows).
 
-    Logs ``final/grid``: all users' grids (each float (n_u, C, H, W) in [0, 1], as :func:`user_images` builds them)
-    concatenated into one image grid; ``final/results``: the rows as a table when the logger has ``log_table``
-    (W&B), columns from the first row; and ``final/<key>``: the metrics of :func:`summarize`. ``run_dir`` is not
-    used.
+    Logs ``final/grid``: one row per user, its grid (float (n_u, C, H, W) in [0, 1], as :func:`user_images` builds
+    it: up to 10 batch images, the raw image, the denoised image when there is one) right-padded with blank images
+    to the longest user's length; ``final/results``: the rows as a table when the logger has ``log_table`` (W&B),
+    columns: every key in first-seen order; and ``final/<key>``: the metrics of :func:`summarize`. ``run_dir`` is
+    not used.
     """
     if logger is None or not rows:
         return
     from inversion.logging_utils import log_image_grid
 
     if grids:
-        log_image_grid(logger, "final/grid", torch.cat(grids), caption="rows: user batch | raw | denoised")
+        width = max(len(g) for g in grids)
+        padded = [torch.cat([g, g.new_ones((width - len(g), *g.shape[1:]))]) for g in grids]  # blank = white
+        log_image_grid(logger, "final/grid", torch.cat(padded), nrow=width,
+                       caption="one row per user: batch (up to 10) | raw | denoised")
     if hasattr(logger, "log_table"):
-        keys = list(rows[0].keys())
+        keys = list(dict.fromkeys(k for r in rows for k in r))
         logger.log_table(key="final/results", columns=keys, data=[[r.get(k) for k in keys] for r in rows])
     logger.log_metrics({f"final/{k}": v for k, v in summarize(rows).items()})
 

@@ -25,15 +25,17 @@ def to_uint8_hwc(images: torch.Tensor, nrow: Optional[int] = None, pad: int = 2)
     return (grid.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
 
 
-def log_image_grid(logger, key: str, images: torch.Tensor, step: Optional[int] = None, caption: str = "") -> None:
-    """Log a grid of images in [0, 1] through a Lightning logger.
+def log_image_grid(logger, key: str, images: torch.Tensor, step: Optional[int] = None, caption: str = "",
+                   nrow: Optional[int] = None) -> None:
+    """Log a grid of images in [0, 1] through a Lightning logger (``nrow`` images per row; default: about square, see
+    :func:`to_uint8_hwc`).
 
     WandbLogger gets ``log_image`` with a uint8 array; loggers with an ``experiment.add_image`` (TensorBoard) get
     that; any other logger with a ``log_dir`` gets a PNG file under ``log_dir/images``.
     """
     if logger is None:
         return
-    grid = to_uint8_hwc(images)
+    grid = to_uint8_hwc(images, nrow=nrow)
     if hasattr(logger, "log_image"):
         kwargs = {"caption": [caption]} if caption else {}
         logger.log_image(key=key, images=[grid], step=step, **kwargs)

@@ -217,3 +217,48 @@ def test_user_uid_pads_integer_ids_and_keeps_folder_names_verbatim():
     assert uid(3) == "user_0003" and uid(np.int64(12345)) == "user_12345"
     # folder names: two that differ only in leading zeros must not share a folder
     assert uid("12") == "user_12" and uid("012") == "user_012" and uid("Aaron_Eckhart") == "user_Aaron_Eckhart"
+
+
+def test_random_victim_depends_only_on_init_seed_and_leaves_the_global_rng():
+    import torch
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a, _ = attack.load_victim(attack.VictimSpec(random_init=True, init_seed=0))
+    assert torch.equal(torch.get_rng_state(), before)  # loading draws nothing from the global RNG
+    torch.manual_seed(7)  # another global state: same weights
+    b, _ = attack.load_victim(attack.VictimSpec(random_init=True, init_seed=0))
+    c, _ = attack.load_victim(attack.VictimSpec(random_init=True, init_seed=1))
+    trained, _ = attack.load_victim(attack.VictimSpec())
+    wa, wb, wc, wt = (next(m.parameters()) for m in (a, b, c, trained))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc) and not torch.equal(wa, wt)
+
+
+def test_log_final_draws_one_row_per_user_and_a_table_of_every_column():
+    import torch
+
+    class Logger:
+        def __init__(self):
+            self.images, self.tables, self.metrics = [], [], []
+
+        def log_image(self, key, images, step=None, caption=None):
+            self.images.append((key, images[0], caption))
+
+        def log_table(self, key, columns, data):
+            self.tables.append((key, columns, data))
+
+        def log_metrics(self, metrics):
+            self.metrics.append(metrics)
+
+    log = Logger()
+    grids = [torch.full((12, 1, 4, 4), 0.0), torch.full((11, 1, 4, 4), 0.0)]  # second user: no denoised image
+    rows = [{"user": 0, "evaluator_correct": 1}, {"user": 1, "evaluator_correct": 0, "resumed": True}]
+    attack.log_final(log, None, rows, grids)
+    key, img, caption = log.images[0]
+    assert key == "final/grid" and "one row per user" in caption[0]
+    # make_grid with padding 2: 2 rows of 4-pixel images, 12 columns
+    assert img.shape == (2 * 6 + 2, 12 * 6 + 2, 3) and img.dtype.name == "uint8"
+    assert img[8:12, 2 + 11 * 6: 6 + 11 * 6].min() == 255  # the second user's missing 12th image is blank (white)
+    assert img[2:6, 2 + 11 * 6: 6 + 11 * 6].max() == 0  # the first user's 12th image is there
+    assert log.tables[0][1] == ["user", "evaluator_correct", "resumed"]
+    assert log.tables[0][2][0] == [0, 1, None]
