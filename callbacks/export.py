@@ -19,12 +19,25 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 def atomic_replace_dir(tmp_dir: Path, target: Path) -> None:
-    """Move a finished folder ``tmp_dir`` into place at ``target``; an older ``target`` is swapped out, then removed."""
+    """Move a finished folder ``tmp_dir`` into place at ``target``; an older ``target`` is swapped out, then removed.
+
+    Two renames on the same file system: a reader sees the old folder or the new one complete, never a half-written
+    one, but between the renames ``target`` is briefly absent (POSIX has no atomic swap of non-empty folders). If
+    the second rename fails, the old folder is put back before the error propagates.
+
+    Raises:
+        OSError: a rename failed (``target`` is then as it was).
+    """
     old = None
     if target.exists():
         old = target.with_name(target.name + f".old-{int(time.time() * 1000)}")
         target.rename(old)
-    tmp_dir.rename(target)
+    try:
+        tmp_dir.rename(target)
+    except BaseException:
+        if old is not None and not target.exists():
+            old.rename(target)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -44,7 +57,7 @@ class ExportModel(Callback):
         title: first line of the model card.
 
     Raises:
-        FileExistsError: at setup, when ``dirpath`` exists, the run is not a resume and ``overwrite`` is false.
+        FileExistsError: at fit start, when ``dirpath`` exists, the run is not a resume and ``overwrite`` is false.
     """
 
     def __init__(

@@ -123,8 +123,12 @@ def load_split(split: str, root: Optional[str] = None, download: bool = True) ->
 def to_tensor_images(images: np.ndarray, image_size: int = 32, channels: int = 1) -> torch.Tensor:
     """Convert uint8 (N, 28, 28) images into float32 (N, channels, image_size, image_size) pixels in [0, 1].
 
-    28 -> 32 is done by zero padding (2 px each side, the usual LeNet/DDPM convention); other sizes are padded to
-    32 and then resized bilinearly. ``channels`` 3 replicates the grey channel.
+    28 -> 32 is done by zero padding (2 px each side, the usual LeNet/DDPM convention); other sizes of 28 and above are
+    padded to 32 and then resized bilinearly; sizes below 28 are resized from 28 directly (bilinear, antialiased, no padding).
+    ``channels`` 3 replicates the grey channel.
+
+    Raises:
+        ValueError: ``channels`` is not 1 or 3.
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")

@@ -823,8 +823,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ap.error(f"--variants: {exc}")
     if out != requested:
         print(f"{requested} exists; wrote to {out} instead", file=sys.stderr)
-    extra = ", privacy.csv, privacy_curve.png" if (out / "privacy.csv").is_file() else ""
-    print(f"wrote {out}/summary.md, summary.csv, metrics_vs_B.png, gallery.png{extra}")
+    order = ["summary.md", "summary.csv", "metrics_vs_B.png", "gallery.png", "privacy.csv", "privacy_curve.png"]
+    print(f"wrote {out}/" + ", ".join(f for f in order if (out / f).is_file()))  # a figure without data is not drawn
     return 0
 
 

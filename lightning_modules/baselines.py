@@ -440,8 +440,8 @@ class iDLG(DLG):
     exact (``label_strategy='idlg'``; 'known' is also accepted) and L-BFGS optimises the image alone with
     :func:`l2_gradient_distance`. Arguments as :class:`DLG`.
 
-    Raises (at bind):
-        ValueError: ``view.batch_size`` is not 1 (or None), or ``label_strategy`` is not 'idlg'/'known'.
+    Raises:
+        ValueError: at construction, ``label_strategy`` is not 'idlg'/'known'; at bind, B is not 1 (see :meth:`bind`).
     """
 
     def __init__(
@@ -466,7 +466,7 @@ class iDLG(DLG):
         """:meth:`SampleLevelAttack.bind` restricted to a single image; returns self.
 
         Raises:
-            ValueError: ``view.batch_size`` is neither None nor 1; ``view.batch_size`` is None (raised by
+            ValueError: ``view.batch_size`` is given and is not 1 (here); ``view.batch_size`` is None (by
                 :meth:`SampleLevelAttack.bind`, which needs B).
             TargetGradientError: the target gradient does not fit the victim or holds NaN/inf.
         """

@@ -86,7 +86,8 @@ def build_classifier(
     """Build ``Sequential(Normalize, net)``: takes float (B, in_channels, H, W) pixels in [0, 1], returns logits.
 
     Raises:
-        ValueError: unknown ``arch``, or ``image_size`` above 64 px for the small-stem ResNet-18.
+        ValueError: unknown ``arch``, ``image_size`` above 64 px for the small-stem ResNet-18, or ``mean``/``std``
+            not of length ``in_channels``.
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown classifier arch {arch!r}; choose one of {ARCHITECTURES}")

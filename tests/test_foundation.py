@@ -258,3 +258,20 @@ def test_shipped_prior_samples_are_recognisable_garments():
     classes = set(probs.argmax(1).tolist())
     assert float(probs.max(1).values.mean()) >= 0.75
     assert len(classes) >= 8, f"classes present: {sorted(classes)}"
+
+
+def test_atomic_replace_dir_swaps_and_restores_the_old_folder_on_failure(tmp_path):
+    from callbacks.export import atomic_replace_dir
+
+    target, new = tmp_path / "ddpm", tmp_path / ".ddpm.tmp"
+    target.mkdir(); (target / "v").write_text("old")
+    new.mkdir(); (new / "v").write_text("new")
+    atomic_replace_dir(new, target)
+    assert (target / "v").read_text() == "new" and not new.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddpm"]  # the old folder is gone
+    # a failing second rename (e.g. the temporary folder vanished) puts the old export back
+    newer = tmp_path / ".ddpm.tmp2"
+    with pytest.raises(OSError):
+        atomic_replace_dir(newer, target)  # does not exist: its rename raises FileNotFoundError
+    assert (target / "v").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddpm"]
