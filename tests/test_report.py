@@ -91,6 +91,7 @@ def test_existing_out_dir_is_never_overwritten_and_cli(tmp_path):
     s = pd.read_csv(tmp_path / "rep-1" / "summary.csv")
     assert list(zip(s["method"], s["B"])) == [("diffusion", 2), ("tv", 2), ("tv", 8)]
     assert "rep-1" in res.stderr
+    assert res.stdout.strip() == f"wrote {tmp_path / 'rep-1'}/summary.md, summary.csv, metrics_vs_B.png, gallery.png"
 
 
 def test_missing_columns_and_empty_metrics(tmp_path):
