@@ -96,7 +96,8 @@ def build_label_skewed_users(
     Each user gets B = ``batch_size`` images. Either (default) a dominant class takes
     ``round(dominant_fraction * B)`` images and the rest come from the other classes uniformly, or, when
     ``dirichlet_alpha`` is given, class proportions are drawn from Dirichlet(alpha) and the counts from a multinomial.
-    Dominant classes go round-robin over a seeded permutation of the classes, so classes are balanced over users.
+    Dominant classes go round-robin over a seeded permutation of the classes present in the split, so classes are
+    balanced over users.
 
     Images are drawn without replacement from per-class pools shuffled once with ``seed``, users in order 0, 1, ...:
     user i gets the same images for the same seed, whatever ``num_users`` is, and no image is shared between users
@@ -115,7 +116,8 @@ def build_label_skewed_users(
         list of :class:`User`, labels int64, ``meta`` holding the image indices into the split.
 
     Raises:
-        ValueError: bad fraction/alpha/batch size, or B larger than a class pool can ever provide.
+        ValueError: bad fraction/alpha/batch size, B larger than a class pool can ever provide, or a fraction below 1
+            on a split with a single class.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -131,6 +133,10 @@ def build_label_skewed_users(
     present = [c for c in range(num_classes) if sizes[c] > 0]
     if not present:
         raise ValueError("the split holds no images")
+    dominant_order = [c for c in class_order if sizes[c] > 0]  # every class when the split holds them all
+    if dirichlet_alpha is None and max(1, int(round(dominant_fraction * batch_size))) < batch_size and len(present) < 2:
+        raise ValueError(f"dominant_fraction {dominant_fraction} leaves images to draw from other classes, but the split "
+                         f"holds only class {present}: use dominant_fraction 1.0 or a split with more classes")
 
     def take(c: int, k: int) -> list[int]:
         """Pop the next k image indices of class c from its pool (reshuffling the whole class, with a warning, when
@@ -152,7 +158,7 @@ def build_label_skewed_users(
             q = rng.dirichlet([dirichlet_alpha] * num_classes)
             counts = rng.multinomial(batch_size, q)
         else:
-            dom = int(class_order[i % num_classes])
+            dom = int(dominant_order[i % len(dominant_order)])
             n_dom = max(1, int(round(dominant_fraction * batch_size)))
             others = [c for c in present if c != dom]
             counts = np.zeros(num_classes, dtype=int)

@@ -91,6 +91,11 @@ def test_users_reproducible_disjoint_and_skewed():
     assert np.mean([u.label_histogram.max().item() / 30 for u in d]) > 0.5  # alpha = 0.1: strongly skewed
     with pytest.raises(ValueError, match="dominant_fraction"):
         build_label_skewed_users(images, labels, 1, 5, 10, dominant_fraction=0.0)
+    one = labels == labels[0]  # a split of a single class: p = 1 works, p < 1 has nothing to mix in
+    only = build_label_skewed_users(images[one], labels[one], 1, 4, 10, dominant_fraction=1.0)
+    assert only[0].labels.tolist() == [int(labels[0])] * 4
+    with pytest.raises(ValueError, match=r"only class \[\d\]"):
+        build_label_skewed_users(images[one], labels[one], 1, 4, 10, dominant_fraction=0.5)
 
 
 # ------------------------------------------------------------------------------------------------ models
