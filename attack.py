@@ -659,6 +659,10 @@ def prepare(parser: ArgumentParser, cfg: Namespace):
     attack_cls = resolve_attack_class(cfg.attack.class_path)
     attack_kwargs = dict(cfg.attack.init_args or {})
     users_per_step_of(attack_cls, attack_kwargs)
+    try:
+        attack_cls.check_precision(cfg.trainer.precision)
+    except ValueError as exc:
+        raise ConfigError(f"trainer.precision: {exc}") from None
     probe = attack_cls(**attack_kwargs)  # validates the attack's hyper-parameters
     prior = None
     if getattr(probe, "requires_prior", False):

@@ -84,6 +84,20 @@ class GradientInversionAttack(LightningModule):
     supports_many_users: bool = False
     #: submodules that are inputs of the attack, not its state: left out of Lightning checkpoints (resume re-binds)
     frozen_prefixes: tuple[str, ...] = ("victim.", "prior.")
+    #: Trainer precisions the attack runs under (None: any Lightning accepts); see :meth:`check_precision`
+    supported_precisions: Optional[tuple[str, ...]] = None
+
+    @classmethod
+    def check_precision(cls, precision: Any) -> None:
+        """Raise ValueError when the Trainer ``precision`` (e.g. '32-true', 'bf16-mixed', 16) is not one of
+        :attr:`supported_precisions`; called by attack.py before any user is attacked and again at fit setup."""
+        if cls.supported_precisions is not None and str(precision) not in cls.supported_precisions:
+            raise ValueError(f"{cls.__name__} does not run under trainer.precision {precision!r}: use one of "
+                             f"{list(cls.supported_precisions)}")
+
+    def setup(self, stage: str) -> None:
+        """Lightning's setup hook (before the precision plugin converts the module): checks the precision."""
+        self.check_precision(self.trainer.precision)
 
     def __init__(
         self,

@@ -163,6 +163,15 @@ class SampleLevelAttack(GradientInversionAttack):
         self._target_names: list[str] = []
         self._steps_done = 0
 
+    def on_save_checkpoint(self, checkpoint) -> None:
+        """As the base, plus the steps done (a resumed run reports the run's total steps, not those since resume)."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["attack_steps_done"] = self._steps_done
+
+    def on_load_checkpoint(self, checkpoint) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._steps_done = int(checkpoint.get("attack_steps_done", checkpoint.get("global_step", 0)))
+
     # -- binding ---------------------------------------------------------------------------------------------------
 
     def bind(self, view: ServerView, prior: Optional[Any] = None) -> "SampleLevelAttack":

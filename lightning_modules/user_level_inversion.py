@@ -131,6 +131,10 @@ class UserLevelInversion(GradientInversionAttack):
     """
 
     supports_many_users = True
+    #: 16-mixed would unscale a gradient that was never scaled (the image gradient is set directly, the two terms
+    #: clipped against each other); a '-true' half or double precision would convert the shared victim and prior in
+    #: place (the next user's client update then fails on a dtype mismatch)
+    supported_precisions = ("32-true", "32", "bf16-mixed", "bf16")
 
     def __init__(
         self,

@@ -284,6 +284,13 @@ def test_attack_validation_and_nan():
         atk.x_hat[0, 0, 0, 0] = float("nan")  # e.g. an overflow in the previous step
     with pytest.raises(AttackDivergedError, match="step 0"):
         _trainer(3).fit(atk)
+    # a '-true' half precision would convert the caller's victim in place: refused before Lightning converts it
+    atk = UserLevelInversion(steps=1, use_prior=False, final_denoise=False).bind(view)
+    trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, accelerator="cpu", devices=1, precision="bf16-true")
+    with pytest.raises(ValueError, match="does not run under trainer.precision 'bf16-true'"):
+        trainer.fit(atk)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
 def test_final_candidate_selection_keeps_the_candidate_the_servers_score_prefers():

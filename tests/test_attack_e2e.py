@@ -100,6 +100,8 @@ def test_attack_py_writes_every_output(tmp_path):
         ({"threat.defenses": [{"name": "gaussian_dp", "clip_norm": 1.0, "sigma": -1.0}]}, ValueError, "sigma|noise"),
         ({"threat.protocol": "fedavg", "threat.fedavg_epochs": 0}, ValueError, "epoch"),
         ({"attack.init_args.t_min": 900}, ValueError, "t_min"),
+        ({"trainer.precision": "16-mixed"}, attack.ConfigError, r"trainer.precision: UserLevelInversion .*'16-mixed'"),
+        ({"trainer.precision": "bf16-true"}, attack.ConfigError, "bf16-mixed"),
     ],
 )
 def test_bad_input_fails_before_any_run_dir(tmp_path, overrides, error, match):

@@ -237,3 +237,23 @@ def test_resolve_attack():
     assert set(ATTACKS) == {"user_level", "dlg", "idlg", "inverting_gradients"}
     with pytest.raises(ValueError, match="inverting_gradients"):
         resolve_attack("deep_leakage")
+
+
+def test_inverting_gradients_resumed_from_a_checkpoint_counts_every_step(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    x, y = images(2), torch.tensor([3, 1])
+    view = make_server_view(tiny_bn_convnet(), x, y, num_classes=4)
+
+    def trainer(max_steps, ckpt=None):
+        cbs = [ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)] if ckpt is None else []
+        return Trainer(max_steps=max_steps, logger=False, enable_checkpointing=ckpt is None, enable_progress_bar=False,
+                       enable_model_summary=False, accelerator="cpu", callbacks=cbs)
+
+    full = InvertingGradients(steps=6, lr=0.1, seed=1).bind(view)
+    trainer(6).fit(full)
+    resumed = InvertingGradients(steps=6, lr=0.1, seed=1).bind(view)
+    trainer(6, ckpt=True).fit(resumed, ckpt_path=str(next(tmp_path.glob("*step=3.ckpt"))))
+    a, b = full.result(), resumed.result()
+    assert a.steps == b.steps == 6  # was 3: the counter restarted at bind
+    assert torch.allclose(a.reconstructions, b.reconstructions, atol=1e-6)
