@@ -208,7 +208,7 @@ class DiffusionPrior(nn.Module):
             t_final: starting timestep (small, e.g. 50-200 of T = 1000).
             method: 'ddpm' (ancestral, every timestep t_final..0, diffusers DDPMScheduler.step with custom
                 timesteps) or 'ddim' (deterministic eta = 0 updates on ``num_steps`` evenly spaced timesteps).
-            num_steps: DDIM steps (default: t_final // 10, at least 1).
+            num_steps: DDIM steps (default: t_final // 10, at least 1; at most t_final, one per timestep).
             generator: a torch.Generator, or a sequence of N generators, one per image (each image then gets exactly
                 the noise it would get denoised alone with its generator: the initial diffusion noise, and for 'ddpm'
                 each ancestral step's noise, through diffusers' per-sample generator lists).
@@ -235,7 +235,7 @@ class DiffusionPrior(nn.Module):
                 e = self.unet(x, t.to(x.device).expand(x.shape[0])).sample.float()
                 x = sched.step(e, t, x, generator=generator).prev_sample
         elif method == "ddim":
-            n = max(1, num_steps or t_final // 10)
+            n = min(max(1, num_steps or t_final // 10), t_final)  # more steps than timesteps would repeat some
             ts = torch.linspace(t_final, 0, n + 1).round().long().tolist()
             for t, t_prev in zip(ts[:-1], ts[1:]):
                 e = self.unet(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)).sample.float()

@@ -90,7 +90,9 @@ class GradientInversionAttack(LightningModule):
     @classmethod
     def check_precision(cls, precision: Any) -> None:
         """Raise ValueError when the Trainer ``precision`` (e.g. '32-true', 'bf16-mixed', 16) is not one of
-        :attr:`supported_precisions`; called by attack.py before any user is attacked and again at fit setup."""
+        :attr:`supported_precisions`; None is Lightning's default '32-true'. Called by attack.py before any user is
+        attacked and again at fit setup."""
+        precision = "32-true" if precision is None else precision
         if cls.supported_precisions is not None and str(precision) not in cls.supported_precisions:
             raise ValueError(f"{cls.__name__} does not run under trainer.precision {precision!r}: use one of "
                              f"{list(cls.supported_precisions)}")

@@ -247,6 +247,11 @@ def test_prior_channel_mismatch_and_denoise_range():
         assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
     with pytest.raises(ValueError):
         prior.denoise(x, t_final=0)
+    seen = []  # DDIM asked for more steps than timesteps: each of t_final .. 1 once (no repeated, no-op pairs)
+    hook = prior.unet.register_forward_pre_hook(lambda m, args: seen.append(int(args[1][0])))
+    prior.denoise(x, t_final=5, method="ddim", num_steps=10)
+    hook.remove()
+    assert seen == [5, 4, 3, 2, 1]
 
 
 # ------------------------------------------------------------------------------------------- the attack
