@@ -59,14 +59,24 @@ def fedsgd_gradient(victim: nn.Module, images: torch.Tensor, labels: torch.Tenso
 
     Returns:
         OrderedDict name -> detached float32 gradient, same shapes as the parameters.
+
+    Raises:
+        ValueError: a trainable parameter does not affect the loss (e.g. an unused head); the attacks differentiate
+            every trainable parameter, so freeze it (``requires_grad_(False)``) or remove it.
     """
     was_training = victim.training
     victim.eval()
     params = victim_parameters(victim)
-    with torch.enable_grad():
-        loss = F.cross_entropy(victim(images), labels)
-        grads = torch.autograd.grad(loss, list(params.values()))
-    victim.train(was_training)
+    try:
+        with torch.enable_grad():
+            loss = F.cross_entropy(victim(images), labels)
+            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    finally:
+        victim.train(was_training)
+    unused = [n for n, g in zip(params, grads) if g is None]
+    if unused:
+        raise ValueError(f"victim parameter(s) {unused[:5]} do not affect the output, so they have no gradient; "
+                         "freeze them (requires_grad_(False)) or remove them from the victim")
     return OrderedDict((n, g.detach().float()) for n, g in zip(params, grads))
 
 

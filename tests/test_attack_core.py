@@ -46,6 +46,19 @@ def test_fedsgd_gradient_equals_manual_gradient_and_uses_eval_mode():
     assert list(g) == [n for n, _ in model.named_parameters()]
     for (n, a), b in zip(g.items(), ref):
         torch.testing.assert_close(a, b)
+    # a parameter that does not reach the output: one clear error, and the victim's mode is still restored
+    class WithUnusedHead(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net, self.unused_head = net, nn.Linear(2, 2)
+
+        def forward(self, inp):
+            return self.net(inp)
+
+    wrapped = WithUnusedHead(model).train()
+    with pytest.raises(ValueError, match=r"\['unused_head.weight', 'unused_head.bias'\] do not affect the output"):
+        fedsgd_gradient(wrapped, x, y)
+    assert wrapped.training
 
 
 def test_target_gradient_checks_shapes_names_and_nan():
