@@ -67,15 +67,21 @@ def sliding_window_weights(
 
     With d = l - centre, a layer gets 0.54 + 0.46 cos(pi d / W) for |d| <= W, where W = ``width_deep`` toward deeper
     layers (d > 0) and W = ``width_shallow`` toward shallower ones (d < 0): 1 at the centre, 0.08 at the edges (the
-    Hamming window's end value), ``floor`` beyond. Widths are in layers (parameter tensors) and must be > 0.
+    Hamming window's end value), ``floor`` beyond; no layer gets less than ``floor`` (so the weights never rise
+    again away from the centre, whatever the floor). Widths are in layers (parameter tensors) and must be > 0.
+
+    Raises:
+        ValueError: a width <= 0, or ``floor`` outside [0, 1].
     """
     if width_deep <= 0 or width_shallow <= 0:
         raise ValueError(f"window widths must be > 0 layers, got deep={width_deep}, shallow={width_shallow}")
+    if not 0.0 <= floor <= 1.0:
+        raise ValueError(f"window floor must be in [0, 1], got {floor}")
     idx = torch.arange(num_layers, dtype=torch.float32)
     d = idx - centre
     W = torch.where(d > 0, torch.tensor(float(width_deep)), torch.tensor(float(width_shallow)))
     w = 0.54 + 0.46 * torch.cos(math.pi * d / W)
-    return torch.where(d.abs() <= W, w, torch.tensor(float(floor)))
+    return torch.where(d.abs() <= W, w.clamp(min=float(floor)), torch.tensor(float(floor)))
 
 
 def timestep_at(progress: float, t_max: int, t_min: int, schedule: str = "linear", anneal_fraction: float = 1.0) -> int:

@@ -194,7 +194,7 @@ class UserLevelInversion(GradientInversionAttack):
             raise ValueError(f"need 0 <= t_min <= t_max, got t_min={t_min}, t_max={t_max}")
         timestep_at(0.0, t_max, t_min, t_schedule, anneal_fraction)  # validates the schedule name
         window_centre(2, 0.0, window_slide_fraction)  # validates the fraction
-        sliding_window_weights(2, 0.0, window_width_deep, window_width_shallow)  # validates the widths
+        sliding_window_weights(2, 0.0, window_width_deep, window_width_shallow, window_floor)  # widths and floor
         self.save_hyperparameters(ignore=["log_prefix"])
         self.requires_prior = use_prior or final_denoise
         self.x_hat: Optional[torch.nn.Parameter] = None

@@ -154,6 +154,12 @@ def test_window_endpoints_widths_and_uniform():
     assert gradient_matching_loss(t, d) == pytest.approx(float(layer_cosine_distances(t, d).mean()))
     with pytest.raises(ValueError):
         sliding_window_weights(5, 2, 0, 3)
+    # a floor above the Hamming end value (0.08): weights still fall monotonically away from the centre
+    wf = sliding_window_weights(10, centre=9.0, width_deep=2, width_shallow=4, floor=0.2)
+    assert wf[9] == pytest.approx(1.0) and wf[5] == pytest.approx(0.2) and wf[0] == pytest.approx(0.2)
+    assert all(wf[i] <= wf[i + 1] for i in range(9))
+    with pytest.raises(ValueError, match="floor"):
+        sliding_window_weights(5, 2, 1, 3, floor=-0.1)
 
 
 def test_t_schedule_endpoints():
@@ -293,6 +299,8 @@ def test_attack_validation_and_nan():
         UserLevelInversion(label_target="hard")
     with pytest.raises(ValueError, match="t_min"):
         UserLevelInversion(t_min=900, t_max=100)
+    with pytest.raises(ValueError, match="floor"):
+        UserLevelInversion(window_floor=1.5)
     model, _ = tiny_victim()
     view = make_server_view(model, torch.rand(2, 1, 8, 8), torch.tensor([1, 1]), 10)
     with pytest.raises(ValueError, match="no prior"):
