@@ -47,7 +47,7 @@ With ``--wandb`` the table (``wandb.Table``) and both figures (uint8 images) are
 
 For hand-built tables (a report's ``table.py``: one row per configuration, its users run in several parts, compared
 user by user with a reference row): :func:`newest_run` picks the latest run of an ``output.name``, :func:`pool_users`
-joins runs of disjoint users into one per-user frame (a user twice is an error), :func:`paired_counts` and
+joins runs of disjoint users into one per-user frame (a user twice is an error), :func:`pool_newest_runs` both, :func:`paired_counts` and
 :func:`changed_count` compare two such frames on their shared users, :func:`count_cell` / :func:`mean_std_cell`
 format cells ('k/n', 'mean ± std').
 """
@@ -68,7 +68,7 @@ import pandas as pd
 
 __all__ = ["GROUP_KEYS", "DuplicateUserError", "aggregate", "aggregate_privacy", "build_report", "changed_count",
            "count_cell", "group_keys", "load_runs", "main", "mean_std_cell", "newest_run", "paired_counts",
-           "plot_gallery", "plot_metrics_vs_b", "plot_privacy_curve", "pool_users"]
+           "plot_gallery", "plot_metrics_vs_b", "plot_privacy_curve", "pool_newest_runs", "pool_users"]
 
 GROUP_KEYS = ["method", "B"]
 # Extra group keys, used only when the runs differ in them (see group_keys); defense and strength go together.
@@ -326,6 +326,17 @@ def pool_users(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
     return df.set_index("user").sort_index()
 
 
+def pool_newest_runs(roots: Sequence[str | Path], names: Sequence[str]) -> Optional[pd.DataFrame]:
+    """One table row's users: the newest run of each ``output.name`` in ``names`` (:func:`newest_run`; names with
+    no run are skipped) pooled with :func:`pool_users`; None when none of the names has a run.
+
+    Raises:
+        DuplicateUserError: two of the runs share a user (see :func:`pool_users`).
+    """
+    runs = [d for d in (newest_run(roots, n) for n in names) if d is not None]
+    return pool_users(runs) if runs else None
+
+
 def count_cell(values: Optional[pd.Series]) -> str:
     """``'k/n'``: k truthy values among the n measured (non-NaN) ones, e.g. users whose representative image the
     evaluator reads as the dominant class (``evaluator_correct``); '-' when nothing was measured (or ``values`` is
@@ -348,6 +359,14 @@ def mean_std_cell(values: Optional[pd.Series], fmt: str = ".3g") -> str:
     return f"{v.mean():{fmt}}" + (f" ± {v.std(ddof=1):.2g}" if len(v) > 1 else "")
 
 
+def _shared_users(a: pd.DataFrame, b: pd.DataFrame, column: str, caller: str, convert=lambda c: c) -> pd.DataFrame:
+    """Columns ``a``, ``b``: ``column`` of both per-user frames (``convert`` applied) on the users both measured."""
+    for name, d in (("a", a), ("b", b)):
+        if column not in d:
+            raise KeyError(f"{caller}: column {column!r} not in {name} (has {list(d.columns)[:8]}...)")
+    return pd.concat([convert(a[column]).rename("a"), convert(b[column]).rename("b")], axis=1, join="inner").dropna()
+
+
 def paired_counts(a: pd.DataFrame, b: pd.DataFrame, column: str = "evaluator_correct") -> dict[str, int]:
     """Per-user paired comparison of a success flag between two configurations on the users both measured.
 
@@ -358,11 +377,7 @@ def paired_counts(a: pd.DataFrame, b: pd.DataFrame, column: str = "evaluator_cor
     Raises:
         KeyError: ``column`` missing from either frame.
     """
-    for name, d in (("a", a), ("b", b)):
-        if column not in d:
-            raise KeyError(f"paired_counts: column {column!r} not in {name} (has {list(d.columns)[:8]}...)")
-    joined = pd.concat([_to_number(a[column]).rename("a"), _to_number(b[column]).rename("b")], axis=1,
-                       join="inner").dropna()
+    joined = _shared_users(a, b, column, "paired_counts", _to_number)
     x, y = joined["a"] != 0, joined["b"] != 0
     return {"n": int(len(joined)), "both": int((x & y).sum()), "a_only": int((x & ~y).sum()),
             "b_only": int((~x & y).sum()), "neither": int((~x & ~y).sum())}
@@ -375,10 +390,7 @@ def changed_count(a: pd.DataFrame, b: pd.DataFrame, column: str = "evaluator_cla
     Raises:
         KeyError: ``column`` missing from either frame.
     """
-    for name, d in (("a", a), ("b", b)):
-        if column not in d:
-            raise KeyError(f"changed_count: column {column!r} not in {name}")
-    joined = pd.concat([a[column].rename("a"), b[column].rename("b")], axis=1, join="inner").dropna()
+    joined = _shared_users(a, b, column, "changed_count")
     return int((joined["a"] != joined["b"]).sum()), int(len(joined))
 
 

@@ -177,6 +177,10 @@ def test_pool_users_joins_disjoint_runs_and_refuses_a_user_twice(tmp_path):
     c = _user_run(tmp_path, "rerun-20261130-100000-cccccc", [2], [False])
     with pytest.raises(report.DuplicateUserError, match=r"user 2 in rest-.*, rerun-"):
         report.pool_users([a, b, c])
+    # the newest run of each name, pooled; a name without a run is skipped
+    pooled = report.pool_newest_runs([tmp_path], ["first", "rest", "absent"])
+    assert list(pooled.index) == [0, 1, 2, 3] and list(pooled["run"]) == list(d["run"])
+    assert report.pool_newest_runs([tmp_path], ["absent"]) is None
 
 
 def test_cells_and_paired_counts_on_known_values():

@@ -2,12 +2,12 @@
 
     python reports/fmnist_b10_20users_ablations_cpu/table.py runs/abl20 runs/b10
 
-Each row pools the newest run of each of its names (inversion.report.newest_run / pool_users); "class differs" counts
+Each row pools the newest run of each of its names (inversion.report.pool_newest_runs); "class differs" counts
 the users whose evaluator class differs from the first row's run (inversion.report.changed_count).
 """
 import sys
 
-from inversion.report import changed_count, count_cell, mean_std_cell, newest_run, pool_users
+from inversion.report import changed_count, count_cell, mean_std_cell, pool_newest_runs
 
 ROWS = [  # (row, run names (output.name) pooled into it)
     ("full attack, U = 1 (the paper's run)", ["B10_trained_mu0"]),
@@ -22,18 +22,13 @@ ROWS = [  # (row, run names (output.name) pooled into it)
 ]
 
 
-def load(roots, names):
-    runs = [d for d in (newest_run(roots, n) for n in names) if d is not None]
-    return pool_users(runs) if runs else None
-
-
 def main(roots):
-    ref = load(roots, ROWS[0][1])
+    ref = pool_newest_runs(roots, ROWS[0][1])
     print("| configuration | users | label inference | evaluator accuracy | raw image | class differs from U = 1 run | PSNR nearest (dB) "
           "| SSIM nearest | LPIPS nearest | LPIPS mean | s/step |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, names in ROWS:
-        d = load(roots, names)
+        d = pool_newest_runs(roots, names)
         if d is None:
             continue
         k, n = changed_count(d, ref)

@@ -13,7 +13,7 @@ the class (inversion.report.paired_counts).
 """
 import sys
 
-from inversion.report import count_cell, mean_std_cell, newest_run, paired_counts, pool_users
+from inversion.report import count_cell, mean_std_cell, paired_counts, pool_newest_runs
 
 ROWS = [  # (row, run names (output.name) pooled into it per B, optimisation steps shown)
     ("user-level, paper's final stage (one denoising from t 100)",
@@ -30,15 +30,10 @@ ROWS = [  # (row, run names (output.name) pooled into it per B, optimisation ste
 ]
 
 
-def load(roots, names):
-    runs = [d for d in (newest_run(roots, n) for n in names) if d is not None]
-    return pool_users(runs) if runs else None
-
-
 def main(roots, bs=(10, 50, 100)):
     """One table per B that has the paper's-stage run (users of a baseline's parts pooled)."""
     for b in bs:
-        ref = load(roots, ROWS[0][1][b])
+        ref = pool_newest_runs(roots, ROWS[0][1][b])
         if ref is None:
             continue
         print(f"| method (B = {b}, trained victim) | users | steps | label inference | evaluator accuracy (representative) "
@@ -47,7 +42,7 @@ def main(roots, bs=(10, 50, 100)):
               "| all B: LPIPS nearest | s/user |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for i, (name, names, steps) in enumerate(ROWS):
-            d = load(roots, names[b])
+            d = pool_newest_runs(roots, names[b])
             if d is None:
                 continue
             p = paired_counts(d, ref) if i else None
