@@ -134,7 +134,8 @@ def build_label_skewed_users(
     if not present:
         raise ValueError("the split holds no images")
     dominant_order = [c for c in class_order if sizes[c] > 0]  # every class when the split holds them all
-    if dirichlet_alpha is None and max(1, int(round(dominant_fraction * batch_size))) < batch_size and len(present) < 2:
+    n_dom = max(1, int(round(dominant_fraction * batch_size)))  # images of the dominant class (no Dirichlet)
+    if dirichlet_alpha is None and n_dom < batch_size and len(present) < 2:
         raise ValueError(f"dominant_fraction {dominant_fraction} leaves images to draw from other classes, but the split "
                          f"holds only class {present}: use dominant_fraction 1.0 or a split with more classes")
 
@@ -159,7 +160,6 @@ def build_label_skewed_users(
             counts = rng.multinomial(batch_size, q)
         else:
             dom = int(dominant_order[i % len(dominant_order)])
-            n_dom = max(1, int(round(dominant_fraction * batch_size)))
             others = [c for c in present if c != dom]
             counts = np.zeros(num_classes, dtype=int)
             counts[dom] = n_dom
