@@ -656,6 +656,12 @@ def prepare(parser: ArgumentParser, cfg: Namespace):
     source.check()
     victim, victim_cfg = load_victim(init.victim)
     validate(cfg, source, victim_cfg)
+    from inversion.scenario import check_victim_parameters_used
+
+    try:  # every client update and attack differentiates all trainable parameters: check once, before any user
+        check_victim_parameters_used(victim, source.image_shape)
+    except ValueError as exc:
+        raise ConfigError(f"victim: {exc}") from None
     attack_cls = resolve_attack_class(cfg.attack.class_path)
     attack_kwargs = dict(cfg.attack.init_args or {})
     users_per_step_of(attack_cls, attack_kwargs)

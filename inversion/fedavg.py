@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from inversion.scenario import victim_parameters
+from inversion.scenario import raise_if_unused, victim_parameters
 
 
 def local_steps_for(batch_size: int, epochs: int, local_batch_size: int) -> int:
@@ -119,7 +119,9 @@ def fedavg_client_update(
 
     Raises:
         ValueError: before any work, if the settings give zero steps (empty batch, epochs < 1, local batch < 1),
-            local_lr <= 0, or images and labels disagree in length; or if a local loss becomes NaN/inf.
+            local_lr <= 0, or images and labels disagree in length; at the first local step, before any weight moves,
+            if a trainable parameter does not affect the loss (as :func:`inversion.scenario.fedsgd_gradient`);
+            or if a local loss becomes NaN/inf.
     """
     if images.dim() != 4:
         raise ValueError(f"FedAvg: images must be (B, C, H, W), got shape {tuple(images.shape)}")
@@ -146,6 +148,8 @@ def fedavg_client_update(
             with torch.enable_grad():
                 loss = F.cross_entropy(model(images[idx]), labels[idx])
                 grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            if not losses:
+                raise_if_unused(list(params), grads)  # before any weight moves, as the FedSGD client does
             if not torch.isfinite(loss):
                 raise ValueError(f"FedAvg: local loss is NaN/inf at epoch {epoch}, step {len(losses)}; lower local_lr")
             losses.append(float(loss.detach()))

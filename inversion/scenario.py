@@ -73,11 +73,53 @@ def fedsgd_gradient(victim: nn.Module, images: torch.Tensor, labels: torch.Tenso
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
     finally:
         victim.train(was_training)
-    unused = [n for n, g in zip(params, grads) if g is None]
+    raise_if_unused(list(params), grads)
+    return OrderedDict((n, g.detach().float()) for n, g in zip(params, grads))
+
+
+def raise_if_unused(names: list[str], grads) -> None:
+    """Raise the one error for trainable victim parameters whose gradient is None (they do not reach the loss).
+
+    Args:
+        names: the parameters' names; grads: their gradients from ``torch.autograd.grad(..., allow_unused=True)``.
+
+    Raises:
+        ValueError: naming up to five such parameters and how to fix the victim.
+    """
+    unused = [n for n, g in zip(names, grads) if g is None]
     if unused:
         raise ValueError(f"victim parameter(s) {unused[:5]} do not affect the output, so they have no gradient; "
                          "freeze them (requires_grad_(False)) or remove them from the victim")
-    return OrderedDict((n, g.detach().float()) for n, g in zip(params, grads))
+
+
+def check_victim_parameters_used(victim: nn.Module, image_shape: tuple[int, int, int]) -> None:
+    """Check, before any client update, that every trainable victim parameter reaches the logits.
+
+    FedSGD and FedAvg clients and every attack differentiate all trainable parameters, so a parameter that does not
+    affect the output (an unused head, a dead branch) would give no gradient. One forward and backward pass of a
+    batch of two all-0.5 images (pixels in [0, 1]) in eval mode, on the victim's device; the victim's mode and
+    parameters are left as they were.
+
+    Args:
+        victim: classifier, float (N, C, H, W) in [0, 1] -> logits (N, num_classes).
+        image_shape: (C, H, W) of the users' images.
+
+    Raises:
+        ValueError: from :func:`raise_if_unused`, naming the unused parameters.
+    """
+    params = victim_parameters(victim)
+    if not params:
+        return
+    device = next(iter(params.values())).device
+    was_training = victim.training
+    victim.eval()
+    try:
+        with torch.enable_grad():
+            out = victim(torch.full((2, *image_shape), 0.5, device=device))
+            grads = torch.autograd.grad(out.float().square().sum(), list(params.values()), allow_unused=True)
+    finally:
+        victim.train(was_training)
+    raise_if_unused(list(params), grads)
 
 
 def check_target_gradient(victim: nn.Module, target: "OrderedDict[str, torch.Tensor]") -> None:

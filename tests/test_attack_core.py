@@ -59,6 +59,18 @@ def test_fedsgd_gradient_equals_manual_gradient_and_uses_eval_mode():
     with pytest.raises(ValueError, match=r"\['unused_head.weight', 'unused_head.bias'\] do not affect the output"):
         fedsgd_gradient(wrapped, x, y)
     assert wrapped.training
+    # the same error from the FedAvg client (before any local step moves a weight) and from the shared check that
+    # attack.py runs once before any user; a victim whose parameters all reach the output passes it
+    from inversion.fedavg import fedavg_client_update
+    from inversion.scenario import check_victim_parameters_used
+
+    with pytest.raises(ValueError, match=r"\['unused_head.weight', 'unused_head.bias'\] do not affect the output"):
+        fedavg_client_update(wrapped, x, y, epochs=2, local_lr=0.1)
+    with pytest.raises(ValueError, match=r"\['unused_head.weight', 'unused_head.bias'\] do not affect the output"):
+        check_victim_parameters_used(wrapped, (1, 8, 8))
+    assert wrapped.training
+    check_victim_parameters_used(model, (1, 8, 8))
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_target_gradient_checks_shapes_names_and_nan():
