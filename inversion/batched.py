@@ -230,7 +230,7 @@ class BatchedMatching:
         for g, n in zip(targets_u, self.param_names):
             g, h = g.flatten().float(), dummy[n].flatten().float()
             # as inversion.objectives.layer_cosine_distances (eps = 1e-12)
-            dists.append(1.0 - (g * h).sum() / (g.norm() * h.norm()).clamp_min(1e-12))
+            dists.append(1.0 - (g * h).sum() / (g.norm().clamp_min(1e-12) * h.norm().clamp_min(1e-12)))
         d = torch.stack(dists)
         return (w_u * d).sum() / w_u.sum().clamp_min(1e-12)
 

@@ -20,14 +20,15 @@ def layer_cosine_distances(target: Sequence[torch.Tensor], dummy: Sequence[torch
     """1 - <g_l, g_hat_l> / (|g_l| |g_hat_l|) for each layer l; float32 (L,), values in [0, 2].
 
     ``target`` and ``dummy`` are sequences of L tensors with matching shapes (one per victim parameter, input side
-    first); differentiable w.r.t. ``dummy``.
+    first); differentiable w.r.t. ``dummy``. Each norm is floored at ``eps`` on its own (a zero gradient gives
+    distance 1), so the distance is scale-invariant for any gradient whose norm is above ``eps``.
     """
     if len(target) != len(dummy):
         raise ValueError(f"{len(target)} target layers but {len(dummy)} dummy layers")
     out = []
     for g, h in zip(target, dummy):
         g, h = g.flatten().float(), h.flatten().float()
-        out.append(1.0 - (g * h).sum() / (g.norm() * h.norm()).clamp_min(eps))
+        out.append(1.0 - (g * h).sum() / (g.norm().clamp_min(eps) * h.norm().clamp_min(eps)))
     return torch.stack(out)
 
 

@@ -81,7 +81,8 @@ def cosine_gradient_distance(
     """Geiping et al. 2020, eq. 4: ``1 - <d, t> / (||d|| ||t||)`` with every layer concatenated into one vector.
 
     As in their ``reconstruction_costs`` (cost_fn='sim', all layers, equal weights): the inner product and both norms
-    are summed over all layers before dividing. ``eps`` guards a zero norm.
+    are summed over all layers before dividing. ``eps`` floors each norm on its own (a zero gradient gives 1), so the
+    distance is scale-invariant for gradients whose norm is above ``eps``.
 
     Returns:
         float scalar tensor in [0, 2] (differentiable w.r.t. ``dummy``).
@@ -94,7 +95,7 @@ def cosine_gradient_distance(
     dot = sum((a * b).sum() for a, b in zip(d, t))
     dn = sum(a.pow(2).sum() for a in d)
     tn = sum(b.pow(2).sum() for b in t)
-    return 1 - dot / (dn.sqrt() * tn.sqrt()).clamp_min(eps)
+    return 1 - dot / (dn.sqrt().clamp_min(eps) * tn.sqrt().clamp_min(eps))
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:

@@ -164,6 +164,10 @@ def test_window_endpoints_widths_and_uniform():
     t = [torch.randn(3, 4), torch.randn(5)]
     d = [torch.randn(3, 4), torch.randn(5)]
     assert gradient_matching_loss(t, d) == pytest.approx(float(layer_cosine_distances(t, d).mean()))
+    # scale-invariant down to tiny gradients (each norm floored on its own, not their product), zero gradient -> 1
+    ref = layer_cosine_distances(t, d)
+    torch.testing.assert_close(layer_cosine_distances([1e-8 * x for x in t], [1e-7 * x for x in d]), ref)
+    assert layer_cosine_distances([torch.zeros(3)], [torch.ones(3)]).tolist() == [1.0]
     with pytest.raises(ValueError):
         sliding_window_weights(5, 2, 0, 3)
     # a floor above the Hamming end value (0.08): weights still fall monotonically away from the centre

@@ -84,6 +84,9 @@ def test_gradient_distances():
     assert l2_gradient_distance(a, b).item() == pytest.approx(1.0 + 4.0)
     assert cosine_gradient_distance(a, a).item() == pytest.approx(0.0, abs=1e-6)
     assert cosine_gradient_distance(a, [-t for t in a]).item() == pytest.approx(2.0)
+    c = [torch.randn_like(t) for t in a]
+    torch.testing.assert_close(cosine_gradient_distance([1e-8 * t for t in a], [1e-7 * t for t in c]),
+                               cosine_gradient_distance(a, c))  # scale-invariant for tiny gradients too
     assert cosine_gradient_distance(a, [5 * t for t in a]).item() == pytest.approx(0.0, abs=1e-6)  # scale-free
     # layers are concatenated: <a,b> = 4 + 3 = 7, |a| = sqrt(14), |b| = sqrt(5)
     assert cosine_gradient_distance(a, b).item() == pytest.approx(1 - 7 / (14**0.5 * 5**0.5), rel=1e-6)
