@@ -50,6 +50,7 @@ from datamodules.users import FashionMNISTUsers  # noqa: E402,F401
 from lightning_modules.base_attack import AttackDivergedError, AttackResult, GradientInversionAttack  # noqa: E402
 from lightning_modules.baselines import DLG, InvertingGradients, iDLG  # noqa: E402,F401
 from lightning_modules.user_level_inversion import UserLevelInversion  # noqa: E402,F401
+from inversion.fsutils import publish_file  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ config groups
@@ -179,6 +180,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        publish_file(tmp)  # mkstemp's 0600 would survive the rename
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -61,6 +61,8 @@ if str(ROOT) not in sys.path:
 
 os.environ.setdefault("WANDB_MODE", "offline")
 
+from inversion.fsutils import publish_file  # noqa: E402
+
 CONFIG_KEYS = ("attack", "configs")  # grid keys whose values are config files layered over base
 MANAGED_KEYS = ("output.root", "output.name", "logger.group", "config", "resume")
 SWEEP_FIELDS = {"name", "root", "base", "configs", "fixed", "grid"}
@@ -82,6 +84,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
         with os.fdopen(fd, "w") as fh:
             json.dump(obj, fh, indent=2, sort_keys=False, default=str)
             fh.write("\n")
+        publish_file(tmp)  # mkstemp's 0600 would survive the rename
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -15,6 +15,8 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
+from inversion.fsutils import publish_dir
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -139,6 +141,7 @@ class ExportModel(Callback):
         """
         self.dirpath.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{self.dirpath.name}.", dir=self.dirpath.parent))
+        publish_dir(tmp)  # mkdtemp's 0700 would survive the rename
         was_training = pl_module.training
         pl_module.eval()
         try:

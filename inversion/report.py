@@ -66,6 +66,8 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from inversion.fsutils import publish_dir
+
 __all__ = ["GROUP_KEYS", "DuplicateUserError", "aggregate", "aggregate_privacy", "build_report", "changed_count",
            "count_cell", "group_keys", "load_runs", "main", "mean_std_cell", "newest_run", "paired_counts",
            "plot_gallery", "plot_metrics_vs_b", "plot_privacy_curve", "pool_newest_runs", "pool_users"]
@@ -774,7 +776,7 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, users_per_
             privacy.to_csv(tmp / "privacy.csv", index=False)
             figures["privacy_curve"] = plot_privacy_curve(privacy, tmp / "privacy_curve.png")
         write_markdown(tmp / "summary.md", df, summary, run_dirs, figures, privacy)
-        os.chmod(tmp, 0o755)
+        publish_dir(tmp)  # mkdtemp's 0700 would survive the rename
         while True:
             final = _free_out_dir(out)
             try:

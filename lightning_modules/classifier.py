@@ -23,6 +23,8 @@ import torchvision
 from lightning import LightningModule
 from safetensors.torch import load_file, save_file
 
+from inversion.fsutils import publish_file
+
 ARCHITECTURES = ("resnet18", "convnet")
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -110,7 +112,8 @@ class ImageClassifier(LightningModule):
         arch: 'resnet18' (victim) or 'convnet' (evaluator).
         in_channels, num_classes, image_size: input and output shapes; must agree with the data.
         mean, std: per-channel normalisation stored inside the model (default 0.5/0.5).
-        lr, weight_decay, max_lr_steps: AdamW with a one-cycle schedule over ``max_lr_steps`` (0: constant lr).
+        lr, weight_decay, max_lr_steps: AdamW with a one-cycle schedule over ``max_lr_steps`` (0: constant lr); a
+            trainer that would take more steps than ``max_lr_steps`` is refused (ValueError) before the first step.
         label_smoothing: CE label smoothing.
         seed: recorded in the exported config (the trainer's seed is set by ``seed_everything``).
         init_weights: optional classifier folder (model.safetensors + config.json) to start from (fine-tuning);
@@ -169,6 +172,13 @@ class ImageClassifier(LightningModule):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         if not self.hparams.max_lr_steps:
             return opt
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
+        if total > self.hparams.max_lr_steps:  # OneCycleLR raises at step max_lr_steps + 1, after all that training
+            raise ValueError(
+                f"the trainer will take {total} optimiser steps but the one-cycle schedule has "
+                f"model.init_args.max_lr_steps = {self.hparams.max_lr_steps}: set trainer.max_steps <= max_lr_steps "
+                "(a resumed run included), raise max_lr_steps, or set it to 0 for a constant lr"
+            )
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.hparams.lr, total_steps=self.hparams.max_lr_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -205,6 +215,7 @@ def save_classifier(model: nn.Module, config: dict, dirpath: str | Path, dtype: 
     fd, tmp = tempfile.mkstemp(dir=dirpath, suffix=".tmp")
     os.close(fd)
     save_file(state, tmp, metadata={"format": "pt"})
+    publish_file(tmp)  # mkstemp's 0600 would survive the rename
     os.replace(tmp, dirpath / WEIGHTS_FILE)
     (dirpath / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return dirpath

@@ -1,0 +1,29 @@
+"""File-system helpers shared by every atomic write in the project.
+
+``tempfile.mkstemp`` creates files with mode 0600 and ``tempfile.mkdtemp`` folders with mode 0700, and an atomic
+rename keeps those modes, so results, configs and exported models written through a temporary path would be private
+to their owner (unreadable by CI under another user, a container, or colleagues on a shared cluster). These helpers
+give them the modes an ordinary ``open``/``mkdir`` would: 0666 / 0777 masked by the process umask.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def current_umask() -> int:
+    """The process umask (e.g. 0o022). Read by setting and restoring it (``os.umask`` has no pure getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def publish_file(path: str | Path) -> None:
+    """chmod a temporary file to 0666 & ~umask (what ``open(path, 'w')`` would create), before renaming it into place."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
+def publish_dir(path: str | Path) -> None:
+    """chmod a temporary folder to 0777 & ~umask (what ``mkdir`` would create), before renaming it into place."""
+    os.chmod(path, 0o777 & ~current_umask())
