@@ -60,6 +60,12 @@ class DDPMPrior(LightningModule):
         super().__init__()
         self.save_hyperparameters()
         n = len(block_out_channels)
+        if image_size < 1 or image_size % 2 ** (n - 1):
+            raise ValueError(
+                f"model.init_args.image_size {image_size} must be a multiple of 2**(levels - 1) = {2 ** (n - 1)}: the "
+                f"UNet halves the image {n - 1} times ({n} block_out_channels); pad the data (e.g. Fashion-MNIST to "
+                "32) or use fewer levels"
+            )
         down = ["DownBlock2D"] * n
         up = ["UpBlock2D"] * n
         if attention:
@@ -111,15 +117,38 @@ class DDPMPrior(LightningModule):
         loss = self.diffusion_loss(x, generator=g)
         self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True)
 
-    def _ema_step_decay(self) -> float:
-        step = self.global_step
+    def _ema_step_decay(self, step: Optional[int] = None) -> float:
+        """EMA decay after ``step`` optimiser steps (default: the global step): min(ema_decay, 1 - (1 + step)^-3/4),
+        diffusers' EMAModel warm-up; 0 at step 0."""
+        step = self.global_step if step is None else step
         return min(self.ema_decay, 1.0 - (1.0 + step / 1.0) ** -0.75) if step > 0 else 0.0
+
+    def setup(self, stage: str) -> None:
+        """Refuse true-half precision before training: it would convert the EMA UNet too, and a bf16/fp16 EMA stops
+        moving once 1 - decay falls below the format's resolution (about 2**-9 for bf16, after a few thousand steps)."""
+        precision = str(self.trainer.precision) if self._trainer is not None else ""
+        if precision in ("bf16-true", "16-true"):
+            raise ValueError(
+                f"trainer.precision {precision} would keep the EMA weights in half precision, where the EMA update "
+                "stalls; use bf16-mixed or 16-mixed (the weights and the EMA stay float32)"
+            )
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """Step the optimiser, then the EMA (diffusers' EMAModel.step after optimizer.step), so that callbacks
+        running at the end of the batch (checkpoints, exports) save the EMA of the weights they save."""
+        super().optimizer_step(*args, **kwargs)
+        self.update_ema()
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """ema <- decay * ema + (1 - decay) * weights, with the warm-up decay of :meth:`_ema_step_decay` at the
+        step count including the step just taken (Lightning counts it only after ``optimizer_step`` returns)."""
+        decay = self._ema_step_decay(self.global_step + 1)
+        for p_ema, p in zip(self.ema_unet.parameters(), self.unet.parameters()):
+            p_ema.lerp_(p.detach().to(p_ema.dtype), 1.0 - decay)
 
     @torch.no_grad()
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        decay = self._ema_step_decay()
-        for p_ema, p in zip(self.ema_unet.parameters(), self.unet.parameters()):
-            p_ema.lerp_(p.detach().to(p_ema.dtype), 1.0 - decay)
         every = self.hparams.sample_every_n_steps
         if every and self.global_step > 0 and self.global_step % every == 0:
             self.log_samples()
