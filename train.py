@@ -2,31 +2,66 @@
 
     python train.py --config configs/train/ddpm_fashion_mnist.yaml
     python train.py --config configs/train/victim_fashion_mnist.yaml
-    python train.py --config configs/train/ddpm_fashion_mnist.yaml --ckpt_path last     # resume
+    python train.py --config configs/train/ddpm_fashion_mnist.yaml --ckpt_path last     # resume the newest run
 
 A config pins one run: ``model`` (class_path/init_args), ``data``, ``trainer`` (with ``logger`` and
 ``callbacks``). Group files under configs/{data,model,trainer,logger} can be layered with several ``--config``.
 W&B runs offline unless ``WANDB_MODE`` says otherwise. After fit, classifiers are tested on the test split.
+
+Run directories. Every fresh run writes into a new directory ``<default_root_dir>/<YYYYmmdd-HHMMSS>-<6 hex>``
+(``train_runs/`` when ``trainer.default_root_dir`` is unset), printed at start. Every configured path under
+``default_root_dir`` is re-rooted into it before anything is built: ``trainer.default_root_dir`` itself, the
+loggers' ``save_dir``/``dir`` and the ``dirpath`` of ``ModelCheckpoint``/``OnExceptionCheckpoint`` callbacks (so
+``train_runs/x/ckpt`` becomes ``train_runs/x/<run>/ckpt``). Paths outside ``default_root_dir`` are left alone; so
+are export folders (``callbacks.export.ExportModel``), which are replaced atomically where configured. The config
+as given is saved as ``<run>/config.yaml`` (written to a temporary file, then linked into place; never over an
+existing file), after the pre-training checks and the checkpoint restore passed.
+
+Resuming. ``--ckpt_path last`` continues the newest run directory under ``default_root_dir`` that holds a
+``last.ckpt`` where its ModelCheckpoint writes (``<run>/ckpt/last.ckpt`` for the shipped configs): training goes on
+from that checkpoint's step and writes into that same directory, whose config is saved as ``config-resume-<k>.yaml``
+(the first free k). With no such checkpoint it fails before building anything, naming ``default_root_dir``. An
+explicit ``--ckpt_path some/file.ckpt`` restores that file into a fresh run directory. Lightning's Timer restores
+the elapsed time too: a run that stopped at ``trainer.max_time`` needs a larger ``--trainer.max_time`` to go on.
+
+Several processes: the directory is chosen by rank 0; processes started by Lightning's own launcher
+(``--trainer.devices N`` with ``ddp``) inherit it through ``$GRADINV_TRAIN_RUN_DIR``. Under torchrun/SLURM the other
+ranks create nothing themselves (loggers, checkpoints and the config are written by rank 0 only).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import sys
+import time
 from pathlib import Path
+from typing import Any, Optional
 
 os.environ.setdefault("WANDB_MODE", "offline")
 
 from lightning import LightningDataModule, LightningModule  # noqa: E402
-from lightning.pytorch.cli import LightningCLI  # noqa: E402
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+RUN_DIR_ENV = "GRADINV_TRAIN_RUN_DIR"
+DEFAULT_ROOT = "train_runs"
+LAST_CKPT = "last.ckpt"
+RUN_NAME = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}$")
+_CKPT_CALLBACKS = ("lightning.pytorch.callbacks.ModelCheckpoint", "lightning.pytorch.callbacks.OnExceptionCheckpoint")
+_LOGGER_PATH_KEYS = ("save_dir", "dir", "root_dir")
+
 
 class ConfigMismatchError(ValueError):
     """Data and model disagree on image size, channels or classes."""
+
+
+class NoCheckpointError(FileNotFoundError):
+    """``--ckpt_path last`` found no run directory with a last checkpoint under ``default_root_dir``."""
 
 
 def check_data_model_agree(model: LightningModule, data: LightningDataModule) -> None:
@@ -46,21 +81,327 @@ def check_data_model_agree(model: LightningModule, data: LightningDataModule) ->
             )
 
 
+# ------------------------------------------------------------------------------------------------ run directories
+def new_run_dir(root: str | os.PathLike) -> Path:
+    """Create and return a fresh run directory ``root/<YYYYmmdd-HHMMSS>-<6 hex>`` (local time; exclusive mkdir, so
+    two runs never share one). ``root`` is created when missing.
+
+    Raises:
+        RuntimeError: no free name after 100 tries.
+    """
+    base = Path(root)
+    base.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):
+        d = base / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        try:
+            d.mkdir()
+            return d
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a new run directory under {base}")
+
+
+def relative_to_root(path: str | os.PathLike, root: str | os.PathLike) -> Optional[Path]:
+    """``path`` relative to ``root`` (both made absolute against the working directory, ``~`` expanded), or None
+    when ``path`` is not ``root`` or inside it. ``Path('.')`` when ``path`` is ``root`` itself."""
+    p = Path(os.path.abspath(os.path.expanduser(str(path))))
+    r = Path(os.path.abspath(os.path.expanduser(str(root))))
+    try:
+        return p.relative_to(r)
+    except ValueError:
+        return None
+
+
+def _is_checkpoint_callback(class_path: Optional[str]) -> bool:
+    """True for ModelCheckpoint / OnExceptionCheckpoint and their subclasses (the class is imported)."""
+    if not class_path:
+        return False
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+
+    return isinstance(cls, type) and issubclass(cls, (ModelCheckpoint, OnExceptionCheckpoint))
+
+
+def _as_list(value: Any) -> list:
+    if value is None or isinstance(value, bool):
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def checkpoint_dirpaths(trainer_cfg: Any) -> list[str]:
+    """The ``dirpath`` of every ModelCheckpoint/OnExceptionCheckpoint in ``trainer_cfg['callbacks']`` (a dict or
+    jsonargparse Namespace with ``class_path``/``init_args`` entries, one or a list), in config order; None skipped."""
+    out = []
+    for cb in _as_list(trainer_cfg.get("callbacks")):
+        args = cb.get("init_args") if hasattr(cb, "get") else None
+        if _is_checkpoint_callback(cb.get("class_path") if hasattr(cb, "get") else None) and args is not None:
+            if args.get("dirpath"):
+                out.append(str(args.get("dirpath")))
+    return out
+
+
+def reroot_trainer_config(trainer_cfg: Any, root: str | os.PathLike, run_dir: str | os.PathLike) -> list[str]:
+    """Rewrite, in place, every path of ``trainer_cfg`` (the parsed ``trainer`` section, dict or Namespace) that lies
+    under ``root`` so that it lies at the same place under ``run_dir``: ``default_root_dir`` (set to ``run_dir``),
+    the ``save_dir``/``dir``/``root_dir`` of the logger (one entry or a list) and the ``dirpath`` of checkpoint
+    callbacks (ModelCheckpoint, OnExceptionCheckpoint). Other callbacks (e.g. ExportModel) and paths outside
+    ``root`` are left alone. Returns the rewritten entries as ``'key: old -> new'`` lines."""
+    changes = []
+
+    def move(holder: Any, key: str, label: str) -> None:
+        old = holder.get(key)
+        if not old:
+            return
+        rel = relative_to_root(old, root)
+        if rel is not None:
+            new = str(Path(run_dir) / rel)
+            holder[key] = new
+            changes.append(f"{label}: {old} -> {new}")
+
+    trainer_cfg["default_root_dir"] = str(run_dir)
+    for i, logger in enumerate(_as_list(trainer_cfg.get("logger"))):
+        args = logger.get("init_args") if hasattr(logger, "get") else None
+        if args is not None:
+            for key in _LOGGER_PATH_KEYS:
+                if key in args:
+                    move(args, key, f"trainer.logger[{i}].{key}")
+    for i, cb in enumerate(_as_list(trainer_cfg.get("callbacks"))):
+        args = cb.get("init_args") if hasattr(cb, "get") else None
+        if args is not None and _is_checkpoint_callback(cb.get("class_path")) and "dirpath" in args:
+            move(args, "dirpath", f"trainer.callbacks[{i}].dirpath")
+    return changes
+
+
+def list_run_dirs(root: str | os.PathLike) -> list[Path]:
+    """The run directories (names ``YYYYmmdd-HHMMSS-<6 hex>``) directly under ``root``, oldest name first; []
+    when ``root`` does not exist. One ``os.scandir``."""
+    try:
+        with os.scandir(root) as it:
+            names = [e.name for e in it if RUN_NAME.match(e.name) and e.is_dir()]
+    except FileNotFoundError:
+        return []
+    return [Path(root) / n for n in sorted(names)]
+
+
+def _last_in_run(run: Path, rels: list[Path]) -> list[Path]:
+    """The existing ``last.ckpt`` files of one run directory: ``run/<rel>/last.ckpt`` for each checkpoint folder
+    ``rel`` (relative to default_root_dir), or any ``last.ckpt`` below ``run`` when ``rels`` is empty."""
+    files = [run / r / LAST_CKPT for r in rels] if rels else list(run.rglob(LAST_CKPT))
+    return [f for f in files if f.is_file()]
+
+
+def find_last_checkpoint(root: str | os.PathLike, ckpt_dirpaths: list[str]) -> tuple[Path, Path]:
+    """The run directory to resume and its last checkpoint, for ``--ckpt_path last``.
+
+    ``ckpt_dirpaths`` are the configured checkpoint ``dirpath`` values (before re-rooting); those under ``root``
+    say where each run keeps ``last.ckpt`` (``root/ckpt`` -> ``<run>/ckpt/last.ckpt``); with none under ``root``,
+    any ``last.ckpt`` inside a run directory counts. The newest run directory by name (its start time; same-second
+    ties by the checkpoint's modification time) that holds one wins.
+
+    Returns:
+        (run directory, checkpoint file).
+
+    Raises:
+        NoCheckpointError (a FileNotFoundError): no run directory under ``root`` holds a last checkpoint; the
+            message names ``root``, where it looked, and a checkpoint of the old fixed layout when one exists.
+    """
+    rels = [r for r in (relative_to_root(p, root) for p in ckpt_dirpaths) if r is not None]
+    runs = list_run_dirs(root)
+    found = [(run.name[:15], ckpt.stat().st_mtime_ns, run, ckpt) for run in runs for ckpt in _last_in_run(run, rels)]
+    if found:
+        _, _, run, ckpt = max(found, key=lambda t: t[:2])
+        return run, ckpt
+    where = " or ".join(f"<run>/{r.as_posix()}/{LAST_CKPT}" for r in rels) or f"<run>/**/{LAST_CKPT}"
+    legacy = [Path(p) / LAST_CKPT for p in ckpt_dirpaths if (Path(p) / LAST_CKPT).is_file()]
+    hint = (
+        f" A checkpoint outside the run directories exists: {legacy[0]}; to continue from it pass "
+        f"--ckpt_path {legacy[0]} (it gets a fresh run directory)."
+        if legacy
+        else ""
+    )
+    raise NoCheckpointError(
+        f"--ckpt_path last: no run under default_root_dir {root} has a last checkpoint (looked for {where} in "
+        f"{len(runs)} run director{'y' if len(runs) == 1 else 'ies'} <YYYYmmdd-HHMMSS>-<hex>).{hint} Start a fresh "
+        "run without --ckpt_path, set trainer.default_root_dir to the folder holding the run, or pass a .ckpt file."
+    )
+
+
+def write_new_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path``, which must not exist: the text goes to a temporary file next to it that is then
+    hard-linked into place, so ``path`` is either absent or complete and an existing file is never replaced.
+
+    Raises:
+        FileExistsError: ``path`` exists.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    try:
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links: check, then rename
+            if path.exists():
+                raise FileExistsError(f"{path} exists")
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _remove_empty_dirs(top: Path) -> None:
+    """Remove ``top`` and its sub-folders bottom-up where they are empty (files are never deleted)."""
+    if not top.is_dir():
+        return
+    for dirpath, _, _ in sorted(os.walk(top), key=lambda t: -len(t[0])):
+        try:
+            os.rmdir(dirpath)
+        except OSError:
+            pass
+
+
+def _process_rank() -> int:
+    """This process's rank from the launcher's environment (as Lightning reads it); 0 when none is set."""
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if os.environ.get(key):
+            return int(os.environ[key])
+    return 0
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """Saves the config as given (paths before re-rooting) into the run directory on rank 0, at fit start (after
+    the other callbacks' start checks and the checkpoint restore): ``config.yaml`` for a fresh run,
+    ``config-resume-<k>.yaml`` (the first free k >= 1) when resuming in an existing run directory. Never replaces a
+    file (:func:`write_new_text`). Built by LightningCLI with ``run_dir``, ``original`` and ``resume`` from
+    :class:`TrainCLI`."""
+
+    def __init__(self, parser, config, run_dir: str = "", original: Any = None, resume: bool = False) -> None:
+        super().__init__(parser, config, overwrite=False, save_to_log_dir=False)
+        self.run_dir = Path(run_dir)
+        self.original = original if original is not None else config
+        self.resume = resume
+        self.saved_path: Optional[Path] = None
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        """Nothing: the file is written in :meth:`on_fit_start`."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Nothing (the base class would write into ``trainer.log_dir`` here, before the start checks)."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        """Write the config file (rank 0 only; once per callback)."""
+        if self.already_saved or not trainer.is_global_zero:
+            return
+        text = self.parser.dump(self.original, skip_none=False)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        k = 0
+        while True:
+            name = "config.yaml" if not self.resume and k == 0 else f"config-resume-{max(k, 1)}.yaml"
+            try:
+                write_new_text(self.run_dir / name, text)
+                break
+            except FileExistsError:
+                if not self.resume:
+                    raise
+                k = max(k, 1) + 1
+        self.saved_path = self.run_dir / name
+        self.already_saved = True
+
+
 class TrainCLI(LightningCLI):
+    """LightningCLI with ``--ckpt_path`` / ``--test_after_fit`` and one run directory per run (module docstring).
+
+    After construction: ``run_dir`` (Path), ``resolved_ckpt_path`` (the checkpoint file to restore, or None),
+    ``resuming`` (True for ``--ckpt_path last``: writing into the resumed run's directory) and ``created_run_dir``
+    (this process created ``run_dir``).
+    """
+
+    run_dir: Optional[Path] = None
+    resolved_ckpt_path: Optional[str] = None
+    resuming: bool = False
+    created_run_dir: bool = False
+
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--ckpt_path", type=str, default=None, help="Lightning checkpoint to resume from, or 'last'.")
+        parser.add_argument("--ckpt_path", type=str, default=None, help="Lightning checkpoint to resume from, or 'last' (the newest run under trainer.default_root_dir).")
         parser.add_argument("--test_after_fit", type=bool, default=True, help="Run trainer.test after fit when the model has test_step.")
+
+    def before_instantiate_classes(self) -> None:
+        """Resolve ``--ckpt_path``, choose (resume) or create (fresh) the run directory and re-root the trainer's
+        paths into it; nothing is created when the checkpoint cannot be found.
+
+        Raises:
+            FileNotFoundError: an explicit ``--ckpt_path`` that is not a file.
+            NoCheckpointError: ``--ckpt_path last`` with no resumable run under ``default_root_dir``.
+        """
+        original = self.config.clone()
+        trainer_cfg = self.config["trainer"]
+        root = trainer_cfg.get("default_root_dir") or DEFAULT_ROOT
+        ckpt_path = self.config.get("ckpt_path")
+        inherited = os.environ.get(RUN_DIR_ENV) if _process_rank() != 0 else None
+        if ckpt_path == "last":
+            dirpaths = checkpoint_dirpaths(trainer_cfg)
+            rels = [r for r in (relative_to_root(p, root) for p in dirpaths) if r is not None]
+            if inherited and _last_in_run(Path(inherited), rels):  # a child of rank 0's launcher: the same run
+                run_dir = Path(inherited)
+                ckpt = max(_last_in_run(run_dir, rels), key=lambda f: f.stat().st_mtime_ns)
+            else:
+                run_dir, ckpt = find_last_checkpoint(root, dirpaths)
+            self.resolved_ckpt_path, self.resuming = str(ckpt), True
+        else:
+            if ckpt_path and not Path(ckpt_path).is_file():
+                raise FileNotFoundError(f"--ckpt_path {ckpt_path} does not exist; pass a .ckpt file or 'last'")
+            self.resolved_ckpt_path = ckpt_path or None
+            if inherited:
+                run_dir = Path(inherited)
+            elif _process_rank() == 0:
+                run_dir, self.created_run_dir = new_run_dir(root), True
+            else:  # torchrun/SLURM rank > 0: a name only; rank 0 writes everything
+                run_dir = Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        self.run_dir = run_dir
+        reroot_trainer_config(trainer_cfg, root, run_dir)
+        self.save_config_kwargs = {"run_dir": str(run_dir), "original": original, "resume": self.resuming}
+        if _process_rank() == 0:
+            os.environ[RUN_DIR_ENV] = str(run_dir)  # for the processes Lightning's launcher starts
+            what = f"resuming {self.resolved_ckpt_path}" if self.resuming else "new run"
+            if self.resolved_ckpt_path and not self.resuming:
+                what += f", weights and state from {self.resolved_ckpt_path}"
+            print(f"[train] run directory: {run_dir} ({what})", flush=True)
+
+    def instantiate_classes(self) -> None:
+        """As LightningCLI's; a fresh run directory left empty by a failure here is removed."""
+        try:
+            super().instantiate_classes()
+        except BaseException:
+            self.discard_empty_run_dir()
+            raise
+
+    def discard_empty_run_dir(self) -> None:
+        """Remove the run directory this process created when nothing was written into it (empty folders only)."""
+        if self.created_run_dir and self.run_dir is not None:
+            _remove_empty_dirs(self.run_dir)
 
 
 def main(args=None) -> None:
     """Command line entry point: build the model and data module from the config with LightningCLI (``args``: the
-    argument list, None for ``sys.argv``; seed 0 unless ``seed_everything`` is set), fit, then run
-    ``trainer.test`` when ``--test_after_fit`` (default true) and the model overrides ``test_step`` (the
-    classifiers, not the DDPM). ``--ckpt_path`` resumes from a Lightning checkpoint file or 'last'.
+    argument list, None for ``sys.argv``; seed 0 unless ``seed_everything`` is set), fit in a run directory (see the
+    module docstring), then run ``trainer.test`` when ``--test_after_fit`` (default true) and the model overrides
+    ``test_step`` (the classifiers, not the DDPM). ``--ckpt_path FILE`` restores a Lightning checkpoint into a fresh
+    run directory; ``--ckpt_path last`` continues the newest run under ``trainer.default_root_dir``.
 
     Raises:
         ConfigMismatchError (a ValueError): model and data disagree on image size, channels or classes.
-        FileNotFoundError: ``--ckpt_path`` is neither 'last' nor an existing file.
+        FileNotFoundError: ``--ckpt_path`` is neither 'last' nor an existing file; or (NoCheckpointError)
+            ``--ckpt_path last`` with no run holding a last checkpoint under ``trainer.default_root_dir``.
         SystemExit: a bad command line (from the CLI's parser).
     """
     cli = TrainCLI(
@@ -71,16 +412,20 @@ def main(args=None) -> None:
         run=False,
         args=args,
         seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
+        save_config_callback=SaveRunConfig,
         parser_kwargs={"default_env": False},
     )
-    check_data_model_agree(cli.model, cli.datamodule)
-    ckpt_path = cli.config.get("ckpt_path")
-    if ckpt_path and ckpt_path != "last" and not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"--ckpt_path {ckpt_path} does not exist; pass a .ckpt file or 'last'")
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
-    if cli.config.get("test_after_fit") and type(cli.model).test_step is not LightningModule.test_step:
-        cli.trainer.test(cli.model, datamodule=cli.datamodule)
+    try:
+        check_data_model_agree(cli.model, cli.datamodule)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resolved_ckpt_path)
+        if cli.config.get("test_after_fit") and type(cli.model).test_step is not LightningModule.test_step:
+            cli.trainer.test(cli.model, datamodule=cli.datamodule)
+    except BaseException:
+        cli.discard_empty_run_dir()
+        raise
+    finally:
+        if _process_rank() == 0:
+            os.environ.pop(RUN_DIR_ENV, None)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,206 @@
+"""train.py run directories: one new directory per run, `--ckpt_path last` continues the newest one (issue: runs
+reuse and overwrite each other's directories)."""
+
+from __future__ import annotations
+
+import gzip
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+RUN_NAME = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}$")
+
+
+def _write_idx(path: Path, arr: np.ndarray) -> None:
+    header = struct.pack(">HBB", 0, 8, arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + arr.astype(np.uint8).tobytes())
+
+
+@pytest.fixture()
+def fake_fmnist(tmp_path: Path) -> Path:
+    """A tiny Fashion-MNIST in the idx layout: 200 train and 100 test images."""
+    data = tmp_path / "fmnist"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 200), ("t10k", 100)):
+        _write_idx(data / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(data / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    return data
+
+
+def _config(tmp_path: Path, data_root: Path, root: Path, name: str = "cfg.yaml") -> Path:
+    """A tiny convnet run whose logger save_dir and ModelCheckpoint dirpath are fixed paths under ``root``, as in
+    configs/train/*.yaml; the export folder lies outside ``root``."""
+    cfg = {
+        "seed_everything": 0,
+        "model": {"class_path": "lightning_modules.classifier.ImageClassifier", "init_args": {"arch": "convnet"}},
+        "data": {"class_path": "datamodules.fashion_mnist.FashionMNISTDataModule",
+                 "init_args": {"root": str(data_root), "batch_size": 8, "val_size": 40}},
+        "trainer": {
+            "max_steps": 2, "limit_val_batches": 1, "num_sanity_val_steps": 0, "enable_progress_bar": False,
+            "enable_model_summary": False, "log_every_n_steps": 1, "default_root_dir": str(root),
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                       "init_args": {"save_dir": str(root), "name": "csv"}},
+            "callbacks": [
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "init_args": {"dirpath": str(root / "ckpt"), "every_n_train_steps": 1, "save_last": True,
+                               "save_top_k": 0}},
+                {"class_path": "callbacks.export.ExportModel",
+                 "init_args": {"dirpath": str(tmp_path / "export"), "title": "tiny", "sample_grid": False,
+                               "overwrite": True}},
+            ],
+        },
+        "test_after_fit": False,
+    }
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def _runs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and RUN_NAME.match(p.name))
+
+
+def _step(ckpt: Path) -> int:
+    return int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"])
+
+
+@pytest.mark.slow
+def test_each_run_gets_its_own_directory_and_last_resumes_the_newest(tmp_path, fake_fmnist, capsys):
+    import train
+
+    root = tmp_path / "tr"
+    cfg = _config(tmp_path, fake_fmnist, root)
+    train.main(["--config", str(cfg)])
+    (first,) = _runs(root)
+    assert f"run directory: {first}" in capsys.readouterr().out
+    train.main(["--config", str(cfg)])
+    runs = _runs(root)
+    assert len(runs) == 2
+    second = runs[1] if runs[0] == first else runs[0]
+    # nothing is written to the fixed configured places any more: all of it lies in the run directories
+    assert sorted(p.name for p in root.iterdir()) == sorted([first.name, second.name])
+    for run in (first, second):
+        assert _step(run / "ckpt" / "last.ckpt") == 2
+        assert (run / "csv" / "version_0" / "metrics.csv").is_file()
+        saved = yaml.safe_load((run / "config.yaml").read_text())
+        # the config is saved as given, so `--config <run>/config.yaml` starts another fresh run under root
+        assert saved["trainer"]["default_root_dir"] == str(root)
+        assert saved["trainer"]["callbacks"][0]["init_args"]["dirpath"] == str(root / "ckpt")
+    config_before = (second / "config.yaml").read_bytes()
+
+    # resume: continues the newest run, in its own directory, global step going on from 2
+    train.main(["--config", str(cfg), "--ckpt_path", "last", "--trainer.max_steps", "4"])
+    assert f"run directory: {second} (resuming {second / 'ckpt' / 'last.ckpt'})" in capsys.readouterr().out
+    assert _runs(root) == runs
+    assert _step(second / "ckpt" / "last.ckpt") == 4
+    assert _step(first / "ckpt" / "last.ckpt") == 2
+    assert (second / "config.yaml").read_bytes() == config_before
+    resumed = yaml.safe_load((second / "config-resume-1.yaml").read_text())
+    assert resumed["ckpt_path"] == "last" and resumed["trainer"]["max_steps"] == 4
+    assert (second / "csv" / "version_1" / "metrics.csv").is_file()
+    # a second resume gets the next free name; the earlier configs stay as they were
+    train.main(["--config", str(cfg), "--ckpt_path", "last", "--trainer.max_steps", "5"])
+    assert _step(second / "ckpt" / "last.ckpt") == 5
+    assert yaml.safe_load((second / "config-resume-2.yaml").read_text())["trainer"]["max_steps"] == 5
+    assert yaml.safe_load((second / "config-resume-1.yaml").read_text())["trainer"]["max_steps"] == 4
+    assert not list(second.glob(".*.tmp"))
+
+    # an explicit checkpoint file keeps its meaning (restore it) and gets a fresh run directory
+    train.main(["--config", str(cfg), "--ckpt_path", str(first / "ckpt" / "last.ckpt"), "--trainer.max_steps", "3"])
+    third = [r for r in _runs(root) if r not in runs]
+    assert len(third) == 1 and _step(third[0] / "ckpt" / "last.ckpt") == 3
+    assert (third[0] / "config.yaml").is_file() and _step(first / "ckpt" / "last.ckpt") == 2
+
+
+def test_ckpt_path_last_without_a_run_is_a_clear_error(tmp_path, fake_fmnist):
+    import train
+
+    root = tmp_path / "fresh"
+    cfg = _config(tmp_path, fake_fmnist, root)
+    with pytest.raises(FileNotFoundError) as err:
+        train.main(["--config", str(cfg), "--ckpt_path", "last"])
+    msg = str(err.value)
+    assert f"default_root_dir {root}" in msg and "ckpt/last.ckpt" in msg and "without --ckpt_path" in msg
+    assert isinstance(err.value, train.NoCheckpointError)
+    assert not root.exists() or not any(root.iterdir())  # nothing created, nothing trained
+    # a checkpoint of the old fixed layout (root/ckpt/last.ckpt) is named in the message, not silently used
+    (root / "ckpt").mkdir(parents=True)
+    (root / "ckpt" / "last.ckpt").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"--ckpt_path {root / 'ckpt' / 'last.ckpt'}")):
+        train.main(["--config", str(cfg), "--ckpt_path", "last"])
+    assert sorted(p.name for p in root.iterdir()) == ["ckpt"]
+
+
+def test_reroot_moves_only_paths_under_default_root_dir(tmp_path):
+    from jsonargparse import Namespace
+
+    import train
+
+    root, run = tmp_path / "tr", tmp_path / "tr" / "20250101-000000-abcdef"
+    trainer = Namespace(
+        default_root_dir=str(root),
+        logger=[Namespace(class_path="lightning.pytorch.loggers.CSVLogger",
+                          init_args=Namespace(save_dir=str(root / "logs"), name="csv")),
+                Namespace(class_path="lightning.pytorch.loggers.WandbLogger",
+                          init_args=Namespace(save_dir=str(tmp_path / "elsewhere"), dir=None))],
+        callbacks=[Namespace(class_path="lightning.pytorch.callbacks.ModelCheckpoint",
+                             init_args=Namespace(dirpath=str(root / "ckpt"))),
+                   Namespace(class_path="lightning.pytorch.callbacks.ModelCheckpoint",
+                             init_args=Namespace(dirpath=str(tmp_path / "other_ckpt"))),
+                   Namespace(class_path="callbacks.export.ExportModel",
+                             init_args=Namespace(dirpath=str(root / "export")))],
+    )
+    train.reroot_trainer_config(trainer, root, run)
+    assert trainer.default_root_dir == str(run)
+    assert trainer.logger[0].init_args.save_dir == str(run / "logs")
+    assert trainer.logger[1].init_args.save_dir == str(tmp_path / "elsewhere")  # outside root: left alone
+    assert trainer.callbacks[0].init_args.dirpath == str(run / "ckpt")
+    assert trainer.callbacks[1].init_args.dirpath == str(tmp_path / "other_ckpt")
+    assert trainer.callbacks[2].init_args.dirpath == str(root / "export")  # exports stay where configured
+    # a single logger given as a dict, relative paths kept relative, the root itself maps to the run directory
+    single = {"default_root_dir": "train_runs/x", "callbacks": None,
+              "logger": {"class_path": "lightning.pytorch.loggers.WandbLogger",
+                         "init_args": {"save_dir": "train_runs/x", "dir": None}}}
+    train.reroot_trainer_config(single, "train_runs/x", "train_runs/x/20250101-000000-abcdef")
+    assert single["logger"]["init_args"] == {"save_dir": "train_runs/x/20250101-000000-abcdef", "dir": None}
+    assert single["default_root_dir"] == "train_runs/x/20250101-000000-abcdef"
+
+
+def test_find_last_checkpoint_picks_the_newest_run(tmp_path):
+    import train
+
+    root = tmp_path / "tr"
+    for name in ("20250101-000000-aaaaaa", "20250102-000000-bbbbbb", "20250103-000000-cccccc"):
+        (root / name).mkdir(parents=True)
+    for name in ("20250101-000000-aaaaaa", "20250102-000000-bbbbbb"):
+        (root / name / "ckpt").mkdir()
+        (root / name / "ckpt" / "last.ckpt").write_bytes(b"x")
+    (root / "notarun").mkdir()
+    run, ckpt = train.find_last_checkpoint(root, [str(root / "ckpt")])
+    assert run == root / "20250102-000000-bbbbbb" and ckpt == run / "ckpt" / "last.ckpt"
+    # without a configured dirpath under root, any last.ckpt inside a run counts
+    (root / "20250103-000000-cccccc" / "lightning_logs").mkdir()
+    (root / "20250103-000000-cccccc" / "lightning_logs" / "last.ckpt").write_bytes(b"x")
+    assert train.find_last_checkpoint(root, [])[0] == root / "20250103-000000-cccccc"
+    empty = tmp_path / "tr2"
+    (empty / "20250101-000000-aaaaaa").mkdir(parents=True)
+    (empty / "20250102-000000-aaaaaa").mkdir()
+    with pytest.raises(train.NoCheckpointError, match="in 2 run directories"):
+        train.find_last_checkpoint(empty, [str(empty / "ckpt")])
+
+
+def test_config_file_is_never_overwritten(tmp_path):
+    import train
+
+    train.write_new_text(tmp_path / "config.yaml", "a: 1\n")
+    with pytest.raises(FileExistsError):
+        train.write_new_text(tmp_path / "config.yaml", "a: 2\n")
+    assert (tmp_path / "config.yaml").read_text() == "a: 1\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]  # no temporary file left behind
