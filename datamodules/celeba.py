@@ -190,6 +190,33 @@ def load_celeba_image(path: str | os.PathLike, image_size: int = 64) -> torch.Te
     return load_image(path, image_size, channels=3, crop=CROP)
 
 
+def check_images_present(index: CelebAIndex, rows: np.ndarray, what: str = "data.init_args.root") -> None:
+    """Fail early when image files of ``rows`` (int row indices into ``index``) are missing from
+    ``img_align_celeba/``: one directory listing (``os.scandir``) compared with the listed names, so 200k files take
+    well under a second (no per-file stat).
+
+    Raises:
+        DataNotFoundError: some are missing; the message gives how many of how many, the first few names, whether
+            ``img_align_celeba.zip`` lies next to the folder, and the fix (extract the images completely, or point
+            ``what`` at a complete copy).
+    """
+    folder = index.base / IMAGE_DIR
+    with os.scandir(folder) as it:
+        present = {e.name for e in it}
+    needed = sorted({index.files[r] for r in np.asarray(rows).tolist()})
+    missing = [f for f in needed if f not in present]
+    if missing:
+        zip_hint = f" ({IMAGE_DIR}.zip lies in {index.base}: unzip it completely there.)" if (
+            index.base / f"{IMAGE_DIR}.zip"
+        ).is_file() else ""
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise DataNotFoundError(
+            f"{len(missing)} of the {len(needed)} CelebA images used (listed in {IDENTITY_FILE}) are missing from "
+            f"{folder}: {shown}. Is {IMAGE_DIR}/ fully extracted?{zip_hint} Fix: extract all 202,599 images "
+            f"into {folder}, or set `{what}` to a complete copy. " + _LAYOUT
+        )
+
+
 def _check_target(index: CelebAIndex, target: str) -> None:
     if target != "identity":
         index.attribute_column(target)
@@ -411,7 +438,8 @@ class CelebADataModule(ImageDataModule):
     """CelebA for training a victim/evaluator classifier or a DDPM prior (64x64 by default).
 
     Batches are ``(images, labels)``: images float32 (B, 3, image_size, image_size) in [0, 1] (178 centre crop,
-    resize), labels int64 (B,). Images are loaded lazily with PIL in the Dataset (nothing kept in memory).
+    resize), labels int64 (B,). Images are loaded lazily with PIL in the Dataset (nothing kept in memory);
+    ``setup`` checks that every image file of the three splits exists (:func:`check_images_present`) before training.
 
     Targets:
         a binary attribute (e.g. 'Male'): labels 0/1, ``num_classes`` 2; train / val / test are the official
@@ -498,6 +526,13 @@ class CelebADataModule(ImageDataModule):
         )
 
     def setup(self, stage: Optional[str] = None) -> None:
+        """Build the train / val / test datasets (once; ``stage`` is ignored), after checking every image exists.
+
+        Raises:
+            DataNotFoundError: txt files missing (:func:`find_celeba_root`) or image files of the splits missing
+                (:func:`check_images_present`: how many, the first few, the fix).
+            ValueError: malformed txt files, unknown target, or fewer training images than ``batch_size``.
+        """
         if self._train is not None:
             return
         index = self.index()
@@ -521,6 +556,7 @@ class CelebADataModule(ImageDataModule):
                 f"CelebA training set has {len(parts['train'][0])} images, fewer than data.init_args.batch_size="
                 f"{self.batch_size}; lower batch_size"
             )
+        check_images_present(index, np.concatenate([rows for rows, _ in parts.values()]))
         self._train = self._dataset(index, *parts["train"], train=True)
         self._val = self._dataset(index, *parts["val"], train=False)
         self._test = self._dataset(index, *parts["test"], train=False)

@@ -344,3 +344,65 @@ def test_horizontal_flip_augment(tmp_path):
         assert torch.equal(x, base) or torch.equal(x, base.flip(-1))
         seen.add(torch.equal(x, base))
     assert seen == {True, False}
+
+
+# ------------------------------------------------------------------------------------------------ files checked at setup
+def test_celeba_datamodule_missing_image_fails_at_setup(tmp_path):
+    gt = make_celeba(tmp_path)
+    images = tmp_path / "celeba" / "img_align_celeba"
+    train_files = sorted(f for f, g in gt.items() if g[1] == 0)
+    test_files = sorted(f for f, g in gt.items() if g[1] == 2)
+    for name in (train_files[1], test_files[0]):
+        (images / name).unlink()
+    (tmp_path / "celeba" / "img_align_celeba.zip").write_bytes(b"PK")
+    dm = CelebADataModule(tmp_path, target="Male", batch_size=2)
+    dm.prepare_data()  # the txt files are all there
+    with pytest.raises(DataNotFoundError) as err:
+        dm.setup("fit")
+    msg = str(err.value)
+    assert f"2 of the {len(gt)} CelebA images used" in msg
+    assert f"{min(train_files[1], test_files[0])}, {max(train_files[1], test_files[0])}." in msg
+    assert str(images) in msg and "unzip it completely" in msg and "data.init_args.root" in msg
+    assert dm._train is None  # nothing built, nothing to fail later inside a DataLoader worker
+    # identity target: only the train partition is used, so a missing test image does not matter
+    ident = CelebADataModule(tmp_path, target="identity", batch_size=2, identity_holdout=0.25)
+    with pytest.raises(DataNotFoundError, match=rf"1 of the {len(train_files)} CelebA images used .*{train_files[1]}"):
+        ident.setup()
+    _noise(178, 218, seed=99).save(images / train_files[1], quality=95)
+    ident.setup()
+    assert len(ident._train) + len(ident._val) + len(ident._test) == len(train_files)
+
+
+def test_image_folder_skips_hidden_files_and_rejects_corrupt_images_at_setup(tmp_path):
+    root = tmp_path / "ffhq"
+    (root / "sub").mkdir(parents=True)
+    for k in range(6):
+        _noise(40, 40, seed=k).save((root if k < 3 else root / "sub") / f"{k:05d}.jpg")
+    # macOS AppleDouble companions and other hidden files / folders: not images, never listed
+    (root / "._00000.jpg").write_bytes(b"\x00\x05\x16\x07" + b"\x00" * 60)
+    (root / "sub" / "._00003.jpg").write_bytes(b"\x00\x05\x16\x07" + b"\x00" * 60)
+    (root / ".hidden.png").write_bytes(b"junk")
+    (root / ".thumbs").mkdir()
+    _noise(40, 40, seed=7).save(root / ".thumbs" / "t.jpg")
+    dm = ImageFolderDataModule(str(root), image_size=16, batch_size=2, val_fraction=0.0)
+    dm.setup("fit")
+    assert sorted(Path(p).name for p in dm._train.paths) == [f"{k:05d}.jpg" for k in range(6)]
+    x, _ = next(iter(dm.train_dataloader()))
+    assert x.shape == (2, 3, 16, 16)
+    # a corrupt (not hidden) file is one clear error at setup, naming it, before any batch is drawn
+    (root / "sub" / "broken.jpg").write_bytes(b"this is not a jpeg")
+    (root / "empty.png").write_bytes(b"")
+    bad = ImageFolderDataModule(str(root), image_size=16, batch_size=2, val_fraction=0.0)
+    with pytest.raises(ValueError) as err:
+        bad.setup("fit")
+    msg = str(err.value)
+    assert msg.startswith(f"2 of 8 image files under {root} cannot be read as images: ")
+    assert str(root / "empty.png") in msg and str(root / "sub" / "broken.jpg") in msg
+    assert "delete these files or re-encode them" in msg and "._00000.jpg" not in msg
+    assert bad._train is None
+    # the folder users skip AppleDouble files too
+    users = root.parent / "users"
+    (users / "amy").mkdir(parents=True)
+    _noise(20, 20, seed=1).save(users / "amy" / "a.jpg")
+    (users / "amy" / "._a.jpg").write_bytes(b"\x00\x05\x16\x07")
+    assert [[p.name for p in f] for _, f in FolderUsers(str(users), batch_size=1).user_folders()] == [["a.jpg"]]
