@@ -10,12 +10,12 @@ callable ``update -> new update`` (same names, shapes, dtypes and devices; the i
   update here is one client's, so one clip and one noise draw.)
 - :class:`TopKPruning`: gradient pruning (Zhu et al. 2019, sec. 5 "Gradient compression and sparsification"): per
   layer (per tensor), keep the ``k = max(1, round(keep_fraction * numel))`` entries of largest magnitude, zero the rest.
-- :class:`Quantize`: per tensor, uniform quantisation to ``levels`` equally spaced values between the tensor's
-  minimum and maximum (both representable); deterministic rounding to the nearest level, or stochastic (unbiased)
-  rounding to one of the two neighbouring levels with probability given by the distance, as in QSGD (Alistarh et
-  al. 2017) but on a min-max grid.
-- :class:`SignCompression`: signSGD with scale (Bernstein et al. 2018): per tensor ``sign(u) * mean(|u|)``, so each
-  tensor keeps its L1 mass and only the sign pattern is revealed.
+- :class:`Quantize`: per tensor, QSGD quantisation (Alistarh et al. 2017): the sign and the magnitude rounded to
+  one of ``levels`` equally spaced values in [0, max |u|] (zero included, so zeros stay zero); deterministic rounding
+  to the nearest level, or stochastic (unbiased) rounding to one of the two neighbouring levels.
+- :class:`SignCompression`: signSGD with scale (Bernstein et al. 2018): per tensor ``sign(u) * ||u||_1 / nnz(u)``
+  (the mean magnitude of the non-zero entries), so each tensor keeps its L1 mass (after pruning too) and only the
+  sign pattern is revealed.
 - :class:`Compose`: applies a list of defenses in order (e.g. clip, then prune, then noise).
 
 Randomness: a defense built with an integer ``seed`` draws from a CPU ``torch.Generator`` re-seeded with that seed at
@@ -233,11 +233,14 @@ class TopKPruning(Defense):
 
 
 class Quantize(Defense):
-    """Uniform quantisation per tensor to ``levels`` values ``lo + i (hi - lo) / (levels - 1)``, i = 0..levels-1.
+    """QSGD quantisation per tensor (Alistarh et al. 2017): ``q(u) = sign(u) * s * k / (levels - 1)``, s = max |u|.
 
-    lo/hi are the tensor's min/max (a constant tensor is returned unchanged). Deterministic: round to the nearest
-    level. Stochastic: with r = (u - lo) / step, take floor(r) + Bernoulli(r - floor(r)), which is unbiased
-    (E[q(u)] = u, QSGD-style). Either way a tensor holds at most ``levels`` distinct values.
+    Each magnitude |u| / s in [0, 1] is mapped to one of ``levels`` equally spaced values k / (levels - 1),
+    k = 0..levels-1 (0 and s included), and the sign is kept: a tensor holds at most 2 levels - 1 distinct values
+    (levels = 2 is ternary, {-s, 0, s}). Zeros stay exactly zero, so quantising after pruning keeps the sparsity and
+    an absent class's zero bias gradient stays zero. Deterministic: round k to the nearest level. Stochastic: with
+    r = (levels - 1) |u| / s, k = floor(r) + Bernoulli(r - floor(r)), which is unbiased (E[q(u)] = u, as in QSGD).
+    An all-zero or empty tensor is returned unchanged.
 
     Args:
         levels: integer >= 2.
@@ -264,8 +267,8 @@ class Quantize(Defense):
         return not self.stochastic or self.seed is not None
 
     def apply(self, update: Update) -> Update:
-        """Quantise each tensor on its own min-max grid of ``levels`` values (computed in float32, cast back to the
-        tensor's dtype); constant and empty tensors are copied unchanged. See :meth:`Defense.apply`."""
+        """Quantise each tensor on its own grid sign * max|u| * k / (levels - 1) (computed in float32, cast back to
+        the tensor's dtype); all-zero and empty tensors are copied unchanged. See :meth:`Defense.apply`."""
         gen = self._generator(self.seed) if self.stochastic else None
         out = OrderedDict()
         for n, t in update.items():
@@ -273,12 +276,12 @@ class Quantize(Defense):
                 out[n] = t.clone()
                 continue
             tf = t.float()
-            lo, hi = tf.min(), tf.max()
-            if float(hi - lo) == 0:
+            scale = tf.abs().max()
+            if float(scale) == 0:
                 out[n] = t.clone()
                 continue
-            step = (hi - lo) / (self.levels - 1)
-            r = (tf - lo) / step
+            step = scale / (self.levels - 1)
+            r = tf.abs() / step
             if self.stochastic:
                 base = r.floor()
                 u = torch.rand(t.shape, generator=gen, dtype=torch.float32).to(t.device)
@@ -286,18 +289,25 @@ class Quantize(Defense):
             else:
                 idx = r.round()
             idx = idx.clamp(0, self.levels - 1)
-            out[n] = (lo + idx * step).to(t.dtype)
+            out[n] = (torch.sign(tf) * idx * step).to(t.dtype)
         return out
 
 
 class SignCompression(Defense):
-    """signSGD with a per-tensor scale (Bernstein et al. 2018): ``u <- sign(u) * mean(|u|)`` (zeros stay zero)."""
+    """signSGD with a per-tensor scale (Bernstein et al. 2018): ``u <- sign(u) * ||u||_1 / nnz(u)``.
+
+    The scale is the mean magnitude of the non-zero entries, so the tensor's L1 norm is kept exactly and zeros stay
+    zero (after top-k pruning the kept entries share the kept mass; a mean over all entries would shrink it by the
+    keep fraction)."""
 
     name = "sign_compression"
 
     def apply(self, update: Update) -> Update:
-        """Replace each tensor by ``sign(t) * mean(|t|)``. See :meth:`Defense.apply`."""
-        return OrderedDict((n, torch.sign(t) * t.abs().mean()) for n, t in update.items())
+        """Replace each tensor by ``sign(t) * sum|t| / count_nonzero(t)`` (an all-zero tensor stays zero). See
+        :meth:`Defense.apply`."""
+        return OrderedDict(
+            (n, torch.sign(t) * (t.abs().sum() / t.count_nonzero().clamp_min(1))) for n, t in update.items()
+        )
 
 
 class Compose(Defense):

@@ -87,11 +87,22 @@ def test_quantize_levels_error_and_stochastic_unbiased():
     u = OrderedDict([("w", torch.linspace(-1.0, 3.0, 1001)), ("b", b)])
     for levels in (2, 5, 16):
         out = Quantize(levels)(u)
-        assert out["w"].unique().numel() == levels
-        assert out["b"].unique().numel() <= levels
-        step = 4.0 / (levels - 1)
+        step = 3.0 / (levels - 1)  # QSGD grid: sign * max|u| * k / (levels - 1)
+        k = out["w"] / step
+        assert torch.allclose(k, k.round(), atol=1e-4) and k.max().item() == pytest.approx(levels - 1)
+        # magnitudes up to 3 on the positive side, up to 1 on the negative side (k <= round((levels - 1) / 3))
+        assert out["w"].unique().numel() == levels + round((levels - 1) / 3)
+        assert out["b"].unique().numel() <= 2 * levels - 1
         assert (out["w"] - u["w"]).abs().max().item() <= step / 2 + 1e-6
-        assert out["w"].min().item() == pytest.approx(-1.0) and out["w"].max().item() == pytest.approx(3.0)
+        assert torch.equal(torch.sign(out["w"][out["w"] != 0]), torch.sign(u["w"][out["w"] != 0]))
+        assert out["w"][250].item() == 0.0  # linspace(-1, 3, 1001)[250] is exactly 0
+    # zeros stay zero: quantising after pruning keeps the sparsity (a min-max grid without 0 would not)
+    pruned = TopKPruning(0.1)(u)
+    for q in (Quantize(16), Quantize(16, stochastic=True, seed=0)):
+        out = Compose([TopKPruning(0.1), q])(u)
+        for n in u:  # no pruned entry comes back (a kept one may round to 0)
+            assert int(((out[n] != 0) & (pruned[n] == 0)).sum()) == 0
+        assert int((out["w"] != 0).sum()) >= 90
     # stochastic rounding on the grid {0, 1}: 0.3 -> 1 with probability 0.3 (unbiased)
     v = OrderedDict([("x", torch.cat([torch.tensor([0.0, 1.0]), torch.full((20_000,), 0.3)]))])
     q = Quantize(2, stochastic=True, seed=0)(v)["x"]
@@ -111,11 +122,18 @@ def test_sign_compression():
     u["conv.bias"][0] = 0.0
     out = SignCompression()(u)
     for n, t in u.items():
-        m = t.abs().mean()
+        m = t.abs().sum() / t.count_nonzero()  # mean magnitude of the non-zero entries
         assert torch.allclose(out[n], torch.sign(t) * m)
         nonzero = out[n][t != 0]
-        assert torch.allclose(nonzero.abs(), m.expand_as(nonzero))  # only +-mean|u| (and 0 where u = 0)
+        assert torch.allclose(nonzero.abs(), m.expand_as(nonzero))  # only +-m (and 0 where u = 0)
+        assert out[n].abs().sum().item() == pytest.approx(t.abs().sum().item(), rel=1e-5)  # L1 mass kept
     assert out["conv.bias"][0] == 0.0
+    # after pruning to 10%, the kept entries carry the kept L1 mass (a mean over all entries would shrink it 10x)
+    pruned = TopKPruning(0.1)(u)
+    both = Compose([TopKPruning(0.1), SignCompression()])(u)
+    for n in u:
+        assert both[n].abs().sum().item() == pytest.approx(pruned[n].abs().sum().item(), rel=1e-5)
+    assert torch.equal(SignCompression()(OrderedDict(z=torch.zeros(3)))["z"], torch.zeros(3))
 
 
 def test_compose_order_and_identity():
