@@ -31,16 +31,25 @@ def randn_per_image(
     generators: block n is ``torch.randn((shape[0] // num_images, *shape[1:]), generator=generator[n])``, i.e. the same
     numbers image n would get from its generator when drawn alone (the per-user streams of the many-users attack).
 
+    A generator on another device than ``device`` (e.g. a CPU generator for CUDA images) draws on its own device and
+    the noise is moved, as diffusers' ``randn_tensor`` does; the numbers are then those of that device's generator.
+
     Raises:
         ValueError: the number of generators differs from ``num_images``.
     """
+
+    def draw(size, g):
+        if g is None:
+            return torch.randn(size, device=device, dtype=dtype)
+        return torch.randn(size, generator=g, device=g.device, dtype=dtype).to(device)
+
     if generator is None or isinstance(generator, torch.Generator):
-        return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+        return draw(tuple(shape), generator)
     gens = list(generator)
     if len(gens) != num_images:
         raise ValueError(f"{len(gens)} generators for {num_images} images: give one per image")
     per = (shape[0] // num_images, *shape[1:])
-    return torch.cat([torch.randn(per, generator=g, device=device, dtype=dtype) for g in gens])
+    return torch.cat([draw(per, g) for g in gens])
 
 
 class PriorMismatchError(ValueError):
@@ -167,9 +176,21 @@ class DiffusionPrior(nn.Module):
 
         Returns:
             float32 scalar ('mean') or (N,) ('none') loss (float64 when the UNet runs in float64).
+
+        Raises:
+            ValueError: an unknown reduction, a timestep outside [0, T-1] (a negative one would index
+                alphas_cumprod from the end while the UNet sees the negative value), or a wrong number of timesteps.
         """
         if reduction not in ("mean", "none"):
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+        if not isinstance(t, (torch.Tensor, Sequence)):  # an int, a numpy integer or a numpy array
+            t = torch.as_tensor(t)
+        if isinstance(t, torch.Tensor) and t.dim() == 0:
+            t = int(t)
+        t_check = torch.as_tensor(t)
+        T = self.alphas_cumprod.numel()
+        if t_check.numel() and (int(t_check.min()) < 0 or int(t_check.max()) >= T):
+            raise ValueError(f"timestep t must be in [0, {T - 1}] (the prior's T = {T}), got {t_check.tolist()}")
         N = x01.shape[0]
         x0 = self.to_prior(x01)
         if num_noise > 1:

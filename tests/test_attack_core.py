@@ -287,6 +287,19 @@ def test_prior_channel_mismatch_and_denoise_range():
     prior.denoise(x, t_final=5, method="ddim", num_steps=10)
     hook.remove()
     assert seen == [5, 4, 3, 2, 1]
+    # prior-loss timesteps: outside [0, T-1] one clear error (a negative t used to index alphas_cumprod from the
+    # end); a numpy array of per-image timesteps works like a list
+    import numpy as np
+
+    for bad in (-3, 1000, [5, 1000], torch.tensor([-1, 2])):
+        with pytest.raises(ValueError, match=r"timestep t must be in \[0, 999\]"):
+            prior.prior_loss(x, bad)
+    with torch.no_grad():
+        a = prior.prior_loss(x, np.array([10, 700]), generator=torch.Generator().manual_seed(1), reduction="none")
+        b = prior.prior_loss(x, [10, 700], generator=torch.Generator().manual_seed(1), reduction="none")
+        c = prior.prior_loss(x[:1], np.int64(10), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, b)
+    assert torch.isfinite(c)
 
 
 # ------------------------------------------------------------------------------------------- the attack
