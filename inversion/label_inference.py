@@ -14,10 +14,16 @@ Strategies (``LABEL_STRATEGIES``):
   gradients in federated learning"). Modelling each class's mean probability as an offset pi (the probability mass a
   class gets from images of other classes, estimated from the classes taken as absent, for which g_c = pi_c exactly)
   plus a self-confidence a = 1 - (C - 1) pi that keeps the probabilities summing to one, (1) becomes
-  g_c = pi (1 - C n_c / B), hence n_c = B (pi - g_c) / (C pi). It is exact for an untrained victim that outputs
-  uniform probabilities and for a batch of a single class, is scale-free (works on weight-row sums when the layer
-  has no bias). Presence is read from the sign (absent classes have g_c = pi_c >= 0 exactly), pi is the mean
-  gradient of the absent classes, and the counts of the present classes are rounded to sum to B.
+  g_c = pi (1 - C n_c / B), hence n_c = B (pi - g_c) / (C pi). Presence is read from the sign (absent classes have
+  g_c = pi_c >= 0 exactly), pi is the mean gradient of the classes read as absent, and the counts of the present
+  classes are rounded to sum to B. Exact for a single-class batch, and under a uniform output (pi = 1/C) when every
+  present class has n_c / B > pi. Limit: the bias gradient sums to zero over the classes, so pi cannot be read from
+  g alone; a present class with n_c / B below its offset (one image of 20 under a uniform output) has g_c > 0, is
+  read as absent (count 0) and biases pi. Scale-free; with no bias it uses the weight-row sums, whose signs follow
+  the bias rule when the penultimate features are non-negative (after a ReLU and pooling, as in ResNet).
+  Measured on mixed batches (``scripts/label_inference_audit.py``, ``reports/label_inference_audit_cpu/``): a trained
+  victim leaks little (23-63% of images mislabelled by every strategy); with a random one this default mislabels
+  11-30% and finds the dominant class in 12-15 of 15 batches at Dirichlet alpha 0.5 and 0.1.
 - ``known``: the server is given the labels (threat model with known labels).
 """
 
