@@ -20,7 +20,9 @@ existing file), after the pre-training checks and the checkpoint restore passed.
 Resuming. ``--ckpt_path last`` continues the newest run directory under ``default_root_dir`` that holds a
 ``last.ckpt`` where its ModelCheckpoint writes (``<run>/ckpt/last.ckpt`` for the shipped configs): training goes on
 from that checkpoint's step and writes into that same directory, whose config is saved as ``config-resume-<k>.yaml``
-(the first free k). With no such checkpoint it fails before building anything, naming ``default_root_dir``. An
+(the first free k). With no such checkpoint it fails before building anything, naming ``default_root_dir``. A
+config whose checkpoint folder lies outside ``default_root_dir`` (shared by every run) continues from the newest
+``last.ckpt`` there, in a fresh run directory. ``~`` in the paths is expanded, as Lightning does. An
 explicit ``--ckpt_path some/file.ckpt`` restores that file into a fresh run directory. Lightning's Timer restores
 the elapsed time too: a run that stopped at ``trainer.max_time`` needs a larger ``--trainer.max_time`` to go on.
 
@@ -89,7 +91,7 @@ def new_run_dir(root: str | os.PathLike) -> Path:
     Raises:
         RuntimeError: no free name after 100 tries.
     """
-    base = Path(root)
+    base = Path(os.path.expanduser(str(root)))
     base.mkdir(parents=True, exist_ok=True)
     for _ in range(100):
         d = base / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
@@ -182,11 +184,11 @@ def list_run_dirs(root: str | os.PathLike) -> list[Path]:
     """The run directories (names ``YYYYmmdd-HHMMSS-<6 hex>``) directly under ``root``, oldest name first; []
     when ``root`` does not exist. One ``os.scandir``."""
     try:
-        with os.scandir(root) as it:
+        with os.scandir(os.path.expanduser(str(root))) as it:
             names = [e.name for e in it if RUN_NAME.match(e.name) and e.is_dir()]
     except FileNotFoundError:
         return []
-    return [Path(root) / n for n in sorted(names)]
+    return [Path(os.path.expanduser(str(root))) / n for n in sorted(names)]
 
 
 def _last_in_run(run: Path, rels: list[Path]) -> list[Path]:
@@ -345,12 +347,18 @@ class TrainCLI(LightningCLI):
         """
         original = self.config.clone()
         trainer_cfg = self.config["trainer"]
-        root = trainer_cfg.get("default_root_dir") or DEFAULT_ROOT
+        root = os.path.expanduser(trainer_cfg.get("default_root_dir") or DEFAULT_ROOT)  # Lightning expands ~ too
         ckpt_path = self.config.get("ckpt_path")
         inherited = os.environ.get(RUN_DIR_ENV) if _process_rank() != 0 else None
+        dirpaths = checkpoint_dirpaths(trainer_cfg)
+        rels = [r for r in (relative_to_root(p, root) for p in dirpaths) if r is not None]
+        outside = [Path(os.path.expanduser(p)) / LAST_CKPT for p in dirpaths if relative_to_root(p, root) is None]
+        outside = [f for f in outside if f.is_file()]
+        if ckpt_path == "last" and not rels and outside:
+            # checkpoints kept outside default_root_dir (shared by every run): continue from the newest, as
+            # Lightning's own 'last' would, in a fresh run directory (as an explicit --ckpt_path FILE)
+            ckpt_path = str(max(outside, key=lambda f: f.stat().st_mtime_ns))
         if ckpt_path == "last":
-            dirpaths = checkpoint_dirpaths(trainer_cfg)
-            rels = [r for r in (relative_to_root(p, root) for p in dirpaths) if r is not None]
             if inherited and _last_in_run(Path(inherited), rels):  # a child of rank 0's launcher: the same run
                 run_dir = Path(inherited)
                 ckpt = max(_last_in_run(run_dir, rels), key=lambda f: f.stat().st_mtime_ns)
@@ -358,6 +366,7 @@ class TrainCLI(LightningCLI):
                 run_dir, ckpt = find_last_checkpoint(root, dirpaths)
             self.resolved_ckpt_path, self.resuming = str(ckpt), True
         else:
+            ckpt_path = os.path.expanduser(ckpt_path) if ckpt_path else ckpt_path
             if ckpt_path and not Path(ckpt_path).is_file():
                 raise FileNotFoundError(f"--ckpt_path {ckpt_path} does not exist; pass a .ckpt file or 'last'")
             self.resolved_ckpt_path = ckpt_path or None

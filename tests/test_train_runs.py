@@ -204,3 +204,33 @@ def test_config_file_is_never_overwritten(tmp_path):
         train.write_new_text(tmp_path / "config.yaml", "a: 2\n")
     assert (tmp_path / "config.yaml").read_text() == "a: 1\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]  # no temporary file left behind
+
+
+def test_new_run_dir_expands_home(tmp_path, monkeypatch):
+    import train
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    run = train.new_run_dir("~/runs")
+    assert run.parent == tmp_path / "home" / "runs" and RUN_NAME.match(run.name)
+    assert not (tmp_path / "~").exists()
+    assert train.list_run_dirs("~/runs") == [run]
+
+
+@pytest.mark.slow
+def test_ckpt_path_last_with_checkpoints_outside_default_root_dir(tmp_path, fake_fmnist, capsys):
+    """A ModelCheckpoint dirpath outside default_root_dir is shared by every run; 'last' continues from its newest
+    last.ckpt (as Lightning's own 'last' did) in a fresh run directory."""
+    import train
+
+    root, shared = tmp_path / "tr", tmp_path / "shared_ckpt"
+    cfg_path = _config(tmp_path, fake_fmnist, root)
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(shared)
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    train.main(["--config", str(cfg_path)])
+    assert _step(shared / "last.ckpt") == 2
+    train.main(["--config", str(cfg_path), "--ckpt_path", "last", "--trainer.max_steps", "3"])
+    assert f"weights and state from {shared / 'last.ckpt'}" in capsys.readouterr().out
+    assert _step(shared / "last.ckpt") == 3
+    assert len(_runs(root)) == 2
