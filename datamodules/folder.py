@@ -248,7 +248,7 @@ class FolderUsers(UserSource):
             raise DataNotFoundError(
                 f"user folder {self.root!r} does not exist ({layout}). Fix: set `users.init_args.root` to it."
             )
-        subdirs = sorted(p for p in root.iterdir() if p.is_dir())
+        subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))  # no .ipynb_checkpoints
         folders, empty = [], []
         for d in subdirs:
             files = _list_images(d)

@@ -305,8 +305,9 @@ class SignCompression(Defense):
     def apply(self, update: Update) -> Update:
         """Replace each tensor by ``sign(t) * sum|t| / count_nonzero(t)`` (an all-zero tensor stays zero). See
         :meth:`Defense.apply`."""
-        return OrderedDict(
-            (n, torch.sign(t) * (t.abs().sum() / t.count_nonzero().clamp_min(1))) for n, t in update.items()
+        return OrderedDict(  # the scale in float32 (a float16 sum overflows), cast back to the tensor's dtype
+            (n, (torch.sign(t.float()) * (t.float().abs().sum() / t.count_nonzero().clamp_min(1))).to(t.dtype))
+            for n, t in update.items()
         )
 
 

@@ -13,7 +13,15 @@ from pathlib import Path
 
 
 def current_umask() -> int:
-    """The process umask (e.g. 0o022). Read by setting and restoring it (``os.umask`` has no pure getter)."""
+    """The process umask (e.g. 0o022): the ``Umask:`` line of /proc/self/status on Linux; elsewhere read by setting
+    and restoring it (``os.umask`` has no pure getter; another thread creating a file in that instant would get 022)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

@@ -19,7 +19,7 @@ Report (stdout, a markdown table): per victim, cell and method, the mean share o
 class (half the L1 distance between the estimated and true counts, over B), the batches whose dominant class is
 recovered (ties in the true counts count as recovered), and the batches with every count exact.
 
-Usage (about 3 minutes on one CPU core):
+Usage (8.4 minutes on one CPU core shared with other jobs):
     python scripts/label_inference_audit.py [--trials 15] [--seed 0]
 """
 

@@ -246,6 +246,8 @@ def user_folders(tmp_path):
     (root / "carol" / "notes.txt").write_text("not an image")
     (root / "dave").mkdir()  # empty: skipped with a warning
     (root / "README.txt").write_text("LFW")
+    (root / ".ipynb_checkpoints").mkdir()  # a hidden folder holding an image: never a user
+    _noise(32, 32, seed=99).save(root / ".ipynb_checkpoints" / "x.png")
     return root
 
 

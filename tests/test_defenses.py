@@ -134,6 +134,9 @@ def test_sign_compression():
     for n in u:
         assert both[n].abs().sum().item() == pytest.approx(pruned[n].abs().sum().item(), rel=1e-5)
     assert torch.equal(SignCompression()(OrderedDict(z=torch.zeros(3)))["z"], torch.zeros(3))
+    half = SignCompression()(OrderedDict(h=torch.full((1_000_000,), 0.1, dtype=torch.float16)))["h"]
+    assert half.dtype == torch.float16 and torch.isfinite(half).all()  # a float16 sum (1e5 > 65504) would overflow
+    assert half[0].item() == pytest.approx(0.1, rel=1e-3)
 
 
 def test_compose_order_and_identity():
