@@ -24,7 +24,6 @@ import json
 import math
 import numbers
 import os
-import secrets
 import shutil
 import sys
 import tempfile
@@ -50,7 +49,7 @@ from datamodules.users import FashionMNISTUsers  # noqa: E402,F401
 from lightning_modules.base_attack import AttackDivergedError, AttackResult, GradientInversionAttack  # noqa: E402
 from lightning_modules.baselines import DLG, InvertingGradients, iDLG  # noqa: E402,F401
 from lightning_modules.user_level_inversion import UserLevelInversion  # noqa: E402,F401
-from inversion.fsutils import publish_file  # noqa: E402
+from inversion.fsutils import new_run_dir, publish_file  # noqa: E402,F401  (new_run_dir: scripts use attack.new_run_dir)
 
 
 # ------------------------------------------------------------------------------------------------ config groups
@@ -201,20 +200,6 @@ def save_png(path: Path, images: torch.Tensor, nrow: Optional[int] = None) -> No
     buf = io.BytesIO()
     Image.fromarray(to_uint8_hwc(images, nrow=nrow)).save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
-
-
-def new_run_dir(root: str, name: str) -> Path:
-    """Create and return a fresh run directory ``root/name-YYYYmmdd-HHMMSS-<hex>`` (exclusive mkdir)."""
-    base = Path(root)
-    base.mkdir(parents=True, exist_ok=True)
-    for _ in range(100):
-        d = base / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-        try:
-            d.mkdir()
-            return d
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"could not create a new run directory under {base}")
 
 
 # ------------------------------------------------------------------------------------------------ set-up

@@ -85,22 +85,15 @@ def check_data_model_agree(model: LightningModule, data: LightningDataModule) ->
 
 # ------------------------------------------------------------------------------------------------ run directories
 def new_run_dir(root: str | os.PathLike) -> Path:
-    """Create and return a fresh run directory ``root/<YYYYmmdd-HHMMSS>-<6 hex>`` (local time; exclusive mkdir, so
-    two runs never share one). ``root`` is created when missing.
+    """:func:`inversion.fsutils.new_run_dir` without a name under ``root`` with ``~`` expanded (as Lightning does):
+    ``root/<YYYYmmdd-HHMMSS>-<6 hex>``.
 
     Raises:
         RuntimeError: no free name after 100 tries.
     """
-    base = Path(os.path.expanduser(str(root)))
-    base.mkdir(parents=True, exist_ok=True)
-    for _ in range(100):
-        d = base / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-        try:
-            d.mkdir()
-            return d
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"could not create a new run directory under {base}")
+    from inversion.fsutils import new_run_dir as make_run_dir
+
+    return make_run_dir(os.path.expanduser(str(root)))
 
 
 def relative_to_root(path: str | os.PathLike, root: str | os.PathLike) -> Optional[Path]:

@@ -9,6 +9,8 @@ give them the modes an ordinary ``open``/``mkdir`` would: 0666 / 0777 masked by 
 from __future__ import annotations
 
 import os
+import secrets
+import time
 from pathlib import Path
 
 
@@ -35,3 +37,23 @@ def publish_file(path: str | Path) -> None:
 def publish_dir(path: str | Path) -> None:
     """chmod a temporary folder to 0777 & ~umask (what ``mkdir`` would create), before renaming it into place."""
     os.chmod(path, 0o777 & ~current_umask())
+
+
+def new_run_dir(root: str | os.PathLike, name: str = "") -> Path:
+    """Create and return a fresh run directory ``root/name-YYYYmmdd-HHMMSS-<6 hex>`` (``root/YYYYmmdd-HHMMSS-<6 hex>``
+    without a name; local time; exclusive mkdir, so two runs never share one). ``root`` is created when missing.
+
+    Raises:
+        RuntimeError: no free name after 100 tries.
+    """
+    base = Path(root)
+    base.mkdir(parents=True, exist_ok=True)
+    prefix = f"{name}-" if name else ""
+    for _ in range(100):
+        d = base / f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        try:
+            d.mkdir()
+            return d
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a new run directory under {base}")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
+import struct
 from pathlib import Path
+
+import numpy as np
 
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
@@ -37,3 +41,20 @@ def save_tiny_assets(root: Path, size: int = 8, channels: int = 1) -> dict[str, 
         str(root / "ddpm"), safe_serialization=True
     )
     return {"victim": str(root / "victim"), "evaluator": str(root / "evaluator"), "prior": str(root / "ddpm")}
+
+
+def write_idx(path: Path, arr: np.ndarray) -> None:
+    """Write a uint8 array as a gzipped idx file (Fashion-MNIST's format)."""
+    header = struct.pack(">HBB", 0, 8, arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + arr.astype(np.uint8).tobytes())
+
+
+def write_fake_fmnist(folder: Path) -> Path:
+    """A tiny Fashion-MNIST in the idx layout in ``folder``: 200 train and 100 test random 28x28 images,
+    label = index % 10 (numpy seed 0). Returns ``folder``."""
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 200), ("t10k", 100)):
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    return folder

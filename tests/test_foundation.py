@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import gzip
 import json
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -25,25 +23,16 @@ from datamodules.users import build_label_skewed_users
 from inversion.prior import DiffusionPrior, load_ddpm
 from lightning_modules.classifier import ImageClassifier, build_classifier, load_classifier, save_classifier
 from lightning_modules.ddpm import DDPMPrior
+from tests.helpers import write_fake_fmnist
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "checkpoints" / "fashion_mnist"
 
 
-def write_idx(path: Path, arr: np.ndarray) -> None:
-    header = struct.pack(">HBB", 0, 8, arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
-    with gzip.open(path, "wb") as fh:
-        fh.write(header + arr.astype(np.uint8).tobytes())
-
-
 @pytest.fixture()
 def fake_fmnist(tmp_path: Path) -> Path:
     """A tiny Fashion-MNIST in the idx layout: 200 train and 100 test images, label = index % 10."""
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 200), ("t10k", 100)):
-        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
-    return tmp_path
+    return write_fake_fmnist(tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -3,35 +3,24 @@ reuse and overwrite each other's directories)."""
 
 from __future__ import annotations
 
-import gzip
 import re
-import struct
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
 
+from tests.helpers import write_fake_fmnist
+
 RUN_NAME = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}$")
-
-
-def _write_idx(path: Path, arr: np.ndarray) -> None:
-    header = struct.pack(">HBB", 0, 8, arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
-    with gzip.open(path, "wb") as fh:
-        fh.write(header + arr.astype(np.uint8).tobytes())
 
 
 @pytest.fixture()
 def fake_fmnist(tmp_path: Path) -> Path:
-    """A tiny Fashion-MNIST in the idx layout: 200 train and 100 test images."""
+    """A tiny Fashion-MNIST in the idx layout (tests.helpers.write_fake_fmnist) in its own folder."""
     data = tmp_path / "fmnist"
     data.mkdir()
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 200), ("t10k", 100)):
-        _write_idx(data / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        _write_idx(data / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
-    return data
+    return write_fake_fmnist(data)
 
 
 def _config(tmp_path: Path, data_root: Path, root: Path, name: str = "cfg.yaml") -> Path:
