@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -50,6 +51,11 @@ class ExportModel(Callback):
     The export is written to a temporary folder next to ``dirpath`` and renamed into place, so a reader never sees
     a half-written checkpoint. Wall time accumulates across resumes (it is stored in the Lightning checkpoint).
 
+    A periodic export at step N waits for that step's validation when one runs (Lightning validates after the
+    batch-end hooks), so its summary's metrics are step N's; when no validation runs at step N it is written before
+    the next batch's optimiser step, with the weights of step N. ``training_summary.json`` names the step of the
+    validation its metrics come from (``validated_at_step``; None before the first validation).
+
     Args:
         dirpath: export folder (e.g. ``checkpoints/fashion_mnist/ddpm_32``).
         every_n_steps: also export every so many optimiser steps (0: only at the end of fit).
@@ -81,6 +87,8 @@ class ExportModel(Callback):
         self.title = title
         self.wall_time_s = 0.0
         self._t0: Optional[float] = None
+        self._pending_step: Optional[int] = None  # a periodic export waiting for its step's validation
+        self._validated_at_step: Optional[int] = None
         self.command = " ".join(shlex.quote(a) for a in ["python"] + sys.argv)
 
     def check_target(self, resuming: bool) -> None:
@@ -92,10 +100,11 @@ class ExportModel(Callback):
             )
 
     def state_dict(self) -> dict:
-        return {"wall_time_s": self._elapsed()}
+        return {"wall_time_s": self._elapsed(), "validated_at_step": self._validated_at_step}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.wall_time_s = float(state_dict.get("wall_time_s", 0.0))
+        self._validated_at_step = state_dict.get("validated_at_step")
 
     def _elapsed(self) -> float:
         return self.wall_time_s + (time.time() - self._t0 if self._t0 is not None else 0.0)
@@ -103,13 +112,30 @@ class ExportModel(Callback):
     def on_fit_start(self, trainer, pl_module) -> None:  # after a checkpoint restore, before the first step
         self.check_target(resuming=bool(trainer.ckpt_path))
         self._t0 = time.time()
+        env = os.environ.get("PL_GLOBAL_SEED")  # set by seed_everything (train.py: the config's seed_everything)
+        self._seed_everything = int(env) if env is not None else None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
+            self._pending_step = step  # written after this step's validation, or before the next step
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        self._validated_at_step = trainer.global_step
+        self._flush(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._flush(trainer, pl_module)  # no validation ran at the pending step: the weights are still step N's
+
+    def _flush(self, trainer, pl_module) -> None:
+        if self._pending_step is not None and self._pending_step == trainer.global_step:
             self.export(trainer, pl_module)
+        self._pending_step = None
 
     def on_fit_end(self, trainer, pl_module) -> None:
+        self._pending_step = None
         self.export(trainer, pl_module)
 
     @rank_zero_only
@@ -154,8 +180,10 @@ class ExportModel(Callback):
                 "epoch": trainer.current_epoch,
                 "wall_time_s": round(self._elapsed(), 1),
                 "metrics": metrics,
+                "validated_at_step": self._validated_at_step,
                 "hparams": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(pl_module.hparams).items()},
                 "precision": str(trainer.precision),
+                "seed_everything": getattr(self, "_seed_everything", None),
                 "torch": torch.__version__,
             }
             if self.sample_grid and hasattr(pl_module, "sample"):
@@ -187,8 +215,10 @@ def render_model_card(summary: dict) -> str:
         "```",
         "",
         f"- optimiser steps: {summary['global_step']} (epochs completed: {summary['epoch']})",
-        f"- wall time: {summary['wall_time_s'] / 60:.1f} min ({summary['wall_time_s']:.0f} s), precision {summary['precision']}, torch {summary['torch']}",
-        "- final logged metrics:",
+        f"- wall time: {summary['wall_time_s'] / 60:.1f} min ({summary['wall_time_s']:.0f} s), precision {summary['precision']}, torch {summary['torch']}"
+        + (f", seed_everything {summary['seed_everything']}" if summary.get("seed_everything") is not None else ""),
+        "- final logged metrics" + (f" (validation at step {summary['validated_at_step']}):"
+                                      if summary.get("validated_at_step") is not None else ":"),
     ]
     lines += [f"  - `{k}`: {v:.4f}" for k, v in sorted(summary["metrics"].items())]
     if "sample_grid" in summary:

@@ -115,7 +115,9 @@ class ImageClassifier(LightningModule):
         lr, weight_decay, max_lr_steps: AdamW with a one-cycle schedule over ``max_lr_steps`` (0: constant lr); a
             trainer that would take more steps than ``max_lr_steps`` is refused (ValueError) before the first step.
         label_smoothing: CE label smoothing.
-        seed: recorded in the exported config (the trainer's seed is set by ``seed_everything``).
+        seed: the seed recorded in the exported ``config.json``; None (default): the run's ``seed_everything``
+            (read from Lightning's ``PL_GLOBAL_SEED`` at fit start; None when no seed was set). Not used for
+            randomness here: the run's seed is ``seed_everything``.
         init_weights: optional classifier folder (model.safetensors + config.json) to start from (fine-tuning);
             its architecture and shapes must match.
     """
@@ -132,12 +134,15 @@ class ImageClassifier(LightningModule):
         weight_decay: float = 5e-4,
         max_lr_steps: int = 0,
         label_smoothing: float = 0.0,
-        seed: int = 0,
+        seed: Optional[int] = None,
         init_weights: Optional[str] = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # an unset seed stays out of hparams: Lightning refuses to log a module and a data module whose hparams
+        # share a key with different values (the data modules have their own ``seed``)
+        self.save_hyperparameters(ignore=["seed"] if seed is None else None)
         self.model = build_classifier(arch, in_channels, num_classes, image_size, mean, std)
+        self._run_seed: Optional[int] = None
         if init_weights:
             start, cfg = load_classifier(init_weights)
             if (cfg["arch"], cfg["in_channels"], cfg["num_classes"]) != (arch, in_channels, num_classes):
@@ -168,6 +173,11 @@ class ImageClassifier(LightningModule):
     def test_step(self, batch, batch_idx):
         self._step(batch, "test")
 
+    def on_fit_start(self) -> None:
+        """Remember the run's seed (``seed_everything`` sets ``PL_GLOBAL_SEED``) for the exported config."""
+        env = os.environ.get("PL_GLOBAL_SEED")
+        self._run_seed = int(env) if env is not None else None
+
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         if not self.hparams.max_lr_steps:
@@ -196,7 +206,7 @@ class ImageClassifier(LightningModule):
             "image_size": hp.image_size,
             "mean": list(self.model[0].mean.flatten().tolist()),
             "std": list(self.model[0].std.flatten().tolist()),
-            "seed": hp.seed,
+            "seed": hp.get("seed") if hp.get("seed") is not None else self._run_seed,
         }
 
     def export(self, dirpath: str | Path, dtype: torch.dtype = torch.float32) -> Path:

@@ -103,3 +103,75 @@ def test_atomic_writes_get_ordinary_file_modes(tmp_path):
     assert mode(tmp_path / "results.csv") == 0o644
     assert mode(tmp_path / "export") == 0o755
     assert mode(tmp_path / "export" / "model.safetensors") == 0o644
+
+
+class _ValMetricsAtValidation(Callback):
+    """Records the classifier's validation accuracy each time a validation ends (sanity check excluded)."""
+
+    def __init__(self):
+        self.acc: dict[int, float] = {}
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.acc[trainer.global_step] = float(trainer.callback_metrics["val/acc"])
+
+
+def test_periodic_export_carries_the_validation_of_its_own_step(tmp_path):
+    """An export at step N is written after step N's validation (Lightning validates after the batch-end hooks), so
+    its summary's val metrics are step N's; at a step without validation it is written before the next step, with
+    step N's weights."""
+    import json
+
+    from callbacks.export import ExportModel
+
+    torch.manual_seed(0)
+
+    class Recording(ExportModel):
+        def export(self, trainer, pl_module):
+            super().export(trainer, pl_module)
+            summary = json.loads((self.dirpath / "training_summary.json").read_text())
+            weights = [p.detach().clone() for p in pl_module.parameters()]
+            self.seen.append((summary["global_step"], summary.get("validated_at_step"), summary["metrics"].get("val/acc"),
+                              weights))
+
+    val = _ValMetricsAtValidation()
+    cb = Recording(str(tmp_path / "export"), every_n_steps=2, sample_grid=False)
+    cb.seen = []
+    steps_weights: dict[int, list] = {}
+
+    class Weights(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            steps_weights[trainer.global_step] = [p.detach().clone() for p in pl_module.parameters()]
+
+    module = ImageClassifier(arch="convnet", image_size=8, lr=1e-2)
+    trainer = _trainer(max_steps=6, val_check_interval=4, num_sanity_val_steps=0, callbacks=[Weights(), val, cb])
+    trainer.fit(module, _loader(24), _loader(8))
+    assert sorted(val.acc) == [4]  # 6 batches, val_check_interval 4
+    # periodic at 2 (no validation yet) and 4 (after its validation); at 6 the fit ends: one export, the final one
+    assert [s[:2] for s in cb.seen] == [(2, None), (4, 4), (6, 4)]
+    for step, at, acc, weights in cb.seen:
+        if at is not None:
+            assert acc == pytest.approx(val.acc[at])
+        assert all(torch.equal(a, b) for a, b in zip(weights, steps_weights[step]))
+    card = (tmp_path / "export" / "MODEL_CARD.md").read_text()
+    assert "final logged metrics (validation at step 4):" in card
+
+
+def test_exported_classifier_records_the_runs_seed(tmp_path):
+    """config.json's seed and the summary's seed_everything are the run's seed_everything, not a default of 0 (the
+    fine-tuned victim's config said 0 for a run seeded 2); an explicit ``seed`` is recorded as given."""
+    import json
+
+    from lightning import seed_everything
+
+    from callbacks.export import ExportModel
+
+    for model_seed, expected in ((None, 5), (3, 3)):
+        seed_everything(5, verbose=False)
+        out = tmp_path / f"clf{model_seed}"
+        trainer = _trainer(max_steps=1, callbacks=[ExportModel(str(out), sample_grid=False)])
+        trainer.fit(ImageClassifier(arch="convnet", image_size=8, seed=model_seed), _loader())
+        assert json.loads((out / "config.json").read_text())["seed"] == expected
+        summary = json.loads((out / "training_summary.json").read_text())
+        assert summary["seed_everything"] == 5
+        assert "seed_everything 5" in (out / "MODEL_CARD.md").read_text()
