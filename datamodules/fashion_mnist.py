@@ -10,7 +10,7 @@ import gzip
 import os
 import struct
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -68,8 +68,10 @@ def _has_split(root: Path, split: str) -> bool:
     return all((root / f).is_file() or (root / (f + ".gz")).is_file() for f in _FILES[split])
 
 
-def find_fashion_mnist_root(root: Optional[str] = None, download: bool = True) -> Path:
-    """Locate the Fashion-MNIST idx files.
+def find_fashion_mnist_root(root: Optional[str] = None, download: bool = True,
+                            splits: Sequence[str] = ("train", "test")) -> Path:
+    """Locate the Fashion-MNIST idx files (plain or ``.gz``) of ``splits`` ('train', 'test'; both by default: the
+    attack's users need only 'test').
 
     Search order: ``root`` (also ``root/FashionMNIST/raw``, torchvision's layout), then
     ``/usr/share/datasets/fashion-mnist`` (Debian package), then torchvision's download into ``root`` (or
@@ -82,8 +84,11 @@ def find_fashion_mnist_root(root: Optional[str] = None, download: bool = True) -
     if root:
         candidates += [Path(root), Path(root) / "FashionMNIST" / "raw"]
     candidates.append(Path(DEBIAN_ROOT))
+    bad = [x for x in splits if x not in _FILES]
+    if bad or not splits:
+        raise ValueError(f"splits must be a non-empty subset of {sorted(_FILES)}, got {list(splits)!r}")
     for cand in candidates:
-        if _has_split(cand, "train") and _has_split(cand, "test"):
+        if all(_has_split(cand, x) for x in splits):
             return cand
     download_error = None
     if download:
@@ -94,7 +99,7 @@ def find_fashion_mnist_root(root: Optional[str] = None, download: bool = True) -
             for train in (True, False):
                 FashionMNIST(str(target), train=train, download=True)
             raw = target / "FashionMNIST" / "raw"
-            if _has_split(raw, "train") and _has_split(raw, "test"):
+            if all(_has_split(raw, x) for x in splits):
                 return raw
         except Exception as exc:  # offline: fall through to the clear error below
             download_error = exc
@@ -103,8 +108,9 @@ def find_fashion_mnist_root(root: Optional[str] = None, download: bool = True) -
         + ", ".join(str(c) for c in candidates)
         + (f"; download failed: {download_error}" if download_error else "")
         + "). Fix: `sudo apt-get install dataset-fashion-mnist` (installs them in "
-        f"{DEBIAN_ROOT}), or set `data.root` (e.g. `--data.root /path/to/fashion-mnist`) to a folder holding "
-        "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz."
+        f"{DEBIAN_ROOT}), or set `data.root` (e.g. `--data.root /path/to/fashion-mnist`; for attack.py "
+        "`--users.init_args.root`) to a folder holding "
+        + ", ".join(f"{f}.gz" for x in splits for f in _FILES[x]) + "."
     )
 
 
@@ -112,7 +118,7 @@ def load_split(split: str, root: Optional[str] = None, download: bool = True) ->
     """Load one split as (images uint8 (N, 28, 28), labels uint8 (N,)). ``split`` is 'train' or 'test'."""
     if split not in _FILES:
         raise ValueError(f"split must be one of {sorted(_FILES)}, got {split!r}")
-    base = find_fashion_mnist_root(root, download)
+    base = find_fashion_mnist_root(root, download, splits=(split,))
     images = read_idx(base / _FILES[split][0])
     labels = read_idx(base / _FILES[split][1])
     if len(images) != len(labels):

@@ -223,7 +223,7 @@ class FashionMNISTUsers(UserSource):
         """Fail early (before any long work) when the data is missing or the settings are impossible."""
         from datamodules.fashion_mnist import find_fashion_mnist_root
 
-        find_fashion_mnist_root(self.root)
+        find_fashion_mnist_root(self.root, splits=("test",))  # users come from the test split alone
         if self.batch_size < 1:
             raise ValueError(f"users.batch_size must be >= 1, got {self.batch_size}")
         if self.dirichlet_alpha is None and round(self.dominant_fraction * self.batch_size) > 1000:

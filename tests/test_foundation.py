@@ -269,3 +269,29 @@ def test_atomic_replace_dir_swaps_and_restores_the_old_folder_on_failure(tmp_pat
         atomic_replace_dir(newer, target)  # does not exist: its rename raises FileNotFoundError
     assert (target / "v").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddpm"]
+
+
+def test_attack_users_need_only_the_test_split(tmp_path, monkeypatch):
+    """attack.py's users come from the test split: a folder with only the t10k files serves them (a GPU machine is
+    sent only those), while the training data module still asks for the train files and names them."""
+    from datamodules.users import FashionMNISTUsers
+
+    monkeypatch.setattr("datamodules.fashion_mnist.DEBIAN_ROOT", str(tmp_path / "nowhere"))
+    (tmp_path / "full").mkdir()
+    full = write_fake_fmnist(tmp_path / "full")
+    only_test = tmp_path / "only_test"
+    only_test.mkdir()
+    for f in full.glob("t10k-*"):
+        (only_test / f.name).write_bytes(f.read_bytes())
+    source = FashionMNISTUsers(num_users=2, batch_size=5, root=str(only_test), image_size=32)
+    source.check()
+    users = source.users()
+    assert len(users) == 2 and users[0].images.shape == (5, 1, 32, 32)
+    from datamodules.fashion_mnist import load_split
+
+    images, labels = load_split("test", str(only_test), download=False)
+    assert images.shape == (100, 28, 28) and list(labels[:3]) == [0, 1, 2]
+    with pytest.raises(DataNotFoundError, match="train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz"):
+        FashionMNISTDataModule(root=str(only_test)).prepare_data()
+    with pytest.raises(ValueError, match="splits must be"):
+        find_fashion_mnist_root(str(full), download=False, splits=("val",))
