@@ -77,7 +77,8 @@ class ThreatSpec:
     protocol: 'fedsgd' (one gradient) or 'fedavg' (E local epochs: the server sees the weight difference and the
     attack uses the pseudo-gradient delta / (lr * local steps)). reveal_batch_size: the server learns B.
     known_labels: the server is given the labels. defenses: client-side defenses, e.g.
-    ``[{name: gaussian_dp, clip_norm: 1.0, sigma: 0.01}]`` (see inversion/defenses.py).
+    ``[{name: gaussian_dp, clip_norm: 1.0, sigma: 0.01}]`` (see inversion/defenses.py), applied to what the client
+    sends: the FedSGD gradient, or the FedAvg weight difference (a clip norm bounds ||delta||; see client_update).
     """
 
     protocol: str = "fedsgd"
@@ -353,23 +354,36 @@ def user_defenses(threat: ThreatSpec, user_index: int):
 
 
 def client_update(victim, user: User, threat: ThreatSpec, num_classes: int, user_index: int = 0):
-    """The client's side: FedSGD gradient (or FedAvg pseudo-gradient), then its defenses. Returns the ServerView."""
+    """The client's side and what the server receives; returns the ServerView.
+
+    FedSGD: the gradient, then the client's defenses on it. FedAvg: the local training's weight difference, then
+    the client's defenses on that difference (what the client sends: DP-FedAvg, McMahan et al. 2018, clips and
+    noises the model delta, so a clip norm is a norm of the delta), then the server's pseudo-gradient
+    delta / (lr * local steps) (:func:`inversion.fedavg.fedavg_pseudo_gradient`). With ``reveal_batch_size``
+    false the FedAvg metadata gives the configured local batch size (None: full batch) and no local step count
+    (either would reveal B).
+    """
     from inversion.scenario import fedsgd_gradient, make_server_view
 
     meta: dict = {"protocol": threat.protocol}
     if threat.protocol == "fedavg":
-        from inversion.fedavg import fedavg_client_update
+        from inversion.fedavg import fedavg_client_update, fedavg_pseudo_gradient
 
         upd = fedavg_client_update(
             victim, user.images, user.labels, epochs=threat.fedavg_epochs, local_lr=threat.fedavg_lr,
             local_batch_size=threat.fedavg_batch_size or None, seed=user_index,
         )
         grad = upd.pseudo_gradient
+        if threat.defenses:
+            grad = fedavg_pseudo_gradient(user_defenses(threat, user_index)(upd.delta), upd.local_lr, upd.local_steps)
         meta.update(upd.meta)
+        if not threat.reveal_batch_size:
+            meta["local_batch_size"] = threat.fedavg_batch_size or None
+            meta.pop("local_steps", None)
     else:
         grad = fedsgd_gradient(victim, user.images, user.labels)
-    if threat.defenses:
-        grad = user_defenses(threat, user_index)(grad)
+        if threat.defenses:
+            grad = user_defenses(threat, user_index)(grad)
     view = make_server_view(
         victim, user.images, user.labels, num_classes,
         reveal_batch_size=threat.reveal_batch_size, reveal_labels=threat.known_labels, gradient=grad,

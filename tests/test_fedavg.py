@@ -116,3 +116,33 @@ def test_empty_batch_and_bad_pseudo_gradient_args():
         fedavg_pseudo_gradient({"w": torch.ones(2)}, 0.1, 0)
     with pytest.raises(ValueError, match="local_lr"):
         fedavg_pseudo_gradient({"w": torch.ones(2)}, -0.1, 1)
+
+
+def test_fedavg_defenses_act_on_the_weight_difference_the_client_sends():
+    """DP-FedAvg clips the model delta: a clip norm C bounds ||delta||, so the server's pseudo-gradient has norm
+    C / (lr * steps) (it was C: the clip hit the pseudo-gradient, 1 / (lr * steps) = 50x too hard here); a clip
+    above ||delta|| leaves the update as it was. Without reveal_batch_size the metadata reveals no B."""
+    import attack
+    from datamodules.users import User
+
+    x, y = batch(4)
+    victim = bn_convnet()
+    user = User(user_id=0, images=x, labels=y, num_classes=4, dominant_class=int(y[0]))
+    norm = lambda d: float(torch.sqrt(sum((v.double() ** 2).sum() for v in d.values())))  # noqa: E731
+    plain = attack.client_update(victim, user, attack.ThreatSpec(protocol="fedavg", fedavg_epochs=2, fedavg_lr=0.01), 4)
+    up = fedavg_client_update(victim, x, y, epochs=2, local_lr=0.01)
+    d_norm, steps = norm(up.delta), up.local_steps
+    assert steps == 2 and norm(plain.target_gradient) == pytest.approx(d_norm / (0.01 * steps), rel=1e-5)
+    clip = d_norm / 3
+    threat = attack.ThreatSpec(protocol="fedavg", fedavg_epochs=2, fedavg_lr=0.01, defenses=[{"name": "clip", "clip_norm": clip}])
+    clipped = attack.client_update(victim, user, threat, 4)
+    assert norm(clipped.target_gradient) == pytest.approx(clip / (0.01 * steps), rel=1e-5)
+    for n, g in plain.target_gradient.items():  # clipping only rescales
+        torch.testing.assert_close(clipped.target_gradient[n], g / 3, rtol=1e-4, atol=1e-9)
+    loose = dict(threat.__dict__, defenses=[{"name": "clip", "clip_norm": 2 * d_norm}])
+    same = attack.client_update(victim, user, attack.ThreatSpec(**loose), 4)
+    for n, g in plain.target_gradient.items():
+        torch.testing.assert_close(same.target_gradient[n], g)
+    assert plain.meta["local_batch_size"] == 4 and plain.meta["local_steps"] == 2
+    hidden = attack.client_update(victim, user, attack.ThreatSpec(protocol="fedavg", reveal_batch_size=False), 4)
+    assert hidden.batch_size is None and hidden.meta["local_batch_size"] is None and "local_steps" not in hidden.meta
