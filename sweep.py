@@ -188,6 +188,14 @@ class Cell:
         return args
 
 
+def _file_sha256(path: str) -> Optional[str]:
+    """SHA-256 of a config file's bytes (None when it cannot be read: validation names the missing file)."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
 @dataclass
 class Sweep:
     name: str
@@ -200,8 +208,11 @@ class Sweep:
     cells: list[Cell] = field(default_factory=list)
 
     def resolved(self) -> dict[str, Any]:
-        """What the hash covers: everything that decides the cells' results (not where they are written)."""
-        return {"name": self.name, "base": self.base, "configs": self.configs, "fixed": self.fixed, "grid": self.grid}
+        """What the hash covers: everything that decides the cells' results (not where they are written), the
+        contents of every config file a cell reads included (an edited base config is another sweep)."""
+        files = [self.base, *self.configs, *(f for c in self.cells for f in c.config_files)]
+        return {"name": self.name, "base": self.base, "configs": self.configs, "fixed": self.fixed, "grid": self.grid,
+                "config_sha256": {f: _file_sha256(f) for f in dict.fromkeys(files)}}
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.resolved(), sort_keys=True, default=str).encode()).hexdigest()

@@ -172,6 +172,22 @@ def test_changed_config_is_refused_unless_new(tmp_path, tiny_base, capsys):
     assert json.loads((tmp_path / "sweep_dir" / "sweep.json").read_text())["hash"] == s1.hash()
 
 
+def test_edited_base_config_is_another_sweep(tmp_path, tiny_base):
+    """The hash covers the config files' contents: after an edit of the base config (its steps), the finished cells
+    are not reused; the sweep directory is refused as made by another config."""
+    base = tmp_path / "base.yaml"
+    base.write_text(tiny_base.read_text())
+    cfg = write_sweep(tmp_path / "s.yaml", base, {"seed": [0]})
+    s1 = sweep.load_sweep(cfg)
+    h1 = s1.hash()
+    sweep.run_sweep(s1, runner=_fake_runner, report=False)
+    assert sweep.load_sweep(cfg).hash() == h1  # unchanged files: the same sweep, resumable
+    base.write_text(tiny_base.read_text().replace("steps: 3", "steps: 4"))
+    assert sweep.load_sweep(cfg).hash() != h1
+    with pytest.raises(sweep.SweepError, match="resume directory from another config"):
+        sweep.run_sweep(sweep.load_sweep(cfg), runner=_fake_runner)
+
+
 def test_slugs_and_config_values():
     s = sweep.Sweep(name="n", root="r", base="configs/attack/fashion_mnist.yaml", configs=[], fixed={},
                     grid={"attack": [None, "configs/method/dlg.yaml"],
