@@ -31,11 +31,12 @@ directly, and the figures draw one line per method and extra key. ``--variants f
 of these keys) groups by exactly those instead, e.g. to pool runs of different names that share a final stage. When
 more than one defense (or strength) is present, also:
 
-* ``privacy.csv``: per (method, B, defense, defense_strength), pooled over run names: n_users,
+* ``privacy.csv``: per (method, B, defense, defense_strength), pooled over run names (kept apart by protocol,
+  victim_init and final_stage when the runs differ in them): n_users,
   ``evaluator_accuracy``, ``label_accuracy`` and avg/std/n of ``psnr_nearest`` and ``lpips_nearest`` (when present);
 * ``privacy_curve.png``: attack success (evaluator accuracy; LPIPS nearest and PSNR nearest when measured) against
   the defense strength (the first defense's sigma / keep fraction / levels / clip norm, see attack.defense_label),
-  one line per method (and per defense kind, and per B when several). The x axis is logarithmic when the positive
+  one line per method (and per defense kind, per B, protocol, victim_init, final_stage when several). The x axis is logarithmic when the positive
   strengths span more than 10x. ``none`` (no defense) is drawn as a hollow square at the left end of each line with
   the tick label ``none`` (at x = 0 on a linear axis; one decade left of the smallest strength on a log axis, since
   0 has no log position); a strength of exactly 0 (e.g. clipping only, sigma 0) is drawn the same way with the tick
@@ -276,9 +277,15 @@ def aggregate(df: pd.DataFrame, keys: Optional[Sequence[str]] = None, metrics: O
     return out
 
 
+PRIVACY_SPLIT_KEYS = ["protocol", "victim_init", "final_stage"]
+
+
 def aggregate_privacy(df: pd.DataFrame) -> pd.DataFrame:
-    """Per (method, B, defense, defense_strength), pooled over runs: accuracies and psnr/lpips nearest."""
-    return aggregate(df, PRIVACY_KEYS, metrics=["psnr_nearest", "lpips_nearest"])
+    """Per (method, B, defense, defense_strength), pooled over runs (seeds, run names): accuracies and psnr/lpips
+    nearest; runs that differ in protocol, victim initialisation or final stage (:data:`PRIVACY_SPLIT_KEYS`, each
+    only when it varies) stay apart, as in the main table: a trained and a random victim are two curves."""
+    extra = [k for k in PRIVACY_SPLIT_KEYS if _varies(df, k)]
+    return aggregate(df, PRIVACY_KEYS + extra, metrics=["psnr_nearest", "lpips_nearest"])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -493,7 +500,8 @@ PRIVACY_METRICS = [("evaluator_accuracy", "evaluator accuracy (higher = attack s
 
 
 def plot_privacy_curve(privacy: pd.DataFrame, path: Path) -> Optional[Path]:
-    """Attack success vs defense strength, one line per method (x defense kind, x B when several); see the module
+    """Attack success vs defense strength, one line per method (x defense kind, x B and the privacy split keys when
+    several); see the module
     docstring for where 'none' and strength 0 are drawn. Returns path or None when nothing can be drawn."""
     import matplotlib
 
@@ -523,17 +531,19 @@ def plot_privacy_curve(privacy: pd.DataFrame, path: Path) -> Optional[Path]:
     if not metrics:
         return None
     multi_b = p["B"].nunique() > 1
+    split = [k for k in PRIVACY_SPLIT_KEYS if k in p]  # present only when the runs differ in it
     kinds = [k for k in sorted(p.loc[~is_none & on_curve, "kind"].unique())] or ["none"]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.6), squeeze=False)
     for ax, (m, title) in zip(axes[0], metrics):
         i = 0
-        for (method, b), g in p[on_curve].groupby(["method", "B"], sort=True):
+        for (method, b, *variant), g in p[on_curve].groupby(["method", "B", *split], sort=True, dropna=False):
             base = g[g["defense"] == "none"]
             for kind in kinds:
                 line = g[(g["kind"] == kind) & (g["defense"] != "none")].sort_values("x")
                 if line.empty and (base.empty or kind != kinds[0]):
                     continue
-                label = str(method) + (f" B={b}" if multi_b else "") + (f" [{kind}]" if len(kinds) > 1 else "")
+                label = (str(method) + (f" B={b}" if multi_b else "") + "".join(f" {v}" for v in variant)
+                         + (f" [{kind}]" if len(kinds) > 1 else ""))
                 color = f"C{i % 10}"
                 i += 1
                 if not line.empty:

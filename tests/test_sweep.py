@@ -298,3 +298,25 @@ def test_every_overlay_parses_over_the_full_attack_config(overlay):
     cfg = attack.build_parser().parse_args(["--config", str(root / "configs/attack/fashion_mnist_full.yaml"),
                                             "--config", str(root / overlay)])
     assert cfg.output.name != "fashion_mnist_full"  # each overlay names its runs
+
+
+def test_privacy_table_keeps_victims_apart(tmp_path):
+    """A trained victim (every user read as the class) and a random one (none), each undefended and at sigma 0.01:
+    privacy.csv has four rows at accuracy 1.0 / 0.0 (it pooled the two victims into two rows at 0.5), and the curve
+    is drawn."""
+    rng = np.random.default_rng(0)
+    dirs = []
+    for victim, ok in (("trained", 1), ("random", 0)):
+        for sigma in (None, 0.01):
+            defense = "none" if sigma is None else f"gaussian_dp(clip_norm=1.0,sigma={sigma})"
+            df = _fake_run(tmp_path / "runs", f"{victim}_{sigma}", "UserLevelInversion", defense,
+                           np.nan if sigma is None else sigma, rng, users=3)
+            df["victim_init"], df["evaluator_correct"] = victim, ok
+            df.drop(columns=["run_dir"]).to_csv(Path(df["run_dir"].iloc[0]) / "results.csv", index=False)
+            dirs.append(df["run_dir"].iloc[0])
+    out = report.build_report(dirs, tmp_path / "rep")
+    p = pd.read_csv(out / "privacy.csv")
+    assert len(p) == 4 and set(p["n_users"]) == {3}
+    acc = {(r.victim_init, r.defense == "none"): r.evaluator_accuracy for r in p.itertuples()}
+    assert acc == {("trained", True): 1.0, ("trained", False): 1.0, ("random", True): 0.0, ("random", False): 0.0}
+    assert (out / "privacy_curve.png").stat().st_size > 5000
