@@ -354,7 +354,8 @@ def user_defenses(threat: ThreatSpec, user_index: int):
 
 
 def client_update(victim, user: User, threat: ThreatSpec, num_classes: int, user_index: int = 0):
-    """The client's side and what the server receives; returns the ServerView.
+    """The client's side and what the server receives; returns the ServerView. ``num_classes``: the victim's number
+    of outputs (:func:`inversion.scenario.victim_num_outputs`; the server's label space, at least the users').
 
     FedSGD: the gradient, then the client's defenses on it. FedAvg: the local training's weight difference, then
     the client's defenses on that difference (what the client sends: DP-FedAvg, McMahan et al. 2018, clips and
@@ -768,6 +769,9 @@ def run(cfg: Namespace) -> Path:
         run_dir, resume_rows = open_resume_dir(parser, cfg)
     init, source, victim, attack_cls, attack_kwargs, prior, evaluator = prepare(parser, cfg)
     per_step = users_per_step_of(attack_cls, attack_kwargs)
+    from inversion.scenario import victim_num_outputs
+
+    victim_classes = victim_num_outputs(victim, source.image_shape)  # the server's label space
     users = source.users()
     if per_step > len(users):
         raise ConfigError(f"attack.init_args.users_per_step ({per_step}) is larger than the number of users "
@@ -800,7 +804,7 @@ def run(cfg: Namespace) -> Path:
         for chunk in chunks:
             uids = [user_uid(u) for _, u in chunk]
             name = chunk_name(uids)
-            views = [client_update(victim, user, init.threat, source.num_classes, user_index=i) for i, user in chunk]
+            views = [client_update(victim, user, init.threat, victim_classes, user_index=i) for i, user in chunk]
             attack: GradientInversionAttack = attack_cls(**attack_kwargs, log_prefix=f"{name}/")
             attack.log_images_every = cfg.image_log_every
             if len(chunk) == 1:

@@ -122,6 +122,25 @@ def check_victim_parameters_used(victim: nn.Module, image_shape: tuple[int, int,
     raise_if_unused(list(params), grads)
 
 
+def victim_num_outputs(victim: nn.Module, image_shape: tuple[int, int, int]) -> int:
+    """The victim's number of outputs (logits) for (C, H, W) images: one forward pass of an all-0.5 image (pixels
+    in [0, 1]) in eval mode, without gradients, on the victim's device; the victim's mode is restored.
+
+    The server's label space is the victim's output space (a :class:`ServerView`'s ``num_classes``), which may be
+    larger than the classes the users' data uses (e.g. one-class face folders with a 2-class victim).
+    """
+    params = list(victim.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    was_training = victim.training
+    victim.eval()
+    try:
+        with torch.no_grad():
+            out = victim(torch.full((1, *image_shape), 0.5, device=device))
+    finally:
+        victim.train(was_training)
+    return int(out.shape[-1])
+
+
 def check_target_gradient(victim: nn.Module, target: "OrderedDict[str, torch.Tensor]") -> None:
     """Validate a target gradient against the victim before an attack starts.
 

@@ -58,6 +58,7 @@ import torch  # noqa: E402
 
 import attack as attack_main  # noqa: E402
 from attack import ConfigError, atomic_write_text, client_update, load_victim, new_run_dir, write_results  # noqa: E402
+from inversion.scenario import victim_num_outputs  # noqa: E402
 from inversion.objectives import weighted_layer_mean  # noqa: E402
 
 
@@ -171,7 +172,7 @@ def audit(cfg) -> Path:
     rows = []
     t0 = time.time()
     for i, user in enumerate(users):
-        view = client_update(victim, user, init.threat, K, user_index=i)
+        view = client_update(victim, user, init.threat, victim_num_outputs(victim, source.image_shape), user_index=i)
         att = attack_cls(**kwargs).bind(view, None)
         dominant = user.dominant_class
         with torch.no_grad():

@@ -170,9 +170,13 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
               "candidates' noise differs (same seeds, other generator), so results match in distribution, not "
               "exactly", file=sys.stderr)
 
+    from inversion.scenario import victim_num_outputs
+
+    victim_classes = victim_num_outputs(victim, source.image_shape)  # the server's label space, as attack.py's
+
     def server_side(i, user, r):
         """The server's view of user i rebuilt as attack.py built it, checked against the run's label inference."""
-        view = attack_main.client_update(victim, user, init.threat, source.num_classes, user_index=i)
+        view = attack_main.client_update(victim, user, init.threat, victim_classes, user_index=i)
         attack = attack_cls(**attack_kwargs).bind(view, prior).to(device)
         counts = attack_main.counts_text(attack.labels)
         if r.get("inferred_counts") not in (None, "", counts):

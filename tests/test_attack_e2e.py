@@ -264,3 +264,20 @@ def test_log_final_draws_one_row_per_user_and_a_table_of_every_column():
     assert img[2:6, 2 + 11 * 6: 6 + 11 * 6].max() == 0  # the first user's 12th image is there
     assert log.tables[0][1] == ["user", "evaluator_correct", "resumed"]
     assert log.tables[0][2][0] == [0, 1, None]
+
+
+def test_victim_with_more_outputs_than_the_users_classes(tmp_path):
+    """A victim with 12 outputs attacked on 10-class users (validate allows it): the server's label space is the
+    victim's, so label inference and DLG's soft labels work (they failed: the view said 10 classes)."""
+    from lightning_modules.classifier import save_classifier
+    from tests.helpers import tiny_victim
+
+    victim, vcfg = tiny_victim(8, 1, num_classes=12, seed=0)
+    save_classifier(victim, vcfg, tmp_path / "victim12")
+    cfg = tiny_config(tmp_path, **{"victim.checkpoint": str(tmp_path / "victim12"), "logger.backend": "none",
+                                   "attack.class_path": "lightning_modules.baselines.DLG",
+                                   "attack.init_args": {"steps": 1, "max_iter": 2}, "image_log_every": 0})
+    run_dir = attack.main(["--config", str(cfg)])
+    rows = list(csv.DictReader((run_dir / "results.csv").open()))
+    assert len(rows) == 2 and all(0 <= int(r["inferred_dominant"]) < 12 for r in rows)
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"

@@ -260,3 +260,28 @@ def test_inverting_gradients_resumed_from_a_checkpoint_counts_every_step(tmp_pat
     a, b = full.result(), resumed.result()
     assert a.steps == b.steps == 6  # was 3: the counter restarted at bind
     assert torch.allclose(a.reconstructions, b.reconstructions, atol=1e-6)
+
+
+def test_users_with_fewer_classes_than_the_victims_outputs():
+    """The server's label space is the victim's outputs (10 here), not the users' classes (3): attack.py passes
+    victim_num_outputs to the client update, and every attack binds and steps (label inference looked for a last
+    layer with 3 outputs; DLG's soft labels had 3 columns against 10 logits)."""
+    import attack
+    from datamodules.users import User
+    from inversion.scenario import victim_num_outputs
+    from lightning_modules.baselines import DLG, InvertingGradients
+
+    torch.manual_seed(0)
+    victim = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    victim.train()
+    assert victim_num_outputs(victim, (1, 8, 8)) == 10 and victim.training  # mode restored
+    victim.eval()
+    user = User(0, torch.rand(4, 1, 8, 8), torch.tensor([0, 0, 1, 2]), 3, 0)
+    view = attack.client_update(victim, user, attack.ThreatSpec(), victim_num_outputs(victim, (1, 8, 8)))
+    assert view.num_classes == 10
+    for module in (DLG(steps=1), DLG(steps=1, label_strategy="bias_corrected"), InvertingGradients(steps=1)):
+        module.bind(view)
+        labels = module.current_labels() if isinstance(module, DLG) else module.fixed_labels
+        x = module.x if isinstance(module, DLG) else module.x[0]  # IG: (restarts, B, C, H, W)
+        loss = sum(g.square().sum() for g in module.dummy_gradient(x, labels))
+        assert torch.isfinite(loss)
