@@ -112,6 +112,10 @@ class GradientInversionAttack(LightningModule):
         super().__init__()
         if steps < 1:
             raise ValueError(f"attack.steps must be >= 1, got {steps}")
+        allowed = self.label_strategies()
+        if label_strategy not in allowed:
+            raise ValueError(f"{type(self).__name__}: unknown label_strategy {label_strategy!r}; choose one of "
+                             f"{list(allowed)}")
         self.automatic_optimization = False
         self.steps = steps
         self.label_strategy = label_strategy
@@ -120,6 +124,17 @@ class GradientInversionAttack(LightningModule):
         self.log_prefix = log_prefix
         self.history: dict[str, list[float]] = {}
         self.strict_loading = False  # checkpoints hold the attack's own state only (see on_save_checkpoint)
+
+    #: label strategies of this attack beyond label inference's (DLG: 'optimize', its own soft labels)
+    extra_label_strategies: tuple[str, ...] = ()
+
+    @classmethod
+    def label_strategies(cls) -> tuple[str, ...]:
+        """The ``label_strategy`` values this attack accepts: :data:`inversion.label_inference.LABEL_STRATEGIES`,
+        'known' (the threat model gives the labels) and :attr:`extra_label_strategies`."""
+        from inversion.label_inference import LABEL_STRATEGIES
+
+        return (*cls.extra_label_strategies, *LABEL_STRATEGIES, "known")
 
     def bind(self, view: ServerView, prior: Optional[Any] = None) -> "GradientInversionAttack":
         """Attach what the server sees (and, for attacks with ``requires_prior``, the diffusion prior); returns self.

@@ -331,6 +331,8 @@ class DLG(SampleLevelAttack):
         AttackDivergedError: the gradient loss (or a pixel) becomes NaN/inf (L-BFGS without line search can blow up).
     """
 
+    extra_label_strategies = ("optimize",)
+
     def __init__(
         self,
         steps: int = 300,

@@ -285,3 +285,20 @@ def test_users_with_fewer_classes_than_the_victims_outputs():
         x = module.x if isinstance(module, DLG) else module.x[0]  # IG: (restarts, B, C, H, W)
         loss = sum(g.square().sum() for g in module.dummy_gradient(x, labels))
         assert torch.isfinite(loss)
+
+
+def test_label_strategy_is_checked_at_construction():
+    """A misspelt label_strategy fails when the attack is built (attack.py's probe, before any user), naming the
+    values this attack accepts (DLG's own 'optimize' included); it failed at the first bind, without 'optimize'."""
+    from lightning_modules.baselines import DLG, InvertingGradients
+    from lightning_modules.user_level_inversion import UserLevelInversion
+
+    with pytest.raises(ValueError, match=r"DLG: unknown label_strategy 'optimise'; choose one of \['optimize', "):
+        DLG(label_strategy="optimise")
+    with pytest.raises(ValueError, match=r"InvertingGradients: unknown label_strategy 'optimize'; choose one of "
+                                         r"\['idlg', 'sign', 'bias_corrected', 'known'\]"):
+        InvertingGradients(label_strategy="optimize")
+    with pytest.raises(ValueError, match="UserLevelInversion: unknown label_strategy 'bias'"):
+        UserLevelInversion(label_strategy="bias")
+    assert DLG(label_strategy="known").label_strategy == "known"
+    assert "optimize" not in InvertingGradients.label_strategies() and "sign" in InvertingGradients.label_strategies()
