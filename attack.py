@@ -825,13 +825,15 @@ def run(cfg: Namespace) -> Path:
             )
             last = ckpt_dir / "last.ckpt"
             t0 = time.time()
+            attack.wall_clock_start = t0
             try:
                 trainer.fit(attack, ckpt_path=str(last) if last.is_file() else None)
             except SystemExit:  # Lightning turns Ctrl-C into a graceful shutdown and exit(1)
                 if trainer.interrupted:
                     raise KeyboardInterrupt from None
                 raise
-            seconds = (time.time() - t0) / len(chunk)  # a chunk's time is shared equally by its users
+            # a chunk's time is shared equally by its users; a resumed chunk adds the time before the interruption
+            seconds = (time.time() - t0 + attack.seconds_before_resume) / len(chunk)
             if trainer.interrupted:
                 raise KeyboardInterrupt
             for (i, user), uid, result in zip(chunk, uids, attack.results()):

@@ -7,6 +7,7 @@ Lightning ``Trainer`` for ``steps`` optimisation steps. The Trainer's ``max_step
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -123,6 +124,10 @@ class GradientInversionAttack(LightningModule):
         self.log_images_every = log_images_every
         self.log_prefix = log_prefix
         self.history: dict[str, list[float]] = {}
+        # wall time: attack.py sets wall_clock_start (time.time()) before the fit; a resumed fit restores the
+        # seconds spent before the interruption, so a user's reported time covers the whole attack
+        self.wall_clock_start: Optional[float] = None
+        self.seconds_before_resume = 0.0
         self.strict_loading = False  # checkpoints hold the attack's own state only (see on_save_checkpoint)
 
     #: label strategies of this attack beyond label inference's (DLG: 'optimize', its own soft labels)
@@ -160,14 +165,19 @@ class GradientInversionAttack(LightningModule):
         return [self.result()]
 
     def on_save_checkpoint(self, checkpoint) -> None:
-        """Keep the attack's state (images, labels, optimiser) and its history; drop the frozen victim and prior."""
+        """Keep the attack's state (images, labels, optimiser), its history and its wall time in seconds so far
+        (``attack_seconds``: the time before a resume plus the time since :attr:`wall_clock_start`); drop the
+        frozen victim and prior."""
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(self.frozen_prefixes)
         }
         checkpoint["attack_history"] = self.history
+        since = time.time() - self.wall_clock_start if self.wall_clock_start is not None else 0.0
+        checkpoint["attack_seconds"] = self.seconds_before_resume + since
 
     def on_load_checkpoint(self, checkpoint) -> None:
         self.history = checkpoint.get("attack_history", {})
+        self.seconds_before_resume = float(checkpoint.get("attack_seconds", 0.0))
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(_Steps(self.steps), batch_size=None, shuffle=False)

@@ -168,6 +168,10 @@ def test_resume_skips_finished_users_and_continues_the_interrupted_one(tmp_path,
     first = list(csv.DictReader((run_dir / "results.csv").open()))
     assert [r["user"] for r in first] == ["0"]
     assert (run_dir / "checkpoints" / "user_0001" / "last.ckpt").is_file()
+    import torch
+
+    before = torch.load(run_dir / "checkpoints" / "user_0001" / "last.ckpt", weights_only=False)["attack_seconds"]
+    assert before > 0  # the interrupted user's time so far travels with its checkpoint
 
     calls.clear()
     monkeypatch.setattr(UserLevelInversion, "training_step", lambda self, b, i: (calls.append((self.log_prefix, self.global_step)), original(self, b, i))[1])
@@ -175,6 +179,7 @@ def test_resume_skips_finished_users_and_continues_the_interrupted_one(tmp_path,
     assert calls == [("user_0001/", 2), ("user_0001/", 3)]  # user 0 skipped, user 1 resumed at step 2
     rows = list(csv.DictReader((run_dir / "results.csv").open()))
     assert [r["user"] for r in rows] == ["0", "1"] and rows[0] == first[0] and rows[1]["steps"] == "4"
+    assert float(rows[1]["seconds"]) > before  # the whole attack's time, not only the part after the resume
     assert not (run_dir / "checkpoints" / "user_0001").exists()
     other = tiny_config(tmp_path / "other", **{"attack.init_args.steps": 5})
     with pytest.raises(attack.ConfigError, match="another config"):
