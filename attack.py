@@ -595,6 +595,9 @@ def chunk_name(uids: list[str]) -> str:
     return uids[0] if len(uids) == 1 else f"{uids[0]}_to_{uids[-1]}"
 
 
+PARTIAL_DIR = "partial"  # rows of ranks > 0, written as each user finishes (merged into results.csv by rank 0)
+
+
 def comparable_config(parser: ArgumentParser, cfg: Namespace) -> dict:
     """The config as a dict without the keys that may differ between a run and its resume."""
     d = json.loads(dump_config(parser, cfg, "json"))
@@ -619,6 +622,12 @@ def open_resume_dir(parser: ArgumentParser, cfg: Namespace) -> tuple[Path, list[
         raise ConfigError(f"--resume {run_dir}: resume directory from another config (differs in {diff}); "
                           "run without --resume for a new run directory")
     rows = list(csv.DictReader((run_dir / "results.csv").open())) if (run_dir / "results.csv").is_file() else []
+    seen = {str(r["user"]) for r in rows}
+    for part in sorted((run_dir / PARTIAL_DIR).glob("rank*.csv")):  # users of ranks > 0 not merged (a hard stop)
+        for r in csv.DictReader(part.open()):
+            if str(r["user"]) not in seen:
+                rows.append(r)
+                seen.add(str(r["user"]))
     return run_dir, rows
 
 
@@ -792,7 +801,7 @@ def run(cfg: Namespace) -> Path:
     done = {str(r["user"]) for r in resume_rows}
     rows: list[dict] = list(resume_rows)
     grids: list[torch.Tensor] = []
-    local: list[tuple[int, dict, dict]] = []  # (user index, row, images) of this rank
+    local: list[tuple[int, dict, torch.Tensor]] = []  # (user index, row, grid) of this rank's users (ranks > 0)
     status = "running"
     shard = [(i, u) for i, u in enumerate(users) if i % world == rank]
     chunks = user_chunks(shard, per_step, done)
@@ -844,13 +853,15 @@ def run(cfg: Namespace) -> Path:
                 if per_step > 1:
                     row["users_per_step"] = len(chunk)
                 images = user_images(user, result)
+                write_user(run_dir, uid, images)  # every rank writes its own users (one shared run directory)
                 if rank == 0:
-                    write_user(run_dir, uid, images)
                     rows.append(row)
                     grids.append(images["grid"])
                     write_results(run_dir, sort_rows(rows, users))
-                else:
-                    local.append((i, row, images))
+                else:  # kept on disk too: a rank stopped hard (SIGKILL, a scheduler's time limit) loses no user
+                    local.append((i, row, images["grid"]))
+                    (run_dir / PARTIAL_DIR).mkdir(exist_ok=True)
+                    write_results(run_dir, [r for _, r, _ in local], name=f"{PARTIAL_DIR}/rank{rank}-{os.getpid()}.csv")
                 print(
                     f"[attack] {uid}: dominant {user.dominant_class}, inferred {inferred.dominant}, evaluator "
                     f"{row.get('evaluator_class')} (p={row.get('evaluator_prob')}), PSNR nearest {row.get('psnr_nearest')} dB, "
@@ -860,23 +871,6 @@ def run(cfg: Namespace) -> Path:
             if ckpt_dir.exists():
                 shutil.rmtree(ckpt_dir, ignore_errors=True)
         status = "finished"
-        if fabric and world > 1:  # gather the other ranks' users into rank 0's run directory
-            import torch.distributed as dist
-
-            gathered: list = [None] * world
-            dist.all_gather_object(gathered, local)
-            if rank == 0:
-                for part in gathered[1:]:
-                    for i, row, images in part:
-                        write_user(run_dir, user_uid(users[i]), images)
-                        rows.append(row)
-                        grids.append(images["grid"])
-                rows = sort_rows(rows, users)
-                write_results(run_dir, rows)
-        ckpt_root = run_dir / "checkpoints"
-        if rank == 0 and ckpt_root.is_dir():  # every user finished: leftovers (a chunk cut short while writing) go
-            for d in ckpt_root.iterdir():
-                shutil.rmtree(d, ignore_errors=True)
     except AttackDivergedError as exc:
         status = f"diverged: {exc}"
         print(f"[attack] stopped: {exc}. Results of the finished users are kept in {run_dir}", file=sys.stderr)
@@ -888,6 +882,12 @@ def run(cfg: Namespace) -> Path:
         status = f"failed: {type(exc).__name__}: {exc}"
         raise
     finally:
+        if fabric and world > 1:  # every rank gets here, whatever stopped it: no rank waits forever for another
+            status, rows = gather_ranks(status, rows, local, grids, rank, world, run_dir, users)
+        ckpt_root = run_dir / "checkpoints"
+        if status == "finished" and rank == 0 and ckpt_root.is_dir():  # leftovers (a chunk cut short while writing)
+            for d in ckpt_root.iterdir():
+                shutil.rmtree(d, ignore_errors=True)
         summary = {"status": status, "run_dir": str(run_dir), "processes": world, **summarize(rows)}
         if rank == 0:
             atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -898,10 +898,46 @@ def run(cfg: Namespace) -> Path:
 
                 wandb.finish()
     if status != "finished":
-        raise SystemExit(1 if status.startswith("diverged") else 130)
+        raise SystemExit(1 if "diverged" in status else 130)
     if rank == 0:
         print(json.dumps(summary, indent=2), flush=True)
     return run_dir
+
+
+def gather_ranks(status: str, rows: list[dict], local: list, grids: list, rank: int, world: int, run_dir: Path,
+                 users: list[User]) -> tuple[str, list[dict]]:
+    """Collect every rank's finished users on rank 0 (called by every rank in ``run``'s ``finally``, so a rank that
+    stopped early, diverged or was interrupted still meets the others). ``local``: this rank's (user index, row,
+    grid) of finished users (ranks > 0; their images are already in ``run_dir``). Rank 0 merges the rows into
+    ``results.csv`` (sorted by user), appends the grids to ``grids`` and removes the merged ``partial/`` files; the
+    run's status is rank 0's, or the first other rank's that did not finish ('rank r: ...').
+
+    Returns:
+        (status, rows): the run's status and, on rank 0, every rank's rows (other ranks: their own arguments).
+    """
+    import torch.distributed as dist
+
+    gathered: list = [None] * world
+    try:
+        dist.all_gather_object(gathered, (status, local))
+    except Exception as exc:  # noqa: BLE001  (a broken process group: the partial files keep the rows)
+        print(f"[attack] rank {rank}: could not gather the other processes' users ({exc}); rows of ranks > 0 stay in "
+              f"{run_dir / PARTIAL_DIR} and are read by --resume", file=sys.stderr)
+        return status, rows
+    if rank != 0:
+        return status, rows
+    for r, (st, part) in enumerate(gathered[1:], start=1):
+        if status == "finished" and st != "finished":
+            status = f"rank {r}: {st}"
+        done = {str(row["user"]) for row in rows}
+        for _, row, grid in part:
+            if str(row["user"]) not in done:
+                rows.append(row)
+                grids.append(grid)
+    rows = sort_rows(rows, users)
+    write_results(run_dir, rows)
+    shutil.rmtree(run_dir / PARTIAL_DIR, ignore_errors=True)
+    return status, rows
 
 
 def sort_rows(rows: list[dict], users: list[User]) -> list[dict]:

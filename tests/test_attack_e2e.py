@@ -286,3 +286,59 @@ def test_victim_with_more_outputs_than_the_users_classes(tmp_path):
     rows = list(csv.DictReader((run_dir / "results.csv").open()))
     assert len(rows) == 2 and all(0 <= int(r["inferred_dominant"]) < 12 for r in rows)
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+
+
+def _gather_worker(rank: int, world: int, init_file: str, run_dir: str, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from datamodules.users import User
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    users = [User(u, torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long), 2, 0) for u in range(3)]
+    run = Path(run_dir)
+    if rank == 0:  # rank 0 finished users 0 and 2; rank 1 diverged after user 1
+        status, rows, local = "finished", [{"user": 2, "psnr": 2.0}, {"user": 0, "psnr": 0.0}], []
+    else:
+        status, rows, local = "diverged: loss is NaN at step 7", [], [(1, {"user": 1, "psnr": 1.0}, torch.ones(1, 2, 2))]
+        (run / attack.PARTIAL_DIR).mkdir()
+        attack.write_results(run, [local[0][1]], name=f"{attack.PARTIAL_DIR}/rank1-1.csv")
+    grids: list = []
+    dist.barrier()
+    status, rows = attack.gather_ranks(status, rows, local, grids, rank, world, run, users)
+    if rank == 0:
+        Path(out).write_text(json.dumps({"status": status, "users": [r["user"] for r in rows], "grids": len(grids)}))
+    dist.destroy_process_group()
+
+
+def test_gather_ranks_merges_every_rank_and_reports_a_stopped_one(tmp_path):
+    """Every rank meets in run()'s finally: rank 0 gets the users of a rank that diverged, writes them into
+    results.csv in user order, and the run's status names that rank (a rank that stopped early used to leave the
+    others waiting forever in the gather, and its users were lost)."""
+    import torch.multiprocessing as mp
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    out = tmp_path / "out.json"
+    mp.spawn(_gather_worker, args=(2, str(tmp_path / "pg"), str(run_dir), str(out)), nprocs=2, join=True)
+    got = json.loads(out.read_text())
+    assert got == {"status": "rank 1: diverged: loss is NaN at step 7", "users": [0, 1, 2], "grids": 1}
+    assert [r["user"] for r in csv.DictReader((run_dir / "results.csv").open())] == ["0", "1", "2"]
+    assert not (run_dir / attack.PARTIAL_DIR).exists()
+
+
+def test_resume_reads_the_rows_other_ranks_left_in_partial(tmp_path):
+    """A run stopped hard before rank 0 merged: --resume counts rank 1's finished users (partial/rank1-*.csv) as
+    done, besides results.csv's."""
+    cfg = tiny_config(tmp_path, **{"logger.backend": "none"})
+    parser = attack.build_parser()
+    ns = parser.parse_args(["--config", str(cfg)])
+    run_dir = tmp_path / "runs" / "tiny-20260101-000000-abcdef"
+    (run_dir / attack.PARTIAL_DIR).mkdir(parents=True)
+    attack.atomic_write_text(run_dir / "config.yaml", attack.dump_config(parser, ns))
+    attack.write_results(run_dir, [{"user": 0, "psnr_nearest": 10.0}])
+    attack.write_results(run_dir, [{"user": 1, "psnr_nearest": 11.0}, {"user": 0, "psnr_nearest": 9.0}],
+                         name=f"{attack.PARTIAL_DIR}/rank1-42.csv")
+    ns = parser.parse_args(["--config", str(cfg), "--resume", str(run_dir)])
+    _, rows = attack.open_resume_dir(parser, ns)
+    assert [(r["user"], r["psnr_nearest"]) for r in rows] == [("0", "10.0"), ("1", "11.0")]
