@@ -31,10 +31,11 @@ ROWS = [  # (row, run names (output.name) pooled into it per B, optimisation ste
 
 
 def main(roots, bs=(10, 50, 100)):
-    """One table per B that has the paper's-stage run (users of a baseline's parts pooled)."""
+    """One table per B that has any of the rows' runs (users of a baseline's parts pooled); the paired column needs
+    the paper's-stage run of that B ('-' without it: the 2026-11-30 run directories were not kept)."""
     for b in bs:
         ref = pool_newest_runs(roots, ROWS[0][1][b])
-        if ref is None:
+        if all(pool_newest_runs(roots, names[b]) is None for _, names, _ in ROWS):
             continue
         print(f"| method (B = {b}, trained victim) | users | steps | label inference | evaluator accuracy (representative) "
               "| paired with the paper's stage: both / this only / paper only "
@@ -45,7 +46,7 @@ def main(roots, bs=(10, 50, 100)):
             d = pool_newest_runs(roots, names[b])
             if d is None:
                 continue
-            p = paired_counts(d, ref) if i else None
+            p = paired_counts(d, ref) if i and ref is not None else None
             paired = f"{p['both']} / {p['a_only']} / {p['b_only']}" if p else "-"
             share = most = "-"
             if "all_evaluator_dominant_share" in d:
