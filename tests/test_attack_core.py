@@ -378,3 +378,16 @@ def test_final_candidate_selection_keeps_the_candidate_the_servers_score_prefers
     torch.testing.assert_close(single.result().denoised, cands[:1])
     with pytest.raises(ValueError, match="final_candidates"):
         UserLevelInversion(final_candidates=0)
+
+
+def test_matching_runs_in_float32_under_bf16_autocast():
+    """Lightning's bf16-mixed wraps training_step in autocast: the matching loss at the true image (B = 1) stays at
+    float32's ~1e-6 (it was 0.018 with the double backward in bf16); the prior's UNet may stay in bf16."""
+    model, _ = tiny_victim(seed=1)
+    x = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    view = make_server_view(model, x, torch.tensor([5]), 10)
+    atk = UserLevelInversion(steps=1, use_prior=False, final_denoise=False, label_strategy="idlg").bind(view)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = atk.matching_loss(x, None)
+        assert loss.dtype == torch.float32 and float(loss) == pytest.approx(0.0, abs=1e-5)
+        assert float(atk.matching_loss(torch.rand_like(x), None)) > 1e-3
