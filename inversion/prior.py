@@ -64,6 +64,8 @@ def load_ddpm(path_or_id: str, device: str | torch.device = "cpu") -> tuple[UNet
             how to train one (train.py) or pre-download it.
         ValueError: the folder holds no epsilon-prediction UNet2DModel.
     """
+    if path_or_id.startswith("~"):
+        path_or_id = os.path.expanduser(path_or_id)
     local = Path(path_or_id)
     looks_local = local.exists() or path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1
     if looks_local and not local.is_dir():

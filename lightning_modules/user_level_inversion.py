@@ -362,6 +362,9 @@ class UserLevelInversion(GradientInversionAttack):
         # per-user streams, seeded as a one-user attack with seed s seeds its own
         self._noise_gens = [torch.Generator(device=self.device).manual_seed(s + 1) for s in self.seeds]
         self._t_gens = [torch.Generator().manual_seed(s + 2) for s in self.seeds]
+        if getattr(self, "_restored_finished", False):  # a checkpoint of the last step: Lightning skips the loop
+            self._restored_finished = False               # and on_train_end, so the final stage runs here
+            self._denoised = self.final_stage()
 
     def on_train_start(self) -> None:  # after a checkpoint restore: continue the same noise streams
         rng = getattr(self, "_resume_rng", None)
@@ -372,6 +375,11 @@ class UserLevelInversion(GradientInversionAttack):
             if len(noise) != self.num_users or len(ts) != self.num_users:
                 raise ValueError(f"the checkpoint holds {len(noise)} users' RNG states, the attack has {self.num_users} users")
             for g, state in zip(self._noise_gens, noise):
+                if state.numel() != g.get_state().numel():
+                    raise ValueError(
+                        f"the checkpoint's noise generator state ({state.numel()} bytes) is not one of a "
+                        f"{g.device.type} generator ({g.get_state().numel()} bytes): it was written on another kind "
+                        f"of device; resume on the device it ran on (or start this user afresh)")
                 g.set_state(state)
             for g, state in zip(self._t_gens, ts):
                 g.set_state(state)
@@ -668,6 +676,7 @@ class UserLevelInversion(GradientInversionAttack):
         self.histories = histories
         self.history = histories[0]
         self._resume_rng = checkpoint.get("attack_rng")
+        self._restored_finished = int(checkpoint.get("global_step", 0)) >= self.steps
 
     def results(self) -> list[AttackResult]:
         """One :class:`AttackResult` per bound user, in bind order: user u's image (1, C, H, W) in [0, 1] (row u of

@@ -140,6 +140,19 @@ def test_many_users_checkpoint_resume_is_exact(case, tmp_path):
     one = UserLevelInversion(**RANDOM_T).bind(views[0], prior)
     with pytest.raises(ValueError, match="2 users"):
         _trainer(STEPS).fit(one, ckpt_path=str(tmp_path / "step=5.ckpt"))
+    # a checkpoint of the last step: Lightning skips the loop and on_train_end; the final stage still runs, as in
+    # the uninterrupted run (it was skipped: the raw image was scored as if denoised)
+    at_end = UserLevelInversion(**RANDOM_T).bind(views, prior, seeds=[4, 6], log_prefixes=["a/", "b/"])
+    _trainer(STEPS).fit(at_end, ckpt_path=str(tmp_path / f"step={STEPS}.ckpt"))
+    for a, b in zip(full.results(), at_end.results()):
+        assert b.denoised is not None and torch.equal(a.denoised, b.denoised)
+        assert torch.equal(a.representative, b.representative) and b.steps == STEPS
+    # a CUDA generator's 16-byte state cannot continue a CPU generator: one clear error, not a bare size mismatch
+    saved["attack_rng"]["noise"] = [torch.zeros(16, dtype=torch.uint8)] * 2
+    torch.save(saved, tmp_path / "other_device.ckpt")
+    other = UserLevelInversion(**RANDOM_T).bind(views, prior, seeds=[4, 6], log_prefixes=["a/", "b/"])
+    with pytest.raises(ValueError, match="written on another kind of device"):
+        _trainer(STEPS).fit(other, ckpt_path=str(tmp_path / "other_device.ckpt"))
 
 
 def test_one_user_checkpoint_rng_of_the_old_format_still_loads(case):

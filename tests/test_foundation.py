@@ -143,6 +143,14 @@ def test_ddpm_training_step_and_export_roundtrip(tmp_path):
     m.export(tmp_path / "ddpm")
     assert (tmp_path / "ddpm" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     unet, sched = load_ddpm(str(tmp_path / "ddpm"))
+    import os
+
+    old_home = os.environ.get("HOME")
+    os.environ["HOME"] = str(tmp_path)  # a prior path under ~ (a YAML 'prior: {path: ~/...}') is expanded
+    try:
+        assert load_ddpm("~/ddpm")[0].config.sample_size == 8
+    finally:
+        os.environ["HOME"] = old_home if old_home is not None else ""
     xt, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 500])
     with torch.no_grad():
         torch.testing.assert_close(unet(xt, t).sample, m.unet.eval()(xt, t).sample)
