@@ -175,3 +175,22 @@ def test_exported_classifier_records_the_runs_seed(tmp_path):
         summary = json.loads((out / "training_summary.json").read_text())
         assert summary["seed_everything"] == 5
         assert "seed_everything 5" in (out / "MODEL_CARD.md").read_text()
+
+
+def test_ddpm_export_sample_grid_size_and_steps(tmp_path):
+    """The export's sample grid can be shrunk for quick trials: 4 samples of 2 DDIM steps give a 1-row grid of four
+    8x8 tiles (8 per row, 2-pixel padding), and the card says so; a grid of 0 samples is refused."""
+    import numpy as np
+    from PIL import Image
+
+    from callbacks.export import ExportModel
+
+    torch.manual_seed(0)
+    out = tmp_path / "ddpm"
+    cb = ExportModel(str(out), sample_grid_size=4, sample_steps=2)
+    _trainer(max_steps=1, callbacks=[cb]).fit(_tiny_ddpm(), _loader(labels=False))
+    grid = np.asarray(Image.open(out / "samples.png"))
+    assert grid.shape[:2] == (8 + 2 * 2, 4 * 8 + 5 * 2)
+    assert "4 seeded DDIM samples, 2 steps" in (out / "MODEL_CARD.md").read_text()
+    with pytest.raises(ValueError, match="sample_grid_size and sample_steps must be >= 1"):
+        ExportModel(str(out), sample_grid_size=0)
