@@ -57,3 +57,24 @@ def new_run_dir(root: str | os.PathLike, name: str = "") -> Path:
         except FileExistsError:
             continue
     raise RuntimeError(f"could not create a new run directory under {base}")
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def producing_train_config(folder: str | os.PathLike) -> "str | None":
+    """The ``configs/train/*.yaml`` whose ExportModel writes ``folder`` (a path relative to the repository root, or
+    absolute inside it), as a repo-relative path for an error message ('python train.py --config ...'); None when
+    no shipped training config exports there (e.g. a folder of the user's own)."""
+    import re
+
+    p = Path(os.path.expanduser(str(folder)))
+    try:
+        rel = p.resolve().relative_to(REPO_ROOT) if p.is_absolute() else p
+    except ValueError:
+        return None
+    pattern = re.compile(r"dirpath:\s*['\"]?" + re.escape(rel.as_posix().rstrip("/")) + r"/?['\"]?\s*(?:[,}#]|$)", re.M)
+    for cfg in sorted((REPO_ROOT / "configs" / "train").glob("*.yaml")):
+        if pattern.search(cfg.read_text()):
+            return cfg.relative_to(REPO_ROOT).as_posix()
+    return None

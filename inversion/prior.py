@@ -69,10 +69,15 @@ def load_ddpm(path_or_id: str, device: str | torch.device = "cpu") -> tuple[UNet
     local = Path(path_or_id)
     looks_local = local.exists() or path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1
     if looks_local and not local.is_dir():
+        from inversion.fsutils import producing_train_config
+
+        made_by = producing_train_config(local)
         raise FileNotFoundError(
-            f"prior {path_or_id!r} not found: give a diffusers DDPM folder (e.g. checkpoints/fashion_mnist/ddpm_32, "
-            "written by `python train.py --config configs/train/ddpm_fashion_mnist.yaml`) or a hub id such as "
-            "google/ddpm-cifar10-32"
+            f"prior {path_or_id!r} not found: "
+            + (f"train it with `python train.py --config {made_by}`, or give another diffusers DDPM folder or hub id"
+               if made_by else
+               "give a diffusers DDPM folder (e.g. checkpoints/fashion_mnist/ddpm_32, written by `python train.py "
+               "--config configs/train/ddpm_fashion_mnist.yaml`) or a hub id such as google/ddpm-cifar10-32")
         )
     if looks_local and not (local / "unet" / "config.json").is_file():
         raise ValueError(f"{local} is not a diffusers DDPM pipeline folder (no unet/config.json)")

@@ -240,6 +240,16 @@ def load_classifier(dirpath: str | Path, device: str | torch.device = "cpu") -> 
     """
     dirpath = Path(dirpath)
     cfg_path, w_path = dirpath / CONFIG_FILE, dirpath / WEIGHTS_FILE
+    if not dirpath.is_dir():
+        from inversion.fsutils import producing_train_config
+
+        made_by = producing_train_config(dirpath)
+        raise FileNotFoundError(
+            f"classifier checkpoint {dirpath} not found: "
+            + (f"train it with `python train.py --config {made_by}`" if made_by else
+               "give a folder written by train.py (model.safetensors + config.json), e.g. "
+               "checkpoints/fashion_mnist/victim_resnet18")
+        )
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise FileNotFoundError(

@@ -303,3 +303,21 @@ def test_attack_users_need_only_the_test_split(tmp_path, monkeypatch):
         FashionMNISTDataModule(root=str(only_test)).prepare_data()
     with pytest.raises(ValueError, match="splits must be"):
         find_fashion_mnist_root(str(full), download=False, splits=("val",))
+
+
+def test_missing_shipped_style_checkpoint_names_the_config_that_trains_it(tmp_path):
+    """The CelebA victim and prior are not shipped: the error says 'not found' and names the training config that
+    exports that folder (it said the folder 'lacks config.json' and pointed at a Fashion-MNIST model)."""
+    from lightning_modules.classifier import load_classifier
+
+    with pytest.raises(FileNotFoundError, match=r"not found: train it with `python train.py --config "
+                                                r"configs/train/victim_celeba.yaml`"):
+        load_classifier("checkpoints/celeba/victim_resnet18_male")
+    with pytest.raises(FileNotFoundError, match=r"not found: train it with `python train.py --config "
+                                                r"configs/train/ddpm_celeba.yaml`"):
+        load_ddpm("checkpoints/celeba/ddpm_64")
+    with pytest.raises(FileNotFoundError, match="not found: give a folder written by train.py"):
+        load_classifier(tmp_path / "mine")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="lacks config.json"):
+        load_classifier(tmp_path / "empty")
