@@ -73,17 +73,15 @@ def find_fashion_mnist_root(root: Optional[str] = None, download: bool = True,
     """Locate the Fashion-MNIST idx files (plain or ``.gz``) of ``splits`` ('train', 'test'; both by default: the
     attack's users need only 'test').
 
-    Search order: ``root`` (also ``root/FashionMNIST/raw``, torchvision's layout), then
-    ``/usr/share/datasets/fashion-mnist`` (Debian package), then torchvision's download into ``root`` (or
-    ``~/.cache/fashion-mnist``) when ``download`` is true and the network is reachable.
+    Search order: with ``root``, that folder (also ``root/FashionMNIST/raw``, torchvision's layout) and nothing
+    else; without, ``/usr/share/datasets/fashion-mnist`` (Debian package). Then torchvision's download into ``root``
+    (or ``~/.cache/fashion-mnist``) when ``download`` is true and the network is reachable.
 
     Raises:
         DataNotFoundError: none found; the message names the apt package and the config key to set.
     """
-    candidates = []
-    if root:
-        candidates += [Path(root), Path(root) / "FashionMNIST" / "raw"]
-    candidates.append(Path(DEBIAN_ROOT))
+    # an explicit root is the only place looked at (a mistyped one must not fall back to the system copy silently)
+    candidates = [Path(root), Path(root) / "FashionMNIST" / "raw"] if root else [Path(DEBIAN_ROOT)]
     bad = [x for x in splits if x not in _FILES]
     if bad or not splits:
         raise ValueError(f"splits must be a non-empty subset of {sorted(_FILES)}, got {list(splits)!r}")

@@ -321,3 +321,12 @@ def test_missing_shipped_style_checkpoint_names_the_config_that_trains_it(tmp_pa
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="lacks config.json"):
         load_classifier(tmp_path / "empty")
+
+
+def test_explicit_fashion_mnist_root_is_the_only_place_looked_at(tmp_path, monkeypatch):
+    """A mistyped root is an error naming it, not a silent fall-back to the Debian copy (which exists here)."""
+    (tmp_path / "debian").mkdir()
+    monkeypatch.setattr("datamodules.fashion_mnist.DEBIAN_ROOT", str(write_fake_fmnist(tmp_path / "debian")))
+    assert find_fashion_mnist_root(None, download=False) == tmp_path / "debian"
+    with pytest.raises(DataNotFoundError, match="typo"):
+        find_fashion_mnist_root(str(tmp_path / "typo"), download=False)
