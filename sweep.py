@@ -435,6 +435,27 @@ def open_sweep_dir(sweep: Sweep, new: bool, create: bool = True) -> Path:
     return root
 
 
+@contextlib.contextmanager
+def _logging_to(stream):
+    """Point every logging StreamHandler that writes to the terminal (Lightning's own handlers hold the stderr of
+    their import time, which ``redirect_stderr`` does not reach) at ``stream`` meanwhile; restored afterwards."""
+    import logging
+
+    terminal = {id(sys.__stderr__), id(sys.__stdout__)}
+    loggers = [logging.getLogger()] + [lg for lg in logging.root.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    swapped = []
+    for lg in loggers:
+        for h in lg.handlers:
+            if type(h) is logging.StreamHandler and id(h.stream) in terminal:
+                swapped.append((h, h.setStream(stream)))
+    try:
+        yield
+    finally:
+        for h, old in swapped:
+            h.setStream(old)
+
+
 def load_index(sweep_dir: Path) -> dict:
     p = sweep_dir / "index.json"
     if p.is_file():
@@ -528,7 +549,8 @@ def run_sweep(sweep: Sweep, *, new: bool = False, max_cells: Optional[int] = Non
             log = sweep_dir / "logs" / f"{cell.slug}.log"
             if quiet:
                 log.parent.mkdir(parents=True, exist_ok=True)
-                with log.open("a") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+                with log.open("a") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh), \
+                        _logging_to(fh):
                     run_dir = Path(runner(cell.argv(sweep, cells_root)))
             else:
                 run_dir = Path(runner(cell.argv(sweep, cells_root)))

@@ -320,3 +320,30 @@ def test_privacy_table_keeps_victims_apart(tmp_path):
     acc = {(r.victim_init, r.defense == "none"): r.evaluator_accuracy for r in p.itertuples()}
     assert acc == {("trained", True): 1.0, ("trained", False): 1.0, ("random", True): 0.0, ("random", False): 0.0}
     assert (out / "privacy_curve.png").stat().st_size > 5000
+
+
+def test_quiet_sends_lightning_logging_to_the_cell_log(tmp_path, tiny_base, capfd):
+    """--quiet: what a logger writes through a handler bound to the terminal's stderr (as Lightning's own handler
+    is, installed at import outside pytest) goes to <sweep>/logs/<slug>.log with the rest, not to the terminal; the
+    handler is restored afterwards."""
+    import logging
+    import sys
+
+    lg = logging.getLogger("lightning_like_for_test")
+    handler = logging.StreamHandler(sys.__stderr__)  # what Lightning does when the root logger has no handlers
+    lg.addHandler(handler)
+    lg.propagate = False
+    handlers, before = [handler], [sys.__stderr__]
+
+    def chatty(argv):
+        lg.warning("GPU available: False, used: False (from a cell)")
+        return _fake_runner(argv)
+
+    cfg = write_sweep(tmp_path / "s.yaml", tiny_base, {"seed": [0]})
+    capfd.readouterr()
+    sweep.run_sweep(sweep.load_sweep(cfg), runner=chatty, report=False, quiet=True)
+    out, err = capfd.readouterr()
+    assert "from a cell" not in err and "from a cell" not in out
+    assert "from a cell" in (tmp_path / "sweep_dir" / "logs" / "seed=0.log").read_text()
+    assert [h.stream for h in handlers] == before
+    lg.removeHandler(handler)
