@@ -5,7 +5,8 @@
     python train.py --config configs/train/ddpm_fashion_mnist.yaml --ckpt_path last     # resume the newest run
 
 A config pins one run: ``model`` (class_path/init_args), ``data``, ``trainer`` (with ``logger`` and
-``callbacks``). Group files under configs/{data,model,trainer,logger} can be layered with several ``--config``.
+``callbacks``). Group files under configs/data and configs/model can be layered with several ``--config`` (the
+configs/train files include configs/model ones by path).
 W&B runs offline unless ``WANDB_MODE`` says otherwise. After fit, classifiers are tested on the test split.
 
 Run directories. Every fresh run writes into a new directory ``<default_root_dir>/<YYYYmmdd-HHMMSS>-<6 hex>``
