@@ -353,6 +353,20 @@ def user_defenses(threat: ThreatSpec, user_index: int):
     return build_defenses(specs)
 
 
+def stable_user_index(user: User, position: int) -> int:
+    """The index that seeds a user's client-side randomness (defense noise, FedAvg shuffling): its integer user id
+    (Fashion-MNIST and CelebA users: the global user index), else ``meta['index']`` (folder users), else its
+    ``position`` in this run. A user gets the same noise whether it runs alone, in a half of the users
+    (``first_user``) or in one big run, and two users never share a draw."""
+    uid = user.user_id
+    if isinstance(uid, numbers.Integral) and not isinstance(uid, bool):
+        return int(uid)
+    index = user.meta.get("index") if isinstance(user.meta, dict) else None
+    if isinstance(index, numbers.Integral) and not isinstance(index, bool):
+        return int(index)
+    return int(position)
+
+
 def client_update(victim, user: User, threat: ThreatSpec, num_classes: int, user_index: int = 0):
     """The client's side and what the server receives; returns the ServerView. ``num_classes``: the victim's number
     of outputs (:func:`inversion.scenario.victim_num_outputs`; the server's label space, at least the users').
@@ -362,8 +376,10 @@ def client_update(victim, user: User, threat: ThreatSpec, num_classes: int, user
     noises the model delta, so a clip norm is a norm of the delta), then the server's pseudo-gradient
     delta / (lr * local steps) (:func:`inversion.fedavg.fedavg_pseudo_gradient`). With ``reveal_batch_size``
     false the FedAvg metadata gives the configured local batch size (None: full batch) and no local step count
-    (either would reveal B).
+    (either would reveal B). Seeded randomness is offset by :func:`stable_user_index` (``user_index``: the user's
+    position in the run, used only for users without an integer id or index).
     """
+    user_index = stable_user_index(user, user_index)
     from inversion.scenario import fedsgd_gradient, make_server_view
 
     meta: dict = {"protocol": threat.protocol}

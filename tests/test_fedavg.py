@@ -146,3 +146,25 @@ def test_fedavg_defenses_act_on_the_weight_difference_the_client_sends():
     assert plain.meta["local_batch_size"] == 4 and plain.meta["local_steps"] == 2
     hidden = attack.client_update(victim, user, attack.ThreatSpec(protocol="fedavg", reveal_batch_size=False), 4)
     assert hidden.batch_size is None and hidden.meta["local_batch_size"] is None and "local_steps" not in hidden.meta
+
+
+def test_defense_noise_follows_the_user_not_its_position_in_the_run():
+    """User 10's DP noise is the same when it is the first user of a half-run (first_user 10) as in one 20-user
+    run, and differs from user 0's (seeding by position gave users 0 and 10 of pooled halves the same draw)."""
+    import attack
+    from datamodules.users import User
+
+    x, y = batch(4)
+    victim = bn_convnet()
+    threat = attack.ThreatSpec(defenses=[{"name": "gaussian_dp", "clip_norm": 1.0, "sigma": 0.1, "seed": 5}])
+    u10 = User(user_id=10, images=x, labels=y, num_classes=4, dominant_class=0)
+    u0 = User(user_id=0, images=x, labels=y, num_classes=4, dominant_class=0)
+    in_half = attack.client_update(victim, u10, threat, 4, user_index=0).target_gradient
+    in_full = attack.client_update(victim, u10, threat, 4, user_index=10).target_gradient
+    first = attack.client_update(victim, u0, threat, 4, user_index=0).target_gradient
+    for n in in_full:
+        torch.testing.assert_close(in_half[n], in_full[n], rtol=0, atol=0)
+    assert any(not torch.equal(in_half[n], first[n]) for n in first)
+    named = User(user_id="alice", images=x, labels=y, num_classes=4, dominant_class=0, meta={"index": 10})
+    assert attack.stable_user_index(named, 3) == 10
+    assert attack.stable_user_index(User("bob", x, y, 4, 0), 3) == 3
