@@ -6,6 +6,8 @@ histogram, dominant class, identity, attributes). Ground truth is for evaluation
 
 from __future__ import annotations
 
+import math
+
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -116,15 +118,10 @@ def build_label_skewed_users(
         list of :class:`User`, labels int64, ``meta`` holding the image indices into the split.
 
     Raises:
-        ValueError: bad fraction/alpha/batch size, B larger than a class pool can ever provide, or a fraction below 1
-            on a split with a single class.
+        ValueError: bad fraction/alpha/batch size/first user (:func:`check_user_settings`), B larger than a class
+            pool can ever provide, or a fraction below 1 on a split with a single class.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if not 0.0 < dominant_fraction <= 1.0:
-        raise ValueError(f"dominant_fraction must be in (0, 1], got {dominant_fraction}")
-    if dirichlet_alpha is not None and dirichlet_alpha <= 0:
-        raise ValueError(f"dirichlet_alpha must be > 0 (or null for a dominant class), got {dirichlet_alpha}")
+    check_user_settings(batch_size, dominant_fraction, dirichlet_alpha, first_user)
     labels = labels.long()
     rng = np.random.default_rng(seed)
     pools = {c: list(rng.permutation(np.flatnonzero(labels.numpy() == c))) for c in range(num_classes)}
@@ -134,7 +131,7 @@ def build_label_skewed_users(
     if not present:
         raise ValueError("the split holds no images")
     dominant_order = [c for c in class_order if sizes[c] > 0]  # every class when the split holds them all
-    n_dom = max(1, int(round(dominant_fraction * batch_size)))  # images of the dominant class (no Dirichlet)
+    n_dom = dominant_count(dominant_fraction, batch_size)  # images of the dominant class (no Dirichlet)
     if dirichlet_alpha is None and n_dom < batch_size and len(present) < 2:
         raise ValueError(f"dominant_fraction {dominant_fraction} leaves images to draw from other classes, but the split "
                          f"holds only class {present}: use dominant_fraction 1.0 or a split with more classes")
@@ -171,17 +168,46 @@ def build_label_skewed_users(
             continue
         y = labels[idx]
         hist = torch.bincount(y, minlength=num_classes)
+        dominant = int(hist.argmax())  # ties (p <= 0.5) go to the designed dominant class, not the lowest id
+        meta = {"indices": [int(j) for j in idx]}
+        if dirichlet_alpha is None:
+            meta["designed_dominant"] = dom
+            if hist[dom] == hist.max():
+                dominant = dom
         users.append(
             User(
                 user_id=i,
                 images=images[idx].float(),
                 labels=y,
                 num_classes=num_classes,
-                dominant_class=int(hist.argmax()),
-                meta={"indices": [int(j) for j in idx]},
+                dominant_class=dominant,
+                meta=meta,
             )
         )
     return users
+
+
+def dominant_count(dominant_fraction: float, batch_size: int) -> int:
+    """Images of the dominant class in a batch of B: round(p * B) with halves rounded up (Python's round() sends
+    2.5 to 2), at least 1."""
+    return max(1, math.floor(dominant_fraction * batch_size + 0.5))
+
+
+def check_user_settings(batch_size: int, dominant_fraction: float, dirichlet_alpha: Optional[float],
+                        first_user: int) -> None:
+    """The label-skew settings' ranges (see :func:`build_label_skewed_users`), checked before any data is loaded.
+
+    Raises:
+        ValueError: batch_size < 1, dominant_fraction outside (0, 1], dirichlet_alpha <= 0, first_user < 0.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"users.batch_size must be an integer >= 1, got {batch_size!r}")
+    if not 0.0 < dominant_fraction <= 1.0:
+        raise ValueError(f"users.dominant_fraction must be in (0, 1], got {dominant_fraction}")
+    if dirichlet_alpha is not None and not dirichlet_alpha > 0:
+        raise ValueError(f"users.dirichlet_alpha must be > 0 (or null for a dominant class), got {dirichlet_alpha}")
+    if first_user < 0:
+        raise ValueError(f"users.first_user must be >= 0, got {first_user}")
 
 
 class FashionMNISTUsers(UserSource):
@@ -223,10 +249,9 @@ class FashionMNISTUsers(UserSource):
         """Fail early (before any long work) when the data is missing or the settings are impossible."""
         from datamodules.fashion_mnist import find_fashion_mnist_root
 
+        check_user_settings(self.batch_size, self.dominant_fraction, self.dirichlet_alpha, self.first_user)
         find_fashion_mnist_root(self.root, splits=("test",))  # users come from the test split alone
-        if self.batch_size < 1:
-            raise ValueError(f"users.batch_size must be >= 1, got {self.batch_size}")
-        if self.dirichlet_alpha is None and round(self.dominant_fraction * self.batch_size) > 1000:
+        if self.dirichlet_alpha is None and dominant_count(self.dominant_fraction, self.batch_size) > 1000:
             raise ValueError(
                 f"users.batch_size={self.batch_size} with dominant_fraction={self.dominant_fraction} needs more than "
                 "the 1000 test images per class of Fashion-MNIST"

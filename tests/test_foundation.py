@@ -330,3 +330,31 @@ def test_explicit_fashion_mnist_root_is_the_only_place_looked_at(tmp_path, monke
     assert find_fashion_mnist_root(None, download=False) == tmp_path / "debian"
     with pytest.raises(DataNotFoundError, match="typo"):
         find_fashion_mnist_root(str(tmp_path / "typo"), download=False)
+
+
+def test_label_skew_ties_go_to_the_designed_dominant_class_and_bad_settings_fail_early(tmp_path):
+    """p = 0.3 at B = 10: 3 images of the designed class; when another class also gets 3, the designed class is
+    the user's dominant class (argmax sent ties to the lowest class id). p = 0.5 at B = 5 gives 3 images (round()
+    gave 2). Out-of-range settings fail in check(), before any data or model is loaded."""
+    from datamodules.users import FashionMNISTUsers, dominant_count
+
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.rand(2000, 1, 4, 4, generator=g), torch.arange(2000) % 10
+    users = build_label_skewed_users(images, labels, num_users=200, batch_size=10, num_classes=10,
+                                     dominant_fraction=0.3, seed=1)
+    ties = 0
+    for u in users:
+        hist = torch.bincount(u.labels, minlength=10)
+        designed = u.meta["designed_dominant"]
+        assert int(hist[designed]) >= 3
+        if int(hist.max()) == int(hist[designed]):
+            assert u.dominant_class == designed
+            ties += int((hist == hist.max()).sum()) > 1
+        else:
+            assert u.dominant_class == int(hist.argmax())
+    assert ties > 10  # the case this test is about occurs
+    assert dominant_count(0.5, 5) == 3 and dominant_count(0.25, 10) == 3 and dominant_count(1.0, 7) == 7
+    for kw, match in (({"first_user": -5}, "first_user must be >= 0"), ({"dominant_fraction": 1.5}, r"\(0, 1\]"),
+                      ({"dirichlet_alpha": 0.0}, "dirichlet_alpha must be > 0"), ({"batch_size": 0}, ">= 1")):
+        with pytest.raises(ValueError, match=match):
+            FashionMNISTUsers(root=str(tmp_path / "not_read"), **kw).check()
