@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from datamodules.base import ImageDataModule
@@ -72,7 +72,8 @@ def load_image(
 ) -> torch.Tensor:
     """Read one image file into float32 (channels, image_size, image_size) pixels in [0, 1].
 
-    The image is converted to RGB (``channels=3``) or grey (``channels=1``), centre-cropped to a square of side
+    The EXIF orientation is applied (camera photos); 16-bit grey images are scaled from 0..65535 (Pillow's convert
+    would clip them at 255). The image is converted to RGB (``channels=3``) or grey (``channels=1``), centre-cropped to a square of side
     ``crop`` (None: the shorter side; a crop larger than the image is clipped to the shorter side), then resized to
     ``image_size`` with PIL bilinear (anti-aliased when shrinking). With ``crop=178`` this is exactly torchvision's
     ``Compose([CenterCrop(178), Resize(image_size), ToTensor()])``, the usual CelebA preprocessing.
@@ -87,6 +88,15 @@ def load_image(
         raise ValueError(f"image_size must be >= 1, got {image_size}")
     try:
         with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)  # camera photos: apply the EXIF orientation (sideways otherwise)
+            if img.mode.startswith("I;16") or img.mode in ("I", "F"):  # 16-bit / 32-bit grey: convert() clips at 255
+                arr = np.asarray(img, dtype=np.float32)
+                peak = float(arr.max()) if arr.size else 0.0
+                if img.mode == "F":  # float images: [0, 1] as they come, else scaled by their maximum
+                    top = 1.0 if peak <= 1.0 else peak
+                else:  # 16-bit grey ('I;16*', or 'I' from older Pillow): full scale 65535 (8-bit data in 'I': 255)
+                    top = 65535.0 if img.mode.startswith("I;16") or peak > 255 else 255.0
+                img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
             img = img.convert("RGB" if channels == 3 else "L")
     except FileNotFoundError:
         raise

@@ -427,11 +427,12 @@ def _majority_gender(user_images: Any, male_attr: Any) -> tuple[Optional[str], s
         if vals.size == 0:
             return None, "attribute", 0
         vals = (vals > 0).astype(float)  # CelebA-style +1/-1 or 1/0
-        return ("male" if vals.mean() >= 0.5 else "female"), "attribute", int(vals.size)
+        # a tie is 'female', as CelebAUsers' dominant class (bincount argmax) and its Male attribute (2 * sum > B)
+        return ("male" if vals.mean() > 0.5 else "female"), "attribute", int(vals.size)
     labels = [m.value["label"] for m in map(predict_gender, _iter_images(user_images)) if m.ok]
     if not labels:
         return None, "predicted", 0
-    return ("male" if labels.count("male") >= len(labels) / 2 else "female"), "predicted", len(labels)
+    return ("male" if labels.count("male") > len(labels) / 2 else "female"), "predicted", len(labels)
 
 
 def face_report(x_hat: Any, user_images: Any, other_users_images: Any = None, male_attr: Any = None,

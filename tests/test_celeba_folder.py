@@ -408,3 +408,23 @@ def test_image_folder_skips_hidden_files_and_rejects_corrupt_images_at_setup(tmp
     _noise(20, 20, seed=1).save(users / "amy" / "a.jpg")
     (users / "amy" / "._a.jpg").write_bytes(b"\x00\x05\x16\x07")
     assert [[p.name for p in f] for _, f in FolderUsers(str(users), batch_size=1).user_folders()] == [["a.jpg"]]
+
+
+def test_load_image_scales_16_bit_grey_and_applies_exif_orientation(tmp_path):
+    """A 16-bit grey ramp 0..65535 loads as a 0..1 ramp (Pillow's convert clipped it at 255: almost white), and a
+    JPEG whose EXIF says 'rotate 90' (orientation 6) loads upright, as a viewer shows it."""
+    ramp = np.tile(np.linspace(0, 65535, 16).astype(np.uint16), (16, 1))
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    assert Image.open(tmp_path / "ramp16.png").mode.startswith("I")
+    x = load_image(tmp_path / "ramp16.png", 16, channels=1)
+    assert float(x.mean()) == pytest.approx(0.5, abs=0.02)
+    assert float(x[0, :, 0].mean()) < 0.02 and float(x[0, :, -1].mean()) > 0.98
+    wide = np.zeros((40, 80, 3), dtype=np.uint8)
+    wide[:, :40] = 255  # left half white as stored; orientation 6 turns it into the top half
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(wide).save(tmp_path / "phone.jpg", exif=exif.tobytes(), quality=95)
+    y = load_image(tmp_path / "phone.jpg", 40, channels=1, crop=None)  # square centre crop of the upright 40x80
+    assert y.shape == (1, 40, 40)
+    # upright image is 40 wide x 80 tall with the white half on top; its centre crop has white top rows
+    assert float(y[0, :5].mean()) > 0.9 and float(y[0, -5:].mean()) < 0.1

@@ -129,3 +129,13 @@ def test_gender(photos):
 def test_race_is_explicitly_unavailable():
     r = faces.predict_race(torch.rand(3, 64, 64))
     assert r.value is None and r.reason.startswith("unavailable")
+
+
+def test_gender_tie_agrees_with_celeba_users():
+    """A 50/50 user is 'female' in face_report's ground truth, as CelebAUsers' dominant class (bincount argmax) and
+    Male attribute (2 * sum > B) read it (face_report said 'male': one row, two genders)."""
+    from inversion.faces import _majority_gender
+
+    assert _majority_gender(None, [1, -1])[0] == "female"
+    assert _majority_gender(None, [1, 1, -1])[0] == "male"
+    assert _majority_gender(None, torch.tensor([0, 0, 1]))[0] == "female"
