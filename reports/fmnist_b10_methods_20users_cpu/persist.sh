@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Keep the methods cells' run directories (finished or partial) in git, so that the next session's machine can
-# continue them: copies runs/methods20/<name>-*/ to reports/fmnist_b10_methods_20users_cpu/runs/, keeping only
+# continue them: copies runs/methods20/<name>-*/ to reports/fmnist_b10_methods_20users_cpu/kept_runs/, keeping only
 # config.yaml, results.csv and summary.json (a resumed run needs config.yaml and results.csv; the report tables read
 # results.csv) and each user's raw.png (the representative image, ~3 KB): about 10 KB per user, so that the repo
 # stays small (the device tool sends the whole working tree, 64 MiB at most). queue_half.sh copies them back.
@@ -9,7 +9,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
-KEPT=reports/fmnist_b10_methods_20users_cpu/runs
+KEPT=reports/fmnist_b10_methods_20users_cpu/kept_runs
 mkdir -p "$KEPT"
 for d in runs/methods20/*-2*/; do
   [[ -f "$d/config.yaml" ]] || continue

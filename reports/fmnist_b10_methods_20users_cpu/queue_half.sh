@@ -5,7 +5,7 @@
 # Cells in order: DLG B = 50, IG B = 100, DLG B = 100 (10 users each, first_user 0 or 10). A cell whose
 # newest run directory (runs/methods20/<name>-*) says "finished" is skipped; an unfinished one is continued with
 # attack.py --resume (its finished users are skipped); otherwise a new run starts. Safe to kill and restart.
-# Run directories also come back from reports/fmnist_b10_methods_20users_cpu/runs/ (the partial runs a session
+# Run directories also come back from reports/fmnist_b10_methods_20users_cpu/kept_runs/ (the partial runs a session
 # committed, without checkpoints) when runs/methods20 lacks them: see persist.sh there.
 set -uo pipefail
 FIRST="${1:?usage: queue_half.sh FIRST_USER (0 or 10)}"
@@ -14,7 +14,7 @@ cd "$ROOT"
 source .venv/bin/activate
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline
 OUT=runs/methods20
-KEPT=reports/fmnist_b10_methods_20users_cpu/runs
+KEPT=reports/fmnist_b10_methods_20users_cpu/kept_runs
 mkdir -p "$OUT"
 if [[ -d "$KEPT" ]]; then  # committed partial runs: copy back those this machine lacks
   for d in "$KEPT"/*/; do
