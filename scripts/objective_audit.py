@@ -169,10 +169,11 @@ def audit(cfg) -> Path:
     print(f"[audit] {run_dir}: {len(users)} users, B = {source.batch_size}, pool {len(pool_x)} images "
           f"({spec.per_class} per class, {spec.pool_split} split)", flush=True)
     K = source.num_classes
+    victim_classes = victim_num_outputs(victim, source.image_shape)  # the server's label space, once
     rows = []
     t0 = time.time()
     for i, user in enumerate(users):
-        view = client_update(victim, user, init.threat, victim_num_outputs(victim, source.image_shape), user_index=i)
+        view = client_update(victim, user, init.threat, victim_classes, user_index=i)
         att = attack_cls(**kwargs).bind(view, None)
         dominant = user.dominant_class
         with torch.no_grad():
