@@ -28,6 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -49,6 +50,7 @@ from datamodules.users import FashionMNISTUsers  # noqa: E402,F401
 from lightning_modules.base_attack import AttackDivergedError, AttackResult, GradientInversionAttack  # noqa: E402
 from lightning_modules.baselines import DLG, InvertingGradients, iDLG  # noqa: E402,F401
 from lightning_modules.user_level_inversion import UserLevelInversion  # noqa: E402,F401
+from inversion.defenses import STRENGTH_KEYS  # noqa: E402
 from inversion.fsutils import new_run_dir, publish_file  # noqa: E402,F401  (new_run_dir: scripts use attack.new_run_dir)
 
 
@@ -95,11 +97,15 @@ class EvaluationSpec:
     """Evaluation (ground truth reaches only this stage). evaluator: an independent classifier folder (or null).
     lpips: compute LPIPS (needs the offline AlexNet weights: scripts/setup_offline_assets.sh).
     faces: face analysis for face users (detection, identity match against this user's vs other users' photos,
-    gender vs the CelebA ``Male`` attribute; inversion/faces.py); unmeasurable cases are reported, never zero."""
+    gender vs the CelebA ``Male`` attribute; inversion/faces.py); unmeasurable cases are reported, never zero.
+    face_gallery_users: whom the identity columns (``id_other_*``, ``id_nearest_is_own``) compare with: 0 (default)
+    the run's other users; K > 0 a fixed impostor gallery, users 0..K-1 of the same source (same seed and B), the
+    user itself left out, so runs split with ``first_user`` give the same columns as one run and can be pooled."""
 
     evaluator: Optional[str] = "checkpoints/fashion_mnist/evaluator_convnet"
     lpips: bool = False
     faces: bool = False
+    face_gallery_users: int = 0
 
 
 @dataclass
@@ -323,11 +329,20 @@ def validate(cfg: Namespace, source: UserSource, victim_cfg: dict) -> None:
         from inversion.defenses import build_defenses
 
         build_defenses([dict(d) for d in cfg.threat.defenses])  # raises on unknown names or out-of-range settings
+        a = dict(cfg.attack.init_args or {})
+        output_terms = [k for k, on in (
+            ("output_weight", float(a.get("output_weight") or 0) > 0),
+            ("selection_output_weight", int(a.get("final_candidates") or 1) > 1
+             and float(a.get("selection_output_weight", 1.0) or 0) > 0)) if on]
+        if output_terms:
+            warnings.warn(
+                f"attack.init_args.{' and '.join(output_terms)} > 0 under client defenses: the output-matching target "
+                "(the batch's mean softmax, recovered from the last layer's bias gradient) assumes an unscaled, "
+                "unmasked gradient; clipping, noise, pruning and compression bias it (toward the inferred label "
+                "proportions). The attack still runs; set them to 0 for the paper's method under defenses.",
+                stacklevel=2)
     if cfg.logger.backend not in ("wandb", "csv", "none"):
         raise ConfigError(f"logger.backend must be wandb, csv or none, got {cfg.logger.backend!r}")
-
-
-STRENGTH_KEYS = ("sigma", "noise_multiplier", "keep_fraction", "levels", "clip_norm")
 
 
 def defense_label(defenses: list[dict]) -> tuple[str, float]:
@@ -410,12 +425,27 @@ def client_update(victim, user: User, threat: ThreatSpec, num_classes: int, user
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
-def face_columns(final: torch.Tensor, user: User, others: list[torch.Tensor]) -> dict[str, Any]:
-    """Face analysis columns for one user (see inversion.faces.face_report); ``Male`` from the user's ground truth."""
+def face_gallery(init: Namespace, source: UserSource, users: list[User]) -> tuple[list[User], str]:
+    """The users whose photos the identity columns compare each user with, and its label for results.csv
+    (``id_gallery``): the run's users ('run') or, with ``evaluation.face_gallery_users`` K > 0, users 0..K-1 of
+    ``source`` ('users 0-<K-1>'; see :meth:`UserSource.gallery`). :func:`face_columns` leaves the user itself out."""
+    k = int(getattr(init.evaluation, "face_gallery_users", 0) or 0)
+    if not (init.evaluation.faces and k):
+        return users, "run"
+    return source.gallery(k).users(), f"users 0-{k - 1}"
+
+
+def face_columns(final: torch.Tensor, user: User, gallery: list[User], gallery_name: str = "run") -> dict[str, Any]:
+    """Face analysis columns for one user (see inversion.faces.face_report); ``Male`` from the user's ground truth.
+
+    ``gallery``: the users whose photos are the impostors (:func:`face_gallery`); the user itself (same
+    ``user_id``) is left out. ``gallery_name`` becomes the ``id_gallery`` column."""
     from inversion.faces import face_report
 
     male = user.meta.get("image_attributes", {}).get("Male") if isinstance(user.meta.get("image_attributes"), dict) else None
+    others = [u.images for u in gallery if str(u.user_id) != str(user.user_id)]
     rep = face_report(final[0], user.images, others, male_attr=male)
+    rep["id_gallery"] = gallery_name
     return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in rep.items()}
 
 
@@ -710,6 +740,15 @@ def prepare(parser: ArgumentParser, cfg: Namespace):
         evaluator, ev_cfg = load_classifier(ev_path if ev_path.exists() else ROOT / ev_path)
         if ev_cfg["in_channels"] != source.image_shape[0]:
             raise ConfigError(f"evaluator {ev_path} takes {ev_cfg['in_channels']} channels, the users have {source.image_shape[0]}")
+    gallery = int(init.evaluation.face_gallery_users or 0)
+    if gallery < 0 or (gallery and not init.evaluation.faces):
+        raise ConfigError(f"evaluation.face_gallery_users is {gallery}: set it to 0 (compare with the run's other "
+                          "users) or K > 0 together with evaluation.faces: true (users 0..K-1 as the impostor gallery)")
+    if gallery:
+        try:  # too few identities, missing photos: before any attack
+            source.gallery(gallery).check()
+        except (ValueError, NotImplementedError) as exc:
+            raise ConfigError(f"evaluation.face_gallery_users = {gallery}: {exc}") from None
     if init.evaluation.faces:
         from inversion.faces import _dlib_models, _gender_model
 
@@ -750,18 +789,18 @@ def scenario_columns(method: str, user: User, inferred, init: Namespace) -> dict
     }
 
 
-def user_row(attack, user: User, result: AttackResult, init: Namespace, evaluator, victim, users: list[User],
-             device: str) -> dict[str, Any]:
+def user_row(attack, user: User, result: AttackResult, init: Namespace, evaluator, victim,
+             gallery: tuple[list[User], str], device: str) -> dict[str, Any]:
     """One user's results.csv row before its timing columns: :func:`scenario_columns`, the attack's final stage, the
-    device it ran on, :func:`evaluate` and (when configured) :func:`face_columns`. Used by :func:`run` and
-    ``scripts/refinish.py``."""
+    device it ran on, :func:`evaluate` and (when configured) :func:`face_columns` against ``gallery`` (the pair
+    :func:`face_gallery` returns). Used by :func:`run` and ``scripts/refinish.py``."""
     row = scenario_columns(type(attack).__name__, user, result.labels, init)
     row["final_stage"] = getattr(attack, "final_stage_name", "none")
     row["device"] = device
     row.update(evaluate(result, user, evaluator, init.evaluation.lpips, victim))
     if init.evaluation.faces:
         final = result.denoised if result.denoised is not None else result.representative
-        row.update(face_columns(final, user, [u.images for u in users if u is not user]))
+        row.update(face_columns(final, user, *gallery))
     return row
 
 
@@ -801,6 +840,7 @@ def run(cfg: Namespace) -> Path:
     if per_step > len(users):
         raise ConfigError(f"attack.init_args.users_per_step ({per_step}) is larger than the number of users "
                           f"({len(users)}): set it to at most {len(users)}")
+    gallery = face_gallery(init, source, users)  # the identity columns' impostors (faces only)
     trainer_kwargs = {k: v for k, v in dict(cfg.trainer).items() if v is not None}
     trainer_kwargs.setdefault("enable_progress_bar", True)
     fabric = start_distributed(cfg, trainer_kwargs)
@@ -864,7 +904,7 @@ def run(cfg: Namespace) -> Path:
             for (i, user), uid, result in zip(chunk, uids, attack.results()):
                 inferred = result.labels
                 # device: where it ran (after the fit the module is back on the CPU)
-                row = user_row(attack, user, result, init, evaluator, victim, users, trainer.strategy.root_device.type)
+                row = user_row(attack, user, result, init, evaluator, victim, gallery, trainer.strategy.root_device.type)
                 row.update(steps=result.steps, seconds=round(seconds, 2), seconds_per_step=round(seconds / max(1, result.steps), 4))
                 if per_step > 1:
                     row["users_per_step"] = len(chunk)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
 import sys
@@ -122,8 +121,9 @@ class ExportModel(Callback):
     def on_fit_start(self, trainer, pl_module) -> None:  # after a checkpoint restore, before the first step
         self.check_target(resuming=bool(trainer.ckpt_path))
         self._t0 = time.time()
-        env = os.environ.get("PL_GLOBAL_SEED")  # set by seed_everything (train.py: the config's seed_everything)
-        self._seed_everything = int(env) if env is not None else None
+        from lightning_modules.classifier import run_seed
+
+        self._seed_everything = run_seed()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step

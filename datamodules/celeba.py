@@ -31,7 +31,7 @@ import torch
 
 from datamodules.base import ImageDataModule
 from datamodules.fashion_mnist import DataNotFoundError
-from datamodules.folder import ImageListDataset, _choose, load_image, load_images
+from datamodules.folder import ImageListDataset, _choose, _examples, load_image, load_images, unreadable_images
 from datamodules.users import User, UserSource
 
 CROP = 178
@@ -381,10 +381,17 @@ class CelebAUsers(UserSource):
         return plans
 
     def check(self) -> None:
-        """Fail early (before any long work): missing files, bad target/split, impossible B, missing images."""
+        """Fail early (before any long work): missing files, bad target/split, impossible B, missing images, images
+        whose header PIL cannot read (:func:`datamodules.folder.unreadable_images`; no pixel is decoded).
+
+        Raises:
+            DataNotFoundError: a listed image is missing. ValueError: see :meth:`plan`, or unreadable images (how
+                many, the first few, the fix).
+        """
         index = self.index()
         if self.image_size < 1:
             raise ValueError(f"users.init_args.image_size must be >= 1, got {self.image_size}")
+        paths = []
         for p in self.plan():
             for r in p["rows"]:
                 if not index.image_path(r).is_file():
@@ -392,6 +399,14 @@ class CelebAUsers(UserSource):
                         f"CelebA image {index.image_path(r)} (listed in {IDENTITY_FILE}) is missing; is "
                         f"{IMAGE_DIR}/ fully extracted? " + _LAYOUT
                     )
+                paths.append(index.image_path(r))
+        bad = unreadable_images(paths)
+        if bad:
+            raise ValueError(
+                f"{len(bad)} of the {len(paths)} CelebA images these users use cannot be read as images: "
+                + _examples([f"{p} ({why})" for p, why in bad], 3)
+                + f". Fix: extract {IMAGE_DIR}/ again from the original archive (a damaged or partial copy)."
+            )
 
     def users(self) -> list[User]:
         """Build the users: images float32 (B, 3, image_size, image_size) in [0, 1], labels int64 (B,)."""

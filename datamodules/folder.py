@@ -307,8 +307,21 @@ class FolderUsers(UserSource):
         return 1 if self.label_mode == "zeros" else len(self.user_folders())
 
     def check(self) -> None:
-        """Fail early (before any long work): missing root, too few users, or a user with fewer than B images."""
+        """Fail early (before any long work): missing root, too few users, a user with fewer than B images, or an
+        image of a selected folder whose header PIL cannot read (:func:`unreadable_images`; no pixel decoded).
+
+        Raises:
+            DataNotFoundError: see :meth:`user_folders`. ValueError: the cases above, with the fix.
+        """
         folders = self.user_folders()
+        paths = [f for _, files in folders for f in files]
+        bad = unreadable_images(paths)
+        if bad:
+            raise ValueError(
+                f"{len(bad)} of the {len(paths)} images of the selected user folders under {self.root} cannot be "
+                "read as images: " + _examples([f"{p} ({why})" for p, why in bad], 3)
+                + ". Fix: delete these files or re-encode them as JPEG/PNG."
+            )
         if self.label_mode == "index" and self._num_classes is not None and self._num_classes < len(folders):
             raise ValueError(
                 f"users.init_args.num_classes={self._num_classes} but label_mode='index' needs at least "

@@ -6,8 +6,8 @@ histogram, dominant class, identity, attributes). Ground truth is for evaluation
 
 from __future__ import annotations
 
+import copy
 import math
-
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -80,6 +80,26 @@ class UserSource:
             NotImplementedError: always, here; subclasses override it.
         """
         raise NotImplementedError
+
+    def gallery(self, num_users: int) -> "UserSource":
+        """The same source restricted to its users ``0 .. num_users - 1`` (same seed, data and batch size), e.g. a
+        fixed impostor gallery for identity metrics: a split run (``first_user`` 10) and a full run then compare each
+        user with the same photos. A shallow copy with ``num_users`` set and ``first_user`` 0 (when the source has
+        it); the source itself is unchanged.
+
+        Raises:
+            ValueError: ``num_users`` < 1.
+            NotImplementedError: a source without a ``num_users`` setting.
+        """
+        if num_users < 1:
+            raise ValueError(f"a gallery needs at least one user, got num_users={num_users}")
+        if not hasattr(self, "num_users"):
+            raise NotImplementedError(f"{type(self).__name__} has no num_users setting to restrict")
+        out = copy.copy(self)
+        out.num_users = num_users
+        if hasattr(out, "first_user"):
+            out.first_user = 0
+        return out
 
 
 def build_label_skewed_users(

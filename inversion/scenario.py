@@ -8,6 +8,8 @@ optionally, the batch size B or the labels when the threat model grants them. Gr
 
 from __future__ import annotations
 
+import contextlib
+
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional
@@ -110,15 +112,9 @@ def check_victim_parameters_used(victim: nn.Module, image_shape: tuple[int, int,
     params = victim_parameters(victim)
     if not params:
         return
-    device = next(iter(params.values())).device
-    was_training = victim.training
-    victim.eval()
-    try:
-        with torch.enable_grad():
-            out = victim(torch.full((2, *image_shape), 0.5, device=device))
-            grads = torch.autograd.grad(out.float().square().sum(), list(params.values()), allow_unused=True)
-    finally:
-        victim.train(was_training)
+    with _probe_mode(victim), torch.enable_grad():
+        out = victim(_probe_batch(victim, image_shape, 2))
+        grads = torch.autograd.grad(out.float().square().sum(), list(params.values()), allow_unused=True)
     raise_if_unused(list(params), grads)
 
 
@@ -129,16 +125,26 @@ def victim_num_outputs(victim: nn.Module, image_shape: tuple[int, int, int]) -> 
     The server's label space is the victim's output space (a :class:`ServerView`'s ``num_classes``), which may be
     larger than the classes the users' data uses (e.g. one-class face folders with a 2-class victim).
     """
-    params = list(victim.parameters())
-    device = params[0].device if params else torch.device("cpu")
+    with _probe_mode(victim), torch.no_grad():
+        out = victim(_probe_batch(victim, image_shape, 1))
+    return int(out.shape[-1])
+
+
+@contextlib.contextmanager
+def _probe_mode(victim: nn.Module):
+    """The victim in eval mode inside the block, its own mode restored after (the probes above)."""
     was_training = victim.training
     victim.eval()
     try:
-        with torch.no_grad():
-            out = victim(torch.full((1, *image_shape), 0.5, device=device))
+        yield victim
     finally:
         victim.train(was_training)
-    return int(out.shape[-1])
+
+
+def _probe_batch(victim: nn.Module, image_shape: tuple[int, int, int], n: int) -> torch.Tensor:
+    """``n`` all-0.5 images (pixels in [0, 1]) of ``image_shape`` on the victim's device (CPU without parameters)."""
+    param = next(iter(victim.parameters()), None)
+    return torch.full((n, *image_shape), 0.5, device=param.device if param is not None else torch.device("cpu"))
 
 
 def check_target_gradient(victim: nn.Module, target: "OrderedDict[str, torch.Tensor]") -> None:

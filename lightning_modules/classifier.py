@@ -25,6 +25,13 @@ from safetensors.torch import load_file, save_file
 
 from inversion.fsutils import publish_file
 
+
+def run_seed() -> Optional[int]:
+    """The run's seed as Lightning's ``seed_everything`` recorded it (the ``PL_GLOBAL_SEED`` environment variable;
+    train.py: the config's ``seed_everything``), or None when no seed was set. Exported configs record it."""
+    env = os.environ.get("PL_GLOBAL_SEED")
+    return int(env) if env is not None else None
+
 ARCHITECTURES = ("resnet18", "convnet")
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -175,8 +182,7 @@ class ImageClassifier(LightningModule):
 
     def on_fit_start(self) -> None:
         """Remember the run's seed (``seed_everything`` sets ``PL_GLOBAL_SEED``) for the exported config."""
-        env = os.environ.get("PL_GLOBAL_SEED")
-        self._run_seed = int(env) if env is not None else None
+        self._run_seed = run_seed()
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

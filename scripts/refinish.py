@@ -149,6 +149,7 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
                           "cannot be redrawn, so the server's view cannot be rebuilt; refinish works on runs whose "
                           "defenses have a seed")
     users = source.users()
+    gallery = attack_main.face_gallery(init, source, users)  # as attack.py's identity columns
     by_id = {str(u.user_id): (i, u) for i, u in enumerate(users)}
     plan = []
     for r in rows_in:
@@ -205,7 +206,7 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
             result = attack_main.AttackResult(representative=raw, reconstructions=raw, denoised=denoised,
                                               labels=attack.labels, steps=int(r["steps"]), history=attack.history,
                                               extras=attack.candidate_extras(0))
-            row = attack_main.user_row(attack, user, result, init, evaluator, victim, users, device.type)
+            row = attack_main.user_row(attack, user, result, init, evaluator, victim, gallery, device.type)
             row.update(steps=r["steps"], seconds=r["seconds"], seconds_per_step=r["seconds_per_step"])
             if r.get("users_per_step"):
                 row["users_per_step"] = r["users_per_step"]

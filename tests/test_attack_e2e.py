@@ -102,6 +102,7 @@ def test_attack_py_writes_every_output(tmp_path):
         ({"attack.init_args.t_min": 900}, ValueError, "t_min"),
         ({"trainer.precision": "16-mixed"}, attack.ConfigError, r"trainer.precision: UserLevelInversion .*'16-mixed'"),
         ({"trainer.precision": "bf16-true"}, attack.ConfigError, "bf16-mixed"),
+        ({"evaluation.face_gallery_users": 3}, attack.ConfigError, "face_gallery_users is 3.*evaluation.faces: true"),
     ],
 )
 def test_bad_input_fails_before_any_run_dir(tmp_path, overrides, error, match):
@@ -342,3 +343,26 @@ def test_resume_reads_the_rows_other_ranks_left_in_partial(tmp_path):
     ns = parser.parse_args(["--config", str(cfg), "--resume", str(run_dir)])
     _, rows = attack.open_resume_dir(parser, ns)
     assert [(r["user"], r["psnr_nearest"]) for r in rows] == [("0", "10.0"), ("1", "11.0")]
+
+
+@pytest.mark.parametrize("attack_args, warns", [
+    ({"output_weight": 0.5}, "output_weight > 0 under client defenses"),
+    ({"final_candidates": 4}, "selection_output_weight > 0 under client defenses"),
+    ({"final_candidates": 4, "selection_output_weight": 0.0}, None),
+    ({}, None),
+])
+def test_output_terms_under_defenses_warn_before_the_run(tmp_path, attack_args, warns):
+    """The output-matching target (mean softmax from the bias gradient) is biased by defenses that rescale or mask
+    the update: said once, at preparation, and only when an output term is on."""
+    import warnings as w
+
+    base = {"steps": 4, "t_max": 300, "t_min": 10, "t_final": 20, "denoise_steps": 2}
+    cfg_path = tiny_config(tmp_path, **{"attack.init_args": {**base, **attack_args},
+                                        "threat.defenses": [{"name": "clip", "clip_norm": 1.0}]})
+    parser = attack.build_parser()
+    cfg = parser.parse_args(["--config", str(cfg_path)])
+    with w.catch_warnings(record=True) as seen:
+        w.simplefilter("always")
+        attack.prepare(parser, cfg)
+    msgs = [str(x.message) for x in seen if "under client defenses" in str(x.message)]
+    assert (msgs and warns in msgs[0] and len(msgs) == 1) if warns else not msgs

@@ -108,6 +108,16 @@ def test_celeba_missing_image_error(tmp_path):
         CelebAUsers(tmp_path, num_users=1, batch_size=1).check()
 
 
+def test_celeba_unreadable_image_fails_the_check(tmp_path):
+    make_celeba(tmp_path)
+    spec = CelebAUsers(tmp_path, num_users=3, batch_size=2, seed=0)
+    spec.check()
+    victim_file = spec.index().image_path(spec.plan()[1]["rows"][0])
+    victim_file.write_bytes(b"not a jpeg")  # a damaged copy of one image a user takes
+    with pytest.raises(ValueError, match=rf"1 of the 6 CelebA images .*{victim_file.name} .*extract img_align_celeba"):
+        spec.check()
+
+
 def test_celeba_root_may_be_the_celeba_folder(celeba):
     root, _ = celeba
     assert find_celeba_root(root) == find_celeba_root(root / "celeba") == root / "celeba"
@@ -297,8 +307,8 @@ def test_folder_users_errors(tmp_path, user_folders):
     (user_folders / "alice" / "broken.jpg").write_bytes(b"this is not a jpeg")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(ValueError, match=r"broken\.jpg: cannot be decoded.*re-encode"):
-            FolderUsers(str(user_folders), batch_size=5, num_users=1).users()
+        with pytest.raises(ValueError, match=r"1 of the 5 images .* cannot be read as images: .*broken\.jpg .*re-encode"):
+            FolderUsers(str(user_folders), batch_size=5, num_users=1).check()  # before any image is loaded
 
 
 # ------------------------------------------------------------------------------------------------ image folder
@@ -428,3 +438,37 @@ def test_load_image_scales_16_bit_grey_and_applies_exif_orientation(tmp_path):
     assert y.shape == (1, 40, 40)
     # upright image is 40 wide x 80 tall with the white half on top; its centre crop has white top rows
     assert float(y[0, :5].mean()) > 0.9 and float(y[0, -5:].mean()) < 0.1
+
+
+def test_face_gallery_is_the_same_for_a_split_run_and_a_full_run(celeba, monkeypatch):
+    """The identity columns' impostors: with evaluation.face_gallery_users K the user of a split run (first_user 2)
+    is compared with the same photos as in one full run (the run's other users differ: none in the split run)."""
+    import attack
+    from inversion import faces
+
+    root, _ = celeba
+    full = CelebAUsers(root, num_users=3, batch_size=2, seed=0)
+    split = CelebAUsers(root, num_users=1, batch_size=2, seed=0, first_user=2)
+    gallery = split.gallery(3)
+    assert (split.first_user, split.num_users) == (2, 1)  # the source itself is unchanged
+    full_users, gallery_users, split_users = full.users(), gallery.users(), split.users()
+    assert [u.user_id for u in gallery_users] == [0, 1, 2]
+    assert all(torch.equal(a.images, b.images) for a, b in zip(full_users, gallery_users))
+    with pytest.raises(ValueError, match="at least one user"):
+        split.gallery(0)
+
+    seen = []
+    monkeypatch.setattr(faces, "face_report", lambda x_hat, user_images, others, male_attr=None: seen.append(others) or {})
+    final = torch.rand(1, 3, 64, 64)
+
+    def init(k):
+        return attack.Namespace(evaluation=attack.Namespace(faces=True, face_gallery_users=k))
+
+    row = attack.face_columns(final, split_users[0], *attack.face_gallery(init(3), split, split_users))
+    attack.face_columns(final, full_users[2], *attack.face_gallery(init(0), full, full_users))
+    attack.face_columns(final, split_users[0], *attack.face_gallery(init(0), split, split_users))
+    assert row["id_gallery"] == "users 0-2"
+    with_gallery, full_run, split_run = seen
+    assert len(with_gallery) == len(full_run) == 2 and len(split_run) == 0  # the user itself left out
+    assert all(torch.equal(a, b) for a, b in zip(with_gallery, full_run))
+    assert not any(torch.equal(o, split_users[0].images) for o in with_gallery)
