@@ -10,9 +10,11 @@ callable ``update -> new update`` (same names, shapes, dtypes and devices; the i
   update here is one client's, so one clip and one noise draw.)
 - :class:`TopKPruning`: gradient pruning (Zhu et al. 2019, sec. 5 "Gradient compression and sparsification"): per
   layer (per tensor), keep the ``k = max(1, round(keep_fraction * numel))`` entries of largest magnitude, zero the rest.
-- :class:`Quantize`: per tensor, QSGD quantisation (Alistarh et al. 2017): the sign and the magnitude rounded to
-  one of ``levels`` equally spaced values in [0, max |u|] (zero included, so zeros stay zero); deterministic rounding
-  to the nearest level, or stochastic (unbiased) rounding to one of the two neighbouring levels.
+- :class:`Quantize`: per tensor, uniform quantisation with max-norm scaling (QSGD-style levels, Alistarh et al. 2017;
+  QSGD itself scales by ||u||_2 and always rounds stochastically, TernGrad (Wen et al. 2017) is the max-norm,
+  ``levels`` = 2 case): the sign and the magnitude rounded to one of ``levels`` equally spaced values in
+  [0, max |u|] (zero included, so zeros stay zero); deterministic rounding to the nearest level, or stochastic
+  (unbiased) rounding to one of the two neighbouring levels.
 - :class:`SignCompression`: signSGD with scale (Bernstein et al. 2018): per tensor ``sign(u) * ||u||_1 / nnz(u)``
   (the mean magnitude of the non-zero entries), so each tensor keeps its L1 mass (after pruning too) and only the
   sign pattern is revealed.
@@ -37,6 +39,9 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import torch
 
 Update = "OrderedDict[str, torch.Tensor]"
+# The parameter that is a defense's strength on a privacy curve: the first of these a defense config holds
+# (attack.defense_label and inversion.report read it).
+STRENGTH_KEYS = ("sigma", "noise_multiplier", "keep_fraction", "levels", "clip_norm")
 
 
 def _number(owner: str, key: str, value: Any) -> float:
@@ -118,8 +123,16 @@ class Clip(Defense):
 
     def apply(self, update: Update) -> Update:
         """Scale every tensor by ``min(1, clip_norm / ||u||)`` (:func:`global_l2_norm`; an all-zero update is kept).
-        See :meth:`Defense.apply`."""
+        See :meth:`Defense.apply`.
+
+        Raises:
+            ValueError: the update holds NaN or inf (its norm is not finite: clipping cannot bound it).
+        """
         norm = float(global_l2_norm(update))
+        if not math.isfinite(norm):
+            bad = next((n for n, t in update.items() if not torch.isfinite(t).all()), "?")
+            raise ValueError(f"Clip: the update's L2 norm is {norm} ({bad!r} holds NaN or inf): the client's update "
+                             "diverged before the defense; check the victim and the client's data and learning rate")
         scale = min(1.0, self.clip_norm / norm) if norm > 0 else 1.0
         return OrderedDict((n, t * scale) for n, t in update.items())
 
@@ -233,7 +246,9 @@ class TopKPruning(Defense):
 
 
 class Quantize(Defense):
-    """QSGD quantisation per tensor (Alistarh et al. 2017): ``q(u) = sign(u) * s * k / (levels - 1)``, s = max |u|.
+    """Uniform quantisation per tensor with max-norm scaling: ``q(u) = sign(u) * s * k / (levels - 1)``, s = max |u|
+    (QSGD-style levels, Alistarh et al. 2017, which scales by ||u||_2 instead; TernGrad, Wen et al. 2017, at
+    ``levels`` = 2).
 
     Each magnitude |u| / s in [0, 1] is mapped to one of ``levels`` equally spaced values k / (levels - 1),
     k = 0..levels-1 (0 and s included), and the sign is kept: a tensor holds at most 2 levels - 1 distinct values
@@ -363,7 +378,8 @@ def build_defense(spec: Mapping[str, Any]) -> Defense:
     if name not in DEFENSES:
         raise ValueError(f"unknown defense name {name!r}; choose one of {sorted(DEFENSES)}")
     cls = DEFENSES[name]
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    accepted = ([] if cls.__init__ is object.__init__  # no settings (sign_compression)
+                else [p for p in inspect.signature(cls.__init__).parameters if p != "self"])
     unknown = [k for k in params if k not in accepted]
     if unknown:
         raise ValueError(f"defense {name!r}: unknown parameter(s) {unknown}; accepted: {accepted}")

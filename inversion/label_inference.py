@@ -95,8 +95,12 @@ def mean_softmax_from_gradient(
 
     From Eq. (1) of this module (softmax cross-entropy averaged over the batch): g_c = pbar_c - n_c / B, so with the
     inferred label distribution n / B the server recovers the victim's mean predicted distribution over the user's
-    batch (exact for FedSGD with the true label distribution; under FedAvg's pseudo-gradient or a noise defense an
-    estimate). Negative entries (from noise or wrong counts) are clamped to 0 and the result renormalised.
+    batch (exact for FedSGD with the true label distribution; under FedAvg's pseudo-gradient an estimate). Under a
+    defense that rescales or masks the update (clipping, DP noise, pruning, quantisation, sign compression) g_b is
+    no longer on the cross-entropy's scale and the estimate is pulled toward ``label_proportions`` (clipping to norm C
+    multiplies g_b by C / ||u||); the scale cannot be read back
+    from g_b (its entries sum to 0 at any scale), so attack.py warns when the output terms meet defenses. Negative
+    entries (from noise or wrong counts) are clamped to 0 and the result renormalised.
 
     Args:
         target_gradient: name -> gradient in the victim's parameter order; its last 1-D tensor named ``*bias`` with C

@@ -67,6 +67,7 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from inversion.defenses import STRENGTH_KEYS
 from inversion.fsutils import publish_dir
 
 __all__ = ["GROUP_KEYS", "DuplicateUserError", "aggregate", "aggregate_privacy", "build_report", "changed_count",
@@ -78,11 +79,12 @@ GROUP_KEYS = ["method", "B"]
 VARIANT_KEYS = ["protocol", "victim_init", "defense", "defense_strength", "final_stage", "run_name"]
 PRIVACY_KEYS = ["method", "B", "defense", "defense_strength"]
 TEXT_COLUMNS = ("method", "run", "run_dir", "user", "grid", "grid_path", "user_dir", "true_histogram",
-                "inferred_counts", "label_strategy", "defense", "protocol", "victim_init", "run_name", "final_stage")
+                "inferred_counts", "label_strategy", "defense", "protocol", "victim_init", "run_name", "final_stage",
+                "setting")
 NON_METRIC = {"user", "B", "method", "dominant_class", "inferred_dominant", "evaluator_class", "evaluator_correct", "victim_class",
               "evaluator_class_raw", "nearest_index", "true_histogram", "inferred_counts", "label_strategy",
               "run", "run_dir", "grid", "grid_path", "user_dir", "seed", "defense", "defense_strength", "protocol",
-              "victim_init", "run_name", "final_stage", "refinish_source", "refinished_from"}
+              "victim_init", "run_name", "final_stage", "refinish_source", "refinished_from", "setting"}
 RUN_DIR_SUFFIX = r"-\d{8}-\d{6}-[0-9a-f]{6}$"
 # Order of the main metrics in tables and figures; other numeric columns follow.
 MAIN_METRICS = ["mse_nearest", "mse_mean", "psnr_nearest", "psnr_mean", "ssim_nearest", "ssim_mean",
@@ -122,6 +124,39 @@ def run_name_of(run_dir: Path) -> Optional[str]:
     if re.search(RUN_DIR_SUFFIX, run_dir.name):
         return re.sub(RUN_DIR_SUFFIX, "", run_dir.name)
     return None
+
+
+# config.yaml entries that runs of one privacy-curve setting may differ in (dotted paths): where the results go, the
+# seeds, the user range (split runs pool), logging and the defenses themselves (the curve's x); see setting_of
+POOLED_CONFIG_KEYS = ("output", "seed", "resume", "checkpoint_every", "image_log_every", "logger", "threat.defenses",
+                      "users.init_args.first_user", "users.init_args.num_users", "users.init_args.seed",
+                      "trainer.enable_progress_bar", "trainer.devices", "trainer.num_nodes", "trainer.strategy")
+
+
+def setting_of(run_dir: Path) -> Optional[str]:
+    """The run's setting apart from its defenses: 'cfg-' and 6 hex digits of the SHA-256 of its config.yaml without
+    :data:`POOLED_CONFIG_KEYS` (keys sorted), so the runs of one defense sweep share it and an ablation run (e.g. the
+    prior off) does not. None when the config cannot be read (such runs form their own group)."""
+    import hashlib
+    import json
+
+    try:
+        import yaml
+
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except Exception:  # noqa: BLE001 - no readable config: no setting
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    for key in POOLED_CONFIG_KEYS:
+        *parents, last = key.split(".")
+        node = cfg
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    text = json.dumps(cfg, sort_keys=True, default=str)
+    return "cfg-" + hashlib.sha256(text.encode()).hexdigest()[:6]
 
 
 class UnknownVariantError(ValueError):
@@ -172,6 +207,7 @@ def load_runs(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
         df["run"] = d.name
         df["run_dir"] = str(d)
         df["run_name"] = run_name_of(d)
+        df["setting"] = setting_of(d)
         if "final_stage" not in df:
             df["final_stage"] = final_stage_of(d)
         frames.append(df)
@@ -272,18 +308,21 @@ def aggregate(df: pd.DataFrame, keys: Optional[Sequence[str]] = None, metrics: O
     out = pd.DataFrame(rows)
     if "defense_strength" in keys and len(out):  # no defense ('none', strength NaN) first, then by strength
         order = [k for k in keys if k != "defense"]
-        order.insert(order.index("defense_strength") + 1, "defense")
+        if "defense" in keys:
+            order.insert(order.index("defense_strength") + 1, "defense")
         out = out.sort_values(order, na_position="first", kind="stable", ignore_index=True)
     return out
 
 
-PRIVACY_SPLIT_KEYS = ["protocol", "victim_init", "final_stage"]
+PRIVACY_SPLIT_KEYS = ["protocol", "victim_init", "final_stage", "setting"]
 
 
 def aggregate_privacy(df: pd.DataFrame) -> pd.DataFrame:
     """Per (method, B, defense, defense_strength), pooled over runs (seeds, run names): accuracies and psnr/lpips
-    nearest; runs that differ in protocol, victim initialisation or final stage (:data:`PRIVACY_SPLIT_KEYS`, each
-    only when it varies) stay apart, as in the main table: a trained and a random victim are two curves."""
+    nearest; runs that differ in protocol, victim initialisation, final stage or any other setting than their
+    defenses, seeds and user range (:data:`PRIVACY_SPLIT_KEYS`, each only when it varies; ``setting`` is
+    :func:`setting_of`) stay apart: a trained and a random victim are two curves, and an ablation run without the
+    prior is not pooled into the undefended point of the full attack."""
     extra = [k for k in PRIVACY_SPLIT_KEYS if _varies(df, k)]
     return aggregate(df, PRIVACY_KEYS + extra, metrics=["psnr_nearest", "lpips_nearest"])
 
@@ -488,10 +527,24 @@ def plot_metrics_vs_b(df: pd.DataFrame, summary: pd.DataFrame, path: Path) -> Op
 
 
 def _defense_kind(label: str) -> str:
-    """'gaussian_dp(clip_norm=1.0,sigma=0.01)+topk_pruning(...)' -> 'gaussian_dp+topk_pruning'."""
+    """The line a defense label belongs to: the label without the parameter that is its strength (the curve's x:
+    the first defense holding one of :data:`inversion.defenses.STRENGTH_KEYS`, the first such key, as
+    ``attack.defense_label`` picks it), every other setting kept:
+    'gaussian_dp(clip_norm=1.0,sigma=0.01)+topk_pruning(keep_fraction=0.1)' ->
+    'gaussian_dp(clip_norm=1.0)+topk_pruning(keep_fraction=0.1)', so two clip norms are two lines."""
     import re
 
-    return re.sub(r"\([^)]*\)", "", str(label))
+    parts = re.findall(r"(\w+)\(([^)]*)\)", str(label))
+    if not parts:
+        return str(label)
+    out, dropped = [], False
+    for name, params in parts:
+        items = [kv for kv in params.split(",") if kv]
+        keys = [kv.split("=", 1)[0] for kv in items]
+        drop = None if dropped else next((k for k in STRENGTH_KEYS if k in keys), None)
+        dropped = dropped or drop is not None
+        out.append(f"{name}({','.join(kv for kv, k in zip(items, keys) if k != drop)})")
+    return "+".join(out)
 
 
 PRIVACY_METRICS = [("evaluator_accuracy", "evaluator accuracy (higher = attack succeeds)"),

@@ -168,6 +168,19 @@ def test_build_defenses_from_config():
         build_defenses([{"name": "clip", "norm": 1.0}])
     with pytest.raises(ValueError, match="name"):
         build_defenses([{"clip_norm": 1.0}])
+    # a defense without settings lists none (it listed object.__init__'s 'args'/'kwargs' and let them through)
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['args'\]; accepted: \[\]"):
+        build_defenses([{"name": "sign_compression", "args": 1}])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_clip_refuses_a_non_finite_update(bad):
+    """NaN passed clipping unscaled and inf zeroed every other tensor: one clear error instead."""
+    u = update()
+    u["conv.bias"][1] = bad
+    for defense in (Clip(1.0), GaussianDP(clip_norm=1.0, sigma=0.1, seed=0)):
+        with pytest.raises(ValueError, match=r"'conv.bias' holds NaN or inf"):
+            defense(u)
 
 
 @pytest.mark.parametrize(

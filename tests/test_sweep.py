@@ -347,3 +347,62 @@ def test_quiet_sends_lightning_logging_to_the_cell_log(tmp_path, tiny_base, capf
     assert "from a cell" in (tmp_path / "sweep_dir" / "logs" / "seed=0.log").read_text()
     assert [h.stream for h in handlers] == before
     lg.removeHandler(handler)
+
+
+def test_privacy_table_keeps_an_ablation_apart_from_the_sweeps_undefended_point(tmp_path):
+    """An ablation run (prior off, undefended) beside a DP sweep of the full attack: its users are not pooled into the
+    sweep's 'none' point (they were: method, B and defense agree), while the sweep's cells, whose configs differ only
+    in defenses, seeds, user range and output, share one setting."""
+    rng = np.random.default_rng(2)
+    base = {"attack": {"class_path": "UserLevelInversion", "init_args": {"use_prior": True, "steps": 300}},
+            "users": {"init_args": {"batch_size": 10, "first_user": 0, "num_users": 3}}}
+    dirs, ok = [], {}
+    cells = [("full_none", None, True, 0, 1), ("full_none_half2", None, True, 3, 1), ("full_dp", 0.01, True, 0, 0),
+             ("no_prior", None, False, 0, 0)]
+    for name, sigma, prior, first, correct in cells:
+        defense = "none" if sigma is None else f"gaussian_dp(clip_norm=1.0,sigma={sigma})"
+        df = _fake_run(tmp_path / "runs", name, "UserLevelInversion", defense, np.nan if sigma is None else sigma, rng,
+                       users=3)
+        df["evaluator_correct"] = correct
+        run = Path(df["run_dir"].iloc[0])
+        df.drop(columns=["run_dir"]).to_csv(run / "results.csv", index=False)
+        cfg = yaml.safe_load(yaml.safe_dump(base))
+        cfg["attack"]["init_args"]["use_prior"] = prior
+        cfg["users"]["init_args"]["first_user"] = first
+        cfg.update(output={"name": name, "root": "runs"}, seed=first,
+                   threat={"protocol": "fedsgd", "defenses": [] if sigma is None else
+                           [{"name": "gaussian_dp", "clip_norm": 1.0, "sigma": sigma, "seed": 0}]})
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+        dirs.append(run)
+    settings = {report.setting_of(d) for d in dirs}
+    assert len(settings) == 2 and report.setting_of(dirs[0]) == report.setting_of(dirs[2])
+    out = report.build_report(dirs, tmp_path / "rep")
+    p = pd.read_csv(out / "privacy.csv")
+    assert len(p) == 3 and "setting" in p.columns
+    none_full = p[(p["defense"] == "none") & (p["setting"] == report.setting_of(dirs[0]))].iloc[0]
+    assert none_full["n_users"] == 6 and none_full["evaluator_accuracy"] == 1.0  # both halves, no ablation users
+    ablation = p[p["setting"] == report.setting_of(dirs[3])].iloc[0]
+    assert ablation["n_users"] == 3 and ablation["evaluator_accuracy"] == 0.0
+    assert (out / "privacy_curve.png").stat().st_size > 5000
+
+
+def test_defense_kind_keeps_every_setting_but_the_strength():
+    kind = report._defense_kind
+    assert kind("gaussian_dp(clip_norm=1.0,sigma=0.01)") == "gaussian_dp(clip_norm=1.0)"
+    assert kind("gaussian_dp(clip_norm=0.1,sigma=0.01)") != kind("gaussian_dp(clip_norm=1.0,sigma=0.1)")
+    assert kind("sign_compression()+gaussian_dp(clip_norm=1.0,sigma=0.1)") == \
+        "sign_compression()+gaussian_dp(clip_norm=1.0)"  # the strength is the first defense that has one
+    assert kind("topk_pruning(keep_fraction=0.1)+quantize(levels=4)") == "topk_pruning()+quantize(levels=4)"
+    assert kind("none") == "none"
+    label, strength = attack.defense_label([{"name": "gaussian_dp", "clip_norm": 1.0, "sigma": 0.01, "seed": 0}])
+    assert (kind(label), strength) == ("gaussian_dp(clip_norm=1.0)", 0.01)
+
+
+def test_variants_defense_strength_alone(tmp_path):
+    """--variants defense_strength (without defense) sorted by a column the table lacks: KeyError 'defense'."""
+    rng = np.random.default_rng(3)
+    dirs = [_fake_run(tmp_path / "runs", f"dp_{s}", "UserLevelInversion", f"gaussian_dp(clip_norm=1.0,sigma={s})", s,
+                      rng)["run_dir"].iloc[0] for s in (0.1, 0.01)]
+    out = report.build_report(dirs, tmp_path / "rep", variants=["defense_strength"])
+    s = pd.read_csv(out / "summary.csv")
+    assert list(s["defense_strength"]) == [0.01, 0.1] and "defense" not in s.columns
