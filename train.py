@@ -372,6 +372,8 @@ class TrainCLI(LightningCLI):
                 run_dir = Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
         self.run_dir = run_dir
         reroot_trainer_config(trainer_cfg, root, run_dir)
+        if self.resolved_ckpt_path:
+            self.drop_warm_start()
         self.save_config_kwargs = {"run_dir": str(run_dir), "original": original, "resume": self.resuming}
         if _process_rank() == 0:
             os.environ[RUN_DIR_ENV] = str(run_dir)  # for the processes Lightning's launcher starts
@@ -379,6 +381,17 @@ class TrainCLI(LightningCLI):
             if self.resolved_ckpt_path and not self.resuming:
                 what += f", weights and state from {self.resolved_ckpt_path}"
             print(f"[train] run directory: {run_dir} ({what})", flush=True)
+
+    def drop_warm_start(self) -> None:
+        """With a checkpoint to restore, build the model without ``model.init_args.init_weights``: the checkpoint's
+        weights replace the warm start anyway, and its folder (a stage-1 export) may no longer exist. The saved
+        config keeps it, and the model reads it back from the checkpoint's hparams (for its model card)."""
+        init_args = self.config["model"].get("init_args") if hasattr(self.config["model"], "get") else None
+        if init_args is not None and init_args.get("init_weights"):
+            if _process_rank() == 0:
+                print(f"[train] model.init_args.init_weights ({init_args['init_weights']}) not loaded: the "
+                      "checkpoint's weights are restored instead", flush=True)
+            init_args["init_weights"] = None
 
     def instantiate_classes(self) -> None:
         """As LightningCLI's; a fresh run directory left empty by a failure here is removed."""

@@ -97,6 +97,7 @@ class ExportModel(Callback):
         self.wall_time_s = 0.0
         self._t0: Optional[float] = None
         self._pending_step: Optional[int] = None  # a periodic export waiting for its step's validation
+        self._exported_step: Optional[int] = None  # the step of the last periodic export
         self._validated_at_step: Optional[int] = None
         self.command = " ".join(shlex.quote(a) for a in ["python"] + sys.argv)
 
@@ -140,8 +141,11 @@ class ExportModel(Callback):
         self._flush(trainer, pl_module)  # no validation ran at the pending step: the weights are still step N's
 
     def _flush(self, trainer, pl_module) -> None:
-        if self._pending_step is not None and self._pending_step == trainer.global_step:
+        # once per step: with accumulate_grad_batches > 1 several batches end at one global step
+        if (self._pending_step is not None and self._pending_step == trainer.global_step
+                and self._pending_step != self._exported_step):
             self.export(trainer, pl_module)
+            self._exported_step = self._pending_step
         self._pending_step = None
 
     def on_fit_end(self, trainer, pl_module) -> None:

@@ -119,7 +119,14 @@ class DiffusionPrior(nn.Module):
         self.unet = unet.eval().requires_grad_(False)
         self.scheduler = scheduler
         self.image_shape = tuple(image_shape)
-        self.prior_size = int(unet.config.sample_size if isinstance(unet.config.sample_size, int) else unet.config.sample_size[0])
+        size = unet.config.sample_size
+        if not isinstance(size, int):
+            if len(size) != 2 or int(size[0]) != int(size[1]):
+                raise PriorMismatchError(
+                    f"the prior's UNet has a non-square sample_size {tuple(size)}: this wrapper resizes images to a "
+                    "square S x S prior resolution; use a square DDPM (train.py trains square ones)")
+            size = size[0]
+        self.prior_size = int(size)
         self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone().float(), persistent=False)
 
     @property

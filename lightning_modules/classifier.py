@@ -24,6 +24,7 @@ from lightning import LightningModule
 from safetensors.torch import load_file, save_file
 
 from inversion.fsutils import publish_file
+from lightning_modules.resumable import ResumableRNG, restore_init_weights
 
 
 def run_seed() -> Optional[int]:
@@ -110,7 +111,7 @@ def build_classifier(
     return nn.Sequential(Normalize(mean, std), net)
 
 
-class ImageClassifier(LightningModule):
+class ImageClassifier(ResumableRNG, LightningModule):
     """Train a victim or evaluator classifier with cross-entropy.
 
     Batches are ``(images, labels)`` with images float (B, C, H, W) in [0, 1] and labels int64 (B,).
@@ -179,6 +180,12 @@ class ImageClassifier(LightningModule):
 
     def test_step(self, batch, batch_idx):
         self._step(batch, "test")
+
+    def on_load_checkpoint(self, checkpoint) -> None:
+        """The RNG states (:class:`ResumableRNG`) and the warm start's provenance (``init_weights``, which train.py
+        drops when a checkpoint is restored) come back from the checkpoint."""
+        super().on_load_checkpoint(checkpoint)
+        restore_init_weights(self, checkpoint)
 
     def on_fit_start(self) -> None:
         """Remember the run's seed (``seed_everything`` sets ``PL_GLOBAL_SEED``) for the exported config."""

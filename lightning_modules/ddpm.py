@@ -17,9 +17,10 @@ from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 from lightning import LightningModule
 
 from inversion.logging_utils import log_image_grid
+from lightning_modules.resumable import ResumableRNG, restore_init_weights
 
 
-class DDPMPrior(LightningModule):
+class DDPMPrior(ResumableRNG, LightningModule):
     """Unconditional DDPM on images in [0, 1] (mapped to the prior's [-1, 1] inside).
 
     Args:
@@ -94,15 +95,18 @@ class DDPMPrior(LightningModule):
         self.ema_decay = ema_decay
 
     # ----------------------------------------------------------------------------------------------- training
-    def diffusion_loss(self, x01: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Epsilon-prediction MSE on a batch of images in [0, 1], shape (B, C, H, W); returns a scalar."""
+    def diffusion_loss(self, x01: torch.Tensor, generator: Optional[torch.Generator] = None,
+                       unet: Optional[UNet2DModel] = None) -> torch.Tensor:
+        """Epsilon-prediction MSE (Ho et al. 2020, Eq. 14) on a batch of images in [0, 1], shape (B, C, H, W), of
+        ``unet`` (default: the trained UNet); t uniform in 0..T-1; returns a float32 scalar."""
+        unet = self.unet if unet is None else unet
         x0 = x01 * 2.0 - 1.0
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         t = torch.randint(
             0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device, generator=generator
         )
         xt = self.scheduler.add_noise(x0, noise, t)
-        eps = self.unet(xt, t).sample
+        eps = unet(xt, t).sample
         return F.mse_loss(eps.float(), noise.float())
 
     def training_step(self, batch, batch_idx):
@@ -112,14 +116,20 @@ class DDPMPrior(LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
+        """``val/loss``: the trained UNet's epsilon MSE; ``val/loss_ema``: the EMA UNet's (the one exported and used
+        as the prior), on the same noise and timesteps (seeded per batch)."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         g = torch.Generator(device=x.device).manual_seed(1000 + batch_idx)
         loss = self.diffusion_loss(x, generator=g)
         self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True)
+        g = torch.Generator(device=x.device).manual_seed(1000 + batch_idx)
+        self.log("val/loss_ema", self.diffusion_loss(x, generator=g, unet=self.ema_unet), on_epoch=True,
+                 sync_dist=True)
 
     def _ema_step_decay(self, step: Optional[int] = None) -> float:
         """EMA decay after ``step`` optimiser steps (default: the global step): min(ema_decay, 1 - (1 + step)^-3/4),
-        diffusers' EMAModel warm-up; 0 at step 0."""
+        the form of diffusers' EMAModel warm-up (power 3/4, inv_gamma 1) one count ahead of it (diffusers' k-th update
+        uses 1 - k^-3/4, 0 at the first); 0 at step 0."""
         step = self.global_step if step is None else step
         return min(self.ema_decay, 1.0 - (1.0 + step / 1.0) ** -0.75) if step > 0 else 0.0
 
@@ -150,7 +160,10 @@ class DDPMPrior(LightningModule):
     @torch.no_grad()
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         every = self.hparams.sample_every_n_steps
-        if every and self.global_step > 0 and self.global_step % every == 0:
+        step = self.global_step
+        # once per optimiser step: with accumulate_grad_batches > 1 several batches end at one global step
+        if every and step > 0 and step % every == 0 and step != getattr(self, "_sampled_at_step", None):
+            self._sampled_at_step = step
             self.log_samples()
 
     def configure_optimizers(self):
@@ -160,7 +173,14 @@ class DDPMPrior(LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint) -> None:  # EMA weights travel with the Lightning checkpoint
+        super().on_save_checkpoint(checkpoint)  # the RNG states (ResumableRNG)
         checkpoint["ema_decay"] = self.ema_decay
+
+    def on_load_checkpoint(self, checkpoint) -> None:
+        """Keep the warm start's provenance: train.py drops ``init_weights`` when a checkpoint is restored (its
+        weights replace them, and the folder may be gone), so it is read back from the checkpoint's hparams."""
+        super().on_load_checkpoint(checkpoint)
+        restore_init_weights(self, checkpoint)
 
     # ----------------------------------------------------------------------------------------------- sampling
     @torch.no_grad()
@@ -221,3 +241,4 @@ def sample_ddim(
             xt = sched.step(eps, t, xt, eta=0.0).prev_sample
         out.append(((xt.clamp(-1, 1) + 1) / 2).cpu())
     return torch.cat(out)
+

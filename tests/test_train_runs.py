@@ -223,3 +223,38 @@ def test_ckpt_path_last_with_checkpoints_outside_default_root_dir(tmp_path, fake
     assert f"weights and state from {shared / 'last.ckpt'}" in capsys.readouterr().out
     assert _step(shared / "last.ckpt") == 3
     assert len(_runs(root)) == 2
+
+
+@pytest.mark.slow
+def test_resuming_a_warm_started_run_needs_no_warm_start_folder(tmp_path, fake_fmnist, capsys):
+    """The fine-tuning configs warm-start from a stage-1 export (model.init_args.init_weights); a resume restores the
+    checkpoint's weights, so it must not need that folder (it failed at model construction once it was moved away),
+    and the export still names the warm start. Checkpoints carry the RNG states."""
+    import json
+    import shutil
+
+    import train
+
+    cfg = _config(tmp_path, fake_fmnist, tmp_path / "stage1_runs")
+    train.main(["--config", str(cfg)])
+    stage1 = tmp_path / "stage1"
+    shutil.copytree(tmp_path / "export", stage1)
+    warm = yaml.safe_load(cfg.read_text())
+    warm["model"]["init_args"]["init_weights"] = str(stage1)
+    warm["trainer"]["default_root_dir"] = str(tmp_path / "tr")
+    warm["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "tr")
+    warm["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(tmp_path / "tr" / "ckpt")
+    warm["trainer"]["callbacks"][1]["init_args"]["dirpath"] = str(tmp_path / "export2")
+    cfg2 = tmp_path / "warm.yaml"
+    cfg2.write_text(yaml.safe_dump(warm))
+    train.main(["--config", str(cfg2)])
+    shutil.rmtree(stage1)  # the stage-1 export moved away (as the shipped *_stage1 folders are)
+    capsys.readouterr()
+    train.main(["--config", str(cfg2), "--ckpt_path", "last", "--trainer.max_steps", "4"])
+    assert "init_weights" in capsys.readouterr().out  # said why it is not loaded
+    (run,) = _runs(tmp_path / "tr")
+    assert _step(run / "ckpt" / "last.ckpt") == 4
+    assert "rng_states" in torch.load(run / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    summary = json.loads((tmp_path / "export2" / "training_summary.json").read_text())
+    assert summary["global_step"] == 4 and summary["hparams"]["init_weights"] == str(stage1)
+    assert yaml.safe_load((run / "config-resume-1.yaml").read_text())["model"]["init_args"]["init_weights"] == str(stage1)

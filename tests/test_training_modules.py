@@ -194,3 +194,72 @@ def test_ddpm_export_sample_grid_size_and_steps(tmp_path):
     assert "4 seeded DDIM samples, 2 steps" in (out / "MODEL_CARD.md").read_text()
     with pytest.raises(ValueError, match="sample_grid_size and sample_steps must be >= 1"):
         ExportModel(str(out), sample_grid_size=0)
+
+
+def test_checkpoints_carry_the_rng_states_and_a_resume_continues_the_stream():
+    """LightningCLI re-seeds a resumed run; the module's checkpoint hook saves the torch/numpy/random states and the
+    resumed module sets them back at train start, so the next draws are those the stopped run would have made."""
+    import random
+
+    import numpy as np
+
+    for make in (lambda: ImageClassifier(arch="convnet", image_size=8), _tiny_ddpm):
+        torch.manual_seed(123), np.random.seed(123), random.seed(123)
+        ckpt: dict = {"hyper_parameters": {}}
+        make().on_save_checkpoint(ckpt)
+        expected = (torch.rand(4), np.random.rand(2), random.random())  # what the run would have drawn next
+        torch.manual_seed(0), np.random.seed(0), random.seed(0)  # the CLI's seed_everything at the resume
+        resumed = make()
+        resumed.on_load_checkpoint(ckpt)
+        resumed.on_train_start()
+        got = (torch.rand(4), np.random.rand(2), random.random())
+        assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+
+
+def test_ddpm_validates_the_ema_unet_too_and_samples_once_per_step_under_accumulation():
+    """val/loss_ema is the EMA UNet's loss on val/loss's noise (the exported prior is the EMA one); with
+    accumulate_grad_batches 2 the sample grid is drawn once per optimiser step, not once per batch."""
+    torch.manual_seed(0)
+    module = DDPMPrior(image_size=8, block_out_channels=(32, 32), layers_per_block=1, sample_every_n_steps=1,
+                       lr=1e-2, warmup_steps=1, ema_decay=0.9)
+    drawn = []
+    module.log_samples = lambda: drawn.append(module.global_step)
+    trainer = _trainer(max_steps=2, accumulate_grad_batches=2, limit_val_batches=1, num_sanity_val_steps=0,
+                       val_check_interval=4)
+    trainer.fit(module, _loader(16, labels=False), _loader(4, labels=False))
+    assert trainer.global_step == 2 and drawn == [1, 2]
+    x = _loader(4, labels=False).dataset.tensors[0]
+    g = lambda: torch.Generator().manual_seed(1000)  # noqa: E731 - batch 0's validation noise
+    with torch.no_grad():
+        ema, raw = module.diffusion_loss(x, g(), unet=module.ema_unet), module.diffusion_loss(x, g())
+    assert float(trainer.callback_metrics["val/loss_ema"]) == pytest.approx(float(ema), rel=1e-5)
+    assert float(trainer.callback_metrics["val/loss"]) == pytest.approx(float(raw), rel=1e-5)
+    assert float(ema) != float(raw)
+
+
+def test_periodic_export_once_per_step_under_gradient_accumulation(tmp_path):
+    from callbacks.export import ExportModel
+
+    class Counting(ExportModel):
+        def export(self, trainer, pl_module):
+            self.steps.append(trainer.global_step)
+
+    cb = Counting(str(tmp_path / "export"), every_n_steps=1, sample_grid=False)
+    cb.steps = []
+    trainer = _trainer(max_steps=3, accumulate_grad_batches=3, callbacks=[cb])
+    trainer.fit(ImageClassifier(arch="convnet", image_size=8), _loader(40))
+    assert cb.steps == [1, 2, 3]  # periodic at 1 and 2, the final one at 3 (it was [1, 1, 1, 2, 2, 2, 3])
+
+
+def test_non_square_prior_is_refused():
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from inversion.prior import DiffusionPrior, PriorMismatchError
+
+    unet = UNet2DModel(sample_size=(8, 16), in_channels=1, out_channels=1, layers_per_block=1,
+                       block_out_channels=(32, 32), down_block_types=("DownBlock2D",) * 2,
+                       up_block_types=("UpBlock2D",) * 2)
+    with pytest.raises(PriorMismatchError, match=r"non-square sample_size \(8, 16\)"):
+        DiffusionPrior(unet, DDPMScheduler(num_train_timesteps=10), (1, 8, 8))
+    unet.register_to_config(sample_size=(8, 8))
+    assert DiffusionPrior(unet, DDPMScheduler(num_train_timesteps=10), (1, 8, 8)).prior_size == 8

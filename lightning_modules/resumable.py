@@ -1,0 +1,77 @@
+"""Resuming training runs: the state Lightning checkpoints leave out (the global random number generators'
+states) and the warm start's provenance (:func:`restore_init_weights`).
+
+LightningCLI seeds every run (``seed_everything``) at start, a resumed run included, and Lightning restores the RNG
+states only for its own spawn launcher. Without this, a run resumed from ``last.ckpt`` replays the random stream of
+its first steps (the DDPM's noise and timesteps, the classifier's augmentation and shuffling) instead of continuing
+it. :class:`ResumableRNG` stores the torch (CPU and every CUDA device), numpy and ``random`` states in the
+checkpoint and sets them back when training starts again.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+RNG_KEY = "rng_states"
+
+
+def collect_rng_states() -> dict[str, Any]:
+    """The global RNG states in types ``torch.load(weights_only=True)`` accepts (Lightning loads checkpoints so):
+    ``torch`` (uint8 tensor), ``cuda`` (list, one per device; [] without CUDA), ``numpy`` (``np.random.get_state()``
+    with its key array as an int64 tensor) and ``python`` (``random.getstate()``)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Set the global RNG states from :func:`collect_rng_states`' dict. CUDA states are set only when the number
+    of devices matches (a checkpoint from another machine keeps this machine's CUDA streams)."""
+    torch.set_rng_state(states["torch"])
+    cuda = states.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(states["python"])
+
+
+class ResumableRNG:
+    """LightningModule mixin (put it before ``LightningModule`` in the bases): checkpoints carry the global RNG states
+    (:data:`RNG_KEY`), and a run resumed from one sets them at ``on_train_start``, after the CLI's re-seeding and
+    the restore, before the first batch is drawn. Rank 0 writes the checkpoint, so every rank resumes with rank
+    0's states (as ``seed_everything`` gives every rank the same seed). Checkpoints without the key (older runs)
+    resume as before."""
+
+    _resume_rng: Optional[dict] = None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[RNG_KEY] = collect_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._resume_rng = checkpoint.get(RNG_KEY)
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self._resume_rng is not None:
+            set_rng_states(self._resume_rng)
+            self._resume_rng = None
+
+
+def restore_init_weights(module: Any, checkpoint: dict) -> None:
+    """Put the checkpoint's ``init_weights`` hparam back when ``module`` was built without it: train.py drops
+    ``model.init_args.init_weights`` when it restores a checkpoint (the checkpoint's weights replace them, and the
+    warm-start folder may be gone), and exported model cards should still name the warm start."""
+    saved = (checkpoint.get("hyper_parameters") or {}).get("init_weights")
+    if saved and not module.hparams.get("init_weights"):
+        module.hparams["init_weights"] = saved
