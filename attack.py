@@ -359,12 +359,25 @@ def defense_label(defenses: list[dict]) -> tuple[str, float]:
     return "+".join(parts), strength
 
 
+def defense_seed(seed: int, user_index: int, position: int) -> int:
+    """The seed of the ``position``-th configured defense of client ``user_index``: ``seed + user_index`` for the
+    first (as the shipped DP sweeps ran), and a ``numpy.random.SeedSequence([seed, user_index, position])`` draw for
+    later ones, so two seeded defenses of one client (e.g. DP noise then stochastic quantisation with the same
+    ``seed``) draw independent streams instead of the same one."""
+    if position == 0:
+        return int(seed) + int(user_index)
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed) % 2**63, int(user_index) % 2**63, int(position)]).generate_state(1)[0])
+
+
 def user_defenses(threat: ThreatSpec, user_index: int):
-    """Build the client's defenses; a configured ``seed`` is offset by the user index (independent noise per
-    client, reproducible per user)."""
+    """Build the client's defenses; a configured ``seed`` becomes :func:`defense_seed` (independent noise per
+    client and per defense, reproducible per user)."""
     from inversion.defenses import build_defenses
 
-    specs = [dict(d, seed=d["seed"] + user_index) if d.get("seed") is not None else dict(d) for d in threat.defenses]
+    specs = [dict(d, seed=defense_seed(d["seed"], user_index, k)) if d.get("seed") is not None else dict(d)
+             for k, d in enumerate(threat.defenses)]
     return build_defenses(specs)
 
 

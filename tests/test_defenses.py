@@ -219,3 +219,19 @@ def test_reproducible_says_whether_the_output_can_be_redrawn():
                                                                      "sigma": 0.1}]).reproducible
     for d in (GaussianDP(clip_norm=1.0, sigma=0.1, seed=3), Quantize(4, stochastic=True, seed=1)):
         torch.testing.assert_close(d(u)["fc.weight"], d(u)["fc.weight"], rtol=0, atol=0)
+
+
+def test_two_seeded_defenses_of_one_client_draw_independent_noise():
+    """attack.user_defenses: the first seeded defense keeps seed + user index (the shipped sweeps' draws), a later one
+    with the same configured seed gets its own stream (it re-drew the first one's noise exactly)."""
+    import attack
+
+    dp = {"name": "gaussian_dp", "clip_norm": 1e9, "sigma": 1e-3, "seed": 0}  # noise std 1e6, never clipped
+    zero = OrderedDict([("w", torch.zeros(1000))])
+    one = attack.user_defenses(attack.ThreatSpec(defenses=[dp]), 3)(zero)["w"] / 1e6
+    torch.testing.assert_close(one, GaussianDP(clip_norm=1e9, sigma=1e-3, seed=3)(zero)["w"] / 1e6)
+    two = attack.user_defenses(attack.ThreatSpec(defenses=[dp, dp]), 3)(zero)["w"] / 1e6
+    second = two - one
+    assert abs(float(torch.corrcoef(torch.stack([one, second]))[0, 1])) < 0.15  # independent, not a copy
+    assert 0.9 < float(second.std()) < 1.1
+    assert attack.defense_seed(0, 3, 1) == attack.defense_seed(0, 3, 1) != attack.defense_seed(0, 4, 1)
