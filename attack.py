@@ -856,6 +856,7 @@ def run(cfg: Namespace) -> Path:
     gallery = face_gallery(init, source, users)  # the identity columns' impostors (faces only)
     trainer_kwargs = {k: v for k, v in dict(cfg.trainer).items() if v is not None}
     trainer_kwargs.setdefault("enable_progress_bar", True)
+    full_float32(str(trainer_kwargs.get("precision", "32-true")))
     fabric = start_distributed(cfg, trainer_kwargs)
     rank, world = (fabric.global_rank, fabric.world_size) if fabric else (0, 1)
     # 2. the run directory (rank 0 makes it; the others get its path)
@@ -1016,6 +1017,16 @@ def sort_rows(rows: list[dict], users: list[User]) -> list[dict]:
     return sorted(rows, key=lambda r: order.get(str(r["user"]), len(order)))
 
 
+def full_float32(precision: str) -> None:
+    """At ``32-true`` keep CUDA convolutions and matmuls in full float32: cuDNN convolutions run in TF32 by default
+    (``torch.backends.cudnn.allow_tf32``), about 10 mantissa bits, which lifts the gradient matching loss's floor
+    and makes GPU rows differ from CPU rows (and the one-user path, cuDNN, from the batched one, matmuls). Other
+    precisions are left as they are. No effect on the CPU."""
+    if precision in ("32-true", "32", "32-bit"):
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def write_user(run_dir: Path, uid: str, images: dict[str, torch.Tensor]) -> None:
     """Per-user PNGs: batch, raw, denoised, reconstructions (baselines), candidates (final candidate selection) and
     the grid (batch | raw | denoised); and
@@ -1026,7 +1037,7 @@ def write_user(run_dir: Path, uid: str, images: dict[str, torch.Tensor]) -> None
         save_png(udir / f"{name}.png", img, nrow=len(img) if name in ("grid", "candidates") else None)
     if "raw" in images:
         buf = io.BytesIO()
-        torch.save(images["raw"].detach().float().cpu().contiguous(), buf)
+        torch.save(images["raw"].detach().float().cpu().clone(), buf)  # a clone: a slice saves its whole storage
         atomic_write_bytes(udir / "raw.pt", buf.getvalue())
 
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import attack
@@ -366,3 +367,26 @@ def test_output_terms_under_defenses_warn_before_the_run(tmp_path, attack_args, 
         attack.prepare(parser, cfg)
     msgs = [str(x.message) for x in seen if "under client defenses" in str(x.message)]
     assert (msgs and warns in msgs[0] and len(msgs) == 1) if warns else not msgs
+
+
+def test_raw_pt_holds_only_the_representative_image(tmp_path):
+    """A baseline's best-matching image is a slice of its B reconstructions: raw.pt saved the whole storage (B times
+    the size: 411 kB instead of 6 kB at B = 100)."""
+    recon = torch.rand(100, 1, 28, 28)
+    attack.write_user(tmp_path, "user_0000", {"raw": recon[7:8]})
+    path = tmp_path / "users" / "user_0000" / "raw.pt"
+    assert torch.equal(torch.load(path), recon[7:8]) and path.stat().st_size < 10_000
+
+
+def test_32_true_turns_tf32_off():
+    import torch.backends.cudnn as cudnn
+
+    before = (cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    try:
+        cudnn.allow_tf32 = True
+        attack.full_float32("bf16-mixed")
+        assert cudnn.allow_tf32  # other precisions untouched
+        attack.full_float32("32-true")
+        assert not cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

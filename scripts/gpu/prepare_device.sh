@@ -11,11 +11,11 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 for d in /.whl/ /.devdata/; do grep -qxF "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude; done
+rm -rf .whl  # no stale wheel travels
 mkdir -p .whl .devdata/fashion-mnist
 PLAT=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any)
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${PLAT[@]}" -d .whl \
-  "diffusers==0.42.1" "jsonargparse==4.53.0" "docstring_parser==0.18.0" "typeshed_client==2.15.0" \
-  "importlib_metadata" "importlib_resources" "lpips==0.1.4"
+  "diffusers==0.42.1" "jsonargparse==4.53.0" "docstring_parser==0.18.0" "typeshed_client==2.15.0" "lpips==0.1.4"
 HUB="$(python3 -c 'import torch; print(torch.hub.get_dir())' 2>/dev/null || echo "$HOME/.cache/torch/hub")"
 [[ -f "$HUB/checkpoints/alexnet-owt-7be5be79.pth" ]] || { echo "LPIPS AlexNet weights missing: run bash scripts/setup.sh first" >&2; exit 1; }
 mkdir -p .devdata/torch/hub/checkpoints
