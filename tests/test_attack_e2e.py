@@ -6,9 +6,11 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 import attack
 from datamodules.fashion_mnist import DataNotFoundError, find_fashion_mnist_root
@@ -85,11 +87,26 @@ def test_attack_py_writes_every_output(tmp_path):
             assert (run_dir / "users" / uid / png).stat().st_size > 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["users"] == 2
-    assert list(run_dir.glob("wandb/offline-run-*")), "W&B offline run missing"
+    (wb,) = run_dir.glob("wandb/offline-run-*")
+    media = wb / "files" / "media"
+    (table,) = (media / "table" / "final").glob("results_*.table.json")  # the results table as a wandb.Table
+    table = json.loads(table.read_text())
+    assert len(table["data"]) == 2 and set(table["columns"]) >= {"user", "B", "inferred_dominant", "psnr_nearest"}
+    assert table["columns"][:1] == list(rows[0])[:1]
+    assert list((media / "images" / "final").glob("grid_*.png"))  # the final grid
+    for uid in ("user_0000", "user_0001"):  # reconstructions every 2 of 4 steps (image_log_every 2), uint8 PNGs
+        recs = sorted((media / "images" / uid).glob("reconstruction_*.png"))
+        assert len(recs) == 3, recs
+        assert np.asarray(Image.open(recs[-1])).dtype == np.uint8 and np.asarray(Image.open(recs[-1])).max() > 0
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["attack"]["init_args"]["steps"] == 4
     assert not list(run_dir.rglob("*.tmp")), "temporary files left behind"
-    # a second run never reuses the directory
+    # a second run never reuses the directory and leaves the first one as it was
+    def files(d):  # W&B links its process-wide service log (wandb/*/logs/debug-core.log) into every run: not ours
+        return {p.relative_to(d): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+    first = files(run_dir)
     run_dir2 = attack.main(["--config", str(cfg)])
-    assert run_dir2 != run_dir and (run_dir / "results.csv").read_text() == (run_dir / "results.csv").read_text()
+    assert run_dir2 != run_dir and files(run_dir) == first
 
 
 @pytest.mark.parametrize(
