@@ -52,6 +52,15 @@ def test_gaussian_dp_clips_then_adds_noise_with_exact_statistics():
     std = 0.5 * 2.0
     assert noise.mean().item() == pytest.approx(0.0, abs=4 * std / noise.numel() ** 0.5)
     assert noise.std().item() == pytest.approx(std, rel=0.01)
+    # Gaussian shape: P(|z| < 1) = 0.6827 (uniform noise of the same std gives 0.577); binomial sd at 2e5 is 0.001
+    assert (noise.abs() < std).float().mean().item() == pytest.approx(0.6827, abs=0.005)
+    # i.i.d. across tensors: the two same-sized tensors (1e5 each) of one update get uncorrelated noise, not one
+    # draw repeated (|corrcoef| of independent draws ~ 1/sqrt(1e5) = 0.003)
+    na, nb = dp(zero)["a"].flatten(), dp(zero)["b"].flatten()
+    assert na.numel() == nb.numel() == 100_000
+    assert abs(torch.corrcoef(torch.stack([na, nb]))[0, 1].item()) < 0.02
+    for t in (na, nb):
+        assert (t.abs() < std).float().mean().item() == pytest.approx(0.6827, abs=0.005)
     # seeded: same input -> same noise; another seed -> other noise
     again = torch.cat([t.flatten() for t in GaussianDP(2.0, 0.5, seed=7)(zero).values()])
     other = torch.cat([t.flatten() for t in GaussianDP(2.0, 0.5, seed=8)(zero).values()])

