@@ -657,12 +657,31 @@ def chunk_name(uids: list[str]) -> str:
 PARTIAL_DIR = "partial"  # rows of ranks > 0, written as each user finishes (merged into results.csv by rank 0)
 
 
+# trainer settings that say where and how visibly a run executes, not what it computes: a resume may change them
+# (e.g. a run started with accelerator 'cpu' continued under 'auto' on the same machine, or on more processes);
+# results.csv records each user's device. precision and the rest must match.
+RESUMABLE_TRAINER_KEYS = ("accelerator", "devices", "strategy", "num_nodes", "enable_progress_bar",
+                          "enable_model_summary", "log_every_n_steps")
+
+
 def comparable_config(parser: ArgumentParser, cfg: Namespace) -> dict:
-    """The config as a dict without the keys that may differ between a run and its resume."""
+    """The config as a flat dict (dotted keys) without the keys that may differ between a run and its resume:
+    ``resume``, ``output``, ``checkpoint_every``, ``logger`` and :data:`RESUMABLE_TRAINER_KEYS`."""
     d = json.loads(dump_config(parser, cfg, "json"))
     for k in ("resume", "output", "checkpoint_every", "logger"):
         d.pop(k, None)
-    return d
+    for k in RESUMABLE_TRAINER_KEYS:
+        (d.get("trainer") or {}).pop(k, None)
+
+    def flat(node, prefix=""):
+        if isinstance(node, dict) and node:
+            out = {}
+            for key, value in node.items():
+                out.update(flat(value, f"{prefix}{key}."))
+            return out
+        return {prefix[:-1]: node}
+
+    return flat(d)
 
 
 def open_resume_dir(parser: ArgumentParser, cfg: Namespace) -> tuple[Path, list[dict]]:

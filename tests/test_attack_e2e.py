@@ -407,3 +407,26 @@ def test_32_true_turns_tf32_off():
         assert not cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
     finally:
         cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_resume_accepts_other_execution_settings_but_not_another_experiment(tmp_path):
+    """A run started with accelerator 'cpu' resumes under 'auto' (the shipped configs changed so; the methods queue's
+    resume was refused for it), with another progress-bar setting or device count; a changed precision or attack
+    setting is refused, naming the dotted key."""
+    parser = attack.build_parser()
+    cfg_path = tiny_config(tmp_path)
+    run_dir = tmp_path / "runs" / "tiny-20260101-000000-abcdef"
+    run_dir.mkdir(parents=True)
+    cfg = parser.parse_args(["--config", str(cfg_path)])
+    (run_dir / "config.yaml").write_text(attack.dump_config(parser, cfg))
+
+    def resume(*extra):
+        return attack.open_resume_dir(parser, parser.parse_args(["--config", str(cfg_path), *extra,
+                                                                 "--resume", str(run_dir)]))
+
+    assert resume("--trainer.accelerator", "auto", "--trainer.enable_progress_bar", "true",
+                  "--trainer.devices", "2")[0] == run_dir
+    with pytest.raises(attack.ConfigError, match=r"differs in \['trainer.precision'\]"):
+        resume("--trainer.precision", "bf16-mixed")
+    with pytest.raises(attack.ConfigError, match=r"differs in \['attack.init_args.steps'\]"):
+        resume("--attack.init_args.steps", "5")
