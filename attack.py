@@ -764,6 +764,16 @@ def prepare(parser: ArgumentParser, cfg: Namespace):
         if not init.prior.path:
             raise ConfigError("this attack uses the diffusion prior: set prior.path to a diffusers DDPM folder or hub id")
         prior = load_prior(init.prior, source.image_shape)
+        if hasattr(probe, "check_prior"):
+            try:  # timesteps against the prior's T: before any run directory
+                probe.check_prior(prior)
+            except ValueError as exc:
+                raise ConfigError(f"attack.init_args: {exc}") from None
+    per_step = users_per_step_of(attack_cls, attack_kwargs)
+    num_users = getattr(source, "num_users", None)
+    if isinstance(num_users, int) and per_step > num_users:
+        raise ConfigError(f"attack.init_args.users_per_step ({per_step}) is larger than the number of users "
+                          f"({num_users}): set it to at most {num_users}")
     evaluator = None
     if init.evaluation.evaluator:
         from lightning_modules.classifier import load_classifier

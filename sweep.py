@@ -212,7 +212,7 @@ class Sweep:
         contents of every config file a cell reads included (an edited base config is another sweep)."""
         files = [self.base, *self.configs, *(f for c in self.cells for f in c.config_files)]
         return {"name": self.name, "base": self.base, "configs": self.configs, "fixed": self.fixed, "grid": self.grid,
-                "config_sha256": {f: _file_sha256(f) for f in dict.fromkeys(files)}}
+                "config_sha256": {f: _file_sha256(_absolute(f)) for f in dict.fromkeys(files)}}
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.resolved(), sort_keys=True, default=str).encode()).hexdigest()
@@ -329,7 +329,9 @@ def _parser_layout(parser) -> tuple[list[str], set[str], set[str]]:
 
 
 def validate(sweep: Sweep) -> None:
-    """Check every key against attack.py's parser and parse every cell; raises :class:`SweepError`."""
+    """Check every key against attack.py's parser, parse every cell, then run attack.py's pre-run checks on each
+    cell (:func:`attack.check_devices` and :func:`attack.prepare`: values, data, checkpoints, the prior's T), so a
+    bad cell stops the sweep before the first cell runs; raises :class:`SweepError`."""
     import attack
 
     parser = attack.build_parser()
@@ -375,6 +377,16 @@ def validate(sweep: Sweep) -> None:
                     break
         raise SweepError(f"cell {cell.slug!r}: attack.py rejects {culprit}: {msg}\nvalid top-level groups: "
                          f"{', '.join(groups)}")
+    for cell in sweep.cells:  # what attack.py checks before its first user (values, data, checkpoints, prior's T)
+        p = attack.build_parser()
+        cfg = p.parse_args(cell.argv(sweep, cells_root))
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                attack.check_devices(dict(cfg.trainer))
+                attack.prepare(p, cfg)
+        except Exception as exc:  # noqa: BLE001 - any of attack.py's pre-run errors, named with its cell
+            raise SweepError(f"cell {cell.slug!r}: attack.py would stop before its first user: "
+                             f"{type(exc).__name__}: {exc}") from None
 
 
 def _condense(msg: str) -> str:

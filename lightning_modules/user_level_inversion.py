@@ -218,6 +218,17 @@ class UserLevelInversion(GradientInversionAttack):
         self.final_candidate_images: Optional[list[torch.Tensor]] = None  # U x (N, C, H, W) when final_candidates > 1
 
     # ------------------------------------------------------------------------------------------ set-up
+    def check_prior(self, prior) -> None:
+        """Check the timesteps against ``prior`` (a :class:`inversion.prior.DiffusionPrior`) before any user:
+        t_max, and t_final when the final stage denoises, must be below its T.
+
+        Raises:
+            ValueError: naming the settings and T.
+        """
+        hp, T = self.hparams, prior.num_train_timesteps
+        if hp.t_max >= T or (hp.final_denoise and hp.t_final >= T):
+            raise ValueError(f"t_max ({hp.t_max}) and t_final ({hp.t_final}) must be below the prior's T = {T}")
+
     def bind(
         self,
         view: Union[ServerView, Sequence[ServerView]],
@@ -275,9 +286,7 @@ class UserLevelInversion(GradientInversionAttack):
         if self.requires_prior:
             if prior is None:
                 raise ValueError("this attack config uses the prior (use_prior or final_denoise) but no prior was given")
-            T = prior.num_train_timesteps
-            if hp.t_max >= T or (hp.final_denoise and hp.t_final >= T):
-                raise ValueError(f"t_max ({hp.t_max}) and t_final ({hp.t_final}) must be below the prior's T = {T}")
+            self.check_prior(prior)
             if tuple(prior.image_shape) != tuple(view.image_shape):
                 raise ValueError(f"prior built for images {prior.image_shape}, the target is {view.image_shape}")
         self.views = views

@@ -25,6 +25,7 @@ try:
 except Exception:  # noqa: BLE001
     HAVE_FMNIST = False
 
+ROOT = Path(__file__).resolve().parents[1]
 needs_data = pytest.mark.skipif(not HAVE_FMNIST, reason="needs `apt-get install dataset-fashion-mnist`")
 
 
@@ -458,3 +459,29 @@ def test_variants_defense_strength_alone(tmp_path):
     out = report.build_report(dirs, tmp_path / "rep", variants=["defense_strength"])
     s = pd.read_csv(out / "summary.csv")
     assert list(s["defense_strength"]) == [0.01, 0.1] and "defense" not in s.columns
+
+
+@needs_data
+@pytest.mark.parametrize("grid, cell, match", [
+    ({"users.init_args.batch_size": [3, 0]}, "batch_size=0", "batch_size"),
+    ({"attack.init_args.t_final": [20, 1000]}, "t_final=1000", r"t_final \(1000\) must be below the prior's T"),
+    ({"attack.init_args.users_per_step": [1, 5]}, "users_per_step=5", r"users_per_step \(5\) is larger than the number of users \(2\)"),
+])
+def test_a_cell_that_attack_py_would_refuse_stops_the_sweep_before_any_cell(tmp_path, tiny_base, grid, cell, match):
+    """Values attack.py rejects only after parsing (a batch size of 0, t_final at the prior's T, more users per step
+    than users) failed their cell hours into a sweep; now validation names the cell before anything runs."""
+    cfg = write_sweep(tmp_path / "s.yaml", tiny_base, grid)
+    s = sweep.load_sweep(cfg)
+    with pytest.raises(sweep.SweepError, match=rf"cell '[^']*{cell}[^']*': attack.py would stop before its first user: .*{match}"):
+        sweep.validate(s)
+    assert not (tmp_path / "sweep_dir").exists()
+
+
+def test_sweep_hash_does_not_depend_on_the_working_directory(tmp_path, tiny_base, monkeypatch):
+    """Config paths are relative to the repository root; their checksums were read relative to the working
+    directory, so from elsewhere every checksum was None (edits went unnoticed) and the hash changed."""
+    s = sweep.load_sweep(ROOT / "configs" / "sweep" / "dp_noise.yaml")
+    here = s.hash()
+    assert all(v is not None for v in s.resolved()["config_sha256"].values())
+    monkeypatch.chdir(tmp_path)
+    assert all(v is not None for v in s.resolved()["config_sha256"].values()) and s.hash() == here
