@@ -1047,13 +1047,15 @@ def sort_rows(rows: list[dict], users: list[User]) -> list[dict]:
 
 
 def full_float32(precision: str) -> None:
-    """At ``32-true`` keep CUDA convolutions and matmuls in full float32: cuDNN convolutions run in TF32 by default
-    (``torch.backends.cudnn.allow_tf32``), about 10 mantissa bits, which lifts the gradient matching loss's floor
-    and makes GPU rows differ from CPU rows (and the one-user path, cuDNN, from the batched one, matmuls). Other
-    precisions are left as they are. No effect on the CPU."""
-    if precision in ("32-true", "32", "32-bit"):
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
+    """Set the TF32 flags for a run's ``trainer.precision``. At ``32-true`` CUDA convolutions and matmuls stay in full
+    float32: cuDNN convolutions run in TF32 by default (``torch.backends.cudnn.allow_tf32``), about 10 mantissa
+    bits, which lifts the gradient matching loss's floor and makes GPU rows differ from CPU rows (and the one-user
+    path, cuDNN, from the batched one, matmuls). Other precisions get torch's defaults back (cuDNN TF32 on, matmul
+    TF32 off), so runs in one process (sweep.py's cells, benchmark sections) do not inherit each other's setting.
+    Called by attack.py, scripts/refinish.py and scripts/benchmark.py. No effect on the CPU."""
+    full = precision in ("32-true", "32", "32-bit")
+    torch.backends.cudnn.allow_tf32 = not full
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def write_user(run_dir: Path, uid: str, images: dict[str, torch.Tensor]) -> None:

@@ -104,6 +104,17 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def section_peak_mib(device: torch.device) -> Optional[float]:
+    """A measurement's own peak: CUDA max_memory_allocated since the last reset; None on the CPU, where only the
+    process's lifetime peak is known (it never falls, so per-B columns would show earlier sections' peaks)."""
+    return peak_mib(device) if device.type == "cuda" else None
+
+
+def fmt_mib(v: Optional[float]) -> str:
+    """A peak in MiB for the tables; '-' when not measured per section (CPU)."""
+    return "-" if v is None else f"{v:.0f}"
+
+
 def peak_mib(device: torch.device) -> float:
     """CUDA: max_memory_allocated since the last reset; CPU: the process's peak RSS (ru_maxrss, KiB on Linux)."""
     if device.type == "cuda":
@@ -271,7 +282,7 @@ def fit_users(victim, prior, views: list, device: torch.device, settings: dict, 
     pl_log.setLevel(logging.WARNING)  # no "GPU available" / "max_steps reached" lines per fit
     with tempfile.TemporaryDirectory(prefix="benchmark_") as tmp:
         trainer = Trainer(
-            accelerator=device.type, devices=1, precision="32-true", max_steps=warmup + steps, logger=False,
+            accelerator=device.type, devices=[device.index] if device.index is not None else 1, precision="32-true", max_steps=warmup + steps, logger=False,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             num_sanity_val_steps=0, callbacks=[timer], default_root_dir=tmp,
         )
@@ -289,7 +300,7 @@ def fit_users(victim, prior, views: list, device: torch.device, settings: dict, 
         finally:
             pl_log.setLevel(level)
         fit_s = time.perf_counter() - t0
-    peak = peak_mib(device)
+    peak = section_peak_mib(device)
     # Lightning's teardown moves the module, hence the shared victim and prior, to the CPU: put them back
     victim.to(device)
     prior.to(device)
@@ -373,8 +384,19 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.steps = args.steps or (2 if args.tiny else 5)
     args.image_size = args.image_size or (8 if args.tiny else 32)
-    args.batch_sizes = [int(b) for b in (args.batch_sizes or ("2,5,10" if args.tiny else "10,50,100")).split(",")]
-    args.users = sorted({int(u) for u in (args.users or ("1,2,4" if args.tiny else "1,8,32")).split(",")})
+    try:
+        args.batch_sizes = [int(b) for b in (args.batch_sizes or ("2,5,10" if args.tiny else "10,50,100")).split(",")]
+        args.users = sorted({int(u) for u in (args.users or ("1,2,4" if args.tiny else "1,8,32")).split(",")})
+    except ValueError as exc:
+        p.error(f"--batch-sizes and --users take comma lists of integers, e.g. 10,50,100 ({exc})")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        p.error(f"--device {args.device!r}: {exc} (use cpu, cuda or cuda:N)")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"--device {args.device!r}: cpu, cuda or cuda:N")
+    if args.json and Path(args.json).exists():
+        p.error(f"--json {args.json} exists: results are never overwritten; give a new path")
     if args.steps < 1 or args.warmup < 1 or min(args.batch_sizes) < 1 or min(args.users) < 1:
         p.error("--steps, --warmup, batch sizes and user counts must be >= 1")
     if args.attack_steps < args.warmup + args.steps:
@@ -391,6 +413,9 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but CUDA is not available")
+    from attack import full_float32
+
+    full_float32("32-true")  # what attack.py runs at this precision: CUDA convolutions without TF32
     t_start = time.perf_counter()
     victim, prior, shape, sources = build_models(args, device)
     steps = args.steps
@@ -424,7 +449,7 @@ def main(argv=None) -> dict:
         for _ in range(args.warmup):
             ul_steps[B]()
         sync(device)
-        user_level[B] = {"target_s": targets[B][2], "peak_mib": peak_mib(device)}
+        user_level[B] = {"target_s": targets[B][2], "peak_mib": section_peak_mib(device)}
     ul_times = {B: [] for B in args.batch_sizes}
     order = list(ul_steps)
     for r in range(steps):  # round r starts at a different B (rotation), so no B always runs first or last
@@ -438,11 +463,12 @@ def main(argv=None) -> dict:
         reset_peak(device)
         ig_step = InvertingGradientsStep(victim, target, labels, shape, device)
         ts = time_steps(ig_step, steps, device, warmup=args.warmup)
-        ig[B] = {"s_per_step": statistics.median(ts), "s_per_step_mean": statistics.fmean(ts), "peak_mib": peak_mib(device)}
+        ig[B] = {"s_per_step": statistics.median(ts), "s_per_step_mean": statistics.fmean(ts), "peak_mib": section_peak_mib(device)}
     b_lo, b_hi = min(args.batch_sizes), max(args.batch_sizes)
     ratio = user_level[b_hi]["s_per_step"] / user_level[b_lo]["s_per_step"]
     report["user_level_step"] = {str(b): v for b, v in user_level.items()}
-    report["user_level_ratio"] = {"B_lo": b_lo, "B_hi": b_hi, "ratio": ratio, "target": 1.05, "met": ratio <= 1.05}
+    report["user_level_ratio"] = {"B_lo": b_lo, "B_hi": b_hi, "ratio": ratio, "target": 1.05,
+                                  "met": (ratio <= 1.05) if b_hi != b_lo else None}  # one B: nothing to compare
     report["inverting_gradients_step"] = {str(b): v for b, v in ig.items()}
 
     # 3: users per hour through the product path: UserLevelInversion bound to U users, one Trainer fit per U
@@ -493,8 +519,10 @@ def main(argv=None) -> dict:
     report["wall_s"] = time.perf_counter() - t_start
     print_report(report)
     if args.json:
+        from attack import atomic_write_text
+
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_text(Path(args.json), json.dumps(report, indent=2) + "\n")  # temp file, then rename
         print(f"wrote {args.json}")
     return report
 
@@ -512,11 +540,11 @@ def print_report(r: dict) -> None:
     print(fmt_row(["B", "user-level s/step", "target grad s", "peak MiB", "Inverting Gradients s/step", "peak MiB"], w))
     for b, v in r["user_level_step"].items():
         g = r["inverting_gradients_step"][b]
-        print(fmt_row([b, f"{v['s_per_step']:.4f}", f"{v['target_s']:.4f}", f"{v['peak_mib']:.0f}",
-                       f"{g['s_per_step']:.4f}", f"{g['peak_mib']:.0f}"], w))
+        print(fmt_row([b, f"{v['s_per_step']:.4f}", f"{v['target_s']:.4f}", fmt_mib(v['peak_mib']),
+                       f"{g['s_per_step']:.4f}", fmt_mib(g['peak_mib'])], w))
     q = r["user_level_ratio"]
     print(f"user-level t(B={q['B_hi']})/t(B={q['B_lo']}) = {q['ratio']:.3f}  (target <= {q['target']}: "
-          f"{'MET' if q['met'] else 'NOT MET'})")
+          f"{'n/a: one B' if q['met'] is None else 'MET' if q['met'] else 'NOT MET'})")
     print("-" * 96)
     print("[2] users per hour: UserLevelInversion through a Lightning Trainer, U users per step (U = 1: one at a time)")
     u = r["users_per_hour"]
@@ -524,10 +552,10 @@ def print_report(r: dict) -> None:
     w = (16, 12, 18, 16, 22, 10)
     print(fmt_row(["mode", "s/step", "user-steps/s", "users/hour", "speedup vs 1-at-a-time", "peak MiB"], w))
     o = u["one_at_a_time"]
-    print(fmt_row(["one-at-a-time", f"{o['s_per_step']:.4f}", f"{o['user_steps_per_s']:.3f}", f"{o['users_per_hour']:.2f}", "1.00x", f"{o['peak_mib']:.0f}"], w))
+    print(fmt_row(["one-at-a-time", f"{o['s_per_step']:.4f}", f"{o['user_steps_per_s']:.3f}", f"{o['users_per_hour']:.2f}", "1.00x", fmt_mib(o['peak_mib'])], w))
     for U, v in u["batched"].items():
         print(fmt_row([f"batched U={U}", f"{v['s_per_step']:.4f}", f"{v['user_steps_per_s']:.3f}", f"{v['users_per_hour']:.2f}",
-                       f"{v['speedup_vs_one_at_a_time']:.2f}x", f"{v['peak_mib']:.0f}"], w))
+                       f"{v['speedup_vs_one_at_a_time']:.2f}x", fmt_mib(v['peak_mib'])], w))
     print(f"one-at-a-time through the Trainer / the bare step of [1] at B={u['B']}: "
           f"{o['s_per_step']:.4f} / {o['hand_step_s_per_step']:.4f} s = {o['trainer_over_hand_step']:.2f}x")
     print(f"best speedup {u['best_speedup']:.2f}x at U={u['best_U']}  (target >= {u['target_speedup']}x: "

@@ -12,6 +12,7 @@ between 0.5x and 2x of uniform. Exit status 1 when a bar fails (with --strict).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -75,7 +76,18 @@ def main(argv=None) -> int:
     ap.add_argument("--prior-only", action="store_true", help="only the prior's bar (skips the test-split accuracies)")
     ap.add_argument("--device", default="cpu", help="where the prior samples (cpu or cuda)")
     args = ap.parse_args(argv)
+    if not 1 <= args.n_test <= 10000 or args.n_samples < 1 or args.ddim_steps < 1:
+        ap.error(f"--n-test must be in 1..10000 and --n-samples, --ddim-steps >= 1 (got {args.n_test}, "
+                 f"{args.n_samples}, {args.ddim_steps})")
+    for flag, path in (("--json", args.json), ("--grid", args.grid)):
+        if path and Path(path).exists():
+            ap.error(f"{flag} {path} exists: results are never overwritten; give a new path")
+    for name in (("ddpm_32",) if args.prior_only else ("victim_resnet18", "evaluator_convnet", "ddpm_32")):
+        if not (Path(args.checkpoints) / name).is_dir():
+            ap.error(f"{Path(args.checkpoints) / name} not found: --checkpoints must hold victim_resnet18, "
+                     "evaluator_convnet and ddpm_32 (as checkpoints/fashion_mnist does)")
 
+    from attack import atomic_write_bytes, atomic_write_text
     from datamodules.fashion_mnist import load_split, to_tensor_images
     from lightning_modules.classifier import load_classifier
 
@@ -101,7 +113,9 @@ def main(argv=None) -> int:
 
         from inversion.logging_utils import to_uint8_hwc
 
-        Image.fromarray(to_uint8_hwc(imgs[:100], nrow=10)).save(args.grid)
+        buf = io.BytesIO()
+        Image.fromarray(to_uint8_hwc(imgs[:100], nrow=10)).save(buf, format="PNG")
+        atomic_write_bytes(Path(args.grid), buf.getvalue())  # temp file, then rename
 
     print(f"Fashion-MNIST checkpoints ({ck})")
     for name in names:
@@ -114,7 +128,7 @@ def main(argv=None) -> int:
         f"[bar 0.5x..2x: {'PASS' if prior['bar_class_balance'] else 'FAIL'}]"
     )
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_text(Path(args.json), json.dumps(report, indent=2) + "\n")
     ok = all(report[n]["bar"] for n in names) and prior["bar_mean_top1"] and prior["bar_class_balance"]
     print("ALL BARS PASS" if ok else "SOME BARS FAIL")
     return 0 if ok or not args.strict else 1

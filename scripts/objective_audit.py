@@ -83,9 +83,11 @@ def build_parser():
     return p
 
 
-def candidate_pool(source, spec: AuditSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def candidate_pool(source, spec: AuditSpec, exclude=()) -> tuple[torch.Tensor, torch.Tensor]:
     """``spec.per_class`` real images per class for the users' image shape: float32 (N, C, H, W) in [0, 1] and int64
-    (N,) labels, class by class. Raises ConfigError for a source without class labels in a known pool."""
+    (N,) labels, class by class, none of the split's indices in ``exclude`` (the users' own images when the pool is
+    their split: a user's private image among the candidates would score best for the wrong reason). Raises
+    ConfigError for a source without class labels in a known pool."""
     from datamodules.fashion_mnist import load_split, to_tensor_images
     from datamodules.users import FashionMNISTUsers
 
@@ -96,8 +98,10 @@ def candidate_pool(source, spec: AuditSpec) -> tuple[torch.Tensor, torch.Tensor]
     labels = torch.from_numpy(labels.astype("int64"))
     g = torch.Generator().manual_seed(spec.pool_seed)
     idx = []
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[torch.tensor(sorted(set(int(j) for j in exclude)), dtype=torch.long)] = False
     for c in range(source.num_classes):
-        members = (labels == c).nonzero().flatten()
+        members = ((labels == c) & keep).nonzero().flatten()
         idx.append(members[torch.randperm(len(members), generator=g)[: spec.per_class]])
     idx = torch.cat(idx)
     x = to_tensor_images(raw[idx.numpy()], source.image_size, source.channels)
@@ -162,8 +166,10 @@ def audit(cfg) -> Path:
     mus = [float(kwargs.get("output_weight", 0) or 0)] if spec.output_weights is None else [float(m) for m in spec.output_weights]
     kwargs["output_weight"] = max(mus)  # bind recovers pbar when any mu > 0; the scores apply each mu themselves
     attack_cls(**kwargs)  # validates the attack's hyper-parameters
-    pool_x, pool_y = candidate_pool(source, spec)
     users = source.users()
+    # Fashion-MNIST users come from the test split: a test pool leaves their images out
+    own = [j for u in users for j in u.meta.get("indices", [])] if spec.pool_split == "test" else []
+    pool_x, pool_y = candidate_pool(source, spec, exclude=own)
     run_dir = new_run_dir(init.output.root, f"audit_{init.output.name}")
     atomic_write_text(run_dir / "config.yaml", attack_main.dump_config(parser, cfg))
     print(f"[audit] {run_dir}: {len(users)} users, B = {source.batch_size}, pool {len(pool_x)} images "
@@ -243,21 +249,26 @@ def summary_markdown(summary: dict) -> str:
 
 
 def collect(run_dirs: list[str], out: str) -> Path:
-    """One table over several audit run directories (their summary.json): a row per (B, victim), a column per
-    (mode, mu) with correct/users. Writes ``out/objective_audit.md`` and ``out/objective_audit.csv`` (atomically);
-    returns the Markdown path. Raises FileNotFoundError for a directory without summary.json."""
+    """One table over several audit run directories (their summary.json): a row per run (B, victim, run directory
+    name), a column per (mode, mu) with correct/users. Writes ``out/objective_audit.md`` and
+    ``out/objective_audit.csv`` (atomically, never over existing files); returns the Markdown path. Raises
+    FileNotFoundError for a directory without summary.json, FileExistsError when ``out`` already holds the table."""
+    out_dir = Path(out)
+    taken = [p for p in (out_dir / "objective_audit.csv", out_dir / "objective_audit.md") if p.exists()]
+    if taken:
+        raise FileExistsError(f"{taken[0]} exists: results are never overwritten; give another --out")
     summaries = []
     for d in run_dirs:
         f = Path(d) / "summary.json"
         if not f.is_file():
             raise FileNotFoundError(f"{d} has no summary.json: is it an objective-audit run directory?")
-        summaries.append(json.loads(f.read_text()))
-    summaries.sort(key=lambda s: (bool(s["random_init"]), s["B"]))
+        summaries.append({**json.loads(f.read_text()), "run": Path(d).name})
+    summaries.sort(key=lambda s: (bool(s["random_init"]), s["B"], s["run"]))
     cols = list(dict.fromkeys(k for s in summaries for k in s["modes"]))
-    header = ["B", "victim", "users"] + cols
+    header = ["B", "victim", "run", "users"] + cols  # run: reruns and other settings of one (B, victim) stay apart
     table = []
     for s in summaries:
-        row = [str(s["B"]), "random" if s["random_init"] else "trained", str(s["users"])]
+        row = [str(s["B"]), "random" if s["random_init"] else "trained", s["run"], str(s["users"])]
         for c in cols:
             m = s["modes"].get(c)
             row.append(f"{m['objective_correct']}/{m['users']}" if m else "")
@@ -265,7 +276,6 @@ def collect(run_dirs: list[str], out: str) -> Path:
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in table]
     buf = io.StringIO()
     csv.writer(buf).writerows([header, *table])
-    out_dir = Path(out)
     atomic_write_text(out_dir / "objective_audit.csv", buf.getvalue())
     atomic_write_text(out_dir / "objective_audit.md", "\n".join(md) + "\n")
     return out_dir / "objective_audit.md"

@@ -163,6 +163,7 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
         udir = run_dir / r["user_dir"] if r.get("user_dir") else run_dir / "users" / attack_main.user_uid(user)
         plan.append((i, user, r, *load_raw(udir, source.image_shape)))  # user_dir: where the run wrote it
 
+    attack_main.full_float32(str(cfg.trainer.precision))  # TF32 as attack.py set it for the run's precision
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("gpu", "cuda", "auto")
                           else "cpu")
     ran_on = {r.get("device") for r in rows_in} - {None, ""}

@@ -12,7 +12,15 @@ if [[ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]]; then
 fi
 
 PY_SYS="${PYTHON_SYS:-python3}"
-[[ -x .venv/bin/python ]] || "$PY_SYS" -m venv .venv
+if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then  # none, or half-made (interrupted, no ensurepip)
+  rm -rf .venv
+  if ! "$PY_SYS" -m venv .venv; then  # Debian splits venv/ensurepip into python3-venv
+    rm -rf .venv
+    SUDO=""; [[ "$(id -u)" != 0 ]] && SUDO="sudo"
+    $SUDO apt-get install -y -q python3-venv || { $SUDO apt-get update -q && $SUDO apt-get install -y -q python3-venv; }
+    "$PY_SYS" -m venv .venv
+  fi
+fi
 PY=.venv/bin/python
 "$PY" -m pip install -q --upgrade pip
 # torch first (a CUDA build that also runs on CPU; on these machines pip takes it from local disk)

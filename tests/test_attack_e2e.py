@@ -401,10 +401,10 @@ def test_32_true_turns_tf32_off():
     before = (cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     try:
         cudnn.allow_tf32 = True
-        attack.full_float32("bf16-mixed")
-        assert cudnn.allow_tf32  # other precisions untouched
         attack.full_float32("32-true")
         assert not cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        attack.full_float32("bf16-mixed")  # torch's defaults back: a later cell in the process does not inherit
+        assert cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
     finally:
         cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 

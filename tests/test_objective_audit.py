@@ -114,11 +114,34 @@ def test_collect_tabulates_the_runs_summaries(tmp_path):
     md = audit.main(["collect", *dirs, "--out", str(tmp_path / "report")])
     rows = list(csv.reader((tmp_path / "report" / "objective_audit.csv").open()))
     assert rows == [
-        ["B", "victim", "users", "uniform mu=0", "uniform mu=1"],
-        ["10", "trained", "10", "9/10", "10/10"],
-        ["50", "trained", "10", "7/10", "8/10"],
-        ["10", "random", "10", "3/10", ""],
+        ["B", "victim", "run", "users", "uniform mu=0", "uniform mu=1"],
+        ["10", "trained", "audit_B10_False", "10", "9/10", "10/10"],
+        ["50", "trained", "audit_B50_False", "10", "7/10", "8/10"],
+        ["10", "random", "audit_B10_True", "10", "3/10", ""],
     ]
-    assert "| 50 | trained | 10 | 7/10 | 8/10 |" in md.read_text()
+    assert "| 50 | trained | audit_B50_False | 10 | 7/10 | 8/10 |" in md.read_text()
+    before = md.read_text()
+    with pytest.raises(FileExistsError, match="never overwritten"):  # the table is not replaced
+        audit.main(["collect", *dirs[:1], "--out", str(tmp_path / "report")])
+    assert md.read_text() == before
     with pytest.raises(FileNotFoundError, match="summary.json"):
         audit.main(["collect", str(tmp_path), "--out", str(tmp_path / "r2")])
+
+
+def test_a_test_split_pool_leaves_the_users_own_images_out(tmp_path):
+    """With audit.pool_split test the candidate pool came from the users' own split and could hold their private
+    images (which then score best for the wrong reason); they are left out now."""
+    audit = load_audit()
+    from datamodules.users import FashionMNISTUsers
+
+    source = FashionMNISTUsers(num_users=2, batch_size=5, image_size=8)
+    users = source.users()
+    own = [j for u in users for j in u.meta["indices"]]
+    spec = audit.AuditSpec(per_class=1000, pool_split="test")  # every test image of a class, but the users'
+    x, y = audit.candidate_pool(source, spec, exclude=own)
+    full_x, full_y = audit.candidate_pool(source, spec)
+    assert len(full_x) == 10_000 and len(x) == 10_000 - len(set(own))
+    flat = x.flatten(1)
+    for u in users:
+        for img in u.images.flatten(1):
+            assert not (flat == img).all(1).any()
