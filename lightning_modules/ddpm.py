@@ -36,7 +36,10 @@ class DDPMPrior(ResumableRNG, LightningModule):
         sample_every_n_steps: log a seeded DDIM sample grid every so many optimiser steps (0: never).
         sample_grid_size: number of images in that grid; sample_inference_steps: DDIM steps for it.
         init_weights: optional diffusers DDPM folder (e.g. a shipped prior) whose UNet initialises both the trained
-            and the EMA weights (warm start); its UNet config must equal the one built here.
+            and the EMA weights (warm start); its UNet config must equal the one built here. The EMA warm-up starts
+            again from step 0 (decay 1 - (1 + k)^-3/4 after k steps), so a short second stage averages over fewer
+            steps than ``ema_decay`` implies (the shipped prior's 6,518-step stage ended at decay ~0.9986). Ignored
+            when train.py restores a checkpoint (its weights replace it; the name is kept for the model card).
     """
 
     def __init__(
