@@ -100,7 +100,8 @@ class EvaluationSpec:
     gender vs the CelebA ``Male`` attribute; inversion/faces.py); unmeasurable cases are reported, never zero.
     face_gallery_users: whom the identity columns (``id_other_*``, ``id_nearest_is_own``) compare with: 0 (default)
     the run's other users; K > 0 a fixed impostor gallery, users 0..K-1 of the same source (same seed and B), the
-    user itself left out, so runs split with ``first_user`` give the same columns as one run and can be pooled."""
+    user itself left out, so runs split with ``first_user`` give the same columns as one run and can be pooled.
+    Ignored without ``faces``."""
 
     evaluator: Optional[str] = "checkpoints/fashion_mnist/evaluator_convnet"
     lpips: bool = False
@@ -360,8 +361,8 @@ def defense_label(defenses: list[dict]) -> tuple[str, float]:
 
 
 def defense_seed(seed: int, user_index: int, position: int) -> int:
-    """The seed of the ``position``-th configured defense of client ``user_index``: ``seed + user_index`` for the
-    first (as the shipped DP sweeps ran), and a ``numpy.random.SeedSequence([seed, user_index, position])`` draw for
+    """The seed of the ``position``-th seeded defense (counting only those with a ``seed``) of client
+    ``user_index``: ``seed + user_index`` for the first (as the shipped DP sweeps ran), and a ``numpy.random.SeedSequence([seed, user_index, position])`` draw for
     later ones, so two seeded defenses of one client (e.g. DP noise then stochastic quantisation with the same
     ``seed``) draw independent streams instead of the same one."""
     if position == 0:
@@ -376,8 +377,13 @@ def user_defenses(threat: ThreatSpec, user_index: int):
     client and per defense, reproducible per user)."""
     from inversion.defenses import build_defenses
 
-    specs = [dict(d, seed=defense_seed(d["seed"], user_index, k)) if d.get("seed") is not None else dict(d)
-             for k, d in enumerate(threat.defenses)]
+    specs, k = [], 0
+    for d in threat.defenses:  # k counts the seeded defenses only: an unseeded one before keeps the first's stream
+        if d.get("seed") is not None:
+            specs.append(dict(d, seed=defense_seed(d["seed"], user_index, k)))
+            k += 1
+        else:
+            specs.append(dict(d))
     return build_defenses(specs)
 
 
@@ -783,10 +789,10 @@ def prepare(parser: ArgumentParser, cfg: Namespace):
         if ev_cfg["in_channels"] != source.image_shape[0]:
             raise ConfigError(f"evaluator {ev_path} takes {ev_cfg['in_channels']} channels, the users have {source.image_shape[0]}")
     gallery = int(init.evaluation.face_gallery_users or 0)
-    if gallery < 0 or (gallery and not init.evaluation.faces):
+    if gallery < 0:
         raise ConfigError(f"evaluation.face_gallery_users is {gallery}: set it to 0 (compare with the run's other "
-                          "users) or K > 0 together with evaluation.faces: true (users 0..K-1 as the impostor gallery)")
-    if gallery:
+                          "users) or K > 0 (users 0..K-1 as the impostor gallery; used with evaluation.faces: true)")
+    if gallery and init.evaluation.faces:
         try:  # too few identities, missing photos: before any attack
             source.gallery(gallery).check()
         except (ValueError, NotImplementedError) as exc:

@@ -76,15 +76,15 @@ __all__ = ["GROUP_KEYS", "DuplicateUserError", "aggregate", "aggregate_privacy",
 
 GROUP_KEYS = ["method", "B"]
 # Extra group keys, used only when the runs differ in them (see group_keys); defense and strength go together.
-VARIANT_KEYS = ["protocol", "victim_init", "defense", "defense_strength", "final_stage", "run_name"]
+VARIANT_KEYS = ["protocol", "victim_init", "defense", "defense_strength", "final_stage", "run_name", "id_gallery"]
 PRIVACY_KEYS = ["method", "B", "defense", "defense_strength"]
 TEXT_COLUMNS = ("method", "run", "run_dir", "user", "grid", "grid_path", "user_dir", "true_histogram",
                 "inferred_counts", "label_strategy", "defense", "protocol", "victim_init", "run_name", "final_stage",
-                "setting")
+                "setting", "id_gallery")
 NON_METRIC = {"user", "B", "method", "dominant_class", "inferred_dominant", "evaluator_class", "evaluator_correct", "victim_class",
               "evaluator_class_raw", "nearest_index", "true_histogram", "inferred_counts", "label_strategy",
               "run", "run_dir", "grid", "grid_path", "user_dir", "seed", "defense", "defense_strength", "protocol",
-              "victim_init", "run_name", "final_stage", "refinish_source", "refinished_from", "setting"}
+              "victim_init", "run_name", "final_stage", "refinish_source", "refinished_from", "setting", "id_gallery"}
 RUN_DIR_SUFFIX = r"-\d{8}-\d{6}-[0-9a-f]{6}$"
 # Order of the main metrics in tables and figures; other numeric columns follow.
 MAIN_METRICS = ["mse_nearest", "mse_mean", "psnr_nearest", "psnr_mean", "ssim_nearest", "ssim_mean",
@@ -126,36 +126,68 @@ def run_name_of(run_dir: Path) -> Optional[str]:
     return None
 
 
-# config.yaml entries that runs of one privacy-curve setting may differ in (dotted paths): where the results go, the
-# seeds, the user range (split runs pool), logging and the defenses themselves (the curve's x); see setting_of
+# config entries (dotted paths; a key and everything under it) that runs of one privacy-curve setting may differ in:
+# where the results go, the seeds, the user range (split runs pool), logging, where the run executed, and the
+# defenses themselves (the curve's x); see setting_of
 POOLED_CONFIG_KEYS = ("output", "seed", "resume", "checkpoint_every", "image_log_every", "logger", "threat.defenses",
                       "users.init_args.first_user", "users.init_args.num_users", "users.init_args.seed",
-                      "trainer.enable_progress_bar", "trainer.devices", "trainer.num_nodes", "trainer.strategy")
+                      "attack.init_args.seed", "attack.init_args.log_images_every", "attack.init_args.log_prefix",
+                      "victim.init_seed", "trainer.accelerator", "trainer.devices", "trainer.num_nodes",
+                      "trainer.strategy", "trainer.enable_progress_bar", "trainer.enable_model_summary",
+                      "trainer.log_every_n_steps")
 
 
-def setting_of(run_dir: Path) -> Optional[str]:
-    """The run's setting apart from its defenses: 'cfg-' and 6 hex digits of the SHA-256 of its config.yaml without
-    :data:`POOLED_CONFIG_KEYS` (keys sorted), so the runs of one defense sweep share it and an ablation run (e.g. the
-    prior off) does not. None when the config cannot be read (such runs form their own group)."""
-    import hashlib
-    import json
+def _flat(node, prefix: str = "") -> dict:
+    """A nested dict as {dotted key: leaf value} (lists and empty dicts are leaves)."""
+    if isinstance(node, dict) and node:
+        out: dict = {}
+        for key, value in node.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: node}
 
+
+def _config_entries(path: Path) -> Optional[dict]:
+    """The run's config as flat dotted entries, with attack.py's defaults filled in when its parser still reads the
+    file (so an option added after the run, e.g. evaluation.face_gallery_users, does not split it from newer runs);
+    else the file as written. None when it cannot be read."""
+    import contextlib
+    import io
+
+    try:
+        import attack
+
+        parser = attack.build_parser()
+        with contextlib.redirect_stderr(io.StringIO()):
+            cfg = parser.parse_path(str(path))
+        import json as _json
+
+        return _flat(_json.loads(attack.dump_config(parser, cfg, "json")))
+    except (Exception, SystemExit):  # noqa: BLE001 - an older or foreign config: compare it as written
+        pass
     try:
         import yaml
 
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    except Exception:  # noqa: BLE001 - no readable config: no setting
+        raw = yaml.safe_load(path.read_text()) or {}
+    except Exception:  # noqa: BLE001
         return None
-    if not isinstance(cfg, dict):
+    return _flat(raw) if isinstance(raw, dict) else None
+
+
+def setting_of(run_dir: Path) -> Optional[str]:
+    """The run's setting apart from its defenses: 'cfg-' and 6 hex digits of the SHA-256 of its config entries
+    (:func:`_config_entries`: attack.py's defaults filled in) without :data:`POOLED_CONFIG_KEYS`, so the runs of one
+    defense sweep, halves of one run and runs on other devices share it and an ablation run (e.g. the prior off)
+    does not. None when the config cannot be read (such runs form their own group)."""
+    import hashlib
+    import json
+
+    entries = _config_entries(run_dir / "config.yaml")
+    if entries is None:
         return None
-    for key in POOLED_CONFIG_KEYS:
-        *parents, last = key.split(".")
-        node = cfg
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(last, None)
-    text = json.dumps(cfg, sort_keys=True, default=str)
+    kept = {k: v for k, v in entries.items()
+            if not any(k == p or k.startswith(p + ".") for p in POOLED_CONFIG_KEYS)}
+    text = json.dumps(kept, sort_keys=True, default=str)
     return "cfg-" + hashlib.sha256(text.encode()).hexdigest()[:6]
 
 

@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     for flag, path in (("--json", args.json), ("--grid", args.grid)):
         if path and Path(path).exists():
             ap.error(f"{flag} {path} exists: results are never overwritten; give a new path")
-    for name in (("ddpm_32",) if args.prior_only else ("victim_resnet18", "evaluator_convnet", "ddpm_32")):
+    for name in (("evaluator_convnet", "ddpm_32") if args.prior_only else ("victim_resnet18", "evaluator_convnet", "ddpm_32")):
         if not (Path(args.checkpoints) / name).is_dir():
             ap.error(f"{Path(args.checkpoints) / name} not found: --checkpoints must hold victim_resnet18, "
                      "evaluator_convnet and ddpm_32 (as checkpoints/fashion_mnist does)")

@@ -12,7 +12,7 @@ if [[ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]]; then
 fi
 
 PY_SYS="${PYTHON_SYS:-python3}"
-if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then  # none, or half-made (interrupted, no ensurepip)
+if [[ ! -x .venv/bin/python || ! -f .venv/pyvenv.cfg ]]; then  # none, or a half-made one (interrupted)
   rm -rf .venv
   if ! "$PY_SYS" -m venv .venv; then  # Debian splits venv/ensurepip into python3-venv
     rm -rf .venv
@@ -21,6 +21,7 @@ if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then  # none, or half-ma
     "$PY_SYS" -m venv .venv
   fi
 fi
+.venv/bin/python -m pip --version >/dev/null 2>&1 || .venv/bin/python -m ensurepip --upgrade  # e.g. a venv made by uv
 PY=.venv/bin/python
 "$PY" -m pip install -q --upgrade pip
 # torch first (a CUDA build that also runs on CPU; on these machines pip takes it from local disk)

@@ -120,7 +120,7 @@ def test_attack_py_writes_every_output(tmp_path):
         ({"attack.init_args.t_min": 900}, ValueError, "t_min"),
         ({"trainer.precision": "16-mixed"}, attack.ConfigError, r"trainer.precision: UserLevelInversion .*'16-mixed'"),
         ({"trainer.precision": "bf16-true"}, attack.ConfigError, "bf16-mixed"),
-        ({"evaluation.face_gallery_users": 3}, attack.ConfigError, "face_gallery_users is 3.*evaluation.faces: true"),
+        ({"evaluation.face_gallery_users": -1}, attack.ConfigError, "face_gallery_users is -1: set it to 0"),
     ],
 )
 def test_bad_input_fails_before_any_run_dir(tmp_path, overrides, error, match):

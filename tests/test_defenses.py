@@ -244,3 +244,7 @@ def test_two_seeded_defenses_of_one_client_draw_independent_noise():
     assert abs(float(torch.corrcoef(torch.stack([one, second]))[0, 1])) < 0.15  # independent, not a copy
     assert 0.9 < float(second.std()) < 1.1
     assert attack.defense_seed(0, 3, 1) == attack.defense_seed(0, 3, 1) != attack.defense_seed(0, 4, 1)
+    # an unseeded defense before a seeded one does not move the seeded one's stream (it keeps seed + user index)
+    prune = {"name": "topk_pruning", "keep_fraction": 1.0}
+    after_prune = attack.user_defenses(attack.ThreatSpec(defenses=[prune, dp]), 3)(zero)["w"] / 1e6
+    torch.testing.assert_close(after_prune, one)

@@ -485,3 +485,27 @@ def test_sweep_hash_does_not_depend_on_the_working_directory(tmp_path, tiny_base
     assert all(v is not None for v in s.resolved()["config_sha256"].values())
     monkeypatch.chdir(tmp_path)
     assert all(v is not None for v in s.resolved()["config_sha256"].values()) and s.hash() == here
+
+
+def test_setting_fills_defaults_and_ignores_where_a_run_executed(tmp_path):
+    """setting_of reads a config through attack.py's parser: a run written before an option existed (no
+    evaluation.face_gallery_users), one on another accelerator or with other seeds/user range/logging shares the
+    setting of the same experiment; another attack setting does not."""
+    parser = attack.build_parser()
+    cfg = parser.parse_args(["--config", str(ROOT / "configs" / "attack" / "fashion_mnist.yaml")])
+    base = yaml.safe_load(attack.dump_config(parser, cfg))
+
+    def setting(name, edit):
+        c = yaml.safe_load(yaml.safe_dump(base))
+        edit(c)
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text(yaml.safe_dump(c))
+        return report.setting_of(tmp_path / name)
+
+    ref = setting("ref", lambda c: None)
+    assert setting("old", lambda c: c["evaluation"].pop("face_gallery_users")) == ref
+    assert setting("gpu", lambda c: c["trainer"].update(accelerator="gpu", enable_model_summary=False)) == ref
+    assert setting("half", lambda c: (c["users"]["init_args"].update(first_user=10, num_users=10),
+                                      c["attack"]["init_args"].update(seed=3, log_images_every=50))) == ref
+    assert setting("no_prior", lambda c: c["attack"]["init_args"].update(use_prior=False)) != ref
+    assert setting("b50", lambda c: c["users"]["init_args"].update(batch_size=50)) != ref

@@ -64,6 +64,12 @@ pack() {  # the small result files of every run directory -> $OUTDIR/cells.tar.g
     && mv "$OUTDIR/.cells.tar.gz.tmp" "$OUTDIR/cells.tar.gz"
 }
 
+for cell in $CELLS; do  # every cell checked before any starts (a bad one would leave the others running)
+  m="${cell%%:*}"; b="${cell##*:}"
+  [[ "$cell" == *:* && "$b" =~ ^[0-9]+$ && "$b" -ge 1 ]] || { echo "bad cell '$cell' in CELLS: method:B with B >= 1" >&2; exit 1; }
+  [[ "$m" =~ ^(dlg|ig|full|fullrand)$ ]] || { echo "unknown method $m in CELLS (dlg, ig, full or fullrand)" >&2; exit 1; }
+done
+
 pids=(); names=()
 for cell in $CELLS; do
   method="${cell%%:*}"; b="${cell##*:}"
@@ -89,7 +95,10 @@ for cell in $CELLS; do
   done
 done
 echo "[cells] ${#pids[@]} processes started $(date)"
-( while sleep 60; do pack; done ) & packer=$!
+# the packer: its own output closed (an orphaned sleep would hold the call's stdout open), and a stop request waits
+# for a pack in progress to finish (two tars must never write the tarball at once)
+( exec >/dev/null 2>&1; trap 'kill "$s" 2>/dev/null; exit 0' TERM
+  while :; do sleep 60 & s=$!; wait "$s"; pack; done ) & packer=$!
 failed=0
 for k in "${!pids[@]}"; do
   wait "${pids[$k]}"; rc=$?
