@@ -14,7 +14,7 @@
 #                  is lost); the final-selection extension is applied here afterwards by
 #                  `python scripts/refinish.py RUN_DIR --config configs/extension/final_selection.yaml`
 # Settings by environment (defaults = the methods table's remaining cells):
-#   CELLS="dlg:50 ig:100 dlg:100"   FIRST_USERS="0 10"  USERS=10  UPS=USERS (full cells)
+#   CELLS="ig:100 dlg:100"          FIRST_USERS="0 10"  USERS=10  UPS=USERS (full cells)
 #   BUDGET_S=540                     the device call's timeout_s: the attacks are interrupted (finished users kept)
 #                                    so that the tarball is written before it (LIMIT_S overrides the attacks' time)
 #   ACCEL=gpu  EXTRA=""              trainer accelerator; extra attack.py arguments (a CPU smoke test:
@@ -34,7 +34,7 @@ PY="${PYTHON:-python3}"
 export HF_HUB_OFFLINE=1 WANDB_MODE=offline OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 TORCH_HOME="$PWD/.devdata/torch"
 OUTDIR="${OUT:-/tmp/cells_out}"; mkdir -p "$OUTDIR"
 RUNS="$(mktemp -d /tmp/cells.XXXXXX)"
-CELLS="${CELLS:-dlg:50 ig:100 dlg:100}"; FIRST_USERS="${FIRST_USERS:-0 10}"; USERS="${USERS:-10}"
+CELLS="${CELLS:-ig:100 dlg:100}"; FIRST_USERS="${FIRST_USERS:-0 10}"; USERS="${USERS:-10}"
 ACCEL="${ACCEL:-gpu}"; UPS="${UPS:-$USERS}"; EXTRA="${EXTRA:-}"; BUDGET_S="${BUDGET_S:-540}"
 [[ -f .devdata/fashion-mnist/t10k-images-idx3-ubyte.gz ]] || { echo "no .devdata/fashion-mnist: carry .devdata" >&2; exit 1; }
 
