@@ -31,7 +31,7 @@ import torch
 
 from datamodules.base import ImageDataModule
 from datamodules.fashion_mnist import DataNotFoundError
-from datamodules.folder import ImageListDataset, _choose, _examples, load_image, load_images, unreadable_images
+from datamodules.folder import ImageListDataset, _choose, load_image, load_images, raise_if_unreadable
 from datamodules.users import User, UserSource
 
 CROP = 178
@@ -400,13 +400,8 @@ class CelebAUsers(UserSource):
                         f"{IMAGE_DIR}/ fully extracted? " + _LAYOUT
                     )
                 paths.append(index.image_path(r))
-        bad = unreadable_images(paths)
-        if bad:
-            raise ValueError(
-                f"{len(bad)} of the {len(paths)} CelebA images these users use cannot be read as images: "
-                + _examples([f"{p} ({why})" for p, why in bad], 3)
-                + f". Fix: extract {IMAGE_DIR}/ again from the original archive (a damaged or partial copy)."
-            )
+        raise_if_unreadable(paths, f"the {len(paths)} CelebA images these users use",
+                            f"extract {IMAGE_DIR}/ again from the original archive (a damaged or partial copy).")
 
     def users(self) -> list[User]:
         """Build the users: images float32 (B, 3, image_size, image_size) in [0, 1], labels int64 (B,)."""

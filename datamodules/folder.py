@@ -62,6 +62,19 @@ def unreadable_images(paths: Sequence[str | os.PathLike]) -> list[tuple[str, str
     return bad
 
 
+def raise_if_unreadable(paths: Sequence[str | os.PathLike], what: str, fix: str) -> None:
+    """One error for the files among ``paths`` whose header PIL cannot read (:func:`unreadable_images`), before any
+    pixel is decoded: ``"<n bad> of <what> cannot be read as images: <first 3 (reason)>. Fix: <fix>"``.
+
+    Raises:
+        ValueError: some file is unreadable.
+    """
+    bad = unreadable_images(paths)
+    if bad:
+        raise ValueError(f"{len(bad)} of {what} cannot be read as images: "
+                         + _examples([f"{p} ({why})" for p, why in bad], 3) + f". Fix: {fix}")
+
+
 def _examples(items: Sequence[str], k: int = 5) -> str:
     """The first ``k`` of ``items`` joined by ', ' with ' ...' when there are more."""
     return ", ".join(items[:k]) + (" ..." if len(items) > k else "")
@@ -315,13 +328,8 @@ class FolderUsers(UserSource):
         """
         folders = self.user_folders()
         paths = [f for _, files in folders for f in files]
-        bad = unreadable_images(paths)
-        if bad:
-            raise ValueError(
-                f"{len(bad)} of the {len(paths)} images of the selected user folders under {self.root} cannot be "
-                "read as images: " + _examples([f"{p} ({why})" for p, why in bad], 3)
-                + ". Fix: delete these files or re-encode them as JPEG/PNG."
-            )
+        raise_if_unreadable(paths, f"the {len(paths)} images of the selected user folders under {self.root}",
+                            "delete these files or re-encode them as JPEG/PNG.")
         if self.label_mode == "index" and self._num_classes is not None and self._num_classes < len(folders):
             raise ValueError(
                 f"users.init_args.num_classes={self._num_classes} but label_mode='index' needs at least "
@@ -458,14 +466,9 @@ class ImageFolderDataModule(ImageDataModule):
             return
         files = find_images(self.root)
         if self.check_images:
-            bad = unreadable_images(files)
-            if bad:
-                raise ValueError(
-                    f"{len(bad)} of {len(files)} image files under {self.root} cannot be read as images: "
-                    + _examples([f"{p} ({why})" for p, why in bad], 3)
-                    + ". Fix: delete these files or re-encode them as JPEG/PNG (hidden files such as macOS '._*' "
-                    "are already skipped)."
-                )
+            raise_if_unreadable(files, f"{len(files)} image files under {self.root}",
+                                "delete these files or re-encode them as JPEG/PNG (hidden files such as macOS '._*' "
+                                "are already skipped).")
         n_val = int(round(self.val_fraction * len(files)))
         if self.val_fraction > 0:
             n_val = max(1, n_val)
