@@ -678,16 +678,9 @@ def comparable_config(parser: ArgumentParser, cfg: Namespace) -> dict:
         d.pop(k, None)
     for k in RESUMABLE_TRAINER_KEYS:
         (d.get("trainer") or {}).pop(k, None)
+    from inversion.cli import flat_entries
 
-    def flat(node, prefix=""):
-        if isinstance(node, dict) and node:
-            out = {}
-            for key, value in node.items():
-                out.update(flat(value, f"{prefix}{key}."))
-            return out
-        return {prefix[:-1]: node}
-
-    return flat(d)
+    return flat_entries(d)
 
 
 def open_resume_dir(parser: ArgumentParser, cfg: Namespace) -> tuple[Path, list[dict]]:

@@ -137,32 +137,22 @@ POOLED_CONFIG_KEYS = ("output", "seed", "resume", "checkpoint_every", "image_log
                       "trainer.log_every_n_steps")
 
 
-def _flat(node, prefix: str = "") -> dict:
-    """A nested dict as {dotted key: leaf value} (lists and empty dicts are leaves)."""
-    if isinstance(node, dict) and node:
-        out: dict = {}
-        for key, value in node.items():
-            out.update(_flat(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: node}
-
-
 def _config_entries(path: Path) -> Optional[dict]:
     """The run's config as flat dotted entries, with attack.py's defaults filled in when its parser still reads the
-    file (so an option added after the run, e.g. evaluation.face_gallery_users, does not split it from newer runs);
-    else the file as written. None when it cannot be read."""
+    file (:func:`attack.comparable_config`, which also drops keys that :data:`POOLED_CONFIG_KEYS` pools anyway; so an
+    option added after the run, e.g. evaluation.face_gallery_users, does not split it from newer runs); else the
+    file as written (:func:`inversion.cli.flat_entries`). None when it cannot be read."""
     import contextlib
     import io
+
+    from inversion.cli import flat_entries
 
     try:
         import attack
 
         parser = attack.build_parser()
         with contextlib.redirect_stderr(io.StringIO()):
-            cfg = parser.parse_path(str(path))
-        import json as _json
-
-        return _flat(_json.loads(attack.dump_config(parser, cfg, "json")))
+            return attack.comparable_config(parser, parser.parse_path(str(path)))
     except (Exception, SystemExit):  # noqa: BLE001 - an older or foreign config: compare it as written
         pass
     try:
@@ -171,7 +161,7 @@ def _config_entries(path: Path) -> Optional[dict]:
         raw = yaml.safe_load(path.read_text()) or {}
     except Exception:  # noqa: BLE001
         return None
-    return _flat(raw) if isinstance(raw, dict) else None
+    return flat_entries(raw) if isinstance(raw, dict) else None
 
 
 def setting_of(run_dir: Path) -> Optional[str]:
