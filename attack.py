@@ -628,17 +628,21 @@ def user_uid(user: User) -> str:
     return f"user_{uid}"
 
 
-def users_per_step_of(attack_cls, attack_kwargs: dict) -> int:
-    """``attack.init_args.users_per_step`` (default 1), checked before any long work.
+def users_per_step_of(attack_cls, attack_kwargs: dict, num_users: Optional[int] = None) -> int:
+    """``attack.init_args.users_per_step`` (default 1), checked before any long work; against ``num_users`` too
+    when it is known (an int: the source's setting, or the users built).
 
     Raises:
-        ConfigError: not an integer >= 1, or > 1 for an attack that attacks one user per fit.
+        ConfigError: not an integer >= 1, > 1 for an attack that attacks one user per fit, or more than the users.
     """
     per_step = attack_kwargs.get("users_per_step", 1)
     if isinstance(per_step, bool) or not isinstance(per_step, int) or per_step < 1:
         raise ConfigError(f"attack.init_args.users_per_step must be an integer >= 1, got {per_step!r}")
     if per_step > 1 and not getattr(attack_cls, "supports_many_users", False):
         raise ConfigError(f"{attack_cls.__name__} attacks one user per run: users_per_step must be 1, got {per_step}")
+    if isinstance(num_users, int) and per_step > num_users:
+        raise ConfigError(f"attack.init_args.users_per_step ({per_step}) is larger than the number of users "
+                          f"({num_users}): set it to at most {num_users}")
     return per_step
 
 
@@ -752,7 +756,7 @@ def prepare(parser: ArgumentParser, cfg: Namespace):
         raise ConfigError(f"victim: {exc}") from None
     attack_cls = resolve_attack_class(cfg.attack.class_path)
     attack_kwargs = dict(cfg.attack.init_args or {})
-    users_per_step_of(attack_cls, attack_kwargs)
+    users_per_step_of(attack_cls, attack_kwargs, getattr(source, "num_users", None))  # folder users: None = all
     try:
         attack_cls.check_precision(cfg.trainer.precision)
     except ValueError as exc:
@@ -768,11 +772,6 @@ def prepare(parser: ArgumentParser, cfg: Namespace):
                 probe.check_prior(prior)
             except ValueError as exc:
                 raise ConfigError(f"attack.init_args: {exc}") from None
-    per_step = users_per_step_of(attack_cls, attack_kwargs)
-    num_users = getattr(source, "num_users", None)
-    if isinstance(num_users, int) and per_step > num_users:
-        raise ConfigError(f"attack.init_args.users_per_step ({per_step}) is larger than the number of users "
-                          f"({num_users}): set it to at most {num_users}")
     evaluator = None
     if init.evaluation.evaluator:
         from lightning_modules.classifier import load_classifier
@@ -873,14 +872,11 @@ def run(cfg: Namespace) -> Path:
     if cfg.resume:
         run_dir, resume_rows = open_resume_dir(parser, cfg)
     init, source, victim, attack_cls, attack_kwargs, prior, evaluator = prepare(parser, cfg)
-    per_step = users_per_step_of(attack_cls, attack_kwargs)
     from inversion.scenario import victim_num_outputs
 
     victim_classes = victim_num_outputs(victim, source.image_shape)  # the server's label space
     users = source.users()
-    if per_step > len(users):
-        raise ConfigError(f"attack.init_args.users_per_step ({per_step}) is larger than the number of users "
-                          f"({len(users)}): set it to at most {len(users)}")
+    per_step = users_per_step_of(attack_cls, attack_kwargs, len(users))
     gallery = face_gallery(init, source, users)  # the identity columns' impostors (faces only)
     trainer_kwargs = {k: v for k, v in dict(cfg.trainer).items() if v is not None}
     trainer_kwargs.setdefault("enable_progress_bar", True)
