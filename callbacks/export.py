@@ -122,7 +122,7 @@ class ExportModel(Callback):
     def on_fit_start(self, trainer, pl_module) -> None:  # after a checkpoint restore, before the first step
         self.check_target(resuming=bool(trainer.ckpt_path))
         self._t0 = time.time()
-        from lightning_modules.classifier import run_seed
+        from lightning_modules.resumable import run_seed
 
         self._seed_everything = run_seed()
 

@@ -24,14 +24,7 @@ from lightning import LightningModule
 from safetensors.torch import load_file, save_file
 
 from inversion.fsutils import publish_file
-from lightning_modules.resumable import ResumableRNG, restore_init_weights
-
-
-def run_seed() -> Optional[int]:
-    """The run's seed as Lightning's ``seed_everything`` recorded it (the ``PL_GLOBAL_SEED`` environment variable;
-    train.py: the config's ``seed_everything``), or None when no seed was set. Exported configs record it."""
-    env = os.environ.get("PL_GLOBAL_SEED")
-    return int(env) if env is not None else None
+from lightning_modules.resumable import Resumable, run_seed
 
 ARCHITECTURES = ("resnet18", "convnet")
 WEIGHTS_FILE = "model.safetensors"
@@ -111,7 +104,7 @@ def build_classifier(
     return nn.Sequential(Normalize(mean, std), net)
 
 
-class ImageClassifier(ResumableRNG, LightningModule):
+class ImageClassifier(Resumable, LightningModule):
     """Train a victim or evaluator classifier with cross-entropy.
 
     Batches are ``(images, labels)`` with images float (B, C, H, W) in [0, 1] and labels int64 (B,).
@@ -180,12 +173,6 @@ class ImageClassifier(ResumableRNG, LightningModule):
 
     def test_step(self, batch, batch_idx):
         self._step(batch, "test")
-
-    def on_load_checkpoint(self, checkpoint) -> None:
-        """The RNG states (:class:`ResumableRNG`) and the warm start's provenance (``init_weights``, which train.py
-        drops when a checkpoint is restored) come back from the checkpoint."""
-        super().on_load_checkpoint(checkpoint)
-        restore_init_weights(self, checkpoint)
 
     def on_fit_start(self) -> None:
         """Remember the run's seed (``seed_everything`` sets ``PL_GLOBAL_SEED``) for the exported config."""

@@ -17,10 +17,10 @@ from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 from lightning import LightningModule
 
 from inversion.logging_utils import log_image_grid
-from lightning_modules.resumable import ResumableRNG, restore_init_weights
+from lightning_modules.resumable import Resumable
 
 
-class DDPMPrior(ResumableRNG, LightningModule):
+class DDPMPrior(Resumable, LightningModule):
     """Unconditional DDPM on images in [0, 1] (mapped to the prior's [-1, 1] inside).
 
     Args:
@@ -176,14 +176,8 @@ class DDPMPrior(ResumableRNG, LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint) -> None:  # EMA weights travel with the Lightning checkpoint
-        super().on_save_checkpoint(checkpoint)  # the RNG states (ResumableRNG)
+        super().on_save_checkpoint(checkpoint)  # the RNG states (Resumable)
         checkpoint["ema_decay"] = self.ema_decay
-
-    def on_load_checkpoint(self, checkpoint) -> None:
-        """Keep the warm start's provenance: train.py drops ``init_weights`` when a checkpoint is restored (its
-        weights replace them, and the folder may be gone), so it is read back from the checkpoint's hparams."""
-        super().on_load_checkpoint(checkpoint)
-        restore_init_weights(self, checkpoint)
 
     # ----------------------------------------------------------------------------------------------- sampling
     @torch.no_grad()
@@ -244,4 +238,3 @@ def sample_ddim(
             xt = sched.step(eps, t, xt, eta=0.0).prev_sample
         out.append(((xt.clamp(-1, 1) + 1) / 2).cpu())
     return torch.cat(out)
-

@@ -1,15 +1,16 @@
 """Resuming training runs: the state Lightning checkpoints leave out (the global random number generators'
-states) and the warm start's provenance (:func:`restore_init_weights`).
+states), the warm start's provenance (``init_weights``) and the run's seed (:func:`run_seed`).
 
 LightningCLI seeds every run (``seed_everything``) at start, a resumed run included, and Lightning restores the RNG
 states only for its own spawn launcher. Without this, a run resumed from ``last.ckpt`` replays the random stream of
 its first steps (the DDPM's noise and timesteps, the classifier's augmentation and shuffling) instead of continuing
-it. :class:`ResumableRNG` stores the torch (CPU and every CUDA device), numpy and ``random`` states in the
+it. :class:`Resumable` stores the torch (CPU and every CUDA device), numpy and ``random`` states in the
 checkpoint and sets them back when training starts again.
 """
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Any, Optional
 
@@ -44,12 +45,24 @@ def set_rng_states(states: dict[str, Any]) -> None:
     random.setstate(states["python"])
 
 
-class ResumableRNG:
-    """LightningModule mixin (put it before ``LightningModule`` in the bases): checkpoints carry the global RNG states
-    (:data:`RNG_KEY`), and a run resumed from one sets them at ``on_train_start``, after the CLI's re-seeding and
-    the restore, before the first batch is drawn. Rank 0 writes the checkpoint, so every rank resumes with rank
-    0's states (as ``seed_everything`` gives every rank the same seed). Checkpoints without the key (older runs)
-    resume as before."""
+def run_seed() -> Optional[int]:
+    """The run's seed as Lightning's ``seed_everything`` recorded it (the ``PL_GLOBAL_SEED`` environment variable;
+    train.py: the config's ``seed_everything``), or None when no seed was set. Exported configs record it."""
+    env = os.environ.get("PL_GLOBAL_SEED")
+    return int(env) if env is not None else None
+
+
+class Resumable:
+    """LightningModule mixin (put it before ``LightningModule`` in the bases) for train.py's resumes:
+
+    - checkpoints carry the global RNG states (:data:`RNG_KEY`), and a run resumed from one sets them at
+      ``on_train_start``, after the CLI's re-seeding and the restore, before the first batch is drawn. Rank 0 writes
+      the checkpoint, so every rank resumes with rank 0's states (as ``seed_everything`` gives every rank the same
+      seed). Checkpoints without the key (older runs) resume as before;
+    - the ``init_weights`` hparam comes back from the checkpoint when the module was built without it: train.py
+      drops ``model.init_args.init_weights`` when it restores a checkpoint (the checkpoint's weights replace them,
+      and the warm-start folder may be gone), and exported model cards should still name the warm start.
+    """
 
     _resume_rng: Optional[dict] = None
 
@@ -60,18 +73,12 @@ class ResumableRNG:
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         self._resume_rng = checkpoint.get(RNG_KEY)
+        saved = (checkpoint.get("hyper_parameters") or {}).get("init_weights")
+        if saved and not self.hparams.get("init_weights"):
+            self.hparams["init_weights"] = saved
 
     def on_train_start(self) -> None:
         super().on_train_start()
         if self._resume_rng is not None:
             set_rng_states(self._resume_rng)
             self._resume_rng = None
-
-
-def restore_init_weights(module: Any, checkpoint: dict) -> None:
-    """Put the checkpoint's ``init_weights`` hparam back when ``module`` was built without it: train.py drops
-    ``model.init_args.init_weights`` when it restores a checkpoint (the checkpoint's weights replace them, and the
-    warm-start folder may be gone), and exported model cards should still name the warm start."""
-    saved = (checkpoint.get("hyper_parameters") or {}).get("init_weights")
-    if saved and not module.hparams.get("init_weights"):
-        module.hparams["init_weights"] = saved
