@@ -350,36 +350,36 @@ def validate(sweep: Sweep) -> None:
                                  f"top-level groups: {', '.join(groups)}")
     cells_root = Path(sweep.root) / "cells"
 
-    def parse(argv: list[str]) -> Optional[str]:
+    def parse(argv: list[str]) -> tuple[Any, Any, Optional[str]]:
+        """(parser, parsed config or None, error message or None) of attack.py's parser on ``argv``."""
         p = attack.build_parser()
         p.exit_on_error = False
         try:
             with contextlib.redirect_stderr(io.StringIO()):
-                p.parse_args(argv)
+                return p, p.parse_args(argv), None
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - jsonargparse raises ArgumentError
-            return _condense(str(exc).strip()) or type(exc).__name__
-        return None
+            return p, None, _condense(str(exc).strip()) or type(exc).__name__
 
+    parsed = []
     for cell in sweep.cells:
-        msg = parse(cell.argv(sweep, cells_root))
+        p, cfg, msg = parse(cell.argv(sweep, cells_root))
         if msg is None:
+            parsed.append((cell, p, cfg))
             continue
         # name the culprit: the config files alone, else the first override that fails on its own
         files = ["--config", _absolute(sweep.base)]
         for c in sweep.configs + cell.config_files:
             files += ["--config", _absolute(c)]
         culprit = "its config files " + ", ".join(repr(c) for c in [sweep.base] + sweep.configs + cell.config_files)
-        if parse(files) is None:
+        if parse(files)[2] is None:
             culprit = "the combination of " + ", ".join(repr(k) for k, _ in cell.overrides)
             for k, v in cell.overrides:
-                if parse(files + [f"--{k}", _cli_value(v)]) is not None:
+                if parse(files + [f"--{k}", _cli_value(v)])[2] is not None:
                     culprit = f"key {k!r} = {v!r}"
                     break
         raise SweepError(f"cell {cell.slug!r}: attack.py rejects {culprit}: {msg}\nvalid top-level groups: "
                          f"{', '.join(groups)}")
-    for cell in sweep.cells:  # what attack.py checks before its first user (values, data, checkpoints, prior's T)
-        p = attack.build_parser()
-        cfg = p.parse_args(cell.argv(sweep, cells_root))
+    for cell, p, cfg in parsed:  # what attack.py checks before its first user (values, data, checkpoints, prior's T)
         try:
             with contextlib.redirect_stdout(io.StringIO()):
                 attack.check_devices(dict(cfg.trainer))
