@@ -15,6 +15,15 @@ Dimitrov et al. 2022 do, need no such approximation):
     pseudo_gradient = delta / (eta * local_steps)                                                  (1)
 
 which is exact for a single local step (E = 1, b >= B): delta = eta * g_FedSGD.
+
+Small-lr limit, and when it is not the FedSGD gradient. As eta -> 0 the weights barely move during the round, every
+local step's gradient is taken at w_before, and (1) tends to the unweighted mean of the K = ceil(B / b) mini-batch
+mean gradients of an epoch, ``(1/K) sum_k mean_{i in S_k} g_i`` (with ``shuffle`` the mini-batches change per epoch
+and the limit is the mean over the epochs). That equals the FedSGD gradient ``(1/B) sum_i g_i`` only when all
+mini-batches have the same size, i.e. **when b divides B** (or b >= B). When b does not divide B the short last
+mini-batch's mean gradient gets the same weight 1/K as the full ones, so its images are over-weighted and (1) does
+not approach the FedSGD gradient however small eta is: in float64 on a small conv net, ``||(1) - g|| / ||g||`` was
+about 0.6 at B = 5, b = 2, E = 1, eta = 1e-7 (and 1e-7 at B = 4, b = 2).
 """
 
 from __future__ import annotations
@@ -49,6 +58,11 @@ def fedavg_pseudo_gradient(
     delta: "OrderedDict[str, torch.Tensor]", local_lr: float, local_steps: int
 ) -> "OrderedDict[str, torch.Tensor]":
     """Eq. (1): ``delta / (local_lr * local_steps)`` per tensor (float32), the gradient-like target for attacks.
+
+    In the small-lr limit this is the unweighted mean of the local steps' mini-batch mean gradients. It is the FedSGD
+    gradient in that limit only when the local batch size b divides B (or b >= B): otherwise the short last
+    mini-batch's mean gets the same weight as the full ones and the error does not vanish as local_lr -> 0
+    (relative error about 0.6 at B = 5, b = 2, E = 1, local_lr = 1e-7 in float64; see the module docstring).
 
     Raises:
         ValueError: local_lr <= 0 or local_steps < 1.

@@ -168,3 +168,26 @@ def test_defense_noise_follows_the_user_not_its_position_in_the_run():
     named = User(user_id="alice", images=x, labels=y, num_classes=4, dominant_class=0, meta={"index": 10})
     assert attack.stable_user_index(named, 3) == 10
     assert attack.stable_user_index(User("bob", x, y, 4, 0), 3) == 3
+
+
+def test_pseudo_gradient_reaches_fedsgd_at_small_lr_only_when_b_divides_B():
+    """delta / (lr * steps) -> (1/K) sum_k (mean gradient of mini-batch k) as lr -> 0: the FedSGD gradient when the
+    local batch size b divides B, but not otherwise (the short last mini-batch weighs as much as a full one), as the
+    docstrings of inversion.fedavg say. float64 net and images, lr = 1e-7 (the O(lr) drift is negligible)."""
+    victim = bn_convnet().double()
+
+    def rel(a, b):
+        num = sum((a[n].double() - b[n]).pow(2).sum() for n in b).sqrt()
+        return float(num / sum(b[n].pow(2).sum() for n in b).sqrt())
+
+    for B, b, epochs in ((4, 2, 1), (6, 3, 2), (6, 1, 1), (3, 5, 2)):  # b divides B (or b >= B)
+        x, y = batch(B)
+        up = fedavg_client_update(victim, x.double(), y, epochs=epochs, local_lr=1e-7, local_batch_size=b)
+        assert rel(up.pseudo_gradient, fedsgd_gradient(victim, x.double(), y)) < 1e-5, (B, b, epochs)
+    x, y = batch(5)
+    x = x.double()
+    up = fedavg_client_update(victim, x, y, epochs=1, local_lr=1e-7, local_batch_size=2)  # mini-batches 2, 2, 1
+    assert up.local_steps == 3
+    assert rel(up.pseudo_gradient, fedsgd_gradient(victim, x, y)) > 0.1
+    means = [fedsgd_gradient(victim, x[s : s + 2], y[s : s + 2]) for s in (0, 2, 4)]
+    assert rel(up.pseudo_gradient, {n: sum(m[n] for m in means) / 3 for n in means[0]}) < 1e-5
