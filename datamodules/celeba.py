@@ -382,7 +382,8 @@ class CelebAUsers(UserSource):
 
     def check(self) -> None:
         """Fail early (before any long work): missing files, bad target/split, impossible B, missing images, images
-        whose header PIL cannot read (:func:`datamodules.folder.unreadable_images`; no pixel is decoded).
+        whose header PIL cannot read or whose end shows them truncated (:func:`datamodules.folder.unreadable_images`;
+        no pixel is decoded).
 
         Raises:
             DataNotFoundError: a listed image is missing. ValueError: see :meth:`plan`, or unreadable images (how
@@ -449,7 +450,10 @@ class CelebADataModule(ImageDataModule):
 
     Batches are ``(images, labels)``: images float32 (B, 3, image_size, image_size) in [0, 1] (178 centre crop,
     resize), labels int64 (B,). Images are loaded lazily with PIL in the Dataset (nothing kept in memory);
-    ``setup`` checks that every image file of the three splits exists (:func:`check_images_present`) before training.
+    ``setup`` checks, before training, that every image file the three splits use exists
+    (:func:`check_images_present`) and, with ``check_images``, that its header is readable and its end is intact
+    (:func:`datamodules.folder.unreadable_images`: a header read and one small read at the end of each file, no pixel
+    decoded; catches the truncated or empty files an interrupted unzip leaves).
 
     Targets:
         a binary attribute (e.g. 'Male'): labels 0/1, ``num_classes`` 2; train / val / test are the official
@@ -470,6 +474,8 @@ class CelebADataModule(ImageDataModule):
         augment: random horizontal flips for training.
         identity_holdout: share of the train partition held out for val/test with target 'identity', in [0, 1).
         seed: seed of that holdout.
+        check_images: check every used image's header and end in ``setup`` (default true; false skips that pass,
+            the existence check still runs).
     """
 
     channels = 3
@@ -484,6 +490,7 @@ class CelebADataModule(ImageDataModule):
         augment: bool = False,
         identity_holdout: float = 0.1,
         seed: int = 0,
+        check_images: bool = True,
     ) -> None:
         super().__init__(root, image_size, batch_size, num_workers, augment, seed)
         if not 0.0 <= identity_holdout < 1.0:
@@ -491,6 +498,7 @@ class CelebADataModule(ImageDataModule):
         self.save_hyperparameters()
         self.target = target
         self.identity_holdout = identity_holdout
+        self.check_images = check_images
 
     def index(self) -> CelebAIndex:
         """The parsed CelebA txt files under ``root`` (:func:`load_celeba_index`, cached), after checking ``target``.
@@ -536,12 +544,14 @@ class CelebADataModule(ImageDataModule):
         )
 
     def setup(self, stage: Optional[str] = None) -> None:
-        """Build the train / val / test datasets (once; ``stage`` is ignored), after checking every image exists.
+        """Build the train / val / test datasets (once; ``stage`` is ignored), after checking that every image
+        exists and (``check_images``) has a readable header and an intact end.
 
         Raises:
             DataNotFoundError: txt files missing (:func:`find_celeba_root`) or image files of the splits missing
                 (:func:`check_images_present`: how many, the first few, the fix).
-            ValueError: malformed txt files, unknown target, or fewer training images than ``batch_size``.
+            ValueError: malformed txt files, unknown target, fewer training images than ``batch_size``, or image
+                files that cannot be read or are truncated (how many, the first few with the reason, the fix).
         """
         if self._train is not None:
             return
@@ -566,7 +576,13 @@ class CelebADataModule(ImageDataModule):
                 f"CelebA training set has {len(parts['train'][0])} images, fewer than data.init_args.batch_size="
                 f"{self.batch_size}; lower batch_size"
             )
-        check_images_present(index, np.concatenate([rows for rows, _ in parts.values()]))
+        used = np.concatenate([rows for rows, _ in parts.values()])
+        check_images_present(index, used)
+        if self.check_images:
+            raise_if_unreadable([index.image_path(r) for r in used.tolist()],
+                                f"the {len(used)} CelebA images used (listed in {IDENTITY_FILE})",
+                                f"extract {IMAGE_DIR}/ again completely from the original archive (a damaged or "
+                                "partial copy: an interrupted unzip leaves truncated or empty files).")
         self._train = self._dataset(index, *parts["train"], train=True)
         self._val = self._dataset(index, *parts["val"], train=False)
         self._test = self._dataset(index, *parts["test"], train=False)

@@ -13,7 +13,8 @@ Every image is centre-cropped to the largest square and resized (PIL bilinear, a
 pixels are float32 in [0, 1]. Extensions are matched case-insensitively; other files (``.txt``, ``.DS_Store``) are
 ignored, and so are hidden files and folders (names starting with '.', e.g. macOS AppleDouble ``._x.jpg`` files left
 by copying or unzipping on a Mac). A file with an image extension that PIL cannot decode raises a ``ValueError``
-naming it; :class:`ImageFolderDataModule` checks every file's header in ``setup``, before training.
+naming it; :class:`ImageFolderDataModule` (in ``setup``) and :class:`FolderUsers` (in ``check``) check every file's
+header and end (:func:`unreadable_images`: a truncated JPEG/PNG is caught) before training or attacking.
 """
 
 from __future__ import annotations
@@ -42,32 +43,80 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+# bytes some writers leave after a JPEG's end-of-image marker (zero or whitespace padding); anything else there
+# means the file was cut short (an interrupted copy, download or unzip)
+_JPEG_PADDING = b"\x00 \t\r\n"
+_TAIL_BYTES = 4096  # read from the end of each file for the tail check
+
+
+def _damaged_end(fh, fmt: Optional[str]) -> Optional[str]:
+    """Why the end of the open binary file ``fh`` (any position; PIL format ``fmt``) shows it truncated, or None.
+
+    JPEG (and MPO, the multi-picture JPEG of some cameras): after stripping trailing zero/whitespace padding the file
+    must end with the end-of-image marker FF D9. PNG: its last ``_TAIL_BYTES`` bytes must hold the ``IEND`` chunk.
+    Other formats: None (no end check). Reads one ``_TAIL_BYTES`` block from the end (more only while it is all
+    padding)."""
+    if fmt not in ("JPEG", "MPO", "PNG"):
+        return None
+    end = fh.seek(0, os.SEEK_END)
+    if fmt == "PNG":
+        fh.seek(max(0, end - _TAIL_BYTES))
+        return None if b"IEND" in fh.read() else "truncated: no PNG IEND chunk at the end of the file"
+    data = b""
+    while end > 0:  # backwards block by block while what was read is padding (nearly always one block)
+        start = max(0, end - _TAIL_BYTES)
+        fh.seek(start)
+        data = (fh.read(end - start) + data).rstrip(_JPEG_PADDING)
+        end = start
+        if len(data) >= 2:
+            break
+    if data.endswith(b"\xff\xd9"):
+        return None
+    return "truncated: the file does not end with the JPEG end-of-image marker FF D9"
+
+
 def unreadable_images(paths: Sequence[str | os.PathLike]) -> list[tuple[str, str]]:
-    """The files among ``paths`` whose header PIL cannot read, without decoding any pixels (``Image.open`` parses
-    the header only: about 60 microseconds a file, so 200k files take seconds).
+    """The files among ``paths`` that are missing, whose header PIL cannot read, or whose end shows them truncated
+    (what an interrupted copy or unzip leaves), without decoding any pixel.
+
+    Per file: ``Image.open`` parses the header only, then one small block is read from the end of the file
+    (:func:`_damaged_end`): a JPEG must end with its end-of-image marker FF D9 (trailing zero/whitespace padding
+    allowed), a PNG must hold its ``IEND`` chunk near the end; other formats get the header check only. About 50
+    microseconds a file when the files are in the page cache (2,000 CelebA JPEGs: 0.1 s; 200k: about 10 s), more on
+    a cold disk (two small reads per file). Damage inside the pixel data of a complete file is not detected: it
+    fails when the image is loaded.
 
     Returns:
-        ``(path, reason)`` for each bad file (missing, unreadable, or not a recognisable JPEG/PNG/... header), in the
-        order of ``paths``; [] when all are fine.
+        ``(path, reason)`` for each bad file, in the order of ``paths``; [] when all are fine.
     """
     bad = []
     for p in paths:
         try:
-            with Image.open(p) as img:
-                w, h = img.size
-            if w < 1 or h < 1:
-                bad.append((str(p), f"size {w}x{h}"))
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            with open(p, "rb") as fh:
+                with Image.open(fh) as img:
+                    w, h = img.size
+                    fmt = img.format
+                if w < 1 or h < 1:
+                    bad.append((str(p), f"size {w}x{h}"))
+                    continue
+                why = _damaged_end(fh, fmt)
+            if why:
+                bad.append((str(p), why))
+        except UnidentifiedImageError:  # its message would show the file object, not the path
+            empty = os.path.getsize(p) == 0
+            bad.append((str(p), "empty file (0 bytes)" if empty else "PIL cannot identify it as an image"))
+        except (OSError, SyntaxError, ValueError) as exc:
             bad.append((str(p), f"{type(exc).__name__}: {exc}"))
     return bad
 
 
 def raise_if_unreadable(paths: Sequence[str | os.PathLike], what: str, fix: str) -> None:
-    """One error for the files among ``paths`` whose header PIL cannot read (:func:`unreadable_images`), before any
-    pixel is decoded: ``"<n bad> of <what> cannot be read as images: <first 3 (reason)>. Fix: <fix>"``.
+    """One error for the files among ``paths`` that :func:`unreadable_images` rejects (missing, unreadable header,
+    truncated end), before any pixel is decoded: ``"<n bad> of <what> cannot be read as images: <first 3 (reason)>.
+    Fix: <fix>"``.
 
     Raises:
-        ValueError: some file is unreadable.
+        ValueError: some file is bad.
     """
     bad = unreadable_images(paths)
     if bad:
@@ -321,7 +370,8 @@ class FolderUsers(UserSource):
 
     def check(self) -> None:
         """Fail early (before any long work): missing root, too few users, a user with fewer than B images, or an
-        image of a selected folder whose header PIL cannot read (:func:`unreadable_images`; no pixel decoded).
+        image of a selected folder whose header PIL cannot read or whose end shows it truncated
+        (:func:`unreadable_images`; no pixel decoded).
 
         Raises:
             DataNotFoundError: see :meth:`user_folders`. ValueError: the cases above, with the fix.
@@ -329,7 +379,8 @@ class FolderUsers(UserSource):
         folders = self.user_folders()
         paths = [f for _, files in folders for f in files]
         raise_if_unreadable(paths, f"the {len(paths)} images of the selected user folders under {self.root}",
-                            "delete these files or re-encode them as JPEG/PNG.")
+                            "delete these files or re-encode them as JPEG/PNG (a truncated file: copy it again "
+                            "from its source).")
         if self.label_mode == "index" and self._num_classes is not None and self._num_classes < len(folders):
             raise ValueError(
                 f"users.init_args.num_classes={self._num_classes} but label_mode='index' needs at least "
@@ -411,9 +462,10 @@ class ImageFolderDataModule(ImageDataModule):
     to square, resize), labels int64 zeros (so :class:`lightning_modules.ddpm.DDPMPrior`, which takes ``batch[0]``,
     works unchanged). Images are loaded lazily with PIL. A seeded ``val_fraction`` of the files is held out for
     validation (at least one file when the fraction is > 0); the test loader reuses the validation files. Hidden
-    files and folders are not listed (:func:`find_images`); ``setup`` reads every listed file's header
-    (:func:`unreadable_images`, seconds for 200k files) and raises one error naming the bad files, so an undecodable
-    file fails the run before training instead of inside a DataLoader worker hours in.
+    files and folders are not listed (:func:`find_images`); ``setup`` reads every listed file's header and a small
+    block of its end (:func:`unreadable_images`: unreadable headers and truncated JPEG/PNG files; no pixel decoded)
+    and raises one error naming the bad files, so such a file fails the run before training instead of inside a
+    DataLoader worker hours in.
 
     Args:
         root: folder searched recursively for .jpg/.jpeg/.png.
@@ -424,12 +476,12 @@ class ImageFolderDataModule(ImageDataModule):
         num_workers: DataLoader workers.
         augment: random horizontal flips for training.
         seed: seed of the validation split.
-        check_images: read every image's header in ``setup`` (default true; false skips the check).
+        check_images: check every image's header and end in ``setup`` (default true; false skips the check).
 
     Raises (``setup``):
         DataNotFoundError: ``root`` missing or without images.
-        ValueError: fewer training images than ``batch_size``; or files PIL cannot open (the message gives their
-            number, the first few with the reason, and the fix).
+        ValueError: fewer training images than ``batch_size``; or files PIL cannot open or that are truncated (the
+            message gives their number, the first few with the reason, and the fix).
     """
 
     num_classes = 1
@@ -460,14 +512,15 @@ class ImageFolderDataModule(ImageDataModule):
         find_images(self.root)  # fail early with the path and the config key
 
     def setup(self, stage: Optional[str] = None) -> None:
-        """List the images, check their headers (``check_images``), split off validation (once; ``stage`` is
-        ignored). Raises as documented on the class."""
+        """List the images, check their headers and ends (``check_images``), split off validation (once; ``stage``
+        is ignored). Raises as documented on the class."""
         if self._train is not None:
             return
         files = find_images(self.root)
         if self.check_images:
             raise_if_unreadable(files, f"{len(files)} image files under {self.root}",
-                                "delete these files or re-encode them as JPEG/PNG (hidden files such as macOS '._*' "
+                                "delete these files or re-encode them as JPEG/PNG (a truncated file: copy it again "
+                                "from its source; hidden files such as macOS '._*' "
                                 "are already skipped).")
         n_val = int(round(self.val_fraction * len(files)))
         if self.val_fraction > 0:

@@ -1,0 +1,84 @@
+"""Pre-checks of the data sources: bad files and settings give one clear error before any long work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from datamodules.celeba import CelebADataModule, CelebAUsers
+from datamodules.folder import FolderUsers, ImageFolderDataModule, unreadable_images
+from tests.test_celeba_folder import _noise, make_celeba
+
+
+# ------------------------------------------------------------------------------------------------ truncated images
+def _truncate(path: Path, keep: float = 0.6) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_truncated_or_empty_images_fail_the_pre_checks(tmp_path):
+    """An interrupted unzip leaves truncated and empty files whose header still reads: the tail check catches them
+    (JPEG without its FF D9 end marker, PNG without IEND), while padded but complete JPEGs pass."""
+    good_jpg, good_png = tmp_path / "good.jpg", tmp_path / "good.png"
+    _noise(40, 30, seed=1).save(good_jpg, quality=90)
+    _noise(40, 30, seed=2).save(good_png)
+    padded = tmp_path / "padded.jpg"  # some writers pad after the end marker
+    padded.write_bytes(good_jpg.read_bytes() + b"\x00" * 5000 + b" \r\n")
+    cut_jpg, cut_png, empty = tmp_path / "cut.jpg", tmp_path / "cut.png", tmp_path / "empty.jpg"
+    cut_jpg.write_bytes(good_jpg.read_bytes())
+    _truncate(cut_jpg)
+    cut_png.write_bytes(good_png.read_bytes())
+    _truncate(cut_png)
+    empty.write_bytes(b"")
+    with Image.open(cut_jpg) as img:  # the header alone does not show the damage
+        assert img.size == (40, 30)
+    bad = dict(unreadable_images([good_jpg, good_png, padded, cut_jpg, cut_png, empty]))
+    assert sorted(bad) == sorted(str(p) for p in (cut_jpg, cut_png, empty))
+    assert "FF D9" in bad[str(cut_jpg)] and "IEND" in bad[str(cut_png)]
+
+    # a training folder: one error at setup naming the file, nothing built
+    root = tmp_path / "ffhq"
+    root.mkdir()
+    for k in range(4):
+        _noise(40, 40, seed=k).save(root / f"{k}.jpg")
+    _truncate(root / "2.jpg")
+    dm = ImageFolderDataModule(str(root), image_size=16, batch_size=2, val_fraction=0.0)
+    with pytest.raises(ValueError, match=rf"1 of 4 image files .*2\.jpg \(truncated.*copy it again"):
+        dm.setup("fit")
+    assert dm._train is None
+    # folder users: check() fails the same way
+    (tmp_path / "users" / "amy").mkdir(parents=True)
+    _noise(60, 60, seed=1).save(tmp_path / "users" / "amy" / "a.jpg")
+    _truncate(tmp_path / "users" / "amy" / "a.jpg")
+    with pytest.raises(ValueError, match=r"a\.jpg \(truncated"):
+        FolderUsers(str(tmp_path / "users"), batch_size=1).check()
+
+
+def test_celeba_datamodule_setup_rejects_truncated_images(tmp_path):
+    gt = make_celeba(tmp_path)
+    images = tmp_path / "celeba" / "img_align_celeba"
+    train_files = sorted(f for f, g in gt.items() if g[1] == 0)
+    _truncate(images / train_files[0])
+    (images / train_files[2]).write_bytes(b"")
+    dm = CelebADataModule(tmp_path, target="Male", batch_size=2)
+    with pytest.raises(ValueError) as err:
+        dm.setup("fit")
+    msg = str(err.value)
+    assert msg.startswith(f"2 of the {len(gt)} CelebA images used")
+    assert str(images / train_files[0]) in msg and "truncated" in msg and str(images / train_files[2]) in msg
+    assert "extract img_align_celeba/ again" in msg
+    assert dm._train is None
+    # the pass can be switched off (the existence check still runs)
+    off = CelebADataModule(tmp_path, target="Male", batch_size=2, check_images=False)
+    off.setup("fit")
+    assert len(off._train) == len(train_files)
+    # the users' check() sees truncated files too
+    _noise(178, 218, seed=0).save(images / train_files[2], quality=95)
+    for f in train_files[1:]:
+        _truncate(images / f, keep=0.9)
+    spec = CelebAUsers(tmp_path, num_users=2, batch_size=3, split="train", target="Male")
+    with pytest.raises(ValueError, match=r"of the 6 CelebA images these users use .*\(truncated: .*FF D9"):
+        spec.check()
