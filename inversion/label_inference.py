@@ -181,6 +181,27 @@ LABEL_STRATEGIES: dict[str, Callable[[torch.Tensor, Optional[int]], LabelInferen
 }
 
 
+def check_label_threat(strategy: str, batch_size: Optional[int], known_labels: bool) -> None:
+    """Raise what :func:`infer_labels` would raise for ``strategy`` before it reads any gradient.
+
+    Args:
+        strategy: 'bias_corrected', 'sign', 'idlg' or 'known'.
+        batch_size: the B the server is given (None: not revealed; then no B-dependent check).
+        known_labels: whether the server is given the labels (threat model ``known_labels``).
+
+    Raises:
+        ValueError: 'known' without labels, an unknown strategy, or 'idlg' with a given B > 1.
+    """
+    if strategy == "known":
+        if not known_labels:
+            raise ValueError("label_strategy 'known' needs the labels in the server view (threat model known_labels)")
+        return
+    if strategy not in LABEL_STRATEGIES:
+        raise ValueError(f"unknown label strategy {strategy!r}; choose one of {sorted(LABEL_STRATEGIES) + ['known']}")
+    if strategy == "idlg" and batch_size not in (None, 1):
+        raise ValueError(f"label strategy 'idlg' is exact only for B = 1, got B = {batch_size}; use bias_corrected")
+
+
 def infer_labels(
     target_gradient: "OrderedDict[str, torch.Tensor]",
     num_classes: int,
@@ -200,14 +221,9 @@ def infer_labels(
     Raises:
         ValueError: unknown strategy, 'idlg' with B > 1, or 'known' without labels.
     """
+    check_label_threat(strategy, batch_size, known_labels is not None)
     if strategy == "known":
-        if known_labels is None:
-            raise ValueError("label_strategy 'known' needs the labels in the server view (threat model known_labels)")
         counts = torch.bincount(known_labels.long().cpu(), minlength=num_classes).float()
         return LabelInference(counts, counts > 0, int(counts.argmax()), "known")
-    if strategy not in LABEL_STRATEGIES:
-        raise ValueError(f"unknown label strategy {strategy!r}; choose one of {sorted(LABEL_STRATEGIES) + ['known']}")
-    if strategy == "idlg" and batch_size not in (None, 1):
-        raise ValueError(f"label strategy 'idlg' is exact only for B = 1, got B = {batch_size}; use bias_corrected")
     signal = last_layer_signal(target_gradient, num_classes).cpu()
     return LABEL_STRATEGIES[strategy](signal, batch_size)

@@ -15,7 +15,7 @@ import torch
 from lightning import LightningModule
 from torch.utils.data import DataLoader, Dataset
 
-from inversion.label_inference import LabelInference
+from inversion.label_inference import LabelInference, check_label_threat
 from inversion.scenario import ServerView
 
 
@@ -140,6 +140,26 @@ class GradientInversionAttack(LightningModule):
         from inversion.label_inference import LABEL_STRATEGIES
 
         return (*cls.extra_label_strategies, *LABEL_STRATEGIES, "known")
+
+    def check_threat(self, batch_size: Optional[int], reveal_batch_size: bool, known_labels: bool) -> None:
+        """Raise, before any client update or run directory, the threat-model mismatch :meth:`bind` would raise.
+
+        attack.py calls it on its probe instance in ``prepare``. :meth:`bind` keeps its own checks; this one only
+        moves them earlier. Here: the label strategy against the threat model (as
+        :func:`inversion.label_inference.infer_labels` checks it at bind); subclasses add their own.
+
+        Args:
+            batch_size: the users' batch size B when the data source knows it, None when it is unknown or varies
+                (then the checks that depend on B are skipped).
+            reveal_batch_size: the threat model reveals B (False: the server view has ``batch_size=None``).
+            known_labels: the threat model gives the server the labels.
+
+        Raises:
+            ValueError: label_strategy 'known' without ``known_labels``; 'idlg' with a revealed B > 1.
+        """
+        if self.label_strategy in self.extra_label_strategies:  # the attack's own strategy (DLG's 'optimize')
+            return
+        check_label_threat(self.label_strategy, batch_size if reveal_batch_size else None, known_labels)
 
     def bind(self, view: ServerView, prior: Optional[Any] = None) -> "GradientInversionAttack":
         """Attach what the server sees (and, for attacks with ``requires_prior``, the diffusion prior); returns self.

@@ -140,6 +140,18 @@ def labels_from_counts(counts: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _needs_batch_size_message(attack_name: str) -> str:
+    return (
+        f"{attack_name} is a sample-level attack and needs the batch size B (it reconstructs B images), but the "
+        "server view has batch_size=None; use a threat model that reveals B, or the user-level attack"
+    )
+
+
+def _single_image_message(batch_size: int) -> str:
+    return (f"iDLG is defined for a single image (B = 1), got batch_size={batch_size}; use DLG or InvertingGradients "
+            "for B > 1")
+
+
 class SampleLevelAttack(GradientInversionAttack):
     """Common part of the sample-level baselines: binding, frozen victim, dummy gradients, representative choice.
 
@@ -183,11 +195,7 @@ class SampleLevelAttack(GradientInversionAttack):
             TargetGradientError: the target gradient does not fit the victim or holds NaN/inf.
         """
         if view.batch_size is None:
-            raise ValueError(
-                f"{type(self).__name__} is a sample-level attack and needs the batch size B (it reconstructs B "
-                "images), but the server view has batch_size=None; use a threat model that reveals B, or the "
-                "user-level attack"
-            )
+            raise ValueError(_needs_batch_size_message(type(self).__name__))
         if view.batch_size < 1:
             raise ValueError(f"view.batch_size must be >= 1, got {view.batch_size}")
         check_target_gradient(view.victim, view.target_gradient)
@@ -207,6 +215,17 @@ class SampleLevelAttack(GradientInversionAttack):
         self._steps_done = 0
         self._init_variables(view)
         return self
+
+    def check_threat(self, batch_size: Optional[int], reveal_batch_size: bool, known_labels: bool) -> None:
+        """:meth:`GradientInversionAttack.check_threat` after the check of :meth:`bind`: the threat model must
+        reveal B.
+
+        Raises:
+            ValueError: ``reveal_batch_size`` is False; then the label strategy's mismatches (base class).
+        """
+        if not reveal_batch_size:
+            raise ValueError(_needs_batch_size_message(type(self).__name__))
+        super().check_threat(batch_size, reveal_batch_size, known_labels)
 
     def _init_variables(self, view: ServerView) -> None:
         raise NotImplementedError
@@ -453,7 +472,8 @@ class iDLG(DLG):
     :func:`l2_gradient_distance`. Arguments as :class:`DLG`.
 
     Raises:
-        ValueError: at construction, ``label_strategy`` is not 'idlg'/'known'; at bind, B is not 1 (see :meth:`bind`).
+        ValueError: at construction, ``label_strategy`` is not 'idlg'/'known'; at bind (and earlier in
+            :meth:`check_threat`), B is not 1 (see :meth:`bind`).
     """
 
     def __init__(
@@ -483,9 +503,19 @@ class iDLG(DLG):
             TargetGradientError: the target gradient does not fit the victim or holds NaN/inf.
         """
         if view.batch_size is not None and view.batch_size != 1:
-            raise ValueError(f"iDLG is defined for a single image (B = 1), got batch_size={view.batch_size}; use DLG "
-                             "or InvertingGradients for B > 1")
+            raise ValueError(_single_image_message(view.batch_size))
         return super().bind(view, prior)
+
+    def check_threat(self, batch_size: Optional[int], reveal_batch_size: bool, known_labels: bool) -> None:
+        """As :meth:`SampleLevelAttack.check_threat`, after refusing a known B other than 1 (revealed or not: iDLG
+        cannot attack such users either way).
+
+        Raises:
+            ValueError: ``batch_size`` is given and is not 1; then as :meth:`SampleLevelAttack.check_threat`.
+        """
+        if batch_size is not None and batch_size != 1:
+            raise ValueError(_single_image_message(batch_size))
+        super().check_threat(batch_size, reveal_batch_size, known_labels)
 
 
 # ----------------------------------------------------------------------------------------------------------------
