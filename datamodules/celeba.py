@@ -122,14 +122,88 @@ class CelebAIndex:
         return self.attribute_names.index(name)
 
 
+_REFETCH = ("the file is damaged or not CelebA's original: get it again from "
+            "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html")
+
+
+def _is_int(token: str) -> bool:
+    try:
+        int(token)
+    except ValueError:
+        return False
+    return True
+
+
+def _first_bad_line(path: Path, first_line: int, ok) -> str:
+    """``" line <n>: '<text>'"`` for the first non-blank line (1-based, from ``first_line`` on) whose
+    whitespace-split fields ``ok`` rejects, or "" when every line passes. Only called once a file is known to be bad,
+    so the extra read costs nothing on good data."""
+    with open(path, encoding="utf-8-sig", errors="replace") as fh:
+        for no, line in enumerate(fh, 1):
+            if no >= first_line and line.strip() and not ok(line.split()):
+                text = line.rstrip("\r\n")
+                return f" line {no}: {text[:100]!r}" + (" ..." if len(text) > 100 else "")
+    return ""
+
+
 def _read_two_columns(path: Path, what: str) -> pd.Series:
+    """``<file> <integer>`` lines as a Series of int64 indexed by file name.
+
+    Raises:
+        ValueError: a line without exactly two fields or with a non-integer second field (the message names the
+            file and the first bad line).
+    """
+    def ok(fields: list) -> bool:
+        return len(fields) == 2 and _is_int(fields[1])
+
     try:
         df = pd.read_csv(path, sep=r"\s+", header=None, names=["file", what], dtype={"file": str}, engine="c")
     except Exception as exc:
-        raise ValueError(f"{path}: cannot be parsed as '<file> <{what}>' lines ({exc})") from exc
-    if df[what].isna().any() or not np.issubdtype(df[what].dtype, np.integer):
-        raise ValueError(f"{path}: expected '<file> <integer {what}>' on every line")
-    return df.set_index("file")[what]
+        raise ValueError(f"{path}: cannot be parsed as '<file> <integer {what}>' lines"
+                         f"{_first_bad_line(path, 1, ok) or ''} ({exc}). Fix: {_REFETCH}") from exc
+    if df.empty:
+        raise ValueError(f"{path}: is empty (expected one '<file> <integer {what}>' line per image). Fix: {_REFETCH}")
+    # pandas 3 reads a column holding a word as its string dtype (np.issubdtype cannot take it): pandas' predicate
+    if df[what].isna().any() or not pd.api.types.is_integer_dtype(df[what].dtype):
+        raise ValueError(f"{path}: expected '<file> <integer {what}>' on every line, but"
+                         f"{_first_bad_line(path, 1, ok) or ' some line is not'}. Fix: {_REFETCH}")
+    return df.set_index("file")[what].astype(np.int64)
+
+
+def _read_attributes(path: Path) -> tuple[tuple, pd.DataFrame]:
+    """``list_attr_celeba.txt``: line 1 the image count, line 2 the attribute names, then ``<file> <-1|1 ...>``.
+
+    Returns:
+        (attribute names, DataFrame of int values -1/1 indexed by file name, one column per name).
+
+    Raises:
+        ValueError: line 1 is not a single integer or line 2 is not a list of names (e.g. the count line is
+            missing); a row without one -1/1 value per name (the message names the file and the first bad line).
+    """
+    with open(path, encoding="utf-8-sig", errors="replace") as fh:
+        first, second = fh.readline(), fh.readline()
+    count, names = first.split(), tuple(second.split())
+    if len(count) != 1 or not _is_int(count[0]) or not names or any(_is_int(n) for n in names):
+        raise ValueError(
+            f"{path}: line 1 must be the image count, line 2 the 40 attribute names (CelebA's header: '202599', then "
+            f"'5_o_Clock_Shadow Arched_Eyebrows ...'); found line 1 {first.strip()[:60]!r}, line 2 "
+            f"{second.strip()[:60]!r}. Fix: restore the two header lines, or {_REFETCH}"
+        )
+
+    def ok(fields: list) -> bool:
+        return len(fields) == len(names) + 1 and all(_is_int(f) and int(f) in (-1, 1) for f in fields[1:])
+
+    try:
+        attrs = pd.read_csv(
+            path, sep=r"\s+", header=None, skiprows=2, names=("file",) + names, dtype={"file": str}, engine="c"
+        ).set_index("file")
+    except Exception as exc:
+        raise ValueError(f"{path}: cannot be parsed{_first_bad_line(path, 3, ok) or ''} ({exc}). "
+                         f"Fix: {_REFETCH}") from exc
+    if not all(pd.api.types.is_integer_dtype(t) for t in attrs.dtypes) or not np.isin(attrs.to_numpy(), (-1, 1)).all():
+        raise ValueError(f"{path}: every row needs {len(names)} values of -1 or 1 after the file name, but"
+                         f"{_first_bad_line(path, 3, ok) or ' some row has not'}. Fix: {_REFETCH}")
+    return names, attrs
 
 
 @lru_cache(maxsize=4)
@@ -137,21 +211,7 @@ def _load_index_cached(base: str, stamp: tuple) -> CelebAIndex:
     base_p = Path(base)
     ident = _read_two_columns(base_p / IDENTITY_FILE, "identity")
     part = _read_two_columns(base_p / PARTITION_FILE, "partition")
-    attr_path = base_p / ATTR_FILE
-    with open(attr_path) as fh:
-        fh.readline()
-        names = tuple(fh.readline().split())
-    if not names:
-        raise ValueError(f"{attr_path}: line 2 must list the attribute names")
-    try:
-        attrs = pd.read_csv(
-            attr_path, sep=r"\s+", header=None, skiprows=2, names=("file",) + names, dtype={"file": str}, engine="c"
-        ).set_index("file")
-    except Exception as exc:
-        raise ValueError(f"{attr_path}: cannot be parsed ({exc})") from exc
-    values = attrs.to_numpy()
-    if not all(np.issubdtype(t, np.integer) for t in attrs.dtypes) or not np.isin(values, (-1, 1)).all():
-        raise ValueError(f"{attr_path}: every row needs {len(names)} values of -1 or 1")
+    names, attrs = _read_attributes(base_p / ATTR_FILE)
     files = ident.index
     for name, table in ((PARTITION_FILE, part), (ATTR_FILE, attrs)):
         lacking = files.difference(table.index)
@@ -162,7 +222,8 @@ def _load_index_cached(base: str, stamp: tuple) -> CelebAIndex:
     part = part.reindex(files)
     values = attrs.reindex(files).to_numpy()
     if not set(np.unique(part.to_numpy()).tolist()) <= {0, 1, 2}:
-        raise ValueError(f"{base_p / PARTITION_FILE}: partition values must be 0, 1 or 2")
+        bad_part = _first_bad_line(base_p / PARTITION_FILE, 1, lambda f: int(f[1]) in (0, 1, 2))
+        raise ValueError(f"{base_p / PARTITION_FILE}: partition values must be 0, 1 or 2, but{bad_part}")
     return CelebAIndex(
         base=base_p,
         files=tuple(files),
@@ -178,7 +239,8 @@ def load_celeba_index(root: Optional[str | os.PathLike]) -> CelebAIndex:
 
     Raises:
         DataNotFoundError: see :func:`find_celeba_root`.
-        ValueError: a malformed txt file, or files listed in one txt file and missing from another.
+        ValueError: a malformed txt file (the message names it and its first bad line), or files listed in one txt
+            file and missing from another.
     """
     base = find_celeba_root(root)
     stamp = tuple((base / f).stat().st_mtime_ns for f in (IDENTITY_FILE, ATTR_FILE, PARTITION_FILE))

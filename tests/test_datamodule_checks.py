@@ -82,3 +82,38 @@ def test_celeba_datamodule_setup_rejects_truncated_images(tmp_path):
     spec = CelebAUsers(tmp_path, num_users=2, batch_size=3, split="train", target="Male")
     with pytest.raises(ValueError, match=r"of the 6 CelebA images these users use .*\(truncated: .*FF D9"):
         spec.check()
+
+
+# ------------------------------------------------------------------------------------------------ CelebA txt files
+def _edit_line(path: Path, line_no: int, edit) -> None:
+    lines = path.read_text().splitlines(True)
+    lines[line_no - 1] = edit(lines[line_no - 1])
+    path.write_text("".join(lines))
+
+
+@pytest.mark.parametrize("name, line_no, edit, match", [
+    ("list_eval_partition.txt", 6, lambda s: s.split()[0] + " test\n", "integer partition"),
+    ("identity_CelebA.txt", 4, lambda s: s.split()[0] + " 12a\n", "integer identity"),
+    ("list_attr_celeba.txt", 5, lambda s: s.replace("-1", "yes", 1) if "-1" in s else s.replace("1", "yes", 1),
+     "3 values of -1 or 1"),
+])
+def test_a_word_in_a_celeba_txt_file_names_the_file_and_the_line(tmp_path, name, line_no, edit, match):
+    """pandas 3 reads a column holding a word as its string dtype, which np.issubdtype rejected with a TypeError
+    ('Cannot interpret StringDtype as a data type'): now one ValueError naming the file and the first bad line."""
+    make_celeba(tmp_path)
+    path = tmp_path / "celeba" / name
+    _edit_line(path, line_no, edit)
+    bad_text = path.read_text().splitlines()[line_no - 1]
+    with pytest.raises(ValueError) as err:
+        CelebAUsers(tmp_path, num_users=1, batch_size=1, split="train").check()
+    msg = str(err.value)
+    assert msg.startswith(str(path)) and match in msg and f"line {line_no}: {bad_text[:100]!r}" in msg
+
+
+def test_attribute_file_without_its_count_line(tmp_path):
+    make_celeba(tmp_path)
+    path = tmp_path / "celeba" / "list_attr_celeba.txt"
+    path.write_text("".join(path.read_text().splitlines(True)[1:]))  # line 1 (the image count) dropped
+    with pytest.raises(ValueError, match=r"list_attr_celeba\.txt: line 1 must be the image count, line 2 the 40 "
+                                         r"attribute names .*found line 1 '5_o_Clock_Shadow Male Smiling'"):
+        CelebAUsers(tmp_path, num_users=1, batch_size=1, split="train").check()
