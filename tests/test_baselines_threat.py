@@ -108,3 +108,28 @@ def test_inverting_gradients_check_threat_idlg_labels_need_one_image():
 def test_dlg_optimised_labels_need_nothing_from_the_threat_model():
     DLG(steps=1).check_threat(3, True, False)
     DLG(steps=1, label_strategy="bias_corrected").check_threat(5, True, False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Trainer precision
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [DLG, iDLG, InvertingGradients])
+def test_sample_level_attacks_refuse_half_precision_weights(cls):
+    """bf16-true crashed mid-fit ("expected scalar type Float but found BFloat16"): refused up front now, by the
+    class (attack.py's pre-check) and at fit setup."""
+    for precision in ("bf16-true", "16-true", "16-mixed", "16"):
+        with pytest.raises(ValueError, match=rf"{cls.__name__} does not run under trainer.precision '{precision}'"):
+            cls.check_precision(precision)
+    for precision in ("32-true", "32", 32, None, "64-true", "bf16-mixed", "bf16"):
+        cls.check_precision(precision)
+
+
+def test_bf16_true_fit_is_refused_at_setup_before_any_step():
+    attack = InvertingGradients(steps=2, restarts=1).bind(view(2))
+    trainer = Trainer(max_steps=2, precision="bf16-true", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    with pytest.raises(ValueError, match="InvertingGradients does not run under trainer.precision 'bf16-true'"):
+        trainer.fit(attack)
+    assert attack.history == {}
