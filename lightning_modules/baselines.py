@@ -161,11 +161,12 @@ class SampleLevelAttack(GradientInversionAttack):
 
     #: measured on CPU with a tiny victim (DLG, iDLG, InvertingGradients, through a Trainer): these run. 'bf16'
     #: is Lightning's alias of 'bf16-mixed', '32' and '64' of '32-true' and '64-true'. Refused: 'bf16-true' and
-    #: '16-true' (the float32 target buffers meet half-precision gradients: "expected scalar type Float but found
-    #: BFloat16"/"Half" mid-fit; DLG under '16-true' diverges first), and '16-mixed' (fp16 AMP: Lightning refuses
-    #: L-BFGS with a grad scaler, and IG's signed gradient would pass through one; on CPU Lightning replaces
-    #: '16-mixed' by 'bf16-mixed', which is accepted). '64-true' is safe here because bind deep-copies the victim
-    #: (Lightning's conversion never reaches the caller's model).
+    #: '16-true' (Lightning converts the whole module, victim copy, target gradient and pixels, to half precision, so
+    #: the gradient matching runs with a 8/11-bit mantissa, and result() scores the float32 reconstructions with the
+    #: converted victim: "expected scalar type Float but found BFloat16"/"Half"; DLG and iDLG under '16-true'
+    #: diverge before that), and '16-mixed' (fp16 AMP: Lightning refuses L-BFGS with a grad scaler, and IG's signed
+    #: gradient would pass through one; on CPU Lightning replaces '16-mixed' by 'bf16-mixed', which is accepted).
+    #: '64-true' is safe here because bind deep-copies the victim (the conversion never reaches the caller's model).
     supported_precisions = ("32-true", "32", "64-true", "64", "bf16-mixed", "bf16")
 
     def __init__(

@@ -117,8 +117,9 @@ def test_dlg_optimised_labels_need_nothing_from_the_threat_model():
 
 @pytest.mark.parametrize("cls", [DLG, iDLG, InvertingGradients])
 def test_sample_level_attacks_refuse_half_precision_weights(cls):
-    """bf16-true crashed mid-fit ("expected scalar type Float but found BFloat16"): refused up front now, by the
-    class (attack.py's pre-check) and at fit setup."""
+    """bf16-true crashed once the steps were done ("expected scalar type Float but found BFloat16" when result()
+    scores the reconstructions with the converted victim): refused up front now, by the class (attack.py's
+    pre-check) and at fit setup."""
     for precision in ("bf16-true", "16-true", "16-mixed", "16"):
         with pytest.raises(ValueError, match=rf"{cls.__name__} does not run under trainer.precision '{precision}'"):
             cls.check_precision(precision)
