@@ -146,12 +146,33 @@ def _first_bad_line(path: Path, first_line: int, ok) -> str:
     return ""
 
 
+def _refuse_duplicates(path: Path, files: pd.Index, first_line: int) -> None:
+    """One error naming the first file name listed twice in ``path`` (``files``: its names in file order; data lines
+    start at ``first_line``) and the lines that list it: a repeated line would put one image twice in a batch.
+
+    Raises:
+        ValueError: some name is repeated.
+    """
+    repeated = files[files.duplicated()]
+    if len(repeated) == 0:
+        return
+    name = repeated[0]
+    with open(path, encoding="utf-8-sig", errors="replace") as fh:
+        where = [no for no, line in enumerate(fh, 1) if no >= first_line and line.split()[:1] == [name]]
+    more = f" ({repeated.nunique()} names are repeated)" if repeated.nunique() > 1 else ""
+    raise ValueError(
+        f"{path}: {name} is listed {len(where)} times (lines {', '.join(map(str, where))}){more}; every image must be "
+        f"listed once per file (a repeated identity line would put one image twice in a batch). Fix: delete the "
+        f"repeated lines, or {_REFETCH}"
+    )
+
+
 def _read_two_columns(path: Path, what: str) -> pd.Series:
     """``<file> <integer>`` lines as a Series of int64 indexed by file name.
 
     Raises:
         ValueError: a line without exactly two fields or with a non-integer second field (the message names the
-            file and the first bad line).
+            file and the first bad line); a file name listed twice (:func:`_refuse_duplicates`).
     """
     def ok(fields: list) -> bool:
         return len(fields) == 2 and _is_int(fields[1])
@@ -167,6 +188,7 @@ def _read_two_columns(path: Path, what: str) -> pd.Series:
     if df[what].isna().any() or not pd.api.types.is_integer_dtype(df[what].dtype):
         raise ValueError(f"{path}: expected '<file> <integer {what}>' on every line, but"
                          f"{_first_bad_line(path, 1, ok) or ' some line is not'}. Fix: {_REFETCH}")
+    _refuse_duplicates(path, pd.Index(df["file"]), first_line=1)
     return df.set_index("file")[what].astype(np.int64)
 
 
@@ -178,7 +200,8 @@ def _read_attributes(path: Path) -> tuple[tuple, pd.DataFrame]:
 
     Raises:
         ValueError: line 1 is not a single integer or line 2 is not a list of names (e.g. the count line is
-            missing); a row without one -1/1 value per name (the message names the file and the first bad line).
+            missing); a row without one -1/1 value per name (the message names the file and the first bad line);
+            a file name listed twice (:func:`_refuse_duplicates`).
     """
     with open(path, encoding="utf-8-sig", errors="replace") as fh:
         first, second = fh.readline(), fh.readline()
@@ -203,6 +226,7 @@ def _read_attributes(path: Path) -> tuple[tuple, pd.DataFrame]:
     if not all(pd.api.types.is_integer_dtype(t) for t in attrs.dtypes) or not np.isin(attrs.to_numpy(), (-1, 1)).all():
         raise ValueError(f"{path}: every row needs {len(names)} values of -1 or 1 after the file name, but"
                          f"{_first_bad_line(path, 3, ok) or ' some row has not'}. Fix: {_REFETCH}")
+    _refuse_duplicates(path, attrs.index, first_line=3)
     return names, attrs
 
 

@@ -117,3 +117,18 @@ def test_attribute_file_without_its_count_line(tmp_path):
     with pytest.raises(ValueError, match=r"list_attr_celeba\.txt: line 1 must be the image count, line 2 the 40 "
                                          r"attribute names .*found line 1 '5_o_Clock_Shadow Male Smiling'"):
         CelebAUsers(tmp_path, num_users=1, batch_size=1, split="train").check()
+
+
+@pytest.mark.parametrize("name, first", [("identity_CelebA.txt", 1), ("list_eval_partition.txt", 1),
+                                          ("list_attr_celeba.txt", 3)])
+def test_a_file_listed_twice_in_a_celeba_txt_file_is_refused(tmp_path, name, first):
+    """A repeated line in identity_CelebA.txt put the same image twice into one user's batch, silently."""
+    gt = make_celeba(tmp_path)
+    path = tmp_path / "celeba" / name
+    lines = path.read_text().splitlines(True)
+    lines.insert(first + 6, lines[first])  # the image of data line 2 listed again further down
+    path.write_text("".join(lines))
+    repeated = sorted(gt)[1]
+    with pytest.raises(ValueError, match=rf"{name}: {repeated} is listed 2 times \(lines {first + 1}, {first + 7}\); "
+                                         "every image must be listed once"):
+        CelebAUsers(tmp_path, num_users=2, batch_size=2, split="train", target="Male").check()
