@@ -23,8 +23,10 @@ user. The server has no ground truth, so each baseline reports the reconstructio
 (victim in eval mode, CE with that image's label) has the lowest cosine distance to the target gradient, i.e. the
 image that explains the observed update best; ties go to the lowest index. For B = 1 it is the only image.
 
-``ATTACKS`` maps config names to import paths (the user-level attack included) and :func:`resolve_attack` imports
-them lazily.
+``ATTACKS`` maps short names ('dlg', 'idlg', 'inverting_gradients', 'user_level') to import paths, for Python callers
+(scripts, notebooks), and :func:`resolve_attack` imports them lazily. attack.py does not use it: its
+``attack.class_path`` takes a dotted import path (``lightning_modules.baselines.DLG``; jsonargparse also resolves the
+bare class name of an attack attack.py imports, e.g. ``DLG``), not these short names.
 """
 
 from __future__ import annotations
@@ -252,10 +254,12 @@ class SampleLevelAttack(GradientInversionAttack):
         return self
 
     def _init_pixels(self, *leading: int) -> torch.Tensor:
-        """Seeded initial pixels, float32 (*leading, C, H, W) ~ N(0.5, 0.5^2).
+        """Seeded initial pixels, float32 (*leading, C, H, W) ~ N(0.5, 0.5^2), in [0, 1] pixel units (unclamped).
 
-        This is DLG's / Geiping's ``randn`` initialisation in the normalised space of the default
-        ``Normalize(0.5, 0.5)`` (:mod:`lightning_modules.classifier`), expressed in [0, 1] pixel units.
+        A standard normal ``randn`` in the victim's normalised input space when it normalises with the default
+        ``Normalize(0.5, 0.5)`` (:mod:`lightning_modules.classifier`), as Geiping et al.'s inversefed draws its
+        start (``randn`` on normalised pixels). Not DLG's original start: Zhu et al.'s code draws ``randn`` directly
+        in its [0, 1] input space (no normalisation), i.e. N(0, 1) pixels; here DLG, iDLG and IG share this start.
         """
         gen = torch.Generator().manual_seed(self.seed)
         return 0.5 + 0.5 * torch.randn(*leading, *self.image_shape, generator=gen)
@@ -678,7 +682,10 @@ ATTACKS: dict[str, str] = {
 
 
 def resolve_attack(name: str) -> type:
-    """The attack class registered under ``name`` in :data:`ATTACKS`, imported lazily.
+    """The attack class registered under the short ``name`` in :data:`ATTACKS` (e.g. 'dlg'), imported lazily.
+
+    For Python callers; a config's ``attack.class_path`` wants the dotted import path instead (the value in
+    :data:`ATTACKS`, e.g. ``lightning_modules.baselines.DLG``).
 
     Raises:
         ValueError: unknown name (the message lists the choices).
