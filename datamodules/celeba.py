@@ -325,9 +325,10 @@ class CelebAUsers(UserSource):
     Labels (``target``):
         'identity': every image gets the identity's class index: the position of the identity in the sorted list of
             all identities present in ``split`` (:attr:`identity_to_class`; class k <-> identity
-            ``classes[k]``), ``num_classes`` = number of identities in the split. This is the same mapping as
-            :class:`CelebADataModule` with ``target='identity'`` only when both use the same split (the official
-            partition is identity-disjoint, so a victim trained on train identities has never seen test ones).
+            ``classes[k]``), ``num_classes`` = number of identities in the split. :meth:`check` accepts it only with
+            ``split='train'``: that is :class:`CelebADataModule`'s mapping for ``target='identity'`` (the sorted train
+            identities), while the other splits hold other people (the official partition is identity-disjoint), so
+            their class indices would name unrelated identities of an identity victim.
         an attribute name (e.g. 'Male'): each image's 0/1 value (1 = attribute present), ``num_classes`` 2.
     ``dominant_class`` is the identity's class, or the attribute's majority value (ties -> 0).
 
@@ -338,7 +339,8 @@ class CelebAUsers(UserSource):
     Args:
         root: CelebA root (see :func:`find_celeba_root`).
         num_users: users to build; batch_size: B, images per user.
-        split: 'test' (default; held out from training), 'valid', 'train' or 'all'.
+        split: 'test' (default; held out from training), 'valid', 'train' or 'all'; with target 'identity' only
+            'train' (see Labels).
         image_size: output side in pixels (after the 178x178 centre crop).
         seed: seed of the identity order and of the image choice.
         first_user: index of the first user returned.
@@ -472,9 +474,20 @@ class CelebAUsers(UserSource):
         no pixel is decoded).
 
         Raises:
-            DataNotFoundError: a listed image is missing. ValueError: see :meth:`plan`, or unreadable images (how
-                many, the first few, the fix).
+            DataNotFoundError: a listed image is missing. ValueError: target 'identity' with a split other than
+                'train' (see the class docstring); see :meth:`plan`; or unreadable images (how many, the first few,
+                the fix).
         """
+        if self.target == "identity" and self.split != "train":
+            raise ValueError(
+                f"users.init_args.target='identity' with split {self.split!r}: the labels would be class indices of "
+                f"the sorted {self.split!r} identities, but a victim trained with target 'identity' "
+                "(CelebADataModule) has the train partition's identities as its classes, and the official partition "
+                "is identity-disjoint, so every client gradient would be computed for an unrelated identity. Fix: "
+                "use an attribute target with this split (e.g. target: Male, the gender attribute of the shipped "
+                "configs; the identity stays in each user's meta for the face metrics), or split: train for "
+                "identity labels."
+            )
         index = self.index()
         if self.image_size < 1:
             raise ValueError(f"users.init_args.image_size must be >= 1, got {self.image_size}")

@@ -88,7 +88,7 @@ def test_load_image_matches_torchvision_celeba_transform(tmp_path):
 def test_celeba_missing_files_error(tmp_path):
     make_celeba(tmp_path, files=("identity",))
     with pytest.raises(DataNotFoundError) as err:
-        CelebAUsers(tmp_path, num_users=1, batch_size=1).check()
+        CelebAUsers(tmp_path, num_users=1, batch_size=1, target="Male").check()
     msg = str(err.value)
     for part in ("list_attr_celeba.txt", "list_eval_partition.txt", "users.init_args.root", "data.init_args.root"):
         assert part in msg
@@ -105,12 +105,12 @@ def test_celeba_missing_image_error(tmp_path):
     for f in (tmp_path / "celeba" / "img_align_celeba").iterdir():
         f.unlink()
     with pytest.raises(DataNotFoundError, match="is missing"):
-        CelebAUsers(tmp_path, num_users=1, batch_size=1).check()
+        CelebAUsers(tmp_path, num_users=1, batch_size=1, target="Male").check()
 
 
 def test_celeba_unreadable_image_fails_the_check(tmp_path):
     make_celeba(tmp_path)
-    spec = CelebAUsers(tmp_path, num_users=3, batch_size=2, seed=0)
+    spec = CelebAUsers(tmp_path, num_users=3, batch_size=2, seed=0, target="Male")
     spec.check()
     victim_file = spec.index().image_path(spec.plan()[1]["rows"][0])
     victim_file.write_bytes(b"not a jpeg")  # a damaged copy of one image a user takes
@@ -121,16 +121,16 @@ def test_celeba_unreadable_image_fails_the_check(tmp_path):
 def test_celeba_root_may_be_the_celeba_folder(celeba):
     root, _ = celeba
     assert find_celeba_root(root) == find_celeba_root(root / "celeba") == root / "celeba"
-    a = CelebAUsers(root, num_users=2, batch_size=2).users()
-    b = CelebAUsers(str(root / "celeba"), num_users=2, batch_size=2).users()
+    a = CelebAUsers(root, num_users=2, batch_size=2, target="Male").users()
+    b = CelebAUsers(str(root / "celeba"), num_users=2, batch_size=2, target="Male").users()
     assert [u.meta["files"] for u in a] == [u.meta["files"] for u in b]
 
 
 # ------------------------------------------------------------------------------------------------ CelebA users
 def test_celeba_users_identity(celeba):
     root, gt = celeba
-    spec = CelebAUsers(root, num_users=3, batch_size=2, split="test", seed=0)
-    assert spec.identity_to_class == {3: 0, 7: 1, 12: 2} and spec.num_classes == 3
+    spec = CelebAUsers(root, num_users=3, batch_size=2, split="test", seed=0, target="Male")
+    assert spec.identity_to_class == {3: 0, 7: 1, 12: 2} and spec.num_classes == 2
     users = spec.users()
     assert [u.user_id for u in users] == [0, 1, 2]
     assert sorted(u.meta["identity"] for u in users) == [3, 7, 12]  # distinct test identities
@@ -140,9 +140,8 @@ def test_celeba_users_identity(celeba):
         files = u.meta["files"]
         assert len(set(files)) == 2 and not u.meta["replacement"]
         assert all(gt[f][0] == u.meta["identity"] and gt[f][1] == 2 for f in files)
-        cls = spec.identity_to_class[u.meta["identity"]]
-        assert u.labels.dtype == torch.int64 and u.labels.tolist() == [cls, cls] and u.dominant_class == cls
-        assert u.num_classes == 3 and u.label_histogram.tolist()[cls] == 2
+        male = [gt[f][2]["Male"] for f in files]
+        assert u.labels.dtype == torch.int64 and u.labels.tolist() == male and u.num_classes == 2
         # attributes: per image and the majority, as in list_attr_celeba.txt
         for a in ATTRS:
             vals = [gt[f][2][a] for f in files]
@@ -155,14 +154,22 @@ def test_celeba_users_identity(celeba):
     all_files = [f for u in users for f in u.meta["files"]]
     assert len(all_files) == len(set(all_files))
     # reproducible for the same seed, user i independent of num_users / first_user
-    again = CelebAUsers(root, num_users=3, batch_size=2, split="test", seed=0).users()
+    again = CelebAUsers(root, num_users=3, batch_size=2, split="test", seed=0, target="Male").users()
     for u, v in zip(users, again):
         assert u.meta["files"] == v.meta["files"] and torch.equal(u.images, v.images)
-    later = CelebAUsers(root, num_users=1, batch_size=2, split="test", seed=0, first_user=1).users()
+    later = CelebAUsers(root, num_users=1, batch_size=2, split="test", seed=0, first_user=1, target="Male").users()
     assert later[0].user_id == 1 and later[0].meta["files"] == users[1].meta["files"]
     # the seed matters
     orders = {tuple(p["identity"] for p in CelebAUsers(root, 3, 2, seed=s).plan()) for s in range(8)}
     assert len(orders) > 1
+    # identity labels (split 'train' only: the identity victim's classes): class k <-> the k-th sorted identity
+    ident = CelebAUsers(root, num_users=2, batch_size=2, split="train", seed=0)
+    assert ident.identity_to_class == {5: 0, 9: 1} and ident.num_classes == 2
+    for u in ident.users():
+        cls = ident.identity_to_class[u.meta["identity"]]
+        assert u.labels.dtype == torch.int64 and u.labels.tolist() == [cls, cls] and u.dominant_class == cls
+        assert u.num_classes == 2 and u.label_histogram.tolist()[cls] == 2
+        assert all(gt[f][0] == u.meta["identity"] and gt[f][1] == 0 for f in u.meta["files"])
 
 
 def test_celeba_users_attribute_target(celeba):
@@ -186,11 +193,11 @@ def test_celeba_batch_larger_than_identity(celeba, monkeypatch):
 
     monkeypatch.setattr(celeba_mod, "load_images", no_loading)
     with pytest.raises(ValueError, match="batch_size=5") as err:
-        CelebAUsers(root, num_users=1, batch_size=5, split="test").users()
+        CelebAUsers(root, num_users=1, batch_size=5, split="test", target="Male").users()
     assert "allow_replacement" in str(err.value) and "min_images" in str(err.value)
     assert "largest identity has 4 images" in str(err.value)
     monkeypatch.undo()
-    users = CelebAUsers(root, num_users=3, batch_size=6, split="test", allow_replacement=True).users()
+    users = CelebAUsers(root, num_users=3, batch_size=6, split="test", allow_replacement=True, target="Male").users()
     for u in users:
         files = u.meta["files"]
         own = {f for f, g in gt.items() if g[0] == u.meta["identity"] and g[1] == 2}
@@ -198,15 +205,15 @@ def test_celeba_batch_larger_than_identity(celeba, monkeypatch):
         assert u.images.shape == (6, 3, 64, 64) and u.meta["num_available"] == len(own)
         for i, j in [(i, j) for i in range(6) for j in range(6) if i < j and files[i] == files[j]]:
             assert torch.equal(u.images[i], u.images[j])
-    again = CelebAUsers(root, num_users=3, batch_size=6, split="test", allow_replacement=True).users()
+    again = CelebAUsers(root, num_users=3, batch_size=6, split="test", allow_replacement=True, target="Male").users()
     assert [u.meta["files"] for u in users] == [u.meta["files"] for u in again]
     # min_images keeps only identities that have enough images
-    ok = CelebAUsers(root, num_users=2, batch_size=3, split="test", min_images=3).users()
+    ok = CelebAUsers(root, num_users=2, batch_size=3, split="test", min_images=3, target="Male").users()
     assert sorted(u.meta["identity"] for u in ok) == [3, 7]
     with pytest.raises(ValueError, match="only 2 identities with >= 3 images"):
-        CelebAUsers(root, num_users=3, batch_size=3, split="test", min_images=3).check()
+        CelebAUsers(root, num_users=3, batch_size=3, split="test", min_images=3, target="Male").check()
     with pytest.raises(ValueError, match="split 'valid' has only 1 identities"):
-        CelebAUsers(root, num_users=2, batch_size=1, split="valid").check()
+        CelebAUsers(root, num_users=2, batch_size=1, split="valid", target="Male").check()
 
 
 # ------------------------------------------------------------------------------------------------ CelebA DataModule
@@ -447,8 +454,8 @@ def test_face_gallery_is_the_same_for_a_split_run_and_a_full_run(celeba, monkeyp
     from inversion import faces
 
     root, _ = celeba
-    full = CelebAUsers(root, num_users=3, batch_size=2, seed=0)
-    split = CelebAUsers(root, num_users=1, batch_size=2, seed=0, first_user=2)
+    full = CelebAUsers(root, num_users=3, batch_size=2, seed=0, target="Male")
+    split = CelebAUsers(root, num_users=1, batch_size=2, seed=0, first_user=2, target="Male")
     gallery = split.gallery(3)
     assert (split.first_user, split.num_users) == (2, 1)  # the source itself is unchanged
     full_users, gallery_users, split_users = full.users(), gallery.users(), split.users()

@@ -132,3 +132,23 @@ def test_a_file_listed_twice_in_a_celeba_txt_file_is_refused(tmp_path, name, fir
     with pytest.raises(ValueError, match=rf"{name}: {repeated} is listed 2 times \(lines {first + 1}, {first + 7}\); "
                                          "every image must be listed once"):
         CelebAUsers(tmp_path, num_users=2, batch_size=2, split="train", target="Male").check()
+
+
+# ------------------------------------------------------------------------------------------------ CelebA users
+@pytest.mark.parametrize("split", ["test", "valid", "all"])
+def test_identity_labels_only_from_the_train_split(tmp_path, split):
+    """With target 'identity' the labels index the sorted identities of the users' split, but an identity victim's
+    classes are the train identities (CelebADataModule): any other split gives gradients for unrelated identities."""
+    make_celeba(tmp_path)
+    spec = CelebAUsers(tmp_path, num_users=1, batch_size=2, split=split, target="identity")
+    with pytest.raises(ValueError, match=rf"target='identity' with split '{split}'.*unrelated identity.*"
+                                         r"target: Male.*split: train"):
+        spec.check()
+    with pytest.raises(ValueError, match="unrelated identity"):
+        spec.users()
+    # split 'train' is the victim's mapping: class k <-> the k-th sorted train identity, as CelebADataModule's
+    users = CelebAUsers(tmp_path, num_users=2, batch_size=2, split="train", target="identity").users()
+    dm = CelebADataModule(tmp_path, target="identity")
+    for u in users:
+        assert u.labels.tolist() == [int(np.searchsorted(dm.classes, u.meta["identity"]))] * 2
+    CelebAUsers(tmp_path, num_users=1, batch_size=2, split=split, target="Male").check()  # attributes: any split
