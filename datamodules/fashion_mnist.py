@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -31,12 +32,29 @@ class DataNotFoundError(FileNotFoundError):
     """Raised when a data set cannot be found on disk; the message says how to get it."""
 
 
-def _open_idx(path: Path) -> bytes:
+_REFETCH = ("Fix: re-install the Debian package (`sudo apt-get install --reinstall dataset-fashion-mnist`), or delete "
+            "the damaged copy and download Fashion-MNIST again")
+
+
+def _open_idx(path: Path) -> tuple[bytes, Path]:
+    """The bytes of ``path.gz`` (decompressed) or else ``path``, and which of the two was read.
+
+    Raises:
+        DataNotFoundError: neither exists.
+        ValueError: the file cannot be read to its end (a truncated or corrupt gzip: an interrupted download or
+            copy); the message names it and the fix.
+    """
     for candidate in (path.with_name(path.name + ".gz"), path):
         if candidate.is_file():
             opener = gzip.open if candidate.suffix == ".gz" else open
-            with opener(candidate, "rb") as fh:
-                return fh.read()
+            try:
+                with opener(candidate, "rb") as fh:
+                    return fh.read(), candidate
+            except (EOFError, OSError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+                raise ValueError(
+                    f"{candidate}: cannot be read ({type(exc).__name__}: {exc}); the file is truncated or corrupt "
+                    f"(an interrupted download or copy?). {_REFETCH}"
+                ) from exc
     raise DataNotFoundError(str(path))
 
 
@@ -51,16 +69,21 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
     Raises:
         DataNotFoundError: neither ``path.gz`` nor ``path`` exists.
-        ValueError: the file is not a uint8 idx file.
+        ValueError: the file is truncated or corrupt (gzip errors, a short header or data) or not a uint8 idx
+            file; the message names it and the fix.
     """
-    raw = _open_idx(Path(path))
+    raw, path = _open_idx(Path(path))
+    if len(raw) < 4:
+        raise ValueError(f"{path}: truncated idx file ({len(raw)} bytes, no header). {_REFETCH}")
     zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
     if zero != 0 or dtype != 0x08:
-        raise ValueError(f"{path}: not a uint8 idx file (magic {raw[:4]!r})")
+        raise ValueError(f"{path}: not a uint8 idx file (magic {raw[:4]!r}). {_REFETCH}")
+    if len(raw) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: truncated idx file ({len(raw)} bytes, header cut short). {_REFETCH}")
     shape = struct.unpack(">" + "I" * ndim, raw[4 : 4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: truncated idx file ({data.size} values for shape {shape})")
+        raise ValueError(f"{path}: truncated idx file ({data.size} values for shape {shape}). {_REFETCH}")
     return data.reshape(shape)
 
 

@@ -266,11 +266,19 @@ class FashionMNISTUsers(UserSource):
         self.channels = channels
 
     def check(self) -> None:
-        """Fail early (before any long work) when the data is missing or the settings are impossible."""
-        from datamodules.fashion_mnist import find_fashion_mnist_root
+        """Fail early (before any model is loaded) when the settings are impossible or the test split (the users'
+        only data) is missing or damaged: it is read once here (about 0.05 s), so a truncated or corrupt idx file is
+        one ValueError naming it and the fix instead of a traceback after the models load.
+
+        Raises:
+            ValueError: settings out of range (:func:`check_user_settings`), a damaged idx file
+                (:func:`datamodules.fashion_mnist.read_idx`), or a B the classes cannot serve.
+            DataNotFoundError: the test split's files are missing.
+        """
+        from datamodules.fashion_mnist import load_split
 
         check_user_settings(self.batch_size, self.dominant_fraction, self.dirichlet_alpha, self.first_user)
-        find_fashion_mnist_root(self.root, splits=("test",))  # users come from the test split alone
+        load_split("test", self.root)  # users come from the test split alone; reading it finds damaged files
         if self.dirichlet_alpha is None and dominant_count(self.dominant_fraction, self.batch_size) > 1000:
             raise ValueError(
                 f"users.batch_size={self.batch_size} with dominant_fraction={self.dominant_fraction} needs more than "

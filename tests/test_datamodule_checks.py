@@ -152,3 +152,31 @@ def test_identity_labels_only_from_the_train_split(tmp_path, split):
     for u in users:
         assert u.labels.tolist() == [int(np.searchsorted(dm.classes, u.meta["identity"]))] * 2
     CelebAUsers(tmp_path, num_users=1, batch_size=2, split=split, target="Male").check()  # attributes: any split
+
+
+# ------------------------------------------------------------------------------------------------ Fashion-MNIST
+@pytest.mark.parametrize("damage", ["truncated", "corrupt", "empty"])
+def test_a_damaged_fashion_mnist_file_fails_the_users_check(tmp_path, monkeypatch, damage):
+    """A truncated or corrupt .gz gave a bare EOFError/zlib traceback when the users were built (after the models
+    loaded): now FashionMNISTUsers.check() reads the test split and raises one ValueError naming file and fix."""
+    from datamodules.fashion_mnist import load_split
+    from datamodules.users import FashionMNISTUsers
+    from tests.helpers import write_fake_fmnist
+
+    monkeypatch.setattr("datamodules.fashion_mnist.DEBIAN_ROOT", str(tmp_path / "nowhere"))
+    root = write_fake_fmnist(tmp_path)
+    path = root / "t10k-images-idx3-ubyte.gz"
+    data = path.read_bytes()
+    if damage == "truncated":  # an interrupted download
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "corrupt":  # flipped bytes inside the compressed stream
+        mid = len(data) // 2
+        path.write_bytes(data[:mid] + bytes(b ^ 0xFF for b in data[mid : mid + 64]) + data[mid + 64 :])
+    else:
+        path.write_bytes(b"")
+    source = FashionMNISTUsers(num_users=2, batch_size=5, root=str(root))
+    with pytest.raises(ValueError, match=rf"{path}: .*(truncated|corrupt).*apt-get install --reinstall "
+                                         "dataset-fashion-mnist.*download Fashion-MNIST again"):
+        source.check()
+    with pytest.raises(ValueError, match=rf"{path}: .*(truncated|corrupt)"):
+        load_split("test", str(root), download=False)
