@@ -102,6 +102,92 @@ class UserSource:
         return out
 
 
+def plan_label_skewed_users(
+    labels: torch.Tensor,
+    num_users: int,
+    batch_size: int,
+    num_classes: int,
+    dominant_fraction: float = 1.0,
+    dirichlet_alpha: Optional[float] = None,
+    seed: int = 0,
+    first_user: int = 0,
+) -> list[dict]:
+    """Which images of a labelled split each label-skewed user gets (no image touched): the whole draw of
+    :func:`build_label_skewed_users`, so a setting it cannot serve fails here, before any image or model is loaded
+    (:meth:`FashionMNISTUsers.check` runs it on the split's labels).
+
+    Args:
+        labels: int (N,) class labels of the split; other args: see :func:`build_label_skewed_users`.
+
+    Returns:
+        one dict per user ``first_user .. first_user + num_users - 1``: ``user`` (id), ``indices`` (B int indices
+        into the split, in batch order) and, without ``dirichlet_alpha``, ``designed_dominant`` (the dominant class
+        the user was assigned).
+
+    Raises:
+        ValueError: as :func:`build_label_skewed_users`.
+    """
+    check_user_settings(batch_size, dominant_fraction, dirichlet_alpha, first_user)
+    labels = torch.as_tensor(labels).long()
+    rng = np.random.default_rng(seed)
+    pools = {c: list(rng.permutation(np.flatnonzero(labels.numpy() == c))) for c in range(num_classes)}
+    sizes = {c: len(p) for c, p in pools.items()}
+    class_order = rng.permutation(num_classes)
+    present = [c for c in range(num_classes) if sizes[c] > 0]
+    if not present:
+        raise ValueError("the split holds no images")
+    dominant_order = [c for c in class_order if sizes[c] > 0]  # every class when the split holds them all
+    n_dom = dominant_count(dominant_fraction, batch_size)  # images of the dominant class (no Dirichlet)
+    if dirichlet_alpha is None and n_dom < batch_size and len(present) < 2:
+        raise ValueError(f"dominant_fraction {dominant_fraction} leaves images to draw from other classes, but the split "
+                         f"holds only class {present}: use dominant_fraction 1.0 or a split with more classes")
+
+    def take(c: int, k: int, user: int, dominant: bool) -> list[int]:
+        """Pop the next k image indices of class c from its pool (reshuffling the whole class, with a warning, when
+        fewer than k are left); raises ValueError if the class has fewer than k images at all."""
+        if k > sizes[c]:
+            smallest = min(sizes[x] for x in present)
+            if dirichlet_alpha is not None:
+                fix = (f"its Dirichlet(alpha={dirichlet_alpha}) class mix put {k} of its B={batch_size} images in that "
+                       f"class. Fix: lower users.batch_size (at most {smallest}, the smallest class, makes every mix "
+                       "possible), raise users.dirichlet_alpha (mixes closer to uniform), or change users.seed")
+            elif dominant:
+                fix = (f"the dominant class takes round(dominant_fraction * B) = {k} images. Fix: lower "
+                       "users.batch_size or users.dominant_fraction")
+            else:
+                fix = (f"the {batch_size - n_dom} images outside the dominant class are drawn at random from the other "
+                       "classes. Fix: lower users.batch_size or raise users.dominant_fraction")
+            raise ValueError(f"user {user} needs {k} images of class {c} but the split has only {sizes[c]}: {fix}")
+        if len(pools[c]) < k:
+            warnings.warn(f"class {c} pool exhausted: reshuffling, later users may share images with earlier ones")
+            pools[c] = list(rng.permutation(np.flatnonzero(labels.numpy() == c)))
+        out, pools[c] = pools[c][:k], pools[c][k:]
+        return out
+
+    plans: list[dict] = []
+    for i in range(first_user + num_users):
+        if dirichlet_alpha is not None:
+            q = rng.dirichlet([dirichlet_alpha] * num_classes)
+            counts = rng.multinomial(batch_size, q)
+        else:
+            dom = int(dominant_order[i % len(dominant_order)])
+            others = [c for c in present if c != dom]
+            counts = np.zeros(num_classes, dtype=int)
+            counts[dom] = n_dom
+            if batch_size - n_dom > 0:
+                counts += np.bincount(rng.choice(others, size=batch_size - n_dom), minlength=num_classes)
+        idx = [j for c in range(num_classes)
+               for j in take(c, int(counts[c]), i, dirichlet_alpha is None and c == dom)]
+        idx = [int(idx[j]) for j in rng.permutation(len(idx))]
+        if i < first_user:
+            continue
+        plan = {"user": i, "indices": idx}
+        if dirichlet_alpha is None:
+            plan["designed_dominant"] = dom
+        plans.append(plan)
+    return plans
+
+
 def build_label_skewed_users(
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -119,7 +205,7 @@ def build_label_skewed_users(
     ``round(dominant_fraction * B)`` images and the rest come from the other classes uniformly, or, when
     ``dirichlet_alpha`` is given, class proportions are drawn from Dirichlet(alpha) and the counts from a multinomial.
     Dominant classes go round-robin over a seeded permutation of the classes present in the split, so classes are
-    balanced over users.
+    balanced over users. The draw is :func:`plan_label_skewed_users` (labels only); this function gathers the images.
 
     Images are drawn without replacement from per-class pools shuffled once with ``seed``, users in order 0, 1, ...:
     user i gets the same images for the same seed, whatever ``num_users`` is, and no image is shared between users
@@ -138,65 +224,28 @@ def build_label_skewed_users(
         list of :class:`User`, labels int64, ``meta`` holding the image indices into the split.
 
     Raises:
-        ValueError: bad fraction/alpha/batch size/first user (:func:`check_user_settings`), B larger than a class
-            pool can ever provide, or a fraction below 1 on a split with a single class.
+        ValueError: bad fraction/alpha/batch size/first user (:func:`check_user_settings`), a user needing more
+            images of a class than the split holds (the message gives the advice of the mode: ``dominant_fraction``
+            or ``batch_size`` for a dominant class; ``batch_size``, ``dirichlet_alpha`` or ``seed`` for a Dirichlet
+            mix), or a fraction below 1 on a split with a single class.
     """
-    check_user_settings(batch_size, dominant_fraction, dirichlet_alpha, first_user)
-    labels = labels.long()
-    rng = np.random.default_rng(seed)
-    pools = {c: list(rng.permutation(np.flatnonzero(labels.numpy() == c))) for c in range(num_classes)}
-    sizes = {c: len(p) for c, p in pools.items()}
-    class_order = rng.permutation(num_classes)
-    present = [c for c in range(num_classes) if sizes[c] > 0]
-    if not present:
-        raise ValueError("the split holds no images")
-    dominant_order = [c for c in class_order if sizes[c] > 0]  # every class when the split holds them all
-    n_dom = dominant_count(dominant_fraction, batch_size)  # images of the dominant class (no Dirichlet)
-    if dirichlet_alpha is None and n_dom < batch_size and len(present) < 2:
-        raise ValueError(f"dominant_fraction {dominant_fraction} leaves images to draw from other classes, but the split "
-                         f"holds only class {present}: use dominant_fraction 1.0 or a split with more classes")
-
-    def take(c: int, k: int) -> list[int]:
-        """Pop the next k image indices of class c from its pool (reshuffling the whole class, with a warning, when
-        fewer than k are left); raises ValueError if the class has fewer than k images at all."""
-        if k > sizes[c]:
-            raise ValueError(
-                f"a user needs {k} images of class {c} but the split has only {sizes[c]}; lower batch_size or "
-                "dominant_fraction"
-            )
-        if len(pools[c]) < k:
-            warnings.warn(f"class {c} pool exhausted: reshuffling, later users may share images with earlier ones")
-            pools[c] = list(rng.permutation(np.flatnonzero(labels.numpy() == c)))
-        out, pools[c] = pools[c][:k], pools[c][k:]
-        return out
-
+    labels = torch.as_tensor(labels).long()
     users: list[User] = []
-    for i in range(first_user + num_users):
-        if dirichlet_alpha is not None:
-            q = rng.dirichlet([dirichlet_alpha] * num_classes)
-            counts = rng.multinomial(batch_size, q)
-        else:
-            dom = int(dominant_order[i % len(dominant_order)])
-            others = [c for c in present if c != dom]
-            counts = np.zeros(num_classes, dtype=int)
-            counts[dom] = n_dom
-            if batch_size - n_dom > 0:
-                counts += np.bincount(rng.choice(others, size=batch_size - n_dom), minlength=num_classes)
-        idx = [j for c in range(num_classes) for j in take(c, int(counts[c]))]
-        idx = [idx[j] for j in rng.permutation(len(idx))]
-        if i < first_user:
-            continue
+    for plan in plan_label_skewed_users(labels, num_users, batch_size, num_classes, dominant_fraction,
+                                        dirichlet_alpha, seed, first_user):
+        idx = plan["indices"]
         y = labels[idx]
         hist = torch.bincount(y, minlength=num_classes)
         dominant = int(hist.argmax())  # ties (p <= 0.5) go to the designed dominant class, not the lowest id
-        meta = {"indices": [int(j) for j in idx]}
-        if dirichlet_alpha is None:
+        meta = {"indices": list(idx)}
+        if "designed_dominant" in plan:
+            dom = plan["designed_dominant"]
             meta["designed_dominant"] = dom
             if hist[dom] == hist.max():
                 dominant = dom
         users.append(
             User(
-                user_id=i,
+                user_id=plan["user"],
                 images=images[idx].float(),
                 labels=y,
                 num_classes=num_classes,
@@ -268,22 +317,23 @@ class FashionMNISTUsers(UserSource):
     def check(self) -> None:
         """Fail early (before any model is loaded) when the settings are impossible or the test split (the users'
         only data) is missing or damaged: it is read once here (about 0.05 s), so a truncated or corrupt idx file is
-        one ValueError naming it and the fix instead of a traceback after the models load.
+        one ValueError naming it and the fix instead of a traceback after the models load. The users' whole draw
+        is then run on its labels (:func:`plan_label_skewed_users`), so a B some class cannot serve fails here too,
+        with the advice of the mode (dominant class or Dirichlet mix).
 
         Raises:
             ValueError: settings out of range (:func:`check_user_settings`), a damaged idx file
-                (:func:`datamodules.fashion_mnist.read_idx`), or a B the classes cannot serve.
+                (:func:`datamodules.fashion_mnist.read_idx`), or a user needing more images of a class than the
+                split holds.
             DataNotFoundError: the test split's files are missing.
         """
         from datamodules.fashion_mnist import load_split
 
         check_user_settings(self.batch_size, self.dominant_fraction, self.dirichlet_alpha, self.first_user)
-        load_split("test", self.root)  # users come from the test split alone; reading it finds damaged files
-        if self.dirichlet_alpha is None and dominant_count(self.dominant_fraction, self.batch_size) > 1000:
-            raise ValueError(
-                f"users.batch_size={self.batch_size} with dominant_fraction={self.dominant_fraction} needs more than "
-                "the 1000 test images per class of Fashion-MNIST"
-            )
+        _, labels = load_split("test", self.root)  # users come from the test split alone; reading it finds damage
+        plan_label_skewed_users(torch.from_numpy(labels.astype(np.int64)), self.num_users, self.batch_size,
+                                self.num_classes, self.dominant_fraction, self.dirichlet_alpha, self.seed,
+                                self.first_user)
 
     def users(self) -> list[User]:
         """Run :meth:`check`, load the test split and build the users with :func:`build_label_skewed_users`.

@@ -180,3 +180,28 @@ def test_a_damaged_fashion_mnist_file_fails_the_users_check(tmp_path, monkeypatc
         source.check()
     with pytest.raises(ValueError, match=rf"{path}: .*(truncated|corrupt)"):
         load_split("test", str(root), download=False)
+
+
+def test_a_batch_the_classes_cannot_serve_fails_the_users_check_with_the_advice_of_its_mode(tmp_path, monkeypatch):
+    """The class-too-small error came only from users() (after the models loaded) and always said to lower
+    dominant_fraction, which a Dirichlet mix ignores: check() now runs the users' draw on the split's labels."""
+    from datamodules.users import FashionMNISTUsers
+    from tests.helpers import write_fake_fmnist
+
+    monkeypatch.setattr("datamodules.fashion_mnist.DEBIAN_ROOT", str(tmp_path / "nowhere"))
+    root = str(write_fake_fmnist(tmp_path))  # test split: 100 images, 10 per class
+    mixed = FashionMNISTUsers(num_users=3, batch_size=30, dirichlet_alpha=0.1, root=root)
+    with pytest.raises(ValueError) as err:
+        mixed.check()
+    msg = str(err.value)
+    assert "but the split has only 10" in msg and "Dirichlet(alpha=0.1)" in msg
+    assert "lower users.batch_size (at most 10" in msg and "users.dirichlet_alpha" in msg
+    assert "dominant_fraction" not in msg
+    dominant = FashionMNISTUsers(num_users=1, batch_size=12, dominant_fraction=1.0, root=root)
+    with pytest.raises(ValueError, match=r"needs 12 images of class \d but the split has only 10: the dominant class "
+                                         r"takes .* lower users.batch_size or users.dominant_fraction"):
+        dominant.check()
+    # check() and users() draw the same: what check() passes, users() builds
+    ok = FashionMNISTUsers(num_users=3, batch_size=8, dirichlet_alpha=100.0, root=root, image_size=8)
+    ok.check()
+    assert [u.batch_size for u in ok.users()] == [8, 8, 8]
