@@ -25,7 +25,8 @@ class ImageDataModule(LightningDataModule):
         seed: seed of the subclass's validation split.
 
     Raises:
-        ValueError: image_size < 8 or batch_size < 1 (naming the config key).
+        ValueError: image_size < 8 or batch_size < 1 (naming the config key). Subclasses' ``setup`` raises one too
+            when fewer than ``batch_size`` images are left for training (:meth:`check_train_size`).
     """
 
     eval_batch_size: Optional[int] = None
@@ -48,6 +49,31 @@ class ImageDataModule(LightningDataModule):
         self._train: Optional[Dataset] = None
         self._val: Optional[Dataset] = None
         self._test: Optional[Dataset] = None
+
+    def check_train_size(self, total: int, n_val: int, source: str, fix: str, held_out: str = "validation") -> None:
+        """The split check every subclass runs in ``setup`` before building its datasets: of ``total`` images,
+        ``n_val`` held out for validation (or in other splits) must leave at least ``batch_size`` for training. The
+        training loader drops the last partial batch, so fewer would run no training step at all and train.py
+        would export an untrained model.
+
+        Args:
+            total: images available for training and validation; n_val: those not used for training.
+            source: what holds them (a folder, "the Fashion-MNIST train split"), for the message.
+            fix: the settings to change (e.g. "lower batch_size or val_size").
+            held_out: what the ``n_val`` images are for, for the message.
+
+        Raises:
+            ValueError: ``n_val`` < 0 or ``total - n_val`` < ``batch_size``; the message gives the numbers and
+                ``fix``.
+        """
+        if n_val < 0:
+            raise ValueError(f"{source}: {n_val} images held out for {held_out}; it must be >= 0. Fix: {fix}")
+        if total - n_val < self.batch_size:
+            raise ValueError(
+                f"{source} holds {total} images, {total - n_val} for training after holding out {n_val} for "
+                f"{held_out}: fewer than data.init_args.batch_size={self.batch_size} (the last partial batch is "
+                f"dropped, so no training step would run). Fix: {fix}"
+            )
 
     def _eval_loader(self, dataset: Optional[Dataset]) -> DataLoader:
         return DataLoader(dataset, batch_size=self.eval_batch_size or self.batch_size, num_workers=self.num_workers)

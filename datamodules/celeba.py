@@ -670,11 +670,12 @@ class CelebADataModule(ImageDataModule):
             for name, split in (("train", "train"), ("val", "valid"), ("test", "test")):
                 rows = index.split_rows(split)
                 parts[name] = (rows, index.attributes[rows, col].astype(np.int64))
-        if len(parts["train"][0]) < self.batch_size:
-            raise ValueError(
-                f"CelebA training set has {len(parts['train'][0])} images, fewer than data.init_args.batch_size="
-                f"{self.batch_size}; lower batch_size"
-            )
+        n_train, n_other = len(parts["train"][0]), len(parts["val"][0]) + len(parts["test"][0])
+        self.check_train_size(
+            n_train + n_other, n_other, f"CelebA (target {self.target!r})",
+            "lower batch_size or identity_holdout." if self.target == "identity" else "lower batch_size.",
+            held_out="validation and test",
+        )
         used = np.concatenate([rows for rows, _ in parts.values()])
         check_images_present(index, used)
         if self.check_images:

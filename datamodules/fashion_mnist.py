@@ -183,10 +183,17 @@ class FashionMNISTDataModule(ImageDataModule):
         image_size: output side in pixels (28 -> 32 by zero padding by default).
         channels: 1, or 3 to replicate the grey channel.
         batch_size: training batch size.
-        val_size: images of the train split held out for validation (seeded).
+        val_size: images of the train split held out for validation (seeded), an integer >= 0 that must leave at
+            least ``batch_size`` training images (60000 - val_size on Fashion-MNIST).
         num_workers: DataLoader workers.
         augment: random horizontal flips for training (used for the prior; fine for garments).
         seed: seed of the validation split.
+
+    Raises:
+        ValueError: val_size < 0 (at construction); fewer than ``batch_size`` training images left after holding
+            out ``val_size`` (in ``setup``, right after reading the train split, before training;
+            :meth:`~datamodules.base.ImageDataModule.check_train_size`); a damaged idx file (:func:`read_idx`).
+        DataNotFoundError: the idx files are missing (``prepare_data``/``setup``).
     """
 
     num_classes = 10
@@ -205,6 +212,8 @@ class FashionMNISTDataModule(ImageDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(root, image_size, batch_size, num_workers, augment, seed)
+        if isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < 0:
+            raise ValueError(f"data.init_args.val_size must be an integer >= 0, got {val_size!r}")
         self.save_hyperparameters()
         self.channels = channels
         self.val_size = val_size
@@ -215,6 +224,8 @@ class FashionMNISTDataModule(ImageDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if self._train is None:
             images, labels = load_split("train", self.root)
+            self.check_train_size(len(images), self.val_size, "the Fashion-MNIST train split",
+                                  "lower data.init_args.val_size or batch_size.")
             x = to_tensor_images(images, self.image_size, self.channels)
             y = torch.from_numpy(labels.astype(np.int64))
             perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed))

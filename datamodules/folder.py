@@ -525,12 +525,7 @@ class ImageFolderDataModule(ImageDataModule):
         n_val = int(round(self.val_fraction * len(files)))
         if self.val_fraction > 0:
             n_val = max(1, n_val)
-        if len(files) - n_val < self.batch_size:
-            raise ValueError(
-                f"{self.root} holds {len(files)} images, {len(files) - n_val} for training after holding out "
-                f"{n_val} for validation: fewer than data.init_args.batch_size={self.batch_size}. Fix: lower "
-                "batch_size or val_fraction, or add images."
-            )
+        self.check_train_size(len(files), n_val, str(self.root), "lower batch_size or val_fraction, or add images.")
         perm = np.random.default_rng(self.seed).permutation(len(files))
         val = sorted(perm[:n_val].tolist())
         train = sorted(perm[n_val:].tolist())

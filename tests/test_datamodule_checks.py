@@ -205,3 +205,46 @@ def test_a_batch_the_classes_cannot_serve_fails_the_users_check_with_the_advice_
     ok = FashionMNISTUsers(num_users=3, batch_size=8, dirichlet_alpha=100.0, root=root, image_size=8)
     ok.check()
     assert [u.batch_size for u in ok.users()] == [8, 8, 8]
+
+
+# ------------------------------------------------------------------------------------------------ split sizes
+def test_fashion_mnist_val_size_is_checked(tmp_path):
+    """A negative val_size silently swapped the split (perm[:-k] for validation) and one too large left no training
+    batch, so train.py exited 0 exporting an untrained model: both are errors now."""
+    from datamodules.fashion_mnist import FashionMNISTDataModule
+    from tests.helpers import write_fake_fmnist
+
+    root = str(write_fake_fmnist(tmp_path))  # 200 training images
+    with pytest.raises(ValueError, match=r"val_size must be an integer >= 0, got -40"):
+        FashionMNISTDataModule(root=root, batch_size=16, val_size=-40)
+    for val_size, batch_size in ((200, 16), (190, 16), (500, 1)):
+        dm = FashionMNISTDataModule(root=root, batch_size=batch_size, val_size=val_size)
+        with pytest.raises(ValueError, match=rf"Fashion-MNIST train split holds 200 images, {200 - val_size} for "
+                                             rf"training .* fewer than data.init_args.batch_size={batch_size} .*"
+                                             "lower data.init_args.val_size or batch_size"):
+            dm.setup("fit")
+        assert dm._train is None
+    dm = FashionMNISTDataModule(root=root, batch_size=16, val_size=184)  # exactly one batch left
+    dm.setup("fit")
+    assert len(dm.train_dataloader()) == 1 and len(dm._val) == 184
+    dm = FashionMNISTDataModule(root=root, batch_size=16, val_size=0)
+    dm.setup("fit")
+    assert len(dm._train) == 200 and len(dm._val) == 0
+
+
+def test_celeba_and_folder_modules_share_the_train_size_check(tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for k in range(5):
+        _noise(20, 20, seed=k).save(root / f"{k}.png")
+    with pytest.raises(ValueError, match=rf"{root} holds 5 images, 3 for training after holding out 2 for validation: "
+                                         r"fewer than data.init_args.batch_size=4 .*Fix: lower batch_size or "
+                                         "val_fraction"):
+        ImageFolderDataModule(str(root), batch_size=4, val_fraction=0.4).setup()
+    make_celeba(tmp_path)  # 8 train-partition images, 11 valid/test
+    with pytest.raises(ValueError, match=r"CelebA \(target 'Male'\) holds 19 images, 8 for training after holding "
+                                         r"out 11 for validation and test: fewer than data.init_args.batch_size=9"):
+        CelebADataModule(tmp_path, target="Male", batch_size=9).setup()
+    with pytest.raises(ValueError, match=r"CelebA \(target 'identity'\) holds 8 images, 6 for training .*"
+                                         "batch_size=7 .*lower batch_size or identity_holdout"):
+        CelebADataModule(tmp_path, target="identity", batch_size=7, identity_holdout=0.25).setup()
