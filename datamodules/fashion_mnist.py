@@ -97,11 +97,13 @@ def find_fashion_mnist_root(root: Optional[str] = None, download: bool = True,
     attack's users need only 'test').
 
     Search order: with ``root``, that folder (also ``root/FashionMNIST/raw``, torchvision's layout) and nothing
-    else; without, ``/usr/share/datasets/fashion-mnist`` (Debian package). Then torchvision's download into ``root``
-    (or ``~/.cache/fashion-mnist``) when ``download`` is true and the network is reachable.
+    else, never downloading into it (a mistyped root must fail, not get a folder created in it); without,
+    ``/usr/share/datasets/fashion-mnist`` (Debian package), then torchvision's download into
+    ``~/.cache/fashion-mnist`` when ``download`` is true and the network is reachable.
 
     Raises:
-        DataNotFoundError: none found; the message names the apt package and the config key to set.
+        DataNotFoundError: none found; the message names the places looked in, the apt package and the config key
+            to set.
     """
     # an explicit root is the only place looked at (a mistyped one must not fall back to the system copy silently)
     candidates = [Path(root), Path(root) / "FashionMNIST" / "raw"] if root else [Path(DEBIAN_ROOT)]
@@ -112,8 +114,8 @@ def find_fashion_mnist_root(root: Optional[str] = None, download: bool = True,
         if all(_has_split(cand, x) for x in splits):
             return cand
     download_error = None
-    if download:
-        target = Path(root) if root else Path.home() / ".cache" / "fashion-mnist"
+    if download and not root:  # an explicit root is only read: a mistyped one must not get a folder created in it
+        target = Path.home() / ".cache" / "fashion-mnist"
         try:  # users with internet: torchvision fetches the same files
             from torchvision.datasets import FashionMNIST
 
@@ -128,6 +130,8 @@ def find_fashion_mnist_root(root: Optional[str] = None, download: bool = True,
         "Fashion-MNIST idx files not found (looked in "
         + ", ".join(str(c) for c in candidates)
         + (f"; download failed: {download_error}" if download_error else "")
+        + ("; an explicit root is not downloaded into: check its spelling, or leave it unset to use the Debian copy "
+           "or download into ~/.cache/fashion-mnist" if root else "")
         + "). Fix: `sudo apt-get install dataset-fashion-mnist` (installs them in "
         f"{DEBIAN_ROOT}), or set `data.root` (e.g. `--data.root /path/to/fashion-mnist`; for attack.py "
         "`--users.init_args.root`) to a folder holding "
@@ -136,7 +140,13 @@ def find_fashion_mnist_root(root: Optional[str] = None, download: bool = True,
 
 
 def load_split(split: str, root: Optional[str] = None, download: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Load one split as (images uint8 (N, 28, 28), labels uint8 (N,)). ``split`` is 'train' or 'test'."""
+    """Load one split as (images uint8 (N, 28, 28), labels uint8 (N,)). ``split`` is 'train' or 'test'; ``root``
+    and ``download`` as in :func:`find_fashion_mnist_root`.
+
+    Raises:
+        DataNotFoundError: the split's files are missing (:func:`find_fashion_mnist_root`).
+        ValueError: a bad ``split``, a damaged idx file (:func:`read_idx`), or images and labels of different counts.
+    """
     if split not in _FILES:
         raise ValueError(f"split must be one of {sorted(_FILES)}, got {split!r}")
     base = find_fashion_mnist_root(root, download, splits=(split,))
@@ -179,7 +189,8 @@ class FashionMNISTDataModule(ImageDataModule):
     training, since FL users are built from it.
 
     Args:
-        root: folder with the idx files; None searches the Debian package path, then downloads when online.
+        root: folder with the idx files (never downloaded into); None searches the Debian package path, then
+            downloads into ~/.cache/fashion-mnist when online.
         image_size: output side in pixels (28 -> 32 by zero padding by default).
         channels: 1, or 3 to replicate the grey channel.
         batch_size: training batch size.

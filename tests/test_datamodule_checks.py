@@ -248,3 +248,33 @@ def test_celeba_and_folder_modules_share_the_train_size_check(tmp_path):
     with pytest.raises(ValueError, match=r"CelebA \(target 'identity'\) holds 8 images, 6 for training .*"
                                          "batch_size=7 .*lower batch_size or identity_holdout"):
         CelebADataModule(tmp_path, target="identity", batch_size=7, identity_holdout=0.25).setup()
+
+
+def test_a_mistyped_fashion_mnist_root_is_not_downloaded_into(tmp_path, monkeypatch):
+    """An explicit root lacking the files got a download attempt into it (creating root/FashionMNIST/raw in a
+    mistyped folder); now it is the missing-files error at once. Without a root the download is still tried."""
+    import torchvision.datasets
+
+    from datamodules.fashion_mnist import DataNotFoundError, FashionMNISTDataModule, find_fashion_mnist_root
+
+    calls = []
+
+    class FakeDownload:  # stands in for torchvision's FashionMNIST: records the call, creates what it would
+        def __init__(self, root, train=True, download=False):
+            calls.append(root)
+            (Path(root) / "FashionMNIST" / "raw").mkdir(parents=True, exist_ok=True)
+            raise RuntimeError("offline")
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", FakeDownload)
+    monkeypatch.setattr("datamodules.fashion_mnist.DEBIAN_ROOT", str(tmp_path / "nowhere"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    typo = tmp_path / "fashon-mnist"
+    with pytest.raises(DataNotFoundError, match=rf"looked in {typo}, .*an explicit root is not downloaded into.*"
+                                                "apt-get install dataset-fashion-mnist"):
+        find_fashion_mnist_root(str(typo))
+    with pytest.raises(DataNotFoundError, match="fashon-mnist"):
+        FashionMNISTDataModule(root=str(typo)).prepare_data()
+    assert calls == [] and not typo.exists()
+    with pytest.raises(DataNotFoundError, match="download failed: offline"):  # no root: the download is tried
+        find_fashion_mnist_root(None)
+    assert calls == [str(tmp_path / "home" / ".cache" / "fashion-mnist")]
