@@ -159,8 +159,12 @@ def build_parser() -> ArgumentParser:
     p.add_class_arguments(Trainer, "trainer", instantiate=False, skip=TRAINER_SKIP)
     p.add_class_arguments(LoggerSpec, "logger")
     p.add_class_arguments(OutputSpec, "output")
-    p.add_argument("--seed", type=int, default=0, help="Global seed (Lightning seed_everything).")
-    p.add_argument("--image_log_every", type=int, default=0, help="Log reconstructions every k steps (0: off).")
+    p.add_argument("--seed", type=int, default=0,
+                   help="The run's seed: seeds Lightning's global RNG (seed_everything) and, when not 0, is mixed into "
+                        "the attack's seed (new initial images and noise draws, same users and defense noise; see "
+                        "effective_attack_seed).")
+    p.add_argument("--image_log_every", type=int, default=0,
+                   help="Log reconstructions every k steps (0: attack.init_args.log_images_every, default off).")
     p.add_argument("--resume", type=Optional[str], default=None,
                    help="Continue an interrupted run directory of the same config: finished users are skipped, an "
                         "interrupted attack (a chunk of users_per_step users) continues from its last checkpoint.")
@@ -324,8 +328,8 @@ def validate(cfg: Namespace, source: UserSource, victim_cfg: dict) -> None:
 
         B = getattr(source, "batch_size", 1)
         local_steps_for(B, cfg.threat.fedavg_epochs, cfg.threat.fedavg_batch_size or B)  # raises on zero steps
-        if not cfg.threat.fedavg_lr > 0:
-            raise ConfigError(f"threat.fedavg_lr must be > 0, got {cfg.threat.fedavg_lr}")
+        if not (cfg.threat.fedavg_lr > 0 and math.isfinite(cfg.threat.fedavg_lr)):
+            raise ConfigError(f"threat.fedavg_lr must be a finite number > 0, got {cfg.threat.fedavg_lr}")
     if cfg.threat.defenses:
         from inversion.defenses import build_defenses
 
@@ -388,7 +392,8 @@ def user_defenses(threat: ThreatSpec, user_index: int):
 
 
 def stable_user_index(user: User, position: int) -> int:
-    """The index that seeds a user's client-side randomness (defense noise, FedAvg shuffling): its integer user id
+    """The index that seeds a user's client-side randomness (defense noise; the FedAvg client's generator, unused
+    while it does not shuffle): its integer user id
     (Fashion-MNIST and CelebA users: the global user index), else ``meta['index']`` (folder users), else its
     ``position`` in this run. A user gets the same noise whether it runs alone, in a half of the users
     (``first_user``) or in one big run, and two users never share a draw."""
@@ -410,7 +415,9 @@ def client_update(victim, user: User, threat: ThreatSpec, num_classes: int, user
     noises the model delta, so a clip norm is a norm of the delta), then the server's pseudo-gradient
     delta / (lr * local steps) (:func:`inversion.fedavg.fedavg_pseudo_gradient`). With ``reveal_batch_size``
     false the FedAvg metadata gives the configured local batch size (None: full batch) and no local step count
-    (either would reveal B). Seeded randomness is offset by :func:`stable_user_index` (``user_index``: the user's
+    (either would reveal B), and with a configured local batch size b the pseudo-gradient is delta / (lr * epochs)
+    (ceil(B / b) times the per-step mean: the server cannot divide by steps it does not know; the cosine matching
+    losses ignore the scale). ``meta['pseudo_gradient_steps']`` says which divisor was used. Seeded randomness is offset by :func:`stable_user_index` (``user_index``: the user's
     position in the run, used only for users without an integer id or index).
     """
     user_index = stable_user_index(user, user_index)
@@ -424,10 +431,14 @@ def client_update(victim, user: User, threat: ThreatSpec, num_classes: int, user
             victim, user.images, user.labels, epochs=threat.fedavg_epochs, local_lr=threat.fedavg_lr,
             local_batch_size=threat.fedavg_batch_size or None, seed=user_index,
         )
-        grad = upd.pseudo_gradient
-        if threat.defenses:
-            grad = fedavg_pseudo_gradient(user_defenses(threat, user_index)(upd.delta), upd.local_lr, upd.local_steps)
+        delta = user_defenses(threat, user_index)(upd.delta) if threat.defenses else upd.delta
+        # the server's divisor: lr x the local steps, which it knows unless B is hidden and the client split its
+        # batch into mini-batches of b (ceil(B / b) steps per epoch); then lr x epochs, as the server can compute
+        steps_known = threat.reveal_batch_size or not threat.fedavg_batch_size
+        server_steps = upd.local_steps if steps_known else threat.fedavg_epochs
+        grad = fedavg_pseudo_gradient(delta, upd.local_lr, server_steps)
         meta.update(upd.meta)
+        meta["pseudo_gradient_steps"] = server_steps
         if not threat.reveal_batch_size:
             meta["local_batch_size"] = threat.fedavg_batch_size or None
             meta.pop("local_steps", None)
@@ -571,11 +582,16 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
     return out
 
 
+WANDB_ID_FILE = "wandb_run_id.txt"  # in the run directory: the W&B run a --resume continues
+
+
 def make_logger(cfg: Namespace, run_dir: Path, config_dict: dict):
     """The Lightning logger of ``cfg.logger``: None for backend 'none', a ``CSVLogger`` under ``run_dir/logs`` for
     'csv', otherwise a ``WandbLogger`` saving under ``run_dir`` (run name = the run folder's name, offline unless
-    ``logger.mode`` is 'online') with ``config_dict`` logged as its hyper-parameters. The backend name itself is
-    checked earlier, by :func:`validate`."""
+    ``logger.mode`` is 'online') with ``config_dict`` logged as its hyper-parameters. The W&B run id is kept in
+    ``run_dir/wandb_run_id.txt``; a run directory that has one (``--resume``) continues that W&B run (``resume=
+    'allow'``; offline, a second offline-run folder with the same id, which ``wandb sync`` merges) instead of
+    starting an unrelated one. The backend name itself is checked earlier, by :func:`validate`."""
     spec = cfg.logger
     if spec.backend == "none":
         return None
@@ -585,36 +601,111 @@ def make_logger(cfg: Namespace, run_dir: Path, config_dict: dict):
         return CSVLogger(save_dir=str(run_dir), name="logs")
     from lightning.pytorch.loggers import WandbLogger
 
+    id_file = run_dir / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if id_file.is_file() else None
     logger = WandbLogger(
         project=spec.project, name=run_dir.name, save_dir=str(run_dir), offline=spec.mode != "online",
-        group=spec.group, tags=list(spec.tags) or None,
+        group=spec.group, tags=list(spec.tags) or None, **({"id": run_id, "resume": "allow"} if run_id else {}),
     )
+    if run_id is None:
+        atomic_write_text(id_file, logger.experiment.id + "\n")
     logger.log_hyperparams(config_dict)
     return logger
 
 
-def log_final(logger, run_dir: Path, rows: list[dict], grids: list[torch.Tensor]) -> None:
-    """Log the end of a run through ``logger`` (nothing when it is None or there are no rows).
+def typed_table(rows: list[dict], keys: list[str]) -> list[list]:
+    """``rows`` as table data (one list per row, values in ``keys`` order) with one type per column. Rows read back
+    from results.csv on ``--resume`` hold strings ('' for None) where this process's rows hold numbers, and a W&B
+    Table refuses a column that mixes them. Per column: strings become numbers (int where the column's other values
+    are all ints) or bools ('True'/'False') like the column's non-string values, '' becomes None; a column whose
+    strings do not all convert, or whose other values are neither all numbers nor all bools, becomes all strings;
+    a column of strings only is left as it is."""
+    data = [[r.get(k) for k in keys] for r in rows]
+    for j in range(len(keys)):
+        col = [row[j] for row in data]
+        others = [v for v in col if v is not None and not isinstance(v, str)]
+        if not others or not any(isinstance(v, str) for v in col):
+            continue
+        convert = None
+        if all(isinstance(v, bool) for v in others):
+            names = {"True": True, "False": False, "true": True, "false": False, "": None}
+            convert = names.__getitem__
+        elif all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in others):
+            ints = all(isinstance(v, numbers.Integral) for v in others)
 
-    Logs ``final/grid``: one row per user, its grid (float (n_u, C, H, W) in [0, 1], as :func:`user_images` builds
-    it: up to 10 batch images, the raw image, the denoised image when there is one) right-padded with blank images
-    to the longest user's length; ``final/results``: the rows as a table when the logger has ``log_table`` (W&B),
-    columns: every key in first-seen order; and ``final/<key>``: the metrics of :func:`summarize`. ``run_dir`` is
-    not used.
+            def convert(s: str):
+                if s.strip() == "":
+                    return None
+                try:
+                    return int(s)
+                except ValueError:
+                    if ints:
+                        raise
+                    return float(s)
+        try:
+            new = [convert(v) if isinstance(v, str) else v for v in col] if convert else None
+        except (KeyError, ValueError):
+            new = None
+        if new is None:
+            new = [None if v is None else str(v) for v in col]
+        for row, v in zip(data, new):
+            row[j] = v
+    return data
+
+
+def user_grid_rows(run_dir: Optional[Path], rows: list[dict], grids: dict) -> list:
+    """One uint8 (H, W_u, 3) image per row of ``rows`` for ``final/grid``: the user's grid tensor from ``grids``
+    (``str(user)`` -> float (n_u, C, H, W) in [0, 1], as :func:`user_images` builds it: up to 10 batch images, the
+    raw image, the denoised image when there is one) tiled in one row as ``users/<uid>/grid.png`` is, else that PNG
+    read back (users finished before a ``--resume``, or by another process); users with neither are left out."""
+    import numpy as np
+    from PIL import Image
+
+    from inversion.logging_utils import to_uint8_hwc
+
+    out = []
+    for r in rows:
+        g = grids.get(str(r.get("user")))
+        if g is not None:
+            out.append(to_uint8_hwc(g, nrow=len(g)))
+            continue
+        png = run_dir / str(r.get("user_dir") or "") / "grid.png" if run_dir is not None and r.get("user_dir") else None
+        if png is not None and png.is_file():
+            with Image.open(png) as im:
+                out.append(np.asarray(im.convert("RGB")))
+    return out
+
+
+def log_final(logger, run_dir: Optional[Path], rows: list[dict], grids: dict, status: str = "finished") -> None:
+    """Log the end of a run through ``logger`` (nothing when it is None or there are no rows): also for a run that
+    was interrupted or diverged, over the users that finished.
+
+    Logs ``final/grid``: one row per user in ``rows`` order (:func:`user_grid_rows`; a user's row is its batch (up
+    to 10) | raw | denoised, padded 2 px in white as in its ``grid.png``), right-padded in white to the widest row;
+    ``final/results``: the rows as a table when the logger has ``log_table`` (W&B), columns: every key in
+    first-seen order, one type per column (:func:`typed_table`); ``final/<key>``: the metrics of
+    :func:`summarize`; and the run's ``status`` in the W&B run summary.
     """
     if logger is None or not rows:
         return
-    from inversion.logging_utils import log_image_grid
+    import numpy as np
 
-    if grids:
-        width = max(len(g) for g in grids)
-        padded = [torch.cat([g, g.new_ones((width - len(g), *g.shape[1:]))]) for g in grids]  # blank = white
-        log_image_grid(logger, "final/grid", torch.cat(padded), nrow=width,
-                       caption="one row per user: batch (up to 10) | raw | denoised")
+    from inversion.logging_utils import log_uint8_image
+
+    images = user_grid_rows(run_dir, rows, grids)
+    if images:
+        pad = 2  # to_uint8_hwc's padding: consecutive rows share one padding strip, as in one make_grid
+        width = max(im.shape[1] for im in images)
+        padded = [np.pad(im, ((0, 0), (0, width - im.shape[1]), (0, 0)), constant_values=255) for im in images]
+        grid = np.concatenate([padded[0]] + [im[pad:] for im in padded[1:]], axis=0)
+        log_uint8_image(logger, "final/grid", grid, caption="one row per user: batch (up to 10) | raw | denoised")
     if hasattr(logger, "log_table"):
         keys = list(dict.fromkeys(k for r in rows for k in r))
-        logger.log_table(key="final/results", columns=keys, data=[[r.get(k) for k in keys] for r in rows])
+        logger.log_table(key="final/results", columns=keys, data=typed_table(rows, keys))
     logger.log_metrics({f"final/{k}": v for k, v in summarize(rows).items()})
+    summary = getattr(getattr(logger, "experiment", None), "summary", None)
+    if summary is not None and hasattr(logger, "log_table"):  # W&B
+        summary["status"] = status
 
 
 def user_uid(user: User) -> str:
@@ -626,6 +717,27 @@ def user_uid(user: User) -> str:
     if isinstance(uid, numbers.Integral) and not isinstance(uid, bool):
         return f"user_{int(uid):04d}"
     return f"user_{uid}"
+
+
+def default_log_every(steps: int) -> int:
+    """The Trainer's ``log_every_n_steps`` when ``trainer.log_every_n_steps`` is not set: about 200 points per loss
+    curve (every step up to 399 steps; every 20th at 4,000). Lightning's own default, 50, left a 20-step run with no
+    curve at all and the 200-step default with 4 points."""
+    return max(1, int(steps) // 200)
+
+
+def effective_attack_seed(attack_seed: int, run_seed: int) -> int:
+    """The seed the attack runs with: ``attack.init_args.seed`` when the run's ``--seed`` is 0 (the default, as
+    every shipped report ran), else a ``numpy.random.SeedSequence([attack_seed, run_seed])`` draw (in [0, 2**63)).
+    So ``--seed`` (a sweep's seed axis) gives the attack new initial images and noise draws while the users (their
+    own ``users.init_args.seed``) and seeded defenses stay the same; two runs differing only in ``--seed`` are two
+    independent attacks on the same clients."""
+    if int(run_seed) == 0:
+        return int(attack_seed)
+    import numpy as np
+
+    state = np.random.SeedSequence([int(attack_seed) % 2**63, int(run_seed) % 2**63]).generate_state(2, np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1]))
 
 
 def users_per_step_of(attack_cls, attack_kwargs: dict, num_users: Optional[int] = None) -> int:
@@ -756,12 +868,18 @@ def prepare(parser: ArgumentParser, cfg: Namespace):
         raise ConfigError(f"victim: {exc}") from None
     attack_cls = resolve_attack_class(cfg.attack.class_path)
     attack_kwargs = dict(cfg.attack.init_args or {})
+    attack_kwargs["seed"] = effective_attack_seed(attack_kwargs.get("seed") or 0, cfg.seed or 0)
     users_per_step_of(attack_cls, attack_kwargs, getattr(source, "num_users", None))  # folder users: None = all
     try:
         attack_cls.check_precision(cfg.trainer.precision)
     except ValueError as exc:
         raise ConfigError(f"trainer.precision: {exc}") from None
     probe = attack_cls(**attack_kwargs)  # validates the attack's hyper-parameters
+    try:  # the attack against the threat model (B revealed? labels known?): bind would say so only per user
+        probe.check_threat(getattr(source, "batch_size", None), bool(cfg.threat.reveal_batch_size),
+                           bool(cfg.threat.known_labels))
+    except ValueError as exc:
+        raise ConfigError(f"attack vs threat: {exc}") from None
     prior = None
     if getattr(probe, "requires_prior", False):
         if not init.prior.path:
@@ -891,25 +1009,28 @@ def run(cfg: Namespace) -> Path:
         if rank == 0:
             atomic_write_text(run_dir / "config.yaml", dump_config(parser, cfg))
     config_dict = json.loads(dump_config(parser, cfg, "json"))
-    logger = make_logger(cfg, run_dir, config_dict) if rank == 0 else None
     done = {str(r["user"]) for r in resume_rows}
     rows: list[dict] = list(resume_rows)
-    grids: list[torch.Tensor] = []
+    grids: dict[str, torch.Tensor] = {}  # str(user) -> grid, this process's users (rank 0: every rank's, gathered)
     local: list[tuple[int, dict, torch.Tensor]] = []  # (user index, row, grid) of this rank's users (ranks > 0)
     status = "running"
+    logger = None
+    name = ""
     shard = [(i, u) for i, u in enumerate(users) if i % world == rank]
     chunks = user_chunks(shard, per_step, done)
-    if rank == 0:
-        print(f"[attack] run directory: {run_dir}  ({len(users)} users, {len(done)} already done, "
-              f"B = {getattr(source, 'batch_size', '?')}, {world} process(es)"
-              + (f", {per_step} users per step" if per_step > 1 else "") + ")", flush=True)
-    try:
+    resume_hint = f"python attack.py --config {run_dir / 'config.yaml'} --resume {run_dir}"
+    try:  # from here on summary.json says how the run ended, even for a Ctrl-C while W&B starts
+        logger = make_logger(cfg, run_dir, config_dict) if rank == 0 else None
+        if rank == 0:
+            print(f"[attack] run directory: {run_dir}  ({len(users)} users, {len(done)} already done, "
+                  f"B = {getattr(source, 'batch_size', '?')}, {world} process(es)"
+                  + (f", {per_step} users per step" if per_step > 1 else "") + ")", flush=True)
         for chunk in chunks:
             uids = [user_uid(u) for _, u in chunk]
             name = chunk_name(uids)
             views = [client_update(victim, user, init.threat, victim_classes, user_index=i) for i, user in chunk]
             attack: GradientInversionAttack = attack_cls(**attack_kwargs, log_prefix=f"{name}/")
-            attack.log_images_every = cfg.image_log_every
+            attack.log_images_every = cfg.image_log_every or attack.log_images_every
             if len(chunk) == 1:
                 attack.bind(views[0], prior)
             else:  # many users per step: one module, one fit, each user logged under its own prefix
@@ -924,7 +1045,8 @@ def run(cfg: Namespace) -> Path:
             trainer = Trainer(
                 max_steps=attack.steps, logger=logger if logger is not None else False,
                 enable_checkpointing=bool(cfg.checkpoint_every), default_root_dir=str(run_dir / "lightning"),
-                enable_autolog_hparams=False, num_sanity_val_steps=0, callbacks=callbacks, **trainer_kwargs,
+                enable_autolog_hparams=False, num_sanity_val_steps=0, callbacks=callbacks,
+                **{"log_every_n_steps": default_log_every(attack.steps), **trainer_kwargs},
             )
             last = ckpt_dir / "last.ckpt"
             t0 = time.time()
@@ -950,7 +1072,7 @@ def run(cfg: Namespace) -> Path:
                 write_user(run_dir, uid, images)  # every rank writes its own users (one shared run directory)
                 if rank == 0:
                     rows.append(row)
-                    grids.append(images["grid"])
+                    grids[str(row["user"])] = images["grid"]
                     write_results(run_dir, sort_rows(rows, users))
                 else:  # kept on disk too: a rank stopped hard (SIGKILL, a scheduler's time limit) loses no user
                     local.append((i, row, images["grid"]))
@@ -967,11 +1089,12 @@ def run(cfg: Namespace) -> Path:
         status = "finished"
     except AttackDivergedError as exc:
         status = f"diverged: {exc}"
-        print(f"[attack] stopped: {exc}. Results of the finished users are kept in {run_dir}", file=sys.stderr)
+        print(f"[attack] {name}: stopped: {str(exc).rstrip('.')}. Results of the finished users are kept in {run_dir}",
+              file=sys.stderr)
     except KeyboardInterrupt:
         status = "interrupted"
-        print(f"[attack] interrupted; results of the finished users are kept in {run_dir} "
-              f"(continue with --resume {run_dir})", file=sys.stderr)
+        print(f"[attack] interrupted; results of the finished users are kept in {run_dir}; continue with:\n"
+              f"  {resume_hint}", file=sys.stderr)
     except Exception as exc:  # summary.json says so instead of "running"; the finished users' rows stay
         status = f"failed: {type(exc).__name__}: {exc}"
         raise
@@ -985,12 +1108,13 @@ def run(cfg: Namespace) -> Path:
         summary = {"status": status, "run_dir": str(run_dir), "processes": world, **summarize(rows)}
         if rank == 0:
             atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-            if status == "finished":
-                log_final(logger, run_dir, rows, grids)
-            if logger is not None and cfg.logger.backend == "wandb":
-                import wandb
+            try:  # the finished users' grid, table and metrics, whatever stopped the run
+                log_final(logger, run_dir, sort_rows(rows, users), grids, status)
+            finally:
+                if logger is not None and cfg.logger.backend == "wandb":
+                    import wandb
 
-                wandb.finish()
+                    wandb.finish(exit_code=0 if status == "finished" else 1)
     if status != "finished":
         raise SystemExit(1 if "diverged" in status else 130)
     if rank == 0:
@@ -998,12 +1122,12 @@ def run(cfg: Namespace) -> Path:
     return run_dir
 
 
-def gather_ranks(status: str, rows: list[dict], local: list, grids: list, rank: int, world: int, run_dir: Path,
+def gather_ranks(status: str, rows: list[dict], local: list, grids: dict, rank: int, world: int, run_dir: Path,
                  users: list[User]) -> tuple[str, list[dict]]:
     """Collect every rank's finished users on rank 0 (called by every rank in ``run``'s ``finally``, so a rank that
     stopped early, diverged or was interrupted still meets the others). ``local``: this rank's (user index, row,
     grid) of finished users (ranks > 0; their images are already in ``run_dir``). Rank 0 merges the rows into
-    ``results.csv`` (sorted by user), appends the grids to ``grids`` and removes the merged ``partial/`` files; the
+    ``results.csv`` (sorted by user), adds their grids to ``grids`` (``str(user)`` -> grid) and removes the merged ``partial/`` files; the
     run's status is rank 0's, or the first other rank's that did not finish ('rank r: ...').
 
     Returns:
@@ -1027,7 +1151,7 @@ def gather_ranks(status: str, rows: list[dict], local: list, grids: list, rank: 
         for _, row, grid in part:
             if str(row["user"]) not in done:
                 rows.append(row)
-                grids.append(grid)
+                grids[str(row["user"])] = grid
     rows = sort_rows(rows, users)
     write_results(run_dir, rows)
     shutil.rmtree(run_dir / PARTIAL_DIR, ignore_errors=True)

@@ -35,7 +35,20 @@ def log_image_grid(logger, key: str, images: torch.Tensor, step: Optional[int] =
     """
     if logger is None:
         return
-    grid = to_uint8_hwc(images, nrow=nrow)
+    log_uint8_image(logger, key, to_uint8_hwc(images, nrow=nrow), step=step, caption=caption)
+
+
+def log_uint8_image(logger, key: str, grid: np.ndarray, step: Optional[int] = None, caption: str = "") -> None:
+    """Log one uint8 (H, W, 3) image through a Lightning logger, as :func:`log_image_grid` does (W&B ``log_image``,
+    TensorBoard ``add_image``, else a PNG under ``log_dir/images``); nothing when ``logger`` is None.
+
+    Raises:
+        ValueError: ``grid`` is not a uint8 (H, W, 3) array (W&B would save a float array black).
+    """
+    if logger is None:
+        return
+    if grid.dtype != np.uint8 or grid.ndim != 3 or grid.shape[2] != 3:
+        raise ValueError(f"log_uint8_image needs a uint8 (H, W, 3) array, got {grid.dtype} {tuple(grid.shape)}")
     if hasattr(logger, "log_image"):
         kwargs = {"caption": [caption]} if caption else {}
         logger.log_image(key=key, images=[grid], step=step, **kwargs)

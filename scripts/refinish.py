@@ -197,7 +197,7 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
     attack_main.atomic_write_text(out_dir / "config.yaml", attack_main.dump_config(parser, cfg))
     logger = attack_main.make_logger(cfg, out_dir, new)
     print(f"[refinish] {run_dir} -> {out_dir} ({len(plan)} users; changed: {changed or 'nothing'})", flush=True)
-    rows, grids, status = [], [], "running"
+    rows, grids, status = [], {}, "running"
     try:
         for i, user, r, raw, raw_source in plan:
             t0 = time.time()
@@ -217,7 +217,7 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
             images = attack_main.user_images(user, result)
             attack_main.write_user(out_dir, attack_main.user_uid(user), images)
             rows.append(row)
-            grids.append(images["grid"])
+            grids[str(row["user"])] = images["grid"]
             attack_main.write_results(out_dir, rows)
             print(f"[refinish] {attack_main.user_uid(user)}: dominant {user.dominant_class}, evaluator "
                   f"{row.get('evaluator_class')} (was {r.get('evaluator_class')}), candidate {row['final_candidate']}, "
@@ -233,12 +233,13 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
         summary = {"status": status, "run_dir": str(out_dir), "refinished_from": str(run_dir), "changed": changed,
                    **attack_main.summarize(rows)}
         attack_main.atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        if status == "finished":
-            attack_main.log_final(logger, out_dir, rows, grids)
-        if logger is not None and cfg.logger.backend == "wandb":
-            import wandb
+        try:  # the finished users' grid, table and metrics, also after a Ctrl-C
+            attack_main.log_final(logger, out_dir, rows, grids, status)
+        finally:
+            if logger is not None and cfg.logger.backend == "wandb":
+                import wandb
 
-            wandb.finish()
+                wandb.finish(exit_code=0 if status == "finished" else 1)
     if status != "finished":
         raise SystemExit(130)
     print(json.dumps(summary, indent=2), flush=True)

@@ -114,13 +114,22 @@ def test_attack_py_writes_every_output(tmp_path):
     [
         ({"victim.checkpoint": "/nonexistent/victim"}, FileNotFoundError, "config.json"),
         ({"users.init_args.channels": 3}, attack.ConfigError, "expects"),
-        ({"users.init_args.batch_size": 2000}, ValueError, "1000 test images"),
+        ({"users.init_args.batch_size": 2000}, ValueError, "needs 2000 images of class .* has only 1000"),
         ({"threat.defenses": [{"name": "gaussian_dp", "clip_norm": 1.0, "sigma": -1.0}]}, ValueError, "sigma|noise"),
         ({"threat.protocol": "fedavg", "threat.fedavg_epochs": 0}, ValueError, "epoch"),
         ({"attack.init_args.t_min": 900}, ValueError, "t_min"),
         ({"trainer.precision": "16-mixed"}, attack.ConfigError, r"trainer.precision: UserLevelInversion .*'16-mixed'"),
         ({"trainer.precision": "bf16-true"}, attack.ConfigError, "bf16-mixed"),
         ({"evaluation.face_gallery_users": -1}, attack.ConfigError, "face_gallery_users is -1: set it to 0"),
+        # the attack against the threat model (were refused by bind, after the run directory existed)
+        ({"attack.class_path": "lightning_modules.baselines.iDLG", "attack.init_args": {"steps": 1}},
+         attack.ConfigError, "attack vs threat: iDLG is defined for a single image"),
+        ({"attack.class_path": "lightning_modules.baselines.DLG", "attack.init_args": {"steps": 1},
+          "threat.reveal_batch_size": False}, attack.ConfigError, "needs the batch size B"),
+        ({"attack.init_args.label_strategy": "known"}, attack.ConfigError, "'known' needs the labels"),
+        ({"attack.class_path": "lightning_modules.baselines.InvertingGradients",
+          "attack.init_args": {"steps": 1, "label_strategy": "idlg"}}, attack.ConfigError, "'idlg' is exact only for B = 1"),
+        ({"threat.protocol": "fedavg", "threat.fedavg_lr": float("inf")}, attack.ConfigError, "finite number > 0"),
     ],
 )
 def test_bad_input_fails_before_any_run_dir(tmp_path, overrides, error, match):
@@ -277,7 +286,7 @@ def test_log_final_draws_one_row_per_user_and_a_table_of_every_column():
             self.metrics.append(metrics)
 
     log = Logger()
-    grids = [torch.full((12, 1, 4, 4), 0.0), torch.full((11, 1, 4, 4), 0.0)]  # second user: no denoised image
+    grids = {"0": torch.full((12, 1, 4, 4), 0.0), "1": torch.full((11, 1, 4, 4), 0.0)}  # user 1: no denoised image
     rows = [{"user": 0, "evaluator_correct": 1}, {"user": 1, "evaluator_correct": 0, "resumed": True}]
     attack.log_final(log, None, rows, grids)
     key, img, caption = log.images[0]
@@ -322,11 +331,11 @@ def _gather_worker(rank: int, world: int, init_file: str, run_dir: str, out: str
         status, rows, local = "diverged: loss is NaN at step 7", [], [(1, {"user": 1, "psnr": 1.0}, torch.ones(1, 2, 2))]
         (run / attack.PARTIAL_DIR).mkdir()
         attack.write_results(run, [local[0][1]], name=f"{attack.PARTIAL_DIR}/rank1-1.csv")
-    grids: list = []
+    grids: dict = {}
     dist.barrier()
     status, rows = attack.gather_ranks(status, rows, local, grids, rank, world, run, users)
     if rank == 0:
-        Path(out).write_text(json.dumps({"status": status, "users": [r["user"] for r in rows], "grids": len(grids)}))
+        Path(out).write_text(json.dumps({"status": status, "users": [r["user"] for r in rows], "grids": sorted(grids)}))
     dist.destroy_process_group()
 
 
@@ -341,7 +350,7 @@ def test_gather_ranks_merges_every_rank_and_reports_a_stopped_one(tmp_path):
     out = tmp_path / "out.json"
     mp.spawn(_gather_worker, args=(2, str(tmp_path / "pg"), str(run_dir), str(out)), nprocs=2, join=True)
     got = json.loads(out.read_text())
-    assert got == {"status": "rank 1: diverged: loss is NaN at step 7", "users": [0, 1, 2], "grids": 1}
+    assert got == {"status": "rank 1: diverged: loss is NaN at step 7", "users": [0, 1, 2], "grids": ["1"]}
     assert [r["user"] for r in csv.DictReader((run_dir / "results.csv").open())] == ["0", "1", "2"]
     assert not (run_dir / attack.PARTIAL_DIR).exists()
 

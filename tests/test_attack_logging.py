@@ -1,0 +1,191 @@
+"""What attack.py sends to the logger and says on the console: loss curves, W&B across a resume, the run seed,
+the FedAvg target when B is hidden."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import attack
+from tests.test_attack_e2e import tiny_config
+
+
+def test_typed_table_gives_each_column_one_type():
+    """Rows read back from results.csv on --resume hold strings where new rows hold numbers (W&B's Table refused
+    the mix: 'Number not assignable to None or String')."""
+    rows = [
+        {"user": "0", "steps": "4", "psnr": "12.5", "correct": "True", "name": "012", "lpips": "", "labels": "3;3"},
+        {"user": 1, "steps": 4, "psnr": 13.0, "correct": False, "name": "013", "lpips": 0.1, "labels": [3, 3]},
+    ]
+    keys = list(rows[0])
+    data = attack.typed_table(rows, keys)
+    assert data[0] == [0, 4, 12.5, True, "012", None, "3;3"]
+    assert data[1] == [1, 4, 13.0, False, "013", 0.1, "[3, 3]"]  # a column of strings and lists: all strings
+    assert type(data[0][0]) is int and type(data[0][2]) is float
+    # an int column whose string does not parse as an int: strings throughout, never a mix
+    assert attack.typed_table([{"k": "2.5"}, {"k": 3}], ["k"]) == [["2.5"], ["3"]]
+    # only strings (a run that resumed with nothing left to do): left as they are
+    assert attack.typed_table([{"k": "1"}, {"k": ""}], ["k"]) == [["1"], [""]]
+
+
+def test_log_final_reads_resumed_users_grids_from_their_png(tmp_path):
+    """The final grid has every user: those of this process from their tensors, those finished before a resume
+    from users/<uid>/grid.png, stacked in row order exactly as one make_grid of all of them would be."""
+    from torchvision.utils import make_grid
+
+    class Logger:
+        images: list = []
+
+        def log_image(self, key, images, step=None, caption=None):
+            self.images.append(images[0])
+
+        def log_metrics(self, metrics):
+            pass
+
+    g0 = torch.rand(5, 3, 4, 4)
+    g1 = torch.rand(4, 3, 4, 4)
+    attack.save_png(tmp_path / "users" / "user_0000" / "grid.png", g0, nrow=len(g0))  # as write_user saves it
+    rows = [{"user": "0", "user_dir": "users/user_0000"}, {"user": 1, "user_dir": "users/user_0001"}]
+    log = Logger()
+    attack.log_final(log, tmp_path, rows, {"1": g1})
+    (img,) = log.images
+    padded = torch.cat([g0, g1, torch.ones(1, 3, 4, 4)])  # user 1 right-padded with a white image
+    want = (make_grid(padded, nrow=5, padding=2, pad_value=1.0).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+    assert img.shape == want.shape and np.abs(img.astype(int) - want.astype(int)).max() <= 1
+
+
+def test_loss_curves_have_a_point_per_step_for_short_attacks(tmp_path):
+    """Lightning's default log_every_n_steps (50) left a 4-step attack with no matching/prior curve at all."""
+    assert attack.default_log_every(4) == 1 and attack.default_log_every(300) == 1
+    assert attack.default_log_every(4000) == 20
+    cfg = tiny_config(tmp_path, **{"logger.backend": "csv", "users.init_args.num_users": 1, "image_log_every": 0})
+    run_dir = attack.main(["--config", str(cfg)])
+    (metrics,) = run_dir.glob("logs/**/metrics.csv")
+    rows = list(csv.DictReader(metrics.open()))
+    steps = sorted({int(r["step"]) for r in rows if r.get("user_0000/match")})
+    assert steps == [0, 1, 2, 3]
+
+
+def test_attack_init_args_log_images_every_is_honoured(tmp_path):
+    """--attack.init_args.log_images_every was accepted, written to config.yaml and then overwritten by the
+    top-level image_log_every (0): no reconstruction was logged."""
+    cfg = tiny_config(tmp_path, **{"logger.backend": "csv", "users.init_args.num_users": 1, "image_log_every": 0,
+                                   "attack.init_args.log_images_every": 2})
+    run_dir = attack.main(["--config", str(cfg)])
+    recs = sorted(p.name for p in run_dir.glob("logs/**/images/*reconstruction*.png"))
+    assert len(recs) == 3, recs  # steps 0 and 2, and the last step
+
+
+def test_run_seed_changes_the_attack_but_not_the_users(tmp_path):
+    """--seed only called seed_everything, which the attack's own generators ignore: a sweep over seed ran the
+    same attack twice."""
+    assert attack.effective_attack_seed(5, 0) == 5
+    assert attack.effective_attack_seed(0, 1) != attack.effective_attack_seed(1, 0)
+    assert attack.effective_attack_seed(0, 1) != attack.effective_attack_seed(0, 2)
+    cfg = tiny_config(tmp_path, **{"logger.backend": "none", "users.init_args.num_users": 1, "image_log_every": 0})
+    a = attack.main(["--config", str(cfg)])
+    b = attack.main(["--config", str(cfg), "--seed", "3"])
+    c = attack.main(["--config", str(cfg), "--seed", "3"])
+    u = Path("users/user_0000")
+    assert (a / u / "batch.png").read_bytes() == (b / u / "batch.png").read_bytes()  # the same client
+    ra, rb, rc = (torch.load(d / u / "raw.pt") for d in (a, b, c))
+    assert not torch.equal(ra, rb) and torch.equal(rb, rc)  # another attack, reproducibly
+
+
+def test_fedavg_target_with_hidden_batch_size_uses_only_what_the_server_knows():
+    """With B hidden and mini-batches of b, the server cannot divide by the local steps E * ceil(B / b): the target
+    was delta / (lr * steps) all the same, a scale that gave B away."""
+    from datamodules.users import User
+    from inversion.fedavg import fedavg_client_update
+    from tests.helpers import tiny_victim
+
+    victim, _ = tiny_victim(8, 1, num_classes=10, seed=0)
+    g = torch.Generator().manual_seed(0)
+    user = User(3, torch.rand(6, 1, 8, 8, generator=g), torch.tensor([1, 1, 1, 2, 1, 1]), 1, 0)
+    upd = fedavg_client_update(victim, user.images, user.labels, epochs=2, local_lr=0.05, local_batch_size=2, seed=3)
+    assert upd.local_steps == 6
+    for reveal, steps in ((True, 6), (False, 2)):  # hidden B: lr x epochs
+        threat = attack.ThreatSpec(protocol="fedavg", fedavg_epochs=2, fedavg_lr=0.05, fedavg_batch_size=2,
+                                   reveal_batch_size=reveal)
+        view = attack.client_update(victim, user, threat, 10)
+        assert view.meta["pseudo_gradient_steps"] == steps
+        for name, d in upd.delta.items():
+            torch.testing.assert_close(view.target_gradient[name], d / (0.05 * steps))
+    # full-batch local steps: one per epoch, known to the server even without B
+    threat = attack.ThreatSpec(protocol="fedavg", fedavg_epochs=2, fedavg_lr=0.05, reveal_batch_size=False)
+    view = attack.client_update(victim, user, threat, 10)
+    assert view.meta["pseudo_gradient_steps"] == 2 and "local_steps" not in view.meta
+
+
+@pytest.mark.slow
+def test_wandb_run_survives_an_interrupt_and_a_resume(tmp_path, monkeypatch, capsys):
+    """Ctrl-C: the W&B run is closed as failed with the finished user's table, and the message gives a resume
+    command that works. The resume continues the same W&B run id, its table mixes the resumed (string) and new rows
+    without W&B refusing it, and its final grid has both users."""
+    from lightning_modules.user_level_inversion import UserLevelInversion
+
+    cfg = tiny_config(tmp_path, **{"image_log_every": 0})
+    original = UserLevelInversion.training_step
+
+    def interrupting(self, batch, batch_idx):
+        if self.log_prefix == "user_0001/" and self.global_step == 1:
+            raise KeyboardInterrupt
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(UserLevelInversion, "training_step", interrupting)
+    with pytest.raises(SystemExit):
+        attack.main(["--config", str(cfg)])
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    err = capsys.readouterr().err
+    hint = f"python attack.py --config {run_dir / 'config.yaml'} --resume {run_dir}"
+    assert hint in err
+    run_id = (run_dir / attack.WANDB_ID_FILE).read_text().strip()
+    (first,) = run_dir.glob(f"wandb/offline-run-*-{run_id}")
+    (table,) = (first / "files" / "media" / "table" / "final").glob("results_*.table.json")
+    assert len(json.loads(table.read_text())["data"]) == 1  # the finished user, logged although interrupted
+
+    monkeypatch.setattr(UserLevelInversion, "training_step", original)
+    argv = hint.split()[2:]  # the printed command, as a user would paste it
+    assert attack.main(argv) == run_dir
+    runs = sorted(run_dir.glob("wandb/offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)  # one W&B run, continued
+    second = [r for r in runs if r != first][0]
+    (table,) = (second / "files" / "media" / "table" / "final").glob("results_*.table.json")
+    data = json.loads(table.read_text())
+    assert [row[data["columns"].index("user")] for row in data["data"]] == [0, 1]
+    (grid,) = (second / "files" / "media" / "images" / "final").glob("grid_*.png")
+    h = np.asarray(Image.open(grid)).shape[0]
+    assert h == 2 * (8 + 2) + 2  # two users' rows of 8-pixel images
+
+
+def test_a_diverged_user_is_named_and_the_finished_users_are_kept(tmp_path, monkeypatch, capsys):
+    """NaN in the loss: the run stops, says which user and at which step, keeps the finished user's row and images,
+    and its summary says diverged (the message named the step only, for a one-user chunk)."""
+    from lightning_modules.user_level_inversion import UserLevelInversion
+
+    original = UserLevelInversion._matching_loss_and_logits
+
+    def nan_for_user_1(self, *args, **kwargs):
+        loss, logits = original(self, *args, **kwargs)
+        nan = self.log_prefix == "user_0001/" and self.global_step >= 2
+        return (loss * float("nan") if nan else loss), logits
+
+    monkeypatch.setattr(UserLevelInversion, "_matching_loss_and_logits", nan_for_user_1)
+    cfg = tiny_config(tmp_path, **{"logger.backend": "none", "image_log_every": 0})
+    with pytest.raises(SystemExit) as exit_info:
+        attack.main(["--config", str(cfg)])
+    assert exit_info.value.code == 1
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    err = capsys.readouterr().err
+    assert "[attack] user_0001: stopped: attack diverged at step 2" in err and ".." not in err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"].startswith("diverged: attack diverged at step 2") and summary["users"] == 1
+    assert [r["user"] for r in csv.DictReader((run_dir / "results.csv").open())] == ["0"]
+    assert (run_dir / "users" / "user_0000" / "raw.png").is_file() and not (run_dir / "users" / "user_0001").exists()
