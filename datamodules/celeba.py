@@ -346,7 +346,8 @@ class CelebAUsers(UserSource):
         first_user: index of the first user returned.
         allow_replacement: allow identities with fewer than B images (images repeat).
         min_images: consider only identities with at least this many images in the split (e.g. = B).
-        target: 'identity' or a CelebA attribute name.
+        target: a CelebA attribute name (default 'Male', the target of the shipped CelebA victim config and of
+            configs/attack/celeba.yaml) or 'identity' (with ``split='train'``).
     """
 
     def __init__(
@@ -360,7 +361,7 @@ class CelebAUsers(UserSource):
         first_user: int = 0,
         allow_replacement: bool = False,
         min_images: Optional[int] = None,
-        target: str = "identity",
+        target: str = "Male",
     ) -> None:
         if num_users < 1:
             raise ValueError(f"users.init_args.num_users must be >= 1, got {num_users}")

@@ -163,7 +163,7 @@ def test_celeba_users_identity(celeba):
     orders = {tuple(p["identity"] for p in CelebAUsers(root, 3, 2, seed=s).plan()) for s in range(8)}
     assert len(orders) > 1
     # identity labels (split 'train' only: the identity victim's classes): class k <-> the k-th sorted identity
-    ident = CelebAUsers(root, num_users=2, batch_size=2, split="train", seed=0)
+    ident = CelebAUsers(root, num_users=2, batch_size=2, split="train", seed=0, target="identity")
     assert ident.identity_to_class == {5: 0, 9: 1} and ident.num_classes == 2
     for u in ident.users():
         cls = ident.identity_to_class[u.meta["identity"]]
