@@ -273,12 +273,41 @@ def resolve_attack_class(class_path: str):
     return import_object(class_path)
 
 
+def requested_devices(trainer: dict) -> int:
+    """Devices per node a trainer config asks for, as Lightning counts them: a list of indices -> its length, an
+    int n -> n (-1: every device), 'auto'/None -> every CUDA device when the run is on CUDA (accelerator gpu/cuda,
+    or auto with CUDA present), else 1. Every device is CUDA devices on CUDA, CPU cores (``os.cpu_count()``) else."""
+    import torch
+
+    accelerator = str(trainer.get("accelerator") or "auto")
+    devices = trainer.get("devices", "auto")
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    every = torch.cuda.device_count() if on_gpu else (os.cpu_count() or 1)
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if isinstance(devices, int) or (isinstance(devices, str) and devices.lstrip("-").isdigit()):
+        return every if int(devices) == -1 else int(devices)
+    return every if on_gpu else 1
+
+
+def distributed(trainer: dict) -> bool:
+    """Whether attack.py shards the users over one process per device (:func:`start_distributed`): strategy
+    ddp*, or strategy auto with more than one device in all (Lightning's own reading of ``devices: 2``: one
+    process each). Every per-user Trainer then runs on its process's single device."""
+    strategy = str(trainer.get("strategy") or "auto")
+    total = requested_devices(trainer) * int(trainer.get("num_nodes") or 1)
+    return strategy.startswith("ddp") or (strategy == "auto" and total > 1)
+
+
 def check_devices(trainer: dict) -> None:
-    """Refuse, before any work, a trainer that asks for devices this machine does not have.
+    """Refuse, before any work, a trainer that asks for devices this machine does not have, or several devices
+    under a strategy attack.py cannot shard users with.
 
     ``trainer.accelerator`` gpu/cuda without CUDA, or ``trainer.devices`` (an int per node, or a list of device
     indices) above the local count: CUDA devices for gpu/cuda (and for auto when CUDA is present), CPU cores
     (``os.cpu_count()``) for cpu, one process per device. Multi-node runs count per node, as Lightning does.
+    Several devices need strategy ddp or auto (:func:`distributed`): attack.py runs one small Trainer per user,
+    each on one device (a per-user Trainer that launched its own processes re-ran attack.py in each).
 
     Raises:
         ConfigError: naming the key, what was asked and what the machine has.
@@ -309,6 +338,14 @@ def check_devices(trainer: dict) -> None:
                 f"trainer.devices is {n} but this machine has {available} {kind}; lower --trainer.devices (one "
                 "process per device; several nodes: --trainer.num_nodes)"
             )
+    strategy = str(trainer.get("strategy") or "auto")
+    total = requested_devices(trainer) * int(trainer.get("num_nodes") or 1)
+    if total > 1 and not distributed(trainer):
+        raise ConfigError(
+            f"trainer.strategy {strategy!r} with {total} devices: attack.py runs one Trainer per user on one device "
+            "and shards the users over one process per device; use --trainer.strategy ddp (or auto), or "
+            "--trainer.devices 1"
+        )
 
 
 def validate(cfg: Namespace, source: UserSource, victim_cfg: dict) -> None:
@@ -607,8 +644,9 @@ def make_logger(cfg: Namespace, run_dir: Path, config_dict: dict):
         project=spec.project, name=run_dir.name, save_dir=str(run_dir), offline=spec.mode != "online",
         group=spec.group, tags=list(spec.tags) or None, **({"id": run_id, "resume": "allow"} if run_id else {}),
     )
-    if run_id is None:
-        atomic_write_text(id_file, logger.experiment.id + "\n")
+    new_id = getattr(logger.experiment, "id", None)  # a str; a method on Lightning's non-rank-0 dummy experiment
+    if run_id is None and isinstance(new_id, str):
+        atomic_write_text(id_file, new_id + "\n")
     logger.log_hyperparams(config_dict)
     return logger
 
@@ -825,11 +863,10 @@ def open_resume_dir(parser: ArgumentParser, cfg: Namespace) -> tuple[Path, list[
 
 
 def start_distributed(cfg: Namespace, trainer_kwargs: dict):
-    """With ``trainer.strategy: ddp``, launch one process per device through Lightning Fabric (subprocess launcher,
-    torchrun or SLURM, as Lightning detects) and return the Fabric object; the per-user Trainers then run on the
-    process's own device. Returns None for a single process."""
-    strategy = str(trainer_kwargs.get("strategy", "auto"))
-    if not strategy.startswith("ddp"):
+    """With ``trainer.strategy: ddp`` (or auto with several devices: :func:`distributed`), launch one process per
+    device through Lightning Fabric (subprocess launcher, torchrun or SLURM, as Lightning detects) and return the
+    Fabric object; the per-user Trainers then run on the process's own device. Returns None for a single process."""
+    if not distributed(trainer_kwargs):
         return None
     from lightning.fabric import Fabric
 

@@ -156,6 +156,24 @@ def test_devices_the_machine_lacks_fail_before_any_run_dir(tmp_path, monkeypatch
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+def test_several_devices_shard_users_under_ddp_or_auto_and_are_refused_otherwise(monkeypatch):
+    """devices 2 with strategy auto is Lightning's ddp: attack.py shards the users (each per-user Trainer started
+    its own processes, which re-ran attack.py); another strategy with several devices is refused up front."""
+    monkeypatch.setattr(attack.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert attack.requested_devices({"accelerator": "cpu", "devices": "auto"}) == 1
+    assert attack.requested_devices({"accelerator": "cpu", "devices": -1}) == 4
+    assert attack.requested_devices({"accelerator": "cpu", "devices": [0, 2]}) == 2
+    assert attack.distributed({"accelerator": "cpu", "devices": 2}) is True
+    assert attack.distributed({"accelerator": "cpu", "devices": 1, "num_nodes": 2}) is True
+    assert attack.distributed({"accelerator": "cpu", "devices": 1}) is False
+    assert attack.distributed({"accelerator": "cpu", "devices": 1, "strategy": "ddp"}) is True
+    attack.check_devices({"accelerator": "cpu", "devices": 2})
+    with pytest.raises(attack.ConfigError, match="strategy 'fsdp' with 2 devices.*--trainer.strategy ddp"):
+        attack.check_devices({"accelerator": "cpu", "devices": 2, "strategy": "fsdp"})
+    attack.check_devices({"accelerator": "cpu", "devices": 1, "strategy": "fsdp"})
+
+
 def test_check_devices_accepts_what_the_machine_has(monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
@@ -222,7 +240,9 @@ def test_two_process_cpu_ddp_gives_the_same_results_table(tmp_path):
     cfg = tiny_config(tmp_path, **{"logger.backend": "none"})
     env = dict(__import__("os").environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(attack.__file__).parent))
     script = str(Path(attack.__file__))
-    for extra, name in (([], "one"), (["--trainer.strategy", "ddp", "--trainer.devices", "2"], "two")):
+    runs = (([], "one"), (["--trainer.strategy", "ddp", "--trainer.devices", "2"], "two"),
+            (["--trainer.devices", "2"], "auto2"))  # strategy auto with 2 devices: sharded as ddp (it crashed)
+    for extra, name in runs:
         out = subprocess.run([sys.executable, script, "--config", str(cfg), "--output.name", name, *extra],
                              env=env, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
@@ -237,6 +257,11 @@ def test_two_process_cpu_ddp_gives_the_same_results_table(tmp_path):
         for key in ("mse_nearest", "psnr_mean", "evaluator_prob"):
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-3, abs=1e-4), key
     assert len(list((two_dir / "users").iterdir())) == 2
+    (auto_dir,) = (tmp_path / "runs").glob("auto2-*")  # one run directory, not one per process
+    assert json.loads((auto_dir / "summary.json").read_text())["processes"] == 2
+    assert list(csv.DictReader(auto_dir.joinpath("results.csv").open())) == [
+        dict(r, seconds=a["seconds"], seconds_per_step=a["seconds_per_step"])
+        for r, a in zip(two, csv.DictReader(auto_dir.joinpath("results.csv").open()))]
 
 
 def test_user_uid_pads_integer_ids_and_keeps_folder_names_verbatim():
