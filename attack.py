@@ -537,31 +537,38 @@ def evaluate(result: AttackResult, user: User, evaluator, lpips: bool, victim=No
 
     With ``victim``, also the victim's own reading of the final image (``victim_class``, ``victim_correct``,
     ``victim_prob_of_dominant``): an image the victim reads as the user's class but the independent evaluator does
-    not is an adversarial fit to the victim rather than a picture of the class."""
+    not is an adversarial fit to the victim rather than a picture of the class.
+
+    Label-free users (``user.meta['label_free']``: folder users with ``label_mode='zeros'``, whose labels are
+    placeholders) get the evaluator's and the victim's class and probability but no ``*_correct``,
+    ``*_prob_of_dominant`` or top-k overlap: there is no class to be right about (they were scored against 0)."""
     from inversion.metrics import image_metrics
 
     final = result.denoised if result.denoised is not None else result.representative
     row: dict[str, Any] = {}
+    scored = not (isinstance(user.meta, dict) and user.meta.get("label_free"))
     if victim is not None:
         with torch.no_grad():
             vp = F.softmax(victim(final.float().to(next(victim.parameters()).device)), dim=1)[0].cpu()
-        row.update(victim_class=int(vp.argmax()), victim_correct=int(int(vp.argmax()) == user.dominant_class),
-                   victim_prob_of_dominant=round(float(vp[user.dominant_class]), 4))
+        row.update(victim_class=int(vp.argmax()))
+        if scored:
+            row.update(victim_correct=int(int(vp.argmax()) == user.dominant_class),
+                       victim_prob_of_dominant=round(float(vp[user.dominant_class]), 4))
     if evaluator is not None:
         with torch.no_grad():
             probs = F.softmax(evaluator(final.float()), dim=1)[0]
             probs_raw = F.softmax(evaluator(result.representative.float()), dim=1)[0]
-        row.update(
-            evaluator_class=int(probs.argmax()),
-            evaluator_prob=round(float(probs.max()), 4),
-            evaluator_correct=int(int(probs.argmax()) == user.dominant_class),
-            evaluator_prob_of_dominant=round(float(probs[user.dominant_class]), 4),
-            evaluator_class_raw=int(probs_raw.argmax()),
-            evaluator_correct_raw=int(int(probs_raw.argmax()) == user.dominant_class),
-            evaluator_topk_overlap=round(topk_overlap(probs, user.label_histogram), 4),
-        )
+        row.update(evaluator_class=int(probs.argmax()), evaluator_prob=round(float(probs.max()), 4),
+                   evaluator_class_raw=int(probs_raw.argmax()))
+        if scored:
+            row.update(
+                evaluator_correct=int(int(probs.argmax()) == user.dominant_class),
+                evaluator_prob_of_dominant=round(float(probs[user.dominant_class]), 4),
+                evaluator_correct_raw=int(int(probs_raw.argmax()) == user.dominant_class),
+                evaluator_topk_overlap=round(topk_overlap(probs, user.label_histogram), 4),
+            )
         cands = result.extras.get("candidates")
-        if cands is not None:  # final candidate selection: were the proposals or the server's choice the limit?
+        if cands is not None and scored:  # final candidate selection: were the proposals or the server's choice the limit?
             with torch.no_grad():
                 cand_cls = F.softmax(evaluator(cands.float()), dim=1).argmax(1)
             row["evaluator_candidates_correct"] = int((cand_cls == user.dominant_class).sum())

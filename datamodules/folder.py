@@ -262,7 +262,9 @@ class FolderUsers(UserSource):
     every index).
 
     ``User.user_id`` is the folder name; ``meta``: ``identity`` (folder name), ``index`` (k), ``files`` (B file
-    names, relative to the folder), ``num_available`` (images in the folder), ``replacement`` (whether images repeat).
+    names, relative to the folder), ``num_available`` (images in the folder), ``replacement`` (whether images repeat),
+    ``label_free`` (``label_mode='zeros'``: the labels are placeholders, so attack.py does not score the
+    evaluator's or the victim's class against them).
 
     Args:
         root: folder holding one subfolder per user.
@@ -423,6 +425,7 @@ class FolderUsers(UserSource):
                         "index": k,
                         "files": [p.name for p in chosen],
                         "num_available": len(files),
+                        "label_free": self.label_mode == "zeros",
                         "replacement": repeated,
                     },
                 )

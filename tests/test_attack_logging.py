@@ -189,3 +189,38 @@ def test_a_diverged_user_is_named_and_the_finished_users_are_kept(tmp_path, monk
     assert summary["status"].startswith("diverged: attack diverged at step 2") and summary["users"] == 1
     assert [r["user"] for r in csv.DictReader((run_dir / "results.csv").open())] == ["0"]
     assert (run_dir / "users" / "user_0000" / "raw.png").is_file() and not (run_dir / "users" / "user_0001").exists()
+
+
+def test_label_free_users_are_not_scored_against_their_placeholder_label(tmp_path):
+    """Folder users with label_mode 'zeros' have placeholder labels (all 0): the evaluator's class was scored
+    against class 0 (evaluator_correct 1 for any image it read as class 0). Their rows keep the evaluator's and the
+    victim's reading, without a correctness."""
+    from datamodules.folder import FolderUsers
+    from datamodules.users import User
+    from inversion.label_inference import LabelInference
+
+    for k in range(2):
+        d = tmp_path / "users" / f"p{k}"
+        d.mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((8, 8, 3), 40 * i + 10, np.uint8)).save(d / f"{i}.png")
+    zeros = FolderUsers(str(tmp_path / "users"), batch_size=2, image_size=8).users()
+    index = FolderUsers(str(tmp_path / "users"), batch_size=2, image_size=8, label_mode="index").users()
+    assert [u.meta["label_free"] for u in zeros] == [True, True] and not index[0].meta["label_free"]
+
+    def evaluator(x):  # always class 0, with probability ~1
+        return torch.tensor([[10.0, 0.0]]).expand(len(x), 2)
+
+    img = torch.full((1, 3, 8, 8), 0.5)
+    labels = LabelInference(counts=torch.tensor([2.0]), present=torch.tensor([True]), dominant=0, strategy="known")
+    result = attack.AttackResult(representative=img, reconstructions=img, denoised=None, labels=labels, steps=1)
+    victim = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))  # reads class 1
+    torch.nn.init.zeros_(victim[1].weight)
+    victim[1].bias.data = torch.tensor([0.0, 5.0])
+    free = attack.evaluate(result, zeros[0], evaluator, lpips=False, victim=victim)
+    assert free["evaluator_class"] == 0 and free["victim_class"] == 1
+    for key in ("evaluator_correct", "evaluator_correct_raw", "evaluator_prob_of_dominant", "victim_correct",
+                "evaluator_topk_overlap"):
+        assert key not in free
+    labelled = User(0, zeros[0].images, torch.zeros(2, dtype=torch.long), 2, 0)
+    assert attack.evaluate(result, labelled, evaluator, lpips=False)["evaluator_correct"] == 1
