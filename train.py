@@ -13,10 +13,22 @@ Run directories. Every fresh run writes into a new directory ``<default_root_dir
 (``train_runs/`` when ``trainer.default_root_dir`` is unset), printed at start. Every configured path under
 ``default_root_dir`` is re-rooted into it before anything is built: ``trainer.default_root_dir`` itself, the
 loggers' ``save_dir``/``dir`` and the ``dirpath`` of ``ModelCheckpoint``/``OnExceptionCheckpoint`` callbacks (so
-``train_runs/x/ckpt`` becomes ``train_runs/x/<run>/ckpt``). Paths outside ``default_root_dir`` are left alone; so
-are export folders (``callbacks.export.ExportModel``), which are replaced atomically where configured. The config
-as given is saved as ``<run>/config.yaml`` (written to a temporary file, then linked into place; never over an
-existing file), after the pre-training checks and the checkpoint restore passed.
+``train_runs/x/ckpt`` becomes ``train_runs/x/<run>/ckpt``). Paths outside ``default_root_dir`` are left alone (a
+warning before training names those the run will share with every other run); so are export folders
+(``callbacks.export.ExportModel``), which are replaced atomically where configured. The config as given is saved as
+``<run>/config.yaml`` (written to a temporary file, then linked into place; never over an existing file), after the
+pre-training checks and the checkpoint restore passed.
+
+A different root on the command line. ``--trainer.default_root_dir DIR`` replaces the config's root as a whole:
+the paths under the config's own ``default_root_dir`` (``train_runs/`` when it has none) move with it, so
+``--config configs/train/victim_fashion_mnist.yaml --trainer.default_root_dir /tmp/v`` writes W&B into
+``/tmp/v/<run>/`` and checkpoints into ``/tmp/v/<run>/ckpt`` (not into ``train_runs/victim_fashion_mnist``), and
+``--ckpt_path last`` with the same flag continues the newest run under ``/tmp/v``. The saved config names those
+paths under ``DIR``. (Found by parsing the command line once more without that flag; a root set another way, e.g. in
+a second ``--config``, moves only the paths under it, and the warning names the rest.)
+
+Before anything is created (run directory, loggers): a fresh run (no ``--ckpt_path``) whose ExportModel folder
+exists fails unless that callback has ``overwrite: true``.
 
 Resuming. ``--ckpt_path last`` continues the newest run directory under ``default_root_dir`` that holds a
 ``last.ckpt`` where its ModelCheckpoint writes (``<run>/ckpt/last.ckpt`` for the shipped configs): training goes on
@@ -108,20 +120,43 @@ def relative_to_root(path: str | os.PathLike, root: str | os.PathLike) -> Option
         return None
 
 
-def _is_checkpoint_callback(class_path: Optional[str]) -> bool:
-    """True for ModelCheckpoint / OnExceptionCheckpoint and their subclasses (the class is imported)."""
+def _nearest_root(path: str | os.PathLike, roots: list) -> Optional[tuple[int, Path]]:
+    """``(i, path relative to roots[i])`` for the deepest of ``roots`` (None entries skipped) that holds ``path``
+    (:func:`relative_to_root`), or None when none does."""
+    found = [(len(rel.parts), i, rel) for i, r in enumerate(roots) if r is not None
+             for rel in [relative_to_root(path, r)] if rel is not None]
+    if not found:
+        return None
+    _, i, rel = min(found, key=lambda t: t[:2])
+    return i, rel
+
+
+def relative_to_roots(path: str | os.PathLike, roots: list) -> Optional[Path]:
+    """``path`` relative to the deepest of ``roots`` that holds it (None entries skipped), or None."""
+    hit = _nearest_root(path, roots)
+    return hit[1] if hit else None
+
+
+def _callback_class(class_path: Optional[str]) -> Optional[type]:
+    """The class a ``class_path`` names (imported), or None when it cannot be imported."""
     if not class_path:
-        return False
+        return None
     import importlib
 
     module, _, name = class_path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):
-        return False
+        return None
+    return cls if isinstance(cls, type) else None
+
+
+def _is_checkpoint_callback(class_path: Optional[str]) -> bool:
+    """True for ModelCheckpoint / OnExceptionCheckpoint and their subclasses (the class is imported)."""
     from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 
-    return isinstance(cls, type) and issubclass(cls, (ModelCheckpoint, OnExceptionCheckpoint))
+    cls = _callback_class(class_path)
+    return cls is not None and issubclass(cls, (ModelCheckpoint, OnExceptionCheckpoint))
 
 
 def _as_list(value: Any) -> list:
@@ -142,36 +177,105 @@ def checkpoint_dirpaths(trainer_cfg: Any) -> list[str]:
     return out
 
 
-def reroot_trainer_config(trainer_cfg: Any, root: str | os.PathLike, run_dir: str | os.PathLike) -> list[str]:
+def _path_entries(trainer_cfg: Any) -> list[tuple[Any, str, str]]:
+    """``(holder, key, label)`` for every path the run writes to that is set in ``trainer_cfg``: the
+    ``save_dir``/``dir``/``root_dir`` of the logger (one entry or a list) and the ``dirpath`` of checkpoint callbacks
+    (ModelCheckpoint, OnExceptionCheckpoint); ``label`` as ``trainer.callbacks[0].dirpath``."""
+    out = []
+    for i, logger in enumerate(_as_list(trainer_cfg.get("logger"))):
+        args = logger.get("init_args") if hasattr(logger, "get") else None
+        if args is not None:
+            out += [(args, key, f"trainer.logger[{i}].{key}") for key in _LOGGER_PATH_KEYS
+                    if key in args and args.get(key)]
+    for i, cb in enumerate(_as_list(trainer_cfg.get("callbacks"))):
+        args = cb.get("init_args") if hasattr(cb, "get") else None
+        if args is not None and _is_checkpoint_callback(cb.get("class_path")) and args.get("dirpath"):
+            out.append((args, "dirpath", f"trainer.callbacks[{i}].dirpath"))
+    return out
+
+
+def reroot_trainer_config(trainer_cfg: Any, root: str | os.PathLike, run_dir: str | os.PathLike,
+                          config_root: str | os.PathLike | None = None) -> list[str]:
     """Rewrite, in place, every path of ``trainer_cfg`` (the parsed ``trainer`` section, dict or Namespace) that lies
     under ``root`` so that it lies at the same place under ``run_dir``: ``default_root_dir`` (set to ``run_dir``),
     the ``save_dir``/``dir``/``root_dir`` of the logger (one entry or a list) and the ``dirpath`` of checkpoint
     callbacks (ModelCheckpoint, OnExceptionCheckpoint). Other callbacks (e.g. ExportModel) and paths outside
-    ``root`` are left alone. Returns the rewritten entries as ``'key: old -> new'`` lines."""
-    changes = []
+    ``root`` are left alone.
 
-    def move(holder: Any, key: str, label: str) -> None:
+    ``config_root``: the config's own ``default_root_dir`` when the command line replaced it with ``root``; paths
+    under it move into ``run_dir`` too (``config_root/ckpt`` -> ``run_dir/ckpt``), as if the config had been written
+    for ``root``. A path under both goes by the deeper of the two. Returns the rewritten entries as
+    ``'key: old -> new'`` lines."""
+    changes = []
+    trainer_cfg["default_root_dir"] = str(run_dir)
+    for holder, key, label in _path_entries(trainer_cfg):
         old = holder.get(key)
-        if not old:
-            return
-        rel = relative_to_root(old, root)
+        rel = relative_to_roots(old, [root, config_root])
         if rel is not None:
             new = str(Path(run_dir) / rel)
             holder[key] = new
             changes.append(f"{label}: {old} -> {new}")
-
-    trainer_cfg["default_root_dir"] = str(run_dir)
-    for i, logger in enumerate(_as_list(trainer_cfg.get("logger"))):
-        args = logger.get("init_args") if hasattr(logger, "get") else None
-        if args is not None:
-            for key in _LOGGER_PATH_KEYS:
-                if key in args:
-                    move(args, key, f"trainer.logger[{i}].{key}")
-    for i, cb in enumerate(_as_list(trainer_cfg.get("callbacks"))):
-        args = cb.get("init_args") if hasattr(cb, "get") else None
-        if args is not None and _is_checkpoint_callback(cb.get("class_path")) and "dirpath" in args:
-            move(args, "dirpath", f"trainer.callbacks[{i}].dirpath")
     return changes
+
+
+def move_config_root_paths(trainer_cfg: Any, config_root: str | os.PathLike, root: str | os.PathLike) -> list[str]:
+    """Rewrite, in place, the paths of ``trainer_cfg`` (as :func:`reroot_trainer_config`) that lie under
+    ``config_root`` (and not deeper under ``root``) to the same place under ``root``: the config as the user meant it
+    with ``--trainer.default_root_dir root``, saved into the run directory so that ``--config <run>/config.yaml``
+    starts the next run under ``root`` too. ``default_root_dir`` itself is left as given. Returns the rewritten
+    entries as ``'key: old -> new'`` lines."""
+    changes = []
+    for holder, key, label in _path_entries(trainer_cfg):
+        old = holder.get(key)
+        hit = _nearest_root(old, [root, config_root])
+        if hit is not None and hit[0] == 1:
+            new = str(Path(root) / hit[1])
+            holder[key] = new
+            changes.append(f"{label}: {old} -> {new}")
+    return changes
+
+
+def shared_paths(trainer_cfg: Any, run_dir: str | os.PathLike) -> list[str]:
+    """The logger and checkpoint paths of ``trainer_cfg`` (after re-rooting) outside ``run_dir``, as
+    ``'key: path'`` lines: every run of the config writes there (a later run's last.ckpt replaces an earlier one's)."""
+    return [f"{label}: {holder.get(key)}" for holder, key, label in _path_entries(trainer_cfg)
+            if relative_to_root(holder.get(key), run_dir) is None]
+
+
+def check_export_targets(trainer_cfg: Any, resuming: bool) -> None:
+    """Run :func:`callbacks.export.check_export_target` on every ExportModel callback of ``trainer_cfg`` (its
+    ``dirpath`` and ``overwrite`` as configured), before anything is created.
+
+    Raises:
+        FileExistsError: an export folder exists, ``resuming`` is false and that callback's ``overwrite`` is false.
+    """
+    from callbacks.export import ExportModel, check_export_target
+
+    for cb in _as_list(trainer_cfg.get("callbacks")):
+        if not hasattr(cb, "get"):
+            continue
+        cls, args = _callback_class(cb.get("class_path")), cb.get("init_args")
+        if cls is not None and issubclass(cls, ExportModel) and args is not None and args.get("dirpath"):
+            check_export_target(args.get("dirpath"), bool(args.get("overwrite", False)), resuming)
+
+
+_ROOT_FLAG = "--trainer.default_root_dir"
+
+
+def without_root_override(argv: list) -> Optional[list]:
+    """``argv`` without its ``--trainer.default_root_dir X`` / ``--trainer.default_root_dir=X`` arguments, or None
+    when it has none."""
+    out, i, found = [], 0, False
+    while i < len(argv):
+        arg = str(argv[i])
+        if arg == _ROOT_FLAG:
+            found, i = True, i + 2
+        elif arg.startswith(_ROOT_FLAG + "="):
+            found, i = True, i + 1
+        else:
+            out.append(argv[i])
+            i += 1
+    return out if found else None
 
 
 def list_run_dirs(root: str | os.PathLike) -> list[Path]:
@@ -192,13 +296,15 @@ def _last_in_run(run: Path, rels: list[Path]) -> list[Path]:
     return [f for f in files if f.is_file()]
 
 
-def find_last_checkpoint(root: str | os.PathLike, ckpt_dirpaths: list[str]) -> tuple[Path, Path]:
+def find_last_checkpoint(root: str | os.PathLike, ckpt_dirpaths: list[str],
+                         config_root: str | os.PathLike | None = None) -> tuple[Path, Path]:
     """The run directory to resume and its last checkpoint, for ``--ckpt_path last``.
 
-    ``ckpt_dirpaths`` are the configured checkpoint ``dirpath`` values (before re-rooting); those under ``root``
-    say where each run keeps ``last.ckpt`` (``root/ckpt`` -> ``<run>/ckpt/last.ckpt``); with none under ``root``,
-    any ``last.ckpt`` inside a run directory counts. The newest run directory by name (its start time; same-second
-    ties by the checkpoint's modification time) that holds one wins.
+    ``ckpt_dirpaths`` are the configured checkpoint ``dirpath`` values (before re-rooting); those under ``root`` (or
+    under ``config_root``, the config's own root that ``--trainer.default_root_dir`` replaced: see
+    :func:`reroot_trainer_config`) say where each run keeps ``last.ckpt`` (``root/ckpt`` -> ``<run>/ckpt/last.ckpt``);
+    with none under either, any ``last.ckpt`` inside a run directory counts. The newest run directory by name (its
+    start time; same-second ties by the checkpoint's modification time) that holds one wins.
 
     Returns:
         (run directory, checkpoint file).
@@ -207,7 +313,7 @@ def find_last_checkpoint(root: str | os.PathLike, ckpt_dirpaths: list[str]) -> t
         NoCheckpointError (a FileNotFoundError): no run directory under ``root`` holds a last checkpoint; the
             message names ``root``, where it looked, and a checkpoint of the old fixed layout when one exists.
     """
-    rels = [r for r in (relative_to_root(p, root) for p in ckpt_dirpaths) if r is not None]
+    rels = [r for r in (relative_to_roots(p, [root, config_root]) for p in ckpt_dirpaths) if r is not None]
     runs = list_run_dirs(root)
     found = [(run.name[:15], ckpt.stat().st_mtime_ns, run, ckpt) for run in runs for ckpt in _last_in_run(run, rels)]
     if found:
@@ -318,14 +424,37 @@ class TrainCLI(LightningCLI):
     """LightningCLI with ``--ckpt_path`` / ``--test_after_fit`` and one run directory per run (module docstring).
 
     After construction: ``run_dir`` (Path), ``resolved_ckpt_path`` (the checkpoint file to restore, or None),
-    ``resuming`` (True for ``--ckpt_path last``: writing into the resumed run's directory) and ``created_run_dir``
-    (this process created ``run_dir``).
+    ``resuming`` (True for ``--ckpt_path last``: writing into the resumed run's directory), ``created_run_dir``
+    (this process created ``run_dir``) and ``config_root`` (the config's own ``default_root_dir`` when
+    ``--trainer.default_root_dir`` replaced it on the command line, else None).
     """
 
     run_dir: Optional[Path] = None
     resolved_ckpt_path: Optional[str] = None
     resuming: bool = False
     created_run_dir: bool = False
+    config_root: Optional[str] = None
+
+    def parse_arguments(self, parser, args) -> None:
+        """As LightningCLI's; then, when the command line has ``--trainer.default_root_dir``, parse it once more
+        without that to learn the config's own root (``config_root``), whose paths move with the new root."""
+        super().parse_arguments(parser, args)
+        argv = sys.argv[1:] if args is None else args
+        stripped = without_root_override(list(argv)) if isinstance(argv, (list, tuple)) else None
+        if stripped is None:
+            return
+        import contextlib
+        import io
+
+        try:
+            with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+                base = parser.parse_args(stripped)
+        except (Exception, SystemExit):  # cannot tell: the paths stay, with the warning of before_instantiate_classes
+            return
+        config_root = os.path.expanduser(base["trainer"].get("default_root_dir") or DEFAULT_ROOT)
+        root = os.path.expanduser(self.config["trainer"].get("default_root_dir") or DEFAULT_ROOT)
+        if relative_to_root(config_root, root) != Path("."):
+            self.config_root = config_root
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--ckpt_path", type=str, default=None, help="Lightning checkpoint to resume from, or 'last' (the newest run under trainer.default_root_dir).")
@@ -342,11 +471,12 @@ class TrainCLI(LightningCLI):
         original = self.config.clone()
         trainer_cfg = self.config["trainer"]
         root = os.path.expanduser(trainer_cfg.get("default_root_dir") or DEFAULT_ROOT)  # Lightning expands ~ too
+        roots = [root, self.config_root]
         ckpt_path = self.config.get("ckpt_path")
         inherited = os.environ.get(RUN_DIR_ENV) if _process_rank() != 0 else None
         dirpaths = checkpoint_dirpaths(trainer_cfg)
-        rels = [r for r in (relative_to_root(p, root) for p in dirpaths) if r is not None]
-        outside = [Path(os.path.expanduser(p)) / LAST_CKPT for p in dirpaths if relative_to_root(p, root) is None]
+        rels = [r for r in (relative_to_roots(p, roots) for p in dirpaths) if r is not None]
+        outside = [Path(os.path.expanduser(p)) / LAST_CKPT for p in dirpaths if relative_to_roots(p, roots) is None]
         outside = [f for f in outside if f.is_file()]
         if ckpt_path == "last" and not rels and outside:
             # checkpoints kept outside default_root_dir (shared by every run): continue from the newest, as
@@ -357,13 +487,14 @@ class TrainCLI(LightningCLI):
                 run_dir = Path(inherited)
                 ckpt = max(_last_in_run(run_dir, rels), key=lambda f: f.stat().st_mtime_ns)
             else:
-                run_dir, ckpt = find_last_checkpoint(root, dirpaths)
+                run_dir, ckpt = find_last_checkpoint(root, dirpaths, self.config_root)
             self.resolved_ckpt_path, self.resuming = str(ckpt), True
         else:
             ckpt_path = os.path.expanduser(ckpt_path) if ckpt_path else ckpt_path
             if ckpt_path and not Path(ckpt_path).is_file():
                 raise FileNotFoundError(f"--ckpt_path {ckpt_path} does not exist; pass a .ckpt file or 'last'")
             self.resolved_ckpt_path = ckpt_path or None
+            check_export_targets(trainer_cfg, resuming=bool(self.resolved_ckpt_path))  # before anything is created
             if inherited:
                 run_dir = Path(inherited)
             elif _process_rank() == 0:
@@ -371,7 +502,9 @@ class TrainCLI(LightningCLI):
             else:  # torchrun/SLURM rank > 0: a name only; rank 0 writes everything
                 run_dir = Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
         self.run_dir = run_dir
-        reroot_trainer_config(trainer_cfg, root, run_dir)
+        moved = reroot_trainer_config(trainer_cfg, root, run_dir, self.config_root)
+        if self.config_root is not None:
+            move_config_root_paths(original["trainer"], self.config_root, root)
         if self.resolved_ckpt_path:
             self.drop_warm_start()
         self.save_config_kwargs = {"run_dir": str(run_dir), "original": original, "resume": self.resuming}
@@ -381,6 +514,15 @@ class TrainCLI(LightningCLI):
             if self.resolved_ckpt_path and not self.resuming:
                 what += f", weights and state from {self.resolved_ckpt_path}"
             print(f"[train] run directory: {run_dir} ({what})", flush=True)
+            if self.config_root is not None:
+                lines = "".join(f"\n  {m}" for m in moved)
+                print(f"[train] --trainer.default_root_dir {root} replaces the config's {self.config_root}: its "
+                      f"paths move into the run directory{':' + lines if lines else ''}", flush=True)
+            shared = shared_paths(trainer_cfg, run_dir)
+            if shared:
+                print("[train] warning: these paths lie outside the run directory and default_root_dir, so every "
+                      "run of this config writes into them (a later run's last.ckpt replaces this one's):"
+                      + "".join(f"\n  {line}" for line in shared), file=sys.stderr, flush=True)
 
     def drop_warm_start(self) -> None:
         """With a checkpoint to restore, build the model without ``model.init_args.init_weights``: the checkpoint's

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import shutil
 import sys
@@ -42,6 +43,21 @@ def atomic_replace_dir(tmp_dir: Path, target: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_export_target(dirpath: str | Path, overwrite: bool = False, resuming: bool = False) -> None:
+    """The export folder check of :class:`ExportModel`, on its arguments alone (train.py runs it on the config
+    before creating the run directory or any logger; the callback repeats it at fit start).
+
+    Raises:
+        FileExistsError: ``dirpath`` exists, the run restores no checkpoint (``resuming`` false) and ``overwrite`` is
+            false.
+    """
+    if Path(dirpath).exists() and not overwrite and not resuming:
+        raise FileExistsError(
+            f"export folder {dirpath} already exists; choose another ExportModel.dirpath, resume with "
+            "--ckpt_path last, or set overwrite: true for this callback"
+        )
 
 
 class ExportModel(Callback):
@@ -102,12 +118,8 @@ class ExportModel(Callback):
         self.command = " ".join(shlex.quote(a) for a in ["python"] + sys.argv)
 
     def check_target(self, resuming: bool) -> None:
-        """Raise FileExistsError when a fresh run would replace an existing export."""
-        if self.dirpath.exists() and not self.overwrite and not resuming:
-            raise FileExistsError(
-                f"export folder {self.dirpath} already exists; choose another ExportModel.dirpath, resume with "
-                "--ckpt_path last, or set overwrite: true for this callback"
-            )
+        """Raise FileExistsError when a fresh run would replace an existing export (:func:`check_export_target`)."""
+        check_export_target(self.dirpath, self.overwrite, resuming)
 
     def state_dict(self) -> dict:
         return {"wall_time_s": self._elapsed(), "validated_at_step": self._validated_at_step}
@@ -173,9 +185,11 @@ class ExportModel(Callback):
         """Write the export folder now (rank 0 only), replacing ``dirpath`` atomically via :func:`atomic_replace_dir`.
 
         Contents: ``pl_module.export(tmp, dtype=...)`` (the module's own weights format), ``training_summary.json``
-        (title, command, global step, epoch, wall time in seconds, the scalar ``callback_metrics``, hparams,
-        precision, torch version), ``MODEL_CARD.md`` (:func:`render_model_card`) and, when ``sample_grid`` and the
-        module has ``sample``, ``samples.png``: an 8x8 grid of ``sample(64, num_inference_steps=100, seed=0)``.
+        (title, command, global step, the epochs those steps amount to (:func:`epochs_trained`: ``epoch`` = full
+        epochs completed, ``epochs_trained`` = fractional, ``batches_per_epoch``, ``accumulate_grad_batches``), wall
+        time in seconds, the scalar ``callback_metrics``, hparams, precision, torch version), ``MODEL_CARD.md``
+        (:func:`render_model_card`) and, when ``sample_grid`` and the module has ``sample``, ``samples.png``: an 8x8
+        grid of ``sample(64, num_inference_steps=100, seed=0)``.
         The module is put in eval mode meanwhile and its previous mode restored; the temporary folder is removed if
         anything fails before it is moved into place.
         """
@@ -191,7 +205,7 @@ class ExportModel(Callback):
                 "title": self.title,
                 "command": self.command,
                 "global_step": trainer.global_step,
-                "epoch": trainer.current_epoch,
+                **epochs_trained(trainer),
                 "wall_time_s": round(self._elapsed(), 1),
                 "metrics": metrics,
                 "validated_at_step": self._validated_at_step,
@@ -218,6 +232,50 @@ class ExportModel(Callback):
             pl_module.train(was_training)
 
 
+def epochs_trained(trainer: Trainer) -> dict:
+    """How many epochs the optimiser steps so far amount to, for the training summary.
+
+    Lightning's ``trainer.current_epoch`` counts an epoch as done when fit stops at ``max_steps`` part-way through
+    it (250 steps of an 859-batch epoch read as 1), so it is not used. Instead, with ``B`` training batches per epoch
+    (``trainer.num_training_batches``, after ``limit_train_batches``) and ``A = accumulate_grad_batches``, an epoch
+    takes ``ceil(B / A)`` optimiser steps (Lightning also steps on an epoch's last, partial accumulation), and
+
+    - ``epochs_trained`` = ``global_step / ceil(B / A)`` (= ``global_step * A / B`` when A divides B), rounded to 4
+      decimals: the fraction of the training split the optimiser has seen;
+    - ``epoch`` = ``global_step // ceil(B / A)``: full epochs completed.
+
+    Both assume the batches per epoch did not change across resumes. None when ``B`` is unknown (an iterable dataset
+    without a length, or no fit running) or 0. Returns ``{"epoch", "epochs_trained", "batches_per_epoch",
+    "accumulate_grad_batches"}``.
+    """
+    batches = getattr(trainer, "num_training_batches", None)  # float('inf') without a length; None: not fitting
+    accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+    batches = int(batches) if isinstance(batches, (int, float)) and math.isfinite(batches) and batches > 0 else None
+    if batches is None:
+        return {"epoch": None, "epochs_trained": None, "batches_per_epoch": None, "accumulate_grad_batches": accumulate}
+    steps_per_epoch = -(-batches // accumulate)
+    return {
+        "epoch": trainer.global_step // steps_per_epoch,
+        "epochs_trained": round(trainer.global_step / steps_per_epoch, 4),
+        "batches_per_epoch": batches,
+        "accumulate_grad_batches": accumulate,
+    }
+
+
+def _epochs_line(summary: dict) -> str:
+    """The model card's steps line: optimiser steps and the epochs they amount to (:func:`epochs_trained`)."""
+    steps = f"- optimiser steps: {summary['global_step']}"
+    if summary.get("epochs_trained") is None:
+        if "batches_per_epoch" in summary:  # this code's summary, no epoch length known
+            return steps + " (epochs: unknown, no length of the training data loader)"
+        # a summary of the older code: its 'epoch' was Lightning's current_epoch, 1 too high after a partial epoch
+        return steps + f" (Lightning's epoch counter: {summary.get('epoch')}; it counts a partly trained epoch)"
+    acc = summary.get("accumulate_grad_batches") or 1
+    per = f"{summary['batches_per_epoch']} batches per epoch" + (f", {acc} per optimiser step" if acc > 1 else "")
+    return (steps + f" = {summary['epochs_trained']:g} epochs of the training split ({per}; full epochs "
+            f"completed: {summary['epoch']})")
+
+
 def render_model_card(summary: dict) -> str:
     """Markdown model card from a training summary dict (command, steps, wall time, final metrics)."""
     lines = [
@@ -229,7 +287,7 @@ def render_model_card(summary: dict) -> str:
         summary["command"],
         "```",
         "",
-        f"- optimiser steps: {summary['global_step']} (epochs completed: {summary['epoch']})",
+        _epochs_line(summary),
         f"- wall time: {summary['wall_time_s'] / 60:.1f} min ({summary['wall_time_s']:.0f} s), precision {summary['precision']}, torch {summary['torch']}"
         + (f", seed_everything {summary['seed_everything']}" if summary.get("seed_everything") is not None else ""),
         "- final logged metrics" + (f" (validation at step {summary['validated_at_step']}):"

@@ -77,8 +77,17 @@ class AuditSpec:
 
 
 def build_parser():
-    """attack.py's parser plus the ``audit`` group."""
+    """attack.py's parser plus the ``audit`` group, with this script's own name and description (attack.py's would
+    describe the attack run)."""
     p = attack_main.build_parser()
+    p.prog = "objective_audit.py"
+    p.description = (
+        __doc__.split("\n\n")[0].replace("\n", " ")
+        + " Scores real Fashion-MNIST images under the data term of each user (no optimisation, no prior sampling) "
+        "and writes audit.csv and summary.md/json to a new run directory. Takes attack.py's config and overrides "
+        "(--config configs/attack/*.yaml, --users.*, --victim.*, --threat.*, --attack.*) plus the --audit.* options "
+        "below. 'objective_audit.py collect RUN_DIR... --out DIR' tabulates finished audits."
+    )
     p.add_class_arguments(AuditSpec, "audit")
     return p
 

@@ -145,3 +145,15 @@ def test_a_test_split_pool_leaves_the_users_own_images_out(tmp_path):
     for u in users:
         for img in u.images.flatten(1):
             assert not (flat == img).all(1).any()
+
+
+def test_help_describes_the_audit_not_the_attack(capsys):
+    """`objective_audit.py --help` used to print attack.py's description ("Run a gradient inversion attack ...")."""
+    with pytest.raises(SystemExit) as exit_:
+        load_audit().main(["--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Objective audit: which class does the user-level attack's data term prefer" in out
+    assert out.startswith("usage: objective_audit.py")
+    assert "--audit.per_class" in out and "collect RUN_DIR" in out
+    assert "Run a gradient inversion attack" not in out and "main job" not in out

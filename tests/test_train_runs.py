@@ -219,6 +219,8 @@ def test_ckpt_path_last_with_checkpoints_outside_default_root_dir(tmp_path, fake
     cfg_path.write_text(yaml.safe_dump(cfg))
     train.main(["--config", str(cfg_path)])
     assert _step(shared / "last.ckpt") == 2
+    err = capsys.readouterr().err  # named before training: every run of this config writes there
+    assert "[train] warning" in err and f"trainer.callbacks[0].dirpath: {shared}" in err
     train.main(["--config", str(cfg_path), "--ckpt_path", "last", "--trainer.max_steps", "3"])
     assert f"weights and state from {shared / 'last.ckpt'}" in capsys.readouterr().out
     assert _step(shared / "last.ckpt") == 3
@@ -258,3 +260,94 @@ def test_resuming_a_warm_started_run_needs_no_warm_start_folder(tmp_path, fake_f
     summary = json.loads((tmp_path / "export2" / "training_summary.json").read_text())
     assert summary["global_step"] == 4 and summary["hparams"]["init_weights"] == str(stage1)
     assert yaml.safe_load((run / "config-resume-1.yaml").read_text())["model"]["init_args"]["init_weights"] == str(stage1)
+
+
+@pytest.mark.slow
+def test_export_reports_the_epochs_actually_trained(tmp_path, fake_fmnist):
+    """training_summary.json / MODEL_CARD.md counted Lightning's current_epoch, which advances when fit stops at
+    max_steps part-way through an epoch: 2 steps of a 20-batch epoch read 'epochs completed: 1'."""
+    import json
+
+    import train
+
+    cfg = _config(tmp_path, fake_fmnist, tmp_path / "tr")  # 200 - 40 held out = 160 images, batches of 8: 20
+    train.main(["--config", str(cfg)])  # max_steps 2
+    summary = json.loads((tmp_path / "export" / "training_summary.json").read_text())
+    assert summary["global_step"] == 2 and summary["epoch"] == 0  # Lightning's current_epoch said 1
+    assert summary["epochs_trained"] == 0.1 and summary["batches_per_epoch"] == 20
+    card = (tmp_path / "export" / "MODEL_CARD.md").read_text()
+    assert ("- optimiser steps: 2 = 0.1 epochs of the training split (20 batches per epoch; full epochs completed: 0)"
+            in card)
+    # 5 batches per epoch, 2 per optimiser step: an epoch is 3 steps (the last one on a single batch); 4 steps
+    train.main(["--config", str(cfg), "--trainer.limit_train_batches", "5", "--trainer.accumulate_grad_batches", "2",
+                "--trainer.max_steps", "4"])
+    summary = json.loads((tmp_path / "export" / "training_summary.json").read_text())
+    assert summary["global_step"] == 4 and summary["batches_per_epoch"] == 5
+    assert summary["accumulate_grad_batches"] == 2
+    assert summary["epoch"] == 1 and summary["epochs_trained"] == 1.3333
+    assert ("- optimiser steps: 4 = 1.3333 epochs of the training split (5 batches per epoch, 2 per optimiser step; "
+            "full epochs completed: 1)" in (tmp_path / "export" / "MODEL_CARD.md").read_text())
+
+
+@pytest.mark.slow
+def test_default_root_dir_on_the_command_line_takes_the_configs_paths_along(tmp_path, fake_fmnist, capsys):
+    """--trainer.default_root_dir elsewhere left the logger and the checkpoints in the config's own root (shared by
+    every such run, and picked up by another run's --ckpt_path last) while the printed run directory held only
+    config.yaml."""
+    import train
+
+    config_root, other = tmp_path / "tr", tmp_path / "other"
+    cfg = _config(tmp_path, fake_fmnist, config_root)
+    train.main(["--config", str(cfg), "--trainer.default_root_dir", str(other)])
+    (run,) = _runs(other)
+    assert not config_root.exists()  # nothing written into the config's own root
+    assert _step(run / "ckpt" / "last.ckpt") == 2
+    assert (run / "csv" / "version_0" / "metrics.csv").is_file()
+    out = capsys.readouterr()
+    assert f"run directory: {run}" in out.out and f"replaces the config's {config_root}" in out.out
+    assert "[train] warning" not in out.err
+    saved = yaml.safe_load((run / "config.yaml").read_text())["trainer"]  # as meant: under the new root
+    assert saved["default_root_dir"] == str(other) and saved["logger"]["init_args"]["save_dir"] == str(other)
+    assert saved["callbacks"][0]["init_args"]["dirpath"] == str(other / "ckpt")
+    # --ckpt_path last with the same root continues that run, in its directory (the '=' form too)
+    train.main(["--config", str(cfg), f"--trainer.default_root_dir={other}", "--ckpt_path", "last",
+                "--trainer.max_steps", "3"])
+    assert _runs(other) == [run] and _step(run / "ckpt" / "last.ckpt") == 3
+    assert not config_root.exists()
+    # the saved config starts the next run under the new root
+    train.main(["--config", str(run / "config.yaml")])
+    assert len(_runs(other)) == 2 and not config_root.exists()
+
+
+def test_paths_left_outside_the_run_directory_are_named(tmp_path):
+    import train
+
+    root, run = tmp_path / "tr", tmp_path / "tr" / "20250101-000000-abcdef"
+    trainer = {"default_root_dir": str(root),
+               "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(root)}},
+               "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                              "init_args": {"dirpath": str(tmp_path / "shared")}}]}
+    train.reroot_trainer_config(trainer, root, run)
+    assert train.shared_paths(trainer, run) == [f"trainer.callbacks[0].dirpath: {tmp_path / 'shared'}"]
+    assert train.without_root_override(["--config", "a.yaml", "--trainer.default_root_dir", "x", "--y", "1"]) == [
+        "--config", "a.yaml", "--y", "1"]
+    assert train.without_root_override(["--trainer.default_root_dir=x"]) == []
+    assert train.without_root_override(["--config", "a.yaml"]) is None
+
+
+def test_existing_export_folder_fails_before_anything_is_created(tmp_path, fake_fmnist, capsys):
+    """The 'export folder ... already exists' error came at fit start, after the run directory and W&B had been
+    created (leaving <run>/wandb/ behind)."""
+    import train
+
+    root = tmp_path / "tr"
+    cfg_path = _config(tmp_path, fake_fmnist, root)
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["trainer"]["callbacks"][1]["init_args"]["overwrite"] = False
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    (tmp_path / "export").mkdir()
+    with pytest.raises(FileExistsError, match="export folder .*export already exists"):
+        train.main(["--config", str(cfg_path)])
+    assert "run directory" not in capsys.readouterr().out
+    assert not root.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["cfg.yaml", "export", "fmnist"])
