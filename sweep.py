@@ -1,6 +1,6 @@
 """Run a grid of attack.py experiments (a sweep), resumably, and report them together.
 
-    python sweep.py --config configs/sweep/dp_noise.yaml [--dry-run] [--max-cells N] [--new] [--root DIR]
+    python sweep.py --config configs/sweep/dp_noise.yaml [--dry-run] [--max-cells N] [--new] [--fresh] [--root DIR]
 
 A sweep YAML::
 
@@ -31,11 +31,30 @@ value list, a missing config file or a value attack.py refuses stops the sweep w
 The sweep directory holds ``sweep.json`` (the resolved sweep config and its sha256 ``hash``), ``index.json`` (cell
 slug -> run dir, status, overrides; rewritten atomically after each cell), ``cells/<slug>-<time>-<hex>/`` (the
 attack.py run directories) and ``report/`` (``python -m inversion.report`` over every finished cell; ``report-1``...
-when it exists). Re-running the same sweep skips the cells whose run dir has ``summary.json`` status ``finished``
-(an unfinished run dir is kept and the cell re-run in a new one); a sweep directory made from a different sweep
-config is refused unless ``--new`` (then a fresh ``<root>-1``, ``-2``... is used). Cells run in this process, one
-after the other (``attack.main``); a cell that fails or diverges is recorded and the sweep goes on; Ctrl-C stops the
-sweep (the cell is recorded as interrupted). Exit status: 0 when every cell finished, 1 otherwise, 130 on Ctrl-C.
+when it exists). A sweep directory made from a different sweep config is refused unless ``--new`` (then a fresh
+``<root>-1``, ``-2``... is used). Cells run in this process, one after the other (``attack.main``); a cell that fails
+or diverges is recorded and the sweep goes on; Ctrl-C stops the sweep (the cell is recorded as interrupted). Exit
+status: 0 when every cell finished, 1 otherwise, 130 on Ctrl-C.
+
+Re-running the same sweep skips the cells whose run dir has ``summary.json`` status ``finished`` and continues the
+others where they stopped. What happens to a cell depends on its newest run dir (the newest ``<slug>-<time>-<hex>``
+that holds attack.py's ``config.yaml``):
+
+* ``interrupted`` (Ctrl-C), no ``summary.json`` (stopped hard: SIGKILL, a scheduler's time limit, the machine went
+  down) or ``failed: ...`` (an exception: out of memory, a full disk, a bug fixed since): the cell is re-run as
+  ``attack.py ... --resume <that dir>`` in the same run dir. Its finished users are kept, and the user (chunk) it
+  stopped in continues from ``checkpoints/<uid>/last.ckpt`` when the cell sets ``checkpoint_every`` (otherwise that
+  user starts over). Finished users are kept across a code change, as finished cells are: after a fix that changes
+  the numbers, use ``--fresh`` (or ``--new`` for the whole sweep).
+* ``diverged: ...`` (NaN/inf): the cell starts again in a new run dir. Its numbers went wrong, the checkpoint it left
+  lies on the way to the NaN, and re-running it is worth it only after a fix (unchanged, it diverges again).
+* A resume attack.py would refuse (the run dir's config differs from the cell's, e.g. an attack.py default changed
+  since) is noted and the cell starts in a new run dir.
+
+``--fresh`` (alias ``--no-resume``) starts every unfinished cell in a new run dir (the behaviour before resuming
+existed). An old run dir is never deleted: ``index.json`` points at the cell's current run dir and lists the ones
+it replaced in ``previous_run_dirs``. While it runs, a sweep holds ``<sweep dir>/sweep.lock``: a second sweep.py on
+the same sweep directory is refused (it would resume the run dir the first one is writing into).
 """
 
 from __future__ import annotations
@@ -501,6 +520,117 @@ def _new_run_dirs(cells_root: Path, slug: str, before: set[str]) -> list[Path]:
     return sorted(d for d in cells_root.iterdir() if pat.match(d.name) and d.name not in before)
 
 
+def latest_run(cells_root: Path, slug: str) -> Optional[Path]:
+    """The cell's newest run dir that attack.py wrote its ``config.yaml`` into (a folder without one was stopped
+    before the attack began and holds nothing to resume)."""
+    for d in reversed(_new_run_dirs(cells_root, slug, set())):
+        if (d / "config.yaml").is_file():
+            return d
+    return None
+
+
+def _diverged(status: Optional[str]) -> bool:
+    """``diverged: ...`` (or ``rank r: diverged: ...`` from a multi-process run)."""
+    return bool(status) and re.match(r"(rank \d+: )?diverged\b", status) is not None
+
+
+def _status_text(status: Optional[str]) -> str:
+    if status is None:
+        return "no summary.json: stopped hard"
+    return status.rstrip(".") if len(status) <= 120 else status[:117] + "..."
+
+
+def resume_refusal(argv: list[str], run_dir: Path) -> Optional[str]:
+    """None when ``attack.py <argv> --resume <run_dir>`` would be accepted, else attack.py's reason (e.g. "resume
+    directory from another config (differs in [...])"). Reads only: the parse and attack's own check
+    (:func:`attack.open_resume_dir`)."""
+    import attack
+
+    p = attack.build_parser()
+    p.exit_on_error = False
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            attack.open_resume_dir(p, p.parse_args([*argv, "--resume", str(run_dir)]))
+    except attack.ConfigError as exc:  # "--resume DIR: resume directory from another config (differs in [...]); ..."
+        msg = str(exc).strip().removeprefix(f"--resume {run_dir}: ")
+        return msg.removesuffix("; run without --resume for a new run directory") or type(exc).__name__
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - e.g. a config.yaml the parser rejects
+        return _condense(str(exc).strip()) or type(exc).__name__
+    return None
+
+
+@dataclass
+class CellPlan:
+    """What a (re-)run does with a cell: ``skip`` (finished in ``run_dir``), ``resume`` (``--resume run_dir``) or
+    ``new`` (a new run dir; ``run_dir`` is the unfinished one left as it is, if any). ``why``: for the messages."""
+    action: str
+    run_dir: Optional[Path] = None
+    why: str = ""
+
+
+def plan_cell(sweep: Sweep, cell: Cell, cells_root: Path, recorded: Optional[str], fresh: bool = False) -> CellPlan:
+    """Decide a cell's fate on this run (see the module docstring): finished -> skip; newest run dir interrupted,
+    stopped hard or failed -> resume it (unless ``fresh`` or attack.py would refuse); diverged -> a new run dir."""
+    done = find_finished_run(cells_root, cell.slug, recorded)
+    if done is not None:
+        return CellPlan("skip", done)
+    last = latest_run(cells_root, cell.slug)
+    if last is None:
+        return CellPlan("new")
+    status = _run_status(last)
+    was = _status_text(status)
+    if fresh:
+        return CellPlan("new", last, f"--fresh: {last.name} ({was}) is kept, starting in a new run directory")
+    if _diverged(status):
+        return CellPlan("new", last, f"{last.name} {was}; starting again in a new run directory (the old one is kept)")
+    refusal = resume_refusal(cell.argv(sweep, cells_root), last)
+    if refusal is not None:
+        return CellPlan("new", last, f"cannot resume {last.name}: {refusal}; starting in a new run directory (the "
+                                     f"old one is kept)")
+    return CellPlan("resume", last, was)
+
+
+def _file_signature(path: Path) -> Optional[tuple[int, int, int]]:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+@contextlib.contextmanager
+def sweep_lock(sweep_dir: Path):
+    """Hold ``sweep_dir/sweep.lock`` (``flock``, released when the process ends, however it ends) meanwhile; raises
+    :class:`SweepError` when another process holds it. On a filesystem without locks it goes on unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    fh = open(sweep_dir / "sweep.lock", "a+")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            fh.seek(0)
+            who = fh.read().strip() or "another process"
+            raise SweepError(f"{sweep_dir} is in use by another sweep.py ({who}): wait for it to end, or use --new or "
+                             f"another --root") from None
+        except OSError:
+            locked = False
+        if locked:
+            import socket
+
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            fh.flush()
+        yield
+    finally:
+        fh.close()
+
+
 # ------------------------------------------------------------------------------------------------ running
 def _summary_text(run_dir: Path) -> str:
     try:
@@ -515,13 +645,21 @@ def _summary_text(run_dir: Path) -> str:
 
 
 def run_sweep(sweep: Sweep, *, new: bool = False, max_cells: Optional[int] = None, report: bool = True,
-              quiet: bool = False, runner: Optional[Callable[[list[str]], Path]] = None) -> dict:
-    """Run (or resume) the sweep; returns the final index. ``runner`` defaults to ``attack.main``."""
+              quiet: bool = False, runner: Optional[Callable[[list[str]], Path]] = None, fresh: bool = False) -> dict:
+    """Run (or continue) the sweep; returns the final index. ``runner`` defaults to ``attack.main``; ``fresh``: an
+    unfinished cell starts in a new run dir instead of resuming its newest one (see the module docstring)."""
     if runner is None:
         import attack
 
         runner = attack.main
     sweep_dir = open_sweep_dir(sweep, new)
+    with sweep_lock(sweep_dir):
+        return _run_cells(sweep, sweep_dir, max_cells=max_cells, report=report, quiet=quiet, runner=runner,
+                          fresh=fresh)
+
+
+def _run_cells(sweep: Sweep, sweep_dir: Path, *, max_cells: Optional[int], report: bool, quiet: bool,
+               runner: Callable[[list[str]], Path], fresh: bool) -> dict:
     cells_root = sweep_dir / "cells"
     index = load_index(sweep_dir)
     index.update(name=sweep.name, hash=sweep.hash(), sweep_dir=str(sweep_dir))
@@ -529,6 +667,7 @@ def run_sweep(sweep: Sweep, *, new: bool = False, max_cells: Optional[int] = Non
     n = len(sweep.cells)
     ran = 0
     interrupted = False
+    stopped_in: Optional[Path] = None  # the run dir of the cell a Ctrl-C stopped
     print(f"[sweep] {sweep.name}: {n} cells in {sweep_dir}", flush=True)
 
     def save() -> None:
@@ -537,24 +676,37 @@ def run_sweep(sweep: Sweep, *, new: bool = False, max_cells: Optional[int] = Non
     for cell in sweep.cells:
         entry = entries.setdefault(cell.slug, {})
         entry.update(index=cell.index, assignment=cell.assignment, argv=cell.argv(sweep, cells_root))
-        done = find_finished_run(cells_root, cell.slug, entry.get("run_dir"))
         tag = f"[sweep] {cell.index + 1}/{n} {cell.slug}"
-        if done is not None:
-            entry.update(run_dir=str(done), status="finished")
+        if max_cells is not None and ran >= max_cells:  # no resume check (a parse) for a cell left for later
+            done = find_finished_run(cells_root, cell.slug, entry.get("run_dir"))
+            plan = CellPlan("skip", done) if done is not None else None
+        else:
+            plan = plan_cell(sweep, cell, cells_root, entry.get("run_dir"), fresh)
+        if plan is not None and plan.action == "skip":
+            entry.update(run_dir=str(plan.run_dir), status="finished")
             save()
-            print(f"{tag}: skipped, finished in {done}", flush=True)
+            print(f"{tag}: skipped, finished in {plan.run_dir}", flush=True)
             continue
-        if max_cells is not None and ran >= max_cells:
+        if plan is None:  # --max-cells reached
             if entry.get("status") in (None, "running"):
                 entry["status"] = "pending"
             save()
             continue
-        if entry.get("run_dir"):
-            entry.setdefault("previous_run_dirs", []).append(entry["run_dir"])
+        resume = plan.run_dir if plan.action == "resume" else None
+        if resume is None:  # the run dirs this one replaces stay listed (and on disk)
+            for old in (entry.get("run_dir"), plan.run_dir):
+                if old and str(old) not in entry.get("previous_run_dirs", []):
+                    entry.setdefault("previous_run_dirs", []).append(str(old))
+        argv = cell.argv(sweep, cells_root) + (["--resume", str(resume)] if resume else [])
         before = {d.name for d in _new_run_dirs(cells_root, cell.slug, set())}
-        entry.update(status="running", run_dir=None, started=time.strftime("%Y-%m-%d %H:%M:%S"), error=None)
+        summary_before = _file_signature(resume / "summary.json") if resume else None
+        entry.update(status="running", run_dir=str(resume) if resume else None, resumed=resume is not None,
+                     started=time.strftime("%Y-%m-%d %H:%M:%S"), error=None)
         save()
-        print(f"{tag}: running ...", flush=True)
+        if resume:
+            print(f"{tag}: resuming {resume} (was {plan.why}; its finished users are kept) ...", flush=True)
+        else:
+            print(f"{tag}: " + (f"{plan.why} ..." if plan.why else "running ..."), flush=True)
         t0 = time.time()
         run_dir: Optional[Path] = None
         try:
@@ -563,9 +715,9 @@ def run_sweep(sweep: Sweep, *, new: bool = False, max_cells: Optional[int] = Non
                 log.parent.mkdir(parents=True, exist_ok=True)
                 with log.open("a") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh), \
                         _logging_to(fh):
-                    run_dir = Path(runner(cell.argv(sweep, cells_root)))
+                    run_dir = Path(runner(argv))
             else:
-                run_dir = Path(runner(cell.argv(sweep, cells_root)))
+                run_dir = Path(runner(argv))
             status = _run_status(run_dir) or "finished"
         except KeyboardInterrupt:
             status, interrupted = "interrupted", True
@@ -577,10 +729,15 @@ def run_sweep(sweep: Sweep, *, new: bool = False, max_cells: Optional[int] = Non
             status = f"failed: {type(exc).__name__}: {exc}"
         ran += 1
         if run_dir is None:
-            made = _new_run_dirs(cells_root, cell.slug, before)
-            run_dir = made[-1] if made else None
-            if run_dir is not None:
-                status = _run_status(run_dir) or status  # e.g. 'diverged: ...' / 'interrupted' from summary.json
+            if resume is not None:
+                run_dir = resume
+                if _file_signature(resume / "summary.json") != summary_before:  # not the last attempt's summary
+                    status = _run_status(run_dir) or status
+            else:
+                made = _new_run_dirs(cells_root, cell.slug, before)
+                run_dir = made[-1] if made else None
+                if run_dir is not None:
+                    status = _run_status(run_dir) or status  # e.g. 'diverged: ...' / 'interrupted' from summary.json
         entry.update(status=status, run_dir=str(run_dir) if run_dir else None, seconds=round(time.time() - t0, 1),
                      finished=time.strftime("%Y-%m-%d %H:%M:%S"))
         save()
@@ -588,12 +745,19 @@ def run_sweep(sweep: Sweep, *, new: bool = False, max_cells: Optional[int] = Non
         print(f"{tag}: {status} in {time.time() - t0:.1f} s" + (f" -> {run_dir}" if run_dir else "")
               + (f" ({extra})" if extra else ""), flush=True)
         if interrupted:
+            stopped_in = run_dir
             break
 
     finished = [e["run_dir"] for e in entries.values()
                 if e.get("run_dir") and e.get("status") == "finished" and _run_status(e["run_dir"]) == "finished"]
     n_fin = sum(1 for c in sweep.cells if entries.get(c.slug, {}).get("status") == "finished")
     print(f"[sweep] {n_fin}/{n} cells finished", flush=True)
+    if interrupted:
+        where = ""
+        if stopped_in is not None and (stopped_in / "config.yaml").is_file() and not fresh:
+            where = f" and the interrupted cell resumes in {stopped_in}"
+        print(f"[sweep] interrupted: run the same command again to continue; finished cells are skipped{where}",
+              flush=True)
     if report and finished and not interrupted:
         from inversion.report import build_report
 
@@ -609,17 +773,25 @@ def run_sweep(sweep: Sweep, *, new: bool = False, max_cells: Optional[int] = Non
     return index
 
 
-def dry_run(sweep: Sweep, new: bool) -> None:
-    """Print the cells, their command lines and what a real run would do; writes nothing."""
+def dry_run(sweep: Sweep, new: bool, fresh: bool = False) -> None:
+    """Print the cells, their command lines and what a real run would do (skip, resume a run dir, run); writes
+    nothing."""
     sweep_dir = open_sweep_dir(sweep, new, create=False)
     index = load_index(sweep_dir) if sweep_dir.exists() else {"cells": {}}
     cells_root = sweep_dir / "cells"
     print(f"[sweep] {sweep.name}: {len(sweep.cells)} cells, sweep directory {sweep_dir} (hash {sweep.hash()[:12]})")
     for cell in sweep.cells:
-        done = find_finished_run(cells_root, cell.slug, index["cells"].get(cell.slug, {}).get("run_dir"))
-        what = f"skip (finished: {done})" if done else "run"
+        plan = plan_cell(sweep, cell, cells_root, index["cells"].get(cell.slug, {}).get("run_dir"), fresh)
+        argv = cell.argv(sweep, cells_root)
+        if plan.action == "skip":
+            what = f"skip (finished: {plan.run_dir})"
+        elif plan.action == "resume":
+            what = f"resume {plan.run_dir} (was {plan.why})"
+            argv = argv + ["--resume", str(plan.run_dir)]
+        else:
+            what = "run" + (f" ({plan.why})" if plan.why else "")
         print(f"[sweep] {cell.index + 1}/{len(sweep.cells)} {cell.slug}: {what}")
-        print("    python attack.py " + " ".join(_quote(a) for a in cell.argv(sweep, cells_root)))
+        print("    python attack.py " + " ".join(_quote(a) for a in argv))
 
 
 def _quote(a: str) -> str:
@@ -633,7 +805,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--config", required=True, help="sweep YAML (configs/sweep/*.yaml)")
     ap.add_argument("--dry-run", action="store_true", help="validate and list the cells; run nothing, write nothing")
     ap.add_argument("--max-cells", type=int, default=None, help="run at most N cells this time (skipped ones not counted)")
-    ap.add_argument("--new", action="store_true", help="use a fresh suffixed sweep directory instead of resuming")
+    ap.add_argument("--new", action="store_true", help="use a fresh suffixed sweep directory instead of continuing this one")
+    ap.add_argument("--fresh", "--no-resume", action="store_true",
+                    help="start every unfinished cell in a new run directory instead of resuming its interrupted, "
+                         "failed or hard-stopped run directory with attack.py --resume (old run dirs are kept)")
     ap.add_argument("--root", default=None, help="sweep directory (overrides the YAML's root)")
     ap.add_argument("--no-report", action="store_true", help="do not build the report at the end")
     ap.add_argument("--quiet", action="store_true", help="send each cell's output to <sweep>/logs/<slug>.log")
@@ -644,9 +819,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sweep = load_sweep(args.config, args.root)
         validate(sweep)
         if args.dry_run:
-            dry_run(sweep, args.new)
+            dry_run(sweep, args.new, args.fresh)
             return 0
-        index = run_sweep(sweep, new=args.new, max_cells=args.max_cells, report=not args.no_report, quiet=args.quiet)
+        index = run_sweep(sweep, new=args.new, max_cells=args.max_cells, report=not args.no_report, quiet=args.quiet,
+                          fresh=args.fresh)
     except SweepError as exc:
         print(f"sweep.py: error: {exc}", file=sys.stderr)
         return 2

@@ -3,6 +3,8 @@ and run_name grouping on fake run directories."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -60,7 +62,7 @@ def write_sweep(path: Path, base: Path, grid: dict, **extra) -> Path:
 
 # ------------------------------------------------------------------------------------------------ sweep.py
 @needs_data
-def test_sweep_runs_skips_finished_and_reruns_unfinished(tmp_path, tiny_base, monkeypatch, capsys):
+def test_sweep_runs_skips_finished_and_resumes_unfinished(tmp_path, tiny_base, monkeypatch, capsys):
     cfg = write_sweep(tmp_path / "s.yaml", tiny_base, {"users.init_args.batch_size": [2, 3]},
                       fixed={"attack.init_args.steps": 3})
     sweep_dir = tmp_path / "sweep_dir"
@@ -98,7 +100,8 @@ def test_sweep_runs_skips_finished_and_reruns_unfinished(tmp_path, tiny_base, mo
     assert "skipped" in capsys.readouterr().out
     assert (sweep_dir / "report-1" / "summary.csv").is_file()
 
-    # an unfinished cell (interrupted run, and a run dir without summary.json) is run again, in a new run dir
+    # an unfinished cell (interrupted run, and a run dir without summary.json: a hard kill) is resumed in its run
+    # dir (attack.py --resume: every user is done, so it only writes the summary)
     first = Path(index["cells"]["batch_size=2"]["run_dir"])
     second = Path(index["cells"]["batch_size=3"]["run_dir"])
     summary = json.loads((first / "summary.json").read_text())
@@ -106,11 +109,156 @@ def test_sweep_runs_skips_finished_and_reruns_unfinished(tmp_path, tiny_base, mo
     (second / "summary.json").unlink()
     assert sweep.main(["--config", str(cfg), "--no-report"]) == 0
     assert len(calls) == 4
+    assert [a[a.index("--resume") + 1] for a in calls[2:]] == [str(first), str(second)]
     index2 = json.loads((sweep_dir / "index.json").read_text())
     for slug, old in zip(slugs, (first, second)):
         e = index2["cells"][slug]
-        assert e["status"] == "finished" and Path(e["run_dir"]) != old and str(old) in e["previous_run_dirs"]
+        assert e["status"] == "finished" and Path(e["run_dir"]) == old and e["resumed"]
+        assert not e.get("previous_run_dirs") and len(pd.read_csv(old / "results.csv")) == 2
+    assert len(list((sweep_dir / "cells").iterdir())) == 2
+
+    # --fresh (alias --no-resume): the old behaviour, a new run dir; the old one is kept and listed
+    (first / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
+    assert sweep.main(["--config", str(cfg), "--no-report", "--no-resume"]) == 0
+    assert len(calls) == 5 and "--resume" not in calls[-1]
+    e = json.loads((sweep_dir / "index.json").read_text())["cells"]["batch_size=2"]
+    assert e["status"] == "finished" and Path(e["run_dir"]) != first and e["previous_run_dirs"] == [str(first)]
     assert first.is_dir()  # the old run dir is kept
+    assert "--fresh: " + first.name in capsys.readouterr().out
+
+
+@needs_data
+def test_rerun_resumes_the_interrupted_cell_and_skips_its_finished_users(tmp_path, tiny_base, monkeypatch, capsys):
+    """Ctrl-C in the second user of the first cell (checkpoint_every 2, at step 3): re-running the sweep continues
+    that cell in the same run dir with attack.py --resume (user 0 is not attacked again, user 1 continues from its
+    step-2 checkpoint), then runs the cell the Ctrl-C never reached. The sweep started the cell again in a new run
+    dir and attacked user 0 again."""
+    from lightning_modules.user_level_inversion import UserLevelInversion
+
+    cfg = write_sweep(tmp_path / "s.yaml", tiny_base, {"seed": [0, 1]},
+                      fixed={"attack.init_args.steps": 4, "checkpoint_every": 2})
+    sweep_dir = tmp_path / "sweep_dir"
+    original = UserLevelInversion.training_step
+    calls: list[tuple[str, int]] = []
+
+    def interrupting(self, batch, batch_idx):
+        calls.append((self.log_prefix, self.global_step))
+        if self.log_prefix == "user_0001/" and self.global_step == 3:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the second user's attack
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(UserLevelInversion, "training_step", interrupting)
+    assert sweep.main(["--config", str(cfg)]) == 130
+    (run_dir,) = (sweep_dir / "cells").iterdir()
+    index = json.loads((sweep_dir / "index.json").read_text())
+    assert index["cells"]["seed=0"]["status"] == "interrupted" and index["cells"]["seed=0"]["run_dir"] == str(run_dir)
+    assert "seed=1" not in index["cells"] and index["interrupted"]
+    first = pd.read_csv(run_dir / "results.csv")
+    assert list(first["user"]) == [0]
+    assert (run_dir / "checkpoints" / "user_0001" / "last.ckpt").is_file()
+    assert f"the interrupted cell resumes in {run_dir}" in capsys.readouterr().out
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert sweep.main(["--config", str(cfg), "--dry-run"]) == 0
+    assert f"seed=0: resume {run_dir} (was interrupted)" in out.getvalue()
+    assert f"--resume {run_dir}" in out.getvalue()
+
+    calls.clear()
+    monkeypatch.setattr(UserLevelInversion, "training_step",
+                        lambda self, b, i: (calls.append((self.log_prefix, self.global_step)), original(self, b, i))[1])
+    assert sweep.main(["--config", str(cfg)]) == 0
+    # cell seed=0: user 0 skipped, user 1 from its checkpoint at step 2; cell seed=1: both users, every step
+    assert calls[:2] == [("user_0001/", 2), ("user_0001/", 3)]
+    assert calls[2:] == [(f"user_000{u}/", s) for u in (0, 1) for s in range(4)]
+    out = capsys.readouterr().out
+    assert f"[sweep] 1/2 seed=0: resuming {run_dir} (was interrupted; its finished users are kept)" in out
+    index = json.loads((sweep_dir / "index.json").read_text())
+    e = index["cells"]["seed=0"]
+    assert e["run_dir"] == str(run_dir) and e["status"] == "finished" and e["resumed"]
+    assert not e.get("previous_run_dirs") and index["cells"]["seed=1"]["status"] == "finished"
+    assert len(list((sweep_dir / "cells").iterdir())) == 2  # no second run dir for seed=0
+    rows = pd.read_csv(run_dir / "results.csv")
+    assert list(rows["user"]) == [0, 1] and list(rows["steps"]) == [4, 4]
+    pd.testing.assert_series_equal(rows.iloc[0], first.iloc[0], check_names=False)  # user 0's row as it was
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+    assert not (run_dir / "checkpoints" / "user_0001").exists()
+    assert set(pd.read_csv(sweep_dir / "report" / "summary.csv")["n_users"]) == {2}
+
+
+def _config_runner(calls: list):
+    """Stands in for attack.main and writes what --resume checks: attack.py's config.yaml of the cell (a new run dir,
+    or the --resume one), a one-row results.csv and summary.json status finished."""
+    def runner(argv):
+        calls.append(list(argv))
+        parser = attack.build_parser()
+        cfg = parser.parse_args(argv)
+        if cfg.resume:
+            run = attack.open_resume_dir(parser, cfg)[0]
+        else:
+            run = attack.new_run_dir(cfg.output.root, cfg.output.name)
+            (run / "config.yaml").write_text(attack.dump_config(parser, cfg))
+        (run / "results.csv").write_text("user,method,B,psnr_nearest\n0,m,3,12.5\n")
+        (run / "summary.json").write_text(json.dumps({"status": "finished"}))
+        return run
+    return runner
+
+
+def test_unfinished_cells_resume_or_start_again_by_status(tmp_path, tiny_base, capsys):
+    """The policy for a cell's newest run dir: interrupted, failed and stopped hard (no summary.json) are resumed in
+    place; diverged starts again in a new run dir; a resume attack.py refuses (its config.yaml differs from the
+    cell's) falls back to a new run dir with a note; a newer folder without config.yaml (killed before the attack
+    began) is passed over. index.json points at the run dir in use, and lists replaced ones."""
+    cfg = write_sweep(tmp_path / "s.yaml", tiny_base, {"seed": [0, 1, 2, 3, 4]})
+    s = sweep.load_sweep(cfg)
+    calls: list[list[str]] = []
+    idx = sweep.run_sweep(s, runner=_config_runner(calls), report=False)
+    old = {slug: Path(e["run_dir"]) for slug, e in idx["cells"].items()}
+    assert len(calls) == 5 and all(e["status"] == "finished" for e in idx["cells"].values())
+
+    def set_status(slug, status):
+        (old[slug] / "summary.json").write_text(json.dumps({"status": status, "run_dir": str(old[slug])}))
+
+    set_status("seed=0", "interrupted")
+    set_status("seed=1", "failed: OutOfMemoryError: CUDA out of memory")
+    set_status("seed=2", "diverged: attack diverged at step 5: the image gradient is NaN or inf.")
+    (old["seed=3"] / "summary.json").unlink()  # SIGKILL / a scheduler's time limit: no summary at all
+    set_status("seed=4", "interrupted")
+    stored = yaml.safe_load((old["seed=4"] / "config.yaml").read_text())
+    stored["attack"]["init_args"]["steps"] = 99  # attack.py would refuse this resume
+    (old["seed=4"] / "config.yaml").write_text(yaml.safe_dump(stored))
+    (old["seed=0"].parent / "seed=0-29991231-235959-abcdef").mkdir()  # newest, but the attack never began
+    capsys.readouterr()
+
+    sweep.dry_run(s, new=False)
+    out = capsys.readouterr().out
+    assert f"seed=0: resume {old['seed=0']} (was interrupted)" in out
+    assert f"seed=1: resume {old['seed=1']} (was failed: OutOfMemoryError" in out
+    assert f"seed=2: run ({old['seed=2'].name} diverged: attack diverged at step 5" in out
+    assert f"seed=3: resume {old['seed=3']} (was no summary.json: stopped hard)" in out
+    assert f"seed=4: run (cannot resume {old['seed=4'].name}: resume directory from another config (differs in " \
+        "['attack.init_args.steps']); starting in a new run directory" in out
+
+    calls.clear()
+    idx = sweep.run_sweep(s, runner=_config_runner(calls), report=False)
+    resumed = {a[a.index("--output.name") + 1]: a[a.index("--resume") + 1] if "--resume" in a else None for a in calls}
+    assert resumed == {"seed=0": str(old["seed=0"]), "seed=1": str(old["seed=1"]), "seed=2": None,
+                       "seed=3": str(old["seed=3"]), "seed=4": None}
+    for slug in ("seed=0", "seed=1", "seed=3"):
+        e = idx["cells"][slug]
+        assert e["status"] == "finished" and e["run_dir"] == str(old[slug]) and e["resumed"]
+    for slug in ("seed=2", "seed=4"):
+        e = idx["cells"][slug]
+        assert e["status"] == "finished" and e["run_dir"] != str(old[slug]) and not e["resumed"]
+        assert e["previous_run_dirs"] == [str(old[slug])] and old[slug].is_dir()
+    out = capsys.readouterr().out
+    assert f"[sweep] 2/5 seed=1: resuming {old['seed=1']} (was failed: OutOfMemoryError" in out
+    assert f"[sweep] 3/5 seed=2: {old['seed=2'].name} diverged: " in out and "new run directory" in out
+    assert f"[sweep] 5/5 seed=4: cannot resume {old['seed=4'].name}: resume directory from another config" in out
+
+    # a second sweep.py on the same directory while one runs is refused (it would resume the same run dirs)
+    with sweep.sweep_lock(tmp_path / "sweep_dir"):
+        with pytest.raises(sweep.SweepError, match="in use by another sweep.py"):
+            sweep.run_sweep(s, runner=_config_runner(calls), report=False)
 
 
 def test_unknown_or_bad_keys_fail_before_any_work(tmp_path, tiny_base, monkeypatch, capsys):
