@@ -13,10 +13,12 @@ grid image relative to RUN_DIR (needed when one run holds several B or methods i
 Writes, into a new OUT_DIR (an existing one is never touched: a free ``OUT_DIR-1``, ``-2``... is used instead), built
 in a temporary folder next to it and renamed into place at the end:
 
-* ``summary.csv``: per (method, B): ``n_users``, ``evaluator_accuracy`` (mean of ``evaluator_correct``),
-  ``label_accuracy`` (mean of ``inferred_dominant == dominant_class``), and for each numeric metric column ``M``:
-  ``M_avg`` (mean over users), ``M_std`` (sample std over users, ddof 1; empty for one user) and ``M_n`` (users with
-  a value);
+* ``summary.csv``: per (method, B): ``n_users`` (distinct users), ``evaluator_accuracy`` (mean of
+  ``evaluator_correct``), ``label_accuracy`` (mean of ``inferred_dominant == dominant_class``), and for each numeric
+  metric column ``M``: ``M_avg`` (mean over users), ``M_std`` (sample std over users, ddof 1; empty for one user) and
+  ``M_n`` (users with a value). Runs of the same user under other ``--seed`` values are repeated measurements: each
+  is a row (means, stds and ``M_n`` are over rows), the user counts once in ``n_users``, and an ``n_rows`` column
+  (``rows`` in summary.md) follows ``n_users`` when some row has more rows than users;
 * ``summary.md``: the same table (avg ± std, n when some users were not measurable) and the figures;
 * ``metrics_vs_B.png``: each metric against B per method, mean ± std band over users and every user as a dot;
 * ``gallery.png``: a few users' ``grid.png`` per (method, B).
@@ -25,14 +27,26 @@ Extra grouping, only when the runs differ in it (so a report of one kind of run 
 ``victim_init``, ``defense`` + ``defense_strength`` (columns of results.csv; a run without them counts as
 ``defense = none``, strength NaN), ``final_stage`` (results.csv's column, else derived from the run's config.yaml:
 'denoise t=100 ddim/10', 'select N=32 t=400 mu=1 ddim/10', ...) and ``run_name`` (``output.name`` from each run's ``config.yaml``, else the run
-folder name without its ``-YYYYmmdd-HHMMSS-hex`` suffix). These become extra key columns of ``summary.csv`` (after
-``method, B``), so e.g. an ablation table (full vs no_prior vs no_window ..., one ``output.name`` each) comes out
-directly, and the figures draw one line per method and extra key. ``--variants final_stage,victim_init`` (any subset
-of these keys) groups by exactly those instead, e.g. to pool runs of different names that share a final stage. When
-more than one defense (or strength) is present, also:
+folder name without its ``-YYYYmmdd-HHMMSS-hex`` suffix). Last, ``setting`` (:func:`setting_of`: a hash of the
+run's config apart from what runs of one experiment may differ in, :data:`POOLED_CONFIG_KEYS`: seeds, user range,
+defenses, output, logging, device), only when runs alike in every other key have different configs (a 5-step and a
+60-step run of one name; two refinished ablations both named ``extension_final_selection``), followed by
+``setting_diff``: the config entries in which that setting differs from the others of its method and B, e.g.
+``attack.init_args.steps=5``. These become extra key columns of ``summary.csv`` (after ``method, B``), so e.g. an
+ablation table (full vs no_prior vs no_window ..., one ``output.name`` each) comes out directly, and the figures
+draw one line per method and extra key. ``--variants final_stage,victim_init`` (any subset of these keys) groups
+by exactly those instead, e.g. to pool runs of different names that share a final stage (a note says when that
+pools runs of different settings).
+
+Before pooling: a user found twice with the same setting, seeds and defenses (a rerun, a resumed copy, an
+interrupted sweep cell and its re-run: :func:`drop_duplicate_users`) counts once, from the newest finished run, and a
+warning names the runs; runs whose summary.json says they did not finish ('interrupted', 'diverged: ...',
+'failed: ...') or that have none keep their finished users, and a note names them (both printed and listed under
+Notes in summary.md). When more than one defense (or strength) is present, also:
 
 * ``privacy.csv``: per (method, B, defense, defense_strength), pooled over run names (kept apart by protocol,
-  victim_init and final_stage when the runs differ in them): n_users,
+  victim_init, final_stage and setting, with setting_diff, when the runs differ in them; summary.md shows these
+  columns too): n_users,
   ``evaluator_accuracy``, ``label_accuracy`` and avg/std/n of ``psnr_nearest`` and ``lpips_nearest`` (when present);
 * ``privacy_curve.png``: attack success (evaluator accuracy; LPIPS nearest and PSNR nearest when measured) against
   the defense strength (the first defense's sigma / keep fraction / levels / clip norm, see attack.defense_label),
@@ -71,20 +85,26 @@ from inversion.defenses import STRENGTH_KEYS
 from inversion.fsutils import publish_dir
 
 __all__ = ["GROUP_KEYS", "DuplicateUserError", "aggregate", "aggregate_privacy", "build_report", "changed_count",
-           "count_cell", "group_keys", "load_runs", "main", "mean_std_cell", "newest_run", "paired_counts",
-           "plot_gallery", "plot_metrics_vs_b", "plot_privacy_curve", "pool_newest_runs", "pool_users"]
+           "count_cell", "drop_duplicate_users", "group_keys", "load_runs", "main", "mean_std_cell", "measurement_of",
+           "newest_run", "paired_counts", "plot_gallery", "plot_metrics_vs_b", "plot_privacy_curve",
+           "pool_newest_runs", "pool_users", "run_notes", "run_status", "setting_diff_labels", "setting_of",
+           "user_source_of"]
 
 GROUP_KEYS = ["method", "B"]
 # Extra group keys, used only when the runs differ in them (see group_keys); defense and strength go together.
-VARIANT_KEYS = ["protocol", "victim_init", "defense", "defense_strength", "final_stage", "run_name", "id_gallery"]
+# ``setting`` (the config apart from seeds, user range, output and logging: see setting_of) comes last, and only when
+# it splits a row that the other keys leave together (runs of one name and variants but other configs)
+VARIANT_KEYS = ["protocol", "victim_init", "defense", "defense_strength", "final_stage", "run_name", "id_gallery",
+                "setting"]
 PRIVACY_KEYS = ["method", "B", "defense", "defense_strength"]
 TEXT_COLUMNS = ("method", "run", "run_dir", "user", "grid", "grid_path", "user_dir", "true_histogram",
                 "inferred_counts", "label_strategy", "defense", "protocol", "victim_init", "run_name", "final_stage",
-                "setting", "id_gallery")
+                "setting", "setting_diff", "id_gallery", "user_key", "measurement_key")
 NON_METRIC = {"user", "B", "method", "dominant_class", "inferred_dominant", "evaluator_class", "evaluator_correct", "victim_class",
               "evaluator_class_raw", "nearest_index", "true_histogram", "inferred_counts", "label_strategy",
               "run", "run_dir", "grid", "grid_path", "user_dir", "seed", "defense", "defense_strength", "protocol",
-              "victim_init", "run_name", "final_stage", "refinish_source", "refinished_from", "setting", "id_gallery"}
+              "victim_init", "run_name", "final_stage", "refinish_source", "refinished_from", "setting", "setting_diff",
+              "id_gallery", "user_key", "measurement_key"}
 RUN_DIR_SUFFIX = r"-\d{8}-\d{6}-[0-9a-f]{6}$"
 # Order of the main metrics in tables and figures; other numeric columns follow.
 MAIN_METRICS = ["mse_nearest", "mse_mean", "psnr_nearest", "psnr_mean", "ssim_nearest", "ssim_mean",
@@ -137,31 +157,79 @@ POOLED_CONFIG_KEYS = ("output", "seed", "resume", "checkpoint_every", "image_log
                       "trainer.log_every_n_steps")
 
 
-def _config_entries(path: Path) -> Optional[dict]:
-    """The run's config as flat dotted entries, with attack.py's defaults filled in when its parser still reads the
-    file (:func:`attack.comparable_config`, which also drops keys that :data:`POOLED_CONFIG_KEYS` pools anyway; so an
-    option added after the run, e.g. evaluation.face_gallery_users, does not split it from newer runs); else the
-    file as written (:func:`inversion.cli.flat_entries`). None when it cannot be read."""
+# of the pooled keys, those that change what a run measures (another draw of the attack, of the users' batches, of the
+# defense noise, of a random victim); the rest say only where and how visibly it ran (:data:`LOCATION_CONFIG_KEYS`)
+SEED_CONFIG_KEYS = ("seed", "threat.defenses", "users.init_args.seed", "attack.init_args.seed", "victim.init_seed")
+# runs whose configs differ only in these measured the same users the same way: a rerun, a resumed copy, an
+# interrupted sweep cell and its re-run, the same run on another device (see measurement_of)
+LOCATION_CONFIG_KEYS = tuple(k for k in POOLED_CONFIG_KEYS if k not in SEED_CONFIG_KEYS)
+# the users' range, not which users: left out of a user's identity (see user_source_of)
+USER_RANGE_KEYS = ("users.init_args.first_user", "users.init_args.num_users")
+
+_CONFIG_CACHE: dict = {}
+
+
+def _read_config(path: Path) -> tuple[Optional[dict], bool]:
+    """``(entries, parsed)``: the run's config as flat dotted entries and whether attack.py's parser read it (then
+    with attack.py's defaults filled in and the keys :func:`attack.comparable_config` drops left out); else the file
+    as written (:func:`inversion.cli.flat_entries`), ``parsed`` False; ``(None, False)`` when it cannot be read.
+    Cached per file (path, size, mtime)."""
     import contextlib
     import io
 
     from inversion.cli import flat_entries
 
+    path = Path(path)
+    try:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    except OSError:
+        return None, False
+    if key in _CONFIG_CACHE:
+        return _CONFIG_CACHE[key]
+    result: tuple[Optional[dict], bool] = (None, False)
     try:
         import attack
 
         parser = attack.build_parser()
         with contextlib.redirect_stderr(io.StringIO()):
-            return attack.comparable_config(parser, parser.parse_path(str(path)))
+            result = (attack.comparable_config(parser, parser.parse_path(str(path))), True)
     except (Exception, SystemExit):  # noqa: BLE001 - an older or foreign config: compare it as written
-        pass
-    try:
-        import yaml
+        try:
+            import yaml
 
-        raw = yaml.safe_load(path.read_text()) or {}
-    except Exception:  # noqa: BLE001
-        return None
-    return flat_entries(raw) if isinstance(raw, dict) else None
+            raw = yaml.safe_load(path.read_text()) or {}
+            result = (flat_entries(raw) if isinstance(raw, dict) else None, False)
+        except Exception:  # noqa: BLE001
+            result = (None, False)
+    _CONFIG_CACHE[key] = result
+    return result
+
+
+def _config_entries(path: Path) -> Optional[dict]:
+    """The run's config as flat dotted entries, with attack.py's defaults filled in when its parser still reads the
+    file (:func:`attack.comparable_config`, which also drops keys that :data:`POOLED_CONFIG_KEYS` pools anyway; so an
+    option added after the run, e.g. evaluation.face_gallery_users, does not split it from newer runs); else the
+    file as written (:func:`inversion.cli.flat_entries`). None when it cannot be read."""
+    return _read_config(path)[0]
+
+
+def _without(entries: dict, prefixes: Sequence[str]) -> dict:
+    return {k: v for k, v in entries.items() if not any(k == p or k.startswith(p + ".") for p in prefixes)}
+
+
+def _hash(entries: dict, prefix: str) -> str:
+    import hashlib
+    import json
+
+    text = json.dumps(entries, sort_keys=True, default=str)
+    return prefix + hashlib.sha256(text.encode()).hexdigest()[:6]
+
+
+def setting_entries(entries: Optional[dict]) -> Optional[dict]:
+    """The config entries that make a run's setting: ``entries`` (:func:`_config_entries`) without
+    :data:`POOLED_CONFIG_KEYS`; None for None."""
+    return None if entries is None else _without(entries, POOLED_CONFIG_KEYS)
 
 
 def setting_of(run_dir: Path) -> Optional[str]:
@@ -169,16 +237,63 @@ def setting_of(run_dir: Path) -> Optional[str]:
     (:func:`_config_entries`: attack.py's defaults filled in) without :data:`POOLED_CONFIG_KEYS`, so the runs of one
     defense sweep, halves of one run and runs on other devices share it and an ablation run (e.g. the prior off)
     does not. None when the config cannot be read (such runs form their own group)."""
-    import hashlib
+    kept = setting_entries(_config_entries(Path(run_dir) / "config.yaml"))
+    return None if kept is None else _hash(kept, "cfg-")
+
+
+def _identity_known(entries: Optional[dict], parsed: bool) -> bool:
+    """Whether the config says which users a run attacked and with which seeds: read by attack.py's parser (every
+    default filled in) or written by attack.py (it names ``users.class_path``). A hand-written or partial config
+    does not, and its users are never taken for another run's."""
+    return entries is not None and (parsed or "users.class_path" in entries)
+
+
+def user_source_of(run_dir: Path) -> Optional[str]:
+    """Which users the run's user ids name: 'users-' and 6 hex digits of the SHA-256 of its ``users.*`` config
+    entries (class, data, batch size, dominant fraction, the users' seed...) without the user range, so user 3 of
+    two runs with the same source is the same user (the same batch). None when the config does not say
+    (:func:`_identity_known`)."""
+    entries, parsed = _read_config(Path(run_dir) / "config.yaml")
+    if not _identity_known(entries, parsed):
+        return None
+    users = {k: v for k, v in entries.items() if k == "users" or k.startswith("users.")}
+    return _hash(_without(users, USER_RANGE_KEYS), "users-")
+
+
+def measurement_of(run_dir: Path) -> Optional[str]:
+    """What the run measured on each of its users: 'meas-' and 6 hex digits of the SHA-256 of its config entries
+    without :data:`LOCATION_CONFIG_KEYS` (so the setting plus every seed and the defenses), so a rerun, a resumed
+    copy or an interrupted cell and its re-run share it while a run with another ``--seed`` does not. None when
+    the config does not say (:func:`_identity_known`): such a run's users are never duplicates of another's."""
+    entries, parsed = _read_config(Path(run_dir) / "config.yaml")
+    if not _identity_known(entries, parsed):
+        return None
+    return _hash(_without(entries, LOCATION_CONFIG_KEYS), "meas-")
+
+
+def run_status(run_dir: Path) -> Optional[str]:
+    """``status`` of the run's summary.json ('finished', 'interrupted', 'diverged: ...', 'failed: ...'); None when
+    there is none (a run still going, or stopped too hard to write it) or it cannot be read."""
     import json
 
-    entries = _config_entries(run_dir / "config.yaml")
-    if entries is None:
+    try:
+        status = json.loads((Path(run_dir) / "summary.json").read_text()).get("status")
+    except Exception:  # noqa: BLE001 - no summary: unknown
         return None
-    kept = {k: v for k, v in entries.items()
-            if not any(k == p or k.startswith(p + ".") for p in POOLED_CONFIG_KEYS)}
-    text = json.dumps(kept, sort_keys=True, default=str)
-    return "cfg-" + hashlib.sha256(text.encode()).hexdigest()[:6]
+    return None if status is None else str(status)
+
+
+def _run_age(run_dir: Path) -> tuple:
+    """Sort key, newest last: finished before not, then attack.py's folder time stamp, then results.csv's mtime."""
+    import re
+
+    d = Path(run_dir)
+    m = re.search(r"-(\d{8}-\d{6})-[0-9a-f]{6}$", d.name)
+    try:
+        mtime = (d / "results.csv").stat().st_mtime
+    except OSError:
+        mtime = 0.0
+    return (run_status(d) == "finished", m.group(1) if m else "", mtime, d.name)
 
 
 class UnknownVariantError(ValueError):
@@ -207,8 +322,11 @@ def final_stage_of(run_dir: Path) -> Optional[str]:
 
 
 def load_runs(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
-    """Concatenate ``RUN_DIR/results.csv`` of every run, adding ``run`` (folder name), ``run_dir`` and ``run_name``
-    (see :func:`run_name_of`) columns; ``defense`` is filled with 'none' where a run lacks it.
+    """Concatenate ``RUN_DIR/results.csv`` of every run, adding ``run`` (folder name), ``run_dir``, ``run_name``
+    (see :func:`run_name_of`), ``setting`` (:func:`setting_of`), ``user_key`` (which user a row is: the run's
+    :func:`user_source_of` and the user id, so one user in two runs has one key; the run folder and the user id when
+    the config does not say) and ``measurement_key`` (:func:`measurement_of`) columns; ``defense`` is filled with
+    'none' where a run lacks it. ``attrs["setting_entries"]``: each setting's config entries (:func:`setting_entries`).
 
     Numeric-looking columns are converted to float (empty cells -> NaN; "True"/"False" -> 1/0); ``B`` to int.
 
@@ -217,6 +335,7 @@ def load_runs(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
         ValueError: a results.csv lacks ``user``, ``method`` or ``B``.
     """
     frames = []
+    entries_by_setting: dict = {}  # setting -> its config entries (for the labels of what differs between settings)
     for d in run_dirs:
         d = Path(d)
         csv = d / "results.csv"
@@ -229,13 +348,23 @@ def load_runs(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
         df["run"] = d.name
         df["run_dir"] = str(d)
         df["run_name"] = run_name_of(d)
-        df["setting"] = setting_of(d)
+        kept = setting_entries(_config_entries(d / "config.yaml"))
+        setting = None if kept is None else _hash(kept, "cfg-")  # = setting_of(d)
+        df["setting"] = setting
+        if kept is not None:
+            entries_by_setting[setting] = kept
+        source = user_source_of(d)
+        users = df["user"].astype(str)
+        # which user a row is (the same user in two runs of one source shares it; unknown: this run's own user)
+        df["user_key"] = (source + "|" + users) if source is not None else (str(d) + "|" + users)
+        df["measurement_key"] = measurement_of(d)
         if "final_stage" not in df:
             df["final_stage"] = final_stage_of(d)
         frames.append(df)
     if not frames:
         raise ValueError("no run directories given")
     df = pd.concat(frames, ignore_index=True)
+    df.attrs["setting_entries"] = entries_by_setting
     df["B"] = pd.to_numeric(df["B"], errors="raise").astype(int)
     df["method"] = df["method"].astype(str)
     if "defense" in df or "defense_strength" in df:
@@ -251,6 +380,75 @@ def load_runs(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
     return df
 
 
+# row columns that tell two measurements of one user apart besides the run's config (measurement_key)
+DUPLICATE_ROW_KEYS = ["method", "B", "protocol", "victim_init", "defense", "defense_strength", "final_stage",
+                      "id_gallery"]
+
+
+def drop_duplicate_users(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Keep one row per measurement: rows of one user (``user_key``) with the same ``measurement_key`` (setting,
+    seeds and defenses: :func:`measurement_of`) and the same method, B and row variant columns
+    (:data:`DUPLICATE_ROW_KEYS`) are one measurement found twice (a rerun, a resumed copy, an interrupted sweep cell
+    and its re-run); the row of the newest finished run is kept (finished before not, then the newest folder time
+    stamp; within one run, the last row). Rows of one user under another ``--seed`` (another measurement_key) are
+    all kept, and rows whose run's config does not say which users and seeds it ran (measurement_key None) are
+    never dropped.
+
+    Returns:
+        ``(frame without the duplicates, attrs kept; one message per (dropped run, kept run))``.
+    """
+    if "measurement_key" not in df or "user_key" not in df or not df["measurement_key"].notna().any():
+        return df, []
+    known = df[df["measurement_key"].notna()]
+    cols = ["measurement_key", "user_key"] + [c for c in DUPLICATE_ROW_KEYS if c in df]
+    key = known[cols].astype(object).where(known[cols].notna(), "nan").astype(str).agg("\x1f".join, axis=1)
+    ages = {r: _run_age(Path(r)) for r in known["run_dir"].unique()}
+    order = sorted(ages, key=lambda r: ages[r])
+    rank = known["run_dir"].map({r: i for i, r in enumerate(order)})
+    ranked = pd.DataFrame({"key": key, "rank": rank, "pos": np.arange(len(known))}, index=known.index)
+    ranked = ranked.sort_values(["rank", "pos"], kind="stable")
+    keep = ~ranked["key"].duplicated(keep="last")
+    dropped = ranked.index[~keep.to_numpy()]
+    if not len(dropped):
+        return df, []
+    kept_run = dict(zip(ranked.loc[keep.to_numpy(), "key"], df.loc[ranked.index[keep.to_numpy()], "run_dir"]))
+    messages = []
+    pairs: dict = {}
+    for i in dropped:
+        pairs.setdefault((df.at[i, "run_dir"], kept_run[key[i]]), []).append(df.at[i, "user"])
+    for (was, kept), users in pairs.items():
+        names = ", ".join(str(u) for u in dict.fromkeys(users))
+        if was == kept:
+            messages.append(f"{was} holds user(s) {names} more than once with the same setting and seeds: "
+                            "counted once (the last row)")
+        else:
+            messages.append(f"{was} repeats user(s) {names} of {kept} with the same setting and seeds (a rerun, a "
+                            f"resumed copy, an interrupted run and its re-run?): counted once, from {kept} (the "
+                            "newest finished run)")
+    out = df.drop(index=dropped)
+    out.attrs = dict(df.attrs)
+    return out, messages
+
+
+def run_notes(run_dirs: Sequence[str | Path], df: pd.DataFrame) -> list[str]:
+    """One line per run that did not finish (summary.json's status 'interrupted', 'diverged: ...', 'failed: ...',
+    or no summary.json): its finished users are in the tables (partial runs are legitimate: the halves of a split
+    run pool), but say so."""
+    notes = []
+    for d in run_dirs:
+        status = run_status(Path(d))
+        if status == "finished":
+            continue
+        n = int((df["run_dir"] == str(d)).sum()) if "run_dir" in df else 0
+        if status is None:
+            notes.append(f"{d} has no summary.json (still running, or stopped before writing it): its results.csv "
+                         f"({n} row(s)) is pooled like any run's")
+        else:
+            notes.append(f"{d} ended with status {status!r}: its finished users ({n} row(s) in results.csv) are "
+                         "pooled like any run's")
+    return notes
+
+
 def metric_columns(df: pd.DataFrame) -> list[str]:
     """Numeric metric columns of a loaded frame, main metrics first (see MAIN_METRICS)."""
     numeric = [c for c in df.columns if c not in NON_METRIC and pd.api.types.is_numeric_dtype(df[c])]
@@ -261,10 +459,20 @@ def _varies(df: pd.DataFrame, col: str) -> bool:
     return col in df and df[col].astype(object).where(df[col].notna(), None).nunique(dropna=False) > 1
 
 
+def _splits(df: pd.DataFrame, keys: Sequence[str], col: str) -> bool:
+    """Whether ``col`` takes more than one value (None/NaN being one) within some group of ``keys``."""
+    if col not in df or not len(df):
+        return False
+    values = df[col].astype(object).where(df[col].notna(), "\0none")
+    return bool(values.groupby([df[k] for k in keys], dropna=False).nunique().max() > 1)
+
+
 def group_keys(df: pd.DataFrame) -> list[str]:
-    """``method, B`` plus the :data:`VARIANT_KEYS` the runs differ in (defense and defense_strength together), or
-    exactly the variant keys chosen with ``df.attrs["variant_keys"]`` (``--variants``; e.g. ``final_stage`` alone
-    pools runs of different names that share a final stage)."""
+    """``method, B`` plus the :data:`VARIANT_KEYS` the runs differ in (defense and defense_strength together;
+    ``setting`` only when runs alike in every other key have different configs, so that two runs of one name, e.g. a
+    5-step and a 60-step run, or two refinished ablations, are two rows), or exactly the variant keys chosen with
+    ``df.attrs["variant_keys"]`` (``--variants``; e.g. ``final_stage`` alone pools runs of different names that share
+    a final stage)."""
     keys = list(GROUP_KEYS)
     chosen = df.attrs.get("variant_keys")
     for k in VARIANT_KEYS:
@@ -277,6 +485,9 @@ def group_keys(df: pd.DataFrame) -> list[str]:
                 keys.append(k)
         elif k == "final_stage":  # only the user-level attack has one: it varies when it does within a method
             if k in df and df.groupby("method")[k].nunique(dropna=False).max() > 1:
+                keys.append(k)
+        elif k == "setting":  # another config behind rows that every other key leaves together: its own row
+            if _splits(df, keys, k):
                 keys.append(k)
         elif _varies(df, k):
             keys.append(k)
@@ -298,12 +509,79 @@ def _key_value(v):
     return v
 
 
+_UNSET = object()
+
+
+def _value_text(v) -> str:
+    if v is _UNSET:
+        return "(unset)"
+    if isinstance(v, str):
+        return v
+    import json
+
+    text = json.dumps(v, default=str)  # false, null, 5, [..]: as written in a config
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def setting_diff_labels(entries_by_setting: dict, settings: Sequence, max_keys: int = 3) -> dict:
+    """Per setting in ``settings``: the config entries in which these settings differ, as ``key=value, ...`` (sorted
+    by key; at most ``max_keys``, then '+N more'; a key one config lacks reads '(unset)'), e.g.
+    'attack.init_args.steps=5' beside 'attack.init_args.steps=60'; '' for a setting alone, '(config unreadable)'
+    for a run without a readable config (setting None). ``entries_by_setting``: setting -> :func:`setting_entries`."""
+    settings = list(dict.fromkeys(s if isinstance(s, str) else None for s in settings))
+    if len(settings) < 2:
+        return {s: "" for s in settings}
+    known = {s: (entries_by_setting.get(s) if s is not None else None) for s in settings}
+    readable = [e for e in known.values() if e is not None]
+    names = sorted(set().union(*readable)) if readable else []
+    diff = [k for k in names if len({_value_text(e.get(k, _UNSET)) for e in readable}) > 1]
+    out = {}
+    for s, e in known.items():
+        if e is None:
+            out[s] = "(config unreadable)"
+            continue
+        parts = [f"{k}={_value_text(e.get(k, _UNSET))}" for k in diff]
+        if len(parts) > max_keys:
+            parts = parts[:max_keys] + [f"+{len(parts) - max_keys} more"]
+        out[s] = ", ".join(parts) or "(same config)"
+    return out
+
+
+def _entries_by_setting(df: pd.DataFrame) -> dict:
+    """setting -> config entries, from ``df.attrs`` (:func:`load_runs`), else read from a run of that setting."""
+    known = dict(df.attrs.get("setting_entries") or {})
+    if "setting" in df and "run_dir" in df:
+        for setting, run_dir in df.drop_duplicates("setting")[["setting", "run_dir"]].itertuples(index=False):
+            if isinstance(setting, str) and setting not in known:
+                kept = setting_entries(_config_entries(Path(run_dir) / "config.yaml"))
+                if kept is not None:
+                    known[setting] = kept
+    return known
+
+
+def _add_setting_diff(out: pd.DataFrame, df: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+    """Insert ``setting_diff`` after ``setting``: per row, what its setting's config changes against the other
+    settings among the rows alike in every key but setting, defense and strength (:func:`setting_diff_labels`)."""
+    scope = [k for k in keys if k not in ("setting", "defense", "defense_strength")]
+    entries = _entries_by_setting(df)
+    labels = pd.Series("", index=out.index, dtype=object)
+    for _, g in out.groupby(scope, sort=False, dropna=False):
+        by = setting_diff_labels(entries, g["setting"].tolist())
+        labels[g.index] = [by[s if isinstance(s, str) else None] for s in g["setting"]]
+    out.insert(out.columns.get_loc("setting") + 1, "setting_diff", labels)
+    return out
+
+
 def aggregate(df: pd.DataFrame, keys: Optional[Sequence[str]] = None, metrics: Optional[Sequence[str]] = None) -> pd.DataFrame:
     """Per group (default :func:`group_keys`: method, B and what the runs differ in): n_users, evaluator/label
-    accuracy and avg/std/n over users of every metric column (or of ``metrics``).
+    accuracy and avg/std/n over rows of every metric column (or of ``metrics``).
 
-    std is the sample standard deviation over users (ddof 1), NaN for a single user; NaN cells (not measurable) are
-    left out of avg/std and counted in ``M_n``. Missing key values (e.g. strength NaN for 'none') form their own group.
+    ``n_users`` counts distinct users (``user_key``: one user attacked under several ``--seed`` values, or found in
+    two runs of one user source, is one user); ``n_rows`` (the rows averaged, one per user and seed) follows it only
+    when some group has more rows than users. std is the sample standard deviation over rows (ddof 1), NaN for a
+    single row; NaN cells (not measurable) are left out of avg/std and counted in ``M_n``. Missing key values (e.g.
+    strength NaN for 'none') form their own group. With ``setting`` among the keys, ``setting_diff`` follows it
+    (:func:`setting_diff_labels`).
     """
     keys = list(keys) if keys is not None else group_keys(df)
     metrics = metric_columns(df) if metrics is None else [m for m in metrics if m in df]
@@ -312,7 +590,8 @@ def aggregate(df: pd.DataFrame, keys: Optional[Sequence[str]] = None, metrics: O
         key = key if isinstance(key, tuple) else (key,)
         row: dict = {k: _key_value(v) for k, v in zip(keys, key)}
         row["B"] = int(row["B"])
-        row["n_users"] = int(len(g))
+        row["n_users"] = int(g["user_key"].nunique()) if "user_key" in g else int(len(g))
+        row["n_rows"] = int(len(g))
         if "evaluator_correct" in g:
             ok = _to_number(g["evaluator_correct"]).dropna()
             row["evaluator_accuracy"] = float(ok.mean()) if len(ok) else math.nan
@@ -328,6 +607,10 @@ def aggregate(df: pd.DataFrame, keys: Optional[Sequence[str]] = None, metrics: O
             row[f"{m}_n"] = int(len(v))
         rows.append(row)
     out = pd.DataFrame(rows)
+    if len(out) and (out["n_rows"] == out["n_users"]).all():
+        out = out.drop(columns="n_rows")  # one row per user everywhere: the table as before
+    if "setting" in keys and len(out):
+        out = _add_setting_diff(out, df, keys)
     if "defense_strength" in keys and len(out):  # no defense ('none', strength NaN) first, then by strength
         order = [k for k in keys if k != "defense"]
         if "defense" in keys:
@@ -477,8 +760,17 @@ def _series(summary: pd.DataFrame, keys: Sequence[str]):
         key = key if isinstance(key, tuple) else (key,)
         kd = dict(zip(keys, key))
         parts = [str(kd["method"])] if "method" in kd else []
-        parts += [f"{k}={_fmt_key(v)}" for k, v in kd.items() if k != "method"]
+        parts += [_setting_text(s, v) if k == "setting" else f"{k}={_fmt_key(v)}" for k, v in kd.items()
+                  if k != "method"]
         yield " | ".join(parts), s, kd
+
+
+def _setting_text(rows: pd.DataFrame, setting) -> str:
+    """A figure's label for a setting: what it changes (``setting_diff`` of its rows) when known, else its hash."""
+    diff = rows["setting_diff"].iloc[0] if "setting_diff" in rows and len(rows) else ""
+    if not (isinstance(diff, str) and diff):
+        return f"setting={_fmt_key(setting)}"
+    return diff if len(diff) <= 48 else diff[:45] + "..."
 
 
 def _fmt_key(v) -> str:
@@ -617,7 +909,8 @@ def plot_privacy_curve(privacy: pd.DataFrame, path: Path) -> Optional[Path]:
                 line = g[(g["kind"] == kind) & (g["defense"] != "none")].sort_values("x")
                 if line.empty and (base.empty or kind != kinds[0]):
                     continue
-                label = (str(method) + (f" B={b}" if multi_b else "") + "".join(f" {v}" for v in variant)
+                named = [_setting_text(g, v) if k == "setting" else str(v) for k, v in zip(split, variant)]
+                label = (str(method) + (f" B={b}" if multi_b else "") + "".join(f" {v}" for v in named)
                          + (f" [{kind}]" if len(kinds) > 1 else ""))
                 color = f"C{i % 10}"
                 i += 1
@@ -734,17 +1027,21 @@ def _fmt(x: float) -> str:
 def _markdown_table(summary: pd.DataFrame, df: pd.DataFrame) -> str:
     metrics = [c[: -len("_avg")] for c in summary.columns if c.endswith("_avg")]
     keys = [k for k in GROUP_KEYS + VARIANT_KEYS if k in summary.columns]
-    head = keys + ["users"] + [c for c in ("evaluator_accuracy", "label_accuracy") if c in summary] + metrics
+    if "setting_diff" in summary:
+        keys.insert(keys.index("setting") + 1 if "setting" in keys else len(keys), "setting_diff")
+    counts = ["n_users"] + (["n_rows"] if "n_rows" in summary else [])
+    head = (keys + ["users"] + (["rows"] if "n_rows" in summary else [])
+            + [c for c in ("evaluator_accuracy", "label_accuracy") if c in summary] + metrics)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in summary.iterrows():
-        cells = [_fmt_key(r[k]) if k == "defense_strength" else str(r[k]) for k in keys] + [str(r["n_users"])]
+        cells = [_fmt_key(r[k]) if k == "defense_strength" else str(r[k]) for k in keys] + [str(r[c]) for c in counts]
         cells += [_fmt(r[c]) for c in ("evaluator_accuracy", "label_accuracy") if c in summary]
         for m in metrics:
             avg, std, n = r[f"{m}_avg"], r[f"{m}_std"], int(r[f"{m}_n"])
             cell = _fmt(avg) if n else "n/a"
             if n > 1 and np.isfinite(std):
                 cell += f" ± {_fmt(std)}"
-            if 0 < n < r["n_users"]:
+            if 0 < n < r[counts[-1]]:
                 cell += f" (n={n})"
             cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
@@ -776,22 +1073,34 @@ def _config_lines(run_dir: Path, limit: int = 25) -> list[str]:
 
 
 def write_markdown(path: Path, df: pd.DataFrame, summary: pd.DataFrame, run_dirs: Sequence[Path],
-                   figures: dict[str, Optional[Path]], privacy: Optional[pd.DataFrame] = None) -> None:
+                   figures: dict[str, Optional[Path]], privacy: Optional[pd.DataFrame] = None,
+                   notes: Sequence[str] = (), left_out: Optional[dict] = None) -> None:
     """Write ``summary.md`` at ``path`` (replaced atomically through a ``.tmp`` sibling).
 
     Contents: a legend (PSNR in dB with data range 1, MSE on pixels in [0, 1]), the :func:`aggregate` table
     ``summary`` (avg ± std, ``(n=k)`` when only k users were measurable, 'n/a' when none), the privacy table when
     ``privacy`` (from :func:`aggregate_privacy`) is given, one image link per entry of ``figures`` (name -> PNG in
-    the same folder, or None: listed as not drawn) and, per run directory, its row count in ``df`` (from
-    :func:`load_runs`) and up to 25 flattened ``config.yaml`` entries.
+    the same folder, or None: listed as not drawn), ``notes`` (a Notes section: runs that did not finish, duplicate
+    users left out) and, per run directory, its row count in ``df`` (from :func:`load_runs`; with the rows
+    ``left_out`` (run dir -> count) as duplicates, and its status when not finished) and up to 25 flattened
+    ``config.yaml`` entries.
     """
     keys = [k for k in GROUP_KEYS + VARIANT_KEYS if k in summary.columns]
-    lines = ["# Gradient inversion: summary", "",
-             f"Per {', '.join(keys)}: mean ± sample std (ddof 1) over users; `(n=k)` when only k users had a "
-             "measurable value; empty = nothing measurable. `evaluator_accuracy` = mean of `evaluator_correct`; "
-             "`label_accuracy` = mean of `inferred_dominant == dominant_class`. PSNR in dB (data range 1), "
-             "MSE on pixels in [0, 1], LPIPS = AlexNet v0.1.", "",
-             _markdown_table(summary, df), ""]
+    tables = [summary] + ([privacy] if privacy is not None else [])
+    legend = (f"Per {', '.join(keys)}: mean ± sample std (ddof 1) over users; `(n=k)` when only k users had a "
+              "measurable value; empty = nothing measurable. `evaluator_accuracy` = mean of `evaluator_correct`; "
+              "`label_accuracy` = mean of `inferred_dominant == dominant_class`. PSNR in dB (data range 1), "
+              "MSE on pixels in [0, 1], LPIPS = AlexNet v0.1.")
+    if any("n_rows" in t for t in tables):
+        legend += (" `users` counts distinct users, `rows` the rows averaged: a user attacked under several `--seed` "
+                   "values is one user and one row per seed (mean, std and `(n=k)` are over rows).")
+    if any("setting" in t for t in tables):
+        legend += (" `setting` = the run's config apart from seeds, user range, defenses, output and logging (a "
+                   "hash); `setting_diff` = the config entries in which it differs from the other settings of rows "
+                   "alike in every other column.")
+    lines = ["# Gradient inversion: summary", "", legend, "", _markdown_table(summary, df), ""]
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     if privacy is not None:
         lines += ["## Privacy (per method, B, defense, defense_strength; pooled over runs)", "",
                   "`defense_strength` is the first defense's sigma / keep fraction / levels / clip norm; `-` = none. "
@@ -804,7 +1113,13 @@ def write_markdown(path: Path, df: pd.DataFrame, summary: pd.DataFrame, run_dirs
     lines += ["## Runs", ""]
     for d in run_dirs:
         n = int((df["run_dir"] == str(d)).sum())
-        lines.append(f"- `{d}`: {n} rows")
+        extra = []
+        if (left_out or {}).get(str(d)):
+            extra.append(f"{left_out[str(d)]} duplicate rows left out")
+        status = run_status(Path(d))
+        if status is not None and status != "finished":
+            extra.append(f"status {status!r}")
+        lines.append(f"- `{d}`: {n} rows" + (f" ({'; '.join(extra)})" if extra else ""))
         lines += _config_lines(Path(d))
     _write_text(path, "\n".join(lines) + "\n")
 
@@ -834,6 +1149,11 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, users_per_
     differ in. The folder is ``out_dir`` or, if that exists, the first free ``out_dir-N``; files are written in a
     temporary sibling folder which is renamed into place at the end, so a crash leaves no half-written report.
 
+    Before anything is pooled, runs that did not finish (:func:`run_notes`) and users found twice
+    (:func:`drop_duplicate_users`: counted once) are printed on stderr (``[report] note: ...``, ``[report] warning:
+    ...``) and listed under Notes in summary.md; so is, on stderr only, a ``variants`` choice that pools runs of
+    different settings into one row.
+
     Raises:
         UnknownVariantError (a ValueError): a variant key that is not one of VARIANT_KEYS (before anything is read).
     """
@@ -842,9 +1162,20 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, users_per_
         if bad:
             raise UnknownVariantError(f"unknown variant key(s) {bad}: choose from {VARIANT_KEYS}")
     run_dirs = [Path(d) for d in run_dirs]
-    df = load_runs(run_dirs)
+    loaded = load_runs(run_dirs)
+    notes = run_notes(run_dirs, loaded)
+    df, duplicates = drop_duplicate_users(loaded)
+    notes += duplicates
+    left_out = loaded["run_dir"].value_counts().sub(df["run_dir"].value_counts(), fill_value=0).astype(int).to_dict()
+    printed = list(notes)
     if variants is not None:
         df.attrs["variant_keys"] = list(variants)
+        keys = group_keys(df)
+        if "setting" not in keys and _splits(df, keys, "setting"):  # as asked; said on the terminal only
+            printed.append(f"--variants {','.join(variants) or chr(39) * 2} pools runs of different settings into "
+                           "one row (add setting to the variants to keep them apart)")
+    for n in printed:
+        print(f"[report] {'warning' if n in duplicates else 'note'}: {n}", file=sys.stderr)
     summary = aggregate(df)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -860,7 +1191,7 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, users_per_
             privacy = aggregate_privacy(df)
             privacy.to_csv(tmp / "privacy.csv", index=False)
             figures["privacy_curve"] = plot_privacy_curve(privacy, tmp / "privacy_curve.png")
-        write_markdown(tmp / "summary.md", df, summary, run_dirs, figures, privacy)
+        write_markdown(tmp / "summary.md", df, summary, run_dirs, figures, privacy, notes, left_out)
         publish_dir(tmp)  # mkdtemp's 0700 would survive the rename
         while True:
             final = _free_out_dir(out)

@@ -139,7 +139,11 @@ def test_final_stage_variants_pool_runs_of_one_final_stage(tmp_path):
     assert sel["psnr_nearest_avg"] == pytest.approx(pooled["psnr_nearest"].mean())
     assert sel["evaluator_accuracy"] == pytest.approx(pooled["evaluator_correct"].astype(float).mean())
     s_all = pd.read_csv(report.build_report(runs, tmp_path / "rep_all") / "summary.csv")
-    assert len(s_all) == 2 and "final_stage" in s_all.columns  # default: every key the runs differ in
+    # default: every key the runs differ in, the setting too: sel_b's config.yaml is not sel_a's, so the two are
+    # two rows (one final stage, other configs), told apart by setting and what differs (setting_diff)
+    assert len(s_all) == 3 and "final_stage" in s_all.columns and "setting" in s_all.columns
+    sel_rows = s_all[s_all["final_stage"].str.startswith("select")]
+    assert len(sel_rows) == 2 and sel_rows["setting"].nunique() == 2 and sel_rows["setting_diff"].str.len().min() > 0
     with pytest.raises(ValueError, match="unknown variant key"):
         report.build_report(runs, tmp_path / "rep_bad", variants=["colour"])
 

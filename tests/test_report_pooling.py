@@ -1,0 +1,167 @@
+"""What inversion.report pools into one table row: runs of other configs stay apart (the ``setting`` column and
+what differs, only when it splits a row), a user found twice (a rerun, a resumed copy, an interrupted cell and its
+re-run) counts once, runs of other ``--seed`` values stay as more rows of the same users, and runs that did not
+finish are named. Run directories are written as attack.py writes them (config.yaml from attack.py's own parser)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+import attack
+from inversion import report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def base_config() -> dict:
+    parser = attack.build_parser()
+    cfg = parser.parse_args(["--config", str(ROOT / "configs" / "attack" / "fashion_mnist.yaml")])
+    return yaml.safe_load(attack.dump_config(parser, cfg))
+
+
+def _edit(cfg: dict, **dotted) -> dict:
+    """A copy of ``cfg`` with ``a__b__c=value`` set at a.b.c."""
+    cfg = yaml.safe_load(yaml.safe_dump(cfg))
+    for key, value in dotted.items():
+        *path, leaf = key.split("__")
+        node = cfg
+        for p in path:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return cfg
+
+
+def _run(root: Path, cfg: dict, stamp: str, users: dict, status: str | None = "finished",
+         hexid: str = "000000") -> Path:
+    """A run directory ``<output.name>-<stamp>-<hexid>`` under ``root``: ``users`` maps user id -> psnr_nearest;
+    summary.json with ``status`` (None: no summary.json, as a run killed hard)."""
+    run = root / f"{cfg['output']['name']}-{stamp}-{hexid}"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    pd.DataFrame({"user": list(users), "method": "UserLevelInversion", "B": 10, "dominant_class": 0,
+                  "inferred_dominant": 0, "evaluator_correct": True, "psnr_nearest": list(users.values()),
+                  "steps": cfg["attack"]["init_args"]["steps"]}).to_csv(run / "results.csv", index=False)
+    if status is not None:
+        (run / "summary.json").write_text(json.dumps({"status": status, "users": len(users)}))
+    return run
+
+
+def test_runs_of_other_configs_are_two_rows_and_what_differs_is_named(tmp_path, base_config):
+    """Two runs of one output.name, 5 and 60 steps, were one row ('steps 32.5 ± 29.4'); a second half of the
+    5-step run (other user range and seeds) still pools with it."""
+    five = _edit(base_config, attack__init_args__steps=5)
+    sixty = _edit(base_config, attack__init_args__steps=60)
+    half2 = _edit(five, users__init_args__first_user=2, seed=3)
+    runs = [_run(tmp_path, five, "20261201-100000", {0: 10.0, 1: 12.0}),
+            _run(tmp_path, sixty, "20261201-110000", {0: 20.0, 1: 22.0}),
+            _run(tmp_path, half2, "20261201-120000", {2: 14.0})]
+    out = report.build_report(runs, tmp_path / "rep")
+    s = pd.read_csv(out / "summary.csv")
+    assert len(s) == 2 and list(s.columns[:4]) == ["method", "B", "setting", "setting_diff"]
+    rows = {r.setting_diff: r for r in s.itertuples()}
+    assert set(rows) == {"attack.init_args.steps=5", "attack.init_args.steps=60"}
+    assert rows["attack.init_args.steps=5"].n_users == 3 and rows["attack.init_args.steps=5"].steps_avg == 5
+    assert rows["attack.init_args.steps=5"].psnr_nearest_avg == pytest.approx(12.0)
+    assert rows["attack.init_args.steps=60"].n_users == 2 and rows["attack.init_args.steps=60"].steps_std == 0
+    md = (out / "summary.md").read_text()
+    assert "| method | B | setting | setting_diff | users |" in md and "attack.init_args.steps=60 | 2 |" in md
+
+
+def test_refinished_runs_of_two_ablations_are_two_rows(tmp_path, base_config):
+    """scripts/refinish.py names both refinished ablations extension_final_selection: no_prior's and no_window's
+    were pooled as one row of 4 users."""
+    sel = _edit(base_config, output__name="extension_final_selection", attack__init_args__final_candidates=32,
+                attack__init_args__t_final=400)
+    runs = [_run(tmp_path, _edit(sel, attack__init_args__use_prior=False), "20261201-100000", {0: 8.0, 1: 9.0}),
+            _run(tmp_path, _edit(sel, attack__init_args__use_window=False), "20261201-100100", {0: 7.0, 1: 6.0})]
+    s = pd.read_csv(report.build_report(runs, tmp_path / "rep") / "summary.csv")
+    assert len(s) == 2 and list(s["n_users"]) == [2, 2]
+    assert sorted(s["setting_diff"]) == ["attack.init_args.use_prior=false, attack.init_args.use_window=true",
+                                         "attack.init_args.use_prior=true, attack.init_args.use_window=false"]
+
+
+def test_runs_of_one_setting_give_the_table_as_before(tmp_path, base_config):
+    """Halves of one run, other seeds and another device: one row, and no setting, setting_diff, rows or key
+    columns, no notes (what every report of consistent runs looked like)."""
+    runs = [_run(tmp_path, base_config, "20261201-100000", {0: 10.0, 1: 11.0}),
+            _run(tmp_path, _edit(base_config, users__init_args__first_user=2, trainer__accelerator="gpu"),
+                 "20261201-110000", {2: 12.0, 3: 13.0})]
+    out = report.build_report(runs, tmp_path / "rep")
+    s = pd.read_csv(out / "summary.csv")
+    assert list(s.columns[:3]) == ["method", "B", "n_users"] and len(s) == 1 and s.loc[0, "n_users"] == 4
+    assert not {"setting", "setting_diff", "n_rows", "user_key", "measurement_key"} & set(s.columns)
+    md = (out / "summary.md").read_text()
+    assert "| method | B | users |" in md and "## Notes" not in md and "rows (" not in md
+
+
+def test_a_user_found_twice_counts_once_and_other_seeds_are_more_rows(tmp_path, base_config, capsys):
+    """A rerun (same config and seeds) of users 0 and 1 and an interrupted newer copy of user 0: each user once,
+    from the newest finished run; a --seed 7 run of the same users: the same 2 users, 2 more rows."""
+    old = _run(tmp_path, base_config, "20261201-100000", {0: 1.0, 1: 1.0}, hexid="aaaaaa")
+    rerun = _run(tmp_path, base_config, "20261201-110000", {0: 10.0, 1: 12.0}, hexid="bbbbbb")
+    cut = _run(tmp_path, base_config, "20261201-120000", {0: 5.0}, status="interrupted", hexid="cccccc")
+    seed7 = _run(tmp_path, _edit(base_config, seed=7), "20261201-130000", {0: 14.0, 1: 16.0}, hexid="dddddd")
+    out = report.build_report([old, rerun, cut, seed7], tmp_path / "rep")
+    s = pd.read_csv(out / "summary.csv")
+    assert len(s) == 1 and s.loc[0, "n_users"] == 2 and s.loc[0, "n_rows"] == 4  # was n_users 7
+    assert s.loc[0, "psnr_nearest_avg"] == pytest.approx((10 + 12 + 14 + 16) / 4)  # the rerun's rows and seed 7's
+    assert s.loc[0, "psnr_nearest_n"] == 4
+    err = capsys.readouterr().err
+    assert f"{old} repeats user(s) 0, 1 of {rerun}" in err and f"{cut} repeats user(s) 0 of {rerun}" in err
+    assert str(seed7) + " repeats" not in err
+    md = (out / "summary.md").read_text()
+    assert "| UserLevelInversion | 10 | 2 | 4 |" in md and "| users | rows |" in md
+    assert f"`{old}`: 0 rows (2 duplicate rows left out)" in md
+
+
+def test_runs_that_did_not_finish_are_named(tmp_path, base_config, capsys):
+    """An interrupted run, a diverged one and one without summary.json (killed) keep their users in the table, and
+    the report says which runs they are (they were pooled silently)."""
+    runs = [_run(tmp_path, _edit(base_config, users__init_args__first_user=u), f"20261201-10000{u}", {u: 10.0 + u},
+                 status=st) for u, st in enumerate(["finished", "interrupted", "diverged: NaN loss at step 3", None])]
+    out = report.build_report(runs, tmp_path / "rep")
+    assert pd.read_csv(out / "summary.csv").loc[0, "n_users"] == 4
+    err = capsys.readouterr().err
+    assert f"{runs[1]} ended with status 'interrupted'" in err and f"{runs[2]} ended with status 'diverged" in err
+    assert f"{runs[3]} has no summary.json" in err and str(runs[0]) not in err
+    md = (out / "summary.md").read_text()
+    assert "## Notes" in md and f"{runs[1]} ended with status 'interrupted'" in md
+
+
+def test_privacy_markdown_shows_the_setting_when_it_varies(tmp_path, base_config):
+    """A DP sweep of the full attack beside an undefended no-prior ablation: privacy.csv had a setting column but
+    summary.md's privacy table did not, so the two undefended rows looked the same."""
+    dp = [{"name": "gaussian_dp", "clip_norm": 1.0, "sigma": 0.01, "seed": 0}]
+    runs = []
+    for i, (cfg, defenses) in enumerate([(base_config, []), (base_config, dp),
+                                         (_edit(base_config, attack__init_args__use_prior=False), [])]):
+        run = _run(tmp_path, _edit(cfg, threat__defenses=defenses), f"20261201-10000{i}", {0: 10.0, 1: 11.0})
+        rows = pd.read_csv(run / "results.csv").assign(defense="gaussian_dp(clip_norm=1.0,sigma=0.01)" if defenses
+                                                       else "none", defense_strength=0.01 if defenses else None)
+        rows.to_csv(run / "results.csv", index=False)
+        runs.append(run)
+    out = report.build_report(runs, tmp_path / "rep")
+    p = pd.read_csv(out / "privacy.csv")
+    assert len(p) == 3 and p["setting"].nunique() == 2
+    md = (out / "summary.md").read_text()
+    privacy_md = md.split("## Privacy", 1)[1].split("## Figures", 1)[0]
+    assert "| setting | setting_diff |" in privacy_md
+    assert "attack.init_args.use_prior=false" in privacy_md and "attack.init_args.use_prior=true" in privacy_md
+
+
+def test_setting_diff_labels_name_what_differs():
+    entries = {"cfg-a": {"attack.steps": 5, "attack.use_prior": True, "k": [1, 2]},
+               "cfg-b": {"attack.steps": 60, "attack.use_prior": True, "k": [1, 2], "new": None},
+               "cfg-c": {"attack.steps": 5, "attack.use_prior": False, "k": [1, 3], "new": "x"}}
+    assert report.setting_diff_labels(entries, ["cfg-a", "cfg-b"]) == {
+        "cfg-a": "attack.steps=5, new=(unset)", "cfg-b": "attack.steps=60, new=null"}
+    labels = report.setting_diff_labels(entries, ["cfg-a", "cfg-c", None], max_keys=2)
+    assert labels == {"cfg-a": "attack.use_prior=true, k=[1, 2], +1 more",
+                      "cfg-c": "attack.use_prior=false, k=[1, 3], +1 more", None: "(config unreadable)"}
+    assert report.setting_diff_labels(entries, ["cfg-a", "cfg-a"]) == {"cfg-a": ""}  # alone in its row group
