@@ -38,7 +38,7 @@ draw one line per method and extra key. ``--variants final_stage,victim_init`` (
 by exactly those instead, e.g. to pool runs of different names that share a final stage (a note says when that
 pools runs of different settings).
 
-Before pooling: a user found twice with the same setting, seeds and defenses (a rerun, a resumed copy, an
+Before pooling: a user found twice with the same run name, setting, seeds and defenses (a rerun, a resumed copy, an
 interrupted sweep cell and its re-run: :func:`drop_duplicate_users`) counts once, from the newest finished run, and a
 warning names the runs; runs whose summary.json says they did not finish ('interrupted', 'diverged: ...',
 'failed: ...') or that have none keep their finished users, and a note names them (both printed and listed under
@@ -380,14 +380,16 @@ def load_runs(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
     return df
 
 
-# row columns that tell two measurements of one user apart besides the run's config (measurement_key)
+# row columns that tell two measurements of one user apart besides the run's config (measurement_key); run_name
+# too: runs of one config under two output.name (a control cell, the same cell in two sweeps) are two table rows, so
+# neither loses its users to the other
 DUPLICATE_ROW_KEYS = ["method", "B", "protocol", "victim_init", "defense", "defense_strength", "final_stage",
-                      "id_gallery"]
+                      "id_gallery", "run_name"]
 
 
 def drop_duplicate_users(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """Keep one row per measurement: rows of one user (``user_key``) with the same ``measurement_key`` (setting,
-    seeds and defenses: :func:`measurement_of`) and the same method, B and row variant columns
+    seeds and defenses: :func:`measurement_of`) and the same method, B, run name and row variant columns
     (:data:`DUPLICATE_ROW_KEYS`) are one measurement found twice (a rerun, a resumed copy, an interrupted sweep cell
     and its re-run); the row of the newest finished run is kept (finished before not, then the newest folder time
     stamp; within one run, the last row). Rows of one user under another ``--seed`` (another measurement_key) are

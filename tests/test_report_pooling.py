@@ -165,3 +165,20 @@ def test_setting_diff_labels_name_what_differs():
     assert labels == {"cfg-a": "attack.use_prior=true, k=[1, 2], +1 more",
                       "cfg-c": "attack.use_prior=false, k=[1, 3], +1 more", None: "(config unreadable)"}
     assert report.setting_diff_labels(entries, ["cfg-a", "cfg-a"]) == {"cfg-a": ""}  # alone in its row group
+
+
+def test_runs_of_one_config_under_two_names_keep_their_users(tmp_path, base_config, capsys):
+    """A control cell and the same cell of another sweep (one config, two output.name): the older run's users were
+    dropped as duplicates of the newer run's and its run_name row disappeared (a warning instead)."""
+    ctrl = _run(tmp_path, _edit(base_config, output__name="A_ctrl"), "20261201-100000", {0: 10.0, 1: 11.0})
+    full = _run(tmp_path, _edit(base_config, output__name="B_full"), "20261201-110000", {0: 20.0, 1: 21.0})
+    out = report.build_report([ctrl, full], tmp_path / "rep")
+    s = pd.read_csv(out / "summary.csv")
+    assert list(s["run_name"]) == ["A_ctrl", "B_full"] and list(s["n_users"]) == [2, 2]
+    assert list(s["psnr_nearest_avg"]) == [pytest.approx(10.5), pytest.approx(20.5)]
+    assert "repeats user(s)" not in capsys.readouterr().err
+    # the same name twice is still a rerun: counted once
+    rerun = _run(tmp_path, _edit(base_config, output__name="B_full"), "20261201-120000", {0: 30.0, 1: 31.0})
+    s = pd.read_csv(report.build_report([ctrl, full, rerun], tmp_path / "rep2") / "summary.csv")
+    assert list(s["n_users"]) == [2, 2] and list(s["psnr_nearest_avg"]) == [pytest.approx(10.5), pytest.approx(30.5)]
+    assert f"{full} repeats user(s) 0, 1 of {rerun}" in capsys.readouterr().err
