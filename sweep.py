@@ -32,8 +32,9 @@ The sweep directory holds ``sweep.json`` (the resolved sweep config and its sha2
 slug -> run dir, status, overrides; rewritten atomically after each cell), ``cells/<slug>-<time>-<hex>/`` (the
 attack.py run directories) and ``report/`` (``python -m inversion.report`` over every finished cell; ``report-1``...
 when it exists). A sweep directory made from a different sweep config is refused unless ``--new`` (then a fresh
-``<root>-1``, ``-2``... is used). Cells run in this process, one after the other (``attack.main``); a cell that fails
-or diverges is recorded and the sweep goes on; Ctrl-C stops the sweep (the cell is recorded as interrupted). Exit
+``<root>-1``, ``-2``... is used). Cells run in this process, one after the other (``attack.main``; a cell with
+``trainer.strategy: ddp`` or several devices runs as a child ``python attack.py``, see :func:`run_attack_cell`); a
+cell that fails or diverges is recorded and the sweep goes on; Ctrl-C stops the sweep (the cell is recorded as interrupted). Exit
 status: 0 when every cell finished, 1 otherwise, 130 on Ctrl-C.
 
 Re-running the same sweep skips the cells whose run dir has ``summary.json`` status ``finished`` and continues the
@@ -644,14 +645,46 @@ def _summary_text(run_dir: Path) -> str:
     return ", ".join(bits)
 
 
-def run_sweep(sweep: Sweep, *, new: bool = False, max_cells: Optional[int] = None, report: bool = True,
-              quiet: bool = False, runner: Optional[Callable[[list[str]], Path]] = None, fresh: bool = False) -> dict:
-    """Run (or continue) the sweep; returns the final index. ``runner`` defaults to ``attack.main``; ``fresh``: an
-    unfinished cell starts in a new run dir instead of resuming its newest one (see the module docstring)."""
-    if runner is None:
-        import attack
+def run_attack_cell(argv: list[str]) -> Optional[Path]:
+    """The default cell runner: ``attack.main(argv)`` in this process, returning the run directory; a cell that
+    shards its users over several processes (:func:`attack.distributed`: strategy ddp, or several devices) runs as
+    ``python attack.py ARGV`` in a child process instead and returns None (the caller finds its run directory).
+    Lightning's launcher starts each further rank by re-running the command line, which in this process is
+    sweep.py: every rank would have run the sweep (and met its lock).
 
-        runner = attack.main
+    Raises:
+        SystemExit: the child's exit status when it is not 0 (130 after Ctrl-C, 1 when it diverged).
+    """
+    import subprocess
+
+    import attack
+
+    cfg = attack.build_parser().parse_args(argv)
+    if not attack.distributed({k: v for k, v in dict(cfg.trainer).items() if v is not None}):
+        return attack.main(argv)
+    streams = {}
+    for name in ("stdout", "stderr"):  # the cell's log file under --quiet, else the terminal
+        stream = getattr(sys, name)
+        try:
+            stream.flush()
+            streams[name] = stream.fileno()
+        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+            streams[name] = None
+    code = subprocess.run([sys.executable, str(Path(attack.__file__).resolve()), *argv], **streams).returncode
+    if code != 0:
+        raise SystemExit(code)
+    return None
+
+
+def run_sweep(sweep: Sweep, *, new: bool = False, max_cells: Optional[int] = None, report: bool = True,
+              quiet: bool = False, runner: Optional[Callable[[list[str]], Optional[Path]]] = None,
+              fresh: bool = False) -> dict:
+    """Run (or continue) the sweep; returns the final index. ``runner`` defaults to :func:`run_attack_cell`
+    (``attack.main``, or a child ``attack.py`` for multi-process cells); it returns the cell's run directory, or
+    None when the newest new run directory of the cell is it. ``fresh``: an unfinished cell starts in a new run dir
+    instead of resuming its newest one (see the module docstring)."""
+    if runner is None:
+        runner = run_attack_cell
     sweep_dir = open_sweep_dir(sweep, new)
     with sweep_lock(sweep_dir):
         return _run_cells(sweep, sweep_dir, max_cells=max_cells, report=report, quiet=quiet, runner=runner,
@@ -715,10 +748,11 @@ def _run_cells(sweep: Sweep, sweep_dir: Path, *, max_cells: Optional[int], repor
                 log.parent.mkdir(parents=True, exist_ok=True)
                 with log.open("a") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh), \
                         _logging_to(fh):
-                    run_dir = Path(runner(argv))
+                    made_dir = runner(argv)
             else:
-                run_dir = Path(runner(argv))
-            status = _run_status(run_dir) or "finished"
+                made_dir = runner(argv)
+            run_dir = Path(made_dir) if made_dir is not None else None  # None: a child process ran it (found below)
+            status = (_run_status(run_dir) if run_dir is not None else None) or "finished"
         except KeyboardInterrupt:
             status, interrupted = "interrupted", True
         except SystemExit as exc:

@@ -203,6 +203,35 @@ def _config_runner(calls: list):
     return runner
 
 
+@needs_data
+@pytest.mark.slow
+def test_a_multi_process_cell_runs_as_a_child_attack_py(tmp_path, tiny_base):
+    """A cell with several devices (strategy auto: sharded as ddp) ran inside sweep.py, whose command line
+    Lightning's launcher re-ran for the second rank: that rank ran the sweep and met its lock. It now runs as a
+    child `python attack.py`, which finds its run directory and both processes' users."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cfg = write_sweep(tmp_path / "s.yaml", tiny_base, {"seed": [0]}, fixed={"trainer.devices": 2})
+    out = subprocess.run([sys.executable, str(ROOT / "sweep.py"), "--config", str(cfg), "--no-report"], env=env,
+                         capture_output=True, text=True, timeout=300)  # as a user runs it (the launcher re-runs argv)
+    assert out.returncode == 0, out.stderr[-3000:]
+    index = json.loads((tmp_path / "sweep_dir" / "index.json").read_text())
+    (entry,) = index["cells"].values()
+    run_dir = Path(entry["run_dir"])
+    assert entry["status"] == "finished" and run_dir.parent == tmp_path / "sweep_dir" / "cells"
+    assert json.loads((run_dir / "summary.json").read_text())["processes"] == 2
+    assert len(list(csv_rows(run_dir))) == 2
+
+
+def csv_rows(run_dir: Path) -> list[dict]:
+    import csv
+
+    return list(csv.DictReader((run_dir / "results.csv").open()))
+
+
 def test_unfinished_cells_resume_or_start_again_by_status(tmp_path, tiny_base, capsys):
     """The policy for a cell's newest run dir: interrupted, failed and stopped hard (no summary.json) are resumed in
     place; diverged starts again in a new run dir; a resume attack.py refuses (its config.yaml differs from the
