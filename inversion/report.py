@@ -29,7 +29,8 @@ Extra grouping, only when the runs differ in it (so a report of one kind of run 
 'denoise t=100 ddim/10', 'select N=32 t=400 mu=1 ddim/10', ...) and ``run_name`` (``output.name`` from each run's ``config.yaml``, else the run
 folder name without its ``-YYYYmmdd-HHMMSS-hex`` suffix). Last, ``setting`` (:func:`setting_of`: a hash of the
 run's config apart from what runs of one experiment may differ in, :data:`POOLED_CONFIG_KEYS`: seeds, user range,
-defenses, output, logging, device), only when runs alike in every other key have different configs (a 5-step and a
+defenses, output, logging, device; paths compared as real paths; a config attack.py no longer parses compared only on
+the keys it sets), only when runs alike in every other key have different configs (a 5-step and a
 60-step run of one name; two refinished ablations both named ``extension_final_selection``), followed by
 ``setting_diff``: the config entries in which that setting differs from the others of its method and B, e.g.
 ``attack.init_args.steps=5``. These become extra key columns of ``summary.csv`` (after ``method, B``), so e.g. an
@@ -82,7 +83,7 @@ import numpy as np
 import pandas as pd
 
 from inversion.defenses import STRENGTH_KEYS
-from inversion.fsutils import publish_dir
+from inversion.fsutils import REPO_ROOT, publish_dir
 
 __all__ = ["GROUP_KEYS", "DuplicateUserError", "aggregate", "aggregate_privacy", "build_report", "changed_count",
            "count_cell", "drop_duplicate_users", "group_keys", "load_runs", "main", "mean_std_cell", "measurement_of",
@@ -173,7 +174,8 @@ def _read_config(path: Path) -> tuple[Optional[dict], bool]:
     """``(entries, parsed)``: the run's config as flat dotted entries and whether attack.py's parser read it (then
     with attack.py's defaults filled in and the keys :func:`attack.comparable_config` drops left out); else the file
     as written (:func:`inversion.cli.flat_entries`), ``parsed`` False; ``(None, False)`` when it cannot be read.
-    Cached per file (path, size, mtime)."""
+    Values naming an existing file or folder are its real path (:func:`_real_paths`). Cached per file (path, size,
+    mtime) and current directory."""
     import contextlib
     import io
 
@@ -182,7 +184,7 @@ def _read_config(path: Path) -> tuple[Optional[dict], bool]:
     path = Path(path)
     try:
         st = path.stat()
-        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns, os.getcwd())  # cwd: relative paths resolve from it
     except OSError:
         return None, False
     if key in _CONFIG_CACHE:
@@ -202,15 +204,48 @@ def _read_config(path: Path) -> tuple[Optional[dict], bool]:
             result = (flat_entries(raw) if isinstance(raw, dict) else None, False)
         except Exception:  # noqa: BLE001
             result = (None, False)
+    if result[0] is not None:
+        result = ({k: _real_paths(v) for k, v in result[0].items()}, result[1])
     _CONFIG_CACHE[key] = result
     return result
+
+
+def _real_path(value: str) -> str:
+    """``value`` as the real path (symlinks resolved) of the file or folder it names, looked up as attack.py does: as
+    given (absolute, ``~``, or relative to the current directory), then relative to the repository root; ``value``
+    itself when it names none (not a path, or a path that no longer exists)."""
+    if not value or len(value) > 4096 or "\0" in value or "\n" in value:
+        return value
+    try:
+        p = Path(os.path.expanduser(value))
+        for cand in (p,) if p.is_absolute() else (p, REPO_ROOT / p):
+            if cand.exists():
+                return os.path.realpath(cand)
+    except (OSError, ValueError):  # a name too long for the file system, ...: not a path
+        pass
+    return value
+
+
+def _real_paths(value):
+    """A config value with every string naming an existing file or folder replaced by its real path
+    (:func:`_real_path`), inside lists and dicts too: so ``checkpoints/x`` and ``/repo/checkpoints/x`` are one
+    value and the halves of a run written with either spelling have one setting."""
+    if isinstance(value, str):
+        return _real_path(value)
+    if isinstance(value, list):
+        return [_real_paths(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _real_paths(v) for k, v in value.items()}
+    return value
 
 
 def _config_entries(path: Path) -> Optional[dict]:
     """The run's config as flat dotted entries, with attack.py's defaults filled in when its parser still reads the
     file (:func:`attack.comparable_config`, which also drops keys that :data:`POOLED_CONFIG_KEYS` pools anyway; so an
     option added after the run, e.g. evaluation.face_gallery_users, does not split it from newer runs); else the
-    file as written (:func:`inversion.cli.flat_entries`). None when it cannot be read."""
+    file as written (:func:`inversion.cli.flat_entries`), which :func:`load_runs` compares only on the keys it sets
+    (:func:`match_unparsed_settings`), so there too an option added after the run does not split it. Paths are real
+    paths (:func:`_real_paths`). None when it cannot be read."""
     return _read_config(path)[0]
 
 
@@ -236,9 +271,55 @@ def setting_of(run_dir: Path) -> Optional[str]:
     """The run's setting apart from its defenses: 'cfg-' and 6 hex digits of the SHA-256 of its config entries
     (:func:`_config_entries`: attack.py's defaults filled in) without :data:`POOLED_CONFIG_KEYS`, so the runs of one
     defense sweep, halves of one run and runs on other devices share it and an ablation run (e.g. the prior off)
-    does not. None when the config cannot be read (such runs form their own group)."""
+    does not; a path spelled relative or absolute (or through a symlink) is one value (:func:`_real_paths`). For a
+    config attack.py's parser no longer reads, the hash of the entries it sets (:func:`load_runs` pools it with the
+    setting those agree with: :func:`match_unparsed_settings`). None when the config cannot be read (such runs form
+    their own group)."""
     kept = setting_entries(_config_entries(Path(run_dir) / "config.yaml"))
     return None if kept is None else _hash(kept, "cfg-")
+
+
+def _same_value(a, b) -> bool:
+    """Config values equal as attack.py would use them (a number written ``1`` is the parser's ``1.0``)."""
+    numbers = (int, float)
+    if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and not isinstance(b, bool):
+        return float(a) == float(b) or (a != a and b != b)
+    return a == b
+
+
+def _agree(unparsed: dict, parsed: dict) -> bool:
+    """Whether a config as written (``unparsed``) says the same as a parsed one on every key it sets that the parsed
+    one has (an option since removed or renamed is not compared), and both name the attack (``attack.class_path``):
+    a hand-written fragment that does not is never taken for a parsed run's setting."""
+    if "attack.class_path" not in unparsed or "attack.class_path" not in parsed:
+        return False
+    return all(_same_value(unparsed[k], parsed[k]) for k in unparsed.keys() & parsed.keys())
+
+
+def match_unparsed_settings(entries_by_setting: dict, parsed_by_setting: dict) -> tuple[dict, set]:
+    """Settings of configs that attack.py's parser no longer reads (an older run: an option since renamed or
+    removed), whose entries are the file as written without the defaults (so they lack every option added since,
+    and their hash alone would split them from every parsed run), matched to the parsed settings they agree with on
+    the keys they set (:func:`_agree`: keys the written config lacks are not compared). Such a setting takes the one
+    parsed setting it agrees with; when it agrees with none, or with several (which one is not known), it stays its
+    own (two unparsed configs are compared as written: they have the same setting when they set the same values).
+
+    Returns:
+        ``(setting -> the parsed setting it is pooled under (only those matched), the settings from unparsed configs
+        left unmatched)``.
+    """
+    parsed = [s for s in entries_by_setting if parsed_by_setting.get(s, True)]
+    merged: dict = {}
+    left: set = set()
+    for s in entries_by_setting:
+        if parsed_by_setting.get(s, True):
+            continue
+        hits = [p for p in parsed if _agree(entries_by_setting[s], entries_by_setting[p])]
+        if len(hits) == 1:
+            merged[s] = hits[0]
+        else:
+            left.add(s)
+    return merged, left
 
 
 def _identity_known(entries: Optional[dict], parsed: bool) -> bool:
@@ -326,7 +407,9 @@ def load_runs(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
     (see :func:`run_name_of`), ``setting`` (:func:`setting_of`), ``user_key`` (which user a row is: the run's
     :func:`user_source_of` and the user id, so one user in two runs has one key; the run folder and the user id when
     the config does not say) and ``measurement_key`` (:func:`measurement_of`) columns; ``defense`` is filled with
-    'none' where a run lacks it. ``attrs["setting_entries"]``: each setting's config entries (:func:`setting_entries`).
+    'none' where a run lacks it. ``attrs["setting_entries"]``: each setting's config entries (:func:`setting_entries`);
+    a run whose config attack.py's parser no longer reads takes the setting it agrees with on the keys it sets
+    (:func:`match_unparsed_settings`; ``attrs["unparsed_settings"]``: the settings left that come from such configs).
 
     Numeric-looking columns are converted to float (empty cells -> NaN; "True"/"False" -> 1/0); ``B`` to int.
 
@@ -336,6 +419,7 @@ def load_runs(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
     """
     frames = []
     entries_by_setting: dict = {}  # setting -> its config entries (for the labels of what differs between settings)
+    parsed_by_setting: dict = {}  # setting -> whether attack.py's parser read its configs (else: as written)
     for d in run_dirs:
         d = Path(d)
         csv = d / "results.csv"
@@ -348,11 +432,13 @@ def load_runs(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
         df["run"] = d.name
         df["run_dir"] = str(d)
         df["run_name"] = run_name_of(d)
-        kept = setting_entries(_config_entries(d / "config.yaml"))
+        entries, parsed = _read_config(d / "config.yaml")
+        kept = setting_entries(entries)
         setting = None if kept is None else _hash(kept, "cfg-")  # = setting_of(d)
         df["setting"] = setting
         if kept is not None:
             entries_by_setting[setting] = kept
+            parsed_by_setting[setting] = parsed
         source = user_source_of(d)
         users = df["user"].astype(str)
         # which user a row is (the same user in two runs of one source shares it; unknown: this run's own user)
@@ -364,7 +450,10 @@ def load_runs(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
     if not frames:
         raise ValueError("no run directories given")
     df = pd.concat(frames, ignore_index=True)
-    df.attrs["setting_entries"] = entries_by_setting
+    merged, unparsed = match_unparsed_settings(entries_by_setting, parsed_by_setting)
+    df["setting"] = df["setting"].map(lambda s: merged.get(s, s) if isinstance(s, str) else None)
+    df.attrs["setting_entries"] = {s: e for s, e in entries_by_setting.items() if merged.get(s, s) == s}
+    df.attrs["unparsed_settings"] = unparsed
     df["B"] = pd.to_numeric(df["B"], errors="raise").astype(int)
     df["method"] = df["method"].astype(str)
     if "defense" in df or "defense_strength" in df:
@@ -525,26 +614,42 @@ def _value_text(v) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def setting_diff_labels(entries_by_setting: dict, settings: Sequence, max_keys: int = 3) -> dict:
+def setting_diff_labels(entries_by_setting: dict, settings: Sequence, max_keys: int = 3,
+                        unparsed: Sequence = ()) -> dict:
     """Per setting in ``settings``: the config entries in which these settings differ, as ``key=value, ...`` (sorted
     by key; at most ``max_keys``, then '+N more'; a key one config lacks reads '(unset)'), e.g.
     'attack.init_args.steps=5' beside 'attack.init_args.steps=60'; '' for a setting alone, '(config unreadable)'
-    for a run without a readable config (setting None). ``entries_by_setting``: setting -> :func:`setting_entries`."""
+    for a run without a readable config (setting None). ``entries_by_setting``: setting -> :func:`setting_entries`.
+    Settings in ``unparsed`` (configs as written, without defaults: :func:`match_unparsed_settings`) are compared
+    only on the keys they share with the parsed ones when a parsed setting is among ``settings`` (their label then
+    ends with '(unparsed config)'); among unparsed settings only, as written."""
     settings = list(dict.fromkeys(s if isinstance(s, str) else None for s in settings))
     if len(settings) < 2:
         return {s: "" for s in settings}
+    unparsed = set(unparsed)
     known = {s: (entries_by_setting.get(s) if s is not None else None) for s in settings}
-    readable = [e for e in known.values() if e is not None]
-    names = sorted(set().union(*readable)) if readable else []
-    diff = [k for k in names if len({_value_text(e.get(k, _UNSET)) for e in readable}) > 1]
+    readable = {s: e for s, e in known.items() if e is not None}
+    # an unparsed config says nothing about the keys it does not set, beside a parsed one (defaults filled in), and
+    # a key no parsed config has (an option since removed) is not compared (as in match_unparsed_settings); among
+    # unparsed configs only (compared as written) a key one sets and another does not is a difference
+    mixed = any(s not in unparsed for s in readable)
+    compared = [e for s, e in readable.items() if not mixed or s not in unparsed]
+    names = sorted(set().union(*compared)) if compared else []
+
+    def shown(s, k) -> bool:
+        return not mixed or s not in unparsed or k in readable[s]
+
+    diff = [k for k in names if len({_value_text(e.get(k, _UNSET)) for s, e in readable.items() if shown(s, k)}) > 1]
     out = {}
     for s, e in known.items():
         if e is None:
             out[s] = "(config unreadable)"
             continue
-        parts = [f"{k}={_value_text(e.get(k, _UNSET))}" for k in diff]
+        parts = [f"{k}={_value_text(e.get(k, _UNSET))}" for k in diff if shown(s, k)]
         if len(parts) > max_keys:
             parts = parts[:max_keys] + [f"+{len(parts) - max_keys} more"]
+        if mixed and s in unparsed:
+            parts.append("(unparsed config)")
         out[s] = ", ".join(parts) or "(same config)"
     return out
 
@@ -566,9 +671,10 @@ def _add_setting_diff(out: pd.DataFrame, df: pd.DataFrame, keys: Sequence[str]) 
     settings among the rows alike in every key but setting, defense and strength (:func:`setting_diff_labels`)."""
     scope = [k for k in keys if k not in ("setting", "defense", "defense_strength")]
     entries = _entries_by_setting(df)
+    unparsed = df.attrs.get("unparsed_settings") or ()
     labels = pd.Series("", index=out.index, dtype=object)
     for _, g in out.groupby(scope, sort=False, dropna=False):
-        by = setting_diff_labels(entries, g["setting"].tolist())
+        by = setting_diff_labels(entries, g["setting"].tolist(), unparsed=unparsed)
         labels[g.index] = [by[s if isinstance(s, str) else None] for s in g["setting"]]
     out.insert(out.columns.get_loc("setting") + 1, "setting_diff", labels)
     return out

@@ -46,7 +46,7 @@ def _run(root: Path, cfg: dict, stamp: str, users: dict, status: str | None = "f
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     pd.DataFrame({"user": list(users), "method": "UserLevelInversion", "B": 10, "dominant_class": 0,
                   "inferred_dominant": 0, "evaluator_correct": True, "psnr_nearest": list(users.values()),
-                  "steps": cfg["attack"]["init_args"]["steps"]}).to_csv(run / "results.csv", index=False)
+                  "steps": cfg["attack"]["init_args"].get("steps", 0)}).to_csv(run / "results.csv", index=False)
     if status is not None:
         (run / "summary.json").write_text(json.dumps({"status": status, "users": len(users)}))
     return run
@@ -182,3 +182,61 @@ def test_runs_of_one_config_under_two_names_keep_their_users(tmp_path, base_conf
     s = pd.read_csv(report.build_report([ctrl, full, rerun], tmp_path / "rep2") / "summary.csv")
     assert list(s["n_users"]) == [2, 2] and list(s["psnr_nearest_avg"]) == [pytest.approx(10.5), pytest.approx(30.5)]
     assert f"{full} repeats user(s) 0, 1 of {rerun}" in capsys.readouterr().err
+
+
+def test_path_spellings_do_not_split_a_run(tmp_path, base_config, monkeypatch):
+    """The halves of one run, one written with relative paths (from the current directory, or from the repository
+    root as attack.py also resolves them) and one with absolute ones or through a symlink, were two rows."""
+    work = tmp_path / "work"
+    (work / "ckpt" / "victim").mkdir(parents=True)
+    (work / "ckpt" / "prior").mkdir()
+    (work / "ckpt" / "evaluator.ckpt").write_text("x")
+    (tmp_path / "link").symlink_to(work / "ckpt", target_is_directory=True)
+    monkeypatch.chdir(work)
+    rel = _edit(base_config, victim__checkpoint="ckpt/victim", prior__path="ckpt/prior",
+                evaluation__evaluator="ckpt/evaluator.ckpt", users__init_args__root="configs/attack")
+    absolute = _edit(rel, victim__checkpoint=str(work / "ckpt" / "victim"), prior__path=str(tmp_path / "link/prior"),
+                     evaluation__evaluator=str(work / "ckpt/./evaluator.ckpt"),
+                     users__init_args__root=str(ROOT / "configs" / "attack"), users__init_args__first_user=2)
+    runs = [_run(tmp_path / "runs", rel, "20261201-100000", {0: 10.0, 1: 11.0}),
+            _run(tmp_path / "runs", absolute, "20261201-110000", {2: 12.0, 3: 13.0})]
+    s = pd.read_csv(report.build_report(runs, tmp_path / "rep") / "summary.csv")
+    assert len(s) == 1 and s.loc[0, "n_users"] == 4 and "setting" not in s.columns
+    # a path that names another folder still splits; a string naming nothing is kept as written
+    other = _edit(rel, victim__checkpoint="ckpt/prior", users__init_args__first_user=4)
+    runs.append(_run(tmp_path / "runs", other, "20261201-120000", {4: 14.0}))
+    s = pd.read_csv(report.build_report(runs, tmp_path / "rep2") / "summary.csv")
+    assert sorted(s["n_users"]) == [1, 4] and s["setting_diff"].str.startswith("victim.checkpoint=").all()
+    assert report._real_path("no/such/thing") == "no/such/thing" and report._real_path("ckpt") == str(work / "ckpt")
+
+
+def _unparsed(cfg: dict, **dotted) -> dict:
+    """``cfg`` as an older attack.py wrote it: an option since removed (the parser no longer reads the file) and
+    without the options added since (evaluation.face_gallery_users)."""
+    cfg = _edit(cfg, evaluation__retired_option=3, **dotted)
+    del cfg["evaluation"]["face_gallery_users"]
+    return cfg
+
+
+def test_a_config_the_parser_no_longer_reads_pools_on_the_keys_it_sets(tmp_path, base_config):
+    """An older run's config (the raw YAML, no defaults) was its own setting beside a newer run of the same config
+    (setting_diff 'evaluation.face_gallery_users=(unset)' vs '=0'); now it pools with the parsed setting it agrees
+    with on every key it sets, and an old ablation (another value of a key it sets) stays apart, labelled."""
+    old = _run(tmp_path, _unparsed(base_config), "20261201-100000", {0: 10.0, 1: 11.0})
+    assert report._read_config(old / "config.yaml")[1] is False  # the raw-YAML fallback
+    new = _run(tmp_path, _edit(base_config, users__init_args__first_user=2), "20261201-110000", {2: 12.0, 3: 13.0})
+    s = pd.read_csv(report.build_report([old, new], tmp_path / "rep") / "summary.csv")
+    assert len(s) == 1 and s.loc[0, "n_users"] == 4 and "setting" not in s.columns
+    ablation = _run(tmp_path, _unparsed(base_config, attack__init_args__use_prior=False, users__init_args__first_user=4),
+                    "20261201-120000", {4: 14.0})
+    s = pd.read_csv(report.build_report([old, new, ablation], tmp_path / "rep2") / "summary.csv")
+    rows = {r.setting_diff: r.n_users for r in s.itertuples()}
+    assert rows == {"attack.init_args.use_prior=true": 4,
+                    "attack.init_args.use_prior=false, (unparsed config)": 1}
+    # agreeing with two parsed settings (it does not set the key they differ in): which one is not known, kept apart
+    sixty = _run(tmp_path, _edit(base_config, attack__init_args__steps=60), "20261201-130000", {0: 20.0})
+    vague = _unparsed(base_config, users__init_args__first_user=6)
+    del vague["attack"]["init_args"]["steps"]
+    vague_run = _run(tmp_path, vague, "20261201-140000", {6: 9.0})
+    s = pd.read_csv(report.build_report([old, new, sixty, vague_run], tmp_path / "rep3") / "summary.csv")
+    assert sorted(s["n_users"]) == [1, 1, 4] and "(unparsed config)" in set(s["setting_diff"])
