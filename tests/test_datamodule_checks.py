@@ -278,3 +278,25 @@ def test_a_mistyped_fashion_mnist_root_is_not_downloaded_into(tmp_path, monkeypa
     with pytest.raises(DataNotFoundError, match="download failed: offline"):  # no root: the download is tried
         find_fashion_mnist_root(None)
     assert calls == [str(tmp_path / "home" / ".cache" / "fashion-mnist")]
+
+
+def test_images_with_data_appended_after_their_end_pass_the_pre_checks(tmp_path):
+    """A valid JPEG or PNG followed by other bytes (motion photos append a video, some tools metadata) failed the
+    end check as 'truncated' and stopped the whole run; a file cut short still fails."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    from datamodules.folder import unreadable_images
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "a.jpg")
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    for ext in ("jpg", "png"):
+        data = (tmp_path / f"a.{ext}").read_bytes()
+        (tmp_path / f"appended.{ext}").write_bytes(data + os.urandom(9000))
+        (tmp_path / f"cut.{ext}").write_bytes(data[: len(data) // 2])
+    names = ["appended.jpg", "appended.png", "cut.jpg", "cut.png"]
+    bad = unreadable_images([tmp_path / n for n in names])
+    assert [os.path.basename(p) for p, _ in bad] == ["cut.jpg", "cut.png"]
