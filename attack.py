@@ -161,8 +161,8 @@ def build_parser() -> ArgumentParser:
     p.add_class_arguments(OutputSpec, "output")
     p.add_argument("--seed", type=int, default=0,
                    help="The run's seed: seeds Lightning's global RNG (seed_everything) and, when not 0, is mixed into "
-                        "the attack's seed (new initial images and noise draws, same users and defense noise; see "
-                        "effective_attack_seed).")
+                        "the attack's seed (new initial images and noise draws, same users and seeded defenses' "
+                        "noise; see effective_attack_seed).")
     p.add_argument("--image_log_every", type=int, default=0,
                    help="Log reconstructions every k steps (0: attack.init_args.log_images_every, default off).")
     p.add_argument("--resume", type=Optional[str], default=None,
@@ -844,11 +844,17 @@ def comparable_config(parser: ArgumentParser, cfg: Namespace) -> dict:
     return flat_entries(d)
 
 
+ATTACK_SEED_FILE = "attack_seed.txt"  # in the run directory: the attack's effective seed (effective_attack_seed)
+
+
 def open_resume_dir(parser: ArgumentParser, cfg: Namespace) -> tuple[Path, list[dict]]:
     """Check that ``cfg.resume`` is a run directory of the same config; return it and its finished rows.
 
     Raises:
-        ConfigError: not a run directory, or one made from another config (the differing keys are named).
+        ConfigError: not a run directory, or one made from another config (the differing keys are named), or a
+            run with ``--seed`` other than 0 whose directory does not record the same effective attack seed
+            (``attack_seed.txt``; run directories made before --seed was mixed into the attack's seed lack it,
+            and their users were attacked with the unmixed seed).
     """
     run_dir = Path(cfg.resume)
     if not (run_dir / "config.yaml").is_file():
@@ -859,6 +865,15 @@ def open_resume_dir(parser: ArgumentParser, cfg: Namespace) -> tuple[Path, list[
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         raise ConfigError(f"--resume {run_dir}: resume directory from another config (differs in {diff}); "
                           "run without --resume for a new run directory")
+    if int(cfg.seed or 0) != 0:
+        want = effective_attack_seed((cfg.attack.init_args or {}).get("seed") or 0, cfg.seed)
+        seed_file = run_dir / ATTACK_SEED_FILE
+        had = seed_file.read_text().strip() if seed_file.is_file() else None
+        if had != str(want):
+            what = had or ("not recorded (made before --seed was mixed into the attack seed: its users were attacked "
+                           "with the unmixed seed)")
+            raise ConfigError(f"--resume {run_dir}: this run's attack seed is {what}, not {want} as --seed {cfg.seed} "
+                              "gives now; run without --resume for a new run directory")
     rows = list(csv.DictReader((run_dir / "results.csv").open())) if (run_dir / "results.csv").is_file() else []
     seen = {str(r["user"]) for r in rows}
     for part in sorted((run_dir / PARTIAL_DIR).glob("rank*.csv")):  # users of ranks > 0 not merged (a hard stop)
@@ -1052,6 +1067,7 @@ def run(cfg: Namespace) -> Path:
             run_dir = Path(fabric.broadcast(str(run_dir) if run_dir else None, src=0))
         if rank == 0:
             atomic_write_text(run_dir / "config.yaml", dump_config(parser, cfg))
+            atomic_write_text(run_dir / ATTACK_SEED_FILE, f"{attack_kwargs['seed']}\n")
     config_dict = json.loads(dump_config(parser, cfg, "json"))
     done = {str(r["user"]) for r in resume_rows}
     rows: list[dict] = list(resume_rows)
@@ -1149,11 +1165,17 @@ def run(cfg: Namespace) -> Path:
         if status == "finished" and rank == 0 and ckpt_root.is_dir():  # leftovers (a chunk cut short while writing)
             for d in ckpt_root.iterdir():
                 shutil.rmtree(d, ignore_errors=True)
-        summary = {"status": status, "run_dir": str(run_dir), "processes": world, **summarize(rows)}
+        summary = {"status": status, "run_dir": str(run_dir), "processes": world,
+                   "attack_seed": attack_kwargs.get("seed"), **summarize(rows)}
         if rank == 0:
             atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
             try:  # the finished users' grid, table and metrics, whatever stopped the run
                 log_final(logger, run_dir, sort_rows(rows, users), grids, status)
+            except Exception as exc:  # noqa: BLE001  (an unfinished run keeps its own error / exit status)
+                if status == "finished":
+                    raise
+                print(f"[attack] could not log the finished users to the logger ({type(exc).__name__}: {exc})",
+                      file=sys.stderr)
             finally:
                 if logger is not None and cfg.logger.backend == "wandb":
                     import wandb

@@ -224,3 +224,17 @@ def test_label_free_users_are_not_scored_against_their_placeholder_label(tmp_pat
         assert key not in free
     labelled = User(0, zeros[0].images, torch.zeros(2, dtype=torch.long), 2, 0)
     assert attack.evaluate(result, labelled, evaluator, lpips=False)["evaluator_correct"] == 1
+
+
+def test_a_resume_with_a_run_seed_needs_the_recorded_attack_seed(tmp_path):
+    """Run directories made before --seed was mixed into the attack's seed attacked their users with the unmixed
+    seed: a resume under --seed S would have mixed the two. The effective seed is recorded and checked."""
+    cfg = tiny_config(tmp_path, **{"logger.backend": "none", "users.init_args.num_users": 1, "image_log_every": 0})
+    run_dir = attack.main(["--config", str(cfg), "--seed", "3"])
+    want = attack.effective_attack_seed(0, 3)
+    assert (run_dir / attack.ATTACK_SEED_FILE).read_text().strip() == str(want)
+    assert json.loads((run_dir / "summary.json").read_text())["attack_seed"] == want
+    assert attack.main(["--config", str(cfg), "--seed", "3", "--resume", str(run_dir)]) == run_dir  # nothing left
+    (run_dir / attack.ATTACK_SEED_FILE).unlink()  # as an older run directory
+    with pytest.raises(attack.ConfigError, match="attack seed is not recorded"):
+        attack.main(["--config", str(cfg), "--seed", "3", "--resume", str(run_dir)])
