@@ -186,8 +186,8 @@ def test_rerun_resumes_the_interrupted_cell_and_skips_its_finished_users(tmp_pat
 
 
 def _config_runner(calls: list):
-    """Stands in for attack.main and writes what --resume checks: attack.py's config.yaml of the cell (a new run dir,
-    or the --resume one), a one-row results.csv and summary.json status finished."""
+    """Stands in for attack.main and writes what --resume checks: attack.py's config.yaml and attack_seed.txt of the
+    cell (a new run dir, or the --resume one), a one-row results.csv and summary.json status finished."""
     def runner(argv):
         calls.append(list(argv))
         parser = attack.build_parser()
@@ -197,6 +197,8 @@ def _config_runner(calls: list):
         else:
             run = attack.new_run_dir(cfg.output.root, cfg.output.name)
             (run / "config.yaml").write_text(attack.dump_config(parser, cfg))
+            seed = attack.effective_attack_seed((cfg.attack.init_args or {}).get("seed") or 0, cfg.seed)
+            (run / attack.ATTACK_SEED_FILE).write_text(f"{seed}\n")
         (run / "results.csv").write_text("user,method,B,psnr_nearest\n0,m,3,12.5\n")
         (run / "summary.json").write_text(json.dumps({"status": "finished"}))
         return run
