@@ -847,6 +847,26 @@ def comparable_config(parser: ArgumentParser, cfg: Namespace) -> dict:
 ATTACK_SEED_FILE = "attack_seed.txt"  # in the run directory: the attack's effective seed (effective_attack_seed)
 
 
+def check_recorded_attack_seed(run_dir: Path, cfg: Namespace, what: str, fix: str) -> None:
+    """Under ``--seed`` S != 0, refuse to continue ``run_dir`` unless its ``attack_seed.txt`` holds the effective
+    seed ``cfg`` gives (run directories made before --seed was mixed into the attack's seed lack the file: their
+    users were attacked with the unmixed seed). With S = 0 the seed is the configured one, as it always was.
+
+    Raises:
+        ConfigError: ``"<what> <run_dir>: this run's attack seed is ..., not ...; <fix>"``.
+    """
+    if int(cfg.seed or 0) == 0:
+        return
+    want = effective_attack_seed((cfg.attack.init_args or {}).get("seed") or 0, cfg.seed)
+    seed_file = run_dir / ATTACK_SEED_FILE
+    had = seed_file.read_text().strip() if seed_file.is_file() else None
+    if had != str(want):
+        why = had or ("not recorded (made before --seed was mixed into the attack seed: its users were attacked with "
+                      "the unmixed seed)")
+        raise ConfigError(f"{what} {run_dir}: this run's attack seed is {why}, not {want} as --seed {cfg.seed} gives "
+                          f"now; {fix}")
+
+
 def open_resume_dir(parser: ArgumentParser, cfg: Namespace) -> tuple[Path, list[dict]]:
     """Check that ``cfg.resume`` is a run directory of the same config; return it and its finished rows.
 
@@ -865,15 +885,7 @@ def open_resume_dir(parser: ArgumentParser, cfg: Namespace) -> tuple[Path, list[
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         raise ConfigError(f"--resume {run_dir}: resume directory from another config (differs in {diff}); "
                           "run without --resume for a new run directory")
-    if int(cfg.seed or 0) != 0:
-        want = effective_attack_seed((cfg.attack.init_args or {}).get("seed") or 0, cfg.seed)
-        seed_file = run_dir / ATTACK_SEED_FILE
-        had = seed_file.read_text().strip() if seed_file.is_file() else None
-        if had != str(want):
-            what = had or ("not recorded (made before --seed was mixed into the attack seed: its users were attacked "
-                           "with the unmixed seed)")
-            raise ConfigError(f"--resume {run_dir}: this run's attack seed is {what}, not {want} as --seed {cfg.seed} "
-                              "gives now; run without --resume for a new run directory")
+    check_recorded_attack_seed(run_dir, cfg, "--resume", "run without --resume for a new run directory")
     rows = list(csv.DictReader((run_dir / "results.csv").open())) if (run_dir / "results.csv").is_file() else []
     seen = {str(r["user"]) for r in rows}
     for part in sorted((run_dir / PARTIAL_DIR).glob("rank*.csv")):  # users of ranks > 0 not merged (a hard stop)

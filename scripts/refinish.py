@@ -139,6 +139,8 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
     if new["output"]["name"] == old["output"]["name"]:
         cfg.output.name = f"{cfg.output.name}_refinished"
         new["output"]["name"] = cfg.output.name
+    attack_main.check_recorded_attack_seed(run_dir, cfg, "refinish", "its final stage cannot be redrawn with the "
+                                           "seed the run used")
     rows_in = list(csv.DictReader((run_dir / "results.csv").open()))
     if not rows_in:
         raise ConfigError(f"{run_dir}: results.csv has no finished user")

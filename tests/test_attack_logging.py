@@ -238,3 +238,7 @@ def test_a_resume_with_a_run_seed_needs_the_recorded_attack_seed(tmp_path):
     (run_dir / attack.ATTACK_SEED_FILE).unlink()  # as an older run directory
     with pytest.raises(attack.ConfigError, match="attack seed is not recorded"):
         attack.main(["--config", str(cfg), "--seed", "3", "--resume", str(run_dir)])
+    from tests.test_refinish import load_refinish
+
+    with pytest.raises(attack.ConfigError, match="refinish .* attack seed is not recorded"):  # its final stage too
+        load_refinish().main([str(run_dir)])
