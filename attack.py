@@ -51,7 +51,7 @@ from lightning_modules.base_attack import AttackDivergedError, AttackResult, Gra
 from lightning_modules.baselines import DLG, InvertingGradients, iDLG  # noqa: E402,F401
 from lightning_modules.user_level_inversion import UserLevelInversion  # noqa: E402,F401
 from inversion.defenses import STRENGTH_KEYS  # noqa: E402
-from inversion.fsutils import new_run_dir, publish_file  # noqa: E402,F401  (new_run_dir: scripts use attack.new_run_dir)
+from inversion.fsutils import find_input_path, new_run_dir, publish_file  # noqa: E402,F401  (new_run_dir: scripts use attack.new_run_dir)
 
 
 # ------------------------------------------------------------------------------------------------ config groups
@@ -220,8 +220,8 @@ class ConfigError(ValueError):
 
 
 def load_victim(spec: VictimSpec):
-    """Load the victim classifier named by ``spec.checkpoint`` (a relative path that does not exist from the current
-    folder is taken relative to the repository root).
+    """Load the victim classifier named by ``spec.checkpoint``, looked up by :func:`inversion.fsutils.find_input_path`
+    (as given, then under the repository root).
 
     With ``spec.random_init`` the checkpoint's weights are discarded: the same architecture (and input
     normalisation) is rebuilt after ``torch.manual_seed(spec.init_seed)``, so the weights depend only on ``init_seed``.
@@ -236,9 +236,7 @@ def load_victim(spec: VictimSpec):
     """
     from lightning_modules.classifier import build_classifier, load_classifier
 
-    path = Path(spec.checkpoint)
-    if not path.is_absolute() and not path.exists():
-        path = ROOT / path
+    path = find_input_path(spec.checkpoint)
     with torch.random.fork_rng(devices=[]):  # building the model draws initial weights: keep the global RNG as it was
         model, cfg = load_classifier(path)
         if spec.random_init:
@@ -250,18 +248,15 @@ def load_victim(spec: VictimSpec):
 def load_prior(spec: PriorSpec, image_shape):
     """The :class:`inversion.prior.DiffusionPrior` of ``spec.path`` for images of ``image_shape`` (C, H, W).
 
-    A relative path that does not exist from the current folder but does under the repository root is taken from
-    there; anything else is passed on unchanged (a hub id, or a missing path that then fails to load).
+    The path is looked up by :func:`inversion.fsutils.find_input_path` (as given, then under the repository root);
+    anything else is passed on unchanged (a hub id, or a missing path that then fails to load).
 
     Raises:
         FileNotFoundError, ValueError, PriorMismatchError: see :meth:`DiffusionPrior.from_pretrained`.
     """
     from inversion.prior import DiffusionPrior
 
-    path = spec.path
-    if path and not Path(path).is_absolute() and not Path(path).exists() and (ROOT / path).exists():
-        path = str(ROOT / path)
-    return DiffusionPrior.from_pretrained(path, image_shape)
+    return DiffusionPrior.from_pretrained(str(find_input_path(spec.path)) if spec.path else spec.path, image_shape)
 
 
 def resolve_attack_class(class_path: str):
@@ -966,7 +961,7 @@ def prepare(parser: ArgumentParser, cfg: Namespace):
         from lightning_modules.classifier import load_classifier
 
         ev_path = Path(init.evaluation.evaluator)
-        evaluator, ev_cfg = load_classifier(ev_path if ev_path.exists() else ROOT / ev_path)
+        evaluator, ev_cfg = load_classifier(find_input_path(ev_path))
         if ev_cfg["in_channels"] != source.image_shape[0]:
             raise ConfigError(f"evaluator {ev_path} takes {ev_cfg['in_channels']} channels, the users have {source.image_shape[0]}")
     gallery = int(init.evaluation.face_gallery_users or 0)

@@ -62,6 +62,33 @@ def new_run_dir(root: str | os.PathLike, name: str = "") -> Path:
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def find_input_path(value: str | os.PathLike) -> Path:
+    """Where an input path from a config (a checkpoint folder, a prior folder, an evaluator) is looked up: as given
+    (``~`` expanded; absolute, or relative to the current directory), then, for a relative path, under the
+    repository root, so ``checkpoints/fashion_mnist/victim_resnet18`` works from any directory.
+
+    Args:
+        value: the path as written in the config or on the command line.
+
+    Returns:
+        The first candidate that exists; the path as given (``~`` expanded) when none does, so the loader's
+        not-found error names what the user wrote (a diffusers hub id such as ``google/ddpm-cifar10-32`` comes back
+        unchanged, as it names no local file).
+
+    The one rule used by attack.py (victim, prior, evaluator) and the report (which compares settings by the real
+    paths they name); it never raises.
+    """
+    p = Path(os.path.expanduser(str(value)))
+    try:
+        if p.exists() or p.is_absolute():
+            return p
+        if (REPO_ROOT / p).exists():
+            return REPO_ROOT / p
+    except (OSError, ValueError):  # a name too long for the file system, an embedded NUL, ...: not a local path
+        pass
+    return p
+
+
 def producing_train_config(folder: str | os.PathLike) -> "str | None":
     """The ``configs/train/*.yaml`` whose ExportModel writes ``folder`` (a path relative to the repository root, or
     absolute inside it), as a repo-relative path for an error message ('python train.py --config ...'); None when

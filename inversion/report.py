@@ -83,7 +83,7 @@ import numpy as np
 import pandas as pd
 
 from inversion.defenses import STRENGTH_KEYS
-from inversion.fsutils import REPO_ROOT, publish_dir
+from inversion.fsutils import find_input_path, publish_dir
 
 __all__ = ["GROUP_KEYS", "DuplicateUserError", "aggregate", "aggregate_privacy", "build_report", "changed_count",
            "count_cell", "drop_duplicate_users", "group_keys", "load_runs", "main", "mean_std_cell", "measurement_of",
@@ -211,16 +211,15 @@ def _read_config(path: Path) -> tuple[Optional[dict], bool]:
 
 
 def _real_path(value: str) -> str:
-    """``value`` as the real path (symlinks resolved) of the file or folder it names, looked up as attack.py does: as
-    given (absolute, ``~``, or relative to the current directory), then relative to the repository root; ``value``
-    itself when it names none (not a path, or a path that no longer exists)."""
+    """``value`` as the real path (symlinks resolved) of the file or folder it names, looked up as attack.py does
+    (:func:`inversion.fsutils.find_input_path`: as given, then under the repository root); ``value`` itself when it
+    names none (not a path, or a path that no longer exists)."""
     if not value or len(value) > 4096 or "\0" in value or "\n" in value:
         return value
     try:
-        p = Path(os.path.expanduser(value))
-        for cand in (p,) if p.is_absolute() else (p, REPO_ROOT / p):
-            if cand.exists():
-                return os.path.realpath(cand)
+        found = find_input_path(value)
+        if found.exists():
+            return os.path.realpath(found)
     except (OSError, ValueError):  # a name too long for the file system, ...: not a path
         pass
     return value

@@ -358,3 +358,30 @@ def test_label_skew_ties_go_to_the_designed_dominant_class_and_bad_settings_fail
                       ({"dirichlet_alpha": 0.0}, "dirichlet_alpha must be > 0"), ({"batch_size": 0}, ">= 1")):
         with pytest.raises(ValueError, match=match):
             FashionMNISTUsers(root=str(tmp_path / "not_read"), **kw).check()
+
+
+def test_input_paths_are_found_as_given_then_under_the_repository_root(tmp_path, monkeypatch):
+    """One lookup rule for the victim, the prior and the evaluator (attack.py) and the report: a relative path is
+    taken from the current directory when it exists there, else from the repository root; a missing path or a hub
+    id comes back as written, so the loader's error names what the user wrote."""
+    import attack
+    from inversion.fsutils import REPO_ROOT, find_input_path
+
+    monkeypatch.chdir(tmp_path)
+    shipped = "checkpoints/fashion_mnist/victim_resnet18"
+    assert find_input_path(shipped) == REPO_ROOT / shipped
+    (tmp_path / shipped).mkdir(parents=True)  # a folder of that name here wins over the repository's
+    assert find_input_path(shipped) == Path(shipped)
+    assert find_input_path("google/ddpm-cifar10-32") == Path("google/ddpm-cifar10-32")
+    assert find_input_path(tmp_path / "none") == tmp_path / "none"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert find_input_path("~/checkpoints") == tmp_path / "checkpoints"
+    # attack.py's loaders follow it: from another directory the shipped victim and prior load by relative path, and
+    # the victim folder made here (empty) is the one tried, so its error names it
+    with pytest.raises(FileNotFoundError, match="victim_resnet18 lacks config.json"):
+        attack.load_victim(attack.VictimSpec(checkpoint=shipped))
+    (tmp_path / "mine").symlink_to(REPO_ROOT / shipped)  # '~' is expanded (it was not, for the victim)
+    model, cfg = attack.load_victim(attack.VictimSpec(checkpoint="~/mine"))
+    assert cfg["num_classes"] == 10 and model(torch.zeros(1, 1, 32, 32)).shape == (1, 10)
+    prior = attack.load_prior(attack.PriorSpec(path="checkpoints/fashion_mnist/ddpm_32"), (1, 32, 32))
+    assert prior.unet.config.sample_size == 32
