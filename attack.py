@@ -81,12 +81,16 @@ class ThreatSpec:
     known_labels: the server is given the labels. defenses: client-side defenses, e.g.
     ``[{name: gaussian_dp, clip_norm: 1.0, sigma: 0.01}]`` (see inversion/defenses.py), applied to what the client
     sends: the FedSGD gradient, or the FedAvg weight difference (a clip norm bounds ||delta||; see client_update).
+    FedAvg local training: ``fedavg_epochs`` E, ``fedavg_lr`` eta, ``fedavg_batch_size`` b (0: the whole batch, one
+    step per epoch), ``fedavg_shuffle`` (a fresh order of the user's images each epoch, seeded by the user, as a
+    client's data loader would; false: data order). See inversion/fedavg.py.
     """
 
     protocol: str = "fedsgd"
     fedavg_epochs: int = 1
     fedavg_lr: float = 0.01
     fedavg_batch_size: int = 0
+    fedavg_shuffle: bool = False
     reveal_batch_size: bool = True
     known_labels: bool = False
     defenses: list[dict] = field(default_factory=list)
@@ -461,7 +465,7 @@ def client_update(victim, user: User, threat: ThreatSpec, num_classes: int, user
 
         upd = fedavg_client_update(
             victim, user.images, user.labels, epochs=threat.fedavg_epochs, local_lr=threat.fedavg_lr,
-            local_batch_size=threat.fedavg_batch_size or None, seed=user_index,
+            local_batch_size=threat.fedavg_batch_size or None, shuffle=threat.fedavg_shuffle, seed=user_index,
         )
         delta = user_defenses(threat, user_index)(upd.delta) if threat.defenses else upd.delta
         # the server's divisor: lr x the local steps, which it knows unless B is hidden and the client split its

@@ -124,6 +124,26 @@ def test_fedavg_target_with_hidden_batch_size_uses_only_what_the_server_knows():
     assert view.meta["pseudo_gradient_steps"] == 2 and "local_steps" not in view.meta
 
 
+def test_fedavg_shuffle_reorders_the_local_mini_batches_per_user():
+    """threat.fedavg_shuffle reaches the client: its mini-batches follow a per-epoch permutation seeded by the user
+    (the option existed in inversion/fedavg.py but attack.py always trained in data order)."""
+    from datamodules.users import User
+    from inversion.fedavg import fedavg_client_update
+    from tests.helpers import tiny_victim
+
+    victim, _ = tiny_victim(8, 1, num_classes=10, seed=0)
+    g = torch.Generator().manual_seed(0)
+    user = User(3, torch.rand(6, 1, 8, 8, generator=g), torch.tensor([1, 1, 1, 2, 1, 1]), 1, 0)
+    kw = dict(protocol="fedavg", fedavg_epochs=2, fedavg_lr=0.1, fedavg_batch_size=2)
+    plain = attack.client_update(victim, user, attack.ThreatSpec(**kw), 10).target_gradient
+    mixed = attack.client_update(victim, user, attack.ThreatSpec(**kw, fedavg_shuffle=True), 10).target_gradient
+    upd = fedavg_client_update(victim, user.images, user.labels, epochs=2, local_lr=0.1, local_batch_size=2,
+                               shuffle=True, seed=3)
+    for name, d in upd.delta.items():
+        torch.testing.assert_close(mixed[name], d / (0.1 * 6))
+    assert any(not torch.allclose(plain[n], mixed[n]) for n in plain)
+
+
 @pytest.mark.slow
 def test_wandb_run_survives_an_interrupt_and_a_resume(tmp_path, monkeypatch, capsys):
     """Ctrl-C: the W&B run is closed as failed with the finished user's table, and the message gives a resume

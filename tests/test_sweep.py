@@ -471,7 +471,7 @@ def test_every_shipped_sweep_config_validates(path, capsys):
     assert out.count(": run") >= 2  # every shipped sweep has at least two cells
 
 
-@pytest.mark.parametrize("overlay", sorted(p.relative_to(p.parents[2]).as_posix() for d in ("ablation", "extension", "method")
+@pytest.mark.parametrize("overlay", sorted(p.relative_to(p.parents[2]).as_posix() for d in ("ablation", "extension", "method", "threat")
                                            for p in (Path(__file__).resolve().parents[1] / "configs" / d).glob("*.yaml")))
 def test_every_overlay_parses_over_the_full_attack_config(overlay):
     """Each overlay changes exactly what it is named for relative to configs/attack/fashion_mnist_full.yaml: its run
@@ -529,6 +529,8 @@ OVERLAY_CHANGES = {  # overlay: (output.name, attack changes, changes outside at
         "class_path": "lightning_modules.baselines.InvertingGradients", "init_args": {
             "steps": 4000, "lr": 0.1, "tv_weight": 0.01, "restarts": 1, "signed": True, "boxed": True,
             "lr_decay": True, "label_strategy": "bias_corrected", "seed": 0, "log_images_every": 0}}, {}),
+    "configs/threat/fedavg.yaml": ("fedavg", {}, {"threat.protocol": "fedavg", "threat.fedavg_epochs": 2,
+                                                  "threat.fedavg_batch_size": 5, "threat.fedavg_shuffle": True}),
 }
 
 
