@@ -69,15 +69,22 @@ def sliding_window_weights(
     With d = l - centre, a layer gets 0.54 + 0.46 cos(pi d / W) for |d| <= W, where W = ``width_deep`` toward deeper
     layers (d > 0) and W = ``width_shallow`` toward shallower ones (d < 0): 1 at the centre, 0.08 at the edges (the
     Hamming window's end value), ``floor`` beyond; no layer gets less than ``floor`` (so the weights never rise
-    again away from the centre, whatever the floor). Widths are in layers (parameter tensors) and must be > 0.
+    again away from the centre, whatever the floor). Widths are in layers (parameter tensors) and must be > 0; with
+    ``floor`` 0 they must add up to at least 1 layer, else a (fractional) centre can fall between two layers with
+    neither inside the window, every weight would be 0 and the matching loss (and its gradient) would vanish.
 
     Raises:
-        ValueError: a width <= 0, or ``floor`` outside [0, 1].
+        ValueError: a width <= 0, ``floor`` outside [0, 1], or widths adding up to less than 1 layer with floor 0.
     """
     if width_deep <= 0 or width_shallow <= 0:
         raise ValueError(f"window widths must be > 0 layers, got deep={width_deep}, shallow={width_shallow}")
     if not 0.0 <= floor <= 1.0:
         raise ValueError(f"window floor must be in [0, 1], got {floor}")
+    if floor == 0.0 and width_deep + width_shallow < 1.0:
+        raise ValueError(
+            f"window widths deep={width_deep} + shallow={width_shallow} < 1 layer with floor 0: a centre between two "
+            "layers would leave every layer outside the window (all weights 0, no matching loss); widen the window "
+            "or set a floor > 0")
     idx = torch.arange(num_layers, dtype=torch.float32)
     d = idx - centre
     W = torch.where(d > 0, torch.tensor(float(width_deep)), torch.tensor(float(width_shallow)))
@@ -89,11 +96,17 @@ def timestep_at(progress: float, t_max: int, t_min: int, schedule: str = "linear
     """Prior timestep t(s) annealed from ``t_max`` at progress 0 to ``t_min`` at ``anneal_fraction`` (then constant).
 
     ``schedule``: 'linear', 'cosine' (slow start and end) or 'sqrt' (fast early decay, t = t_min + (t_max - t_min)
-    (1 - sqrt(a))). Returns an int timestep.
+    (1 - sqrt(a))), with a = min(1, progress / anneal_fraction). Returns an int timestep.
+
+    Raises:
+        ValueError: t_min > t_max, ``anneal_fraction`` outside (0, 1], or an unknown schedule.
     """
     if t_min > t_max:
         raise ValueError(f"t_min ({t_min}) must be <= t_max ({t_max})")
-    a = min(1.0, max(0.0, progress / max(anneal_fraction, 1e-12)))
+    if not 0.0 < anneal_fraction <= 1.0:
+        raise ValueError(f"anneal_fraction must be in (0, 1] (the part of the run the t annealing takes), got "
+                         f"{anneal_fraction}")
+    a = min(1.0, max(0.0, progress / anneal_fraction))
     if schedule == "linear":
         f = 1.0 - a
     elif schedule == "cosine":
