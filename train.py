@@ -96,6 +96,21 @@ def check_data_model_agree(model: LightningModule, data: LightningDataModule) ->
             )
 
 
+def log_model_hparams_only_on_clash(model: LightningModule, data: LightningDataModule) -> list[str]:
+    """When model and data have an hparam of the same name with different values (e.g. the DDPM's sample-grid
+    ``seed`` and the data module's validation-split ``seed``), Lightning refuses to merge them for the loggers and
+    stops the run at fit start ("Error while merging hparams"). Then log the model's hparams only (the data module's
+    stay in the saved config and the checkpoints) and return the clashing names; [] (nothing changed) otherwise."""
+    if not (getattr(model, "_log_hyperparams", False) and getattr(data, "_log_hyperparams", False)):
+        return []
+    m, d = model.hparams_initial, data.hparams_initial
+    clash = sorted(k for k in m.keys() & d.keys() if k != "_class_path"
+                   and (type(m[k]) is not type(d[k]) or bool(m[k] != d[k])))
+    if clash:
+        data._log_hyperparams = False
+    return clash
+
+
 # ------------------------------------------------------------------------------------------------ run directories
 def new_run_dir(root: str | os.PathLike) -> Path:
     """:func:`inversion.fsutils.new_run_dir` without a name under ``root`` with ``~`` expanded (as Lightning does):
@@ -575,6 +590,11 @@ def main(args=None) -> None:
     )
     try:
         check_data_model_agree(cli.model, cli.datamodule)
+        clash = log_model_hparams_only_on_clash(cli.model, cli.datamodule)
+        if clash and _process_rank() == 0:
+            print(f"[train] model and data both set {', '.join(clash)} to different values; the loggers get the "
+                  "model's hyper-parameters only (the data's are in the saved config and the checkpoints)",
+                  file=sys.stderr, flush=True)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resolved_ckpt_path)
         if cli.config.get("test_after_fit") and type(cli.model).test_step is not LightningModule.test_step:
             cli.trainer.test(cli.model, datamodule=cli.datamodule)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 import shutil
 import sys
@@ -53,7 +54,7 @@ def check_export_target(dirpath: str | Path, overwrite: bool = False, resuming: 
         FileExistsError: ``dirpath`` exists, the run restores no checkpoint (``resuming`` false) and ``overwrite`` is
             false.
     """
-    if Path(dirpath).exists() and not overwrite and not resuming:
+    if Path(os.path.expanduser(str(dirpath))).exists() and not overwrite and not resuming:
         raise FileExistsError(
             f"export folder {dirpath} already exists; choose another ExportModel.dirpath, resume with "
             "--ckpt_path last, or set overwrite: true for this callback"
@@ -72,7 +73,7 @@ class ExportModel(Callback):
     validation its metrics come from (``validated_at_step``; None before the first validation).
 
     Args:
-        dirpath: export folder (e.g. ``checkpoints/fashion_mnist/ddpm_32``).
+        dirpath: export folder (e.g. ``checkpoints/fashion_mnist/ddpm_32``; ``~`` expanded).
         every_n_steps: also export every so many optimiser steps (0: only at the end of fit).
         dtype: 'float32', 'float16' or 'bfloat16' for the exported weights.
         overwrite: allow replacing an existing folder on a fresh (non-resumed) run.
@@ -99,7 +100,7 @@ class ExportModel(Callback):
     ) -> None:
         if dtype not in _DTYPES:
             raise ValueError(f"ExportModel.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        self.dirpath = Path(dirpath)
+        self.dirpath = Path(os.path.expanduser(str(dirpath)))  # as Lightning's ModelCheckpoint expands its dirpath
         self.every_n_steps = every_n_steps
         self.dtype = dtype
         self.overwrite = overwrite

@@ -178,6 +178,23 @@ class ImageClassifier(Resumable, LightningModule):
         """Remember the run's seed (``seed_everything`` sets ``PL_GLOBAL_SEED``) for the exported config."""
         self._run_seed = run_seed()
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse, before anything is trained, a resume whose ``max_lr_steps`` differs from the length of the
+        checkpoint's one-cycle schedule: Lightning restores that schedule's state (its ``total_steps`` included)
+        over the one :meth:`configure_optimizers` builds, so the length check there would pass on the new value and
+        the restored schedule would raise at its step ``total_steps + 1``, after that step's update."""
+        super().on_load_checkpoint(checkpoint)
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        saved = [s["total_steps"] for s in checkpoint.get("lr_schedulers") or []
+                 if isinstance(s, dict) and "total_steps" in s]
+        if fitting and saved and self.hparams.max_lr_steps and saved[0] != self.hparams.max_lr_steps:
+            raise ValueError(
+                f"the checkpoint's one-cycle schedule spans {saved[0]} optimiser steps but "
+                f"model.init_args.max_lr_steps = {self.hparams.max_lr_steps}: a restored one-cycle schedule cannot be "
+                f"lengthened or shortened. Resume with max_lr_steps {saved[0]} and trainer.max_steps <= {saved[0]}, or "
+                "train on from the exported weights in a fresh run (model.init_args.init_weights) with a new schedule"
+            )
+
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         if not self.hparams.max_lr_steps:
