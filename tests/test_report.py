@@ -61,12 +61,20 @@ def test_aggregate_values_equal_inputs(tmp_path):
         r = s[(s["method"] == method) & (s["B"] == b)].iloc[0]
         assert r["n_users"] == len(g)
         assert r["evaluator_accuracy"] == pytest.approx(g["evaluator_correct"].astype(float).mean())
+        # the 95% Wilson score interval, from its formula (z = 1.959964)
+        n, p, z = len(g), g["evaluator_correct"].astype(float).mean(), 1.959964
+        centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        assert (r["evaluator_accuracy_ci_low"], r["evaluator_accuracy_ci_high"]) == pytest.approx((centre - half, centre + half), abs=1e-5)
         assert r["label_accuracy"] == pytest.approx((g["dominant_class"] == g["inferred_dominant"]).mean())
         for m in ("mse_nearest", "psnr_mean", "lpips_nearest", "ssim_mean", "seconds"):
             v = g[m].dropna()
             assert r[f"{m}_avg"] == pytest.approx(v.mean())
             assert r[f"{m}_std"] == pytest.approx(v.std(ddof=1))
             assert r[f"{m}_n"] == len(v)
+    from inversion.report import wilson_interval
+
+    assert wilson_interval(18, 20) == pytest.approx((0.69897, 0.97213), abs=1e-5)  # 18 of 20 users: not surely >= 80%
+    assert wilson_interval(0, 6)[0] == 0.0 and all(np.isnan(wilson_interval(0, 0)))
     first = s[(s["method"] == "diffusion") & (s["B"] == 1)].iloc[0]
     assert first["lpips_nearest_n"] == 2 and first["label_accuracy"] == pytest.approx(2 / 3)
     md = (out / "summary.md").read_text()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -112,6 +113,8 @@ def test_a_user_found_twice_counts_once_and_other_seeds_are_more_rows(tmp_path, 
     assert len(s) == 1 and s.loc[0, "n_users"] == 2 and s.loc[0, "n_rows"] == 4  # was n_users 7
     assert s.loc[0, "psnr_nearest_avg"] == pytest.approx((10 + 12 + 14 + 16) / 4)  # the rerun's rows and seed 7's
     assert s.loc[0, "psnr_nearest_n"] == 4
+    # 4 rows of 2 users are not 4 independent trials: no Wilson interval (it would be too narrow)
+    assert s.loc[0, "evaluator_accuracy"] == 1.0 and np.isnan(s.loc[0, "evaluator_accuracy_ci_low"])
     err = capsys.readouterr().err
     assert f"{old} repeats user(s) 0, 1 of {rerun}" in err and f"{cut} repeats user(s) 0 of {rerun}" in err
     assert str(seed7) + " repeats" not in err
