@@ -382,8 +382,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones (default 1)")
     p.add_argument("--json", default=None, help="write the report as JSON here")
     args = p.parse_args(argv)
-    args.steps = args.steps or (2 if args.tiny else 5)
-    args.image_size = args.image_size or (8 if args.tiny else 32)
+    # None (not given) takes the default; an explicit 0 must reach the >= 1 check below, not become the default
+    args.steps = args.steps if args.steps is not None else (2 if args.tiny else 5)
+    args.image_size = args.image_size if args.image_size is not None else (8 if args.tiny else 32)
     try:
         args.batch_sizes = [int(b) for b in (args.batch_sizes or ("2,5,10" if args.tiny else "10,50,100")).split(",")]
         args.users = sorted({int(u) for u in (args.users or ("1,2,4" if args.tiny else "1,8,32")).split(",")})
@@ -397,8 +398,8 @@ def parse_args(argv=None):
         p.error(f"--device {args.device!r}: cpu, cuda or cuda:N")
     if args.json and Path(args.json).exists():
         p.error(f"--json {args.json} exists: results are never overwritten; give a new path")
-    if args.steps < 1 or args.warmup < 1 or min(args.batch_sizes) < 1 or min(args.users) < 1:
-        p.error("--steps, --warmup, batch sizes and user counts must be >= 1")
+    if args.steps < 1 or args.warmup < 1 or args.image_size < 1 or min(args.batch_sizes) < 1 or min(args.users) < 1:
+        p.error("--steps, --warmup, --image-size, batch sizes and user counts must be >= 1")
     if args.attack_steps < args.warmup + args.steps:
         p.error(f"--attack-steps ({args.attack_steps}) must be at least --warmup + --steps ({args.warmup + args.steps})")
     return args

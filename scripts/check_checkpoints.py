@@ -79,6 +79,16 @@ def main(argv=None) -> int:
     if not 1 <= args.n_test <= 10000 or args.n_samples < 1 or args.ddim_steps < 1:
         ap.error(f"--n-test must be in 1..10000 and --n-samples, --ddim-steps >= 1 (got {args.n_test}, "
                  f"{args.n_samples}, {args.ddim_steps})")
+    try:  # a bad or unavailable device failed only at the prior, after the test-split accuracies
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        ap.error(f"--device {args.device!r}: {exc} (use cpu, cuda or cuda:N)")
+    if device.type not in ("cpu", "cuda"):
+        ap.error(f"--device {args.device!r}: cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        ap.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     for flag, path in (("--json", args.json), ("--grid", args.grid)):
         if path and Path(path).exists():
             ap.error(f"{flag} {path} exists: results are never overwritten; give a new path")

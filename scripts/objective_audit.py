@@ -174,7 +174,13 @@ def audit(cfg) -> Path:
     kwargs.update(use_prior=False, final_denoise=False, users_per_step=1)  # the data term needs no prior
     mus = [float(kwargs.get("output_weight", 0) or 0)] if spec.output_weights is None else [float(m) for m in spec.output_weights]
     kwargs["output_weight"] = max(mus)  # bind recovers pbar when any mu > 0; the scores apply each mu themselves
-    attack_cls(**kwargs)  # validates the attack's hyper-parameters
+    probe = attack_cls(**kwargs)  # validates the attack's hyper-parameters
+    try:  # the label strategy against the threat model, as attack.py checks it: bind would fail only per user,
+        # after the run directory is made
+        probe.check_threat(getattr(source, "batch_size", None), bool(cfg.threat.reveal_batch_size),
+                           bool(cfg.threat.known_labels))
+    except ValueError as exc:
+        raise ConfigError(f"attack vs threat: {exc}") from None
     users = source.users()
     # Fashion-MNIST users come from the test split: a test pool leaves their images out
     own = [j for u in users for j in u.meta.get("indices", [])] if spec.pool_split == "test" else []

@@ -27,8 +27,9 @@ picks by the same score. Ground truth enters only the evaluation (attack.py's ``
 Output: ``<output.root>/<output.name>-<time>-<hex>/`` (default name: the run's name + ``_refinished``) with
 config.yaml (the merged config), results.csv (attack.py's columns; ``steps``, ``seconds``, ``seconds_per_step``
 are the original run's optimisation; plus ``final_candidate``, ``refinish_seconds``, ``refinish_source``,
-``refinished_from``), summary.json and per-user images including raw.pt; every file written to a temporary file and
-renamed.
+``refinished_from``), summary.json, attack_seed.txt (the attack's effective seed, as attack.py writes it, so the new
+directory can be refinished again under ``--seed``) and per-user images including raw.pt; every file written to a
+temporary file and renamed.
 
 Raises (as one ConfigError before any output): RUN_DIR is not a finished attack.py run of the user-level attack; an
 argument changes anything but the final stage, evaluation, output, logger or trainer settings (the saved images
@@ -197,6 +198,8 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
         raise ConfigError(f"refinish settings rejected: {exc}") from None
     out_dir = attack_main.new_run_dir(init.output.root, init.output.name)
     attack_main.atomic_write_text(out_dir / "config.yaml", attack_main.dump_config(parser, cfg))
+    # the effective attack seed, as attack.py records it: a refinished --seed run can be refinished again
+    attack_main.atomic_write_text(out_dir / attack_main.ATTACK_SEED_FILE, f"{attack_kwargs['seed']}\n")
     logger = attack_main.make_logger(cfg, out_dir, new)
     print(f"[refinish] {run_dir} -> {out_dir} ({len(plan)} users; changed: {changed or 'nothing'})", flush=True)
     rows, grids, status = [], {}, "running"
@@ -233,7 +236,7 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
         raise
     finally:
         summary = {"status": status, "run_dir": str(out_dir), "refinished_from": str(run_dir), "changed": changed,
-                   **attack_main.summarize(rows)}
+                   "attack_seed": attack_kwargs.get("seed"), **attack_main.summarize(rows)}
         attack_main.atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         try:  # the finished users' grid, table and metrics, also after a Ctrl-C
             attack_main.log_final(logger, out_dir, rows, grids, status)
