@@ -35,7 +35,9 @@ Raises (as one ConfigError before any output): RUN_DIR is not a finished attack.
 argument changes anything but the final stage, evaluation, output, logger or trainer settings (the saved images
 would not be the ones that config optimises); a final-stage setting the attack or the prior rejects (e.g. t_final
 >= T); the run used a stochastic defense without a seed (its noise cannot be redrawn); the run's users do not match
-its config any more (the data changed; checked on the labels, and on the rebuilt label inference of every user).
+its config any more (the data changed; checked on the labels of every user and on the first user's rebuilt label
+inference; a later user whose rebuilt label inference differs stops the refinish at that user, as 'failed: ...' in
+its summary.json, with the users before it kept).
 
 Exactness: the candidates' noise comes from torch generators on the final stage's device (CUDA when available and
 trainer.accelerator allows it, else the CPU). A run made on the other device type gets statistically equivalent,
