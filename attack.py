@@ -875,7 +875,7 @@ def open_resume_dir(parser: ArgumentParser, cfg: Namespace) -> tuple[Path, list[
             (``attack_seed.txt``; run directories made before --seed was mixed into the attack's seed lack it,
             and their users were attacked with the unmixed seed).
     """
-    run_dir = Path(cfg.resume)
+    run_dir = Path(os.path.expanduser(str(cfg.resume)))
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"--resume {run_dir}: not a run directory of attack.py (no config.yaml)")
     old = comparable_config(parser, parser.parse_path(str(run_dir / "config.yaml")))

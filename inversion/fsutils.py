@@ -41,12 +41,13 @@ def publish_dir(path: str | Path) -> None:
 
 def new_run_dir(root: str | os.PathLike, name: str = "") -> Path:
     """Create and return a fresh run directory ``root/name-YYYYmmdd-HHMMSS-<6 hex>`` (``root/YYYYmmdd-HHMMSS-<6 hex>``
-    without a name; local time; exclusive mkdir, so two runs never share one). ``root`` is created when missing.
+    without a name; local time; exclusive mkdir, so two runs never share one). ``root`` is created when missing;
+    ``~`` in it is expanded (as Lightning's loggers expand theirs: a literal ``./~`` folder split a run in two).
 
     Raises:
         RuntimeError: no free name after 100 tries.
     """
-    base = Path(root)
+    base = Path(os.path.expanduser(str(root)))
     base.mkdir(parents=True, exist_ok=True)
     prefix = f"{name}-" if name else ""
     for _ in range(100):

@@ -385,3 +385,17 @@ def test_input_paths_are_found_as_given_then_under_the_repository_root(tmp_path,
     assert cfg["num_classes"] == 10 and model(torch.zeros(1, 1, 32, 32)).shape == (1, 10)
     prior = attack.load_prior(attack.PriorSpec(path="checkpoints/fashion_mnist/ddpm_32"), (1, 32, 32))
     assert prior.unet.config.sample_size == 32
+
+
+def test_run_directories_expand_home(tmp_path, monkeypatch):
+    """'~' in output.root (quoted in a YAML file) made a literal './~' folder for results while Lightning's CSV
+    logger expanded it: one run in two places; --resume '~/...' was 'not a run directory'."""
+    import attack
+    from inversion.fsutils import new_run_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    run = new_run_dir("~/runs", "x")
+    assert run.parent == tmp_path / "home" / "runs" and not (tmp_path / "~").exists()
+    with pytest.raises(attack.ConfigError, match=f"--resume {tmp_path / 'home' / 'runs'}/x-.*no config.yaml"):
+        attack.open_resume_dir(attack.build_parser(), attack.Namespace(resume=f"~/runs/{run.name}"))
