@@ -179,20 +179,31 @@ class ImageClassifier(Resumable, LightningModule):
         self._run_seed = run_seed()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse, before anything is trained, a resume whose ``max_lr_steps`` differs from the length of the
-        checkpoint's one-cycle schedule: Lightning restores that schedule's state (its ``total_steps`` included)
-        over the one :meth:`configure_optimizers` builds, so the length check there would pass on the new value and
-        the restored schedule would raise at its step ``total_steps + 1``, after that step's update."""
+        """Refuse, before anything is trained, a resume whose ``max_lr_steps`` does not continue the checkpoint's
+        learning-rate schedule. Lightning restores the saved schedule's state (``total_steps`` included) over the one
+        :meth:`configure_optimizers` builds: another one-cycle length passed the length check there and then raised
+        at step ``total_steps + 1`` after that step's update; a one-cycle resume of a constant-lr run (no saved
+        schedule) raised ``KeyError: 'initial_lr'`` after one update; and ``max_lr_steps`` 0 on a one-cycle run
+        silently went on at the checkpoint's last (annealed) lr and momentum instead of ``lr``.
+
+        Raises:
+            ValueError: only while fitting (not for ``load_from_checkpoint`` or validate/test), naming both lengths.
+        """
         super().on_load_checkpoint(checkpoint)
-        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        if not (self._trainer is not None and self.trainer.state.fn == "fit"):
+            return
         saved = [s["total_steps"] for s in checkpoint.get("lr_schedulers") or []
                  if isinstance(s, dict) and "total_steps" in s]
-        if fitting and saved and self.hparams.max_lr_steps and saved[0] != self.hparams.max_lr_steps:
+        had = saved[0] if saved else 0  # 0: trained at a constant lr
+        want = self.hparams.max_lr_steps or 0
+        if had != want:
+            was = f"a one-cycle schedule of {had} optimiser steps" if had else "a constant lr (max_lr_steps 0)"
             raise ValueError(
-                f"the checkpoint's one-cycle schedule spans {saved[0]} optimiser steps but "
-                f"model.init_args.max_lr_steps = {self.hparams.max_lr_steps}: a restored one-cycle schedule cannot be "
-                f"lengthened or shortened. Resume with max_lr_steps {saved[0]} and trainer.max_steps <= {saved[0]}, or "
-                "train on from the exported weights in a fresh run (model.init_args.init_weights) with a new schedule"
+                f"the checkpoint was trained with {was} but model.init_args.max_lr_steps = {want}: a resumed run "
+                f"keeps its learning-rate schedule. Resume with max_lr_steps {had}"
+                + (f" and trainer.max_steps <= {had}" if had else "")
+                + ", or train on from the exported weights in a fresh run (model.init_args.init_weights) with a new "
+                "schedule"
             )
 
     def configure_optimizers(self):
@@ -204,7 +215,8 @@ class ImageClassifier(Resumable, LightningModule):
             raise ValueError(
                 f"the trainer will take {total} optimiser steps but the one-cycle schedule has "
                 f"model.init_args.max_lr_steps = {self.hparams.max_lr_steps}: set trainer.max_steps <= max_lr_steps "
-                "(a resumed run included), raise max_lr_steps, or set it to 0 for a constant lr"
+                "(a resumed run included); in a fresh run, raise max_lr_steps or set it to 0 for a constant lr (a "
+                "resumed run keeps its schedule: train on from its exported weights with model.init_args.init_weights)"
             )
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.hparams.lr, total_steps=self.hparams.max_lr_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -36,7 +36,7 @@ def test_resume_with_another_one_cycle_length_is_refused_before_any_step(tmp_pat
     module = ImageClassifier(arch="convnet", image_size=8, max_lr_steps=5)
     before = {k: v.clone() for k, v in module.state_dict().items()}
     trainer = _trainer(tmp_path, 5, enable_checkpointing=False)
-    with pytest.raises(ValueError, match=r"one-cycle schedule spans 3 optimiser steps .*max_lr_steps = 5"):
+    with pytest.raises(ValueError, match=r"one-cycle schedule of 3 optimiser steps .*max_lr_steps = 5"):
         trainer.fit(module, _loader(), ckpt_path=str(last))
     assert trainer.global_step == 0  # refused while restoring, before the optimiser or any step
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
@@ -46,6 +46,24 @@ def test_resume_with_another_one_cycle_length_is_refused_before_any_step(tmp_pat
     _trainer(tmp_path, 3, enable_checkpointing=False).fit(
         ImageClassifier(arch="convnet", image_size=8, max_lr_steps=3), _loader(), ckpt_path=str(last))
     ImageClassifier.load_from_checkpoint(str(last), max_lr_steps=5)
+
+
+@pytest.mark.parametrize("first, then", [(0, 5), (3, 0)])
+def test_resume_between_constant_lr_and_one_cycle_is_refused_before_any_step(tmp_path, first, then):
+    """A one-cycle resume of a constant-lr run raised KeyError 'initial_lr' after one update; max_lr_steps 0 on a
+    one-cycle run went on silently at the checkpoint's annealed lr and momentum."""
+    torch.manual_seed(0)
+    ckpt_cb = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True, save_top_k=0, every_n_train_steps=1)
+    _trainer(tmp_path, 3, callbacks=[ckpt_cb]).fit(ImageClassifier(arch="convnet", image_size=8, max_lr_steps=first),
+                                                   _loader())
+    module = ImageClassifier(arch="convnet", image_size=8, max_lr_steps=then)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer = _trainer(tmp_path, 5, enable_checkpointing=False)
+    was = "a constant lr" if first == 0 else "a one-cycle schedule of 3"
+    with pytest.raises(ValueError, match=f"trained with {was}.*max_lr_steps = {then}"):
+        trainer.fit(module, _loader(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert trainer.global_step == 0
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
 
 
 def test_export_folder_expands_home(tmp_path, monkeypatch):
