@@ -23,7 +23,7 @@ in a temporary folder next to it and renamed into place at the end:
   (``rows`` in summary.md) follows ``n_users`` when some row has more rows than users;
 * ``summary.md``: the same table (avg ± std, n when some users were not measurable) and the figures;
 * ``metrics_vs_B.png``: each metric against B per method, mean ± std band over users and every user as a dot
-  (evaluator accuracy: its 95% Wilson band);
+  (evaluator accuracy: its 95% Wilson interval as error bars);
 * ``gallery.png``: a few users' ``grid.png`` per (method, B).
 
 Extra grouping, only when the runs differ in it (so a report of one kind of run is unchanged): ``protocol``,
@@ -949,9 +949,7 @@ def plot_metrics_vs_b(df: pd.DataFrame, summary: pd.DataFrame, path: Path) -> Op
             color = f"C{i % 10}"
             if m == "evaluator_accuracy":
                 ax.plot(s["B"], s[m], "o-", color=color, label=label)
-                if "evaluator_accuracy_ci_low" in s:  # 95% Wilson band over users
-                    ax.fill_between(s["B"], s["evaluator_accuracy_ci_low"], s["evaluator_accuracy_ci_high"],
-                                    color=color, alpha=0.15, linewidth=0)
+                _wilson_bars(ax, s, s["B"], color)
                 continue
             avg, std = s[f"{m}_avg"].to_numpy(float), s[f"{m}_std"].fillna(0).to_numpy(float)
             ax.plot(s["B"], avg, "o-", color=color, label=label)
@@ -1001,6 +999,22 @@ def _defense_kind(label: str) -> str:
 PRIVACY_METRICS = [("evaluator_accuracy", "evaluator accuracy (higher = attack succeeds)"),
                    ("lpips_nearest_avg", "LPIPS nearest (lower = attack succeeds)"),
                    ("psnr_nearest_avg", "PSNR nearest, dB (higher = attack succeeds)")]
+
+
+def _wilson_bars(ax, rows: pd.DataFrame, x, color) -> None:
+    """Error bars from ``evaluator_accuracy_ci_low/high`` (the 95% Wilson interval, :func:`wilson_interval`) at
+    ``x`` for the rows that have one: bars, not a band, so a series of one point (one B, the undefended marker)
+    shows its interval too."""
+    if "evaluator_accuracy_ci_low" not in rows:
+        return
+    ok = np.isfinite(rows["evaluator_accuracy_ci_low"].to_numpy(float))
+    if not ok.any():
+        return
+    acc = rows["evaluator_accuracy"].to_numpy(float)[ok]
+    low = rows["evaluator_accuracy_ci_low"].to_numpy(float)[ok]
+    high = rows["evaluator_accuracy_ci_high"].to_numpy(float)[ok]
+    ax.errorbar(np.asarray(x, dtype=float)[ok], acc, yerr=[np.clip(acc - low, 0, None), np.clip(high - acc, 0, None)],
+                fmt="none", ecolor=color, elinewidth=1, capsize=3, alpha=0.6)
 
 
 def plot_privacy_curve(privacy: pd.DataFrame, path: Path) -> Optional[Path]:
@@ -1053,12 +1067,13 @@ def plot_privacy_curve(privacy: pd.DataFrame, path: Path) -> Optional[Path]:
                 i += 1
                 if not line.empty:
                     ax.plot(line["x"], line[m], "o-", color=color, label=label)
-                    if m == "evaluator_accuracy" and "evaluator_accuracy_ci_low" in line:  # 95% Wilson band
-                        ax.fill_between(line["x"], line["evaluator_accuracy_ci_low"],
-                                        line["evaluator_accuracy_ci_high"], color=color, alpha=0.15, linewidth=0)
+                    if m == "evaluator_accuracy":
+                        _wilson_bars(ax, line, line["x"], color)
                 if not base.empty:
                     ax.plot(base["x"], base[m], "s", color=color, markerfacecolor="none", markersize=8,
                             label=label if line.empty else None)
+                    if m == "evaluator_accuracy":
+                        _wilson_bars(ax, base, base["x"], color)
                     if not line.empty:
                         ax.plot([base["x"].iloc[0], line["x"].iloc[0]], [base[m].iloc[0], line[m].iloc[0]], "--",
                                 color=color, alpha=0.6)

@@ -209,3 +209,25 @@ def test_cells_and_paired_counts_on_known_values():
     assert report.changed_count(a, b) == (2, 5)  # users 1 and 2 differ; user 4 has a class in both
     with pytest.raises(KeyError, match="lpips"):
         report.paired_counts(a, b, "lpips")
+
+
+def test_wilson_interval_is_drawn_for_a_single_point():
+    """A series of one B (or the undefended marker of a privacy curve) showed no interval: a band of one point has
+    no area. Error bars span the interval at every point that has one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from inversion.report import _wilson_bars, wilson_interval
+
+    low, high = wilson_interval(18, 20)
+    rows = pd.DataFrame({"evaluator_accuracy": [0.9, 0.5], "evaluator_accuracy_ci_low": [low, np.nan],
+                         "evaluator_accuracy_ci_high": [high, np.nan]})
+    fig, ax = plt.subplots()
+    _wilson_bars(ax, rows, [10, 50], "C0")
+    (bars,) = ax.containers
+    (segments,) = [c.get_segments() for c in bars.lines[2]]
+    assert len(segments) == 1  # the row without an interval has no bar
+    assert segments[0][:, 0].tolist() == [10, 10] and segments[0][:, 1] == pytest.approx([low, high])
+    plt.close(fig)
