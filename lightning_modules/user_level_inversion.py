@@ -200,9 +200,13 @@ class UserLevelInversion(GradientInversionAttack):
             )
         if not 0 <= t_min <= t_max:
             raise ValueError(f"need 0 <= t_min <= t_max, got t_min={t_min}, t_max={t_max}")
-        timestep_at(0.0, t_max, t_min, t_schedule, anneal_fraction)  # validates the schedule name
-        window_centre(2, 0.0, window_slide_fraction)  # validates the fraction
-        sliding_window_weights(2, 0.0, window_width_deep, window_width_shallow, window_floor)  # widths and floor
+        # the settings of a mechanism that is switched off are not used, and not checked (an ablation config that
+        # switches one off need not also repair its settings)
+        if anneal_t:
+            timestep_at(0.0, t_max, t_min, t_schedule, anneal_fraction)  # the schedule name and fraction
+        if use_window:
+            window_centre(2, 0.0, window_slide_fraction)  # validates the fraction
+            sliding_window_weights(2, 0.0, window_width_deep, window_width_shallow, window_floor)  # widths and floor
         self.save_hyperparameters(ignore=["log_prefix"])
         self.requires_prior = use_prior or final_denoise
         self.x_hat: Optional[torch.nn.Parameter] = None

@@ -37,3 +37,12 @@ def test_anneal_fraction_outside_its_range_is_refused_before_work():
     for bad in (0.0, -0.5, 1.5):
         with pytest.raises(ValueError, match="anneal_fraction must be in"):
             UserLevelInversion(anneal_fraction=bad)
+
+
+def test_settings_of_a_switched_off_mechanism_are_not_checked():
+    """--attack.init_args.use_window false (or anneal_t false) with window widths (or an anneal fraction) the checks
+    refuse: those settings are unused, and the ablation ran nothing but an error."""
+    UserLevelInversion(use_window=False, window_width_deep=0.3, window_width_shallow=0.3)
+    UserLevelInversion(anneal_t=False, anneal_fraction=0.0)
+    with pytest.raises(ValueError, match="anneal_fraction"):
+        UserLevelInversion(anneal_t=True, anneal_fraction=0.0)
