@@ -366,6 +366,20 @@ def validate(cfg: Namespace, source: UserSource, victim_cfg: dict) -> None:
         local_steps_for(B, cfg.threat.fedavg_epochs, cfg.threat.fedavg_batch_size or B)  # raises on zero steps
         if not (cfg.threat.fedavg_lr > 0 and math.isfinite(cfg.threat.fedavg_lr)):
             raise ConfigError(f"threat.fedavg_lr must be a finite number > 0, got {cfg.threat.fedavg_lr}")
+        b = cfg.threat.fedavg_batch_size
+        if b and b < B and B % b:
+            warnings.warn(
+                f"threat.fedavg_batch_size {b} does not divide B = {B}: the last local mini-batch has {B % b} images and "
+                "its mean gradient gets the weight of a full one, so the pseudo-gradient over-weights those images and "
+                "does not tend to the FedSGD gradient as fedavg_lr -> 0 (inversion/fedavg.py). The attack still runs; "
+                "a local batch size that divides B avoids it.", stacklevel=2)
+    else:
+        defaults = ThreatSpec()
+        unused = {k: getattr(cfg.threat, k) for k in ("fedavg_epochs", "fedavg_lr", "fedavg_batch_size", "fedavg_shuffle")
+                  if getattr(cfg.threat, k) != getattr(defaults, k)}
+        if unused:
+            warnings.warn(f"threat.protocol is fedsgd: {unused} apply to FedAvg only and are ignored (set "
+                          "threat.protocol fedavg to use them)", stacklevel=2)
     if cfg.threat.defenses:
         from inversion.defenses import build_defenses
 

@@ -262,3 +262,22 @@ def test_a_resume_with_a_run_seed_needs_the_recorded_attack_seed(tmp_path):
 
     with pytest.raises(attack.ConfigError, match="refinish .* attack seed is not recorded"):  # its final stage too
         load_refinish().main([str(run_dir)])
+
+
+def test_fedavg_settings_that_do_not_do_what_they_say_are_warned_about(tmp_path, recwarn):
+    """A local batch size that does not divide B biases the pseudo-gradient (inversion/fedavg.py), and FedAvg
+    settings under protocol fedsgd are ignored: both ran silently. A setting that does what it says warns nothing."""
+    parser = attack.build_parser()
+    base = ["--config", str(tiny_config(tmp_path))]  # B = 3
+    cases = [(["--threat.protocol", "fedavg", "--threat.fedavg_batch_size", "2"], "does not divide B = 3"),
+             (["--threat.fedavg_epochs", "2", "--threat.fedavg_shuffle", "true"], "apply to FedAvg only"),
+             (["--threat.protocol", "fedavg", "--threat.fedavg_batch_size", "3"], None),
+             (["--threat.protocol", "fedavg", "--threat.fedavg_batch_size", "5"], None)]  # b > B: one full batch
+    for extra, warned in cases:
+        recwarn.clear()
+        attack.prepare(parser, parser.parse_args(base + extra))
+        said = [str(w.message) for w in recwarn if "threat." in str(w.message)]
+        if warned is None:
+            assert said == []
+        else:
+            assert len(said) == 1 and warned in said[0], said
