@@ -24,6 +24,7 @@ import json
 import math
 import numbers
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -880,6 +881,15 @@ def check_recorded_attack_seed(run_dir: Path, cfg: Namespace, what: str, fix: st
                           f"now; {fix}")
 
 
+def resume_command(run_dir: Path) -> str:
+    """The shell command that continues ``run_dir`` (printed on Ctrl-C and on a diverged or failed run): attack.py
+    by its path from the current directory (``attack.py`` in the repository root, its absolute path elsewhere),
+    every argument quoted for the shell."""
+    script = "attack.py" if Path.cwd().resolve() == ROOT else str(ROOT / "attack.py")
+    q = shlex.quote
+    return f"python {q(script)} --config {q(str(run_dir / 'config.yaml'))} --resume {q(str(run_dir))}"
+
+
 def open_resume_dir(parser: ArgumentParser, cfg: Namespace) -> tuple[Path, list[dict]]:
     """Check that ``cfg.resume`` is a run directory of the same config; return it and its finished rows.
 
@@ -1103,7 +1113,7 @@ def run(cfg: Namespace) -> Path:
     name = ""
     shard = [(i, u) for i, u in enumerate(users) if i % world == rank]
     chunks = user_chunks(shard, per_step, done)
-    resume_hint = f"python attack.py --config {run_dir / 'config.yaml'} --resume {run_dir}"
+    resume_hint = resume_command(run_dir)
     try:  # from here on summary.json says how the run ended, even for a Ctrl-C while W&B starts
         logger = make_logger(cfg, run_dir, config_dict) if rank == 0 else None
         if rank == 0:

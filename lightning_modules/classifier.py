@@ -277,7 +277,7 @@ def load_classifier(dirpath: str | Path, device: str | torch.device = "cpu") -> 
             f"classifier checkpoint {dirpath} not found: "
             + (f"train it with `python train.py --config {made_by}`" if made_by else
                "give a folder written by train.py (model.safetensors + config.json), e.g. "
-               "checkpoints/fashion_mnist/victim_resnet18")
+               "checkpoints/fashion_mnist/victim_resnet18 or checkpoints/fashion_mnist/evaluator_convnet")
         )
     for p in (cfg_path, w_path):
         if not p.is_file():

@@ -281,3 +281,12 @@ def test_fedavg_settings_that_do_not_do_what_they_say_are_warned_about(tmp_path,
             assert said == []
         else:
             assert len(said) == 1 and warned in said[0], said
+
+
+def test_the_resume_command_runs_from_where_it_is_printed(tmp_path, monkeypatch):
+    """The Ctrl-C message said 'python attack.py ...', which does not run outside the repository root."""
+    run_dir = tmp_path / "my runs" / "tiny-1"
+    monkeypatch.chdir(attack.ROOT)
+    assert attack.resume_command(run_dir) == (f"python attack.py --config '{run_dir}/config.yaml' --resume '{run_dir}'")
+    monkeypatch.chdir(tmp_path)
+    assert attack.resume_command(run_dir).startswith(f"python {attack.ROOT / 'attack.py'} --config ")
