@@ -968,7 +968,10 @@ def prepare(parser: ArgumentParser, cfg: Namespace):
         attack_cls.check_precision(cfg.trainer.precision)
     except ValueError as exc:
         raise ConfigError(f"trainer.precision: {exc}") from None
-    probe = attack_cls(**attack_kwargs)  # validates the attack's hyper-parameters
+    try:  # validates the attack's hyper-parameters; the message names the config group they come from
+        probe = attack_cls(**attack_kwargs)
+    except ValueError as exc:
+        raise ConfigError(f"attack.init_args ({attack_cls.__name__}): {exc}") from None
     try:  # the attack against the threat model (B revealed? labels known?): bind would say so only per user
         probe.check_threat(getattr(source, "batch_size", None), bool(cfg.threat.reveal_batch_size),
                            bool(cfg.threat.known_labels))

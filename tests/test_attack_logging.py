@@ -290,3 +290,13 @@ def test_the_resume_command_runs_from_where_it_is_printed(tmp_path, monkeypatch)
     assert attack.resume_command(run_dir) == (f"python attack.py --config '{run_dir}/config.yaml' --resume '{run_dir}'")
     monkeypatch.chdir(tmp_path)
     assert attack.resume_command(run_dir).startswith(f"python {attack.ROOT / 'attack.py'} --config ")
+
+
+def test_an_attack_setting_error_names_its_config_group(tmp_path):
+    """The attack's own checks said 'anneal_fraction must be ...' without the key a user sets; the error is a
+    ConfigError (exit 2, before any run directory) naming attack.init_args and the attack class."""
+    parser = attack.build_parser()
+    cfg = parser.parse_args(["--config", str(tiny_config(tmp_path)), "--attack.init_args.anneal_fraction", "0"])
+    with pytest.raises(attack.ConfigError, match=r"^attack.init_args \(UserLevelInversion\): anneal_fraction must"):
+        attack.prepare(parser, cfg)
+    assert not (tmp_path / "runs").exists()
