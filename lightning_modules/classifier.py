@@ -119,8 +119,9 @@ class ImageClassifier(Resumable, LightningModule):
         seed: the seed recorded in the exported ``config.json``; None (default): the run's ``seed_everything``
             (read from Lightning's ``PL_GLOBAL_SEED`` at fit start; None when no seed was set). Not used for
             randomness here: the run's seed is ``seed_everything``.
-        init_weights: optional classifier folder (model.safetensors + config.json) to start from (fine-tuning);
-            its architecture and shapes must match.
+        init_weights: optional classifier folder (model.safetensors + config.json) to start from (fine-tuning;
+            looked up as given, then under the repository root: :func:`inversion.fsutils.find_input_path`); its
+            architecture and shapes must match.
     """
 
     def __init__(
@@ -145,7 +146,9 @@ class ImageClassifier(Resumable, LightningModule):
         self.model = build_classifier(arch, in_channels, num_classes, image_size, mean, std)
         self._run_seed: Optional[int] = None
         if init_weights:
-            start, cfg = load_classifier(init_weights)
+            from inversion.fsutils import find_input_path  # as given, else under the repository root
+
+            start, cfg = load_classifier(find_input_path(init_weights))
             if (cfg["arch"], cfg["in_channels"], cfg["num_classes"]) != (arch, in_channels, num_classes):
                 raise ValueError(f"init_weights {init_weights} holds a {cfg['arch']} ({cfg['in_channels']} -> "
                                  f"{cfg['num_classes']}), not a {arch} ({in_channels} -> {num_classes})")

@@ -35,7 +35,8 @@ class DDPMPrior(Resumable, LightningModule):
         ema_decay: maximal EMA decay (with diffusers' EMA warm-up, power 3/4).
         sample_every_n_steps: log a seeded DDIM sample grid every so many optimiser steps (0: never).
         sample_grid_size: number of images in that grid; sample_inference_steps: DDIM steps for it.
-        init_weights: optional diffusers DDPM folder (e.g. a shipped prior) whose UNet initialises both the trained
+        init_weights: optional diffusers DDPM folder (e.g. a shipped prior; looked up as given, then under the
+            repository root: :func:`inversion.fsutils.find_input_path`) or hub id whose UNet initialises both the trained
             and the EMA weights (warm start); its UNet config must equal the one built here. The EMA warm-up starts
             again from step 0 (decay 1 - (1 + k)^-3/4 after k steps), so a short second stage averages over fewer
             steps than ``ema_decay`` implies (the shipped prior's 6,518-step stage ended at decay ~0.9986). Ignored
@@ -88,7 +89,10 @@ class DDPMPrior(Resumable, LightningModule):
             num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, prediction_type="epsilon"
         )
         if init_weights:
-            start = UNet2DModel.from_pretrained(init_weights, subfolder="unet", low_cpu_mem_usage=False)
+            from inversion.fsutils import find_input_path  # as given, else under the repository root
+
+            start = UNet2DModel.from_pretrained(str(find_input_path(init_weights)), subfolder="unet",
+                                                low_cpu_mem_usage=False)
             try:
                 self.unet.load_state_dict(start.state_dict())
             except RuntimeError as exc:

@@ -127,3 +127,17 @@ def test_model_and_data_seeds_may_differ(tmp_path, capsys):
     assert logged["seed"] == 1 and logged["arch"] == "convnet"
     ckpt = torch.load(run / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["datamodule_hyper_parameters"]["seed"] == 0 and ckpt["hyper_parameters"]["seed"] == 1
+
+
+def test_init_weights_are_found_from_another_directory(tmp_path, monkeypatch):
+    """The fine-tuning configs name init_weights relative to the repository root (checkpoints/...): from another
+    directory they were not found, while attack.py's checkpoints were (one input-path rule; '~' expanded too)."""
+    from inversion.fsutils import REPO_ROOT
+    from lightning_modules.classifier import load_classifier
+
+    monkeypatch.chdir(tmp_path)
+    shipped = "checkpoints/fashion_mnist/victim_resnet18"
+    module = ImageClassifier(arch="resnet18", init_weights=shipped)
+    reference, _ = load_classifier(REPO_ROOT / shipped)
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(module.eval()(x), reference(x))
