@@ -15,7 +15,8 @@ callable ``update -> new update`` (same names, shapes, dtypes and devices; the i
   ``levels`` = 2 case): the sign and the magnitude rounded to one of ``levels`` equally spaced values in
   [0, max |u|] (zero included, so zeros stay zero); deterministic rounding to the nearest level, or stochastic
   (unbiased) rounding to one of the two neighbouring levels.
-- :class:`SignCompression`: signSGD with scale (Bernstein et al. 2018): per tensor ``sign(u) * ||u||_1 / nnz(u)``
+- :class:`SignCompression`: signSGD's sign (Bernstein et al. 2018) scaled as in Karimireddy et al. 2019 (EF-signSGD):
+  per tensor ``sign(u) * ||u||_1 / nnz(u)``
   (the mean magnitude of the non-zero entries), so each tensor keeps its L1 mass (after pruning too) and only the
   sign pattern is revealed.
 - :class:`Compose`: applies a list of defenses in order (e.g. clip, then prune, then noise).
@@ -55,6 +56,8 @@ def _seed(owner: str, seed: Any) -> Optional[int]:
         return None
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"{owner}: seed must be an integer or None, got {seed!r}")
+    if not -(2**63) <= seed < 2**64:  # torch.Generator.manual_seed's range: fail here, not at the first update
+        raise ValueError(f"{owner}: seed must be in [-2**63, 2**64), got {seed!r}")
     return seed
 
 
@@ -151,7 +154,7 @@ class GaussianDP(Defense):
 
     Raises:
         ValueError: clip_norm <= 0, sigma < 0, both ``noise_multiplier`` and ``sigma`` given with different values,
-            neither given, or a non-integer seed.
+            neither given, a non-number sigma, or a non-integer seed (or one outside torch's [-2**63, 2**64)).
     """
 
     name = "gaussian_dp"
@@ -165,8 +168,11 @@ class GaussianDP(Defense):
     ) -> None:
         if noise_multiplier is None and sigma is None:
             raise ValueError("GaussianDP: noise_multiplier (alias sigma) is required, a number >= 0")
-        if noise_multiplier is not None and sigma is not None and float(noise_multiplier) != float(sigma):
-            raise ValueError(f"GaussianDP: noise_multiplier={noise_multiplier} and sigma={sigma} disagree; give one")
+        if noise_multiplier is not None and sigma is not None:  # each checked first: a clear error, not float()'s
+            if (_number("GaussianDP", "noise_multiplier", noise_multiplier)
+                    != _number("GaussianDP", "sigma", sigma)):
+                raise ValueError(f"GaussianDP: noise_multiplier={noise_multiplier} and sigma={sigma} disagree; "
+                                 "give one")
         value = noise_multiplier if noise_multiplier is not None else sigma
         self.noise_multiplier = _number("GaussianDP", "noise_multiplier (sigma)", value)
         if self.noise_multiplier < 0:
@@ -263,7 +269,7 @@ class Quantize(Defense):
         seed: seed of the stochastic rounding (see the module docstring), None for the global RNG.
 
     Raises:
-        ValueError: levels < 2 or not an integer, or a non-integer seed.
+        ValueError: levels < 2 or not an integer, stochastic not a boolean, or a non-integer seed.
     """
 
     name = "quantize"
@@ -272,6 +278,9 @@ class Quantize(Defense):
         if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
             raise ValueError(f"Quantize: levels must be an integer >= 2, got {levels!r}")
         self.levels = levels
+        if not (isinstance(stochastic, bool) or (isinstance(stochastic, int) and stochastic in (0, 1))):
+            # bool("false") is True: a string or other value would silently switch stochastic rounding on
+            raise ValueError(f"Quantize: stochastic must be true or false, got {stochastic!r}")
         self.stochastic = bool(stochastic)
         self.seed = _seed("Quantize", seed)
 
@@ -309,7 +318,8 @@ class Quantize(Defense):
 
 
 class SignCompression(Defense):
-    """signSGD with a per-tensor scale (Bernstein et al. 2018): ``u <- sign(u) * ||u||_1 / nnz(u)``.
+    """signSGD's sign (Bernstein et al. 2018) with a per-tensor scale as in Karimireddy et al. 2019 (EF-signSGD,
+    there ||u||_1 / d): ``u <- sign(u) * ||u||_1 / nnz(u)``.
 
     The scale is the mean magnitude of the non-zero entries, so the tensor's L1 norm is kept exactly and zeros stay
     zero (after top-k pruning the kept entries share the kept mass; a mean over all entries would shrink it by the

@@ -109,7 +109,7 @@ def as_rgb_uint8(image: Any) -> np.ndarray:
     uint8 (H, W, 3) / (H, W), or float (H, W, 3) / (H, W) in [0, 1]. A PIL image is accepted too.
 
     Raises:
-        ValueError: unsupported shape, or float pixels outside [0, 1] (e.g. 0-255 floats).
+        ValueError: unsupported shape, or float pixels outside [0, 1] (e.g. 0-255 floats) or not finite (NaN, inf).
     """
     try:
         import torch
@@ -137,6 +137,8 @@ def as_rgb_uint8(image: Any) -> np.ndarray:
         raise ValueError(f"expected an (H, W, 3) or (H, W) image, got shape {image.shape}")
     if arr.dtype != np.uint8:
         arr = arr.astype(np.float32)
+        if not np.isfinite(arr).all():  # NaN would become 0 (black) in the uint8 cast: a fake image, not a measurement
+            raise ValueError(f"{int((~np.isfinite(arr)).sum())} pixels are NaN or inf; expected float pixels in [0, 1]")
         lo, hi = float(arr.min()), float(arr.max())
         if lo < -1e-3 or hi > 1 + 1e-3:
             raise ValueError(f"float pixels in [{lo:.4g}, {hi:.4g}]; expected [0, 1] (or pass uint8 0-255)")
@@ -147,9 +149,12 @@ def as_rgb_uint8(image: Any) -> np.ndarray:
 
 
 def _iter_images(images: Any) -> list:
-    """A batch tensor (N, C, H, W), an array (N, H, W, 3), a single image, or nested sequences -> list of images."""
+    """A batch tensor (N, C, H, W), an array (N, H, W, 3), a single image (tensor, array or PIL image), or nested
+    sequences of these -> list of images."""
     if images is None:
         return []
+    if hasattr(images, "getbands"):  # a PIL image (not iterable): one image, as as_rgb_uint8 accepts
+        return [images]
     if hasattr(images, "dim") and images.dim() == 4:
         return list(images)
     if hasattr(images, "dim") and images.dim() == 3:
