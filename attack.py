@@ -29,7 +29,6 @@ import shutil
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -48,6 +47,7 @@ from datamodules.users import User, UserSource  # noqa: E402
 from datamodules.celeba import CelebAUsers  # noqa: E402,F401  (short class names in configs)
 from datamodules.folder import FolderUsers  # noqa: E402,F401
 from datamodules.users import FashionMNISTUsers  # noqa: E402,F401
+from lightning.pytorch.utilities import rank_zero_warn  # noqa: E402  (one warning, not one per DDP process)
 from lightning_modules.base_attack import AttackDivergedError, AttackResult, GradientInversionAttack  # noqa: E402
 from lightning_modules.baselines import DLG, InvertingGradients, iDLG  # noqa: E402,F401
 from lightning_modules.user_level_inversion import UserLevelInversion  # noqa: E402,F401
@@ -254,14 +254,16 @@ def load_prior(spec: PriorSpec, image_shape):
     """The :class:`inversion.prior.DiffusionPrior` of ``spec.path`` for images of ``image_shape`` (C, H, W).
 
     The path is looked up by :func:`inversion.fsutils.find_input_path` (as given, then under the repository root);
-    anything else is passed on unchanged (a hub id, or a missing path that then fails to load).
+    when neither exists, ``spec.path`` is passed on as written (a hub id, or a missing path such as ``./x`` that the
+    loader then names as not found).
 
     Raises:
         FileNotFoundError, ValueError, PriorMismatchError: see :meth:`DiffusionPrior.from_pretrained`.
     """
     from inversion.prior import DiffusionPrior
 
-    return DiffusionPrior.from_pretrained(str(find_input_path(spec.path)) if spec.path else spec.path, image_shape)
+    found = find_input_path(spec.path) if spec.path else None
+    return DiffusionPrior.from_pretrained(str(found) if found is not None and found.exists() else spec.path, image_shape)
 
 
 def resolve_attack_class(class_path: str):
@@ -369,7 +371,7 @@ def validate(cfg: Namespace, source: UserSource, victim_cfg: dict) -> None:
             raise ConfigError(f"threat.fedavg_lr must be a finite number > 0, got {cfg.threat.fedavg_lr}")
         b = cfg.threat.fedavg_batch_size
         if b and b < B and B % b:
-            warnings.warn(
+            rank_zero_warn(
                 f"threat.fedavg_batch_size {b} does not divide B = {B}: the last local mini-batch has {B % b} images and "
                 "its mean gradient gets the weight of a full one, so the pseudo-gradient over-weights those images and "
                 "does not tend to the FedSGD gradient as fedavg_lr -> 0 (inversion/fedavg.py). The attack still runs; "
@@ -379,7 +381,7 @@ def validate(cfg: Namespace, source: UserSource, victim_cfg: dict) -> None:
         unused = {k: getattr(cfg.threat, k) for k in ("fedavg_epochs", "fedavg_lr", "fedavg_batch_size", "fedavg_shuffle")
                   if getattr(cfg.threat, k) != getattr(defaults, k)}
         if unused:
-            warnings.warn(f"threat.protocol is fedsgd: {unused} apply to FedAvg only and are ignored (set "
+            rank_zero_warn(f"threat.protocol is fedsgd: {unused} apply to FedAvg only and are ignored (set "
                           "threat.protocol fedavg to use them)", stacklevel=2)
     if cfg.threat.defenses:
         from inversion.defenses import build_defenses
@@ -391,7 +393,7 @@ def validate(cfg: Namespace, source: UserSource, victim_cfg: dict) -> None:
             ("selection_output_weight", int(a.get("final_candidates") or 1) > 1
              and float(a.get("selection_output_weight", 1.0) or 0) > 0)) if on]
         if output_terms:
-            warnings.warn(
+            rank_zero_warn(
                 f"attack.init_args.{' and '.join(output_terms)} > 0 under client defenses: the output-matching target "
                 "(the batch's mean softmax, recovered from the last layer's bias gradient) assumes an unscaled, "
                 "unmasked gradient; clipping, noise, pruning and compression bias it (toward the inferred label "

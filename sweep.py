@@ -309,7 +309,8 @@ def load_sweep(path: str | Path, root_override: Optional[str] = None) -> Sweep:
                     raise SweepError(f"{path}: grid.{key} values are config paths, lists of them or null; got {v!r}")
             grid[key] = out
 
-    root = root_override or raw.get("root") or f"runs/sweeps/{name}"
+    # '~' expanded here, as attack.py expands the cells' output.root (else the index and the cells part ways)
+    root = os.path.expanduser(str(root_override or raw.get("root") or f"runs/sweeps/{name}"))
     sweep = Sweep(name=name, root=str(root), base=base, configs=configs, fixed=fixed, grid=grid, source=path)
     sweep.cells = expand_cells(sweep)
     return sweep

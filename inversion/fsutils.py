@@ -72,9 +72,9 @@ def find_input_path(value: str | os.PathLike) -> Path:
         value: the path as written in the config or on the command line.
 
     Returns:
-        The first candidate that exists; the path as given (``~`` expanded) when none does, so the loader's
-        not-found error names what the user wrote (a diffusers hub id such as ``google/ddpm-cifar10-32`` comes back
-        unchanged, as it names no local file).
+        The first candidate that exists; else ``Path(value)`` with ``~`` expanded (``Path`` drops a leading ``./``,
+        so a caller that tells a missing local folder from a hub id by its spelling, as :func:`inversion.prior.load_ddpm`
+        does, should pass on its own string when the result does not exist: see ``attack.load_prior``).
 
     The one rule used by attack.py (victim, prior, evaluator) and the report (which compares settings by the real
     paths they name); it never raises.

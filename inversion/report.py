@@ -51,8 +51,10 @@ Notes in summary.md). When more than one defense (or strength) is present, also:
 * ``privacy.csv``: per (method, B, defense, defense_strength), pooled over run names (kept apart by protocol,
   victim_init, final_stage and setting, with setting_diff, when the runs differ in them; summary.md shows these
   columns too): n_users,
-  ``evaluator_accuracy``, ``label_accuracy`` and avg/std/n of ``psnr_nearest`` and ``lpips_nearest`` (when present);
-* ``privacy_curve.png``: attack success (evaluator accuracy; LPIPS nearest and PSNR nearest when measured) against
+  ``evaluator_accuracy`` with ``evaluator_accuracy_ci_low`` / ``_ci_high`` (its 95% Wilson interval, as in
+  summary.csv), ``label_accuracy`` and avg/std/n of ``psnr_nearest`` and ``lpips_nearest`` (when present);
+* ``privacy_curve.png``: attack success (evaluator accuracy with its Wilson interval as error bars; LPIPS nearest and
+  PSNR nearest when measured) against
   the defense strength (the first defense's sigma / keep fraction / levels / clip norm, see attack.defense_label),
   one line per method (and per defense kind, per B, protocol, victim_init, final_stage when several). The x axis is logarithmic when the positive
   strengths span more than 10x. ``none`` (no defense) is drawn as a hollow square at the left end of each line with

@@ -91,7 +91,8 @@ class DDPMPrior(Resumable, LightningModule):
         if init_weights:
             from inversion.fsutils import find_input_path  # as given, else under the repository root
 
-            start = UNet2DModel.from_pretrained(str(find_input_path(init_weights)), subfolder="unet",
+            found = find_input_path(init_weights)
+            start = UNet2DModel.from_pretrained(str(found) if found.exists() else init_weights, subfolder="unet",
                                                 low_cpu_mem_usage=False)
             try:
                 self.unet.load_state_dict(start.state_dict())

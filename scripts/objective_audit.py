@@ -174,7 +174,10 @@ def audit(cfg) -> Path:
     kwargs.update(use_prior=False, final_denoise=False, users_per_step=1)  # the data term needs no prior
     mus = [float(kwargs.get("output_weight", 0) or 0)] if spec.output_weights is None else [float(m) for m in spec.output_weights]
     kwargs["output_weight"] = max(mus)  # bind recovers pbar when any mu > 0; the scores apply each mu themselves
-    probe = attack_cls(**kwargs)  # validates the attack's hyper-parameters
+    try:  # validates the attack's hyper-parameters, named as attack.py names them
+        probe = attack_cls(**kwargs)
+    except ValueError as exc:
+        raise ConfigError(f"attack.init_args ({attack_cls.__name__}): {exc}") from None
     try:  # the label strategy against the threat model, as attack.py checks it: bind would fail only per user,
         # after the run directory is made
         probe.check_threat(getattr(source, "batch_size", None), bool(cfg.threat.reveal_batch_size),

@@ -260,7 +260,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
         raise SystemExit(0)
     if not argv or argv[0].startswith("-"):
         raise ConfigError("usage: python scripts/refinish.py RUN_DIR [attack.py overrides of the final stage ...]")
-    return refinish(Path(argv[0]), argv[1:])
+    return refinish(Path(os.path.expanduser(argv[0])), argv[1:])  # a quoted "~/runs/x" too
 
 
 if __name__ == "__main__":

@@ -264,7 +264,7 @@ def test_a_resume_with_a_run_seed_needs_the_recorded_attack_seed(tmp_path):
         load_refinish().main([str(run_dir)])
 
 
-def test_fedavg_settings_that_do_not_do_what_they_say_are_warned_about(tmp_path, recwarn):
+def test_fedavg_settings_that_do_not_do_what_they_say_are_warned_about(tmp_path, recwarn, monkeypatch):
     """A local batch size that does not divide B biases the pseudo-gradient (inversion/fedavg.py), and FedAvg
     settings under protocol fedsgd are ignored: both ran silently. A setting that does what it says warns nothing."""
     parser = attack.build_parser()
@@ -281,6 +281,13 @@ def test_fedavg_settings_that_do_not_do_what_they_say_are_warned_about(tmp_path,
             assert said == []
         else:
             assert len(said) == 1 and warned in said[0], said
+    # once per run, not once per DDP process: ranks > 0 (which run prepare() too) stay quiet
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    recwarn.clear()
+    attack.prepare(parser, parser.parse_args(base + cases[0][0]))
+    assert not [w for w in recwarn if "threat." in str(w.message)]
 
 
 def test_the_resume_command_runs_from_where_it_is_printed(tmp_path, monkeypatch):

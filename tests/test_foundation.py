@@ -385,6 +385,9 @@ def test_input_paths_are_found_as_given_then_under_the_repository_root(tmp_path,
     assert cfg["num_classes"] == 10 and model(torch.zeros(1, 1, 32, 32)).shape == (1, 10)
     prior = attack.load_prior(attack.PriorSpec(path="checkpoints/fashion_mnist/ddpm_32"), (1, 32, 32))
     assert prior.unet.config.sample_size == 32
+    # a missing './folder' stays a local path (Path() would drop the './' and make it look like a hub id)
+    with pytest.raises(FileNotFoundError, match=r"prior './mine/ddpm' not found"):
+        attack.load_prior(attack.PriorSpec(path="./mine/ddpm"), (1, 32, 32))
 
 
 def test_run_directories_expand_home(tmp_path, monkeypatch):

@@ -80,3 +80,16 @@ def test_check_checkpoints_refuses_a_bad_device_before_the_accuracies(device, ms
     with pytest.raises(SystemExit) as exc:
         mod.main(["--device", device, "--n-test", "10", "--n-samples", "1", "--ddim-steps", "1"])
     assert exc.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_objective_audit_names_the_attack_setting_and_refinish_expands_home(tmp_path, monkeypatch):
+    """The audit's attack-setting errors name attack.init_args as attack.py's do; refinish takes a quoted '~/...'
+    run directory (it said 'not a run directory' of the literal '~' path)."""
+    audit = load_script("objective_audit")
+    cfg = tiny_config(tmp_path)
+    with pytest.raises(attack.ConfigError, match=r"^attack.init_args \(UserLevelInversion\): anneal_fraction"):
+        audit.main(["--config", str(cfg), "--audit.per_class", "1", "--attack.init_args.anneal_fraction", "0"])
+    refinish = load_script("refinish")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(attack.ConfigError, match=f"^{tmp_path / 'no_run'}: not a run directory"):
+        refinish.main(["~/no_run"])

@@ -690,3 +690,14 @@ def test_setting_fills_defaults_and_ignores_where_a_run_executed(tmp_path):
                                       c["attack"]["init_args"].update(seed=3, log_images_every=50))) == ref
     assert setting("no_prior", lambda c: c["attack"]["init_args"].update(use_prior=False)) != ref
     assert setting("b50", lambda c: c["users"]["init_args"].update(batch_size=50)) != ref
+
+
+def test_sweep_root_expands_home(tmp_path, tiny_base, monkeypatch):
+    """root: ~/... made a literal './~' sweep directory (index, logs, report) while attack.py expands its cells'
+    output.root: the two parted and unfinished cells were not found to resume."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    cfg = write_sweep(tmp_path / "s.yaml", tiny_base, {"seed": [0, 1]}, root="~/sweeps/t")
+    s = sweep.load_sweep(cfg)
+    assert s.root == str(tmp_path / "home" / "sweeps" / "t")
+    assert sweep.open_sweep_dir(s, new=False) == tmp_path / "home" / "sweeps" / "t" and not (tmp_path / "~").exists()
