@@ -58,3 +58,33 @@ def write_fake_fmnist(folder: Path) -> Path:
         write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
         write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
     return folder
+
+
+
+class StepSpy:
+    """What :func:`interrupt_user_at` installed: ``calls`` gets ``(log_prefix, global_step)`` for every training
+    step; ``at`` is the ``(log_prefix, global_step)`` that raises KeyboardInterrupt (None: no interrupt, e.g. for
+    the resumed run)."""
+
+    def __init__(self, at):
+        self.calls: list[tuple[str, int]] = []
+        self.at = at
+
+
+def interrupt_user_at(monkeypatch, user_prefix: str, step: int) -> StepSpy:
+    """Patch :class:`UserLevelInversion`'s training step to record every call and to raise KeyboardInterrupt (a
+    Ctrl-C in the middle of that user's attack) when the user logged under ``user_prefix`` (e.g. ``"user_0001/"``)
+    reaches global step ``step``. Set the returned spy's ``at`` to None to let later runs through, still recorded."""
+    from lightning_modules.user_level_inversion import UserLevelInversion
+
+    original = UserLevelInversion.training_step
+    spy = StepSpy((user_prefix, step))
+
+    def recording(self, batch, batch_idx):
+        spy.calls.append((self.log_prefix, self.global_step))
+        if spy.at == (self.log_prefix, self.global_step):
+            raise KeyboardInterrupt
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(UserLevelInversion, "training_step", recording)
+    return spy

@@ -194,19 +194,10 @@ def test_unknown_config_key_is_rejected(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_resume_skips_finished_users_and_continues_the_interrupted_one(tmp_path, monkeypatch):
-    from lightning_modules.user_level_inversion import UserLevelInversion
+    from tests.helpers import interrupt_user_at
 
     cfg = tiny_config(tmp_path, **{"logger.backend": "csv"})
-    original = UserLevelInversion.training_step
-    calls: list[tuple[str, int]] = []
-
-    def interrupting(self, batch, batch_idx):
-        calls.append((self.log_prefix, self.global_step))
-        if self.log_prefix == "user_0001/" and self.global_step == 3:
-            raise KeyboardInterrupt  # Ctrl-C in the middle of the second user's attack
-        return original(self, batch, batch_idx)
-
-    monkeypatch.setattr(UserLevelInversion, "training_step", interrupting)
+    spy = interrupt_user_at(monkeypatch, "user_0001/", 3)  # Ctrl-C in the middle of the second user's attack
     with pytest.raises(SystemExit):
         attack.main(["--config", str(cfg), "--checkpoint_every", "2"])
     (run_dir,) = (tmp_path / "runs").iterdir()
@@ -219,10 +210,10 @@ def test_resume_skips_finished_users_and_continues_the_interrupted_one(tmp_path,
     before = torch.load(run_dir / "checkpoints" / "user_0001" / "last.ckpt", weights_only=False)["attack_seconds"]
     assert before > 0  # the interrupted user's time so far travels with its checkpoint
 
-    calls.clear()
-    monkeypatch.setattr(UserLevelInversion, "training_step", lambda self, b, i: (calls.append((self.log_prefix, self.global_step)), original(self, b, i))[1])
+    spy.calls.clear()
+    spy.at = None
     assert attack.main(["--config", str(cfg), "--checkpoint_every", "2", "--resume", str(run_dir)]) == run_dir
-    assert calls == [("user_0001/", 2), ("user_0001/", 3)]  # user 0 skipped, user 1 resumed at step 2
+    assert spy.calls == [("user_0001/", 2), ("user_0001/", 3)]  # user 0 skipped, user 1 resumed at step 2
     rows = list(csv.DictReader((run_dir / "results.csv").open()))
     assert [r["user"] for r in rows] == ["0", "1"] and rows[0] == first[0] and rows[1]["steps"] == "4"
     assert float(rows[1]["seconds"]) > before  # the whole attack's time, not only the part after the resume

@@ -149,17 +149,10 @@ def test_wandb_run_survives_an_interrupt_and_a_resume(tmp_path, monkeypatch, cap
     """Ctrl-C: the W&B run is closed as failed with the finished user's table, and the message gives a resume
     command that works. The resume continues the same W&B run id, its table mixes the resumed (string) and new rows
     without W&B refusing it, and its final grid has both users."""
-    from lightning_modules.user_level_inversion import UserLevelInversion
+    from tests.helpers import interrupt_user_at
 
     cfg = tiny_config(tmp_path, **{"image_log_every": 0})
-    original = UserLevelInversion.training_step
-
-    def interrupting(self, batch, batch_idx):
-        if self.log_prefix == "user_0001/" and self.global_step == 1:
-            raise KeyboardInterrupt
-        return original(self, batch, batch_idx)
-
-    monkeypatch.setattr(UserLevelInversion, "training_step", interrupting)
+    spy = interrupt_user_at(monkeypatch, "user_0001/", 1)
     with pytest.raises(SystemExit):
         attack.main(["--config", str(cfg)])
     (run_dir,) = (tmp_path / "runs").iterdir()
@@ -171,7 +164,7 @@ def test_wandb_run_survives_an_interrupt_and_a_resume(tmp_path, monkeypatch, cap
     (table,) = (first / "files" / "media" / "table" / "final").glob("results_*.table.json")
     assert len(json.loads(table.read_text())["data"]) == 1  # the finished user, logged although interrupted
 
-    monkeypatch.setattr(UserLevelInversion, "training_step", original)
+    spy.at = None
     argv = hint.split()[2:]  # the printed command, as a user would paste it
     assert attack.main(argv) == run_dir
     runs = sorted(run_dir.glob("wandb/offline-run-*"))

@@ -133,21 +133,12 @@ def test_rerun_resumes_the_interrupted_cell_and_skips_its_finished_users(tmp_pat
     that cell in the same run dir with attack.py --resume (user 0 is not attacked again, user 1 continues from its
     step-2 checkpoint), then runs the cell the Ctrl-C never reached. The sweep started the cell again in a new run
     dir and attacked user 0 again."""
-    from lightning_modules.user_level_inversion import UserLevelInversion
+    from tests.helpers import interrupt_user_at
 
     cfg = write_sweep(tmp_path / "s.yaml", tiny_base, {"seed": [0, 1]},
                       fixed={"attack.init_args.steps": 4, "checkpoint_every": 2})
     sweep_dir = tmp_path / "sweep_dir"
-    original = UserLevelInversion.training_step
-    calls: list[tuple[str, int]] = []
-
-    def interrupting(self, batch, batch_idx):
-        calls.append((self.log_prefix, self.global_step))
-        if self.log_prefix == "user_0001/" and self.global_step == 3:
-            raise KeyboardInterrupt  # Ctrl-C in the middle of the second user's attack
-        return original(self, batch, batch_idx)
-
-    monkeypatch.setattr(UserLevelInversion, "training_step", interrupting)
+    spy = interrupt_user_at(monkeypatch, "user_0001/", 3)  # Ctrl-C in the middle of the second user's attack
     assert sweep.main(["--config", str(cfg)]) == 130
     (run_dir,) = (sweep_dir / "cells").iterdir()
     index = json.loads((sweep_dir / "index.json").read_text())
@@ -163,13 +154,12 @@ def test_rerun_resumes_the_interrupted_cell_and_skips_its_finished_users(tmp_pat
     assert f"seed=0: resume {run_dir} (was interrupted)" in out.getvalue()
     assert f"--resume {run_dir}" in out.getvalue()
 
-    calls.clear()
-    monkeypatch.setattr(UserLevelInversion, "training_step",
-                        lambda self, b, i: (calls.append((self.log_prefix, self.global_step)), original(self, b, i))[1])
+    spy.calls.clear()
+    spy.at = None
     assert sweep.main(["--config", str(cfg)]) == 0
     # cell seed=0: user 0 skipped, user 1 from its checkpoint at step 2; cell seed=1: both users, every step
-    assert calls[:2] == [("user_0001/", 2), ("user_0001/", 3)]
-    assert calls[2:] == [(f"user_000{u}/", s) for u in (0, 1) for s in range(4)]
+    assert spy.calls[:2] == [("user_0001/", 2), ("user_0001/", 3)]
+    assert spy.calls[2:] == [(f"user_000{u}/", s) for u in (0, 1) for s in range(4)]
     out = capsys.readouterr().out
     assert f"[sweep] 1/2 seed=0: resuming {run_dir} (was interrupted; its finished users are kept)" in out
     index = json.loads((sweep_dir / "index.json").read_text())
