@@ -275,16 +275,23 @@ def resolve_attack_class(class_path: str):
     return import_object(class_path)
 
 
+def device_pool(trainer: dict) -> tuple[bool, int]:
+    """(on CUDA?, how many devices there are to ask for): a run is on CUDA for accelerator gpu/cuda, or auto with
+    CUDA present; it then has ``torch.cuda.device_count()`` devices, else ``os.cpu_count()`` CPU cores (one process
+    each)."""
+    import torch
+
+    accelerator = str(trainer.get("accelerator") or "auto")
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return on_gpu, (torch.cuda.device_count() if on_gpu else (os.cpu_count() or 1))
+
+
 def requested_devices(trainer: dict) -> int:
     """Devices per node a trainer config asks for, as Lightning counts them: a list of indices -> its length, an
     int n -> n (-1: every device), 'auto'/None -> every CUDA device when the run is on CUDA (accelerator gpu/cuda,
     or auto with CUDA present), else 1. Every device is CUDA devices on CUDA, CPU cores (``os.cpu_count()``) else."""
-    import torch
-
-    accelerator = str(trainer.get("accelerator") or "auto")
     devices = trainer.get("devices", "auto")
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    every = torch.cuda.device_count() if on_gpu else (os.cpu_count() or 1)
+    on_gpu, every = device_pool(trainer)
     if isinstance(devices, (list, tuple)):
         return len(devices)
     if isinstance(devices, int) or (isinstance(devices, str) and devices.lstrip("-").isdigit()):
@@ -324,8 +331,7 @@ def check_devices(trainer: dict) -> None:
             f"trainer.accelerator is {accelerator!r} but this machine has no CUDA device; use --trainer.accelerator "
             "cpu (or auto)"
         )
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and has_cuda)
-    available = torch.cuda.device_count() if on_gpu else (os.cpu_count() or 1)
+    on_gpu, available = device_pool(trainer)
     kind = "CUDA devices" if on_gpu else "CPU cores"
     if isinstance(devices, (list, tuple)):
         asked = max(int(d) for d in devices) + 1 if devices else 0
