@@ -1192,11 +1192,12 @@ def _markdown_table(summary: pd.DataFrame, df: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in summary.iterrows():
         cells = [_fmt_key(r[k]) if k == "defense_strength" else str(r[k]) for k in keys] + [str(r[c]) for c in counts]
-        for c in ("evaluator_accuracy", "label_accuracy"):
-            if c in summary:
-                low, high = r.get(f"{c}_ci_low", math.nan), r.get(f"{c}_ci_high", math.nan)
-                ci = f" [{_fmt(low)}, {_fmt(high)}]" if np.isfinite(low) and np.isfinite(high) else ""
-                cells.append(_fmt(r[c]) + ci)
+        if "evaluator_accuracy" in summary:  # with its Wilson interval when it has one
+            low, high = r.get("evaluator_accuracy_ci_low", math.nan), r.get("evaluator_accuracy_ci_high", math.nan)
+            ci = f" [{_fmt(low)}, {_fmt(high)}]" if np.isfinite(low) and np.isfinite(high) else ""
+            cells.append(_fmt(r["evaluator_accuracy"]) + ci)
+        if "label_accuracy" in summary:
+            cells.append(_fmt(r["label_accuracy"]))
         for m in metrics:
             avg, std, n = r[f"{m}_avg"], r[f"{m}_std"], int(r[f"{m}_n"])
             cell = _fmt(avg) if n else "n/a"
