@@ -425,11 +425,14 @@ def defense_label(defenses: list[dict]) -> tuple[str, float]:
 
 def defense_seed(seed: int, user_index: int, position: int) -> int:
     """The seed of the ``position``-th seeded defense (counting only those with a ``seed``) of client
-    ``user_index``: ``seed + user_index`` for the first (as the shipped DP sweeps ran), and a ``numpy.random.SeedSequence([seed, user_index, position])`` draw for
+    ``user_index``: ``seed + user_index`` for the first (as the shipped DP sweeps ran; wrapped modulo 2**64 when it
+    passes the top of torch's seed range [-2**63, 2**64), so a seed near 2**64 that the defense accepted does not
+    fail at user 1), and a ``numpy.random.SeedSequence([seed, user_index, position])`` draw for
     later ones, so two seeded defenses of one client (e.g. DP noise then stochastic quantisation with the same
     ``seed``) draw independent streams instead of the same one."""
     if position == 0:
-        return int(seed) + int(user_index)
+        first = int(seed) + int(user_index)
+        return first - 2**64 if first >= 2**64 else first
     import numpy as np
 
     return int(np.random.SeedSequence([int(seed) % 2**63, int(user_index) % 2**63, int(position)]).generate_state(1)[0])

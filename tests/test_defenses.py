@@ -248,3 +248,18 @@ def test_two_seeded_defenses_of_one_client_draw_independent_noise():
     prune = {"name": "topk_pruning", "keep_fraction": 1.0}
     after_prune = attack.user_defenses(attack.ThreatSpec(defenses=[prune, dp]), 3)(zero)["w"] / 1e6
     torch.testing.assert_close(after_prune, one)
+
+
+def test_a_seed_at_the_top_of_torchs_range_works_for_every_user():
+    """A seed the defense accepts (2**64 - 1) stays in torch's range for later users (seed + user index wraps
+    modulo 2**64): it built user 0's defense and failed at user 1 with torch's 'Overflow when unpacking long'."""
+    import attack
+
+    top = 2**64 - 1
+    assert attack.defense_seed(top, 0, 0) == top
+    assert attack.defense_seed(top, 1, 0) == 0 and attack.defense_seed(top, 5, 0) == 4
+    assert attack.defense_seed(7, 5, 0) == 12  # the shipped sweeps' seeds are unchanged
+    dp = {"name": "gaussian_dp", "clip_norm": 1e9, "sigma": 1e-3, "seed": top}
+    zero = OrderedDict([("w", torch.zeros(10))])
+    user1 = attack.user_defenses(attack.ThreatSpec(defenses=[dp]), 1)(zero)["w"]
+    torch.testing.assert_close(user1, GaussianDP(clip_norm=1e9, sigma=1e-3, seed=0)(zero)["w"], rtol=0, atol=0)
