@@ -1039,8 +1039,19 @@ def counts_text(inferred) -> str:
 def scenario_columns(method: str, user: User, inferred, init: Namespace) -> dict[str, Any]:
     """The leading results.csv columns of one user: who it is (and its folder under the run directory), its
     ground-truth label histogram (evaluation side),
-    the server's label inference, and the threat model (protocol, defenses, victim initialisation)."""
+    the server's label inference, and the threat model (protocol; under FedAvg its local epochs, lr, mini-batch size
+    (B when 0 or above B: one full-batch step per epoch), shuffling and local SGD steps; defenses; victim
+    initialisation)."""
     defense_name, defense_strength = defense_label([dict(d) for d in init.threat.defenses])
+    threat = init.threat
+    fedavg = {}
+    if threat.protocol == "fedavg":  # the local training the weight difference came from
+        from inversion.fedavg import local_steps_for
+
+        b = min(threat.fedavg_batch_size or user.batch_size, user.batch_size)
+        fedavg = {"fedavg_epochs": threat.fedavg_epochs, "fedavg_lr": threat.fedavg_lr, "fedavg_batch_size": b,
+                  "fedavg_shuffle": bool(threat.fedavg_shuffle),
+                  "fedavg_local_steps": local_steps_for(user.batch_size, threat.fedavg_epochs, b)}
     return {
         "user": user.user_id, "user_dir": f"users/{user_uid(user)}", "method": method, "B": user.batch_size,
         "dominant_class": user.dominant_class,
@@ -1049,6 +1060,7 @@ def scenario_columns(method: str, user: User, inferred, init: Namespace) -> dict
         "inferred_counts": counts_text(inferred),
         "label_strategy": inferred.strategy,
         "protocol": init.threat.protocol,
+        **fedavg,
         "defense": defense_name,
         "defense_strength": defense_strength,
         "victim_init": "random" if init.victim.random_init else "trained",

@@ -300,3 +300,28 @@ def test_an_attack_setting_error_names_its_config_group(tmp_path):
     with pytest.raises(attack.ConfigError, match=r"^attack.init_args \(UserLevelInversion\): anneal_fraction must"):
         attack.prepare(parser, cfg)
     assert not (tmp_path / "runs").exists()
+
+
+def test_results_rows_record_the_fedavg_local_training():
+    """results.csv says which local training a FedAvg row attacked (E, lr, effective b, shuffle, local SGD steps);
+    it said only 'fedavg', so rows of a FedAvg sweep could not be told apart without their config.yaml. FedSGD rows
+    have none of these columns."""
+    from types import SimpleNamespace
+
+    from datamodules.users import User
+
+    user = User(3, torch.zeros(10, 1, 8, 8), torch.tensor([1] * 10), 1, 0)
+    inferred = SimpleNamespace(dominant=1, counts=torch.tensor([0.0, 10.0]), strategy="bias_corrected")
+
+    def row(**threat):
+        init = SimpleNamespace(threat=attack.ThreatSpec(**threat), victim=SimpleNamespace(random_init=False))
+        return attack.scenario_columns("UserLevelInversion", user, inferred, init)
+
+    fedsgd = row()
+    assert fedsgd["protocol"] == "fedsgd" and not any(k.startswith("fedavg") for k in fedsgd)
+    r = row(protocol="fedavg", fedavg_epochs=2, fedavg_lr=0.05, fedavg_batch_size=4, fedavg_shuffle=True)
+    assert {k: r[k] for k in r if k.startswith("fedavg")} == {
+        "fedavg_epochs": 2, "fedavg_lr": 0.05, "fedavg_batch_size": 4, "fedavg_shuffle": True, "fedavg_local_steps": 6}
+    for b in (0, 50):  # the whole batch (0, or b above B): one step per epoch
+        r = row(protocol="fedavg", fedavg_epochs=3, fedavg_batch_size=b)
+        assert (r["fedavg_batch_size"], r["fedavg_local_steps"], r["fedavg_shuffle"]) == (10, 3, False)

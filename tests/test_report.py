@@ -231,3 +231,16 @@ def test_wilson_interval_is_drawn_for_a_single_point():
     assert len(segments) == 1  # the row without an interval has no bar
     assert segments[0][:, 0].tolist() == [10, 10] and segments[0][:, 1] == pytest.approx([low, high])
     plt.close(fig)
+
+
+def test_fedavg_settings_columns_are_not_averaged_as_metrics(tmp_path):
+    """results.csv's fedavg_* columns (the local training's settings) are not measurements: no fedavg_*_avg column
+    in summary.csv (the boolean fedavg_shuffle passed pandas' numeric test and was averaged)."""
+    tmp = tmp_path
+    df = _fake_run(tmp, "run_a", methods=("diffusion",), bs=(4,))
+    df = df.assign(protocol="fedavg", fedavg_epochs=2, fedavg_lr=0.05, fedavg_batch_size=2, fedavg_shuffle=True,
+                   fedavg_local_steps=4)
+    df.to_csv(tmp / "run_a" / "results.csv", index=False)
+    s = pd.read_csv(report.build_report([tmp / "run_a"], tmp / "rep") / "summary.csv")
+    assert not [c for c in s.columns if c.startswith("fedavg")]
+    assert len(s) == 1 and abs(s["psnr_nearest_avg"].iloc[0] - df["psnr_nearest"].mean()) < 1e-6
