@@ -143,17 +143,85 @@ TRAINER_SKIP = {
 }
 
 
+class AttackArgumentParser(ArgumentParser):
+    """jsonargparse's parser with readable errors for the subclass groups ``attack`` and ``users``: an unknown class
+    name says so and lists the shipped ones (jsonargparse printed a Union-type dump, "Expected a dot import path
+    string: DLGx"); a rejected init argument is given alone ("users (FashionMNISTUsers): Parser key "batch_size":
+    Expected a <class 'int'>. Got value: x") instead of beside the NoneType alternative. Other errors pass
+    through unchanged."""
+
+    GROUPS = {"attack": (GradientInversionAttack, "attack method"), "users": (UserSource, "user source")}
+
+    def error(self, message: str, ex: Optional[Exception] = None):  # type: ignore[override]
+        return super().error(self.clarify(message), ex)
+
+    @classmethod
+    def known(cls, key: str) -> list[type]:
+        """The shipped classes of group ``key`` ('attack' or 'users'): the imported subclasses of its base that
+        have no subclass of their own or are used directly (``SampleLevelAttack``, a common base, is left out)."""
+        base = cls.GROUPS[key][0]
+        out, todo = [], list(base.__subclasses__())
+        while todo:
+            c = todo.pop(0)
+            todo.extend(c.__subclasses__())
+            if c not in out and not (c.__subclasses__() and c.__name__ == "SampleLevelAttack"):
+                out.append(c)
+        return out
+
+    @classmethod
+    def _resolves(cls, key: str, name: str) -> bool:
+        if any(name in (c.__name__, f"{c.__module__}.{c.__name__}") for c in cls.known(key)):
+            return True
+        module, _, attr = name.rpartition(".")
+        try:
+            import importlib
+
+            obj = getattr(importlib.import_module(module), attr) if module else None
+        except Exception:  # noqa: BLE001 - any import failure means: not a class we can use
+            return False
+        return isinstance(obj, type) and issubclass(obj, cls.GROUPS[key][0])
+
+    @classmethod
+    def clarify(cls, message: str) -> str:
+        """The readable form of a parse (or instantiation) error ``message`` of the ``attack`` or ``users`` group;
+        ``message`` unchanged when it is about another key or has an unexpected form."""
+        import re
+
+        m = re.match(r'Parser key "(attack|users)":', message)
+        key = m.group(1) if m else next((k for k, (base, _) in cls.GROUPS.items()
+                                         if f"Subtypes: [<class '{base.__module__}.{base.__name__}'>" in message), None)
+        if key is None or "Errors:" not in message:
+            return message
+        base, what = cls.GROUPS[key]
+        given = re.search(r"Given value: (.*?)\s*$", message)
+        raw = given.group(1) if given else ""
+        nested = re.match(r"NestedArg\(key='(.*?)', val='(.*)'\)$", raw)
+        name = nested.group(2) if nested and nested.group(1) == "class_path" else (
+            None if nested or raw.startswith(("Namespace(", "{")) else raw.strip("'\""))
+        if name and not cls._resolves(key, name):
+            known = ", ".join(c.__name__ for c in cls.known(key))
+            return (f"{key}: {name!r} is not a known {what}; use one of {known} (as --{key} NAME, or "
+                    f"{key}.class_path: NAME in a config), or the dot import path of your own {base.__name__} "
+                    "subclass")
+        block = message.split("Errors:", 1)[1].split("Given value type:", 1)[0]
+        items = [" ".join(item.split()) for item in re.split(r"\n\s*- ", "\n" + block.strip()) if item.strip()]
+        items = [i for i in items if "NoneType" not in i]
+        items = [re.sub(r"^Problem with given class_path '(?:.*\.)?(\w+)': ", rf"{key} (\1): ", i) for i in items]
+        return "; ".join(i if i.startswith(f"{key} (") else f"{key}: {i}" for i in items) if items else message
+
+
 def build_parser() -> ArgumentParser:
     """The jsonargparse parser of attack.py: ``--config`` plus the groups of the module docstring.
 
     ``users`` and ``attack`` are subclass groups (``class_path`` + ``init_args``; ``attack`` is not instantiated and
     its ``log_prefix`` is set per user by :func:`run`), ``trainer`` holds Lightning ``Trainer`` options except
     :data:`TRAINER_SKIP` (the attack sets those itself); then ``--seed``, ``--image_log_every``, ``--resume`` and
-    ``--checkpoint_every``. Built with ``exit_on_error=True``: a bad command line exits through argparse.
+    ``--checkpoint_every``. Built with ``exit_on_error=True``: a bad command line exits through argparse, with
+    :class:`AttackArgumentParser`'s readable messages for the ``attack`` and ``users`` groups.
     """
     from lightning import Trainer
 
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], default_env=False, exit_on_error=True)
+    p = AttackArgumentParser(description=__doc__.split("\n\n")[0], default_env=False, exit_on_error=True)
     p.add_argument("--config", action=ActionConfigFile, help="One YAML per experiment (configs/attack/*.yaml).")
     p.add_subclass_arguments(UserSource, "users", required=True, help="Who the FL users are.")
     p.add_class_arguments(VictimSpec, "victim")
@@ -960,7 +1028,10 @@ def prepare(parser: ArgumentParser, cfg: Namespace):
     Raises:
         ConfigError (or the loaders' own errors): whatever is wrong, with how to fix it.
     """
-    init = parser.instantiate(cfg) if hasattr(parser, "instantiate") else parser.instantiate_classes(cfg)
+    try:
+        init = parser.instantiate(cfg) if hasattr(parser, "instantiate") else parser.instantiate_classes(cfg)
+    except ValueError as exc:  # a user source's own argument checks, wrapped by jsonargparse in a Union-type dump
+        raise ConfigError(AttackArgumentParser.clarify(str(exc))) from exc
     source: UserSource = init.users
     source.check()
     victim, victim_cfg = load_victim(init.victim)

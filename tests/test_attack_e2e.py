@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +138,39 @@ def test_bad_input_fails_before_any_run_dir(tmp_path, overrides, error, match):
     with pytest.raises(error, match=match):
         attack.main(["--config", str(cfg)])
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--attack", "dlg"], r"^attack: 'dlg' is not a known attack method; use one of UserLevelInversion, DLG, "
+                              r"InvertingGradients, iDLG \(as --attack NAME"),
+        (["--attack.class_path", "lightning_modules.baselines.Nope"], "'lightning_modules.baselines.Nope' is not a known"),
+        (["--attack", "torch.nn.Linear"], "'torch.nn.Linear' is not a known attack method"),  # imports, wrong base
+        (["--users", "Foo"], "^users: 'Foo' is not a known user source; use one of FashionMNISTUsers, FolderUsers, "
+                             "CelebAUsers"),
+        (["--users.init_args.batch_size", "x"], r'^users \(FashionMNISTUsers\): Parser key "batch_size": Expected'),
+        (["--attack", "DLG", "--attack.init_args.steps", "x"], r'^attack \(DLG\): Parser key "steps"'),
+        (["--attack.init_args.no_such_option", "1"], r"^attack \(UserLevelInversion\): Option 'no_such_option'"),
+    ],
+)
+def test_an_unknown_attack_or_user_source_gets_one_readable_line(tmp_path, capsys, argv, match):
+    """The subclass groups' parse errors name the group, the class and what was wrong (and the shipped attacks for an
+    unknown name), not jsonargparse's Union-type dump ("Does not validate against any of the Union subtypes ...
+    Expected a <class 'NoneType'>")."""
+    cfg = tiny_config(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        attack.main(["--config", str(cfg), *argv])
+    assert exc.value.code == 2
+    error = capsys.readouterr().err.split("error: ", 1)[1]
+    assert re.search(match, error) and "NoneType" not in error and "Union" not in error, error
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_user_source_argument_refused_at_construction_reads_as_one_line(tmp_path):
+    with pytest.raises(attack.ConfigError, match=r"^users: num_users must be >= 1, got 0$"):
+        attack.main(["--config", str(tiny_config(tmp_path)), "--users.init_args.num_users", "0"])
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize(
