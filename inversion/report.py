@@ -435,6 +435,7 @@ def load_runs(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
         missing = [c for c in ("user", "method", "B") if c not in df.columns]
         if missing:
             raise ValueError(f"{csv} lacks column(s) {missing}")
+        df["user"] = _user_ids(pd.read_csv(csv, usecols=["user"], dtype=str, keep_default_na=False)["user"])
         df["run"] = d.name
         df["run_dir"] = str(d)
         df["run_name"] = run_name_of(d)
@@ -1101,6 +1102,15 @@ def plot_privacy_curve(privacy: pd.DataFrame, path: Path) -> Optional[Path]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _user_ids(raw: pd.Series) -> pd.Series:
+    """results.csv's ``user`` column as written: integers when every id is one written canonically (Fashion-MNIST
+    and CelebA users: ``3``), else the strings themselves (folder users' names), so ``012`` and ``12`` stay two
+    users and ``NA`` or ``null`` is a name, not a missing value (``pd.read_csv`` read all of them as numbers or NaN
+    and merged such users as duplicates)."""
+    canonical = raw.map(lambda v: v.lstrip("-").isdigit() and str(int(v)) == v)
+    return raw.astype("int64") if len(raw) and bool(canonical.all()) else raw.astype(object)
 
 
 def _grid_path(row: pd.Series) -> Optional[Path]:

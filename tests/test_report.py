@@ -244,3 +244,21 @@ def test_fedavg_settings_columns_are_not_averaged_as_metrics(tmp_path):
     s = pd.read_csv(report.build_report([tmp / "run_a"], tmp / "rep") / "summary.csv")
     assert not [c for c in s.columns if c.startswith("fedavg")]
     assert len(s) == 1 and abs(s["psnr_nearest_avg"].iloc[0] - df["psnr_nearest"].mean()) < 1e-6
+
+
+def test_folder_user_names_that_look_like_numbers_stay_apart(tmp_path):
+    """Folder users are named by their folder: '012', '12' and 'NA' are three users. pd.read_csv read them as 12, 12
+    and NaN, so the report merged the first two as one duplicated user (n_users 1 of 2 measured) and lost 'NA'."""
+    run = tmp_path / "faces-20261201-000000-abcdef"
+    run.mkdir()
+    (run / "results.csv").write_text("user,method,B,dominant_class,evaluator_class,evaluator_correct,psnr_nearest\n"
+                                     "012,user_level,4,0,0,True,11.0\n12,user_level,4,0,1,False,13.0\n"
+                                     "NA,user_level,4,0,0,True,15.0\n")
+    df = report.load_runs([run])
+    assert list(df["user"]) == ["012", "12", "NA"]
+    assert sorted(report.pool_users([run]).index) == ["012", "12", "NA"]
+    s = pd.read_csv(report.build_report([run], tmp_path / "rep") / "summary.csv")
+    assert s["n_users"].iloc[0] == 3 and s["psnr_nearest_avg"].iloc[0] == 13.0
+    # numbered users (Fashion-MNIST, CelebA) stay integers
+    _user_run(tmp_path, "B10_a-20261201-000000-aaaaaa", [3, 10], [True, False])
+    assert list(report.load_runs([tmp_path / "B10_a-20261201-000000-aaaaaa"])["user"]) == [3, 10]
