@@ -15,20 +15,31 @@ Strategies (``LABEL_STRATEGIES``):
   class gets from images of other classes, estimated from the classes taken as absent, for which g_c = pi_c exactly)
   plus a self-confidence a = 1 - (C - 1) pi that keeps the probabilities summing to one, (1) becomes
   g_c = pi (1 - C n_c / B), hence n_c = B (pi - g_c) / (C pi). Presence is read from the sign (absent classes have
-  g_c = pi_c >= 0 exactly), pi is the mean gradient of the classes read as absent, and the counts of the present
-  classes are rounded to sum to B. Exact for a single-class batch, and under a uniform output (pi = 1/C) when every
-  present class has n_c / B > pi. Limit: the bias gradient sums to zero over the classes, so pi cannot be read from
-  g alone; a present class with n_c / B below its offset (one image of 20 under a uniform output) has g_c > 0, is
-  read as absent (count 0) and biases pi. Scale-free; with no bias it uses the weight-row sums, whose signs follow
-  the bias rule when the penultimate features are non-negative (after a ReLU and pooling, as in ResNet).
+  g_c = pi_c >= 0 exactly), pi is the mean gradient of the classes read as absent. With B known, as in LLG's stage 1
+  (Wainakh et al. 2022) and breaching's 'wainakh'/'bias-corrected' strategies, each of the k classes with g_c < 0
+  first gets one image (a negative entry proves the class present), then the remaining B - k images are shared by
+  the estimated counts beyond that first image, max(n_c - 1, 0), with largest-remainder rounding (total exactly B).
+  When k > B (only possible with noise or a non-CE update) the one-each rule cannot hold and the estimates are
+  rounded to B directly, so some negative classes get 0. Exact for a single-class batch, and under a uniform output
+  (pi = 1/C) when every present class has n_c / B > pi. Limit: the bias gradient sums to zero over the classes, so
+  pi cannot be read from g alone; a present class with n_c / B below its offset (one image of 20 under a uniform
+  output) has g_c > 0, is read as absent (count 0) and biases pi. Scale-free; with no bias it uses the weight-row
+  sums, whose signs follow the bias rule when the penultimate features are non-negative (after a ReLU and pooling,
+  as in ResNet).
   Measured on mixed batches (``scripts/label_inference_audit.py``, ``reports/label_inference_audit_cpu/``): a trained
   victim leaks little (23-63% of images mislabelled by every strategy); with a random one this default mislabels
   11-30% and finds the dominant class in 12-15 of 15 batches at Dirichlet alpha 0.5 and 0.1.
 - ``known``: the server is given the labels (threat model with known labels).
+
+Uninformative signal: when the last-layer signal has no negative entry (all zero, e.g. a defense zeroed or masked
+the last layer; all equal; or a saturated victim), no class is proven present and every strategy falls back to the
+argmin (class 0 for an all-equal signal). The result then has ``informative=False`` and :func:`infer_labels` warns
+(``UserWarning``) that the labels are a guess; the counts are those of the fallback, unchanged.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -45,12 +56,16 @@ class LabelInference:
         present: bool (C,) classes inferred present.
         dominant: the class with the largest estimated count.
         strategy: name of the strategy used.
+        informative: False when the last-layer signal had no negative entry (no class proven present, e.g. an
+            all-zero bias gradient under a defense): the counts are then the strategies' argmin fallback, a guess.
+            True for 'known' labels and for results built elsewhere (default).
     """
 
     counts: torch.Tensor
     present: torch.Tensor
     dominant: int
     strategy: str
+    informative: bool = True
 
     @property
     def proportions(self) -> torch.Tensor:
@@ -142,11 +157,16 @@ def round_to_total(x: torch.Tensor, total: int) -> torch.Tensor:
     return base
 
 
+def _informative(signal: torch.Tensor) -> bool:
+    """True when some class has a negative signal (proven present under softmax cross-entropy)."""
+    return bool((signal < 0).any())
+
+
 def _idlg(signal: torch.Tensor, batch_size: Optional[int]) -> LabelInference:
     c = int(torch.argmin(signal))
     counts = torch.zeros_like(signal)
     counts[c] = float(batch_size or 1)
-    return LabelInference(counts, counts > 0, c, "idlg")
+    return LabelInference(counts, counts > 0, c, "idlg", _informative(signal))
 
 
 def _sign(signal: torch.Tensor, batch_size: Optional[int]) -> LabelInference:
@@ -156,12 +176,19 @@ def _sign(signal: torch.Tensor, batch_size: Optional[int]) -> LabelInference:
     counts = present.float() / present.sum()
     if batch_size:
         counts = round_to_total(counts, batch_size)
-    return LabelInference(counts, present, int(torch.argmin(signal)), "sign")
+    return LabelInference(counts, present, int(torch.argmin(signal)), "sign", _informative(signal))
 
 
 def _bias_corrected(signal: torch.Tensor, batch_size: Optional[int]) -> LabelInference:
+    """LLG-style counts (module docstring): float32 (C,) summing to ``batch_size`` (or proportions without B).
+
+    With B given and k <= B negative classes, each negative class gets one image first and the other B - k follow
+    the estimated counts beyond one (Wainakh et al. 2022, LLG stage 1; breaching's 'bias-corrected'); k > B keeps
+    the plain rounding of the estimates to B.
+    """
     C = signal.numel()
-    present = signal < 0  # absent classes have g_c = pi_c >= 0 exactly
+    negative = signal < 0  # absent classes have g_c = pi_c >= 0 exactly, so these are present
+    present = negative.clone()
     if not present.any():
         present[torch.argmin(signal)] = True
     absent = ~present
@@ -170,8 +197,18 @@ def _bias_corrected(signal: torch.Tensor, batch_size: Optional[int]) -> LabelInf
         share = torch.where(present, (pi - signal) / (C * pi), torch.zeros_like(signal)).clamp_min(0)
     else:  # every class present: no offset to estimate, split by the size of the negative gradients
         share = -signal / (-signal).sum()
-    counts = round_to_total(share, batch_size) if batch_size else share / share.sum().clamp_min(1e-12)
-    return LabelInference(counts, counts > 0, int(torch.argmax(share)), "bias_corrected")
+    k = int(negative.sum())
+    if not batch_size:
+        counts = share / share.sum().clamp_min(1e-12)
+    elif 0 < k <= batch_size:
+        estimate = share / share.sum().clamp_min(1e-12) * batch_size  # estimated n_c, sums to B
+        beyond_one = torch.where(negative, (estimate - 1).clamp_min(0), torch.zeros_like(estimate))
+        if beyond_one.sum() <= 0:  # every estimate <= 1: share the rest by the estimates themselves
+            beyond_one = torch.where(negative, estimate, torch.zeros_like(estimate))
+        counts = negative.float() + round_to_total(beyond_one, batch_size - k)
+    else:  # no negative class (uninformative), or k > B (noise): round the estimates to B
+        counts = round_to_total(share, batch_size)
+    return LabelInference(counts, counts > 0, int(torch.argmax(share)), "bias_corrected", _informative(signal))
 
 
 LABEL_STRATEGIES: dict[str, Callable[[torch.Tensor, Optional[int]], LabelInference]] = {
@@ -218,6 +255,13 @@ def infer_labels(
         strategy: 'bias_corrected', 'sign', 'idlg' or 'known'.
         known_labels: int64 (B,) labels, required for 'known'.
 
+    Returns:
+        :class:`LabelInference` with float32 (C,) counts (summing to B when given) on the CPU.
+
+    Warns:
+        UserWarning: the last-layer signal has no negative entry (e.g. all zero under a defense); the result then has
+            ``informative=False`` and its labels are the strategy's argmin fallback, a guess.
+
     Raises:
         ValueError: unknown strategy, 'idlg' with B > 1, or 'known' without labels.
     """
@@ -226,4 +270,13 @@ def infer_labels(
         counts = torch.bincount(known_labels.long().cpu(), minlength=num_classes).float()
         return LabelInference(counts, counts > 0, int(counts.argmax()), "known")
     signal = last_layer_signal(target_gradient, num_classes).cpu()
-    return LABEL_STRATEGIES[strategy](signal, batch_size)
+    result = LABEL_STRATEGIES[strategy](signal, batch_size)
+    if not result.informative:
+        what = "is all zero" if not signal.any() else f"has no negative entry (min {float(signal.min()):.3g})"
+        warnings.warn(
+            f"label inference ({strategy}): the last layer's gradient {what}, so no class is proven present (a "
+            f"defense zeroed or masked it, or the victim is saturated); the inferred labels (dominant class "
+            f"{result.dominant}) are a guess. Use label_strategy 'known' if the threat model gives the labels.",
+            stacklevel=2,
+        )
+    return result

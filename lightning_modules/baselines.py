@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import copy
 import importlib
+import math
+import warnings
 from collections import OrderedDict
 from typing import Any, Optional, Sequence
 
@@ -84,7 +86,9 @@ def cosine_gradient_distance(
 
     As in their ``reconstruction_costs`` (cost_fn='sim', all layers, equal weights): the inner product and both norms
     are summed over all layers before dividing. ``eps`` floors each norm on its own (a zero gradient gives 1), so the
-    distance is scale-invariant for gradients whose norm is above ``eps``.
+    distance is scale-invariant for gradients whose norm is above ``eps``. The floor is applied to the squared norm
+    before the square root (``sqrt(max(||d||^2, eps^2))``), so an exactly zero dummy gradient has a finite gradient
+    (flooring after the root backpropagated 0/0 = NaN through sqrt at 0).
 
     Returns:
         float scalar tensor in [0, 2] (differentiable w.r.t. ``dummy``).
@@ -97,7 +101,7 @@ def cosine_gradient_distance(
     dot = sum((a * b).sum() for a, b in zip(d, t))
     dn = sum(a.pow(2).sum() for a in d)
     tn = sum(b.pow(2).sum() for b in t)
-    return 1 - dot / (dn.sqrt().clamp_min(eps) * tn.sqrt().clamp_min(eps))
+    return 1 - dot / (dn.clamp_min(eps**2).sqrt() * tn.clamp_min(eps**2).sqrt())
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
@@ -168,7 +172,8 @@ class SampleLevelAttack(GradientInversionAttack):
     #: converted victim: "expected scalar type Float but found BFloat16"/"Half"; DLG and iDLG under '16-true'
     #: diverge before that), and '16-mixed' (fp16 AMP: Lightning refuses L-BFGS with a grad scaler, and IG's signed
     #: gradient would pass through one; on CPU Lightning replaces '16-mixed' by 'bf16-mixed', which is accepted).
-    #: '64-true' is safe here because bind deep-copies the victim (the conversion never reaches the caller's model).
+    #: '64-true' is safe here because bind deep-copies the victim (the conversion never reaches the caller's model);
+    #: result() scores in the converted copy's float64 and returns float32 images (tests/test_baselines_review.py).
     supported_precisions = ("32-true", "32", "64-true", "64", "bf16-mixed", "bf16")
 
     def __init__(
@@ -267,7 +272,8 @@ class SampleLevelAttack(GradientInversionAttack):
     # -- gradients -------------------------------------------------------------------------------------------------
 
     def targets(self) -> list[torch.Tensor]:
-        """The target gradient as a list of float32 tensors (victim parameter order), on the module's device."""
+        """The target gradient as a list of tensors (victim parameter order), on the module's device: float32, or
+        float64 under trainer precision '64-true' (Lightning converts the module's buffers with the victim copy)."""
         return [getattr(self, n) for n in self._target_names]
 
     def dummy_gradient(self, x: torch.Tensor, y: torch.Tensor, create_graph: bool = True) -> list[torch.Tensor]:
@@ -290,16 +296,31 @@ class SampleLevelAttack(GradientInversionAttack):
         if not torch.isfinite(loss).all():
             raise AttackDivergedError(step, what)
 
+    def victim_dtype(self) -> torch.dtype:
+        """The floating dtype of the bound victim copy: float32, or float64 after a '64-true' fit (Lightning converts
+        the whole module, victim copy included); float32 for a victim without floating parameters or buffers."""
+        self._require_bound()
+        for t in list(self.victim.parameters()) + list(self.victim.buffers()):
+            if t.is_floating_point():
+                return t.dtype
+        return torch.float32
+
     @torch.no_grad()
     def image_scores(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Cosine gradient distance of each image's own single-image gradient to the target.
 
+        The images (and float soft labels) are cast to :meth:`victim_dtype` first, so scoring float32 reconstructions
+        works after a '64-true' fit (it crashed with "mat1 and mat2 must have the same dtype").
+
         Args:
-            x: float (B, C, H, W) in [0, 1]; y: int64 (B,) or float (B, num_classes) probabilities.
+            x: float (B, C, H, W) in [0, 1], any float dtype; y: int64 (B,) or float (B, num_classes) probabilities.
 
         Returns:
-            float32 (B,) distances in [0, 2] (lower: the image explains the update better).
+            float32 (B,) distances in [0, 2] on the CPU (lower: the image explains the update better).
         """
+        dtype = self.victim_dtype()
+        x = x.to(dtype)
+        y = y.to(dtype) if y.is_floating_point() else y
         tg = self.targets()
         scores = []
         for i in range(x.shape[0]):
@@ -318,7 +339,11 @@ class SampleLevelAttack(GradientInversionAttack):
         labels: LabelInference,
         extras: Optional[dict] = None,
     ) -> AttackResult:
-        """Package B reconstructions x (B, C, H, W) (clamped to [0, 1]) into an :class:`AttackResult`."""
+        """Package B reconstructions x (B, C, H, W) (clamped to [0, 1]) into an :class:`AttackResult`.
+
+        The reported images are float32 on the CPU whatever the trainer precision ('64-true' fits hold float64
+        pixels); they are scored (:meth:`image_scores`) in the victim copy's dtype.
+        """
         x = x.detach().float().clamp(0, 1)
         scores = self.image_scores(x, y)
         best = int(torch.argmin(scores))
@@ -472,7 +497,7 @@ class DLG(SampleLevelAttack):
             hard = y.argmax(dim=1).cpu()
             counts = torch.bincount(hard, minlength=self.num_classes).float()
             labels = LabelInference(counts, counts > 0, int(counts.argmax()), "dlg")
-            extras["soft_labels"] = y.cpu()
+            extras["soft_labels"] = y.float().cpu()
         else:
             labels = self.label_inference
         return self._finish(self.x, y, labels, extras)
@@ -548,17 +573,34 @@ class InvertingGradients(SampleLevelAttack):
     Labels y: int64 (B,) expanded from the counts of :func:`inversion.label_inference.infer_labels` (or the known
     labels). At the end the restart with the lowest gradient loss (without TV) at its final pixels is kept.
 
+    Diverged restarts: as inversefed/breaching drop a non-finite trial and score the finite ones, a restart whose loss,
+    pixel gradient or pixels become NaN/inf is frozen from that step on (pixels kept at their last finite values, or
+    as they were when its loss went non-finite; gradient zeroed, no further backward), gets a final score of +inf in
+    ``extras['restart_grad_loss']`` and is never the best restart; a ``UserWarning`` names it. Only when every
+    restart has diverged does the attack raise.
+
+    Units against inversefed: this implementation works in [0, 1] pixels x, inversefed optimises normalised pixels
+    x_n = (x - m) / s. Under the victims' default ``Normalize(0.5, 0.5)`` (x_n = 2x - 1): the start N(0.5, 0.5^2) here
+    is inversefed's randn, the box [0, 1] is its [-1, 1], and with the signed gradient Adam moves every pixel by about
+    lr per step in the units it optimises, so ``lr`` 0.1 here (0.1 in [0, 1] units = 0.2 in normalised units) is
+    twice inversefed's step at its lr 0.1 (inversefed's 0.1 equals lr 0.05 here). :func:`total_variation` has
+    inversefed's definition (``inversefed.metrics.total_variation``: mean absolute horizontal plus vertical
+    differences) and is linear in the pixel scale, so TV(x_n) = 2 TV(x) and ``tv_weight`` w here equals w / 2 in
+    inversefed's units (inversefed's default 1e-1 equals tv_weight 0.2 here; the default 1e-2 here is 5e-3 there).
+    The cosine term does not depend on the pixel units (the victim sees the same normalised input).
+
     Args:
         steps: Adam steps (Geiping: 4800 to 24000 on CIFAR/ImageNet).
-        lr: Adam learning rate (inversefed: 0.1; it acts on normalised pixels there, on [0, 1] pixels here).
-        tv_weight: weight of :func:`total_variation` (inversefed's default config: 1e-1 on normalised pixels; tune
-            per dataset).
+        lr: Adam learning rate on [0, 1] pixels (inversefed: 0.1 on normalised pixels, i.e. 0.05 here under
+            Normalize(0.5, 0.5); see above).
+        tv_weight: weight of :func:`total_variation` on [0, 1] pixels (inversefed's default config: 1e-1 on normalised
+            pixels, i.e. 0.2 here under Normalize(0.5, 0.5); tune per dataset).
         restarts: R independent initialisations (inversefed: 1 by default, up to 8 in their experiments).
         signed, boxed, lr_decay: Geiping's switches, all on by default.
         label_strategy, seed, log_images_every, log_prefix: see :class:`GradientInversionAttack`.
 
     Raises at step time:
-        AttackDivergedError: a restart's loss is NaN/inf.
+        AttackDivergedError: every restart has diverged (the step is the one at which the last restart did).
     """
 
     def __init__(
@@ -589,9 +631,46 @@ class InvertingGradients(SampleLevelAttack):
         self.boxed = boxed
         self.lr_decay = lr_decay
         self.x: Optional[torch.nn.Parameter] = None
+        #: restart index -> (step, what) for every restart that went non-finite (frozen, excluded from the choice)
+        self.diverged: dict[int, tuple[int, str]] = {}
+
+    def on_save_checkpoint(self, checkpoint) -> None:
+        """As :class:`SampleLevelAttack`, plus the diverged restarts (a resumed run keeps them frozen)."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["attack_diverged_restarts"] = {int(r): [int(st), str(w)] for r, (st, w) in self.diverged.items()}
+
+    def on_load_checkpoint(self, checkpoint) -> None:
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get("attack_diverged_restarts", {})
+        self.diverged = {int(r): (int(st), str(w)) for r, (st, w) in saved.items()}
+
+    def alive(self) -> torch.Tensor:
+        """bool (R,) on the pixels' device: True for the restarts that have not diverged."""
+        mask = torch.ones(self.restarts, dtype=torch.bool)
+        for r in self.diverged:
+            mask[r] = False
+        return mask.to(self.x.device)
+
+    def _diverge(self, r: int, step: int, what: str) -> None:
+        """Freeze restart r (it went non-finite at ``step``; ``what``: which quantity) and warn once."""
+        if r in self.diverged:
+            return
+        self.diverged[r] = (step, what)
+        warnings.warn(
+            f"InvertingGradients: restart {r} of {self.restarts} diverged at step {step} ({what} is NaN or inf); it is "
+            "frozen and excluded from the best-restart choice, the other restarts go on",
+            stacklevel=2,
+        )
+
+    def _raise_if_all_diverged(self, step: int) -> None:
+        if len(self.diverged) < self.restarts:
+            return
+        detail = ", ".join(f"restart {r}: {w} at step {st}" for r, (st, w) in sorted(self.diverged.items()))
+        raise AttackDivergedError(step, f"every one of the {self.restarts} restarts ({detail})")
 
     def _init_variables(self, view: ServerView) -> None:
         B = self.batch_size
+        self.diverged = {}
         self.label_inference = infer_labels(
             view.target_gradient, self.num_classes, B, self.label_strategy, known_labels=view.labels
         )
@@ -623,18 +702,34 @@ class InvertingGradients(SampleLevelAttack):
         return cosine_gradient_distance(g, self.targets()), total_variation(self.x[r])
 
     def training_step(self, batch, batch_idx):
+        """One signed Adam step of every live restart; a restart whose loss, gradient or pixels turn NaN/inf is
+        frozen (see the class docstring). Raises AttackDivergedError once every restart has diverged."""
         self._require_bound()
         step = int(batch_idx)
         opt = self.optimizers()
         opt.zero_grad()
-        grad_losses, tvs = [], []
+        before = self.x.detach().clone()  # pixels at the start of the step: a diverged restart is put back to these
+        grad_losses, tvs = [float("inf")] * self.restarts, [float("nan")] * self.restarts
         for r in range(self.restarts):
+            if r in self.diverged:
+                continue
             gl, tv = self.restart_loss(r, create_graph=True)
             loss = gl + self.tv_weight * tv
-            self._check_finite(loss, step)
+            if not torch.isfinite(loss):
+                self._diverge(r, step, "gradient loss")
+                continue
             self.manual_backward(loss, inputs=[self.x])  # one graph at a time; x.grad accumulates per restart slice
-            grad_losses.append(float(gl.detach()))
-            tvs.append(float(tv.detach()))
+            grad_losses[r] = float(gl.detach())
+            tvs[r] = float(tv.detach())
+        self._raise_if_all_diverged(step)
+        with torch.no_grad():
+            bad_grad = ~torch.isfinite(self.x.grad.flatten(1)).all(dim=1)
+            for r in bad_grad.nonzero().flatten().tolist():
+                if r not in self.diverged:
+                    self._diverge(r, step, "pixel gradient")
+                    grad_losses[r] = float("inf")
+            self._raise_if_all_diverged(step)
+            self.x.grad[~self.alive()] = 0  # frozen restarts: no gradient (Adam's momentum is undone below)
         if self.signed:
             self.x.grad.sign_()
         lr = opt.param_groups[0]["lr"]  # the lr of this step (before the scheduler moves it)
@@ -644,7 +739,13 @@ class InvertingGradients(SampleLevelAttack):
         with torch.no_grad():
             if self.boxed:
                 self.x.clamp_(0, 1)
-        self._check_finite(self.x.detach(), step, "image")
+            for r in (~torch.isfinite(self.x.flatten(1)).all(dim=1)).nonzero().flatten().tolist():
+                if r not in self.diverged:
+                    self._diverge(r, step, "image")
+                    grad_losses[r] = float("inf")
+            dead = ~self.alive()
+            self.x[dead] = before[dead]  # frozen at their last finite (or diverged-at) pixels
+        self._raise_if_all_diverged(step)
         self._steps_done += 1
         best = min(range(self.restarts), key=lambda i: grad_losses[i])
         self.record(
@@ -653,19 +754,28 @@ class InvertingGradients(SampleLevelAttack):
         self._maybe_log_images(self.x[best], step)
 
     def result(self) -> AttackResult:
-        """The best restart's B images in [0, 1] (lowest final cosine gradient loss, TV excluded).
+        """The best restart's B images in [0, 1] (lowest final cosine gradient loss, TV excluded), float32 on the CPU.
 
-        ``extras``: 'restart_grad_loss' (R,), 'best_restart', 'image_scores' (B,), 'representative_index',
-        'image_labels' int64 (B,).
+        Diverged restarts, and any whose final loss is NaN/inf, score +inf and are never chosen.
+
+        ``extras``: 'restart_grad_loss' (R,) floats (+inf for diverged restarts), 'best_restart', 'diverged_restarts'
+        {restart: (step, what)}, 'image_scores' (B,), 'representative_index', 'image_labels' int64 (B,).
+
+        Raises:
+            AttackDivergedError: no restart has a finite final gradient loss.
         """
         self._require_bound()
+        finals = []
         with torch.enable_grad():
-            finals = [float(self.restart_loss(r, create_graph=False)[0]) for r in range(self.restarts)]
+            for r in range(self.restarts):
+                f = float("inf") if r in self.diverged else float(self.restart_loss(r, create_graph=False)[0])
+                finals.append(f if math.isfinite(f) else float("inf"))
         finals_t = torch.tensor(finals)
-        if not torch.isfinite(finals_t).all():
-            raise AttackDivergedError(self._steps_done, "final gradient loss")
+        if not torch.isfinite(finals_t).any():
+            raise AttackDivergedError(self._steps_done, f"the final gradient loss of every one of the {self.restarts} "
+                                                         "restarts")
         best = int(torch.argmin(finals_t))
-        extras = {"restart_grad_loss": finals, "best_restart": best}
+        extras = {"restart_grad_loss": finals, "best_restart": best, "diverged_restarts": dict(self.diverged)}
         return self._finish(self.x[best], self.fixed_labels, self.label_inference, extras)
 
 
