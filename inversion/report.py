@@ -30,7 +30,8 @@ Extra grouping, only when the runs differ in it (so a report of one kind of run 
 ``victim_init``, ``defense`` + ``defense_strength`` (columns of results.csv; a run without them counts as
 ``defense = none``, strength NaN), ``final_stage`` (results.csv's column, else derived from the run's config.yaml:
 'denoise t=100 ddim/10', 'select N=32 t=400 mu=1 ddim/10', ...) and ``run_name`` (``output.name`` from each run's ``config.yaml``, else the run
-folder name without its ``-YYYYmmdd-HHMMSS-hex`` suffix). Last, ``setting`` (:func:`setting_of`: a hash of the
+folder name without its ``-YYYYmmdd-HHMMSS-hex`` suffix; only when runs alike in the keys before it have different
+names, so names that only restate B, ``B10_ig`` and ``B50_ig``, leave one series along B). Last, ``setting`` (:func:`setting_of`: a hash of the
 run's config apart from what runs of one experiment may differ in, :data:`POOLED_CONFIG_KEYS`: seeds, user range,
 defenses, output, logging, device; paths compared as real paths; a config attack.py no longer parses compared only on
 the keys it sets), only when runs alike in every other key have different configs (a 5-step and a
@@ -567,7 +568,9 @@ def _splits(df: pd.DataFrame, keys: Sequence[str], col: str) -> bool:
 
 def group_keys(df: pd.DataFrame) -> list[str]:
     """``method, B`` plus the :data:`VARIANT_KEYS` the runs differ in (defense and defense_strength together;
-    ``setting`` only when runs alike in every other key have different configs, so that two runs of one name, e.g. a
+    ``run_name`` only when runs alike in every other key have different names, e.g. two ablations of one method and
+    B, not when the names differ only along B; ``setting`` only when runs alike in every other key have different
+    configs, so that two runs of one name, e.g. a
     5-step and a 60-step run, or two refinished ablations, are two rows), or exactly the variant keys chosen with
     ``df.attrs["variant_keys"]`` (``--variants``; e.g. ``final_stage`` alone pools runs of different names that share
     a final stage)."""
@@ -584,7 +587,8 @@ def group_keys(df: pd.DataFrame) -> list[str]:
         elif k == "final_stage":  # only the user-level attack has one: it varies when it does within a method
             if k in df and df.groupby("method")[k].nunique(dropna=False).max() > 1:
                 keys.append(k)
-        elif k == "setting":  # another config behind rows that every other key leaves together: its own row
+        elif k in ("run_name", "setting"):  # only when it splits rows that every other key leaves together (a
+            # run name that only restates B, e.g. B10_ig / B50_ig, would cut the B series into one-point lines)
             if _splits(df, keys, k):
                 keys.append(k)
         elif _varies(df, k):

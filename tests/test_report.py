@@ -262,3 +262,18 @@ def test_folder_user_names_that_look_like_numbers_stay_apart(tmp_path):
     # numbered users (Fashion-MNIST, CelebA) stay integers
     _user_run(tmp_path, "B10_a-20261201-000000-aaaaaa", [3, 10], [True, False])
     assert list(report.load_runs([tmp_path / "B10_a-20261201-000000-aaaaaa"])["user"]) == [3, 10]
+
+
+def test_run_names_that_only_restate_b_do_not_cut_the_b_series(tmp_path):
+    """Sweeps name their runs by B (B10_ig, B50_ig): run_name then says nothing that B does not, and grouping by it
+    gave one-point series in metrics_vs_B. Two names of one method and B (two ablations) stay two rows."""
+    for name in ("B10_ig-20261201-000000-aaaaaa", "B50_ig-20261201-000000-bbbbbb"):
+        _user_run(tmp_path / "byb", name, [0, 1], [True, False])
+    df = report.load_runs(sorted((tmp_path / "byb").iterdir()))
+    df.loc[df["run_name"] == "B50_ig", "B"] = 50
+    assert report.group_keys(df) == ["method", "B"]
+    for name in ("no_prior-20261201-000000-aaaaaa", "no_window-20261201-000000-bbbbbb"):
+        _user_run(tmp_path / "abl", name, [0, 1], [True, False])
+    df = report.load_runs(sorted((tmp_path / "abl").iterdir()))
+    assert report.group_keys(df) == ["method", "B", "run_name"]
+    assert len(report.aggregate(df)) == 2
