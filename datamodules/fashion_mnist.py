@@ -62,7 +62,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read one idx file (gzipped or not) into a numpy array of dtype uint8.
 
     Args:
-        path: path without the ``.gz`` suffix; ``path.gz`` is tried first.
+        path: path without the ``.gz`` suffix (``~`` expanded); ``path.gz`` is tried first.
 
     Returns:
         uint8 array of shape (N,) for labels or (N, 28, 28) for images.
@@ -72,7 +72,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         ValueError: the file is truncated or corrupt (gzip errors, a short header or data) or not a uint8 idx
             file; the message names it and the fix.
     """
-    raw, path = _open_idx(Path(path))
+    raw, path = _open_idx(Path(path).expanduser())
     if len(raw) < 4:
         raise ValueError(f"{path}: truncated idx file ({len(raw)} bytes, no header). {_REFETCH}")
     zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
@@ -96,8 +96,9 @@ def find_fashion_mnist_root(root: Optional[str] = None, download: bool = True,
     """Locate the Fashion-MNIST idx files (plain or ``.gz``) of ``splits`` ('train', 'test'; both by default: the
     attack's users need only 'test').
 
-    Search order: with ``root``, that folder (also ``root/FashionMNIST/raw``, torchvision's layout) and nothing
-    else, never downloading into it (a mistyped root must fail, not get a folder created in it); without,
+    Search order: with ``root`` (``~`` expanded), that folder (also ``root/FashionMNIST/raw``, torchvision's
+    layout) and nothing else, never downloading into it (a mistyped root must fail, not get a folder created in
+    it); without,
     ``/usr/share/datasets/fashion-mnist`` (Debian package), then torchvision's download into
     ``~/.cache/fashion-mnist`` when ``download`` is true and the network is reachable.
 
@@ -106,6 +107,7 @@ def find_fashion_mnist_root(root: Optional[str] = None, download: bool = True,
             to set.
     """
     # an explicit root is the only place looked at (a mistyped one must not fall back to the system copy silently)
+    root = os.path.expanduser(str(root)) if root else root  # '~/data' as a shell would read it
     candidates = [Path(root), Path(root) / "FashionMNIST" / "raw"] if root else [Path(DEBIAN_ROOT)]
     bad = [x for x in splits if x not in _FILES]
     if bad or not splits:
@@ -160,8 +162,9 @@ def load_split(split: str, root: Optional[str] = None, download: bool = True) ->
 def to_tensor_images(images: np.ndarray, image_size: int = 32, channels: int = 1) -> torch.Tensor:
     """Convert uint8 (N, 28, 28) images into float32 (N, channels, image_size, image_size) pixels in [0, 1].
 
-    28 -> 32 is done by zero padding (2 px each side, the usual LeNet/DDPM convention); other sizes of 28 and above are
-    padded to 32 and then resized bilinearly; sizes below 28 are resized from 28 directly (bilinear, antialiased, no padding).
+    ``image_size`` 28 is the native image (``uint8 / 255``, no resampling); 32 (the default) zero-pads it (2 px each
+    side, the usual LeNet/DDPM convention; the garment keeps its pixels); other sizes above 28 are padded to 32 and
+    then resized bilinearly; sizes below 28 are resized from 28 directly (bilinear, antialiased, no padding).
     ``channels`` 3 replicates the grey channel.
 
     Raises:
@@ -169,7 +172,9 @@ def to_tensor_images(images: np.ndarray, image_size: int = 32, channels: int = 1
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
-    if image_size < 28:
+    if image_size == 28:  # native: padding to 32 and resampling back would shrink and blur the garment
+        x = torch.from_numpy(images.copy()).float().div_(255.0).unsqueeze(1)
+    elif image_size < 28:
         x = torch.from_numpy(images.copy()).float().div_(255.0).unsqueeze(1)
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
     else:
@@ -189,9 +194,10 @@ class FashionMNISTDataModule(ImageDataModule):
     training, since FL users are built from it.
 
     Args:
-        root: folder with the idx files (never downloaded into); None searches the Debian package path, then
-            downloads into ~/.cache/fashion-mnist when online.
-        image_size: output side in pixels (28 -> 32 by zero padding by default).
+        root: folder with the idx files (``~`` expanded; never downloaded into); None searches the Debian package
+            path, then downloads into ~/.cache/fashion-mnist when online.
+        image_size: output side in pixels: 32 (default) zero-pads the 28x28 images by 2 px each side; 28 gives the
+            native images unchanged; other sizes are resampled bilinearly (see :func:`to_tensor_images`).
         channels: 1, or 3 to replicate the grey channel.
         batch_size: training batch size.
         val_size: images of the train split held out for validation (seeded), an integer >= 0 that must leave at

@@ -280,7 +280,7 @@ class FolderUsers(UserSource):
     evaluator's or the victim's class against them).
 
     Args:
-        root: folder holding one subfolder per user.
+        root: folder holding one subfolder per user (``~`` expanded).
         batch_size: B, images per user.
         num_users: users to build (None: every subfolder).
         image_size: output side (centre crop to square, then resize); channels: 3 (RGB) or 1 (grey).
@@ -329,7 +329,7 @@ class FolderUsers(UserSource):
             DataNotFoundError: ``root`` missing or holding no subfolder with images.
             ValueError: fewer subfolders than ``num_users``.
         """
-        root = Path(self.root) if self.root else None
+        root = Path(self.root).expanduser() if self.root else None
         layout = "expected layout: root/<user_id>/*.jpg|*.jpeg|*.png, one subfolder per user (LFW, VGGFace2)"
         if root is None or not root.is_dir():
             raise DataNotFoundError(
@@ -384,18 +384,15 @@ class FolderUsers(UserSource):
         return 1 if self.label_mode == "zeros" else len(self.user_folders())
 
     def check(self) -> None:
-        """Fail early (before any long work): missing root, too few users, a user with fewer than B images, or an
-        image of a selected folder whose header PIL cannot read or whose end shows it truncated
-        (:func:`unreadable_images`; no pixel decoded).
+        """Fail early (before any long work): missing root, too few users, a ``num_classes`` too small for
+        ``label_mode='index'``, a user with fewer than B images (these need only the folder listing, so they come
+        first), then an image of a selected folder whose header PIL cannot read or whose end shows it truncated
+        (:func:`unreadable_images`: reads every selected folder's images; no pixel decoded).
 
         Raises:
             DataNotFoundError: see :meth:`user_folders`. ValueError: the cases above, with the fix.
         """
         folders = self.user_folders()
-        paths = [f for _, files in folders for f in files]
-        raise_if_unreadable(paths, f"the {len(paths)} images of the selected user folders under {self.root}",
-                            "delete these files or re-encode them as JPEG/PNG (a truncated file: copy it again "
-                            "from its source).")
         if self.label_mode == "index" and self._num_classes is not None and self._num_classes < len(folders):
             raise ValueError(
                 f"users.init_args.num_classes={self._num_classes} but label_mode='index' needs at least "
@@ -413,6 +410,11 @@ class FolderUsers(UserSource):
                     + f" (largest selected folder: {most}). Fix: lower batch_size, set min_images: {self.batch_size}"
                     " to skip small folders, or set allow_replacement: true (images then repeat within a batch)."
                 )
+        # last: the only check that reads files (every selected image's header and end)
+        paths = [f for _, files in folders for f in files]
+        raise_if_unreadable(paths, f"the {len(paths)} images of the selected user folders under {self.root}",
+                            "delete these files or re-encode them as JPEG/PNG (a truncated file: copy it again "
+                            "from its source).")
 
     def users(self) -> list[User]:
         """Build the users: images float32 (B, channels, image_size, image_size) in [0, 1], labels int64 (B,)."""
@@ -447,13 +449,14 @@ class FolderUsers(UserSource):
 
 
 def find_images(root: str | os.PathLike) -> list[Path]:
-    """Every .jpg/.jpeg/.png under ``root`` (recursively, following no symlinked folders), sorted by path. Hidden
-    files and folders (names starting with '.', e.g. AppleDouble ``._x.jpg``) are skipped (:func:`is_image_file`).
+    """Every .jpg/.jpeg/.png under ``root`` (``~`` expanded; recursively, following no symlinked folders), sorted by
+    path. Hidden files and folders (names starting with '.', e.g. AppleDouble ``._x.jpg``) are skipped
+    (:func:`is_image_file`).
 
     Raises:
         DataNotFoundError: ``root`` missing or holding no image (the message names the path and the config key).
     """
-    base = Path(root) if root else None
+    base = Path(root).expanduser() if root else None
     if base is None or not base.is_dir():
         raise DataNotFoundError(
             f"image folder {root!r} does not exist. Fix: set `data.init_args.root` to a folder holding "
@@ -484,7 +487,7 @@ class ImageFolderDataModule(ImageDataModule):
     DataLoader worker hours in.
 
     Args:
-        root: folder searched recursively for .jpg/.jpeg/.png.
+        root: folder searched recursively for .jpg/.jpeg/.png (``~`` expanded).
         image_size: output side in pixels; channels: 3 (RGB) or 1 (grey).
         batch_size: training batch size (must not exceed the training images, since the last partial batch is
             dropped).
