@@ -303,6 +303,24 @@ def check_images_present(index: CelebAIndex, rows: np.ndarray, what: str = "data
         )
 
 
+def identity_holdout_split(index: CelebAIndex, identity_holdout: float, seed: int) -> dict[str, np.ndarray]:
+    """The split of the official train partition that :class:`CelebADataModule` uses with target 'identity': a
+    seeded ``identity_holdout`` share of the train-partition images is held out (``numpy.random.default_rng(seed)``
+    permutation of the partition's rows in file order; ``round(identity_holdout * N)`` images), its first half for
+    validation, the second half for test; the rest is trained on. :class:`CelebAUsers` with ``split='holdout'``
+    calls the same function, so its users are exactly the photos the victim did not train on.
+
+    Returns:
+        ``{"train", "val", "test", "holdout"}`` -> sorted int64 row indices into ``index`` ("holdout" = val + test).
+    """
+    rows = index.split_rows("train")
+    perm = np.random.default_rng(seed).permutation(len(rows))
+    n_hold = int(round(identity_holdout * len(rows)))
+    hold, train = np.sort(perm[:n_hold]), np.sort(perm[n_hold:])
+    val, test = hold[: n_hold // 2], hold[n_hold // 2 :]
+    return {"train": rows[train], "val": rows[val], "test": rows[test], "holdout": rows[hold]}
+
+
 def _check_target(index: CelebAIndex, target: str) -> None:
     if target != "identity":
         index.attribute_column(target)
@@ -324,13 +342,26 @@ class CelebAUsers(UserSource):
 
     Labels (``target``):
         'identity': every image gets the identity's class index: the position of the identity in the sorted list of
-            all identities present in ``split`` (:attr:`identity_to_class`; class k <-> identity
-            ``classes[k]``), ``num_classes`` = number of identities in the split. :meth:`check` accepts it only with
-            ``split='train'``: that is :class:`CelebADataModule`'s mapping for ``target='identity'`` (the sorted train
-            identities), while the other splits hold other people (the official partition is identity-disjoint), so
-            their class indices would name unrelated identities of an identity victim.
+            all identities present in ``split`` (the train partition for ``split='holdout'``;
+            :attr:`identity_to_class`; class k <-> identity ``classes[k]``), ``num_classes`` = number of those
+            identities. :meth:`check` accepts it only with ``split='train'`` or ``'holdout'``: that is
+            :class:`CelebADataModule`'s mapping for ``target='identity'`` (the sorted train identities), while the
+            other splits hold other people (the official partition is identity-disjoint), so their class indices
+            would name unrelated identities of an identity victim.
         an attribute name (e.g. 'Male'): each image's 0/1 value (1 = attribute present), ``num_classes`` 2.
     ``dominant_class`` is the identity's class, or the attribute's majority value (ties -> 0).
+
+    What the models saw (target 'identity'): an identity victim (:class:`CelebADataModule`, target 'identity')
+    knows every train-partition person (they are its classes) and trains on all their photos except a seeded
+    ``identity_holdout`` share (10% by default), and ``configs/train/ddpm_celeba.yaml`` trains the prior on the whole
+    train partition. With ``split='train'`` about 90% of the users' photos were therefore in the victim's training
+    set and all of them in the prior's, which inflates reconstruction and identity metrics; :meth:`check` warns.
+    ``split='holdout'`` draws the users from exactly the photos the victim held out (:func:`identity_holdout_split`
+    with ``identity_holdout`` and ``holdout_seed``, which must equal the victim's ``data.init_args.identity_holdout``
+    and ``data.init_args.seed``): photos the victim never trained on, of people it knows (about 10% of each
+    person's photos, 2 on average, so B above 2-3 needs ``allow_replacement`` or ``min_images``). A prior trained
+    on the train partition (the shipped config) has still seen them; :meth:`check` warns about that too. Users
+    that neither model saw at all are only possible with an attribute target and ``split='test'``.
 
     ``meta``: ``identity`` (CelebA id), ``files`` (B file names), ``attributes`` ({name: majority 0/1 over the B
     images}), ``image_attributes`` ({name: list of B 0/1 values}), ``attribute_fractions`` ({name: share of 1s}),
@@ -339,15 +370,23 @@ class CelebAUsers(UserSource):
     Args:
         root: CelebA root (see :func:`find_celeba_root`).
         num_users: users to build; batch_size: B, images per user.
-        split: 'test' (default; held out from training), 'valid', 'train' or 'all'; with target 'identity' only
-            'train' (see Labels).
+        split: 'test' (default; held out from training), 'valid', 'train', 'all' or 'holdout' (the identity
+            victim's held-out train-partition photos; target 'identity' only); with target 'identity' only 'train'
+            or 'holdout' (see Labels and What the models saw).
         image_size: output side in pixels (after the 178x178 centre crop).
         seed: seed of the identity order and of the image choice.
         first_user: index of the first user returned.
         allow_replacement: allow identities with fewer than B images (images repeat).
         min_images: consider only identities with at least this many images in the split (e.g. = B).
         target: a CelebA attribute name (default 'Male', the target of the shipped CelebA victim config and of
-            configs/attack/celeba.yaml) or 'identity' (with ``split='train'``).
+            configs/attack/celeba.yaml) or 'identity' (with ``split='train'`` or ``'holdout'``).
+        identity_holdout, holdout_seed: with ``split='holdout'``, the victim's ``data.init_args.identity_holdout``
+            (in (0, 1); default 0.1 as CelebADataModule's) and ``data.init_args.seed`` (default 0); ignored
+            otherwise.
+
+    Raises:
+        ValueError (at construction): num_users, batch_size or first_user out of range, an unknown split,
+            ``split='holdout'`` with an attribute target, or ``identity_holdout`` outside (0, 1) with it.
     """
 
     def __init__(
@@ -362,6 +401,8 @@ class CelebAUsers(UserSource):
         allow_replacement: bool = False,
         min_images: Optional[int] = None,
         target: str = "Male",
+        identity_holdout: float = 0.1,
+        holdout_seed: int = 0,
     ) -> None:
         if num_users < 1:
             raise ValueError(f"users.init_args.num_users must be >= 1, got {num_users}")
@@ -370,8 +411,18 @@ class CelebAUsers(UserSource):
         if first_user < 0:
             raise ValueError(f"users.init_args.first_user must be >= 0, got {first_user}")
         split = _SPLIT_ALIASES.get(split, split)
-        if split not in (*SPLITS, "all"):
-            raise ValueError(f"users.init_args.split must be 'train', 'valid', 'test' or 'all', got {split!r}")
+        if split not in (*SPLITS, "all", "holdout"):
+            raise ValueError(f"users.init_args.split must be 'train', 'valid', 'test', 'all' or 'holdout', got "
+                             f"{split!r}")
+        if split == "holdout":
+            if target != "identity":
+                raise ValueError(
+                    f"users.init_args.split='holdout' (the photos an identity victim held out) needs target: "
+                    f"identity, got target {target!r}; an attribute victim trains on the whole train partition. "
+                    "Fix: use split: test with an attribute target (people neither model saw).")
+            if not 0.0 < identity_holdout < 1.0:
+                raise ValueError(f"users.init_args.identity_holdout must be in (0, 1) with split 'holdout' (the "
+                                 f"victim's data.init_args.identity_holdout), got {identity_holdout}")
         self.root = root
         self.num_users = num_users
         self.batch_size = batch_size
@@ -382,6 +433,8 @@ class CelebAUsers(UserSource):
         self.allow_replacement = allow_replacement
         self.min_images = min_images
         self.target = target
+        self.identity_holdout = identity_holdout
+        self.holdout_seed = holdout_seed
         self.channels = 3
 
     # --------------------------------------------------------------------------------------------- bookkeeping
@@ -393,11 +446,19 @@ class CelebAUsers(UserSource):
         """
         return load_celeba_index(self.root)
 
+    def split_rows(self, index: CelebAIndex) -> np.ndarray:
+        """int64 row indices of the users' pool: ``index.split_rows(split)``, or for ``split='holdout'`` the identity
+        victim's held-out rows (:func:`identity_holdout_split` with ``identity_holdout`` and ``holdout_seed``)."""
+        if self.split == "holdout":
+            return identity_holdout_split(index, self.identity_holdout, self.holdout_seed)["holdout"]
+        return index.split_rows(self.split)
+
     @property
     def classes(self) -> np.ndarray:
-        """int64 (K,) sorted identity ids of the split; class k is identity ``classes[k]`` (target 'identity')."""
+        """int64 (K,) sorted identity ids of the split (of the train partition for ``split='holdout'``, as the
+        identity victim's classes); class k is identity ``classes[k]`` (target 'identity')."""
         index = self.index()
-        return np.unique(index.identities[index.split_rows(self.split)])
+        return np.unique(index.identities[index.split_rows("train" if self.split == "holdout" else self.split)])
 
     @property
     def identity_to_class(self) -> dict[int, int]:
@@ -424,7 +485,7 @@ class CelebAUsers(UserSource):
         """
         index = self.index()
         _check_target(index, self.target)
-        rows = index.split_rows(self.split)
+        rows = self.split_rows(index)
         ids = index.identities[rows]
         order = np.argsort(ids, kind="stable")  # rows grouped by identity, file order kept inside a group
         rows, ids = rows[order], ids[order]
@@ -474,20 +535,24 @@ class CelebAUsers(UserSource):
         whose header PIL cannot read or whose end shows them truncated (:func:`datamodules.folder.unreadable_images`;
         no pixel is decoded).
 
+        Warns (UserWarning, once, on rank 0): target 'identity' users, drawn from train-partition photos that the
+        victim (split 'train') and a prior trained on the train partition (both splits) have seen (see the class
+        docstring).
+
         Raises:
             DataNotFoundError: a listed image is missing. ValueError: target 'identity' with a split other than
-                'train' (see the class docstring); see :meth:`plan`; or unreadable images (how many, the first few,
-                the fix).
+                'train' or 'holdout' (see the class docstring); see :meth:`plan`; or unreadable images (how many,
+                the first few, the fix).
         """
-        if self.target == "identity" and self.split != "train":
+        if self.target == "identity" and self.split not in ("train", "holdout"):
             raise ValueError(
                 f"users.init_args.target='identity' with split {self.split!r}: the labels would be class indices of "
                 f"the sorted {self.split!r} identities, but a victim trained with target 'identity' "
                 "(CelebADataModule) has the train partition's identities as its classes, and the official partition "
                 "is identity-disjoint, so every client gradient would be computed for an unrelated identity. Fix: "
                 "use an attribute target with this split (e.g. target: Male, the gender attribute of the shipped "
-                "configs; the identity stays in each user's meta for the face metrics), or split: train for "
-                "identity labels."
+                "configs; the identity stays in each user's meta for the face metrics), or split: holdout (the "
+                "identity victim's held-out photos) or train for identity labels."
             )
         index = self.index()
         if self.image_size < 1:
@@ -503,6 +568,30 @@ class CelebAUsers(UserSource):
                 paths.append(index.image_path(r))
         raise_if_unreadable(paths, f"the {len(paths)} CelebA images these users use",
                             f"extract {IMAGE_DIR}/ again from the original archive (a damaged or partial copy).")
+        if self.target == "identity":
+            self._warn_seen()
+
+    def _warn_seen(self) -> None:
+        """The warning of :meth:`check` for target 'identity' (which photos the victim and the prior saw)."""
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        prior = ("configs/train/ddpm_celeba.yaml trains the prior on the whole train partition (these photos "
+                 "included)")
+        if self.split == "train":
+            rank_zero_warn(
+                "users.init_args.target='identity' with split 'train': these users' photos come from the CelebA train "
+                "partition, on which an identity victim (CelebADataModule, target identity) trains except a seeded "
+                f"identity_holdout share (10% by default), and {prior}: most of the users' photos were seen by both "
+                "models, so reconstruction and identity metrics are optimistic. Fix: split: holdout (the victim's "
+                "held-out photos; set users.init_args.identity_holdout / holdout_seed to the victim's "
+                "data.init_args.identity_holdout / seed), or an attribute target with split: test.")
+        else:
+            rank_zero_warn(
+                "users.init_args.split='holdout': the identity victim did not train on these photos (if "
+                f"identity_holdout={self.identity_holdout} and holdout_seed={self.holdout_seed} match its "
+                f"data.init_args.identity_holdout and seed), but it knows these people, and {prior}: a prior "
+                "trained that way has seen them. For people neither model saw use an attribute target with "
+                "split: test.")
 
     def users(self) -> list[User]:
         """Build the users: images float32 (B, 3, image_size, image_size) in [0, 1], labels int64 (B,)."""
@@ -562,8 +651,12 @@ class CelebADataModule(ImageDataModule):
             id order (class k <-> identity ``classes[k]``; K = ``num_classes`` = 8192 on full CelebA). Since the
             partition is identity-disjoint, the valid/test partitions hold no image of these identities, so a seeded
             ``identity_holdout`` share of the train-partition images is held out instead: its first half is the
-            validation set, the second half the test set. (FL users drawn from the test partition are therefore
-            people this classifier has never seen.)
+            validation set, the second half the test set (:func:`identity_holdout_split`). FL users of an identity
+            victim must be these people (:class:`CelebAUsers` accepts target 'identity' only with split 'train' or
+            'holdout'), so they are never people this classifier has never seen: with split 'train' about
+            ``1 - identity_holdout`` of their photos are in its training set; split 'holdout' uses only the photos
+            held out here (same ``identity_holdout`` and ``seed``). Users of an attribute victim drawn from the
+            test partition are people it has never seen.
 
     Args:
         root: CelebA root (see :func:`find_celeba_root`).
@@ -657,14 +750,10 @@ class CelebADataModule(ImageDataModule):
             return
         index = self.index()
         if self.target == "identity":
-            rows = index.split_rows("train")
-            labels = np.searchsorted(self.classes, index.identities[rows])
-            perm = np.random.default_rng(self.seed).permutation(len(rows))
-            n_hold = int(round(self.identity_holdout * len(rows)))
-            hold, train = np.sort(perm[:n_hold]), np.sort(perm[n_hold:])
-            val, test = hold[: n_hold // 2], hold[n_hold // 2 :]
-            parts = {"train": (rows[train], labels[train]), "val": (rows[val], labels[val])}
-            parts["test"] = (rows[test], labels[test])
+            split = identity_holdout_split(index, self.identity_holdout, self.seed)
+            classes = self.classes
+            parts = {name: (split[name], np.searchsorted(classes, index.identities[split[name]]))
+                     for name in ("train", "val", "test")}
         else:
             col = index.attribute_column(self.target)
             parts = {}
