@@ -19,11 +19,16 @@ A sweep YAML::
 
 Config file paths (base, configs, ``attack`` grid values) are looked up next to the sweep file first, then in the
 repository root, then in the current directory. A grid value of the special key ``attack`` (alias ``configs``) is a
-config path, a list of paths, or null (no extra file); a mapping value is passed as an ``--attack`` override instead.
+config path, a list of paths, or null (no extra file); a mapping value (under either name, in grid or fixed) is
+passed as an ``--attack`` override instead.
 Other keys are any attack.py option (``users.init_args.batch_size``, ``threat.defenses``, ``seed``...), given as
 ``--key value`` after the config files (order: base, configs, attack files, fixed, grid, then ``--output.root
 <sweep>/cells --output.name <cell slug> --logger.group <name>``). ``output.root``, ``output.name`` and
 ``logger.group`` belong to the sweep and may not be set in fixed or grid.
+
+A cell's slug (its run directory's and the report's ``run_name``) is ``lastkey=value`` per grid key
+(:func:`cell_slug`); cells whose values print alike get those values spelled out, then hashed
+(:func:`expand_cells`). A key given twice in one mapping of the sweep YAML is an error (YAML would keep the last).
 
 Before any work every key is checked against attack.py's parser and every cell is parsed: an unknown key, an empty
 value list, a missing config file or a value attack.py refuses stops the sweep with one error naming the key.
@@ -63,6 +68,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import hashlib
 import io
 import itertools
@@ -137,8 +143,15 @@ def resolve_path(p: str, sweep_file: Optional[Path]) -> Path:
     return path
 
 
-def _short(v: Any) -> str:
-    """A short, filename-safe text for a grid value (used in cell slugs)."""
+def _short(v: Any, detail: bool = False) -> str:
+    """A short, filename-safe text for a grid value (used in cell slugs).
+
+    The plain text (``detail`` false, the names of every cell whose text is its own) drops what rarely tells cells
+    apart: a defense's ``seed``, a ``class_path`` mapping's ``init_args`` (the class alone) and a path's folders (the
+    file's stem). ``detail`` true keeps them (``gaussian_dp-clip_norm1-sigma0.01-seed1``,
+    ``DLG-steps50-lr0.1``, ``configs_method_dlg``): :func:`expand_cells` uses it for the keys of cells whose plain
+    names would coincide.
+    """
     if v is None:
         return "none"
     if isinstance(v, bool):
@@ -148,17 +161,23 @@ def _short(v: Any) -> str:
     if isinstance(v, (int, str)):
         s = str(v)
         if isinstance(v, str) and (s.endswith(".yaml") or s.endswith(".yml") or "/" in s):
-            s = Path(s).stem
+            s = str(Path(s).with_suffix("")) if detail else Path(s).stem
         return s
     if isinstance(v, dict):
         if "name" in v:  # a defense spec
-            params = "-".join(f"{k}{_short(x)}" for k, x in v.items() if k not in ("name", "seed"))
+            params = "-".join(f"{k}{_short(x, detail)}" for k, x in v.items()
+                              if k != "name" and (detail or k != "seed"))
             return f"{v['name']}" + (f"-{params}" if params else "")
         if "class_path" in v:
-            return str(v["class_path"]).rsplit(".", 1)[-1]
-        return "-".join(f"{k}{_short(x)}" for k, x in v.items())
+            text = str(v["class_path"]).rsplit(".", 1)[-1]
+            if detail:
+                rest = {**{k: x for k, x in v.items() if k not in ("class_path", "init_args")},
+                        **(v.get("init_args") if isinstance(v.get("init_args"), dict) else {})}
+                text += "".join(f"-{k}{_short(x, detail)}" for k, x in rest.items())
+            return text
+        return "-".join(f"{k}{_short(x, detail)}" for k, x in v.items())
     if isinstance(v, (list, tuple)):
-        return "+".join(_short(x) for x in v) if v else "none"
+        return "+".join(_short(x, detail) for x in v) if v else "none"
     return str(v)
 
 
@@ -167,14 +186,28 @@ def _sanitize(s: str) -> str:
     return s.strip("._-") or "x"
 
 
-def cell_slug(assignment: dict[str, Any]) -> str:
+def _value_hash(v: Any) -> str:
+    """6 hex digits of a grid value's canonical JSON: stable across runs and machines (tells 1 from 1.0 apart)."""
+    return hashlib.sha1(json.dumps(v, sort_keys=True, default=str).encode()).hexdigest()[:6]
+
+
+def cell_slug(assignment: dict[str, Any], detail: Optional[dict[str, int]] = None) -> str:
     """``lastkey=value`` parts joined by ``__`` (e.g. ``batch_size=10__defenses=gaussian_dp-clip_norm1-sigma0.01``;
-    a config file shows as its stem, a null config value as ``base``, an empty list as ``none``)."""
+    a config file shows as its stem, a null config value as ``base``, an empty list as ``none``).
+
+    ``detail`` (grid key -> level) spells some keys' values out for cells whose names would otherwise coincide (see
+    :func:`expand_cells`): level 1 :func:`_short`'s ``detail`` text, level 2 that text, ``-`` and
+    :func:`_value_hash` of the value (``lr=1-6b86b2``: for values that print alike even in full, e.g. 1 and 1.0).
+    """
     if not assignment:
         return "base"
+    detail = detail or {}
     parts = []
     for key, value in assignment.items():
-        text = "base" if key in CONFIG_KEYS and value is None else _short(value)
+        level = detail.get(key, 0)
+        text = "base" if key in CONFIG_KEYS and value is None else _short(value, level >= 1)
+        if level >= 2:
+            text += "-" + _value_hash(value)
         parts.append(f"{key.rsplit('.', 1)[-1]}={text}")
     slug = _sanitize("__".join(parts))
     if len(slug) > 100:  # keep folder names reasonable; the hash keeps it unique
@@ -238,14 +271,60 @@ class Sweep:
         return hashlib.sha256(json.dumps(self.resolved(), sort_keys=True, default=str).encode()).hexdigest()
 
 
+class _DuplicateKeyError(ValueError):
+    """A key given twice in one YAML mapping (raised by :func:`_unique_key_loader`'s loader)."""
+
+
+@functools.lru_cache(maxsize=None)
+def _unique_key_loader():
+    """A ``yaml.SafeLoader`` subclass that refuses a key given twice in one mapping (``yaml.safe_load`` keeps the
+    last one silently: ``grid: {seed: [0, 1], seed: [5]}`` would sweep seed 5 alone). Merge keys (``<<:``) and the
+    keys they bring in may still be overridden, as YAML intends.
+
+    Raises (when loading):
+        _DuplicateKeyError: naming the key and the lines of both occurrences.
+    """
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                first: dict = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        hash(key)
+                    except TypeError:
+                        continue  # the base class names an unhashable key
+                    line = key_node.start_mark.line + 1
+                    if key in first:
+                        raise _DuplicateKeyError(
+                            f"key {key!r} is given twice in one mapping (lines {first[key]} and {line}); YAML would "
+                            f"keep only the last one. Fix: delete one, or merge their values into one entry "
+                            f"(e.g. one list of all the values for a grid key)")
+                    first[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def load_sweep(path: str | Path, root_override: Optional[str] = None) -> Sweep:
-    """Read and resolve a sweep YAML (paths resolved, cells expanded). Raises :class:`SweepError` on a bad file."""
+    """Read and resolve a sweep YAML (paths resolved, cells expanded). A mapping under ``configs`` (in fixed or as
+    a grid value) is the ``attack`` override it aliases. Raises :class:`SweepError` on a bad file: invalid YAML, a
+    key given twice in one mapping (named with its lines), and the checks below."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise SweepError(f"sweep config {path} not found")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.load(path.read_text(), Loader=_unique_key_loader()) or {}
+    except _DuplicateKeyError as exc:
+        raise SweepError(f"{path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise SweepError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise SweepError(f"{path}: a sweep config is a mapping with keys {sorted(SWEEP_FIELDS)}")
     unknown = sorted(set(raw) - SWEEP_FIELDS)
@@ -292,6 +371,10 @@ def load_sweep(path: str | Path, root_override: Optional[str] = None) -> Sweep:
     for key in fixed:
         if key in CONFIG_KEYS and not isinstance(fixed[key], dict):
             raise SweepError(f"{path}: put config files for every cell in 'configs', not fixed.{key}")
+    if "configs" in fixed:  # the alias of a mapping is attack.py's --attack (it has no --configs)
+        if "attack" in fixed:
+            raise SweepError(f"{path}: fixed has both 'attack' and its alias 'configs'; merge them under 'attack'")
+        fixed = {("attack" if k == "configs" else k): v for k, v in fixed.items()}
 
     # config-file grid values, resolved once (the resolved paths are part of the hash)
     grid = copy.deepcopy(grid)
@@ -317,20 +400,42 @@ def load_sweep(path: str | Path, root_override: Optional[str] = None) -> Sweep:
 
 
 def expand_cells(sweep: Sweep) -> list[Cell]:
+    """The cells of ``sweep.grid`` (cartesian product, in grid order), each with its slug, config files and
+    ``--key value`` overrides (a mapping value of ``attack``/``configs`` becomes an ``--attack`` override).
+
+    Slugs: :func:`cell_slug` of the assignment. Cells whose slugs coincide (values that print alike: defenses that
+    differ only in ``seed``, ``class_path`` mappings that differ only in ``init_args``, config files of one name in
+    different folders) get the keys whose values differ among them spelled out in full, then, if still alike, a
+    hash of those values (``cell_slug``'s ``detail``); only identical assignments (a value listed twice) end with
+    ``-1``, ``-2``... Names of cells that do not collide are unchanged, so their run directories are still found.
+    """
     keys = list(sweep.grid)
+    assignments = [dict(zip(keys, combo)) for combo in itertools.product(*(sweep.grid[k] for k in keys))]
+    slugs = [cell_slug(a) for a in assignments]
+    details: list[dict[str, int]] = [{} for _ in assignments]
+    for level in (1, 2):  # spell out, then hash, the keys that tell the colliding cells apart
+        groups: dict[str, list[int]] = {}
+        for i, slug in enumerate(slugs):
+            groups.setdefault(slug, []).append(i)
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            canon = [{k: json.dumps(assignments[i][k], sort_keys=True, default=str) for k in keys} for i in members]
+            differ = [k for k in keys if len({c[k] for c in canon}) > 1]  # JSON: 1 and 1.0 differ, 1 == 1.0 not
+            for i in members:
+                details[i].update(dict.fromkeys(differ, level))
+                slugs[i] = cell_slug(assignments[i], details[i])
     cells: list[Cell] = []
     seen: dict[str, int] = {}
-    for i, combo in enumerate(itertools.product(*(sweep.grid[k] for k in keys))):
-        assignment = dict(zip(keys, combo))
+    for i, (assignment, slug) in enumerate(zip(assignments, slugs)):
         files: list[str] = []
         overrides: list[tuple[str, Any]] = list(sweep.fixed.items())
         for k, v in assignment.items():
             if k in CONFIG_KEYS and not isinstance(v, dict):
                 files += [] if v is None else ([v] if isinstance(v, str) else list(v))
-            else:
-                overrides.append((k, v))
-        slug = cell_slug(assignment)
-        if slug in seen:  # two values that print alike
+            else:  # a mapping under the alias 'configs' is attack.py's --attack (it has no --configs)
+                overrides.append(("attack" if k in CONFIG_KEYS else k, v))
+        if slug in seen:  # the same assignment twice (a value listed twice in the grid)
             seen[slug] += 1
             slug = f"{slug}-{seen[slug]}"
         else:

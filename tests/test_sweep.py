@@ -288,7 +288,8 @@ def test_unknown_or_bad_keys_fail_before_any_work(tmp_path, tiny_base, monkeypat
     cases = [
         ({"thread.defenses": [[]]}, "'thread.defenses'.*valid top-level groups: users, victim, prior, threat, attack"),
         ({"threat.sigma": [0.1]}, "'threat.sigma'.*threat.defenses"),
-        ({"attack.init_args.stepz": [3]}, "'attack.init_args.stepz' = 3: Option 'stepz' is not accepted"),
+        ({"attack.init_args.stepz": [3]},
+         "'attack.init_args.stepz' = 3: (attack \\(UserLevelInversion\\): )?Option 'stepz' is not accepted"),
         ({"users.init_args.batch_size": []}, "'users.init_args.batch_size' has an empty list"),
         ({"output.name": ["x"]}, "'output.name' is set by the sweep"),
         ({"attack": ["configs/ablation/no_such.yaml"]}, "no_such.yaml.*not found"),
@@ -369,6 +370,70 @@ def test_slugs_and_config_values():
     argv = cells[3].argv(s, Path("out"))
     assert argv[argv.index("--threat.defenses") + 1] == '[{"name": "gaussian_dp", "clip_norm": 1.0, "sigma": 0.01}]'
     assert [a for a in argv if a.endswith(".yaml")][1].endswith("configs/method/dlg.yaml")
+
+
+def test_a_configs_mapping_is_an_attack_override_in_grid_and_fixed(tmp_path):
+    """``configs`` is the alias of the special key ``attack``; a mapping value under it was passed as ``--configs
+    {...}``, which attack.py rejects (unrecognized arguments), in the grid and in fixed alike."""
+    dlg = {"class_path": "lightning_modules.baselines.DLG", "init_args": {"steps": 5}}
+    s = sweep.Sweep(name="n", root="r", base="configs/attack/fashion_mnist.yaml", configs=[], fixed={},
+                    grid={"configs": [None, dlg]})
+    cells = sweep.expand_cells(s)
+    assert [c.slug for c in cells] == ["configs=base", "configs=DLG"]
+    argv = cells[1].argv(s, tmp_path)
+    assert "--configs" not in argv and argv[argv.index("--attack") + 1] == json.dumps(dlg)
+    cfg = attack.build_parser().parse_args(argv)
+    assert cfg.attack.class_path == "lightning_modules.baselines.DLG" and cfg.attack.init_args.steps == 5
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"name": "n", "base": "configs/attack/fashion_mnist.yaml",
+                                    "fixed": {"configs": dlg}, "grid": {"seed": [3]}}))
+    loaded = sweep.load_sweep(path)
+    assert loaded.fixed == {"attack": dlg}
+    cfg = attack.build_parser().parse_args(loaded.cells[0].argv(loaded, tmp_path))
+    assert cfg.attack.init_args.steps == 5 and cfg.seed == 3
+
+
+def test_cells_whose_values_print_alike_get_names_that_tell_them_apart():
+    """A defense's seed, a class_path mapping's init_args and a config path's folders are left out of a cell's
+    name; cells that differ only there were named 'x' and 'x-1' (the report's run_name could not say which is
+    which). Now those values are spelled out (or hashed); names that do not collide are kept."""
+    def slugs(grid):
+        return [c.slug for c in sweep.expand_cells(sweep.Sweep(name="n", root="r", base="b.yaml", configs=[],
+                                                               fixed={}, grid=grid))]
+
+    dp = {"name": "gaussian_dp", "clip_norm": 1.0, "sigma": 0.01}
+    assert slugs({"seed": [0, 1], "threat.defenses": [[{**dp, "seed": 0}], [{**dp, "seed": 1}], []]}) == [
+        "seed=0__defenses=gaussian_dp-clip_norm1-sigma0.01-seed0",
+        "seed=0__defenses=gaussian_dp-clip_norm1-sigma0.01-seed1", "seed=0__defenses=none",
+        "seed=1__defenses=gaussian_dp-clip_norm1-sigma0.01-seed0",
+        "seed=1__defenses=gaussian_dp-clip_norm1-sigma0.01-seed1", "seed=1__defenses=none"]
+    assert slugs({"threat.defenses": [[{**dp, "seed": 0}], [{**dp, "sigma": 0.1, "seed": 0}]]}) == [
+        "defenses=gaussian_dp-clip_norm1-sigma0.01", "defenses=gaussian_dp-clip_norm1-sigma0.1"]  # no collision
+    assert slugs({"attack": [{"class_path": "x.DLG", "init_args": {"steps": 5}},
+                             {"class_path": "x.DLG", "init_args": {"steps": 50, "lr": 0.1}},
+                             {"class_path": "x.InvertingGradients"}]}) == [
+        "attack=DLG-steps5", "attack=DLG-steps50-lr0.1", "attack=InvertingGradients"]
+    assert slugs({"attack": ["configs/method/dlg.yaml", "configs/sweep/parts/dlg.yaml", None]}) == [
+        "attack=configs_method_dlg", "attack=configs_sweep_parts_dlg", "attack=base"]
+    h1, h2 = (sweep._value_hash(v) for v in (1, 1.0))
+    assert h1 != h2 and slugs({"attack.init_args.lr": [1, 1.0, 2]}) == [f"lr=1-{h1}", f"lr=1-{h2}", "lr=2"]
+    assert slugs({"seed": [3, 3]}) == ["seed=3", "seed=3-1"]  # the same cell listed twice
+
+
+def test_a_key_given_twice_in_a_sweep_yaml_is_an_error(tmp_path):
+    """yaml.safe_load keeps the last of two equal keys: grid {seed: [0, 1], seed: [5]} swept seed 5 alone."""
+    path = tmp_path / "s.yaml"
+    path.write_text("name: n\nbase: configs/attack/fashion_mnist.yaml\ngrid:\n  seed: [0, 1]\n  seed: [5]\n")
+    with pytest.raises(sweep.SweepError, match=r"s\.yaml: key 'seed' is given twice in one mapping \(lines 4 and 5\)"):
+        sweep.load_sweep(path)
+    path.write_text("name: n\nbase: configs/attack/fashion_mnist.yaml\nname: m\n")
+    with pytest.raises(sweep.SweepError, match=r"key 'name' is given twice .*lines 1 and 3"):
+        sweep.load_sweep(path)
+    # anchors and merge keys still work (a merged key may be overridden)
+    path.write_text("name: n\nbase: configs/attack/fashion_mnist.yaml\nfixed:\n"
+                    "  <<: {seed: 1, users.init_args.batch_size: 4}\n  seed: 2\n"
+                    "grid:\n  users.init_args.num_users: [1]\n")
+    assert sweep.load_sweep(path).fixed == {"seed": 2, "users.init_args.batch_size": 4}
 
 
 # ------------------------------------------------------------------------------------------------ report
