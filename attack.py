@@ -613,12 +613,16 @@ def topk_overlap(probs: torch.Tensor, histogram: torch.Tensor, max_k: int = 3) -
     """Share of the user's k most frequent classes found among the evaluator's top-k classes for the image.
 
     k = min(number of classes present in the batch, ``max_k``); 1.0 for a single-class user whose class is the
-    evaluator's top-1. ``probs`` (C,) evaluator probabilities, ``histogram`` (C,) label counts of the user's batch.
+    evaluator's top-1. Classes tied with the k-th largest count are all among the user's top k (counts 2, 2, 2, 2, 2
+    at k = 3: any 3 of the 5 are right; ``torch.topk`` kept 3 of them arbitrarily). ``probs`` (C,) evaluator
+    probabilities, ``histogram`` (C,) label counts of the user's batch. Returns a float in [0, 1].
     """
     k = max(1, min(int((histogram > 0).sum()), max_k))
-    true_top = set(torch.topk(histogram.float(), k).indices.tolist())
+    h = histogram.float()
+    kth = torch.topk(h, k).values[-1]
+    true_top = set(((h >= kth) & (h > 0)).nonzero().flatten().tolist())  # ties at the k-th count all count as true
     pred_top = set(torch.topk(probs.float(), k).indices.tolist())
-    return len(true_top & pred_top) / k
+    return min(len(true_top & pred_top), k) / k
 
 
 def evaluate(result: AttackResult, user: User, evaluator, lpips: bool, victim=None) -> dict[str, Any]:
@@ -841,6 +845,7 @@ def log_final(logger, run_dir: Optional[Path], rows: list[dict], grids: dict, st
         keys = list(dict.fromkeys(k for r in rows for k in r))
         logger.log_table(key="final/results", columns=keys, data=typed_table(rows, keys))
     logger.log_metrics({f"final/{k}": v for k, v in summarize(rows).items()})
+    logger.save()  # CSVLogger writes only every flush_logs_every_n_steps: the final/* row was never written
     summary = getattr(getattr(logger, "experiment", None), "summary", None)
     if summary is not None and hasattr(logger, "log_table"):  # W&B
         summary["status"] = status
@@ -1075,8 +1080,17 @@ def prepare(parser: ArgumentParser, cfg: Namespace):
 
         ev_path = Path(init.evaluation.evaluator)
         evaluator, ev_cfg = load_classifier(find_input_path(ev_path))
-        if ev_cfg["in_channels"] != source.image_shape[0]:
-            raise ConfigError(f"evaluator {ev_path} takes {ev_cfg['in_channels']} channels, the users have {source.image_shape[0]}")
+        C, H = source.image_shape[0], source.image_shape[-1]
+        if ev_cfg["in_channels"] != C:
+            raise ConfigError(f"evaluator {ev_path} takes {ev_cfg['in_channels']} channels, the users have {C}")
+        if ev_cfg.get("image_size", H) != H:  # its pooling head accepts any size: it would run, and mean nothing
+            raise ConfigError(f"evaluator {ev_path} was trained on {ev_cfg['image_size']} px images, the users' are "
+                              f"{H} px: train an evaluator at {H} px (configs/train/evaluator_*.yaml, "
+                              "--data.init_args.image_size) or set evaluation.evaluator: null")
+        if ev_cfg["num_classes"] < source.num_classes:  # it failed after the first user's attack (IndexError)
+            raise ConfigError(f"evaluator {ev_path} has {ev_cfg['num_classes']} outputs but the users have "
+                              f"{source.num_classes} classes: use an evaluator trained on the users' classes or set "
+                              "evaluation.evaluator: null")
     gallery = int(init.evaluation.face_gallery_users or 0)
     if gallery < 0:
         raise ConfigError(f"evaluation.face_gallery_users is {gallery}: set it to 0 (compare with the run's other "

@@ -34,6 +34,11 @@ def test_topk_overlap_by_hand():
     assert attack.topk_overlap(probs, hist) == pytest.approx(2 / 3)  # top-3 true {1,2,4}, predicted {1,5,2}
     assert attack.topk_overlap(probs, torch.tensor([0, 9, 0, 0, 0, 0, 0, 0, 0, 0])) == 1.0
     assert attack.topk_overlap(probs, torch.tensor([7, 0, 0, 0, 0, 0, 0, 0, 0, 0])) == 0.0
+    # ties at the 3rd count: classes 0-4 all have 2 images, so the evaluator's top 3 {1, 2, 3} are all right
+    # (torch.topk kept 3 of the 5 tied classes arbitrarily: {0, 1, 2} or {0, 3, 4} scored 2/3 or 1/3)
+    tied = torch.tensor([2, 2, 2, 2, 2, 0, 0, 0, 0, 0])
+    assert attack.topk_overlap(torch.tensor([0.0, 0.4, 0.3, 0.2, 0, 0, 0, 0, 0, 0.1]), tied) == 1.0
+    assert attack.topk_overlap(torch.tensor([0.0, 0.4, 0.3, 0.0, 0, 0.2, 0, 0, 0, 0.1]), tied) == pytest.approx(2 / 3)
 
 
 def tiny_config(tmp_path: Path, **overrides) -> Path:
@@ -165,6 +170,23 @@ def test_an_unknown_attack_or_user_source_gets_one_readable_line(tmp_path, capsy
     error = capsys.readouterr().err.split("error: ", 1)[1]
     assert re.search(match, error) and "NoneType" not in error and "Union" not in error, error
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("size, classes, match", [(16, 10, "trained on 16 px images, the users' are 8 px"),
+                                                 (8, 3, "has 3 outputs but the users have 10 classes")])
+def test_an_evaluator_of_other_images_or_classes_fails_before_any_run_dir(tmp_path, size, classes, match):
+    """Only the evaluator's channels were checked: one with fewer outputs than the users' classes failed with an
+    IndexError after the first user's attack, and one trained at another resolution ran (its pooling head takes any
+    size) and gave meaningless accuracy."""
+    from lightning_modules.classifier import save_classifier
+    from tests.helpers import tiny_victim
+
+    ev, ecfg = tiny_victim(size, 1, num_classes=classes, seed=1, arch="convnet")
+    save_classifier(ev, ecfg, tmp_path / "other_evaluator")
+    cfg = tiny_config(tmp_path, **{"evaluation.evaluator": str(tmp_path / "other_evaluator")})
+    with pytest.raises(attack.ConfigError, match=match):
+        attack.main(["--config", str(cfg)])
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
 def test_a_user_source_argument_refused_at_construction_reads_as_one_line(tmp_path):

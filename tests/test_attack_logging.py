@@ -71,6 +71,10 @@ def test_loss_curves_have_a_point_per_step_for_short_attacks(tmp_path):
     rows = list(csv.DictReader(metrics.open()))
     steps = sorted({int(r["step"]) for r in rows if r.get("user_0000/match")})
     assert steps == [0, 1, 2, 3]
+    # the run's final/* summary reaches the CSV too (CSVLogger wrote only every 100 steps: it was never flushed)
+    final = [r for r in rows if r.get("final/psnr_nearest_mean")]
+    (result,) = list(csv.DictReader((run_dir / "results.csv").open()))
+    assert len(final) == 1 and float(final[0]["final/psnr_nearest_mean"]) == pytest.approx(float(result["psnr_nearest"]))
 
 
 def test_attack_init_args_log_images_every_is_honoured(tmp_path):
