@@ -625,6 +625,15 @@ def topk_overlap(probs: torch.Tensor, histogram: torch.Tensor, max_k: int = 3) -
     return min(len(true_top & pred_top), k) / k
 
 
+def _metric_value(key: str, value: Any) -> Any:
+    """An image metric as results.csv holds it: an index as an int (``nearest_index``), anything else a float with 6
+    significant digits (rounding to 5 decimals stored an MSE below 5e-6 as 0.0 beside a finite PSNR)."""
+    if key.endswith("_index"):
+        return int(value)
+    v = float(value)
+    return float(f"{v:.6g}") if math.isfinite(v) else v
+
+
 def evaluate(result: AttackResult, user: User, evaluator, lpips: bool, victim=None) -> dict[str, Any]:
     """Compare the reconstruction with the user's ground truth (this is the only place the private batch is used).
 
@@ -671,16 +680,16 @@ def evaluate(result: AttackResult, user: User, evaluator, lpips: bool, victim=No
             row["evaluator_candidates_correct"] = int((cand_cls == user.dominant_class).sum())
             row["evaluator_any_candidate_correct"] = int(row["evaluator_candidates_correct"] > 0)
     metrics = image_metrics(final, user.images, lpips=lpips)
-    row.update({k: round(float(v), 5) for k, v in metrics.items()})
+    row.update({k: _metric_value(k, v) for k, v in metrics.items()})
     raw_metrics = image_metrics(result.representative, user.images, lpips=False)
-    row.update({f"raw_{k}": round(float(v), 5) for k, v in raw_metrics.items() if k.startswith("psnr")})
+    row.update({f"raw_{k}": _metric_value(k, v) for k, v in raw_metrics.items() if k.startswith("psnr")})
     recs = result.reconstructions
     if recs.shape[0] > 1:  # sample-level baselines: also the mean over all their reconstructions
         per = [image_metrics(r, user.images, lpips=lpips) for r in recs]
         for k in per[0]:
             if k.endswith("_nearest"):
                 vals = [p[k] for p in per if math.isfinite(p[k])]
-                row[f"all_{k}_mean"] = round(sum(vals) / len(vals), 5) if vals else float("nan")
+                row[f"all_{k}_mean"] = _metric_value(k, sum(vals) / len(vals)) if vals else float("nan")
         if evaluator is not None:
             with torch.no_grad():
                 cls = F.softmax(evaluator(recs.float()), dim=1).argmax(1)

@@ -329,3 +329,19 @@ def test_results_rows_record_the_fedavg_local_training():
     for b in (0, 50):  # the whole batch (0, or b above B): one step per epoch
         r = row(protocol="fedavg", fedavg_epochs=3, fedavg_batch_size=b)
         assert (r["fedavg_batch_size"], r["fedavg_local_steps"], r["fedavg_shuffle"]) == (10, 3, False)
+
+
+def test_small_metric_values_keep_their_digits_and_indices_stay_integers():
+    """evaluate rounded every image metric to 5 decimals: an MSE of 1e-6 was stored as 0.0 beside its finite PSNR
+    (60 dB), and nearest_index was written as a float (1.0)."""
+    from datamodules.users import User
+    from inversion.label_inference import LabelInference
+
+    g = torch.Generator().manual_seed(0)
+    batch = torch.rand(3, 1, 8, 8, generator=g) * 0.9 + 0.05
+    close = batch[1:2] + 1e-3  # MSE 1e-6 to batch image 1: PSNR 60 dB
+    labels = LabelInference(counts=torch.tensor([3.0]), present=torch.tensor([True]), dominant=0, strategy="known")
+    result = attack.AttackResult(representative=close, reconstructions=close, denoised=None, labels=labels, steps=1)
+    row = attack.evaluate(result, User(0, batch, torch.zeros(3, dtype=torch.long), 0, 0), None, lpips=False)
+    assert row["mse_nearest"] == pytest.approx(1e-6, rel=1e-3) and row["psnr_nearest"] == pytest.approx(60.0, abs=1e-3)
+    assert row["nearest_index"] == 1 and isinstance(row["nearest_index"], int)
