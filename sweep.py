@@ -287,25 +287,22 @@ def _unique_key_loader():
     import yaml
 
     class UniqueKeyLoader(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):
-            if isinstance(node, yaml.MappingNode):
-                first: dict = {}
-                for key_node, _ in node.value:
-                    if key_node.tag == "tag:yaml.org,2002:merge":
-                        continue
-                    key = self.construct_object(key_node, deep=True)
-                    try:
-                        hash(key)
-                    except TypeError:
-                        continue  # the base class names an unhashable key
-                    line = key_node.start_mark.line + 1
-                    if key in first:
-                        raise _DuplicateKeyError(
-                            f"key {key!r} is given twice in one mapping (lines {first[key]} and {line}); YAML would "
-                            f"keep only the last one. Fix: delete one, or merge their values into one entry "
-                            f"(e.g. one list of all the values for a grid key)")
-                    first[key] = line
-            return super().construct_mapping(node, deep=deep)
+        def compose_mapping_node(self, anchor):
+            # checked on the composed node, before PyYAML flattens merge keys into it (an anchored mapping that
+            # holds a '<<:' is flattened in place, so checking at construction saw its merged keys as repeats)
+            node = super().compose_mapping_node(anchor)
+            first: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key, line = (key_node.tag, key_node.value), key_node.start_mark.line + 1
+                if key in first:
+                    raise _DuplicateKeyError(
+                        f"key {key_node.value!r} is given twice in one mapping (lines {first[key]} and {line}); YAML "
+                        f"would keep only the last one. Fix: delete one, or merge their values into one entry "
+                        f"(e.g. one list of all the values for a grid key)")
+                first[key] = line
+            return node
 
     return UniqueKeyLoader
 
@@ -365,16 +362,17 @@ def load_sweep(path: str | Path, root_override: Optional[str] = None) -> Sweep:
         if key in MANAGED_KEYS:
             raise SweepError(f"{path}: {key!r} is set by the sweep (cells go to <root>/cells/<slug>-..., W&B group = "
                              f"the sweep name); remove it from fixed/grid")
+    if isinstance(fixed.get("configs"), dict):  # the alias of a mapping is attack.py's --attack (no --configs);
+        # renamed before the fixed-vs-grid check, so fixed.configs with grid.attack is refused as fixed.attack is
+        if "attack" in fixed:
+            raise SweepError(f"{path}: fixed has both 'attack' and its alias 'configs'; merge them under 'attack'")
+        fixed = {("attack" if k == "configs" else k): v for k, v in fixed.items()}
     both = sorted(set(fixed) & set(grid))
     if both:
         raise SweepError(f"{path}: key(s) {both} are both fixed and in the grid")
     for key in fixed:
         if key in CONFIG_KEYS and not isinstance(fixed[key], dict):
             raise SweepError(f"{path}: put config files for every cell in 'configs', not fixed.{key}")
-    if "configs" in fixed:  # the alias of a mapping is attack.py's --attack (it has no --configs)
-        if "attack" in fixed:
-            raise SweepError(f"{path}: fixed has both 'attack' and its alias 'configs'; merge them under 'attack'")
-        fixed = {("attack" if k == "configs" else k): v for k, v in fixed.items()}
 
     # config-file grid values, resolved once (the resolved paths are part of the hash)
     grid = copy.deepcopy(grid)

@@ -434,6 +434,24 @@ def test_a_key_given_twice_in_a_sweep_yaml_is_an_error(tmp_path):
                     "  <<: {seed: 1, users.init_args.batch_size: 4}\n  seed: 2\n"
                     "grid:\n  users.init_args.num_users: [1]\n")
     assert sweep.load_sweep(path).fixed == {"seed": 2, "users.init_args.batch_size": 4}
+    # an anchored mapping that itself merges, nested deeper than a later '<<: *it' (PyYAML flattens it in place, so
+    # a check at construction saw its merged keys as repeats): valid YAML, loaded as yaml.safe_load loads it
+    text = ("common: &common {name: gaussian_dp, clip_norm: 1.0}\n"
+            "grid: {threat.defenses: [[&strong {<<: *common, clip_norm: 2.0, sigma: 0.1}]]}\n"
+            "x: {<<: *strong}\n")
+    assert yaml.load(text, Loader=sweep._unique_key_loader()) == yaml.safe_load(text)
+
+
+def test_fixed_configs_mapping_with_a_grid_attack_mapping_is_refused_like_fixed_attack(tmp_path):
+    """fixed.configs (a mapping: the --attack override) was renamed to attack after the fixed-vs-grid check, so with
+    grid.attack mappings every cell got two --attack overrides silently; fixed.attack was refused."""
+    dlg = {"class_path": "lightning_modules.baselines.DLG", "init_args": {"steps": 5}}
+    path = tmp_path / "s.yaml"
+    for key in ("attack", "configs"):
+        path.write_text(yaml.safe_dump({"name": "n", "base": "configs/attack/fashion_mnist.yaml",
+                                        "fixed": {key: dlg}, "grid": {"attack": [dlg]}}))
+        with pytest.raises(sweep.SweepError, match=r"\['attack'\] are both fixed and in the grid"):
+            sweep.load_sweep(path)
 
 
 # ------------------------------------------------------------------------------------------------ report
