@@ -79,6 +79,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -436,7 +437,8 @@ def load_runs(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
         missing = [c for c in ("user", "method", "B") if c not in df.columns]
         if missing:
             raise ValueError(f"{csv} lacks column(s) {missing}")
-        df["user"] = _user_ids(pd.read_csv(csv, usecols=["user"], dtype=str, keep_default_na=False)["user"])
+        # as written (strings); made integers below only when every run's ids are integers (see _user_ids)
+        df["user"] = pd.read_csv(csv, usecols=["user"], dtype=str, keep_default_na=False)["user"].astype(object)
         df["run"] = d.name
         df["run_dir"] = str(d)
         df["run_name"] = run_name_of(d)
@@ -458,6 +460,7 @@ def load_runs(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
     if not frames:
         raise ValueError("no run directories given")
     df = pd.concat(frames, ignore_index=True)
+    df["user"] = _user_ids(df["user"])  # over all runs: one type, so halves of one user source pool and pair
     merged, unparsed = match_unparsed_settings(entries_by_setting, parsed_by_setting)
     df["setting"] = df["setting"].map(lambda s: merged.get(s, s) if isinstance(s, str) else None)
     df.attrs["setting_entries"] = {s: e for s, e in entries_by_setting.items() if merged.get(s, s) == s}
@@ -860,7 +863,10 @@ def _shared_users(a: pd.DataFrame, b: pd.DataFrame, column: str, caller: str, co
     for name, d in (("a", a), ("b", b)):
         if column not in d:
             raise KeyError(f"{caller}: column {column!r} not in {name} (has {list(d.columns)[:8]}...)")
-    return pd.concat([convert(a[column]).rename("a"), convert(b[column]).rename("b")], axis=1, join="inner").dropna()
+    ca, cb = convert(a[column]).rename("a"), convert(b[column]).rename("b")
+    if ca.index.dtype != cb.index.dtype:  # ids loaded separately: integers in one, strings in the other
+        ca, cb = ca.set_axis(ca.index.astype(str)), cb.set_axis(cb.index.astype(str))
+    return pd.concat([ca, cb], axis=1, join="inner").dropna()
 
 
 def paired_counts(a: pd.DataFrame, b: pd.DataFrame, column: str = "evaluator_correct") -> dict[str, int]:
@@ -1109,11 +1115,12 @@ def plot_privacy_curve(privacy: pd.DataFrame, path: Path) -> Optional[Path]:
 
 
 def _user_ids(raw: pd.Series) -> pd.Series:
-    """results.csv's ``user`` column as written: integers when every id is one written canonically (Fashion-MNIST
-    and CelebA users: ``3``), else the strings themselves (folder users' names), so ``012`` and ``12`` stay two
-    users and ``NA`` or ``null`` is a name, not a missing value (``pd.read_csv`` read all of them as numbers or NaN
-    and merged such users as duplicates)."""
-    canonical = raw.map(lambda v: v.lstrip("-").isdigit() and str(int(v)) == v)
+    """The ``user`` column of the loaded runs (strings as written, all runs together): integers when every id is
+    one written canonically (Fashion-MNIST and CelebA users: ``3``; at most 18 digits), else the strings themselves
+    (folder users' names), so ``012`` and ``12`` stay two users and ``NA`` or ``null`` is a name, not a missing value
+    (``pd.read_csv`` read all of them as numbers or NaN and merged such users as duplicates). Decided over all the
+    runs at once: the two halves of one folder source (``00``-``09`` and ``10``-``19``) get one type."""
+    canonical = raw.map(lambda v: isinstance(v, str) and re.fullmatch(r"-?(0|[1-9][0-9]{0,17})", v) is not None)
     return raw.astype("int64") if len(raw) and bool(canonical.all()) else raw.astype(object)
 
 

@@ -277,3 +277,26 @@ def test_run_names_that_only_restate_b_do_not_cut_the_b_series(tmp_path):
     df = report.load_runs(sorted((tmp_path / "abl").iterdir()))
     assert report.group_keys(df) == ["method", "B", "run_name"]
     assert len(report.aggregate(df)) == 2
+
+
+def test_halves_of_one_folder_source_pool_and_pair_whatever_their_ids_look_like(tmp_path):
+    """The int-or-string choice was made per run: folder users 00-09 stayed strings and 10-19 became integers, so
+    pooling the halves crashed (sorting int against str) and pairing a half with the whole found no user."""
+    def run(name, users):
+        d = tmp_path / name
+        d.mkdir()
+        pd.DataFrame({"user": users, "method": "user_level", "B": 4, "dominant_class": 0,
+                      "evaluator_correct": [u % 2 == 0 for u in range(len(users))],
+                      "psnr_nearest": 10.0}).to_csv(d / "results.csv", index=False)
+        return d
+
+    ids = [f"{u:02d}" for u in range(20)]
+    a = run("faces_u0-20261201-000000-aaaaaa", ids[:10])
+    b = run("faces_u10-20261201-000000-bbbbbb", ids[10:])
+    full = run("faces-20261201-000000-cccccc", ids)
+    pooled = report.pool_users([a, b])
+    assert list(pooled.index) == ids
+    assert report.paired_counts(pooled, report.pool_users([b]))["n"] == 10
+    assert report.paired_counts(report.pool_users([full]), report.pool_users([b]))["n"] == 10
+    for odd in ("--3", "\u00b2", "1" * 20):  # look numeric to str.isdigit or overflow int64: names, no crash
+        assert list(report.load_runs([run(f"odd{len(odd)}-20261201-000000-dddddd", [odd, "1"])])["user"]) == [odd, "1"]
