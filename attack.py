@@ -169,17 +169,26 @@ class AttackArgumentParser(ArgumentParser):
         return out
 
     @classmethod
-    def _resolves(cls, key: str, name: str) -> bool:
+    def _unknown(cls, key: str, name: str) -> bool:
+        """True when ``name`` names no class of group ``key``: not a shipped class name, and as a dot path its module
+        does not exist, lacks the attribute, or holds something that is not a subclass of the group's base. False
+        when the module exists but fails to import (a missing dependency of the user's own class): jsonargparse's
+        own message names that error, and it must not be hidden behind "not a known class"."""
         if any(name in (c.__name__, f"{c.__module__}.{c.__name__}") for c in cls.known(key)):
-            return True
-        module, _, attr = name.rpartition(".")
-        try:
-            import importlib
-
-            obj = getattr(importlib.import_module(module), attr) if module else None
-        except Exception:  # noqa: BLE001 - any import failure means: not a class we can use
             return False
-        return isinstance(obj, type) and issubclass(obj, cls.GROUPS[key][0])
+        module, _, attr = name.rpartition(".")
+        if not module:
+            return True
+        import importlib
+
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:  # the module itself (or a parent package) is missing: unknown
+            return exc.name is None or module == exc.name or module.startswith(exc.name + ".")
+        except Exception:  # noqa: BLE001 - it exists but does not import: show the real error
+            return False
+        obj = getattr(mod, attr, None)
+        return not (isinstance(obj, type) and issubclass(obj, cls.GROUPS[key][0]))
 
     @classmethod
     def clarify(cls, message: str) -> str:
@@ -196,9 +205,14 @@ class AttackArgumentParser(ArgumentParser):
         given = re.search(r"Given value: (.*?)\s*$", message)
         raw = given.group(1) if given else ""
         nested = re.match(r"NestedArg\(key='(.*?)', val='(.*)'\)$", raw)
-        name = nested.group(2) if nested and nested.group(1) == "class_path" else (
-            None if nested or raw.startswith(("Namespace(", "{")) else raw.strip("'\""))
-        if name and not cls._resolves(key, name):
+        in_dict = re.search(r"""['"]class_path['"]: ['"]([^'"]*)['"]""", raw)  # from a config file
+        if nested:
+            name = nested.group(2) if nested.group(1) == "class_path" else None
+        elif raw.startswith(("Namespace(", "{")):
+            name = in_dict.group(1) if in_dict and "Namespace(" not in raw else None
+        else:
+            name = raw.strip("'\"")
+        if name and cls._unknown(key, name):
             known = ", ".join(c.__name__ for c in cls.known(key))
             return (f"{key}: {name!r} is not a known {what}; use one of {known} (as --{key} NAME, or "
                     f"{key}.class_path: NAME in a config), or the dot import path of your own {base.__name__} "
@@ -1169,6 +1183,8 @@ def user_row(attack, user: User, result: AttackResult, init: Namespace, evaluato
     row = scenario_columns(type(attack).__name__, user, result.labels, init)
     row["final_stage"] = getattr(attack, "final_stage_name", "none")
     row["device"] = device
+    if "diverged_restarts" in result.extras:  # Inverting Gradients: restarts dropped as non-finite (0 normally)
+        row["diverged_restarts"] = len(result.extras["diverged_restarts"])
     row.update(evaluate(result, user, evaluator, init.evaluation.lpips, victim))
     if init.evaluation.faces:
         final = result.denoised if result.denoised is not None else result.representative

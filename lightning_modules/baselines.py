@@ -656,6 +656,8 @@ class InvertingGradients(SampleLevelAttack):
         if r in self.diverged:
             return
         self.diverged[r] = (step, what)
+        if len(self.diverged) >= self.restarts:  # the last one: _raise_if_all_diverged stops the attack instead
+            return
         warnings.warn(
             f"InvertingGradients: restart {r} of {self.restarts} diverged at step {step} ({what} is NaN or inf); it is "
             "frozen and excluded from the best-restart choice, the other restarts go on",

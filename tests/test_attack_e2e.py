@@ -189,6 +189,24 @@ def test_an_evaluator_of_other_images_or_classes_fails_before_any_run_dir(tmp_pa
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+def test_unknown_class_in_a_config_file_is_named_and_a_broken_own_class_keeps_its_import_error(tmp_path, capsys,
+                                                                                              monkeypatch):
+    """class_path: DLGx in a config file got jsonargparse's terse message, not the list of shipped attacks; and a
+    user's own attack whose module fails to import (a missing dependency) was called "not a known attack method",
+    hiding the ImportError."""
+    cfg = tiny_config(tmp_path)
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("attack:\n  class_path: DLGx\n")
+    (tmp_path / "brokenatk.py").write_text("import nonexistent_dep_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for argv, match in ((["--config", str(overlay)], r"^attack: 'DLGx' is not a known attack method; use one of"),
+                        (["--attack", "brokenatk.MyDLG"], r"^attack \(MyDLG\): No module named 'nonexistent_dep_xyz'")):
+        with pytest.raises(SystemExit):
+            attack.main(["--config", str(cfg), *argv])
+        error = capsys.readouterr().err.split("error: ", 1)[1]
+        assert re.search(match, error), error
+
+
 def test_a_user_source_argument_refused_at_construction_reads_as_one_line(tmp_path):
     with pytest.raises(attack.ConfigError, match=r"^users: num_users must be >= 1, got 0$"):
         attack.main(["--config", str(tiny_config(tmp_path)), "--users.init_args.num_users", "0"])
@@ -511,3 +529,13 @@ def test_resume_accepts_other_execution_settings_but_not_another_experiment(tmp_
         resume("--trainer.precision", "bf16-mixed")
     with pytest.raises(attack.ConfigError, match=r"differs in \['attack.init_args.steps'\]"):
         resume("--attack.init_args.steps", "5")
+
+
+def test_inverting_gradients_rows_count_the_restarts_it_dropped(tmp_path):
+    """A diverged IG restart is dropped with a warning; results.csv says how many were (it was in the warning only)."""
+    cfg = tiny_config(tmp_path, **{"attack.class_path": "lightning_modules.baselines.InvertingGradients",
+                                   "attack.init_args": {"steps": 2, "restarts": 2},
+                                   "users.init_args.num_users": 1, "logger.backend": "none"})
+    run_dir = attack.main(["--config", str(cfg)])
+    (row,) = list(csv.DictReader((run_dir / "results.csv").open()))
+    assert row["method"] == "InvertingGradients" and row["diverged_restarts"] == "0"

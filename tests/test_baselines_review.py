@@ -187,6 +187,16 @@ def test_inverting_gradients_raises_when_every_restart_diverged():
     assert err.value.step == 0
 
 
+def test_a_single_restart_that_diverges_raises_without_saying_the_others_go_on(recwarn):
+    """With restarts=1 the warning said '... the other restarts go on' and the attack stopped at once."""
+    attack = InvertingGradients(steps=3, restarts=1, seed=1).bind(ig_view())
+    with torch.no_grad():
+        attack.x[:, 0, 0, 0, 0] = float("nan")
+    with pytest.raises(AttackDivergedError, match="every one of the 1 restarts"):
+        fit(attack)
+    assert not [w for w in recwarn if "go on" in str(w.message)]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 4. cosine distance at a zero dummy gradient
 # ---------------------------------------------------------------------------------------------------------------
