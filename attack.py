@@ -988,6 +988,63 @@ def check_recorded_attack_seed(run_dir: Path, cfg: Namespace, what: str, fix: st
                           f"now; {fix}")
 
 
+MODELS_FILE = "models.json"  # in the run directory: fingerprints of the model files the run used (model_fingerprints)
+_MODEL_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json")
+
+
+def _files_digest(path: Path, only: Optional[tuple[str, ...]] = None) -> str:
+    """SHA-256 over a model file, or over a folder's weight and config files (``_MODEL_SUFFIXES``; ``only``: these
+    file names alone), each with its path relative to the folder; model cards and images do not count."""
+    import hashlib
+
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(
+        f for f in path.rglob("*") if f.is_file() and f.suffix in _MODEL_SUFFIXES and (only is None or f.name in only))
+    for f in files:
+        h.update(str(f.relative_to(path) if f != path else f.name).encode() + b"\0")
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def model_fingerprints(init: Namespace, uses_prior: bool) -> dict[str, str]:
+    """``{role: sha256}`` of the model files a run reads: the victim's folder (only its ``config.json`` for a
+    random-initialised victim: its weights are not used), the prior's (when the attack uses it; a hub id is
+    recorded as ``hub:<id>``) and the evaluator's. Written to ``models.json`` at a run's start and compared by
+    ``--resume``: retraining a checkpoint in place between two parts of a run would otherwise mix users attacked
+    with two different models in one results.csv."""
+    out: dict[str, str] = {}
+    roles = [("victim", init.victim.checkpoint, ("config.json",) if init.victim.random_init else None),
+             ("prior", init.prior.path if uses_prior else None, None),
+             ("evaluator", init.evaluation.evaluator, None)]
+    for role, value, only in roles:
+        if not value:
+            continue
+        found = find_input_path(value)
+        out[role] = _files_digest(found, only) if found.exists() else f"hub:{value}"
+    return out
+
+
+def check_model_fingerprints(run_dir: Path, now: dict[str, str]) -> None:
+    """Refuse to resume ``run_dir`` when a model its users were attacked with has changed on disk since (see
+    :func:`model_fingerprints`); run directories made before ``models.json`` existed are not checked.
+
+    Raises:
+        ConfigError: naming the changed model(s) and the fix.
+    """
+    f = run_dir / MODELS_FILE
+    if not f.is_file():
+        return
+    then = json.loads(f.read_text())
+    changed = sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k))
+    if changed:
+        raise ConfigError(f"--resume {run_dir}: the {', '.join(changed)} model files changed since this run started "
+                          f"(retrained or replaced in place; {MODELS_FILE} records their SHA-256), so its users would "
+                          "be attacked or evaluated with two different models; run without --resume for a new run "
+                          "directory, or put the original files back")
+
+
 def resume_command(run_dir: Path) -> str:
     """The shell command that continues ``run_dir`` (printed on Ctrl-C and on a diverged or failed run): attack.py
     by its path from the current directory (``attack.py`` in the repository root, its absolute path elsewhere),
@@ -1212,6 +1269,8 @@ def run(cfg: Namespace) -> Path:
     from lightning import Trainer, seed_everything
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
+    if not 0 <= int(cfg.seed) <= 2**32 - 1:  # seed_everything's range; its own error named numpy, not --seed
+        raise ConfigError(f"--seed must be an integer in [0, 2**32 - 1] (Lightning's seed_everything), got {cfg.seed}")
     seed_everything(cfg.seed, workers=True, verbose=False)
     # 1. everything that can fail fast, before any long work
     check_devices(dict(cfg.trainer))
@@ -1220,6 +1279,16 @@ def run(cfg: Namespace) -> Path:
     if cfg.resume:
         run_dir, resume_rows = open_resume_dir(parser, cfg)
     init, source, victim, attack_cls, attack_kwargs, prior, evaluator = prepare(parser, cfg)
+    if int(cfg.checkpoint_every or 0) < 0:
+        raise ConfigError(f"--checkpoint_every must be >= 0 (0: no mid-user checkpoints), got {cfg.checkpoint_every}")
+    steps = attack_kwargs.get("steps")
+    if cfg.checkpoint_every and isinstance(steps, int) and cfg.checkpoint_every > steps:
+        rank_zero_warn(f"--checkpoint_every {cfg.checkpoint_every} is above the attack's {steps} steps: no checkpoint "
+                       "is saved mid-user (an interrupted user starts again); use a value below the steps",
+                       stacklevel=2)
+    fingerprints = model_fingerprints(init, prior is not None)
+    if cfg.resume:
+        check_model_fingerprints(run_dir, fingerprints)
     from inversion.scenario import victim_num_outputs
 
     victim_classes = victim_num_outputs(victim, source.image_shape)  # the server's label space
@@ -1239,6 +1308,7 @@ def run(cfg: Namespace) -> Path:
         if rank == 0:
             atomic_write_text(run_dir / "config.yaml", dump_config(parser, cfg))
             atomic_write_text(run_dir / ATTACK_SEED_FILE, f"{attack_kwargs['seed']}\n")
+            atomic_write_text(run_dir / MODELS_FILE, json.dumps(fingerprints, indent=1) + "\n")
     config_dict = json.loads(dump_config(parser, cfg, "json"))
     done = {str(r["user"]) for r in resume_rows}
     rows: list[dict] = list(resume_rows)

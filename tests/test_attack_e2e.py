@@ -539,3 +539,39 @@ def test_inverting_gradients_rows_count_the_restarts_it_dropped(tmp_path):
     run_dir = attack.main(["--config", str(cfg)])
     (row,) = list(csv.DictReader((run_dir / "results.csv").open()))
     assert row["method"] == "InvertingGradients" and row["diverged_restarts"] == "0"
+
+
+def test_resume_refuses_models_changed_on_disk_since_the_run_started(tmp_path):
+    """Only the config text was compared: retraining the victim (or prior) into the same folder between two parts
+    of a run mixed users attacked with two models in one results.csv, with status 'finished'."""
+    import json as _json
+
+    from lightning_modules.classifier import save_classifier
+    from tests.helpers import tiny_victim
+
+    cfg = tiny_config(tmp_path, **{"users.init_args.num_users": 1, "logger.backend": "none"})
+    run_dir = attack.main(["--config", str(cfg)])
+    recorded = _json.loads((run_dir / "models.json").read_text())
+    assert sorted(recorded) == ["evaluator", "prior", "victim"] and all(len(v) == 64 for v in recorded.values())
+    assert attack.main(["--config", str(cfg), "--resume", str(run_dir)]) == run_dir  # unchanged: resumes
+    victim_dir = tmp_path / "assets" / "victim"
+    original = (victim_dir / "model.safetensors").read_bytes()
+    other, vcfg = tiny_victim(8, 1, seed=5)
+    save_classifier(other, vcfg, victim_dir)
+    assert (victim_dir / "model.safetensors").read_bytes() != original
+    with pytest.raises(attack.ConfigError, match=r"the victim model files changed since this run started"):
+        attack.main(["--config", str(cfg), "--resume", str(run_dir)])
+
+
+def test_run_seed_and_checkpoint_interval_are_checked_up_front(tmp_path, recwarn):
+    """--seed -7 failed in Lightning's seed_everything with a numpy message that did not name --seed; a
+    --checkpoint_every above the steps silently saved nothing mid-user; a negative one failed in ModelCheckpoint."""
+    cfg = tiny_config(tmp_path, **{"users.init_args.num_users": 1, "logger.backend": "none"})
+    for argv, match in ((["--seed", "-7"], r"--seed must be an integer in \[0, 2\*\*32 - 1\].*got -7"),
+                        (["--seed", str(2**32)], r"--seed must be"),
+                        (["--checkpoint_every", "-1"], r"--checkpoint_every must be >= 0")):
+        with pytest.raises(attack.ConfigError, match=match):
+            attack.main(["--config", str(cfg), *argv])
+    assert not (tmp_path / "runs").exists()
+    attack.main(["--config", str(cfg), "--checkpoint_every", "100"])  # the tiny attack runs 4 steps
+    assert [w for w in recwarn if "--checkpoint_every 100 is above the attack's 4 steps" in str(w.message)]

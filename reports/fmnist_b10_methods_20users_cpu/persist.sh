@@ -20,7 +20,7 @@ import shutil, sys
 from pathlib import Path
 src, dst = Path(sys.argv[1]), Path(sys.argv[2])
 dst.mkdir(parents=True)
-for f in ("config.yaml", "results.csv", "summary.json"):
+for f in ("config.yaml", "results.csv", "summary.json", "models.json", "attack_seed.txt"):
     if (src / f).is_file():
         shutil.copy2(src / f, dst / f)
 for png in sorted(src.glob("users/*/raw.png")):
