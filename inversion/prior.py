@@ -53,7 +53,8 @@ def randn_per_image(
 
 
 class PriorMismatchError(ValueError):
-    """The prior cannot be used with the data (channels differ)."""
+    """The prior cannot be used with the data (channels differ), or its UNet is not one this wrapper can use
+    (class-conditional, unsupported output channels, no or a non-square ``sample_size``)."""
 
 
 def load_ddpm(path_or_id: str, device: str | torch.device = "cpu") -> tuple[UNet2DModel, DDPMScheduler]:
@@ -100,26 +101,65 @@ class DiffusionPrior(nn.Module):
     """Frozen epsilon-prediction DDPM with the operations the attack needs.
 
     Args:
-        unet, scheduler: from :func:`load_ddpm` (or any UNet2DModel / DDPMScheduler pair).
+        unet, scheduler: from :func:`load_ddpm` (or any UNet2DModel / DDPMScheduler pair). The UNet must be
+            unconditional, with ``out_channels`` equal to ``in_channels`` (epsilon only), or twice ``in_channels``
+            with a scheduler ``variance_type`` of 'learned' / 'learned_range' (epsilon and a learned variance, as
+            improved-DDPM models: the first ``in_channels`` output channels are epsilon_theta; the DDPM denoising
+            passes the variance half to the scheduler, the prior loss and DDIM use epsilon only); and a square
+            ``sample_size`` (an int S or (S, S)), the resolution the prior works at.
         image_shape: (C, H, W) of the victim's images; C must equal the UNet's channels.
 
     Raises:
-        PriorMismatchError: channel counts differ (e.g. a 3-channel CIFAR prior with 1-channel Fashion-MNIST).
+        PriorMismatchError: channel counts differ (e.g. a 3-channel CIFAR prior with 1-channel Fashion-MNIST); a
+            class-conditional UNet (``num_class_embeds`` or ``class_embed_type`` set); ``out_channels`` neither
+            ``in_channels`` nor 2 x ``in_channels`` with a learned-variance scheduler (or a learned-variance
+            scheduler with an epsilon-only UNet); ``sample_size`` missing (None) or not square. All at construction,
+            before any optimisation.
     """
 
     def __init__(self, unet: UNet2DModel, scheduler: DDPMScheduler, image_shape: tuple[int, int, int]) -> None:
         super().__init__()
-        c = unet.config.in_channels
+        cfg = unet.config
+        c = cfg.in_channels
         if c != image_shape[0]:
             raise PriorMismatchError(
                 f"the prior has {c} channel(s) but the images have {image_shape[0]}; use a prior trained on "
                 f"{image_shape[0]}-channel data (train.py with data channels={image_shape[0]}) or set the data's "
                 f"channels to {c}"
             )
+        class_embeds = getattr(cfg, "num_class_embeds", None)
+        class_type = getattr(cfg, "class_embed_type", None)
+        if class_embeds is not None or class_type is not None or getattr(unet, "class_embedding", None) is not None:
+            raise PriorMismatchError(
+                f"the prior's UNet is class-conditional (num_class_embeds={class_embeds}, class_embed_type="
+                f"{class_type!r}): the attack uses an unconditional prior (it has no class labels to give the UNet); "
+                "use an unconditional DDPM (train.py trains unconditional ones)")
+        out = getattr(cfg, "out_channels", c)
+        variance_type = str(getattr(scheduler.config, "variance_type", None) or "")
+        learned = variance_type in ("learned", "learned_range")  # the types DDPMScheduler.step splits the output for
+        #: the UNet also predicts the variance: its output is (N, 2C, H, W), epsilon_theta the first C channels
+        self.learned_variance = learned and out == 2 * c
+        if out != c and not self.learned_variance:
+            raise PriorMismatchError(
+                f"the prior's UNet has out_channels={out} for in_channels={c} (scheduler variance_type "
+                f"{variance_type or None!r}): the prior needs an epsilon-prediction UNet with out_channels = "
+                f"in_channels, or out_channels = 2 x in_channels ({2 * c}) with variance_type 'learned' or "
+                "'learned_range' (epsilon and a learned variance)")
+        if learned and out == c:
+            raise PriorMismatchError(
+                f"the prior's scheduler has variance_type {variance_type!r} but its UNet predicts no variance "
+                f"(out_channels = in_channels = {c}); set the scheduler's variance_type to the one the model was "
+                "trained with (e.g. 'fixed_small', diffusers' default), or use a UNet with out_channels = "
+                f"{2 * c}")
         self.unet = unet.eval().requires_grad_(False)
         self.scheduler = scheduler
         self.image_shape = tuple(image_shape)
-        size = unet.config.sample_size
+        size = cfg.sample_size
+        if size is None:
+            raise PriorMismatchError(
+                "the prior's UNet has no sample_size (None in unet/config.json): this wrapper resizes the images to "
+                "the prior's own resolution; set sample_size in the prior's unet/config.json to the image side it "
+                "was trained at (e.g. 32)")
         if not isinstance(size, int):
             if len(size) != 2 or int(size[0]) != int(size[1]):
                 raise PriorMismatchError(
@@ -128,6 +168,12 @@ class DiffusionPrior(nn.Module):
             size = size[0]
         self.prior_size = int(size)
         self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone().float(), persistent=False)
+
+    def predict_noise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """epsilon_theta(x, t): (N, C, S, S) for x (N, C, S, S) in the prior's space and t (N,) int64 timesteps (the
+        first C output channels of a learned-variance UNet)."""
+        out = self.unet(x, t).sample
+        return out[:, : self.image_shape[0]] if self.learned_variance else out
 
     @property
     def num_train_timesteps(self) -> int:
@@ -141,7 +187,8 @@ class DiffusionPrior(nn.Module):
 
         Raises:
             FileNotFoundError, ValueError: see :func:`load_ddpm`.
-            PriorMismatchError: the prior's channels differ from ``image_shape[0]``.
+            PriorMismatchError: the prior's channels differ from ``image_shape[0]``, or its UNet is not usable (see
+                the class docstring: class-conditional, unsupported out_channels, no or a non-square sample_size).
         """
         unet, scheduler = load_ddpm(path_or_id)
         return cls(unet, scheduler, image_shape)
@@ -220,7 +267,7 @@ class DiffusionPrior(nn.Module):
             tt = t_img.to(x0.device).repeat_interleave(num_noise)
             abar = self.alphas_cumprod.to(x0.device)[tt].view(-1, *([1] * (x0.dim() - 1)))
         xt = abar.sqrt() * x0 + (1.0 - abar).sqrt() * eps
-        eps_hat = self.unet(xt, tt).sample
+        eps_hat = self.predict_noise(xt, tt)
         dtype = torch.promote_types(eps_hat.dtype, torch.float32)  # fp32 under autocast, fp64 stays fp64
         if reduction == "mean":
             return F.mse_loss(eps_hat.to(dtype), eps.to(dtype))
@@ -267,13 +314,14 @@ class DiffusionPrior(nn.Module):
             sched = DDPMScheduler.from_config(self.scheduler.config)
             sched.set_timesteps(timesteps=list(range(t_final, -1, -1)))
             for t in sched.timesteps:
+                # the full output: a learned-variance UNet's variance half is split off and used by the scheduler
                 e = self.unet(x, t.to(x.device).expand(x.shape[0])).sample.float()
                 x = sched.step(e, t, x, generator=generator).prev_sample
         elif method == "ddim":
             n = min(max(1, num_steps or t_final // 10), t_final)  # more steps than timesteps would repeat some
             ts = torch.linspace(t_final, 0, n + 1).round().long().tolist()
             for t, t_prev in zip(ts[:-1], ts[1:]):
-                e = self.unet(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)).sample.float()
+                e = self.predict_noise(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)).float()
                 x0_pred = (x - (1 - abar[t]).sqrt() * e) / abar[t].sqrt()
                 x0_pred = x0_pred.clamp(-1, 1)
                 x = abar[t_prev].sqrt() * x0_pred + (1 - abar[t_prev]).sqrt() * e if t_prev > 0 else x0_pred

@@ -83,10 +83,15 @@ def final_stage_label(final_denoise: bool, final_candidates: int, t_final: int, 
     """A short name of the attack's final stage for results tables: ``'none'`` (no final denoising),
     ``'denoise t=100 ddim/10'`` (the paper's single denoising from t_final; sampler and DDIM steps, ``ddpm`` runs
     every step from t_final) or ``'select N=32 t=400 mu=1 ddim/10'`` (final candidate selection among N denoisings,
-    score with output weight mu)."""
+    score with output weight mu).
+
+    The DDIM steps are those that run: :meth:`inversion.prior.DiffusionPrior.denoise` takes at most one step per
+    timestep, min(denoise_steps, t_final) (t_final = 20 with 50 steps runs 20, named ``ddim/20``, the same name as
+    20 configured steps: the same computation)."""
     if not final_denoise:
         return "none"
-    sampler = f"ddim/{denoise_steps}" if denoise_method == "ddim" else str(denoise_method)
+    steps = min(max(1, int(denoise_steps or t_final // 10)), int(t_final))  # as DiffusionPrior.denoise clamps them
+    sampler = f"ddim/{steps}" if denoise_method == "ddim" else str(denoise_method)
     if final_candidates == 1:
         return f"denoise t={t_final} {sampler}"
     return f"select N={final_candidates} t={t_final} mu={selection_output_weight:g} {sampler}"
@@ -127,7 +132,9 @@ class UserLevelInversion(GradientInversionAttack):
         steps, label_strategy, seed, log_images_every, log_prefix: see :class:`GradientInversionAttack`.
 
     Raises:
-        ValueError: an unknown option or an out-of-range setting (at construction, before any work).
+        ValueError: an unknown option or an out-of-range setting (at construction, before any work), naming the
+            setting and its value. The settings of a switched-off window (use_window) or annealing (anneal_t) are
+            not checked; :meth:`check_prior` checks t_max only with use_prior, t_final only with final_denoise.
     """
 
     supports_many_users = True
@@ -188,18 +195,31 @@ class UserLevelInversion(GradientInversionAttack):
             raise ValueError(f"attack.lr_decay must be one of {LR_DECAYS}, got {lr_decay!r}")
         if users_per_step < 1:
             raise ValueError(f"attack.users_per_step must be >= 1, got {users_per_step}")
-        if denoise_method not in ("ddim", "ddpm") or denoise_steps < 1 or t_final < 1:
-            raise ValueError(f"attack.denoise_method must be 'ddim' or 'ddpm', denoise_steps >= 1 and t_final >= 1, got "
-                             f"{denoise_method!r}, {denoise_steps}, {t_final}")
-        if final_candidates < 1 or selection_output_weight < 0:
-            raise ValueError(f"attack.final_candidates must be >= 1 and selection_output_weight >= 0, got "
-                             f"{final_candidates} and {selection_output_weight}")
-        if lr <= 0 or kappa <= 0 or prior_weight < 0 or prior_noise_samples < 1 or output_weight < 0:
-            raise ValueError(
-                "attack.lr and attack.kappa must be > 0, prior_weight and output_weight >= 0, prior_noise_samples >= 1"
-            )
+        # one check per setting, naming it and its value (`not x > 0` also refuses NaN)
+        if denoise_method not in ("ddim", "ddpm"):
+            raise ValueError(f"attack.denoise_method must be 'ddim' or 'ddpm', got {denoise_method!r}")
+        if not denoise_steps >= 1:
+            raise ValueError(f"attack.denoise_steps must be >= 1 (DDIM steps), got {denoise_steps}")
+        if not t_final >= 1:
+            raise ValueError(f"attack.t_final must be >= 1 (the final denoising's starting timestep), got {t_final}")
+        if not final_candidates >= 1:
+            raise ValueError(f"attack.final_candidates must be >= 1 (1 = the paper's single denoising), got "
+                             f"{final_candidates}")
+        if not selection_output_weight >= 0:
+            raise ValueError(f"attack.selection_output_weight must be >= 0, got {selection_output_weight}")
+        if not lr > 0:
+            raise ValueError(f"attack.lr must be > 0 (Adam's step size on pixels in [0, 1]), got {lr}")
+        if not kappa > 0:
+            raise ValueError(f"attack.kappa must be > 0 (the largest allowed |g_match| / |g_prior| of dynamic "
+                             f"clipping; to switch clipping off set use_clipping false), got {kappa}")
+        if not prior_weight >= 0:
+            raise ValueError(f"attack.prior_weight must be >= 0 (lambda of the prior loss), got {prior_weight}")
+        if not output_weight >= 0:
+            raise ValueError(f"attack.output_weight must be >= 0 (0 = no output matching), got {output_weight}")
+        if not prior_noise_samples >= 1:
+            raise ValueError(f"attack.prior_noise_samples must be >= 1 (noise draws per step), got {prior_noise_samples}")
         if not 0 <= t_min <= t_max:
-            raise ValueError(f"need 0 <= t_min <= t_max, got t_min={t_min}, t_max={t_max}")
+            raise ValueError(f"attack.t_min and attack.t_max: need 0 <= t_min <= t_max, got t_min={t_min}, t_max={t_max}")
         # the settings of a mechanism that is switched off are not used, and not checked (an ablation config that
         # switches one off need not also repair its settings)
         if anneal_t:
@@ -223,15 +243,23 @@ class UserLevelInversion(GradientInversionAttack):
 
     # ------------------------------------------------------------------------------------------ set-up
     def check_prior(self, prior) -> None:
-        """Check the timesteps against ``prior`` (a :class:`inversion.prior.DiffusionPrior`) before any user:
-        t_max, and t_final when the final stage denoises, must be below its T.
+        """Check the timesteps against ``prior`` (a :class:`inversion.prior.DiffusionPrior`) before any user: t_max
+        (hence t_min <= t_max) when the prior loss is on (use_prior), t_final when the final stage denoises
+        (final_denoise), must be below its T. A switched-off mechanism's timesteps are not checked.
 
         Raises:
-            ValueError: naming the settings and T.
+            ValueError: naming each setting that is too large, its value, and T.
         """
         hp, T = self.hparams, prior.num_train_timesteps
-        if hp.t_max >= T or (hp.final_denoise and hp.t_final >= T):
-            raise ValueError(f"t_max ({hp.t_max}) and t_final ({hp.t_final}) must be below the prior's T = {T}")
+        problems = []
+        if hp.use_prior and hp.t_max >= T:
+            problems.append(f"t_max ({hp.t_max}) must be below the prior's T = {T} (the prior loss's timesteps are "
+                            f"t_min..t_max)")
+        if hp.final_denoise and hp.t_final >= T:
+            problems.append(f"t_final ({hp.t_final}) must be below the prior's T = {T} (the final denoising starts "
+                            f"there)")
+        if problems:
+            raise ValueError("; ".join(problems))
 
     def bind(
         self,
@@ -260,8 +288,8 @@ class UserLevelInversion(GradientInversionAttack):
             TargetGradientError: a target gradient does not fit the victim or holds NaN/inf.
             ValueError: no views; views with different victims, image shapes or class counts; seeds or prefixes of
                 the wrong length (or repeated prefixes); a prior is needed (use_prior or final_denoise) but none is
-                given; T too small for t_max.
-            PriorMismatchError: (from DiffusionPrior) channels differ.
+                given; T too small for t_max (use_prior) or t_final (final_denoise).
+            PriorMismatchError: (from DiffusionPrior) channels differ, or the UNet is unusable.
             ValueError: output_weight > 0 but the victim's last layer has no bias.
         """
         hp = self.hparams
