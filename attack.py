@@ -868,7 +868,8 @@ def log_final(logger, run_dir: Optional[Path], rows: list[dict], grids: dict, st
         keys = list(dict.fromkeys(k for r in rows for k in r))
         logger.log_table(key="final/results", columns=keys, data=typed_table(rows, keys))
     logger.log_metrics({f"final/{k}": v for k, v in summarize(rows).items()})
-    logger.save()  # CSVLogger writes only every flush_logs_every_n_steps: the final/* row was never written
+    if callable(getattr(logger, "save", None)):  # every Lightning logger has it (a duck-typed one may not)
+        logger.save()  # CSVLogger writes only every flush_logs_every_n_steps: the final/* row was never written
     summary = getattr(getattr(logger, "experiment", None), "summary", None)
     if summary is not None and hasattr(logger, "log_table"):  # W&B
         summary["status"] = status
