@@ -1353,11 +1353,17 @@ def run(cfg: Namespace) -> Path:
             last = ckpt_dir / "last.ckpt"
             t0 = time.time()
             attack.wall_clock_start = t0
+            resumed_from = last.is_file()
             try:
-                trainer.fit(attack, ckpt_path=str(last) if last.is_file() else None)
+                trainer.fit(attack, ckpt_path=str(last) if resumed_from else None)
             except SystemExit:  # Lightning turns Ctrl-C into a graceful shutdown and exit(1)
                 if trainer.interrupted:
                     raise KeyboardInterrupt from None
+                raise
+            except ValueError as exc:  # a checkpoint this run cannot continue (another device kind, other chunk)
+                if resumed_from and "checkpoint" in str(exc):
+                    raise ValueError(f"{exc} [checkpoint {last}: to start {name} afresh, delete {ckpt_dir} and "
+                                     "resume again]") from exc
                 raise
             # a chunk's time is shared equally by its users; a resumed chunk adds the time before the interruption
             seconds = (time.time() - t0 + attack.seconds_before_resume) / len(chunk)

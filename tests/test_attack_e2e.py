@@ -575,3 +575,25 @@ def test_run_seed_and_checkpoint_interval_are_checked_up_front(tmp_path, recwarn
     assert not (tmp_path / "runs").exists()
     attack.main(["--config", str(cfg), "--checkpoint_every", "100"])  # the tiny attack runs 4 steps
     assert [w for w in recwarn if "--checkpoint_every 100 is above the attack's 4 steps" in str(w.message)]
+
+
+def test_a_checkpoint_the_resume_cannot_load_names_the_folder_to_delete(tmp_path, monkeypatch):
+    """A checkpoint written on another kind of device (its RNG state does not fit) failed every later resume with
+    "resume on the device it ran on (or start this user afresh)", without saying how to start it afresh."""
+    from lightning_modules.user_level_inversion import UserLevelInversion
+    from tests.helpers import interrupt_user_at
+
+    cfg = tiny_config(tmp_path, **{"logger.backend": "none"})
+    spy = interrupt_user_at(monkeypatch, "user_0001/", 3)
+    with pytest.raises(SystemExit):
+        attack.main(["--config", str(cfg), "--checkpoint_every", "2"])
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    spy.at = None
+
+    def foreign(self, checkpoint):  # as a CUDA generator state read on a CPU machine
+        raise ValueError("the checkpoint's noise generator state (16 bytes) is not one of a cpu generator")
+
+    monkeypatch.setattr(UserLevelInversion, "on_load_checkpoint", foreign)
+    with pytest.raises(ValueError, match=r"\[checkpoint .*user_0001.last\.ckpt: to start user_0001 afresh, delete "
+                                         r".*checkpoints.user_0001 and resume again\]"):
+        attack.main(["--config", str(cfg), "--checkpoint_every", "2", "--resume", str(run_dir)])
