@@ -7,11 +7,26 @@ import struct
 from pathlib import Path
 
 import numpy as np
-
+import pytest
 import torch
+import torch.nn as nn
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from lightning_modules.classifier import build_classifier, save_classifier
+
+#: ``pytestmark`` of test modules that fit attacks on tiny in-memory data: Lightning's warnings about data-loader
+#: workers, modules in eval mode (the frozen victim) and pytree LeafSpec say nothing there
+QUIET_FIT_WARNINGS = [
+    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
+    pytest.mark.filterwarnings(r"ignore:.*module\(s\) in eval mode.*"),
+    pytest.mark.filterwarnings("ignore:.*LeafSpec.*"),
+]
+
+
+def tiny_mlp(seed: int = 0) -> nn.Module:
+    """A 4-class victim for 1 x 8 x 8 images: Flatten, Linear(64, 16), Sigmoid, Linear(16, 4) (seeded)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Sigmoid(), nn.Linear(16, 4))
 
 
 def tiny_victim(size: int = 8, channels: int = 1, num_classes: int = 10, seed: int = 0, arch: str = "resnet18"):

@@ -24,18 +24,10 @@ from inversion.label_inference import infer_labels
 from inversion.scenario import fedsgd_gradient, make_server_view
 from lightning_modules.base_attack import AttackDivergedError
 from lightning_modules.baselines import DLG, InvertingGradients, cosine_gradient_distance, iDLG, total_variation
+from tests.helpers import QUIET_FIT_WARNINGS, tiny_mlp
 
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
-    pytest.mark.filterwarnings(r"ignore:.*module\(s\) in eval mode.*"),
-    pytest.mark.filterwarnings("ignore:.*LeafSpec.*"),
-]
-
-
-def tiny_mlp(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Sigmoid(), nn.Linear(16, 4))
+pytestmark = QUIET_FIT_WARNINGS
 
 
 def images(n: int, seed: int = 100) -> torch.Tensor:

@@ -11,24 +11,15 @@ import logging
 
 import pytest
 import torch
-import torch.nn as nn
 from lightning import Trainer
 
 from inversion.scenario import make_server_view
 from lightning_modules.baselines import DLG, InvertingGradients, iDLG
 from lightning_modules.user_level_inversion import UserLevelInversion
+from tests.helpers import QUIET_FIT_WARNINGS, tiny_mlp
 
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
-    pytest.mark.filterwarnings(r"ignore:.*module\(s\) in eval mode.*"),
-    pytest.mark.filterwarnings("ignore:.*LeafSpec.*"),
-]
-
-
-def tiny_mlp(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Sigmoid(), nn.Linear(16, 4))
+pytestmark = QUIET_FIT_WARNINGS
 
 
 def view(B: int, reveal_batch_size: bool = True, known_labels: bool = False):
