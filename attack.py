@@ -157,14 +157,14 @@ class AttackArgumentParser(ArgumentParser):
 
     @classmethod
     def known(cls, key: str) -> list[type]:
-        """The shipped classes of group ``key`` ('attack' or 'users'): the imported subclasses of its base that
-        have no subclass of their own or are used directly (``SampleLevelAttack``, a common base, is left out)."""
+        """The shipped classes of group ``key`` ('attack' or 'users'): the imported subclasses of its base, less
+        the common bases that set ``abstract_base = True`` in their own class body (``SampleLevelAttack``)."""
         base = cls.GROUPS[key][0]
         out, todo = [], list(base.__subclasses__())
         while todo:
             c = todo.pop(0)
             todo.extend(c.__subclasses__())
-            if c not in out and not (c.__subclasses__() and c.__name__ == "SampleLevelAttack"):
+            if c not in out and not c.__dict__.get("abstract_base", False):
                 out.append(c)
         return out
 

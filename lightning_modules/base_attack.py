@@ -81,6 +81,9 @@ class GradientInversionAttack(LightningModule):
     """
 
     requires_prior: bool = False
+    #: True in the body of a common base that is not an attack of its own (e.g. SampleLevelAttack): attack.py's
+    #: list of shipped attacks leaves it out. Read from the class's own ``__dict__``, so subclasses do not inherit it.
+    abstract_base: bool = True
     #: bind() accepts a sequence of users' views (see UserLevelInversion); results() then returns one result each
     supports_many_users: bool = False
     #: submodules that are inputs of the attack, not its state: left out of Lightning checkpoints (resume re-binds)

@@ -175,6 +175,7 @@ class SampleLevelAttack(GradientInversionAttack):
     #: '64-true' is safe here because bind deep-copies the victim (the conversion never reaches the caller's model);
     #: result() scores in the converted copy's float64 and returns float32 images (tests/test_baselines_review.py).
     supported_precisions = ("32-true", "32", "64-true", "64", "bf16-mixed", "bf16")
+    abstract_base = True  # a common base, not an attack of its own: not listed among attack.py's shipped attacks
 
     def __init__(
         self,

@@ -189,6 +189,31 @@ def test_an_evaluator_of_other_images_or_classes_fails_before_any_run_dir(tmp_pa
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+def test_shipped_attack_list_leaves_out_common_bases_by_their_marker_not_their_name():
+    """The list of shipped attacks left out SampleLevelAttack by its class name; a user's own common base was listed
+    as an attack. Now a base says so with ``abstract_base = True`` in its own body (its subclasses do not inherit it)."""
+    import gc
+
+    from lightning_modules.base_attack import GradientInversionAttack
+
+    assert [c.__name__ for c in attack.AttackArgumentParser.known("attack")] == [
+        "UserLevelInversion", "DLG", "InvertingGradients", "iDLG"]
+
+    class MyBase(GradientInversionAttack):
+        abstract_base = True
+
+    class MyAttack(MyBase):
+        pass
+
+    try:
+        names = [c.__name__ for c in attack.AttackArgumentParser.known("attack")]
+        assert "MyAttack" in names and "MyBase" not in names and "SampleLevelAttack" not in names, names
+    finally:  # subclasses are weak references: drop them so other tests see only the shipped list
+        del MyAttack, MyBase
+        gc.collect()
+    assert "MyAttack" not in [c.__name__ for c in attack.AttackArgumentParser.known("attack")]
+
+
 def test_unknown_class_in_a_config_file_is_named_and_a_broken_own_class_keeps_its_import_error(tmp_path, capsys,
                                                                                               monkeypatch):
     """class_path: DLGx in a config file got jsonargparse's terse message, not the list of shipped attacks; and a
