@@ -80,7 +80,8 @@ class ThreatSpec:
     protocol: 'fedsgd' (one gradient) or 'fedavg' (E local epochs: the server sees the weight difference and the
     attack uses the pseudo-gradient delta / (lr * local steps)). reveal_batch_size: the server learns B.
     known_labels: the server is given the labels. defenses: client-side defenses, e.g.
-    ``[{name: gaussian_dp, clip_norm: 1.0, sigma: 0.01}]`` (see inversion/defenses.py), applied to what the client
+    ``[{name: gaussian_dp, clip_norm: 1.0, sigma: 0.01, seed: 0}]`` (see inversion/defenses.py; the seed gives each
+    client its own reproducible stream, :func:`defense_seed`), applied to what the client
     sends: the FedSGD gradient, or the FedAvg weight difference (a clip norm bounds ||delta||; see client_update).
     FedAvg local training: ``fedavg_epochs`` E, ``fedavg_lr`` eta, ``fedavg_batch_size`` b (0: the whole batch, one
     step per epoch), ``fedavg_shuffle`` (a fresh order of the user's images each epoch, seeded by the user, as a
@@ -474,7 +475,13 @@ def validate(cfg: Namespace, source: UserSource, victim_cfg: dict) -> None:
     if cfg.threat.defenses:
         from inversion.defenses import build_defenses
 
-        build_defenses([dict(d) for d in cfg.threat.defenses])  # raises on unknown names or out-of-range settings
+        built = build_defenses([dict(d) for d in cfg.threat.defenses])  # raises on unknown or out-of-range settings
+        if not built.reproducible:
+            rank_zero_warn(
+                "threat.defenses: a random defense (gaussian_dp noise or stochastic quantize) has no seed, so it draws "
+                "from the global random generator: a user's noise then depends on the users run before it and on the "
+                "run's order, and changes on --resume, in split runs (first_user) and on refinish (which refuses "
+                "such runs). Give it a seed (e.g. seed: 0; each client gets its own stream from it).", stacklevel=2)
         a = dict(cfg.attack.init_args or {})
         output_terms = [k for k, on in (
             ("output_weight", float(a.get("output_weight") or 0) > 0),
@@ -505,19 +512,24 @@ def defense_label(defenses: list[dict]) -> tuple[str, float]:
     return "+".join(parts), strength
 
 
+#: first word of every defense seed's SeedSequence entropy ("DEFE" in ASCII): keeps the client's noise streams apart
+#: from the attack's own generators, which are seeded with small integers (the attack seed)
+DEFENSE_STREAM = 0x44454645
+
+
 def defense_seed(seed: int, user_index: int, position: int) -> int:
-    """The seed of the ``position``-th seeded defense (counting only those with a ``seed``) of client
-    ``user_index``: ``seed + user_index`` for the first (as the shipped DP sweeps ran; wrapped modulo 2**64 when it
-    passes the top of torch's seed range [-2**63, 2**64), so a seed near 2**64 that the defense accepted does not
-    fail at user 1), and a ``numpy.random.SeedSequence([seed, user_index, position])`` draw for
-    later ones, so two seeded defenses of one client (e.g. DP noise then stochastic quantisation with the same
-    ``seed``) draw independent streams instead of the same one."""
-    if position == 0:
-        first = int(seed) + int(user_index)
-        return first - 2**64 if first >= 2**64 else first
+    """The seed, in [0, 2**64), of the ``position``-th seeded defense (counting only those with a ``seed``) of
+    client ``user_index``: one 64-bit draw of ``numpy.random.SeedSequence([DEFENSE_STREAM, seed mod 2**64,
+    user_index mod 2**64, position])``. So clients get independent noise, two seeded defenses of one client (e.g. DP
+    noise then stochastic quantisation with the same ``seed``) draw independent streams, and no client's noise is
+    the stream of the attack's own generator: the earlier ``seed + user_index`` gave user 0 of a ``seed: 0`` sweep
+    the noise ``torch.Generator().manual_seed(0)`` draws, the same numbers the attack (seed 0) drew as its starting
+    image. Changed on 2026-12-01: runs before that (the DP points of reports/fmnist_dp_noise_cpu and
+    reports/fmnist_b10_20users_ablations_cpu) drew ``seed + user_index`` for the first seeded defense."""
     import numpy as np
 
-    return int(np.random.SeedSequence([int(seed) % 2**63, int(user_index) % 2**63, int(position)]).generate_state(1)[0])
+    entropy = [DEFENSE_STREAM, int(seed) % 2**64, int(user_index) % 2**64, int(position)]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
 
 
 def user_defenses(threat: ThreatSpec, user_index: int):
@@ -1225,6 +1237,7 @@ def scenario_columns(method: str, user: User, inferred, init: Namespace) -> dict
         "inferred_dominant": inferred.dominant,
         "inferred_counts": counts_text(inferred),
         "label_strategy": inferred.strategy,
+        "inferred_informative": bool(inferred.informative),  # False: no class proven present, the labels are a guess
         "protocol": init.threat.protocol,
         **fedavg,
         "defense": defense_name,

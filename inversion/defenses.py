@@ -23,7 +23,8 @@ callable ``update -> new update`` (same names, shapes, dtypes and devices; the i
 
 Randomness: a defense built with an integer ``seed`` draws from a CPU ``torch.Generator`` re-seeded with that seed at
 every call, so the same input always gets the same noise (and the same on every device); give each client its own
-seed (e.g. base seed + user index) to get independent noise across clients. ``seed=None`` draws from the global RNG.
+seed to get independent noise across clients (attack.py derives one per client and defense from the configured seed:
+``attack.defense_seed``). ``seed=None`` draws from the global RNG.
 
 Configs: :func:`build_defenses` turns ``[{name: gaussian_dp, clip_norm: 1.0, noise_multiplier: 0.1}, ...]`` into a
 :class:`Compose`; names are the keys of :data:`DEFENSES`. Invalid values raise one ``ValueError`` naming the key and
@@ -212,7 +213,8 @@ class GaussianDP(Defense):
 class TopKPruning(Defense):
     """Magnitude pruning per layer (Zhu et al. 2019's pruning defense): keep the largest |u| entries of each tensor.
 
-    Each tensor keeps exactly ``k = max(1, round(keep_fraction * numel))`` entries (ties broken by ``torch.topk``),
+    Each tensor keeps exactly ``k = max(1, round(keep_fraction * numel))`` entries (Python's ``round``: halves go to
+    the even integer, so 0.5 of 5 or of 3 entries keeps 2; ties in magnitude broken by ``torch.topk``),
     the others become 0. Pruning per tensor (not globally) keeps every layer represented, as the per-layer sparsity
     of Zhu et al.'s experiments.
 

@@ -112,7 +112,7 @@ NON_METRIC = {"user", "B", "method", "dominant_class", "inferred_dominant", "eva
               "evaluator_class_raw", "nearest_index", "true_histogram", "inferred_counts", "label_strategy",
               "run", "run_dir", "grid", "grid_path", "user_dir", "seed", "defense", "defense_strength", "protocol",
               "victim_init", "run_name", "final_stage", "refinish_source", "refinished_from", "setting", "setting_diff",
-              "id_gallery", "user_key", "measurement_key",
+              "id_gallery", "user_key", "measurement_key", "inferred_informative",
               # the FedAvg local training a row attacked (settings, not measurements; the runs split by `setting`)
               "fedavg_epochs", "fedavg_lr", "fedavg_batch_size", "fedavg_shuffle", "fedavg_local_steps"}
 RUN_DIR_SUFFIX = r"-\d{8}-\d{6}-[0-9a-f]{6}$"

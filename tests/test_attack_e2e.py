@@ -82,6 +82,7 @@ def test_attack_py_writes_every_output(tmp_path):
         assert r["B"] == "3" and r["steps"] == "4" and r["method"] == "UserLevelInversion"
         assert r["final_stage"] == "denoise t=20 ddim/2" and r["device"] == "cpu"  # the tiny config's final stage
         assert r["inferred_dominant"] == r["dominant_class"]  # single-class users: label inference is exact
+        assert r["inferred_informative"] == "True"
         for key in ("evaluator_class", "evaluator_prob", "mse_nearest", "mse_mean", "psnr_nearest", "psnr_mean", "seconds"):
             assert r[key] != ""
         assert float(r["psnr_nearest"]) >= float(r["psnr_mean"])
@@ -508,6 +509,47 @@ def test_output_terms_under_defenses_warn_before_the_run(tmp_path, attack_args, 
         attack.prepare(parser, cfg)
     msgs = [str(x.message) for x in seen if "under client defenses" in str(x.message)]
     assert (msgs and warns in msgs[0] and len(msgs) == 1) if warns else not msgs
+
+
+def test_results_row_says_when_label_inference_was_a_guess():
+    """A last layer with no negative entry (e.g. zeroed by a defense) makes the inferred labels a guess: it was a
+    warning only, so a privacy curve's label columns could not tell guesses from inferences."""
+    from types import SimpleNamespace
+
+    from datamodules.users import User
+    from inversion.label_inference import infer_labels
+
+    user = User(user_id=3, images=torch.zeros(2, 1, 4, 4), labels=torch.tensor([1, 1]), num_classes=4,
+                dominant_class=1)
+    init = SimpleNamespace(threat=attack.ThreatSpec(), victim=SimpleNamespace(random_init=False))
+    grads = {"fc.weight": torch.zeros(4, 3), "fc.bias": torch.zeros(4)}
+    with pytest.warns(UserWarning, match="are a guess"):
+        guess = infer_labels(grads, 4, 2)
+    assert attack.scenario_columns("M", user, guess, init)["inferred_informative"] is False
+    grads["fc.bias"] = torch.tensor([0.1, -0.4, 0.2, 0.1])
+    proven = infer_labels(grads, 4, 2)
+    row = attack.scenario_columns("M", user, proven, init)
+    assert row["inferred_informative"] is True and row["inferred_dominant"] == 1
+
+
+@pytest.mark.parametrize("defense, warns", [
+    ({"name": "gaussian_dp", "clip_norm": 1.0, "sigma": 0.1}, True),
+    ({"name": "quantize", "levels": 4, "stochastic": True}, True),
+    ({"name": "gaussian_dp", "clip_norm": 1.0, "sigma": 0.1, "seed": 0}, False),
+    ({"name": "clip", "clip_norm": 1.0}, False),
+])
+def test_an_unseeded_random_defense_warns_before_the_run(tmp_path, defense, warns):
+    """Without a seed the noise comes from the global generator: a user's draw depends on the users before it and
+    changes on --resume or in split runs; said at preparation (it was silent)."""
+    import warnings as w
+
+    cfg_path = tiny_config(tmp_path, **{"threat.defenses": [defense]})
+    parser = attack.build_parser()
+    cfg = parser.parse_args(["--config", str(cfg_path)])
+    with w.catch_warnings(record=True) as seen:
+        w.simplefilter("always")
+        attack.prepare(parser, cfg)
+    assert any("has no seed" in str(x.message) for x in seen) == warns
 
 
 def test_raw_pt_holds_only_the_representative_image(tmp_path):

@@ -231,35 +231,53 @@ def test_reproducible_says_whether_the_output_can_be_redrawn():
 
 
 def test_two_seeded_defenses_of_one_client_draw_independent_noise():
-    """attack.user_defenses: the first seeded defense keeps seed + user index (the shipped sweeps' draws), a later one
-    with the same configured seed gets its own stream (it re-drew the first one's noise exactly)."""
+    """attack.user_defenses: each seeded defense of a client gets its own stream (attack.defense_seed); a later one
+    with the same configured seed re-drew the first one's noise exactly before defense_seed took the position."""
     import attack
 
     dp = {"name": "gaussian_dp", "clip_norm": 1e9, "sigma": 1e-3, "seed": 0}  # noise std 1e6, never clipped
     zero = OrderedDict([("w", torch.zeros(1000))])
     one = attack.user_defenses(attack.ThreatSpec(defenses=[dp]), 3)(zero)["w"] / 1e6
-    torch.testing.assert_close(one, GaussianDP(clip_norm=1e9, sigma=1e-3, seed=3)(zero)["w"] / 1e6)
+    seed = attack.defense_seed(0, 3, 0)
+    torch.testing.assert_close(one, GaussianDP(clip_norm=1e9, sigma=1e-3, seed=seed)(zero)["w"] / 1e6)
     two = attack.user_defenses(attack.ThreatSpec(defenses=[dp, dp]), 3)(zero)["w"] / 1e6
     second = two - one
     assert abs(float(torch.corrcoef(torch.stack([one, second]))[0, 1])) < 0.15  # independent, not a copy
     assert 0.9 < float(second.std()) < 1.1
     assert attack.defense_seed(0, 3, 1) == attack.defense_seed(0, 3, 1) != attack.defense_seed(0, 4, 1)
-    # an unseeded defense before a seeded one does not move the seeded one's stream (it keeps seed + user index)
+    # an unseeded defense before a seeded one does not move the seeded one's stream
     prune = {"name": "topk_pruning", "keep_fraction": 1.0}
     after_prune = attack.user_defenses(attack.ThreatSpec(defenses=[prune, dp]), 3)(zero)["w"] / 1e6
     torch.testing.assert_close(after_prune, one)
 
 
 def test_a_seed_at_the_top_of_torchs_range_works_for_every_user():
-    """A seed the defense accepts (2**64 - 1) stays in torch's range for later users (seed + user index wraps
-    modulo 2**64): it built user 0's defense and failed at user 1 with torch's 'Overflow when unpacking long'."""
+    """A seed the defense accepts (2**64 - 1) stays in torch's range for every user: seed + user index built user 0's
+    defense and failed at user 1 with torch's 'Overflow when unpacking long'."""
     import attack
 
     top = 2**64 - 1
-    assert attack.defense_seed(top, 0, 0) == top
-    assert attack.defense_seed(top, 1, 0) == 0 and attack.defense_seed(top, 5, 0) == 4
-    assert attack.defense_seed(7, 5, 0) == 12  # the shipped sweeps' seeds are unchanged
+    seeds = {attack.defense_seed(s, u, 0) for s in (top, -(2**63), 0, 7) for u in range(6)}
+    assert len(seeds) == 24 and all(0 <= s < 2**64 for s in seeds)  # in range, and no two clients share one
     dp = {"name": "gaussian_dp", "clip_norm": 1e9, "sigma": 1e-3, "seed": top}
     zero = OrderedDict([("w", torch.zeros(10))])
     user1 = attack.user_defenses(attack.ThreatSpec(defenses=[dp]), 1)(zero)["w"]
-    torch.testing.assert_close(user1, GaussianDP(clip_norm=1e9, sigma=1e-3, seed=0)(zero)["w"], rtol=0, atol=0)
+    expected = GaussianDP(clip_norm=1e9, sigma=1e-3, seed=attack.defense_seed(top, 1, 0))(zero)["w"]
+    torch.testing.assert_close(user1, expected, rtol=0, atol=0)
+
+
+def test_client_noise_is_not_the_attacks_own_random_stream():
+    """With seed + user index, user 0 of a ``seed: 0`` DP sweep got the noise torch.Generator().manual_seed(0)
+    draws: the very numbers the attack (seed 0) drew as its starting image, so the defense's noise was a function of
+    the attacker's initialisation. No small attack seed's stream may reappear as a client's noise."""
+    import attack
+
+    dp = {"name": "gaussian_dp", "clip_norm": 1e9, "sigma": 1e-3}  # noise std 1e6
+    zero = OrderedDict([("w", torch.zeros(4096))])
+    for seed in (0, 1, 5):
+        for user in range(3):
+            noise = attack.user_defenses(attack.ThreatSpec(defenses=[dict(dp, seed=seed)]), user)(zero)["w"] / 1e6
+            for attack_seed in range(8):  # the attack's start image: randn from manual_seed(attack seed)
+                start = torch.randn(4096, generator=torch.Generator().manual_seed(attack_seed))
+                corr = float(torch.corrcoef(torch.stack([noise, start]))[0, 1])
+                assert abs(corr) < 0.1, (seed, user, attack_seed, corr)
