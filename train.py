@@ -7,7 +7,15 @@
 A config pins one run: ``model`` (class_path/init_args), ``data``, ``trainer`` (with ``logger`` and
 ``callbacks``). Group files under configs/data and configs/model can be layered with several ``--config`` (the
 configs/train files include configs/model ones by path).
-W&B runs offline unless ``WANDB_MODE`` says otherwise. After fit, classifiers are tested on the test split.
+W&B runs offline unless ``WANDB_MODE`` says otherwise: train.py sets ``WANDB_MODE=offline`` when it is unset, and the
+shipped configs' WandbLogger have no ``offline: true`` (Lightning's ``offline=True`` forces ``WANDB_MODE=dryrun`` over
+any setting), so ``WANDB_MODE=online python train.py ...`` logs online. After fit, classifiers are tested on the test
+split.
+
+Last checkpoint at the end. A ModelCheckpoint with ``save_last: true`` writes ``last.ckpt`` every
+``every_n_train_steps``, but Lightning writes it at the end of training only when no checkpoint was ever saved: a
+run stopped by ``max_time`` or a ``max_steps`` off that grid would resume up to N-1 steps before its export.
+train.py adds :class:`SaveLastAtTrainEnd`, which then writes ``last.ckpt`` at the final step.
 
 Run directories. Every fresh run writes into a new directory ``<default_root_dir>/<YYYYmmdd-HHMMSS>-<6 hex>``
 (``train_runs/`` when ``trainer.default_root_dir`` is unset), printed at start. Every configured path under
@@ -16,8 +24,10 @@ loggers' ``save_dir``/``dir`` and the ``dirpath`` of ``ModelCheckpoint``/``OnExc
 ``train_runs/x/ckpt`` becomes ``train_runs/x/<run>/ckpt``). Paths outside ``default_root_dir`` are left alone (a
 warning before training names those the run will share with every other run); so are export folders
 (``callbacks.export.ExportModel``), which are replaced atomically where configured. The config as given is saved as
-``<run>/config.yaml`` (written to a temporary file, then linked into place; never over an existing file), after the
-pre-training checks and the checkpoint restore passed.
+``<run>/config.yaml`` (written to a temporary file, then linked into place; never over an existing file) at fit
+start: after the pre-training checks and the weights' restore, before Lightning restores the optimiser and loop state
+(so a resume that fails there still leaves its config-resume file, and a run that fails in its sanity check keeps
+its config beside its logs).
 
 A different root on the command line. ``--trainer.default_root_dir DIR`` replaces the config's root as a whole:
 the paths under the config's own ``default_root_dir`` (``train_runs/`` when it has none) move with it, so
@@ -28,12 +38,15 @@ paths under ``DIR``. (Found by parsing the command line once more without that f
 a second ``--config``, moves only the paths under it, and the warning names the rest.)
 
 Before anything is created (run directory, loggers): a fresh run (no ``--ckpt_path``) whose ExportModel folder
-exists fails unless that callback has ``overwrite: true``.
+exists fails unless that callback has ``overwrite: true``, and any run whose export folder cannot be created (e.g. a
+path under a regular file, or in a folder without write permission) fails too
+(:func:`callbacks.export.check_export_parent`; ExportModel tries a probe folder there again at fit start).
 
 Resuming. ``--ckpt_path last`` continues the newest run directory under ``default_root_dir`` that holds a
 ``last.ckpt`` where its ModelCheckpoint writes (``<run>/ckpt/last.ckpt`` for the shipped configs): training goes on
 from that checkpoint's step and writes into that same directory, whose config is saved as ``config-resume-<k>.yaml``
-(the first free k). With no such checkpoint it fails before building anything, naming ``default_root_dir``. A
+(the first free k) at fit start. With no such checkpoint it fails before
+building anything, naming ``default_root_dir``. A
 config whose checkpoint folder lies outside ``default_root_dir`` (shared by every run) continues from the newest
 ``last.ckpt`` there, in a fresh run directory. ``~`` in the paths is expanded, as Lightning does. An
 explicit ``--ckpt_path some/file.ckpt`` restores that file into a fresh run directory. Lightning's Timer restores
@@ -56,7 +69,7 @@ from typing import Any, Optional
 
 os.environ.setdefault("WANDB_MODE", "offline")
 
-from lightning import LightningDataModule, LightningModule  # noqa: E402
+from lightning import Callback, LightningDataModule, LightningModule  # noqa: E402
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
@@ -395,12 +408,38 @@ def _process_rank() -> int:
     return 0
 
 
+class SaveLastAtTrainEnd(Callback):
+    """At the end of training, write ``last.ckpt`` of every ModelCheckpoint with ``save_last=True`` whose last save
+    was at another step than the final ``global_step`` (train.py adds it to every Trainer).
+
+    Lightning 2.6's ModelCheckpoint writes ``last.ckpt`` at train end only when it never saved a checkpoint: a run
+    stopped by ``max_time``, or by a ``max_steps`` that is not a multiple of ``every_n_train_steps``, kept the
+    ``last.ckpt`` of up to N-1 steps before the end while the export (written at fit end) had the final weights, and
+    ``--ckpt_path last`` resumed from the older step. Runs on every rank (saving is collective); nothing happens
+    when the final step is already saved, no step was taken, for ``save_last='link'`` (a link names an existing
+    checkpoint), or under ``fast_dev_run``. Uses the ModelCheckpoint's own ``_save_last_checkpoint`` (as its
+    ``on_train_end`` does), so the file name, versioning and state are Lightning's.
+    """
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        if trainer.fast_dev_run or trainer.global_step == 0:
+            return
+        for cb in trainer.checkpoint_callbacks:
+            if (isinstance(cb, ModelCheckpoint) and cb.save_last is True
+                    and getattr(cb, "_last_global_step_saved", trainer.global_step) != trainer.global_step
+                    and hasattr(cb, "_save_last_checkpoint")):
+                cb._save_last_checkpoint(trainer, cb._monitor_candidates(trainer))
+
+
 class SaveRunConfig(SaveConfigCallback):
-    """Saves the config as given (paths before re-rooting) into the run directory on rank 0, at fit start (after
-    the other callbacks' start checks and the checkpoint restore): ``config.yaml`` for a fresh run,
-    ``config-resume-<k>.yaml`` (the first free k >= 1) when resuming in an existing run directory. Never replaces a
-    file (:func:`write_new_text`). Built by LightningCLI with ``run_dir``, ``original`` and ``resume`` from
-    :class:`TrainCLI`."""
+    """Saves the config as given (paths before re-rooting) into the run directory on rank 0 at fit start (after the
+    other callbacks' start checks and the weights' restore; Lightning restores the optimiser and loop state after
+    ``on_fit_start``, so a resume that fails there leaves its file): ``config.yaml`` for a fresh run,
+    ``config-resume-<k>.yaml`` (the first free k >= 1) when resuming in an existing run directory. Written before
+    the sanity check, so a run that fails there keeps its config beside its logs. Never replaces a file (:func:`write_new_text`). Built by LightningCLI
+    with ``run_dir``, ``original`` and ``resume`` from :class:`TrainCLI`."""
 
     def __init__(self, parser, config, run_dir: str = "", original: Any = None, resume: bool = False) -> None:
         super().__init__(parser, config, overwrite=False, save_to_log_dir=False)
@@ -586,6 +625,7 @@ def main(args=None) -> None:
         args=args,
         seed_everything_default=0,
         save_config_callback=SaveRunConfig,
+        trainer_defaults={"callbacks": [SaveLastAtTrainEnd()]},  # appended to the config's (not parsed or saved)
         parser_kwargs={"default_env": False},
     )
     try:

@@ -46,14 +46,57 @@ def atomic_replace_dir(tmp_dir: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def check_export_target(dirpath: str | Path, overwrite: bool = False, resuming: bool = False) -> None:
-    """The export folder check of :class:`ExportModel`, on its arguments alone (train.py runs it on the config
-    before creating the run directory or any logger; the callback repeats it at fit start).
+def check_export_parent(dirpath: str | Path, create: bool = False) -> None:
+    """Check that the export folder ``dirpath`` (``~`` expanded) can be written: its parent folder must exist and be
+    writable, or be creatable (its nearest existing ancestor a writable folder), and ``dirpath`` itself must not be
+    a file.
+
+    ``create`` false (train.py's check before anything is created): looks only (``os.access``, which root passes).
+    ``create`` true (:meth:`ExportModel.on_fit_start`): creates the parent folders (the export would create them at
+    its end anyway) and makes and removes a temporary folder in the parent, as the export does, so whatever the file
+    system refuses is found before training.
 
     Raises:
+        NotADirectoryError: ``dirpath`` or one of its ancestors is a file (e.g. a path under a regular file).
+        PermissionError: the parent (or its nearest existing ancestor) is not writable.
+        OSError: creating the parent or the probe folder failed otherwise; the message names the path.
+    """
+    target = Path(os.path.expanduser(str(dirpath)))
+    fix = "choose an ExportModel.dirpath in a writable folder"
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"export folder {dirpath} is a file, not a folder; remove it or {fix}")
+    ancestor = target.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if ancestor.exists() and not ancestor.is_dir():
+        raise NotADirectoryError(
+            f"export folder {dirpath} cannot be created: {ancestor} is a file, not a folder; {fix}")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PermissionError(f"export folder {dirpath} cannot be created: {ancestor} is not writable; {fix}")
+    if not create:
+        return
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{target.name}.probe.", dir=target.parent))
+    except FileExistsError as exc:  # mkdir of a path held by a file
+        raise NotADirectoryError(f"export folder {dirpath} cannot be created: {exc.filename} is a file; {fix}") from exc
+    except OSError as exc:
+        raise type(exc)(f"export folder {dirpath} cannot be written: creating a folder in {target.parent} failed "
+                        f"({exc.strerror or exc}); {fix}") from exc
+
+
+def check_export_target(dirpath: str | Path, overwrite: bool = False, resuming: bool = False) -> None:
+    """The export folder check of :class:`ExportModel`, on its arguments alone (train.py runs it on the config
+    before creating the run directory or any logger; the callback repeats it at fit start): the folder must be
+    creatable (:func:`check_export_parent`, looking only) and, on a fresh run, new.
+
+    Raises:
+        NotADirectoryError, PermissionError: see :func:`check_export_parent` (e.g. ``dirpath`` under a regular
+            file), before any training.
         FileExistsError: ``dirpath`` exists, the run restores no checkpoint (``resuming`` false) and ``overwrite`` is
             false.
     """
+    check_export_parent(dirpath)
     if Path(os.path.expanduser(str(dirpath))).exists() and not overwrite and not resuming:
         raise FileExistsError(
             f"export folder {dirpath} already exists; choose another ExportModel.dirpath, resume with "
@@ -83,8 +126,13 @@ class ExportModel(Callback):
         sample_grid_size, sample_steps: the grid's number of samples (>= 1) and DDIM steps (>= 1).
         title: first line of the model card.
 
+    Several ExportModel callbacks may share a Trainer (e.g. float32 and float16 exports) when their ``dirpath``
+    differ: the state key names the folder (:attr:`state_key`).
+
     Raises:
         FileExistsError: at fit start, when ``dirpath`` exists, the run is not a resume and ``overwrite`` is false.
+        NotADirectoryError, PermissionError, OSError: at fit start, before training, when ``dirpath`` cannot be
+            created or written (e.g. it lies under a regular file): :func:`check_export_parent`.
     """
 
     def __init__(
@@ -119,8 +167,35 @@ class ExportModel(Callback):
         self.command = " ".join(shlex.quote(a) for a in ["python"] + sys.argv)
 
     def check_target(self, resuming: bool) -> None:
-        """Raise FileExistsError when a fresh run would replace an existing export (:func:`check_export_target`)."""
+        """Raise FileExistsError when a fresh run would replace an existing export, NotADirectoryError /
+        PermissionError when the folder cannot be created (:func:`check_export_target`)."""
         check_export_target(self.dirpath, self.overwrite, resuming)
+
+    @property
+    def state_key(self) -> str:
+        """``ExportModel{'dirpath': '<dirpath>'}``: one state per export folder, so that several exports (e.g. a
+        float32 and a float16 one into two folders) can share a Trainer. Checkpoints of the older code keep the
+        state under ``ExportModel`` (the class name): :meth:`on_load_checkpoint` moves it to this key."""
+        return self._generate_state_key(dirpath=str(self.dirpath))
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        """Find this callback's state in a checkpoint saved under another key and move it under :attr:`state_key`
+        (Lightning then restores it with :meth:`load_state_dict`): the plain class name ``ExportModel`` of
+        checkpoints written before ExportModel had a state key (Lightning's own legacy fallback looks up the class
+        object, not its name), or, when this Trainer has one ExportModel and the checkpoint one ExportModel state,
+        that state under another folder's key (the export folder was renamed between the runs). Lightning warns
+        about the unmatched old key before this hook runs; the state is restored all the same."""
+        states = checkpoint.get("callbacks")
+        if not isinstance(states, dict) or self.state_key in states:
+            return
+        legacy = type(self).__qualname__
+        if legacy in states:
+            states[self.state_key] = states.pop(legacy)
+            return
+        mine = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, ExportModel)]
+        theirs = [k for k in states if isinstance(k, str) and k.startswith(legacy + "{")]
+        if len(mine) == 1 and len(theirs) == 1:
+            states[self.state_key] = states.pop(theirs[0])
 
     def state_dict(self) -> dict:
         return {"wall_time_s": self._elapsed(), "validated_at_step": self._validated_at_step}
@@ -133,7 +208,12 @@ class ExportModel(Callback):
         return self.wall_time_s + (time.time() - self._t0 if self._t0 is not None else 0.0)
 
     def on_fit_start(self, trainer, pl_module) -> None:  # after a checkpoint restore, before the first step
+        """Before training: refuse an existing folder on a fresh run (:meth:`check_target`) and, on rank 0, create
+        the parent folders and write a probe folder there (:func:`check_export_parent`), so an export folder that
+        cannot be written fails now, not after the training."""
         self.check_target(resuming=bool(trainer.ckpt_path))
+        if getattr(trainer, "is_global_zero", True):
+            check_export_parent(self.dirpath, create=True)
         self._t0 = time.time()
         from lightning_modules.resumable import run_seed
 

@@ -1,7 +1,8 @@
 """A pretrained DDPM used as an image prior: loading, the prior loss, and the final denoising.
 
-Loads any diffusers DDPM (a folder written by ``DDPMPipeline.save_pretrained``, e.g. the one train.py exports, or a
-hub id such as ``google/ddpm-cifar10-32`` when online) through the same code. Pixels cross the boundary explicitly:
+Loads any diffusers DDPM (a folder written by ``DDPMPipeline.save_pretrained``, e.g. the one train.py exports, a
+folder with a UNet2DModel and its scheduler config at the root, or a hub id such as ``google/ddpm-cifar10-32`` in
+either layout, online or from the HF cache) through the same code (:func:`load_ddpm_parts`). Pixels cross the boundary explicitly:
 the attack's images are in [0, 1] at the victim's resolution; the prior works in [-1, 1] at its own
 ``sample_size``; :meth:`DiffusionPrior.to_prior` / :meth:`DiffusionPrior.from_prior` resize and rescale.
 """
@@ -57,13 +58,118 @@ class PriorMismatchError(ValueError):
     (class-conditional, unsupported output channels, no or a non-square ``sample_size``)."""
 
 
-def load_ddpm(path_or_id: str, device: str | torch.device = "cpu") -> tuple[UNet2DModel, DDPMScheduler]:
-    """Load the UNet and the scheduler of a diffusers DDPM pipeline folder or hub id (safetensors preferred).
+#: where the UNet and the scheduler config lie in the two layouts diffusers loads a DDPM from
+PIPELINE_LAYOUT = ("unet", "scheduler")  # DDPMPipeline.save_pretrained: unet/config.json, scheduler/scheduler_config.json
+ROOT_LAYOUT = (None, None)  # single-model repos (google/ddpm-cifar10-32): config.json, scheduler_config.json at the root
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its repr when the message is empty)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else repr(exc)
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub read it (at its import; the value its downloads obey)."""
+    from huggingface_hub import constants
+
+    return bool(constants.is_offline_mode() if hasattr(constants, "is_offline_mode") else constants.HF_HUB_OFFLINE)
+
+
+def _hub_offline_and_uncached(repo_id: str) -> bool:
+    """True when the Hugging Face hub is off (:func:`_hub_offline`) and its cache holds neither ``unet/config.json``
+    nor ``config.json`` of ``repo_id`` (nothing of it was ever downloaded)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if not _hub_offline():
+        return False
+    try:
+        cached = [try_to_load_from_cache(repo_id, name) for name in ("unet/config.json", "config.json")]
+    except Exception:  # an id huggingface_hub refuses: nothing of it can be cached either
+        return True
+    return not any(isinstance(c, str) for c in cached)
+
+
+def _local_ddpm_layout(folder: Path, need_scheduler: bool) -> tuple[Optional[str], Optional[str], bool]:
+    """``(unet subfolder, scheduler subfolder, has scheduler)`` of a local DDPM folder (subfolder None: the folder's
+    root; has scheduler false only when ``need_scheduler`` is false and the folder has no scheduler config).
+
+    The pipeline layout (``unet/config.json``) first, then the root layout: a root ``config.json`` whose
+    ``_class_name`` is ``UNet2DModel``. The scheduler: ``scheduler/scheduler_config.json``, then a root
+    ``scheduler_config.json``.
 
     Raises:
-        FileNotFoundError: a local-looking path that does not exist, or a hub id while offline; the message says
-            how to train one (train.py) or pre-download it.
-        ValueError: the folder holds no epsilon-prediction UNet2DModel.
+        ValueError: neither UNet layout (e.g. a classifier folder, whose config.json has no ``_class_name``), or no
+            scheduler config while ``need_scheduler``.
+    """
+    import json
+
+    if (folder / "unet" / "config.json").is_file():
+        unet_sub = "unet"
+    else:
+        root_cfg = folder / "config.json"
+        cfg = {}
+        if root_cfg.is_file():
+            try:
+                cfg = json.loads(root_cfg.read_text())
+            except (OSError, ValueError):
+                cfg = {}
+        if not isinstance(cfg, dict) or cfg.get("_class_name") != "UNet2DModel":
+            what = ("it has no config.json either" if not root_cfg.is_file() else
+                    f"its config.json is not a diffusers UNet2DModel config (_class_name "
+                    f"{cfg.get('_class_name') if isinstance(cfg, dict) else None!r}"
+                    + ("; it looks like a classifier folder (victim or evaluator), not a prior)"
+                       if isinstance(cfg, dict) and "arch" in cfg else ")"))
+            raise ValueError(
+                f"{folder} is not a diffusers DDPM folder: no unet/config.json (the DDPMPipeline layout train.py "
+                f"exports) and {what}. Give a DDPM folder: a DDPMPipeline folder (unet/ and scheduler/) or a "
+                "UNet2DModel saved at the folder's root with its scheduler_config.json (the layout of "
+                "google/ddpm-cifar10-32)")
+        unet_sub = None
+    if (folder / "scheduler" / "scheduler_config.json").is_file():
+        return unet_sub, "scheduler", True
+    if (folder / "scheduler_config.json").is_file():
+        return unet_sub, None, True
+    if need_scheduler:
+        raise ValueError(
+            f"{folder} holds a UNet2DModel ({'unet/' if unet_sub else 'at its root'}) but no scheduler config "
+            "(neither scheduler/scheduler_config.json nor scheduler_config.json): save the DDPMScheduler the model was "
+            "trained with next to it (scheduler.save_pretrained)")
+    return unet_sub, None, False
+
+
+def load_ddpm_parts(path_or_id: str, need_scheduler: bool = True) -> tuple[UNet2DModel, Optional[DDPMScheduler]]:
+    """The UNet and the scheduler of a diffusers DDPM folder or hub id, in either layout diffusers uses.
+
+    The one loader behind :func:`load_ddpm` (the attack's prior) and ``DDPMPrior(init_weights=...)`` (a warm start).
+    Layouts, tried in this order:
+
+    - pipeline: ``unet/`` (config.json, diffusion_pytorch_model.*) and ``scheduler/scheduler_config.json``, as
+      ``DDPMPipeline.save_pretrained`` and train.py write them;
+    - root: the UNet's ``config.json`` and weights and ``scheduler_config.json`` at the top, as single-model hub
+      repos such as ``google/ddpm-cifar10-32`` or ``google/ddpm-cat-256`` keep them (diffusers' pipeline loader
+      falls back to the root too).
+
+    A local folder is accepted when it has ``unet/config.json`` or a root ``config.json`` whose ``_class_name`` is
+    ``UNet2DModel``; a hub id is tried in the pipeline layout, then at the root (from the HF cache when
+    HF_HUB_OFFLINE is set). Weights load in float32 unless saved otherwise (safetensors preferred), on the CPU.
+
+    Args:
+        path_or_id: a local folder (``~`` expanded) or a hub id ``owner/name``.
+        need_scheduler: False: return None for the scheduler when the source has no scheduler config (a warm start
+            needs the UNet only) instead of raising.
+
+    Returns:
+        ``(unet, scheduler)``; the scheduler is a DDPMScheduler built from the source's scheduler config, or None
+        (only with ``need_scheduler`` false).
+
+    Raises:
+        FileNotFoundError: a local-looking path that does not exist (the message says which train.py config makes
+            it, or names a DDPM to use instead); a hub id that could not be loaded in either layout (both errors
+            quoted; when HF_HUB_OFFLINE is set and the HF cache holds nothing of that id, the message says to
+            download it first).
+        ValueError: a local folder that is not a DDPM folder (e.g. a classifier folder), or one without a scheduler
+            config while ``need_scheduler``.
     """
     if path_or_id.startswith("~"):
         path_or_id = os.path.expanduser(path_or_id)
@@ -80,18 +186,60 @@ def load_ddpm(path_or_id: str, device: str | torch.device = "cpu") -> tuple[UNet
                "give a diffusers DDPM folder (e.g. checkpoints/fashion_mnist/ddpm_32, written by `python train.py "
                "--config configs/train/ddpm_fashion_mnist.yaml`) or a hub id such as google/ddpm-cifar10-32")
         )
-    if looks_local and not (local / "unet" / "config.json").is_file():
-        raise ValueError(f"{local} is not a diffusers DDPM pipeline folder (no unet/config.json)")
-    try:
-        unet = UNet2DModel.from_pretrained(path_or_id, subfolder="unet", low_cpu_mem_usage=False)
-        scheduler = DDPMScheduler.from_pretrained(path_or_id, subfolder="scheduler")
-    except OSError as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        raise FileNotFoundError(
-            f"could not load the DDPM {path_or_id!r}"
-            + (" (HF_HUB_OFFLINE=1: hub ids need a prior download into the HF cache)" if offline else "")
-            + f": {exc}"
-        ) from exc
+    if looks_local:
+        unet_sub, sched_sub, has_scheduler = _local_ddpm_layout(local, need_scheduler)
+        # the subfolder itself, not subfolder=: diffusers takes root weights over unet/'s when a folder has both
+        unet = UNet2DModel.from_pretrained(str(local / unet_sub) if unet_sub else path_or_id, low_cpu_mem_usage=False)
+        scheduler = (DDPMScheduler.from_pretrained(str(local / sched_sub) if sched_sub else path_or_id)
+                     if has_scheduler else None)
+        return unet, scheduler
+    errors = []
+    unet = None
+    for sub in (PIPELINE_LAYOUT[0], ROOT_LAYOUT[0]):
+        try:
+            unet = UNet2DModel.from_pretrained(path_or_id, subfolder=sub, low_cpu_mem_usage=False)
+            break
+        except OSError as exc:  # diffusers' EnvironmentError: no such file in the repo or in the cache
+            errors.append(f"{sub + '/config.json' if sub else 'config.json at the repo root'}: {_first_line(exc)}")
+    scheduler = None
+    if unet is not None:
+        for sub in (PIPELINE_LAYOUT[1], ROOT_LAYOUT[1]):
+            try:
+                scheduler = DDPMScheduler.from_pretrained(path_or_id, subfolder=sub)
+                break
+            except OSError as exc:
+                errors.append(f"{sub + '/' if sub else ''}scheduler_config.json"
+                              f"{'' if sub else ' at the repo root'}: {_first_line(exc)}")
+        if scheduler is not None or not need_scheduler:
+            return unet, scheduler
+    hint = ""
+    if _hub_offline_and_uncached(path_or_id):
+        from huggingface_hub import constants
+
+        hint = (f" HF_HUB_OFFLINE is set and the Hugging Face cache ({constants.HF_HUB_CACHE}) holds nothing of "
+                f"{path_or_id}: download it once while online (e.g. `python -c \"from diffusers import DDPMPipeline; "
+                f"DDPMPipeline.from_pretrained('{path_or_id}')\"`) or give a local DDPM folder.")
+    raise FileNotFoundError(
+        f"could not load the DDPM {path_or_id!r} from the Hugging Face hub"
+        + (" or its cache" if hint or _hub_offline() else "")
+        + " in the pipeline layout (unet/, scheduler/) or the root layout (config.json, scheduler_config.json): "
+        + "; ".join(errors) + "." + hint
+    )
+
+
+def load_ddpm(path_or_id: str, device: str | torch.device = "cpu") -> tuple[UNet2DModel, DDPMScheduler]:
+    """Load the UNet and the scheduler of a diffusers DDPM folder or hub id with :func:`load_ddpm_parts` (the
+    pipeline layout ``unet/`` + ``scheduler/``, or the root layout of single-model repos such as
+    ``google/ddpm-cifar10-32``; safetensors preferred); the UNet is frozen, in eval mode, on ``device``.
+
+    Raises:
+        FileNotFoundError: a local-looking path that does not exist, or a hub id that could not be loaded (while
+            offline and not in the HF cache the message says how to pre-download it); the message says how to
+            train one (train.py) or what else to give.
+        ValueError: the folder holds no UNet2DModel (e.g. a classifier folder) or no scheduler config, or its
+            scheduler is not epsilon-prediction.
+    """
+    unet, scheduler = load_ddpm_parts(path_or_id)
     if scheduler.config.prediction_type != "epsilon":
         raise ValueError(f"{path_or_id}: prediction_type {scheduler.config.prediction_type!r}; the prior loss needs epsilon")
     return unet.to(device).eval().requires_grad_(False), scheduler

@@ -121,7 +121,15 @@ class ImageClassifier(Resumable, LightningModule):
             randomness here: the run's seed is ``seed_everything``.
         init_weights: optional classifier folder (model.safetensors + config.json) to start from (fine-tuning;
             looked up as given, then under the repository root: :func:`inversion.fsutils.find_input_path`); its
-            architecture and shapes must match.
+            architecture and shapes must match, and so must its input normalisation: the source's ``mean``/``std``
+            (its config.json, else its weights' buffers) must equal this config's ``mean``/``std`` (the defaults
+            0.5 included) to within float16 rounding, or ValueError (:func:`check_normalisation_matches`) names
+            both. The model keeps the configured values (the source's weights were trained behind them).
+
+    Raises:
+        ValueError: unknown arch or bad shapes (:func:`build_classifier`); ``init_weights`` holds another
+            architecture or shapes, or another normalisation.
+        FileNotFoundError: ``init_weights`` is not a classifier folder (:func:`load_classifier`).
     """
 
     def __init__(
@@ -152,7 +160,12 @@ class ImageClassifier(Resumable, LightningModule):
             if (cfg["arch"], cfg["in_channels"], cfg["num_classes"]) != (arch, in_channels, num_classes):
                 raise ValueError(f"init_weights {init_weights} holds a {cfg['arch']} ({cfg['in_channels']} -> "
                                  f"{cfg['num_classes']}), not a {arch} ({in_channels} -> {num_classes})")
-            self.model.load_state_dict(start.state_dict())
+            check_normalisation_matches(init_weights, cfg, start, self.model)
+            state = start.state_dict()
+            # the configured buffers (equal to the source's, checked above): not the source's copies, which an
+            # export rounded to its dtype (float16: 0.2860 -> 0.28613)
+            state.update({k: v for k, v in self.model.state_dict().items() if k in ("0.mean", "0.std")})
+            self.model.load_state_dict(state)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, num_classes) of float (B, in_channels, H, W) pixels in [0, 1] (normalised inside the model)."""
@@ -244,6 +257,39 @@ class ImageClassifier(Resumable, LightningModule):
     def export(self, dirpath: str | Path, dtype: torch.dtype = torch.float32) -> Path:
         """Write ``model.safetensors`` + ``config.json`` (rebuilds with :func:`load_classifier`)."""
         return save_classifier(self.model, self.classifier_config(), dirpath, dtype)
+
+
+def check_normalisation_matches(name: str, source_cfg: dict, source: nn.Module, model: nn.Module) -> None:
+    """Refuse a warm start whose source normalises its inputs differently from ``model``.
+
+    The normalisation is a layer inside the model (:class:`Normalize`, the first module of ``Sequential(Normalize,
+    net)``): loading the source's state dict would silently replace the configured ``mean``/``std`` with the
+    source's, and the fine-tuned classifier would not be the configured one. The source's values come from its
+    ``config.json`` (exact), else from its ``Normalize`` buffers; they must equal ``model``'s within float16
+    rounding (relative 1e-3: exports may be float16).
+
+    Args:
+        name: the ``init_weights`` value, for the message.
+        source_cfg, source: the source's config and model (:func:`load_classifier`); model: the one built here.
+
+    Raises:
+        ValueError: mean or std differ; the message gives both and says to set model.init_args.mean/std to the
+            source's values.
+    """
+    diffs = []
+    for key in ("mean", "std"):
+        here = getattr(model[0], key).flatten().double()
+        given = source_cfg.get(key)
+        src = (torch.tensor([float(v) for v in given], dtype=torch.float64) if given is not None
+               else getattr(source[0], key).flatten().double())
+        if src.shape != here.shape or not torch.allclose(src, here, rtol=1e-3, atol=1e-6):
+            diffs.append(f"{key}: source {[round(v, 6) for v in src.tolist()]}, "
+                         f"here {[round(v, 6) for v in here.tolist()]}")
+    if diffs:
+        raise ValueError(
+            f"init_weights {name} normalises its inputs differently from this config ({'; '.join(diffs)}): its "
+            "weights were trained behind its own normalisation layer. Set model.init_args.mean and std to the "
+            "source's values (its config.json), or train from scratch without init_weights")
 
 
 def save_classifier(model: nn.Module, config: dict, dirpath: str | Path, dtype: torch.dtype = torch.float32) -> Path:

@@ -36,8 +36,11 @@ class DDPMPrior(Resumable, LightningModule):
         sample_every_n_steps: log a seeded DDIM sample grid every so many optimiser steps (0: never).
         sample_grid_size: number of images in that grid; sample_inference_steps: DDIM steps for it.
         init_weights: optional diffusers DDPM folder (e.g. a shipped prior; looked up as given, then under the
-            repository root: :func:`inversion.fsutils.find_input_path`) or hub id whose UNet initialises both the trained
-            and the EMA weights (warm start); its UNet config must equal the one built here. The EMA warm-up starts
+            repository root: :func:`inversion.fsutils.find_input_path`) or hub id, in the pipeline layout (unet/,
+            scheduler/) or the root layout of single-model repos (:func:`inversion.prior.load_ddpm_parts`), whose UNet
+            initialises both the trained and the EMA weights (warm start). Its UNet config must equal the one built
+            here and its noise schedule (when it has a scheduler config) this config's: see :func:`check_warm_start`
+            (ValueError naming the differing keys, before any training). The EMA warm-up starts
             again from step 0 (decay 1 - (1 + k)^-3/4 after k steps), so a short second stage averages over fewer
             steps than ``ema_decay`` implies (the shipped prior's 6,518-step stage ended at decay ~0.9986). Ignored
             when train.py restores a checkpoint (its weights replace it; the name is kept for the model card).
@@ -90,10 +93,12 @@ class DDPMPrior(Resumable, LightningModule):
         )
         if init_weights:
             from inversion.fsutils import find_input_path  # as given, else under the repository root
+            from inversion.prior import load_ddpm_parts  # the attack's loader: pipeline layout, then the root
 
             found = find_input_path(init_weights)
-            start = UNet2DModel.from_pretrained(str(found) if found.exists() else init_weights, subfolder="unet",
-                                                low_cpu_mem_usage=False)
+            start, start_scheduler = load_ddpm_parts(str(found) if found.exists() else init_weights,
+                                                     need_scheduler=False)
+            check_warm_start(init_weights, start, start_scheduler, self.unet, self.scheduler)
             try:
                 self.unet.load_state_dict(start.state_dict())
             except RuntimeError as exc:
@@ -208,6 +213,85 @@ class DDPMPrior(Resumable, LightningModule):
         pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(self.scheduler.config))
         pipe.save_pretrained(str(dirpath), safe_serialization=True)
         return Path(dirpath)
+
+
+#: UNet2DModel config keys a warm start may change: they do not change the function the weights compute in eval mode
+#: (dropout is active in training only; DDPMPrior builds dropout 0)
+WARM_START_FREE_UNET_KEYS = ("dropout",)
+#: scheduler config keys that define the noise schedule (with the betas they give) and the training target
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas", "prediction_type")
+#: where a UNet config key is set in a train.py config (the others are fixed by DDPMPrior)
+_UNET_KEY_ARGS = {"sample_size": "image_size", "in_channels": "in_channels", "out_channels": "in_channels",
+                  "block_out_channels": "block_out_channels", "layers_per_block": "layers_per_block",
+                  "down_block_types": "attention", "up_block_types": "attention"}
+
+
+def _plain(value):
+    """A config value with tuples as lists (diffusers stores block types as lists after a JSON round trip)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def check_warm_start(name: str, source_unet: UNet2DModel, source_scheduler: Optional[DDPMScheduler],
+                     unet: UNet2DModel, scheduler: DDPMScheduler) -> None:
+    """Refuse a warm start whose weights would compute another function here.
+
+    - UNet: every public key of the source's config (keys starting with '_' are diffusers bookkeeping) must equal
+      ``unet.config``'s, except :data:`WARM_START_FREE_UNET_KEYS` (dropout: training only). Equal weight shapes are
+      not enough: ``flip_sin_to_cos``, ``freq_shift``, ``norm_num_groups``, ``norm_eps``, ``act_fn``,
+      ``time_embedding_type``, ``resnet_time_scale_shift`` ... change eps_theta with the same weights, and
+      ``sample_size`` is the resolution the prior was trained at.
+    - Scheduler (only when the source has a scheduler config): the same number of timesteps T, the same betas (so
+      the keys of :data:`SCHEDULE_KEYS` that set them may differ only where they have no effect, e.g. beta_start of a
+      cosine schedule) and the same ``prediction_type``. A fine-tune under another schedule is refused, not warned
+      about: eps_theta(x_t, t) was learned for the source's noise level at each t, so the run would start from a
+      model that is wrong at every t, and the export would name this config's schedule as if the weights had been
+      trained with it. Train from scratch (no init_weights) for another schedule.
+
+    Args:
+        name: the ``init_weights`` value, for the message.
+        source_unet, source_scheduler: the warm start's UNet and scheduler (None: it has no scheduler config).
+        unet, scheduler: the ones this module built.
+
+    Raises:
+        ValueError: naming every differing key with both values and where it is set (``model.init_args.*``), or
+            that DDPMPrior fixes it.
+    """
+    src, here = source_unet.config, unet.config
+    keys = sorted(k for k in set(src) | set(here) if not k.startswith("_") and k not in WARM_START_FREE_UNET_KEYS)
+    missing = object()
+    diffs = [(k, src.get(k, missing), here.get(k, missing)) for k in keys
+             if _plain(src.get(k, missing)) != _plain(here.get(k, missing))]
+    if diffs:
+        def shown(value):
+            return "(absent)" if value is missing else _plain(value)
+
+        lines = "; ".join(
+            f"{k}: source {shown(a)}, here {shown(b)}"
+            + (f" (model.init_args.{_UNET_KEY_ARGS[k]})" if k in _UNET_KEY_ARGS else " (fixed by DDPMPrior)")
+            for k, a, b in diffs)
+        raise ValueError(
+            f"init_weights {name}: its UNet config differs from the one this config builds: {lines}. The same "
+            "weights compute another function under another UNet config; set the model.init_args named to the "
+            "source's values, or warm-start from a DDPM that DDPMPrior built (train.py's export)")
+    if source_scheduler is None:
+        return
+    s_cfg, h_cfg = source_scheduler.config, scheduler.config
+    same = (int(s_cfg.num_train_timesteps) == int(h_cfg.num_train_timesteps)
+            and torch.allclose(source_scheduler.betas.double(), scheduler.betas.double(), rtol=1e-5, atol=1e-8)
+            and s_cfg.get("prediction_type", "epsilon") == h_cfg.get("prediction_type", "epsilon"))
+    if same:
+        return
+    diffs = [(k, _plain(s_cfg.get(k)), _plain(h_cfg.get(k))) for k in SCHEDULE_KEYS
+             if _plain(s_cfg.get(k)) != _plain(h_cfg.get(k))]
+    where = {"num_train_timesteps": "model.init_args.num_train_timesteps",
+             "beta_schedule": "model.init_args.beta_schedule"}
+    lines = "; ".join(f"{k}: source {a}, here {b} ({where.get(k, 'fixed by DDPMPrior')})" for k, a, b in diffs)
+    raise ValueError(
+        f"init_weights {name}: its noise schedule differs from the one this config builds: "
+        f"{lines or 'the betas differ'}. The source's eps_theta was trained for its own noise level at each "
+        "timestep; set the model.init_args named to the source's values, or train from scratch without init_weights")
 
 
 @torch.no_grad()
