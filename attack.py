@@ -27,7 +27,6 @@ import os
 import shlex
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +51,7 @@ from lightning_modules.base_attack import AttackDivergedError, AttackResult, Gra
 from lightning_modules.baselines import DLG, InvertingGradients, iDLG  # noqa: E402,F401
 from lightning_modules.user_level_inversion import UserLevelInversion  # noqa: E402,F401
 from inversion.defenses import STRENGTH_KEYS  # noqa: E402
-from inversion.fsutils import find_input_path, new_run_dir, publish_file  # noqa: E402,F401  (new_run_dir: scripts use attack.new_run_dir)
+from inversion.fsutils import atomic_write_bytes, find_input_path, new_run_dir, publish_file  # noqa: E402,F401  (new_run_dir, atomic_write_bytes: scripts use them from attack)
 
 
 # ------------------------------------------------------------------------------------------------ config groups
@@ -117,13 +116,16 @@ class EvaluationSpec:
 
 @dataclass
 class LoggerSpec:
-    """Experiment tracking. backend: 'wandb' (offline unless mode 'online'), 'csv' or 'none'."""
+    """Experiment tracking. backend: 'wandb', 'csv' (Lightning's CSVLogger under RUN_DIR/logs, with the config as
+    its hparams.yaml) or 'none'. mode (W&B): 'online', 'offline' or 'disabled'; null (the default) takes the
+    ``WANDB_MODE`` environment variable, else 'offline' (:func:`wandb_mode`). group (W&B): default the run
+    directory's name, shared by every W&B run of one run directory (a run and its resumes)."""
 
     backend: str = "wandb"
     project: str = "gradinv-diffusion"
     group: Optional[str] = None
     tags: list[str] = field(default_factory=list)
-    mode: str = "offline"
+    mode: Optional[str] = None
 
 
 @dataclass
@@ -159,13 +161,13 @@ class AttackArgumentParser(ArgumentParser):
     @classmethod
     def known(cls, key: str) -> list[type]:
         """The shipped classes of group ``key`` ('attack' or 'users'): the imported subclasses of its base, less
-        the common bases that set ``abstract_base = True`` in their own class body (``SampleLevelAttack``)."""
+        the common bases declared with ``abstract_base=True`` (``SampleLevelAttack``; see GradientInversionAttack)."""
         base = cls.GROUPS[key][0]
         out, todo = [], list(base.__subclasses__())
         while todo:
             c = todo.pop(0)
             todo.extend(c.__subclasses__())
-            if c not in out and not c.__dict__.get("abstract_base", False):
+            if c not in out and not getattr(c, "abstract_base", False):
                 out.append(c)
         return out
 
@@ -272,22 +274,9 @@ def dump_config(parser: ArgumentParser, cfg: Namespace, format: str = "parser_mo
 
 
 # ------------------------------------------------------------------------------------------------ atomic I/O
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        publish_file(tmp)  # mkstemp's 0600 would survive the rename
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically; see :func:`atomic_write_bytes`."""
+    """Write ``text`` (UTF-8) to ``path`` atomically: :func:`inversion.fsutils.atomic_write_bytes` (a temporary file
+    in the same folder, fsynced, then renamed into place; the folder fsynced after, best effort)."""
     atomic_write_bytes(path, text.encode())
 
 
@@ -496,6 +485,8 @@ def validate(cfg: Namespace, source: UserSource, victim_cfg: dict) -> None:
                 stacklevel=2)
     if cfg.logger.backend not in ("wandb", "csv", "none"):
         raise ConfigError(f"logger.backend must be wandb, csv or none, got {cfg.logger.backend!r}")
+    if cfg.logger.backend == "wandb":
+        wandb_mode(cfg.logger)  # raises on a mode W&B does not know, before the run directory exists
 
 
 def defense_label(defenses: list[dict]) -> tuple[str, float]:
@@ -758,35 +749,104 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
     return out
 
 
-WANDB_ID_FILE = "wandb_run_id.txt"  # in the run directory: the W&B run a --resume continues
+WANDB_ID_FILE = "wandb_run_id.txt"  # in the run directory: '<id> <mode>' per W&B run started for it, oldest first
+WANDB_MODES = ("online", "offline", "disabled", "shared")  # wandb.init's modes ('shared': W&B's multi-writer mode)
+
+
+def wandb_mode(spec) -> str:
+    """The W&B mode of a run: ``logger.mode`` when the config sets it (an explicit value wins); else the
+    ``WANDB_MODE`` environment variable (W&B's older names: 'dryrun' reads as offline, 'run' as online); else
+    'offline'. So tests and CI (``WANDB_MODE=offline``) and a run that says nothing stay offline, and
+    ``--logger.mode online`` goes online whatever the environment says: the mode is passed to ``wandb.init``
+    explicitly, where an argument beats the environment.
+
+    Raises:
+        ConfigError: the mode (from the config, or from WANDB_MODE when the config has none) is not one of
+            online, offline, disabled, shared.
+    """
+    mode = getattr(spec, "mode", None)
+    if mode is None:
+        env = os.environ.get("WANDB_MODE", "").strip()
+        if not env:
+            return "offline"
+        mode = {"dryrun": "offline", "run": "online"}.get(env, env)
+        if mode not in WANDB_MODES:
+            raise ConfigError(f"logger.mode is not set, so the WANDB_MODE environment variable decides, and it is "
+                              f"{env!r}: use online, offline, disabled or shared (or set --logger.mode)")
+        return mode
+    if mode not in WANDB_MODES:
+        raise ConfigError(f"logger.mode must be online, offline, disabled or shared (or null: WANDB_MODE, else offline), "
+                          f"got {mode!r}")
+    return mode
+
+
+def wandb_attempts(run_dir: Path) -> list[tuple[str, Optional[str]]]:
+    """The W&B runs started for ``run_dir`` so far, oldest first: ``(id, mode)`` per line of its
+    ``wandb_run_id.txt`` (mode None for a file written before modes were recorded: one id alone)."""
+    f = run_dir / WANDB_ID_FILE
+    if not f.is_file():
+        return []
+    return [(p[0], p[1] if len(p) > 1 else None) for p in (line.split() for line in f.read_text().splitlines()) if p]
+
+
+def recorded_logger_mode(run_dir: Path) -> str:
+    """The W&B mode a run directory's first attempt ran in, for ``wandb_run_id.txt`` files written before modes
+    were recorded: its ``config.yaml``'s ``logger.mode`` (those configs always held one; 'offline' when absent)."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return "offline"
+    mode = (cfg.get("logger") or {}).get("mode") if isinstance(cfg, dict) else None
+    return {"dryrun": "offline", "run": "online"}.get(str(mode), str(mode)) if mode else "offline"
 
 
 def make_logger(cfg: Namespace, run_dir: Path, config_dict: dict):
-    """The Lightning logger of ``cfg.logger``: None for backend 'none', a ``CSVLogger`` under ``run_dir/logs`` for
-    'csv', otherwise a ``WandbLogger`` saving under ``run_dir`` (run name = the run folder's name, offline unless
-    ``logger.mode`` is 'online') with ``config_dict`` logged as its hyper-parameters. The W&B run id is kept in
-    ``run_dir/wandb_run_id.txt``; a run directory that has one (``--resume``) continues that W&B run (``resume=
-    'allow'``; offline, a second offline-run folder with the same id, which ``wandb sync`` merges) instead of
-    starting an unrelated one. The backend name itself is checked earlier, by :func:`validate`."""
+    """The Lightning logger of ``cfg.logger``: None for backend 'none'; for 'csv' a ``CSVLogger`` under
+    ``run_dir/logs`` with ``config_dict`` saved as its ``hparams.yaml``; otherwise a ``WandbLogger`` saving under
+    ``run_dir`` with ``config_dict`` logged as its config.
+
+    W&B: mode :func:`wandb_mode`, passed to ``wandb.init`` explicitly (and never through Lightning's ``offline``
+    flag, which set ``WANDB_MODE=dryrun`` for the whole process, so a later run in it, e.g. the next cell of
+    sweep.py, stayed offline); run name = the run folder's name; group = ``logger.group``, default the run folder's
+    name. Each W&B run started for ``run_dir`` adds a line '<id> <mode>' to ``run_dir/wandb_run_id.txt``. A
+    ``--resume`` continues the previous W&B run (same id, ``resume='allow'``) only when both it and this one are
+    online; otherwise (offline, where W&B cannot resume: a second offline-run folder with the same id restarts
+    ``_step`` at 0, and syncing both clobbers the history) it starts a new W&B run with a fresh id in the same group.
+    The config then also holds ``run_attempt``: ``{run_dir, attempt (1, 2, ...), previous_wandb_ids}``, so the
+    attempts of one run directory can be told apart and found. The backend name and mode are checked earlier,
+    by :func:`validate`."""
     spec = cfg.logger
     if spec.backend == "none":
         return None
     if spec.backend == "csv":
         from lightning.pytorch.loggers import CSVLogger
 
-        return CSVLogger(save_dir=str(run_dir), name="logs")
+        logger = CSVLogger(save_dir=str(run_dir), name="logs")
+        logger.log_hyperparams(config_dict)  # logs/version_N/hparams.yaml, written now
+        return logger
     from lightning.pytorch.loggers import WandbLogger
 
-    id_file = run_dir / WANDB_ID_FILE
-    run_id = id_file.read_text().strip() if id_file.is_file() else None
+    mode = wandb_mode(spec)
+    attempts = wandb_attempts(run_dir)
+    last_id, last_mode = attempts[-1] if attempts else (None, None)
+    if last_id and last_mode is None:  # an id file from before modes were recorded: the run's config says
+        last_mode = recorded_logger_mode(run_dir)
+    continue_id = last_id if mode == "online" and last_mode == "online" else None
+    previous = list(dict.fromkeys(i for i, _ in attempts))
     logger = WandbLogger(
-        project=spec.project, name=run_dir.name, save_dir=str(run_dir), offline=spec.mode != "online",
-        group=spec.group, tags=list(spec.tags) or None, **({"id": run_id, "resume": "allow"} if run_id else {}),
+        project=spec.project, name=run_dir.name, save_dir=str(run_dir), offline=False, mode=mode,
+        group=spec.group or run_dir.name, tags=list(spec.tags) or None,
+        **({"id": continue_id, "resume": "allow"} if continue_id else {"resume": None}),
     )
     new_id = getattr(logger.experiment, "id", None)  # a str; a method on Lightning's non-rank-0 dummy experiment
-    if run_id is None and isinstance(new_id, str):
-        atomic_write_text(id_file, new_id + "\n")
-    logger.log_hyperparams(config_dict)
+    if isinstance(new_id, str) and mode != "disabled":
+        id_file = run_dir / WANDB_ID_FILE
+        old = id_file.read_text() if id_file.is_file() else ""
+        atomic_write_text(id_file, old + ("\n" if old and not old.endswith("\n") else "") + f"{new_id} {mode}\n")
+    logger.log_hyperparams({**config_dict, "run_attempt": {"run_dir": run_dir.name, "attempt": len(attempts) + 1,
+                                                           "previous_wandb_ids": previous}})
     return logger
 
 
@@ -854,16 +914,22 @@ def user_grid_rows(run_dir: Optional[Path], rows: list[dict], grids: dict) -> li
 
 
 def log_final(logger, run_dir: Optional[Path], rows: list[dict], grids: dict, status: str = "finished") -> None:
-    """Log the end of a run through ``logger`` (nothing when it is None or there are no rows): also for a run that
-    was interrupted or diverged, over the users that finished.
+    """Log the end of a run through ``logger`` (nothing when it is None; only the status when there are no rows):
+    also for a run that was interrupted or diverged, over the users that finished.
 
     Logs ``final/grid``: one row per user in ``rows`` order (:func:`user_grid_rows`; a user's row is its batch (up
     to 10) | raw | denoised, padded 2 px in white as in its ``grid.png``), right-padded in white to the widest row;
     ``final/results``: the rows as a table when the logger has ``log_table`` (W&B), columns: every key in
     first-seen order, one type per column (:func:`typed_table`); ``final/<key>``: the metrics of
-    :func:`summarize`; and the run's ``status`` in the W&B run summary.
+    :func:`summarize`; and, first of all, the run's ``status`` in the W&B run summary.
     """
-    if logger is None or not rows:
+    if logger is None:
+        return
+    if hasattr(logger, "log_table"):  # W&B: the status first, also for a run stopped before any user finished
+        summary = getattr(getattr(logger, "experiment", None), "summary", None)
+        if summary is not None:
+            summary["status"] = status
+    if not rows:
         return
     import numpy as np
 
@@ -882,9 +948,6 @@ def log_final(logger, run_dir: Optional[Path], rows: list[dict], grids: dict, st
     logger.log_metrics({f"final/{k}": v for k, v in summarize(rows).items()})
     if callable(getattr(logger, "save", None)):  # every Lightning logger has it (a duck-typed one may not)
         logger.save()  # CSVLogger writes only every flush_logs_every_n_steps: the final/* row was never written
-    summary = getattr(getattr(logger, "experiment", None), "summary", None)
-    if summary is not None and hasattr(logger, "log_table"):  # W&B
-        summary["status"] = status
 
 
 def user_uid(user: User) -> str:
@@ -1001,6 +1064,39 @@ def check_recorded_attack_seed(run_dir: Path, cfg: Namespace, what: str, fix: st
                           f"now; {fix}")
 
 
+DEFENSE_SEEDS_FILE = "defense_seeds.txt"  # in the run directory: how its clients' defense seeds were derived
+DEFENSE_SEEDS_SCHEME = "seedsequence-v1"  # defense_seed since 2026-12-01 (before: seed + user index, no file)
+
+
+def seeded_random_defenses(threat) -> bool:
+    """True when a configured defense draws random numbers from a configured ``seed`` (Gaussian noise with sigma *
+    C > 0, stochastic quantisation): its draws then depend on how :func:`defense_seed` turns that seed into a
+    client's stream."""
+    from inversion.defenses import build_defenses
+
+    specs = [dict(d) for d in (getattr(threat, "defenses", None) or [])]
+    return any(d.get("seed") is not None and not build_defenses([dict(d, seed=None)]).reproducible for d in specs)
+
+
+def check_recorded_defense_seeds(run_dir: Path, cfg: Namespace, what: str, fix: str) -> None:
+    """Refuse to continue ``run_dir`` when ``cfg`` has a seeded random defense (:func:`seeded_random_defenses`) and
+    the run's ``defense_seeds.txt`` does not name :data:`DEFENSE_SEEDS_SCHEME`: its clients' noise was drawn another
+    way (run directories made before 2026-12-01 lack the file: seed + user index), so the users still to come, or a
+    rebuilt server view, would get other noise than the finished ones had.
+
+    Raises:
+        ConfigError: ``"<what> <run_dir>: its clients' defense noise was drawn with ...; <fix>"``.
+    """
+    if not seeded_random_defenses(cfg.threat):
+        return
+    f = run_dir / DEFENSE_SEEDS_FILE
+    had = f.read_text().strip() if f.is_file() else None
+    if had != DEFENSE_SEEDS_SCHEME:
+        why = had or "seed + user index (a run made before 2026-12-01, when attack.defense_seed changed)"
+        raise ConfigError(f"{what} {run_dir}: its clients' defense noise was drawn with {why}, not "
+                          f"{DEFENSE_SEEDS_SCHEME} as now, so its remaining users would get other noise; {fix}")
+
+
 MODELS_FILE = "models.json"  # in the run directory: fingerprints of the model files the run used (model_fingerprints)
 _MODEL_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json")
 
@@ -1074,7 +1170,8 @@ def open_resume_dir(parser: ArgumentParser, cfg: Namespace) -> tuple[Path, list[
         ConfigError: not a run directory, or one made from another config (the differing keys are named), or a
             run with ``--seed`` other than 0 whose directory does not record the same effective attack seed
             (``attack_seed.txt``; run directories made before --seed was mixed into the attack's seed lack it,
-            and their users were attacked with the unmixed seed).
+            and their users were attacked with the unmixed seed), or a run with a seeded random defense whose
+            directory does not record the current client seed scheme (:func:`check_recorded_defense_seeds`).
     """
     run_dir = Path(os.path.expanduser(str(cfg.resume)))
     if not (run_dir / "config.yaml").is_file():
@@ -1086,6 +1183,7 @@ def open_resume_dir(parser: ArgumentParser, cfg: Namespace) -> tuple[Path, list[
         raise ConfigError(f"--resume {run_dir}: resume directory from another config (differs in {diff}); "
                           "run without --resume for a new run directory")
     check_recorded_attack_seed(run_dir, cfg, "--resume", "run without --resume for a new run directory")
+    check_recorded_defense_seeds(run_dir, cfg, "--resume", "run without --resume for a new run directory")
     rows = list(csv.DictReader((run_dir / "results.csv").open())) if (run_dir / "results.csv").is_file() else []
     seen = {str(r["user"]) for r in rows}
     for part in sorted((run_dir / PARTIAL_DIR).glob("rank*.csv")):  # users of ranks > 0 not merged (a hard stop)
@@ -1322,6 +1420,7 @@ def run(cfg: Namespace) -> Path:
         if rank == 0:
             atomic_write_text(run_dir / "config.yaml", dump_config(parser, cfg))
             atomic_write_text(run_dir / ATTACK_SEED_FILE, f"{attack_kwargs['seed']}\n")
+            atomic_write_text(run_dir / DEFENSE_SEEDS_FILE, DEFENSE_SEEDS_SCHEME + "\n")
             atomic_write_text(run_dir / MODELS_FILE, json.dumps(fingerprints, indent=1) + "\n")
     config_dict = json.loads(dump_config(parser, cfg, "json"))
     done = {str(r["user"]) for r in resume_rows}
@@ -1391,10 +1490,10 @@ def run(cfg: Namespace) -> Path:
                     row["users_per_step"] = len(chunk)
                 images = user_images(user, result)
                 write_user(run_dir, uid, images)  # every rank writes its own users (one shared run directory)
-                if rank == 0:
+                if rank == 0:  # results.csv first: a user counts (summary.json, W&B) once its row is on disk
+                    write_results(run_dir, sort_rows(rows + [row], users))
                     rows.append(row)
                     grids[str(row["user"])] = images["grid"]
-                    write_results(run_dir, sort_rows(rows, users))
                 else:  # kept on disk too: a rank stopped hard (SIGKILL, a scheduler's time limit) loses no user
                     local.append((i, row, images["grid"]))
                     (run_dir / PARTIAL_DIR).mkdir(exist_ok=True)

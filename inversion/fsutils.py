@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +38,44 @@ def publish_file(path: str | Path) -> None:
 def publish_dir(path: str | Path) -> None:
     """chmod a temporary folder to 0777 & ~umask (what ``mkdir`` would create), before renaming it into place."""
     os.chmod(path, 0o777 & ~current_umask())
+
+
+def fsync_dir(path: str | Path) -> None:
+    """fsync the folder ``path`` so that a rename into it survives a crash (POSIX); best effort: platforms or file
+    systems that cannot open or fsync a folder (Windows, some network mounts) are skipped silently."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename: readers see the
+    old file or the whole new one, never a part. The temporary file is flushed and fsynced before the rename (a
+    crash or power loss right after it cannot leave an empty or truncated file under the final name), gets an
+    ordinary file mode (:func:`publish_file`), and the folder is fsynced after the rename (best effort,
+    :func:`fsync_dir`). The folder is created when missing; the temporary file is removed on any error."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        publish_file(tmp)  # mkstemp's 0600 would survive the rename
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    fsync_dir(path.parent)
 
 
 def new_run_dir(root: str | os.PathLike, name: str = "") -> Path:

@@ -31,7 +31,8 @@ def log_image_grid(logger, key: str, images: torch.Tensor, step: Optional[int] =
     :func:`to_uint8_hwc`).
 
     WandbLogger gets ``log_image`` with a uint8 array; loggers with an ``experiment.add_image`` (TensorBoard) get
-    that; any other logger with a ``log_dir`` gets a PNG file under ``log_dir/images``.
+    that; any other logger with a ``log_dir`` gets a PNG file under ``log_dir/images`` (written to a temporary name
+    and renamed, :func:`inversion.fsutils.atomic_write_bytes`).
     """
     if logger is None:
         return
@@ -59,8 +60,13 @@ def log_uint8_image(logger, key: str, grid: np.ndarray, step: Optional[int] = No
         return
     log_dir = getattr(logger, "log_dir", None)
     if log_dir:
+        import io
+
         from PIL import Image
 
-        out = Path(log_dir) / "images"
-        out.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(grid).save(out / f"{key.replace('/', '_')}_{step or 0:07d}.png")
+        from inversion.fsutils import atomic_write_bytes
+
+        buf = io.BytesIO()
+        Image.fromarray(grid).save(buf, format="PNG")
+        # a temporary file renamed into place: an interrupted save never leaves a truncated PNG under the real name
+        atomic_write_bytes(Path(log_dir) / "images" / f"{key.replace('/', '_')}_{step or 0:07d}.png", buf.getvalue())

@@ -81,9 +81,15 @@ class GradientInversionAttack(LightningModule):
     """
 
     requires_prior: bool = False
-    #: True in the body of a common base that is not an attack of its own (e.g. SampleLevelAttack): attack.py's
-    #: list of shipped attacks leaves it out. Read from the class's own ``__dict__``, so subclasses do not inherit it.
+    #: True for a common base that is not an attack of its own, declared in its class statement
+    #: (``class SampleLevelAttack(GradientInversionAttack, abstract_base=True)``): attack.py's list of shipped
+    #: attacks leaves it out. Set on every subclass by :meth:`__init_subclass__` (False unless declared), so a
+    #: subclass of such a base is an attack again.
     abstract_base: bool = True
+
+    def __init_subclass__(cls, abstract_base: bool = False, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.abstract_base = bool(abstract_base)
     #: bind() accepts a sequence of users' views (see UserLevelInversion); results() then returns one result each
     supports_many_users: bool = False
     #: submodules that are inputs of the attack, not its state: left out of Lightning checkpoints (resume re-binds)

@@ -158,7 +158,7 @@ def _single_image_message(batch_size: int) -> str:
             "for B > 1")
 
 
-class SampleLevelAttack(GradientInversionAttack):
+class SampleLevelAttack(GradientInversionAttack, abstract_base=True):
     """Common part of the sample-level baselines: binding, frozen victim, dummy gradients, representative choice.
 
     Subclasses create their dummy variables in ``_init_variables`` and implement ``configure_optimizers``,
@@ -175,7 +175,6 @@ class SampleLevelAttack(GradientInversionAttack):
     #: '64-true' is safe here because bind deep-copies the victim (the conversion never reaches the caller's model);
     #: result() scores in the converted copy's float64 and returns float32 images (tests/test_baselines_review.py).
     supported_precisions = ("32-true", "32", "64-true", "64", "bf16-mixed", "bf16")
-    abstract_base = True  # a common base, not an attack of its own: not listed among attack.py's shipped attacks
 
     def __init__(
         self,
@@ -330,7 +329,11 @@ class SampleLevelAttack(GradientInversionAttack):
         return torch.tensor(scores, dtype=torch.float32)
 
     def _maybe_log_images(self, x: torch.Tensor, step: int) -> None:
-        if self.log_images_every and step % self.log_images_every == 0 and self.logger is not None:
+        """Log ``x`` as ``<log_prefix>reconstruction`` every ``log_images_every`` steps and at the last step (the
+        final reconstruction), as the user-level attack does; nothing when ``log_images_every`` is 0 or there is
+        no logger."""
+        every = self.log_images_every
+        if every and (step % every == 0 or step == self.steps - 1) and self.logger is not None:
             log_image_grid(self.logger, f"{self.log_prefix}reconstruction", x.detach().clamp(0, 1), step=step)
 
     def _finish(

@@ -144,6 +144,8 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
         new["output"]["name"] = cfg.output.name
     attack_main.check_recorded_attack_seed(run_dir, cfg, "refinish", "its final stage cannot be redrawn with the "
                                            "seed the run used")
+    attack_main.check_recorded_defense_seeds(run_dir, cfg, "refinish", "the server's view cannot be rebuilt with the "
+                                             "noise the run's attack saw")
     rows_in = list(csv.DictReader((run_dir / "results.csv").open()))
     if not rows_in:
         raise ConfigError(f"{run_dir}: results.csv has no finished user")
@@ -202,6 +204,7 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
     attack_main.atomic_write_text(out_dir / "config.yaml", attack_main.dump_config(parser, cfg))
     # the effective attack seed, as attack.py records it: a refinished --seed run can be refinished again
     attack_main.atomic_write_text(out_dir / attack_main.ATTACK_SEED_FILE, f"{attack_kwargs['seed']}\n")
+    attack_main.atomic_write_text(out_dir / attack_main.DEFENSE_SEEDS_FILE, attack_main.DEFENSE_SEEDS_SCHEME + "\n")
     logger = attack_main.make_logger(cfg, out_dir, new)
     print(f"[refinish] {run_dir} -> {out_dir} ({len(plan)} users; changed: {changed or 'nothing'})", flush=True)
     rows, grids, status = [], {}, "running"
@@ -223,9 +226,9 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
                        refinished_from=run_dir.resolve().name)
             images = attack_main.user_images(user, result)
             attack_main.write_user(out_dir, attack_main.user_uid(user), images)
+            attack_main.write_results(out_dir, rows + [row])  # written first: the summary never counts a lost row
             rows.append(row)
             grids[str(row["user"])] = images["grid"]
-            attack_main.write_results(out_dir, rows)
             print(f"[refinish] {attack_main.user_uid(user)}: dominant {user.dominant_class}, evaluator "
                   f"{row.get('evaluator_class')} (was {r.get('evaluator_class')}), candidate {row['final_candidate']}, "
                   f"{seconds:.1f} s", flush=True)

@@ -192,16 +192,19 @@ def test_an_evaluator_of_other_images_or_classes_fails_before_any_run_dir(tmp_pa
 
 def test_shipped_attack_list_leaves_out_common_bases_by_their_marker_not_their_name():
     """The list of shipped attacks left out SampleLevelAttack by its class name; a user's own common base was listed
-    as an attack. Now a base says so with ``abstract_base = True`` in its own body (its subclasses do not inherit it)."""
+    as an attack. Now a base says so in its class statement (``abstract_base=True``; its subclasses are attacks)."""
     import gc
 
     from lightning_modules.base_attack import GradientInversionAttack
 
     assert [c.__name__ for c in attack.AttackArgumentParser.known("attack")] == [
         "UserLevelInversion", "DLG", "InvertingGradients", "iDLG"]
+    from lightning_modules.baselines import DLG, SampleLevelAttack
 
-    class MyBase(GradientInversionAttack):
-        abstract_base = True
+    assert SampleLevelAttack.abstract_base and not DLG.abstract_base  # what a getattr sees, too
+
+    class MyBase(GradientInversionAttack, abstract_base=True):
+        pass
 
     class MyAttack(MyBase):
         pass

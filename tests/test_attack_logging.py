@@ -151,8 +151,9 @@ def test_fedavg_shuffle_reorders_the_local_mini_batches_per_user():
 @pytest.mark.slow
 def test_wandb_run_survives_an_interrupt_and_a_resume(tmp_path, monkeypatch, capsys):
     """Ctrl-C: the W&B run is closed as failed with the finished user's table, and the message gives a resume
-    command that works. The resume continues the same W&B run id, its table mixes the resumed (string) and new rows
-    without W&B refusing it, and its final grid has both users."""
+    command that works. The resume starts a second W&B run (offline runs cannot resume: a fresh id, the same
+    group), its table mixes the resumed (string) and new rows without W&B refusing it, and its final grid has both
+    users."""
     from tests.helpers import interrupt_user_at
 
     cfg = tiny_config(tmp_path, **{"image_log_every": 0})
@@ -163,7 +164,7 @@ def test_wandb_run_survives_an_interrupt_and_a_resume(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     hint = f"python attack.py --config {run_dir / 'config.yaml'} --resume {run_dir}"
     assert hint in err
-    run_id = (run_dir / attack.WANDB_ID_FILE).read_text().strip()
+    ((run_id, _),) = attack.wandb_attempts(run_dir)
     (first,) = run_dir.glob(f"wandb/offline-run-*-{run_id}")
     (table,) = (first / "files" / "media" / "table" / "final").glob("results_*.table.json")
     assert len(json.loads(table.read_text())["data"]) == 1  # the finished user, logged although interrupted
@@ -172,8 +173,10 @@ def test_wandb_run_survives_an_interrupt_and_a_resume(tmp_path, monkeypatch, cap
     argv = hint.split()[2:]  # the printed command, as a user would paste it
     assert attack.main(argv) == run_dir
     runs = sorted(run_dir.glob("wandb/offline-run-*"))
-    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)  # one W&B run, continued
-    second = [r for r in runs if r != first][0]
+    ((_, _), (new_id, mode)) = attack.wandb_attempts(run_dir)
+    assert len(runs) == 2 and new_id != run_id and mode == "offline"  # a new W&B run, not a clobbering same id
+    (second,) = [r for r in runs if r != first]
+    assert second.name.endswith(new_id)
     (table,) = (second / "files" / "media" / "table" / "final").glob("results_*.table.json")
     data = json.loads(table.read_text())
     assert [row[data["columns"].index("user")] for row in data["data"]] == [0, 1]
@@ -315,7 +318,7 @@ def test_results_rows_record_the_fedavg_local_training():
     from datamodules.users import User
 
     user = User(3, torch.zeros(10, 1, 8, 8), torch.tensor([1] * 10), 1, 0)
-    inferred = SimpleNamespace(dominant=1, counts=torch.tensor([0.0, 10.0]), strategy="bias_corrected")
+    inferred = SimpleNamespace(dominant=1, counts=torch.tensor([0.0, 10.0]), strategy="bias_corrected", informative=True)
 
     def row(**threat):
         init = SimpleNamespace(threat=attack.ThreatSpec(**threat), victim=SimpleNamespace(random_init=False))

@@ -281,3 +281,23 @@ def test_client_noise_is_not_the_attacks_own_random_stream():
                 start = torch.randn(4096, generator=torch.Generator().manual_seed(attack_seed))
                 corr = float(torch.corrcoef(torch.stack([noise, start]))[0, 1])
                 assert abs(corr) < 0.1, (seed, user, attack_seed, corr)
+
+
+def test_a_run_whose_client_noise_was_drawn_another_way_is_not_resumed(tmp_path):
+    """defense_seed changed on 2026-12-01: a DP run made before (no defense_seeds.txt) resumed silently, its
+    remaining users drawing other noise than its finished ones. A run without a random seeded defense is unaffected."""
+    from types import SimpleNamespace
+
+    import attack
+
+    dp = {"name": "gaussian_dp", "clip_norm": 1.0, "sigma": 0.01, "seed": 0}
+    cfg = lambda *d: SimpleNamespace(threat=attack.ThreatSpec(defenses=list(d)))  # noqa: E731
+    with pytest.raises(attack.ConfigError, match=r"--resume .*seed \+ user index .*run without --resume"):
+        attack.check_recorded_defense_seeds(tmp_path, cfg(dp), "--resume", "run without --resume")
+    attack.check_recorded_defense_seeds(tmp_path, cfg({"name": "clip", "clip_norm": 1.0}), "--resume", "x")
+    attack.check_recorded_defense_seeds(tmp_path, cfg(dict(dp, sigma=0.0)), "--resume", "x")  # clipping only
+    attack.check_recorded_defense_seeds(tmp_path, cfg({k: v for k, v in dp.items() if k != "seed"}), "--resume", "x")
+    (tmp_path / attack.DEFENSE_SEEDS_FILE).write_text(attack.DEFENSE_SEEDS_SCHEME + "\n")
+    attack.check_recorded_defense_seeds(tmp_path, cfg(dp), "--resume", "x")
+    assert attack.seeded_random_defenses(attack.ThreatSpec(defenses=[{"name": "quantize", "levels": 4,
+                                                                       "stochastic": True, "seed": 1}]))

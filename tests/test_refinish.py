@@ -176,3 +176,26 @@ def test_refinish_refuses_a_run_with_an_unseeded_stochastic_defense(tmp_path):
     (run_dir / "results.csv").write_text("user\n0\n")
     with pytest.raises(attack.ConfigError, match="without a seed"):
         rf.main([str(run_dir)])
+
+
+@pytest.mark.slow
+def test_a_refinished_user_whose_results_write_is_interrupted_is_counted_nowhere(runs, monkeypatch):
+    """The row was added to the summary's rows before results.csv was written: a Ctrl-C during the second user's
+    write left summary.json counting 2 users and results.csv holding 1."""
+    single, _ = runs
+    rf = load_refinish()
+    original, calls = attack.write_results, []
+
+    def write_results(run_dir, rows_, name="results.csv"):
+        calls.append(len(rows_))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(run_dir, rows_, name)
+
+    monkeypatch.setattr(attack, "write_results", write_results)
+    with pytest.raises(SystemExit):
+        rf.main([str(single), "--logger.backend", "none", "--output.name", "cut"])
+    (out,) = single.parent.glob("cut-*")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["users"] == 1
+    assert [r["user"] for r in rows(out)] == ["0"]
