@@ -34,6 +34,7 @@ from inversion.prior import load_ddpm
 from lightning_modules.classifier import ImageClassifier, save_classifier
 from lightning_modules.ddpm import DDPMPrior
 from tests.helpers import QUIET_FIT_WARNINGS, tiny_victim, write_fake_fmnist
+from tests.test_train_runs import _config, _step
 
 pytestmark = QUIET_FIT_WARNINGS
 
@@ -275,32 +276,16 @@ def test_train_configs_leave_the_wandb_mode_to_the_environment():
 
 # ------------------------------------------------------------------------------------------------ 3, 8 train.py
 def _train_config(tmp_path: Path, data_root: Path, root: Path, every: int = 2, steps: int = 5) -> Path:
-    cfg = {
-        "seed_everything": 0,
-        "model": {"class_path": "lightning_modules.classifier.ImageClassifier", "init_args": {"arch": "convnet"}},
-        "data": {"class_path": "datamodules.fashion_mnist.FashionMNISTDataModule",
-                 "init_args": {"root": str(data_root), "batch_size": 8, "val_size": 40}},
-        "trainer": {
-            "max_steps": steps, "limit_val_batches": 0, "num_sanity_val_steps": 0, "enable_progress_bar": False,
-            "enable_model_summary": False, "log_every_n_steps": 1, "default_root_dir": str(root), "logger": False,
-            "callbacks": [
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"dirpath": str(root / "ckpt"), "every_n_train_steps": every, "save_last": True,
-                               "save_top_k": 0}},
-                {"class_path": "callbacks.export.ExportModel",
-                 "init_args": {"dirpath": str(tmp_path / "export"), "title": "tiny", "sample_grid": False,
-                               "overwrite": True}},
-            ],
-        },
-        "test_after_fit": False,
-    }
-    p = tmp_path / "cfg.yaml"
+    """tests/test_train_runs.py's tiny convnet run with ``steps`` steps, a checkpoint every ``every``, no logger and
+    no validation."""
+    p = _config(tmp_path, data_root, root)
+    cfg = yaml.safe_load(p.read_text())
+    cfg["trainer"].update(max_steps=steps, limit_val_batches=0, logger=False)
+    cfg["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = every
     p.write_text(yaml.safe_dump(cfg))
     return p
 
 
-def _step(ckpt: Path) -> int:
-    return int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"])
 
 
 def _only_run(root: Path) -> Path:
