@@ -314,3 +314,19 @@ def test_last_checkpoint_is_written_at_the_final_step_off_the_grid(tmp_path, fak
     train.main(["--config", str(cfg), "--ckpt_path", "last", "--trainer.max_steps", "6"])
     assert _step(run / "ckpt" / "last.ckpt") == 6
     assert json.loads((tmp_path / "export" / "training_summary.json").read_text())["global_step"] == 6
+
+
+def test_export_probe_at_fit_start_reports_what_the_file_system_refused(tmp_path, monkeypatch):
+    """os.access passes (e.g. as root, or on a read-only mount that reports write access): the probe folder that
+    ExportModel makes at fit start is what finds the refusal, and its error names the folder."""
+    import callbacks.export as export
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    target = tmp_path / "new" / "export"
+    export.check_export_parent(target)  # looking only: fine
+    monkeypatch.setattr(export.tempfile, "mkdtemp", refuse)
+    with pytest.raises(PermissionError, match=r"cannot be written: creating a folder in .*new failed \(Permission denied\)"):
+        export.check_export_parent(target, create=True)
+    assert (tmp_path / "new").is_dir() and not target.exists()  # the parent was made, the export folder was not
