@@ -51,7 +51,7 @@ from lightning_modules.base_attack import AttackDivergedError, AttackResult, Gra
 from lightning_modules.baselines import DLG, InvertingGradients, iDLG  # noqa: E402,F401
 from lightning_modules.user_level_inversion import UserLevelInversion  # noqa: E402,F401
 from inversion.defenses import STRENGTH_KEYS  # noqa: E402
-from inversion.fsutils import atomic_write_bytes, find_input_path, new_run_dir, publish_file  # noqa: E402,F401  (new_run_dir, atomic_write_bytes: scripts use them from attack)
+from inversion.fsutils import atomic_write_bytes, find_input_path, new_run_dir  # noqa: E402,F401  (new_run_dir, atomic_write_bytes: scripts use them from attack)
 
 
 # ------------------------------------------------------------------------------------------------ config groups
@@ -751,6 +751,7 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
 
 WANDB_ID_FILE = "wandb_run_id.txt"  # in the run directory: '<id> <mode>' per W&B run started for it, oldest first
 WANDB_MODES = ("online", "offline", "disabled", "shared")  # wandb.init's modes ('shared': W&B's multi-writer mode)
+WANDB_MODE_ALIASES = {"dryrun": "offline", "run": "online"}  # W&B's older mode names, read as today's
 
 
 def wandb_mode(spec) -> str:
@@ -769,7 +770,7 @@ def wandb_mode(spec) -> str:
         env = os.environ.get("WANDB_MODE", "").strip()
         if not env:
             return "offline"
-        mode = {"dryrun": "offline", "run": "online"}.get(env, env)
+        mode = WANDB_MODE_ALIASES.get(env, env)
         if mode not in WANDB_MODES:
             raise ConfigError(f"logger.mode is not set, so the WANDB_MODE environment variable decides, and it is "
                               f"{env!r}: use online, offline, disabled or shared (or set --logger.mode)")
@@ -799,7 +800,7 @@ def recorded_logger_mode(run_dir: Path) -> str:
     except (OSError, yaml.YAMLError):
         return "offline"
     mode = (cfg.get("logger") or {}).get("mode") if isinstance(cfg, dict) else None
-    return {"dryrun": "offline", "run": "online"}.get(str(mode), str(mode)) if mode else "offline"
+    return WANDB_MODE_ALIASES.get(str(mode), str(mode)) if mode else "offline"
 
 
 def make_logger(cfg: Namespace, run_dir: Path, config_dict: dict):

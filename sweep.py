@@ -87,7 +87,7 @@ if str(ROOT) not in sys.path:
 
 os.environ.setdefault("WANDB_MODE", "offline")
 
-from inversion.fsutils import publish_file  # noqa: E402
+from inversion.fsutils import atomic_write_bytes  # noqa: E402
 
 CONFIG_KEYS = ("attack", "configs")  # grid keys whose values are config files layered over base
 MANAGED_KEYS = ("output.root", "output.name", "logger.group", "config", "resume")
@@ -101,20 +101,9 @@ class SweepError(ValueError):
 
 # ------------------------------------------------------------------------------------------------ small helpers
 def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write JSON through a temporary file in the same folder and an atomic rename."""
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=False, default=str)
-            fh.write("\n")
-        publish_file(tmp)  # mkstemp's 0600 would survive the rename
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write ``obj`` as indented JSON (non-JSON values through ``str``) to ``path`` atomically and durably
+    (:func:`inversion.fsutils.atomic_write_bytes`: temp file, fsync, rename)."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
 
 
 def _display(path: Path) -> str:

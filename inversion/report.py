@@ -90,7 +90,7 @@ import numpy as np
 import pandas as pd
 
 from inversion.defenses import STRENGTH_KEYS
-from inversion.fsutils import find_input_path, publish_dir
+from inversion.fsutils import atomic_write_bytes, find_input_path, publish_dir
 
 __all__ = ["GROUP_KEYS", "DuplicateUserError", "aggregate", "aggregate_privacy", "build_report", "changed_count",
            "count_cell", "drop_duplicate_users", "group_keys", "load_runs", "main", "mean_std_cell", "measurement_of",
@@ -1312,9 +1312,7 @@ def write_markdown(path: Path, df: pd.DataFrame, summary: pd.DataFrame, run_dirs
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode())
 
 
 def _free_out_dir(out: Path) -> Path:

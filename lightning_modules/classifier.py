@@ -11,8 +11,6 @@ reconstruction shows a user's class; it never sees the attack.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -21,9 +19,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from lightning import LightningModule
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 
-from inversion.fsutils import publish_file
+from inversion.fsutils import atomic_write_bytes
 from lightning_modules.resumable import Resumable, run_seed
 
 ARCHITECTURES = ("resnet18", "convnet")
@@ -293,19 +292,16 @@ def check_normalisation_matches(name: str, source_cfg: dict, source: nn.Module, 
 
 
 def save_classifier(model: nn.Module, config: dict, dirpath: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Save weights as safetensors (cast to ``dtype``, buffers too) and the JSON config into ``dirpath``."""
+    """Save weights as safetensors (cast to ``dtype``, buffers too) and the JSON config into ``dirpath``; each file
+    is written atomically and durably (:func:`inversion.fsutils.atomic_write_bytes`), weights first."""
     dirpath = Path(dirpath)
     dirpath.mkdir(parents=True, exist_ok=True)
     state = {
         k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous().cpu()
         for k, v in model.state_dict().items()
     }
-    fd, tmp = tempfile.mkstemp(dir=dirpath, suffix=".tmp")
-    os.close(fd)
-    save_file(state, tmp, metadata={"format": "pt"})
-    publish_file(tmp)  # mkstemp's 0600 would survive the rename
-    os.replace(tmp, dirpath / WEIGHTS_FILE)
-    (dirpath / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    atomic_write_bytes(dirpath / WEIGHTS_FILE, save_safetensors(state, metadata={"format": "pt"}))
+    atomic_write_bytes(dirpath / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
     return dirpath
 
 

@@ -99,10 +99,7 @@ class DDPMPrior(Resumable, LightningModule):
             start, start_scheduler = load_ddpm_parts(str(found) if found.exists() else init_weights,
                                                      need_scheduler=False)
             check_warm_start(init_weights, start, start_scheduler, self.unet, self.scheduler)
-            try:
-                self.unet.load_state_dict(start.state_dict())
-            except RuntimeError as exc:
-                raise ValueError(f"init_weights {init_weights}: its UNet differs from this config: {str(exc).splitlines()[0]}") from exc
+            self.unet.load_state_dict(start.state_dict())  # equal configs (checked above): equal keys and shapes
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
         self.ema_unet.eval()
         self.ema_decay = ema_decay
