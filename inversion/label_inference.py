@@ -9,7 +9,8 @@ iDLG; Wainakh et al. 2022, LLG). Classes absent from the batch have g_c = pbar_c
 
 Strategies (``LABEL_STRATEGIES``):
 - ``idlg``: B = 1, the single class with a negative gradient (Zhao et al. 2020).
-- ``sign``: presence = classes with g_c < 0; counts split evenly among them (no count estimate).
+- ``sign``: presence = classes with g_c < 0 (with B given, at most the B most negative); counts split evenly among
+  them (no count estimate).
 - ``bias_corrected`` (default): LLG-style count estimation (Wainakh et al. 2022, "User-level label leakage from
   gradients in federated learning"). Modelling each class's mean probability as an offset pi (the probability mass a
   class gets from images of other classes, estimated from the classes taken as absent, for which g_c = pi_c exactly)
@@ -170,9 +171,16 @@ def _idlg(signal: torch.Tensor, batch_size: Optional[int]) -> LabelInference:
 
 
 def _sign(signal: torch.Tensor, batch_size: Optional[int]) -> LabelInference:
+    """Presence from the sign alone (negative: present), equal shares of the images. With B given, at most B
+    classes can be present: when more are negative (noise or a defense on the update), the B most negative are
+    kept, so that every class marked present gets at least one image."""
     present = signal < 0
     if not present.any():
         present[torch.argmin(signal)] = True
+    if batch_size and int(present.sum()) > batch_size:
+        keep = torch.argsort(signal)[:batch_size]  # the most negative B
+        present = torch.zeros_like(present)
+        present[keep] = True
     counts = present.float() / present.sum()
     if batch_size:
         counts = round_to_total(counts, batch_size)

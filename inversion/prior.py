@@ -254,14 +254,16 @@ class DiffusionPrior(nn.Module):
             with a scheduler ``variance_type`` of 'learned' / 'learned_range' (epsilon and a learned variance, as
             improved-DDPM models: the first ``in_channels`` output channels are epsilon_theta; the DDPM denoising
             passes the variance half to the scheduler, the prior loss and DDIM use epsilon only); and a square
-            ``sample_size`` (an int S or (S, S)), the resolution the prior works at.
+            ``sample_size`` (an int S or (S, S)), the resolution the prior works at. The scheduler's
+            ``prediction_type`` must be 'epsilon'.
         image_shape: (C, H, W) of the victim's images; C must equal the UNet's channels.
 
     Raises:
         PriorMismatchError: channel counts differ (e.g. a 3-channel CIFAR prior with 1-channel Fashion-MNIST); a
             class-conditional UNet (``num_class_embeds`` or ``class_embed_type`` set); ``out_channels`` neither
             ``in_channels`` nor 2 x ``in_channels`` with a learned-variance scheduler (or a learned-variance
-            scheduler with an epsilon-only UNet); ``sample_size`` missing (None) or not square. All at construction,
+            scheduler with an epsilon-only UNet); ``sample_size`` missing (None) or not square; a scheduler whose
+            ``prediction_type`` is not 'epsilon' (v_prediction, sample). All at construction,
             before any optimisation.
     """
 
@@ -269,6 +271,12 @@ class DiffusionPrior(nn.Module):
         super().__init__()
         cfg = unet.config
         c = cfg.in_channels
+        prediction = getattr(scheduler.config, "prediction_type", "epsilon")
+        if prediction != "epsilon":
+            raise PriorMismatchError(
+                f"the prior's scheduler has prediction_type {prediction!r}: the prior loss (|eps_theta - eps|^2) and "
+                "the denoising read the UNet's output as the noise epsilon; use an epsilon-prediction DDPM (train.py "
+                "trains those)")
         if c != image_shape[0]:
             raise PriorMismatchError(
                 f"the prior has {c} channel(s) but the images have {image_shape[0]}; use a prior trained on "

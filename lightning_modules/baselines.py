@@ -174,6 +174,8 @@ class SampleLevelAttack(GradientInversionAttack, abstract_base=True):
     #: gradient would pass through one; on CPU Lightning replaces '16-mixed' by 'bf16-mixed', which is accepted).
     #: '64-true' is safe here because bind deep-copies the victim (the conversion never reaches the caller's model);
     #: result() scores in the converted copy's float64 and returns float32 images (tests/test_baselines_review.py).
+    #: Under 'bf16-mixed' the gradient matching itself runs in float32 (:meth:`_float32`): these attacks have no
+    #: network of their own for bf16 to speed up, and a bf16 victim gave a cosine floor of 1.9e-2 at the true image.
     supported_precisions = ("32-true", "32", "64-true", "64", "bf16-mixed", "bf16")
 
     def __init__(
@@ -276,6 +278,13 @@ class SampleLevelAttack(GradientInversionAttack, abstract_base=True):
         float64 under trainer precision '64-true' (Lightning converts the module's buffers with the victim copy)."""
         return [getattr(self, n) for n in self._target_names]
 
+    def _float32(self):
+        """A context that turns Lightning's autocast off: under 'bf16-mixed' the victim forward, the dummy gradient
+        and the gradient distances run in the victim's own dtype (float32), as UserLevelInversion's matching does.
+        In bf16 the cosine distance at the true image (B = 1) was 6.5e-3 to 1.9e-2 instead of ~1e-7: a bf16 methods table
+        would handicap only the baselines."""
+        return torch.autocast(self.device.type if self.device.type in ("cpu", "cuda") else "cpu", enabled=False)
+
     def dummy_gradient(self, x: torch.Tensor, y: torch.Tensor, create_graph: bool = True) -> list[torch.Tensor]:
         """``grad_w CE(f_w(x), y)`` (mean over the batch) w.r.t. the frozen victim's parameters.
 
@@ -287,7 +296,7 @@ class SampleLevelAttack(GradientInversionAttack, abstract_base=True):
             list of float tensors, parameter shapes (a parameter that does not influence the output gets zeros).
         """
         params = list(victim_parameters(self.victim).values())
-        with torch.enable_grad():
+        with torch.enable_grad(), self._float32():
             loss = F.cross_entropy(self.victim(x), y)
             grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
         return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
@@ -324,8 +333,9 @@ class SampleLevelAttack(GradientInversionAttack, abstract_base=True):
         tg = self.targets()
         scores = []
         for i in range(x.shape[0]):
-            g = self.dummy_gradient(x[i : i + 1], y[i : i + 1], create_graph=False)
-            scores.append(float(cosine_gradient_distance([a.detach() for a in g], tg)))
+            with self._float32():
+                g = self.dummy_gradient(x[i : i + 1], y[i : i + 1], create_graph=False)
+                scores.append(float(cosine_gradient_distance([a.detach() for a in g], tg)))
         return torch.tensor(scores, dtype=torch.float32)
 
     def _maybe_log_images(self, x: torch.Tensor, step: int) -> None:
@@ -475,8 +485,9 @@ class DLG(SampleLevelAttack):
 
         def closure():
             opt.zero_grad()
-            g = self.dummy_gradient(self.x, self.current_labels(), create_graph=True)
-            loss = l2_gradient_distance(g, tg)
+            with self._float32():
+                g = self.dummy_gradient(self.x, self.current_labels(), create_graph=True)
+                loss = l2_gradient_distance(g, tg)
             self._check_finite(loss, step)
             self.manual_backward(loss, inputs=self.dummy_variables())
             last["loss"] = loss.detach()
@@ -704,8 +715,9 @@ class InvertingGradients(SampleLevelAttack):
 
     def restart_loss(self, r: int, create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(cosine gradient loss, TV) of restart r at the current pixels; scalars."""
-        g = self.dummy_gradient(self.x[r], self.fixed_labels, create_graph=create_graph)
-        return cosine_gradient_distance(g, self.targets()), total_variation(self.x[r])
+        with self._float32():
+            g = self.dummy_gradient(self.x[r], self.fixed_labels, create_graph=create_graph)
+            return cosine_gradient_distance(g, self.targets()), total_variation(self.x[r])
 
     def training_step(self, batch, batch_idx):
         """One signed Adam step of every live restart; a restart whose loss, gradient or pixels turn NaN/inf is
