@@ -50,8 +50,10 @@ from lightning.pytorch.utilities import rank_zero_warn  # noqa: E402  (one warni
 from lightning_modules.base_attack import AttackDivergedError, AttackResult, GradientInversionAttack  # noqa: E402
 from lightning_modules.baselines import DLG, InvertingGradients, iDLG  # noqa: E402,F401
 from lightning_modules.user_level_inversion import UserLevelInversion  # noqa: E402,F401
+from inversion.cli import mark_raised_during_work  # noqa: E402
 from inversion.defenses import STRENGTH_KEYS  # noqa: E402
-from inversion.fsutils import atomic_write_bytes, find_input_path, new_run_dir  # noqa: E402,F401  (new_run_dir, atomic_write_bytes: scripts use them from attack)
+from inversion.scenario import TargetGradientError  # noqa: E402
+from inversion.fsutils import atomic_write_bytes, check_run_name, find_input_path, new_run_dir  # noqa: E402,F401  (new_run_dir, atomic_write_bytes: scripts use them from attack)
 
 
 # ------------------------------------------------------------------------------------------------ config groups
@@ -1213,6 +1215,27 @@ def start_distributed(cfg: Namespace, trainer_kwargs: dict):
     return fabric
 
 
+def check_run_args(cfg: Namespace) -> None:
+    """The top-level run settings' ranges, checked by :func:`prepare` (so also by sweep.py's pre-check of every cell
+    and by refinish): ``--seed`` in Lightning's ``seed_everything`` range, ``--checkpoint_every`` >= 0, and
+    ``output.name`` one plain folder name.
+
+    Raises:
+        ConfigError: naming the key, its value and the allowed values.
+    """
+    seed = cfg.get("seed")
+    if seed is not None and not 0 <= int(seed) <= 2**32 - 1:  # seed_everything's own error named numpy, not --seed
+        raise ConfigError(f"--seed must be an integer in [0, 2**32 - 1] (Lightning's seed_everything), got {seed}")
+    if int(cfg.get("checkpoint_every") or 0) < 0:
+        raise ConfigError(f"--checkpoint_every must be >= 0 (0: no mid-user checkpoints), got {cfg.checkpoint_every}")
+    output = cfg.get("output")
+    if output is not None:
+        try:
+            check_run_name(output.get("name") or "")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+
 def prepare(parser: ArgumentParser, cfg: Namespace):
     """Everything a run needs that can fail fast, loaded and checked before any long work: the instantiated config
     groups, the user source (checked), the victim, the attack class and its init kwargs (validated, users_per_step
@@ -1225,11 +1248,16 @@ def prepare(parser: ArgumentParser, cfg: Namespace):
     Raises:
         ConfigError (or the loaders' own errors): whatever is wrong, with how to fix it.
     """
+    check_run_args(cfg)
     try:
         init = parser.instantiate(cfg) if hasattr(parser, "instantiate") else parser.instantiate_classes(cfg)
     except ValueError as exc:  # a user source's own argument checks, wrapped by jsonargparse in a Union-type dump
         raise ConfigError(AttackArgumentParser.clarify(str(exc))) from exc
     source: UserSource = init.users
+    for key in ("seed", "holdout_seed"):  # numpy's default_rng said only "expected non-negative integer"
+        value = getattr(source, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            raise ConfigError(f"users.init_args.{key} must be an integer >= 0 (numpy's default_rng seeds), got {value}")
     source.check()
     victim, victim_cfg = load_victim(init.victim)
     validate(cfg, source, victim_cfg)
@@ -1382,8 +1410,7 @@ def run(cfg: Namespace) -> Path:
     from lightning import Trainer, seed_everything
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
-    if not 0 <= int(cfg.seed) <= 2**32 - 1:  # seed_everything's range; its own error named numpy, not --seed
-        raise ConfigError(f"--seed must be an integer in [0, 2**32 - 1] (Lightning's seed_everything), got {cfg.seed}")
+    check_run_args(cfg)  # before seed_everything (prepare checks again, for its other callers)
     seed_everything(cfg.seed, workers=True, verbose=False)
     # 1. everything that can fail fast, before any long work
     check_devices(dict(cfg.trainer))
@@ -1392,8 +1419,6 @@ def run(cfg: Namespace) -> Path:
     if cfg.resume:
         run_dir, resume_rows = open_resume_dir(parser, cfg)
     init, source, victim, attack_cls, attack_kwargs, prior, evaluator = prepare(parser, cfg)
-    if int(cfg.checkpoint_every or 0) < 0:
-        raise ConfigError(f"--checkpoint_every must be >= 0 (0: no mid-user checkpoints), got {cfg.checkpoint_every}")
     steps = attack_kwargs.get("steps")
     if cfg.checkpoint_every and isinstance(steps, int) and cfg.checkpoint_every > steps:
         rank_zero_warn(f"--checkpoint_every {cfg.checkpoint_every} is above the attack's {steps} steps: no checkpoint "
@@ -1475,7 +1500,7 @@ def run(cfg: Namespace) -> Path:
                 raise
             except ValueError as exc:  # a checkpoint this run cannot continue (another device kind, other chunk)
                 if resumed_from and "checkpoint" in str(exc):
-                    raise ValueError(f"{exc} [checkpoint {last}: to start {name} afresh, delete {ckpt_dir} and "
+                    raise ConfigError(f"{exc} [checkpoint {last}: to start {name} afresh, delete {ckpt_dir} and "
                                      "resume again]") from exc
                 raise
             # a chunk's time is shared equally by its users; a resumed chunk adds the time before the interruption
@@ -1518,6 +1543,8 @@ def run(cfg: Namespace) -> Path:
               f"  {resume_hint}", file=sys.stderr)
     except Exception as exc:  # summary.json says so instead of "running"; the finished users' rows stay
         status = f"failed: {type(exc).__name__}: {exc}"
+        if not isinstance(exc, (ConfigError, TargetGradientError)):  # the two bad-input errors the loop raises
+            mark_raised_during_work(exc)  # a ValueError from deep in a run keeps its traceback (run_main)
         raise
     finally:
         if fabric and world > 1:  # every rank gets here, whatever stopped it: no rank waits forever for another

@@ -7,15 +7,29 @@ import sys
 from typing import Any, Callable
 
 BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError)
+_DURING_WORK = "_raised_during_work"
+
+
+def mark_raised_during_work(exc: BaseException) -> BaseException:
+    """Mark ``exc`` as raised after the long work had started (inside the attack loop, the training fit): then
+    :func:`run_main` shows its traceback and exits with status 1 even when it is a ValueError, because such an
+    error is a failure to debug, not a configuration to fix (the pre-run checks raise the bad-input errors).
+    Returns ``exc`` (``raise mark_raised_during_work(exc)`` reads naturally)."""
+    setattr(exc, _DURING_WORK, True)
+    return exc
 
 
 def run_main(main: Callable[[], Any], prog: str) -> None:
     """Call ``main()``; a ValueError, FileNotFoundError or FileExistsError (the project's bad-input errors, raised
     before long work starts) is printed as ``"<prog>: error: <message>"`` on stderr and exits with status 2, like
-    argparse's own usage errors. Any other exception propagates with its traceback (a bug, not bad input)."""
+    argparse's own usage errors. Any other exception, and one of those marked with :func:`mark_raised_during_work`
+    (raised after the long work started: a bug or a failure, not bad input), propagates with its traceback
+    (Python's exit status 1)."""
     try:
         main()
     except BAD_INPUT as exc:
+        if getattr(exc, _DURING_WORK, False):
+            raise
         print(f"{prog}: error: {exc}", file=sys.stderr)
         raise SystemExit(2)
 

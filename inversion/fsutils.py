@@ -78,14 +78,30 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def check_run_name(name: str, key: str = "output.name") -> None:
+    """Refuse a run name that is not one plain folder name (the run directory is ``root/<name>-<time>-<id>``).
+
+    Raises:
+        ValueError: ``name`` holds a path separator ('/' or the platform's) or is '.' / '..' (it would make the run
+            directory in a sub-folder that may not exist, or outside the root), or a NUL character.
+    """
+    name = str(name or "")
+    seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    if any(sep in name for sep in seps) or name in (".", "..") or "\0" in name:
+        raise ValueError(f"{key} must be one plain folder name (no '/', not '.' or '..'), got {name!r}: the run "
+                         f"directory is <output.root>/<output.name>-<time>-<id>; put sub-folders into output.root")
+
+
 def new_run_dir(root: str | os.PathLike, name: str = "") -> Path:
     """Create and return a fresh run directory ``root/name-YYYYmmdd-HHMMSS-<6 hex>`` (``root/YYYYmmdd-HHMMSS-<6 hex>``
     without a name; local time; exclusive mkdir, so two runs never share one). ``root`` is created when missing;
     ``~`` in it is expanded (as Lightning's loggers expand theirs: a literal ``./~`` folder split a run in two).
 
     Raises:
+        ValueError: ``name`` is not one plain folder name (:func:`check_run_name`).
         RuntimeError: no free name after 100 tries.
     """
+    check_run_name(name)
     base = Path(os.path.expanduser(str(root)))
     base.mkdir(parents=True, exist_ok=True)
     prefix = f"{name}-" if name else ""

@@ -576,9 +576,12 @@ def group_keys(df: pd.DataFrame) -> list[str]:
     configs, so that two runs of one name, e.g. a
     5-step and a 60-step run, or two refinished ablations, are two rows), or exactly the variant keys chosen with
     ``df.attrs["variant_keys"]`` (``--variants``; e.g. ``final_stage`` alone pools runs of different names that share
-    a final stage)."""
+    a final stage). ``df.attrs["pool_run_names"]`` true (sweep.py's report: its run names are cell slugs, so a seed
+    or first_user axis of the grid would split every row per cell): ``run_name`` is never a key; runs of other
+    configs stay apart through ``setting``."""
     keys = list(GROUP_KEYS)
     chosen = df.attrs.get("variant_keys")
+    pool_names = bool(df.attrs.get("pool_run_names"))
     for k in VARIANT_KEYS:
         if chosen is not None:
             if k in chosen and k in df:
@@ -590,6 +593,8 @@ def group_keys(df: pd.DataFrame) -> list[str]:
         elif k == "final_stage":  # only the user-level attack has one: it varies when it does within a method
             if k in df and df.groupby("method")[k].nunique(dropna=False).max() > 1:
                 keys.append(k)
+        elif k == "run_name" and pool_names:
+            continue
         elif k in ("run_name", "setting"):  # only when it splits rows that every other key leaves together (a
             # run name that only restates B, e.g. B10_ig / B50_ig, would cut the B series into one-point lines)
             if _splits(df, keys, k):
@@ -1327,11 +1332,13 @@ def _free_out_dir(out: Path) -> Path:
 
 def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, users_per_group: int = 4,
                  use_wandb: bool = False, wandb_project: str = "gradinv-report",
-                 variants: Optional[Sequence[str]] = None) -> Path:
+                 variants: Optional[Sequence[str]] = None, pool_run_names: bool = False) -> Path:
     """Build the report (see module docstring) and return the folder it was written to.
 
     ``variants``: the extra group keys to use (a subset of :data:`VARIANT_KEYS`) instead of every key the runs
-    differ in. The folder is ``out_dir`` or, if that exists, the first free ``out_dir-N``; files are written in a
+    differ in. ``pool_run_names``: never group by ``run_name`` (:func:`group_keys`): runs whose names differ but
+    whose settings agree (a sweep's seed or first_user cells) are pooled as repeated measurements. The folder is
+    ``out_dir`` or, if that exists, the first free ``out_dir-N``; files are written in a
     temporary sibling folder which is renamed into place at the end, so a crash leaves no half-written report.
 
     Before anything is pooled, runs that did not finish (:func:`run_notes`) and users found twice
@@ -1353,6 +1360,7 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, users_per_
     notes += duplicates
     left_out = loaded["run_dir"].value_counts().sub(df["run_dir"].value_counts(), fill_value=0).astype(int).to_dict()
     printed = list(notes)
+    df.attrs["pool_run_names"] = pool_run_names
     if variants is not None:
         df.attrs["variant_keys"] = list(variants)
         keys = group_keys(df)
@@ -1418,7 +1426,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     Raises:
         SystemExit: (2, from argparse) bad arguments or an unknown ``--variants`` key.
-        FileNotFoundError, ValueError: from :func:`load_runs` (a run without results.csv, missing columns).
+        FileNotFoundError, ValueError: from :func:`load_runs` (a run without results.csv, missing columns); run as
+            a module they end in one ``error:`` line and status 2 (:func:`inversion.cli.run_main`).
     """
     ap = argparse.ArgumentParser(prog="python -m inversion.report", description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dirs", nargs="+", type=Path, help="run directories holding results.csv")
@@ -1444,4 +1453,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from inversion.cli import run_main
+
+    run_main(main, "python -m inversion.report")  # a missing results.csv or column: one line, not a traceback

@@ -243,3 +243,23 @@ def test_a_config_the_parser_no_longer_reads_pools_on_the_keys_it_sets(tmp_path,
     vague_run = _run(tmp_path, vague, "20261201-140000", {6: 9.0})
     s = pd.read_csv(report.build_report([old, new, sixty, vague_run], tmp_path / "rep3") / "summary.csv")
     assert sorted(s["n_users"]) == [1, 1, 4] and "(unparsed config)" in set(s["setting_diff"])
+
+
+def test_sweep_reports_pool_cells_that_differ_only_in_seed_or_user_range(tmp_path, base_config):
+    """sweep.py names each cell by its grid values (seed=0, seed=1): run_name split every row per cell, so a seed
+    axis gave one row per seed instead of repeated measurements of the same users. With pool_run_names (what
+    sweep.py passes) they pool; a cell of another config still gets its own row through setting."""
+    s0 = _run(tmp_path, _edit(base_config, output__name="seed=0", seed=0), "20261201-100000", {0: 10.0, 1: 12.0})
+    s1 = _run(tmp_path, _edit(base_config, output__name="seed=1", seed=1), "20261201-110000", {0: 14.0, 1: 16.0})
+    other = _run(tmp_path, _edit(base_config, output__name="steps=5", attack__init_args__steps=5),
+                 "20261201-120000", {0: 30.0})
+    split = pd.read_csv(report.build_report([s0, s1], tmp_path / "split") / "summary.csv")
+    assert list(split["run_name"]) == ["seed=0", "seed=1"]  # the default: names are experiments
+    pooled = pd.read_csv(report.build_report([s0, s1, other], tmp_path / "pooled", pool_run_names=True)
+                         / "summary.csv")
+    assert "run_name" not in pooled.columns and len(pooled) == 2
+    rows = {r.setting_diff: r for r in pooled.itertuples()}
+    assert set(rows) == {"attack.init_args.steps=200", "attack.init_args.steps=5"}
+    seeds = rows["attack.init_args.steps=200"]  # both seeds' rows of users 0 and 1: 2 users, 4 measurements
+    assert seeds.n_users == 2 and seeds.psnr_nearest_avg == pytest.approx(13.0)
+    assert rows["attack.init_args.steps=5"].n_users == 1 and rows["attack.init_args.steps=5"].psnr_nearest_avg == 30.0

@@ -1,0 +1,93 @@
+"""Entry points and their pre-run checks:
+
+- attack.prepare (what sweep.py's pre-check of every cell and refinish call) refuses a negative --seed or
+  --checkpoint_every, an output.name that is not a plain folder name and a negative user seed, before any run dir;
+- a ValueError raised inside the attack loop (a failure, not bad input) keeps its traceback under run_main, while
+  the pre-run bad-input errors stay one line with status 2;
+- ``python -m inversion.report`` on a folder without results.csv: one error line, status 2.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import attack
+from inversion.cli import mark_raised_during_work, run_main
+from inversion.fsutils import check_run_name, new_run_dir
+from tests.test_attack_e2e import HAVE_FMNIST, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="needs `apt-get install dataset-fashion-mnist`")
+
+
+@needs_fmnist
+@pytest.mark.parametrize("argv, match", [
+    (["--seed", "-1"], r"--seed must be an integer in \[0, 2\*\*32 - 1\]"),
+    (["--checkpoint_every", "-5"], "--checkpoint_every must be >= 0"),
+    (["--output.name", "a/b"], "output.name must be one plain folder name"),
+    (["--output.name", ".."], "output.name must be one plain folder name"),
+    (["--users.init_args.seed", "-1"], r"users.init_args.seed must be an integer >= 0"),
+])
+def test_prepare_refuses_bad_run_settings_before_any_run_dir(tmp_path, argv, match):
+    """sweep.py validates every cell with attack.prepare: --seed -1 and --checkpoint_every -5 were checked only in
+    attack.run (a grid cell with them failed hours into a sweep); output.name 'a/b' failed with a raw errno after the
+    models loaded, '..' made the run directory outside output.root; a negative user seed said only numpy's
+    "expected non-negative integer"."""
+    parser = attack.build_parser()
+    cfg = parser.parse_args(["--config", str(tiny_config(tmp_path)), *argv])
+    with pytest.raises(attack.ConfigError, match=match):
+        attack.prepare(parser, cfg)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_new_run_dir_refuses_a_name_with_a_separator(tmp_path):
+    with pytest.raises(ValueError, match="plain folder name"):
+        new_run_dir(tmp_path / "root", "../escape")
+    assert not (tmp_path / "escape").exists() and not any(tmp_path.glob("escape-*"))
+    check_run_name("defenses=gaussian_dp-clip_norm1-sigma0.01")  # a sweep's cell slug is fine
+    assert new_run_dir(tmp_path / "root", "B10_u0").name.startswith("B10_u0-")
+
+
+def test_run_main_keeps_the_traceback_of_a_value_error_raised_during_work(capsys):
+    def bad_input():
+        raise ValueError("users.batch_size must be an integer >= 1")
+
+    with pytest.raises(SystemExit) as exc:
+        run_main(bad_input, "attack.py")
+    assert exc.value.code == 2 and capsys.readouterr().err == "attack.py: error: users.batch_size must be an integer >= 1\n"
+
+    def bug():
+        raise mark_raised_during_work(ValueError("shapes (2,3) and (4,) not aligned"))
+
+    with pytest.raises(ValueError, match="not aligned"):  # propagates: Python prints the traceback, status 1
+        run_main(bug, "attack.py")
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_a_value_error_inside_the_attack_loop_is_not_reported_as_bad_input(tmp_path, monkeypatch, capsys):
+    """A ValueError from deep in a run (here: scoring a user) printed as 'attack.py: error: ...' with status 2 and no
+    traceback, like a config mistake; now it propagates with its traceback, and summary.json says failed."""
+    def broken_row(*args, **kwargs):
+        raise ValueError("operands could not be broadcast together")
+
+    monkeypatch.setattr(attack, "user_row", broken_row)
+    cfg = tiny_config(tmp_path, **{"users.init_args.num_users": 1, "logger.backend": "csv"})
+    with pytest.raises(ValueError, match="could not be broadcast"):
+        run_main(lambda: attack.main(["--config", str(cfg)]), "attack.py")
+    assert "attack.py: error:" not in capsys.readouterr().err
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert '"failed: ValueError: operands could not be broadcast together"' in (run_dir / "summary.json").read_text()
+
+
+def test_report_module_on_a_folder_without_results_is_one_error_line(tmp_path):
+    (tmp_path / "empty_run").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "inversion.report", str(tmp_path / "empty_run"), "--out",
+                           str(tmp_path / "rep")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("python -m inversion.report: error: ") and "Traceback" not in proc.stderr
+    assert "results.csv" in proc.stderr and not (tmp_path / "rep").exists()
