@@ -35,8 +35,9 @@ value list, a missing config file or a value attack.py refuses stops the sweep w
 
 The sweep directory holds ``sweep.json`` (the resolved sweep config and its sha256 ``hash``), ``index.json`` (cell
 slug -> run dir, status, overrides; rewritten atomically after each cell), ``cells/<slug>-<time>-<hex>/`` (the
-attack.py run directories) and ``report/`` (``python -m inversion.report`` over every finished cell; ``report-1``...
-when it exists). A sweep directory made from a different sweep config is refused unless ``--new`` (then a fresh
+attack.py run directories) and ``report/`` (:func:`inversion.report.build_report` over every finished cell, with
+``pool_run_names``: cells that differ only in what the report pools, e.g. a ``seed`` or ``first_user`` axis, are one
+row of repeated measurements, not one row per slug; ``report-1``... when it exists). A sweep directory made from a different sweep config is refused unless ``--new`` (then a fresh
 ``<root>-1``, ``-2``... is used). Cells run in this process, one after the other (``attack.main``; a cell with
 ``trainer.strategy: ddp`` or several devices runs as a child ``python attack.py``, see :func:`run_attack_cell`); a
 cell that fails or diverges is recorded and the sweep goes on; Ctrl-C stops the sweep (the cell is recorded as interrupted). Exit
@@ -55,7 +56,14 @@ that holds attack.py's ``config.yaml``):
 * ``diverged: ...`` (NaN/inf): the cell starts again in a new run dir. Its numbers went wrong, the checkpoint it left
   lies on the way to the NaN, and re-running it is worth it only after a fix (unchanged, it diverges again).
 * A resume attack.py would refuse (the run dir's config differs from the cell's, e.g. an attack.py default changed
-  since) is noted and the cell starts in a new run dir.
+  since, or a model file it used changed since: its ``models.json`` records other fingerprints than the victim,
+  prior or evaluator files hash to now) is noted and the cell starts in a new run dir.
+
+A finished cell whose ``models.json`` records other model fingerprints than the cell's files hash to now (the
+victim, prior or evaluator retrained or replaced in place; the rule of ``attack.py --resume``,
+:func:`attack.check_model_fingerprints`) is not skipped: it runs again in a new run dir, with a note naming the
+changed model, so the report never pools cells attacked with two versions of a model. Run dirs made before
+``models.json`` existed are not checked (as ``--resume`` does not check them).
 
 ``--fresh`` (alias ``--no-resume``) starts every unfinished cell in a new run dir (the behaviour before resuming
 existed). An old run dir is never deleted: ``index.json`` points at the cell's current run dir and lists the ones
@@ -634,22 +642,115 @@ def _status_text(status: Optional[str]) -> str:
     return status.rstrip(".") if len(status) <= 120 else status[:117] + "..."
 
 
-def resume_refusal(argv: list[str], run_dir: Path) -> Optional[str]:
-    """None when ``attack.py <argv> --resume <run_dir>`` would be accepted, else attack.py's reason (e.g. "resume
-    directory from another config (differs in [...])"). Reads only: the parse and attack's own check
-    (:func:`attack.open_resume_dir`)."""
+#: model set (victim, random_init, prior or None, evaluator) -> (file signature, fingerprints): current_fingerprints
+_FINGERPRINTS: dict[tuple, tuple[tuple, dict[str, str]]] = {}
+
+
+def _stat_signature(path: Path) -> tuple:
+    """The inode, mtime and size of a model file, or of every file under a model folder (no hashing): any rewrite,
+    replacement, addition or removal changes it. A path that does not exist (a hub id) gives ``()``."""
+    def stat(f: Path) -> tuple:
+        st = f.stat()
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    try:
+        if path.is_file():
+            return (stat(path),)
+        if path.is_dir():
+            return tuple((str(f.relative_to(path)), *stat(f)) for f in sorted(path.rglob("*")) if f.is_file())
+    except OSError:
+        return ("unreadable", time.time_ns())  # never equal: hashed again (and the hash says what is wrong)
+    return ()
+
+
+def _parse_cell(argv: list[str]):
+    """(parser, config) of attack.py's parser on ``argv`` (its error output swallowed)."""
     import attack
 
     p = attack.build_parser()
     p.exit_on_error = False
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        return p, p.parse_args(argv)
+
+
+def current_fingerprints(cfg) -> dict[str, str]:
+    """The model fingerprints ``attack.run`` would record in ``models.json`` for the parsed cell config ``cfg`` now:
+    :func:`attack.model_fingerprints` of its victim, of its prior when the attack uses one (the attack's
+    ``requires_prior`` on a probe built from ``attack.init_args``, as :func:`attack.prepare` decides whether to load
+    the prior) and of its evaluator.
+
+    Cached per distinct model set (victim, random_init, prior, evaluator) for as long as the files' inodes, mtimes
+    and sizes stay the same (:func:`_stat_signature`), so a sweep of many cells on the same models hashes each
+    model once, and a model retrained while a long sweep runs is hashed again for the cells after it."""
+    import attack
+    from inversion.fsutils import find_input_path
+
+    attack_cls = attack.resolve_attack_class(cfg.attack.class_path)
+    kwargs = dict(cfg.attack.init_args or {})
+    kwargs["seed"] = attack.effective_attack_seed(kwargs.get("seed") or 0, cfg.seed or 0)
+    uses_prior = bool(getattr(attack_cls(**kwargs), "requires_prior", False)) and bool(cfg.prior.path)
+    key = (cfg.victim.checkpoint, bool(cfg.victim.random_init), cfg.prior.path if uses_prior else None,
+           cfg.evaluation.evaluator)
+    signature = tuple((str(found), _stat_signature(found))
+                      for found in (find_input_path(v) for v in (key[0], key[2], key[3]) if v))
+    hit = _FINGERPRINTS.get(key)
+    if hit is not None and hit[0] == signature:
+        return dict(hit[1])
+    fingerprints = attack.model_fingerprints(cfg, uses_prior)
+    _FINGERPRINTS[key] = (signature, dict(fingerprints))
+    return fingerprints
+
+
+def resume_refusal(argv: list[str], run_dir: Path) -> Optional[str]:
+    """None when ``attack.py <argv> --resume <run_dir>`` would be accepted, else attack.py's reason (e.g. "resume
+    directory from another config (differs in [...])", or "the prior model files changed since this run started
+    ..."). Reads only: the parse and attack's own checks, :func:`attack.open_resume_dir` and
+    :func:`attack.check_model_fingerprints` of the run dir's ``models.json`` against the cell's model files now
+    (:func:`current_fingerprints`, hashed once per model set)."""
+    import attack
+
     try:
+        p, cfg = _parse_cell([*argv, "--resume", str(run_dir)])
         with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-            attack.open_resume_dir(p, p.parse_args([*argv, "--resume", str(run_dir)]))
+            attack.open_resume_dir(p, cfg)
+            attack.check_model_fingerprints(run_dir, current_fingerprints(cfg))
     except attack.ConfigError as exc:  # "--resume DIR: resume directory from another config (differs in [...]); ..."
         msg = str(exc).strip().removeprefix(f"--resume {run_dir}: ")
-        return msg.removesuffix("; run without --resume for a new run directory") or type(exc).__name__
+        return msg.split("; run without --resume for a new run directory")[0] or type(exc).__name__
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - e.g. a config.yaml the parser rejects
         return _condense(str(exc).strip()) or type(exc).__name__
+    return None
+
+
+def finished_models_changed(argv: list[str], run_dir: Path) -> Optional[str]:
+    """Why the finished run dir ``run_dir`` of the cell ``argv`` no longer counts, or None when it does: its
+    ``models.json`` differs from the cell's model files now (:func:`current_fingerprints`) by the rule of
+    ``attack.py --resume`` (:func:`attack.check_model_fingerprints`: every recorded model, the evaluator's
+    included), e.g. "the prior model files changed since it ran (...)". A run dir without ``models.json`` (made
+    before it existed) is not checked, as --resume does not check it; an unreadable one counts as changed."""
+    import attack
+
+    models = run_dir / attack.MODELS_FILE
+    if not models.is_file():
+        return None
+    try:
+        then = json.loads(models.read_text())
+        if not isinstance(then, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        return f"its {attack.MODELS_FILE} is unreadable ({exc}), so the model files it used are unknown"
+    try:
+        now = current_fingerprints(_parse_cell(argv)[1])
+    except (Exception, SystemExit):  # noqa: BLE001 - a cell validate() would have refused: not checked here
+        return None
+    try:
+        attack.check_model_fingerprints(run_dir, now)
+    except attack.ConfigError as exc:
+        changed = sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k))
+        if not changed:  # attack's rule and this diff part ways: say what attack.py says
+            return str(exc).strip().removeprefix(f"--resume {run_dir}: ").split("; run without --resume")[0]
+        return (f"the {', '.join(changed)} model files changed since it ran (retrained or replaced in place; its "
+                f"{attack.MODELS_FILE} records other SHA-256)")
     return None
 
 
@@ -663,12 +764,22 @@ class CellPlan:
 
 
 def plan_cell(sweep: Sweep, cell: Cell, cells_root: Path, recorded: Optional[str], fresh: bool = False) -> CellPlan:
-    """Decide a cell's fate on this run (see the module docstring): finished -> skip; newest run dir interrupted,
-    stopped hard or failed -> resume it (unless ``fresh`` or attack.py would refuse); diverged -> a new run dir."""
+    """Decide a cell's fate on this run (see the module docstring): finished -> skip, unless a model file it used
+    changed since (:func:`finished_models_changed`: then a new run dir, ``run_dir`` the finished one, ``why``
+    naming the changed model; a newer unfinished run dir is resumed instead, when it can be); newest run dir
+    interrupted, stopped hard or failed -> resume it (unless ``fresh`` or attack.py would refuse, a changed model
+    file included: :func:`resume_refusal`); diverged -> a new run dir."""
+    argv = cell.argv(sweep, cells_root)
     done = find_finished_run(cells_root, cell.slug, recorded)
+    stale = None
     if done is not None:
-        return CellPlan("skip", done)
+        stale = finished_models_changed(argv, done)
+        if stale is None:
+            return CellPlan("skip", done)
     last = latest_run(cells_root, cell.slug)
+    if done is not None and (last is None or _run_status(last) == "finished"):
+        return CellPlan("new", done, f"{done.name} finished, but {stale}; running the cell again in a new run "
+                                     f"directory (the old one is kept)")
     if last is None:
         return CellPlan("new")
     status = _run_status(last)
@@ -677,7 +788,7 @@ def plan_cell(sweep: Sweep, cell: Cell, cells_root: Path, recorded: Optional[str
         return CellPlan("new", last, f"--fresh: {last.name} ({was}) is kept, starting in a new run directory")
     if _diverged(status):
         return CellPlan("new", last, f"{last.name} {was}; starting again in a new run directory (the old one is kept)")
-    refusal = resume_refusal(cell.argv(sweep, cells_root), last)
+    refusal = resume_refusal(argv, last)
     if refusal is not None:
         return CellPlan("new", last, f"cannot resume {last.name}: {refusal}; starting in a new run directory (the "
                                      f"old one is kept)")
@@ -803,9 +914,11 @@ def _run_cells(sweep: Sweep, sweep_dir: Path, *, max_cells: Optional[int], repor
         entry = entries.setdefault(cell.slug, {})
         entry.update(index=cell.index, assignment=cell.assignment, argv=cell.argv(sweep, cells_root))
         tag = f"[sweep] {cell.index + 1}/{n} {cell.slug}"
-        if max_cells is not None and ran >= max_cells:  # no resume check (a parse) for a cell left for later
+        if max_cells is not None and ran >= max_cells:  # no resume check for a cell left for later; a finished
+            # one is checked for changed model files (else the report pools it)
             done = find_finished_run(cells_root, cell.slug, entry.get("run_dir"))
-            plan = CellPlan("skip", done) if done is not None else None
+            ok = done is not None and finished_models_changed(cell.argv(sweep, cells_root), done) is None
+            plan = CellPlan("skip", done) if ok else None
         else:
             plan = plan_cell(sweep, cell, cells_root, entry.get("run_dir"), fresh)
         if plan is not None and plan.action == "skip":
@@ -813,8 +926,8 @@ def _run_cells(sweep: Sweep, sweep_dir: Path, *, max_cells: Optional[int], repor
             save()
             print(f"{tag}: skipped, finished in {plan.run_dir}", flush=True)
             continue
-        if plan is None:  # --max-cells reached
-            if entry.get("status") in (None, "running"):
+        if plan is None:  # --max-cells reached ("finished": its run used model files that changed since)
+            if entry.get("status") in (None, "running", "finished"):
                 entry["status"] = "pending"
             save()
             continue
@@ -890,7 +1003,9 @@ def _run_cells(sweep: Sweep, sweep_dir: Path, *, max_cells: Optional[int], repor
 
         order = {c.slug: c.index for c in sweep.cells}
         finished = sorted(finished, key=lambda d: order.get(re.sub(RUN_DIR_RE, "", Path(d).name), 1 << 30))
-        out = build_report(finished, sweep_dir / "report")
+        # cell names are grid slugs: a seed or first_user axis pools (repeated measurements); other configs stay
+        # apart through the report's setting key
+        out = build_report(finished, sweep_dir / "report", pool_run_names=True)
         index.setdefault("reports", []).append({"dir": str(out), "cells": len(finished),
                                                 "time": time.strftime("%Y-%m-%d %H:%M:%S")})
         index["report"] = str(out)

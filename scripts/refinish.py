@@ -28,16 +28,20 @@ Output: ``<output.root>/<output.name>-<time>-<hex>/`` (default name: the run's n
 config.yaml (the merged config), results.csv (attack.py's columns; ``steps``, ``seconds``, ``seconds_per_step``
 are the original run's optimisation; plus ``final_candidate``, ``refinish_seconds``, ``refinish_source``,
 ``refinished_from``), summary.json, attack_seed.txt (the attack's effective seed, as attack.py writes it, so the new
-directory can be refinished again under ``--seed``) and per-user images including raw.pt; every file written to a
-temporary file and renamed.
+directory can be refinished again under ``--seed``), defense_seeds.txt, models.json (the fingerprints of the model
+files this refinish used, as attack.py records them, so the new directory can be checked and refinished again) and
+per-user images including raw.pt; every file written to a temporary file and renamed.
 
 Raises (as one ConfigError before any output): RUN_DIR is not a finished attack.py run of the user-level attack; an
 argument changes anything but the final stage, evaluation, output, logger or trainer settings (the saved images
 would not be the ones that config optimises); a final-stage setting the attack or the prior rejects (e.g. t_final
->= T); the run used a stochastic defense without a seed (its noise cannot be redrawn); the run's users do not match
-its config any more (the data changed; checked on the labels of every user and on the first user's rebuilt label
-inference; a later user whose rebuilt label inference differs stops the refinish at that user, as 'failed: ...' in
-its summary.json, with the users before it kept).
+>= T); the run used a stochastic defense without a seed (its noise cannot be redrawn); the victim or prior files
+changed since the run (retrained or replaced in place: RUN_DIR's ``models.json`` records other fingerprints than the
+files hash to now, compared as ``attack.py --resume`` compares them, but without the evaluator, which the
+``evaluation`` group may change here; a run directory without ``models.json``, made before it existed, is not
+checked and a warning says so); the run's users do not match its config any more (the data changed; checked on the
+labels of every user and on the first user's rebuilt label inference; a later user whose rebuilt label inference
+differs stops the refinish at that user, as 'failed: ...' in its summary.json, with the users before it kept).
 
 Exactness: the candidates' noise comes from torch generators on the final stage's device (CUDA when available and
 trainer.accelerator allows it, else the CPU). A run made on the other device type gets statistically equivalent,
@@ -122,9 +126,47 @@ def load_raw(udir: Path, image_shape: tuple[int, int, int]) -> tuple[torch.Tenso
     return x.clamp(0, 1), source
 
 
+#: model roles of models.json a refinish does not compare with the run's: the evaluation group may change freely
+UNCHECKED_MODELS = ("evaluator",)
+
+
+def check_models(run_dir: Path, now: dict[str, str]) -> None:
+    """Refuse to refinish ``run_dir`` when a model it was attacked with, that this refinish uses too, has changed on
+    disk since: its ``models.json`` against ``now`` (:func:`attack.model_fingerprints` of this refinish's config),
+    as ``attack.py --resume`` compares them (:func:`attack.check_model_fingerprints`), but only for the roles both
+    record (a prior the refinish does not use, or the run did not use, is no mismatch) and without
+    :data:`UNCHECKED_MODELS` (another evaluator is a refinish setting). A run directory made before ``models.json``
+    existed is not checked: a warning on stderr says so.
+
+    Raises:
+        ConfigError: naming the changed model(s) and what to do.
+    """
+    f = run_dir / attack_main.MODELS_FILE
+    if not f.is_file():
+        print(f"[refinish] warning: {run_dir} has no {attack_main.MODELS_FILE} (made before attack.py recorded its "
+              f"model files): cannot check that the victim and prior are still the files the run used; a victim or "
+              f"prior retrained since would be used silently", file=sys.stderr, flush=True)
+        return
+    try:
+        then = json.loads(f.read_text())
+        if not isinstance(then, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        raise ConfigError(f"refinish {run_dir}: its {attack_main.MODELS_FILE} is unreadable ({exc}), so the model "
+                          "files the run used are unknown; run attack.py for a new run") from None
+    changed = sorted(k for k in set(then) & set(now) if k not in UNCHECKED_MODELS and then[k] != now[k])
+    if changed:
+        raise ConfigError(f"refinish {run_dir}: the {', '.join(changed)} model files changed since this run was made "
+                          f"(retrained or replaced in place; its {attack_main.MODELS_FILE} records their SHA-256), so "
+                          "its saved images would be finished (and the server's view rebuilt) with other models than "
+                          "the attack used; put the original files back, or run attack.py for a new run")
+
+
 def refinish(run_dir: Path, overrides: list[str]) -> Path:
     """Refinish ``run_dir`` with the config overrides ``overrides`` (attack.py argument syntax); returns the new
-    run directory. See the module docstring."""
+    run directory. See the module docstring. Before any output the model files are checked against the run's
+    ``models.json`` (:func:`check_models`: a changed victim or prior is refused; no ``models.json``: a warning), and
+    the new directory gets a ``models.json`` of the files this refinish used."""
     from lightning_modules.user_level_inversion import UserLevelInversion
 
     run_dir = Path(run_dir)
@@ -151,6 +193,8 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
         raise ConfigError(f"{run_dir}: results.csv has no finished user")
 
     init, source, victim, attack_cls, attack_kwargs, prior, evaluator = attack_main.prepare(parser, cfg)
+    fingerprints = attack_main.model_fingerprints(init, prior is not None)  # as attack.run records them
+    check_models(run_dir, fingerprints)
     if not attack_main.user_defenses(init.threat, 0).reproducible:
         raise ConfigError(f"{run_dir} used a stochastic defense without a seed: its noise came from the global RNG and "
                           "cannot be redrawn, so the server's view cannot be rebuilt; refinish works on runs whose "
@@ -205,6 +249,7 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
     # the effective attack seed, as attack.py records it: a refinished --seed run can be refinished again
     attack_main.atomic_write_text(out_dir / attack_main.ATTACK_SEED_FILE, f"{attack_kwargs['seed']}\n")
     attack_main.atomic_write_text(out_dir / attack_main.DEFENSE_SEEDS_FILE, attack_main.DEFENSE_SEEDS_SCHEME + "\n")
+    attack_main.atomic_write_text(out_dir / attack_main.MODELS_FILE, json.dumps(fingerprints, indent=1) + "\n")
     logger = attack_main.make_logger(cfg, out_dir, new)
     print(f"[refinish] {run_dir} -> {out_dir} ({len(plan)} users; changed: {changed or 'nothing'})", flush=True)
     rows, grids, status = [], {}, "running"
