@@ -1218,7 +1218,7 @@ def start_distributed(cfg: Namespace, trainer_kwargs: dict):
 def check_run_args(cfg: Namespace) -> None:
     """The top-level run settings' ranges, checked by :func:`prepare` (so also by sweep.py's pre-check of every cell
     and by refinish): ``--seed`` in Lightning's ``seed_everything`` range, ``--checkpoint_every`` >= 0, and
-    ``output.name`` one plain folder name.
+    ``output.name`` one plain folder name (not checked with ``--resume``, which makes no new directory).
 
     Raises:
         ConfigError: naming the key, its value and the allowed values.
@@ -1229,7 +1229,7 @@ def check_run_args(cfg: Namespace) -> None:
     if int(cfg.get("checkpoint_every") or 0) < 0:
         raise ConfigError(f"--checkpoint_every must be >= 0 (0: no mid-user checkpoints), got {cfg.checkpoint_every}")
     output = cfg.get("output")
-    if output is not None:
+    if output is not None and not cfg.get("resume"):  # a resume makes no directory (names of older runs are kept)
         try:
             check_run_name(output.get("name") or "")
         except ValueError as exc:

@@ -650,8 +650,8 @@ def _stat_signature(path: Path) -> tuple:
     """The inode, mtime and size of a model file, or of every file under a model folder (no hashing): any rewrite,
     replacement, addition or removal changes it. A path that does not exist (a hub id) gives ``()``."""
     def stat(f: Path) -> tuple:
-        st = f.stat()
-        return st.st_ino, st.st_mtime_ns, st.st_size
+        st = f.stat()  # ctime too: an in-place copy that keeps mtime and size (cp -p, rsync --inplace) changes it
+        return st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size
 
     try:
         if path.is_file():

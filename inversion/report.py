@@ -90,6 +90,7 @@ import numpy as np
 import pandas as pd
 
 from inversion.defenses import STRENGTH_KEYS
+from inversion.cli import mark_raised_during_work
 from inversion.fsutils import atomic_write_bytes, find_input_path, publish_dir
 
 __all__ = ["GROUP_KEYS", "DuplicateUserError", "aggregate", "aggregate_privacy", "build_report", "changed_count",
@@ -496,13 +497,19 @@ def drop_duplicate_users(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     all kept, and rows whose run's config does not say which users and seeds it ran (measurement_key None) are
     never dropped.
 
+    ``df.attrs["pool_run_names"]`` true (:func:`build_report`'s ``pool_run_names``): the run name is left out of
+    the key, as it is out of the table's keys, so one user's measurement in two differently named runs (two sweep
+    cells that differ only in num_users or execution settings) counts once.
+
     Returns:
         ``(frame without the duplicates, attrs kept; one message per (dropped run, kept run))``.
     """
     if "measurement_key" not in df or "user_key" not in df or not df["measurement_key"].notna().any():
         return df, []
     known = df[df["measurement_key"].notna()]
-    cols = ["measurement_key", "user_key"] + [c for c in DUPLICATE_ROW_KEYS if c in df]
+    pool_names = bool(df.attrs.get("pool_run_names"))  # names are no table key then: not a measurement's either
+    cols = ["measurement_key", "user_key"] + [c for c in DUPLICATE_ROW_KEYS if c in df
+                                              and not (pool_names and c == "run_name")]
     key = known[cols].astype(object).where(known[cols].notna(), "nan").astype(str).agg("\x1f".join, axis=1)
     ages = {r: _run_age(Path(r)) for r in known["run_dir"].unique()}
     order = sorted(ages, key=lambda r: ages[r])
@@ -577,8 +584,9 @@ def group_keys(df: pd.DataFrame) -> list[str]:
     5-step and a 60-step run, or two refinished ablations, are two rows), or exactly the variant keys chosen with
     ``df.attrs["variant_keys"]`` (``--variants``; e.g. ``final_stage`` alone pools runs of different names that share
     a final stage). ``df.attrs["pool_run_names"]`` true (sweep.py's report: its run names are cell slugs, so a seed
-    or first_user axis of the grid would split every row per cell): ``run_name`` is never a key; runs of other
-    configs stay apart through ``setting``."""
+    or first_user axis of the grid would split every row per cell): ``run_name`` is a key only as a label, when the
+    names split rows and every setting has one name (an ablation sweep: attack=no_prior ...); runs of one setting
+    under several names pool, and runs of other configs stay apart through ``setting``."""
     keys = list(GROUP_KEYS)
     chosen = df.attrs.get("variant_keys")
     pool_names = bool(df.attrs.get("pool_run_names"))
@@ -593,8 +601,10 @@ def group_keys(df: pd.DataFrame) -> list[str]:
         elif k == "final_stage":  # only the user-level attack has one: it varies when it does within a method
             if k in df and df.groupby("method")[k].nunique(dropna=False).max() > 1:
                 keys.append(k)
-        elif k == "run_name" and pool_names:
-            continue
+        elif k == "run_name" and pool_names:  # a label only: when every setting has one name (ablation cells)
+            if ("setting" in df and _splits(df, keys, k) and not _splits(df, keys + ["setting"], k)
+                    and df["setting"].notna().all()):
+                keys.append(k)
         elif k in ("run_name", "setting"):  # only when it splits rows that every other key leaves together (a
             # run name that only restates B, e.g. B10_ig / B50_ig, would cut the B series into one-point lines)
             if _splits(df, keys, k):
@@ -1354,7 +1364,17 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, users_per_
         if bad:
             raise UnknownVariantError(f"unknown variant key(s) {bad}: choose from {VARIANT_KEYS}")
     run_dirs = [Path(d) for d in run_dirs]
-    loaded = load_runs(run_dirs)
+    loaded = load_runs(run_dirs)  # its errors (no results.csv, missing columns) are the report's bad input
+    try:
+        return _build_report(run_dirs, loaded, out_dir, users_per_group, use_wandb, wandb_project, variants,
+                             pool_run_names)
+    except (ValueError, FileNotFoundError) as exc:  # from pandas / matplotlib / aggregation: a failure to debug
+        raise mark_raised_during_work(exc)
+
+
+def _build_report(run_dirs: list[Path], loaded: pd.DataFrame, out_dir, users_per_group, use_wandb, wandb_project,
+                  variants, pool_run_names) -> Path:
+    loaded.attrs["pool_run_names"] = pool_run_names  # before the duplicates are found (drop_duplicate_users)
     notes = run_notes(run_dirs, loaded)
     df, duplicates = drop_duplicate_users(loaded)
     notes += duplicates

@@ -29,7 +29,8 @@ config.yaml (the merged config), results.csv (attack.py's columns; ``steps``, ``
 are the original run's optimisation; plus ``final_candidate``, ``refinish_seconds``, ``refinish_source``,
 ``refinished_from``), summary.json, attack_seed.txt (the attack's effective seed, as attack.py writes it, so the new
 directory can be refinished again under ``--seed``), defense_seeds.txt, models.json (the fingerprints of the model
-files this refinish used, as attack.py records them, so the new directory can be checked and refinished again) and
+files this refinish used, as attack.py records them, so the new directory can be checked and refinished again; not
+written when RUN_DIR has none: the models its images came from are unknown) and
 per-user images including raw.pt; every file written to a temporary file and renamed.
 
 Raises (as one ConfigError before any output): RUN_DIR is not a finished attack.py run of the user-level attack; an
@@ -130,13 +131,17 @@ def load_raw(udir: Path, image_shape: tuple[int, int, int]) -> tuple[torch.Tenso
 UNCHECKED_MODELS = ("evaluator",)
 
 
-def check_models(run_dir: Path, now: dict[str, str]) -> None:
+def check_models(run_dir: Path, now: dict[str, str]) -> bool:
     """Refuse to refinish ``run_dir`` when a model it was attacked with, that this refinish uses too, has changed on
     disk since: its ``models.json`` against ``now`` (:func:`attack.model_fingerprints` of this refinish's config),
     as ``attack.py --resume`` compares them (:func:`attack.check_model_fingerprints`), but only for the roles both
     record (a prior the refinish does not use, or the run did not use, is no mismatch) and without
     :data:`UNCHECKED_MODELS` (another evaluator is a refinish setting). A run directory made before ``models.json``
     existed is not checked: a warning on stderr says so.
+
+    Returns:
+        True when the run's models.json was compared; False when it has none (then the refinished directory gets
+        none either: the models its raw images came from are unknown, so they cannot be vouched for later).
 
     Raises:
         ConfigError: naming the changed model(s) and what to do.
@@ -145,8 +150,9 @@ def check_models(run_dir: Path, now: dict[str, str]) -> None:
     if not f.is_file():
         print(f"[refinish] warning: {run_dir} has no {attack_main.MODELS_FILE} (made before attack.py recorded its "
               f"model files): cannot check that the victim and prior are still the files the run used; a victim or "
-              f"prior retrained since would be used silently", file=sys.stderr, flush=True)
-        return
+              f"prior retrained since would be used silently; the refinished directory gets no "
+              f"{attack_main.MODELS_FILE} either", file=sys.stderr, flush=True)
+        return False
     try:
         then = json.loads(f.read_text())
         if not isinstance(then, dict):
@@ -160,13 +166,14 @@ def check_models(run_dir: Path, now: dict[str, str]) -> None:
                           f"(retrained or replaced in place; its {attack_main.MODELS_FILE} records their SHA-256), so "
                           "its saved images would be finished (and the server's view rebuilt) with other models than "
                           "the attack used; put the original files back, or run attack.py for a new run")
+    return True
 
 
 def refinish(run_dir: Path, overrides: list[str]) -> Path:
     """Refinish ``run_dir`` with the config overrides ``overrides`` (attack.py argument syntax); returns the new
     run directory. See the module docstring. Before any output the model files are checked against the run's
     ``models.json`` (:func:`check_models`: a changed victim or prior is refused; no ``models.json``: a warning), and
-    the new directory gets a ``models.json`` of the files this refinish used."""
+    the new directory gets a ``models.json`` of the files this refinish used (only when the run had one)."""
     from lightning_modules.user_level_inversion import UserLevelInversion
 
     run_dir = Path(run_dir)
@@ -194,7 +201,7 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
 
     init, source, victim, attack_cls, attack_kwargs, prior, evaluator = attack_main.prepare(parser, cfg)
     fingerprints = attack_main.model_fingerprints(init, prior is not None)  # as attack.run records them
-    check_models(run_dir, fingerprints)
+    checked = check_models(run_dir, fingerprints)
     if not attack_main.user_defenses(init.threat, 0).reproducible:
         raise ConfigError(f"{run_dir} used a stochastic defense without a seed: its noise came from the global RNG and "
                           "cannot be redrawn, so the server's view cannot be rebuilt; refinish works on runs whose "
@@ -249,7 +256,8 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
     # the effective attack seed, as attack.py records it: a refinished --seed run can be refinished again
     attack_main.atomic_write_text(out_dir / attack_main.ATTACK_SEED_FILE, f"{attack_kwargs['seed']}\n")
     attack_main.atomic_write_text(out_dir / attack_main.DEFENSE_SEEDS_FILE, attack_main.DEFENSE_SEEDS_SCHEME + "\n")
-    attack_main.atomic_write_text(out_dir / attack_main.MODELS_FILE, json.dumps(fingerprints, indent=1) + "\n")
+    if checked:  # an unchecked run's images came from unknown models: its refinish vouches for none either
+        attack_main.atomic_write_text(out_dir / attack_main.MODELS_FILE, json.dumps(fingerprints, indent=1) + "\n")
     logger = attack_main.make_logger(cfg, out_dir, new)
     print(f"[refinish] {run_dir} -> {out_dir} ({len(plan)} users; changed: {changed or 'nothing'})", flush=True)
     rows, grids, status = [], {}, "running"

@@ -91,3 +91,35 @@ def test_report_module_on_a_folder_without_results_is_one_error_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("python -m inversion.report: error: ") and "Traceback" not in proc.stderr
     assert "results.csv" in proc.stderr and not (tmp_path / "rep").exists()
+
+
+def test_a_resume_keeps_an_older_runs_output_name():
+    """A resume makes no directory: a run made when output.name 'sub/x' was accepted must stay resumable."""
+    parser = attack.build_parser()
+    cfg = parser.parse_args(["--config", str(ROOT / "configs" / "attack" / "fashion_mnist.yaml"),
+                             "--output.name", "sub/x"])
+    with pytest.raises(attack.ConfigError, match="plain folder name"):
+        attack.check_run_args(cfg)
+    cfg.resume = "runs/sub/x-20261201-000000-aaaaaa"
+    attack.check_run_args(cfg)
+
+
+def test_a_value_error_while_building_a_report_keeps_its_traceback(tmp_path, monkeypatch):
+    """Only load_runs' errors (no results.csv, missing columns) are the report's bad input; a ValueError from the
+    aggregation or plotting printed as one 'error:' line, hiding where it came from."""
+    import pandas as pd
+
+    from inversion import report
+
+    run = tmp_path / "r-20261201-000000-aaaaaa"
+    run.mkdir()
+    pd.DataFrame({"user": [0], "method": "UserLevelInversion", "B": 10, "dominant_class": 0,
+                  "evaluator_correct": True, "psnr_nearest": 10.0}).to_csv(run / "results.csv", index=False)
+
+    def broken(*args, **kwargs):
+        raise ValueError("cannot reindex on an axis with duplicate labels")
+
+    monkeypatch.setattr(report, "aggregate", broken)
+    with pytest.raises(ValueError, match="duplicate labels"):
+        run_main(lambda: report.main([str(run), "--out", str(tmp_path / "rep")]), "python -m inversion.report")
+    assert not (tmp_path / "rep").exists()

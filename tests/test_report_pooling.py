@@ -263,3 +263,18 @@ def test_sweep_reports_pool_cells_that_differ_only_in_seed_or_user_range(tmp_pat
     seeds = rows["attack.init_args.steps=200"]  # both seeds' rows of users 0 and 1: 2 users, 4 measurements
     assert seeds.n_users == 2 and seeds.psnr_nearest_avg == pytest.approx(13.0)
     assert rows["attack.init_args.steps=5"].n_users == 1 and rows["attack.init_args.steps=5"].psnr_nearest_avg == 30.0
+    # one name per setting (an ablation sweep's cells): the names stay as the rows' labels
+    abl = pd.read_csv(report.build_report([s0, other], tmp_path / "abl", pool_run_names=True) / "summary.csv")
+    assert list(abl["run_name"]) == ["seed=0", "steps=5"] and list(abl["n_users"]) == [2, 1]
+
+
+def test_pooled_cell_names_count_a_shared_user_once(tmp_path, base_config):
+    """With pool_run_names the run name was still part of a measurement's identity: two cells that differ only in
+    num_users (users 0-1 and 0-3, same seeds) were one row with users 0 and 1 counted twice (PSNR mean 19.0)."""
+    a = _run(tmp_path, _edit(base_config, output__name="num_users=2", users__init_args__num_users=2),
+             "20261201-100000", {0: 10.0, 1: 12.0})
+    b = _run(tmp_path, _edit(base_config, output__name="num_users=4", users__init_args__num_users=4),
+             "20261201-110000", {0: 20.0, 1: 22.0, 2: 24.0, 3: 26.0})
+    s = pd.read_csv(report.build_report([a, b], tmp_path / "rep", pool_run_names=True) / "summary.csv")
+    assert len(s) == 1 and s["n_users"].iloc[0] == 4
+    assert s["psnr_nearest_avg"].iloc[0] == pytest.approx(23.0)  # the newer cell's rows of users 0 and 1

@@ -298,8 +298,25 @@ def test_refinish_records_its_models_allows_another_evaluator_and_warns_without_
     assert json.loads((out3 / "summary.json").read_text())["status"] == "finished"
     err = capsys.readouterr().err
     assert f"[refinish] warning: {run} has no models.json" in err and "cannot check" in err
-    # the refinished directory is checked in turn: its prior is the current one, its victim too
-    assert rf.main([str(out3), "--logger.backend", "none", "--output.name", "again"]).is_dir()
+    # unchecked in, unchecked out: no models.json that would vouch for models the raw images may not come from
+    assert not (out3 / "models.json").exists() and "gets no models.json either" in err
+    # a checked refinish is checked in turn when refinished again
     retrain(assets, "victim")
-    with pytest.raises(attack.ConfigError, match="the victim model files changed"):
-        rf.main([str(out3), "--logger.backend", "none"])
+    with pytest.raises(attack.ConfigError, match="the prior, victim model files changed"):
+        rf.main([str(out), "--logger.backend", "none", "--output.name", "again"])
+
+
+def test_the_stat_signature_sees_an_in_place_copy_that_keeps_mtime_and_size(tmp_path):
+    """cp -p / rsync --inplace rewrite a model with its old mtime and size: the cached fingerprint stayed."""
+    import os
+
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"a" * 64)
+    st = f.stat()
+    before = sweep._stat_signature(f)
+    time.sleep(0.02)
+    with open(f, "r+b") as fh:  # same inode, same size
+        fh.write(b"b" * 64)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime put back
+    assert f.stat().st_mtime_ns == st.st_mtime_ns and f.stat().st_size == st.st_size
+    assert sweep._stat_signature(f) != before
