@@ -653,6 +653,16 @@ def _metric_value(key: str, value: Any) -> Any:
     return float(f"{v:.6g}") if math.isfinite(v) else v
 
 
+def dominant_classes(user: User) -> torch.Tensor:
+    """The classes that hold the most images of ``user``'s batch: int64 (k,), k > 1 when several tie (a Dirichlet
+    mix: at alpha 1 and B = 10 about a third of the users; a 5/5 attribute split). ``user.dominant_class`` is one
+    of them (the data sources break ties by the designed class or the lowest id); a reading of any of them is
+    correct, since none is more the user's class than the others."""
+    hist = user.label_histogram
+    tops = (hist == hist.max()).nonzero().flatten()
+    return tops if int(user.dominant_class) in tops.tolist() else torch.tensor([int(user.dominant_class)])
+
+
 def evaluate(result: AttackResult, user: User, evaluator, lpips: bool, victim=None) -> dict[str, Any]:
     """Compare the reconstruction with the user's ground truth (this is the only place the private batch is used).
 
@@ -666,18 +676,26 @@ def evaluate(result: AttackResult, user: User, evaluator, lpips: bool, victim=No
 
     Label-free users (``user.meta['label_free']``: folder users with ``label_mode='zeros'``, whose labels are
     placeholders) get the evaluator's and the victim's class and probability but no ``*_correct``,
-    ``*_prob_of_dominant`` or top-k overlap: there is no class to be right about (they were scored against 0)."""
+    ``*_prob_of_dominant`` or top-k overlap: there is no class to be right about (they were scored against 0).
+
+    A batch whose top count is shared by several classes (:func:`dominant_classes`) counts a reading of any of
+    them as correct (``*_correct``, the candidates' and the baselines' shares); ``*_prob_of_dominant`` is the
+    probability of ``dominant_class``, the one results.csv names."""
     from inversion.metrics import image_metrics
 
     final = result.denoised if result.denoised is not None else result.representative
     row: dict[str, Any] = {}
     scored = not (isinstance(user.meta, dict) and user.meta.get("label_free"))
+    tops = dominant_classes(user).tolist() if scored else []
+
+    def correct(cls) -> int:
+        return int(int(cls) in tops)
     if victim is not None:
         with torch.no_grad():
             vp = F.softmax(victim(final.float().to(next(victim.parameters()).device)), dim=1)[0].cpu()
         row.update(victim_class=int(vp.argmax()))
         if scored:
-            row.update(victim_correct=int(int(vp.argmax()) == user.dominant_class),
+            row.update(victim_correct=correct(vp.argmax()),
                        victim_prob_of_dominant=round(float(vp[user.dominant_class]), 4))
     if evaluator is not None:
         with torch.no_grad():
@@ -687,16 +705,16 @@ def evaluate(result: AttackResult, user: User, evaluator, lpips: bool, victim=No
                    evaluator_class_raw=int(probs_raw.argmax()))
         if scored:
             row.update(
-                evaluator_correct=int(int(probs.argmax()) == user.dominant_class),
+                evaluator_correct=correct(probs.argmax()),
                 evaluator_prob_of_dominant=round(float(probs[user.dominant_class]), 4),
-                evaluator_correct_raw=int(int(probs_raw.argmax()) == user.dominant_class),
+                evaluator_correct_raw=correct(probs_raw.argmax()),
                 evaluator_topk_overlap=round(topk_overlap(probs, user.label_histogram), 4),
             )
         cands = result.extras.get("candidates")
         if cands is not None and scored:  # final candidate selection: were the proposals or the server's choice the limit?
             with torch.no_grad():
                 cand_cls = F.softmax(evaluator(cands.float()), dim=1).argmax(1)
-            row["evaluator_candidates_correct"] = int((cand_cls == user.dominant_class).sum())
+            row["evaluator_candidates_correct"] = sum(correct(c) for c in cand_cls)
             row["evaluator_any_candidate_correct"] = int(row["evaluator_candidates_correct"] > 0)
     metrics = image_metrics(final, user.images, lpips=lpips)
     row.update({k: _metric_value(k, v) for k, v in metrics.items()})
@@ -709,10 +727,10 @@ def evaluate(result: AttackResult, user: User, evaluator, lpips: bool, victim=No
             if k.endswith("_nearest"):
                 vals = [p[k] for p in per if math.isfinite(p[k])]
                 row[f"all_{k}_mean"] = _metric_value(k, sum(vals) / len(vals)) if vals else float("nan")
-        if evaluator is not None:
+        if evaluator is not None and scored:
             with torch.no_grad():
                 cls = F.softmax(evaluator(recs.float()), dim=1).argmax(1)
-            row["all_evaluator_dominant_share"] = round(float((cls == user.dominant_class).float().mean()), 4)
+            row["all_evaluator_dominant_share"] = round(sum(correct(c) for c in cls) / len(cls), 4)
     return row
 
 

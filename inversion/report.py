@@ -16,7 +16,7 @@ in a temporary folder next to it and renamed into place at the end:
 * ``summary.csv``: per (method, B): ``n_users`` (distinct users), ``evaluator_accuracy`` (mean of
   ``evaluator_correct``) with its 95% Wilson interval ``evaluator_accuracy_ci_low`` / ``_ci_high`` (over users; empty
   when a user has several rows, e.g. several seeds), ``label_accuracy`` (mean of ``inferred_dominant ==
-  dominant_class``), and for each numeric
+  dominant_class``, or of the inferred class holding a top count tied with it in ``true_histogram``), and for each numeric
   metric column ``M``: ``M_avg`` (mean over users), ``M_std`` (sample std over users, ddof 1; empty for one user) and
   ``M_n`` (users with a value). Runs of the same user under other ``--seed`` values are repeated measurements: each
   is a row (means, stds and ``M_n`` are over rows), the user counts once in ``n_users``, and an ``n_rows`` column
@@ -729,6 +729,16 @@ def wilson_interval(successes: int, trials: int, confidence: float = 0.95) -> tu
     return float(ci.low), float(ci.high)
 
 
+def _tied_top(histogram, cls) -> bool:
+    """Whether class ``cls`` holds the top count of a results.csv ``true_histogram`` ('n_0 n_1 ...'); False for a
+    missing or unreadable histogram."""
+    try:
+        counts = [int(float(v)) for v in str(histogram).split()]
+        return bool(counts) and 0 <= int(cls) < len(counts) and counts[int(cls)] == max(counts)
+    except (TypeError, ValueError):
+        return False
+
+
 def aggregate(df: pd.DataFrame, keys: Optional[Sequence[str]] = None, metrics: Optional[Sequence[str]] = None) -> pd.DataFrame:
     """Per group (default :func:`group_keys`: method, B and what the runs differ in): n_users, evaluator/label
     accuracy and avg/std/n over rows of every metric column (or of ``metrics``).
@@ -758,8 +768,11 @@ def aggregate(df: pd.DataFrame, keys: Optional[Sequence[str]] = None, metrics: O
             row["evaluator_accuracy_ci_low"], row["evaluator_accuracy_ci_high"] = low, high
         if "dominant_class" in g and "inferred_dominant" in g:
             both = g[["dominant_class", "inferred_dominant"]].dropna()
-            row["label_accuracy"] = (float((both["dominant_class"] == both["inferred_dominant"]).mean())
-                                     if len(both) else math.nan)
+            hits = both["dominant_class"] == both["inferred_dominant"]
+            if "true_histogram" in g:  # a class tied for the top count is as right as the one results.csv names
+                tied = [_tied_top(h, c) for h, c in zip(g.loc[both.index, "true_histogram"], both["inferred_dominant"])]
+                hits = hits | pd.Series(tied, index=both.index, dtype=bool)
+            row["label_accuracy"] = float(hits.mean()) if len(both) else math.nan
         for m in metrics:
             v = g[m].astype(float)
             v = v[np.isfinite(v)]
@@ -1291,7 +1304,7 @@ def write_markdown(path: Path, df: pd.DataFrame, summary: pd.DataFrame, run_dirs
               "measurable value; empty = nothing measurable. `evaluator_accuracy` = mean of `evaluator_correct`; "
               "[low, high] = its 95% Wilson interval over users (`evaluator_accuracy_ci_low/high` in the CSV; none "
               "when a user has several rows); "
-              "`label_accuracy` = mean of `inferred_dominant == dominant_class`. PSNR in dB (data range 1), "
+              "`label_accuracy` = mean of `inferred_dominant == dominant_class` (or a class tied with it for the top count). PSNR in dB (data range 1), "
               "MSE on pixels in [0, 1], LPIPS = AlexNet v0.1.")
     if any("n_rows" in t for t in tables):
         legend += (" `users` counts distinct users, `rows` the rows averaged: a user attacked under several `--seed` "

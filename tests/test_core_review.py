@@ -78,3 +78,47 @@ def test_sign_strategy_marks_at_most_b_classes_present_the_most_negative():
     # within B: unchanged (every negative class present, the images split evenly)
     res = infer_labels(_bias_gradient([-0.1, -0.3, 0.2, 0.3]), num_classes=4, batch_size=4, strategy="sign")
     assert res.present.tolist() == [True, True, False, False] and res.counts.tolist() == [2.0, 2.0, 0.0, 0.0]
+
+
+def _fixed_evaluator(cls: int, num_classes: int = 4):
+    def evaluator(x):
+        logits = torch.zeros(len(x), num_classes)
+        logits[:, cls] = 10.0
+        return logits
+    return evaluator
+
+
+def test_a_reading_of_a_class_tied_for_the_top_count_is_correct():
+    """A Dirichlet user with 2 images of class 1 and 2 of class 3 has dominant_class 1 (the lowest id): an image the
+    evaluator read as class 3 was scored wrong, though the batch holds as many of 3 as of 1."""
+    import attack
+    from datamodules.users import User
+    from inversion.label_inference import LabelInference
+
+    user = User(0, torch.rand(5, 1, 8, 8), torch.tensor([1, 3, 1, 3, 0]), 4, 1)
+    assert attack.dominant_classes(user).tolist() == [1, 3]
+    img = torch.rand(1, 1, 8, 8)
+    labels = LabelInference(counts=torch.tensor([1.0, 2, 0, 2]), present=torch.tensor([True, True, False, True]),
+                            dominant=3, strategy="known")
+    many = torch.rand(4, 1, 8, 8)
+    result = attack.AttackResult(representative=img, reconstructions=many, denoised=None, labels=labels, steps=1)
+    for cls, right in ((3, 1), (1, 1), (0, 0)):
+        row = attack.evaluate(result, user, _fixed_evaluator(cls), lpips=False)
+        assert row["evaluator_correct"] == right and row["evaluator_correct_raw"] == right
+        assert row["all_evaluator_dominant_share"] == float(right)
+    # a unique top count: only that class
+    single = User(0, torch.rand(3, 1, 8, 8), torch.tensor([2, 2, 1]), 4, 2)
+    assert attack.dominant_classes(single).tolist() == [2]
+    assert attack.evaluate(result, single, _fixed_evaluator(1), lpips=False)["evaluator_correct"] == 0
+
+
+def test_report_label_accuracy_counts_an_inferred_class_tied_for_the_top():
+    import pandas as pd
+
+    from inversion import report
+
+    df = pd.DataFrame({"method": "UserLevelInversion", "B": 4, "user": [0, 1, 2],
+                       "dominant_class": [1, 1, 2], "inferred_dominant": [3, 0, 2],
+                       "true_histogram": ["0 2 0 2", "1 2 0 1", "0 0 4 0"], "evaluator_correct": [1, 0, 1]})
+    s = report.aggregate(df)
+    assert s["label_accuracy"].iloc[0] == pytest.approx(2 / 3)  # user 0: class 3 ties with 1; user 1: 0 does not
