@@ -433,6 +433,18 @@ class SaveLastAtTrainEnd(Callback):
                 cb._save_last_checkpoint(trainer, cb._monitor_candidates(trainer))
 
 
+class MarkTrainingStarted(Callback):
+    """Records that this process ran a training step (train.py adds it to every Trainer): an exception after that is
+    a failure of the run, not bad input, so :func:`main` marks it (:func:`inversion.cli.mark_raised_during_work`)
+    and ``run_main`` shows its traceback even for a ValueError. Errors before the first step (config checks,
+    ExportModel's fit-start probe, a checkpoint that does not fit) stay one ``error:`` line."""
+
+    stepped = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.stepped = True
+
+
 class SaveRunConfig(SaveConfigCallback):
     """Saves the config as given (paths before re-rooting) into the run directory on rank 0 at fit start (after the
     other callbacks' start checks and the weights' restore; Lightning restores the optimiser and loop state after
@@ -625,7 +637,8 @@ def main(args=None) -> None:
         args=args,
         seed_everything_default=0,
         save_config_callback=SaveRunConfig,
-        trainer_defaults={"callbacks": [SaveLastAtTrainEnd()]},  # appended to the config's (not parsed or saved)
+        # appended to the config's (not parsed or saved)
+        trainer_defaults={"callbacks": [SaveLastAtTrainEnd(), MarkTrainingStarted()]},
         parser_kwargs={"default_env": False},
     )
     try:
@@ -638,8 +651,12 @@ def main(args=None) -> None:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resolved_ckpt_path)
         if cli.config.get("test_after_fit") and type(cli.model).test_step is not LightningModule.test_step:
             cli.trainer.test(cli.model, datamodule=cli.datamodule)
-    except BaseException:
+    except BaseException as exc:
         cli.discard_empty_run_dir()
+        if any(isinstance(cb, MarkTrainingStarted) and cb.stepped for cb in cli.trainer.callbacks):
+            from inversion.cli import mark_raised_during_work
+
+            mark_raised_during_work(exc)  # a ValueError from step N is a crash to debug: keep its traceback
         raise
     finally:
         if _process_rank() == 0:

@@ -123,3 +123,31 @@ def test_a_value_error_while_building_a_report_keeps_its_traceback(tmp_path, mon
     with pytest.raises(ValueError, match="duplicate labels"):
         run_main(lambda: report.main([str(run), "--out", str(tmp_path / "rep")]), "python -m inversion.report")
     assert not (tmp_path / "rep").exists()
+
+
+@pytest.mark.slow
+def test_train_a_value_error_after_the_first_step_keeps_its_traceback(tmp_path, monkeypatch, capsys):
+    """train.py: a ValueError from step 2 of a fit printed as 'train.py: error: ...' (status 2, no traceback), like
+    a config mistake; errors before the first step stay one line."""
+    import train
+    from lightning_modules.classifier import ImageClassifier
+    from tests.helpers import write_fake_fmnist
+    from tests.test_train_runs import _config
+
+    data = tmp_path / "fmnist"
+    data.mkdir()
+    cfg = _config(tmp_path, write_fake_fmnist(data), tmp_path / "root")
+    original = ImageClassifier.training_step
+
+    def step(self, batch, batch_idx):
+        if self.global_step >= 1:
+            raise ValueError("Expected input batch_size (8) to match target batch_size (7)")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(ImageClassifier, "training_step", step)
+    with pytest.raises(ValueError, match="to match target batch_size"):
+        run_main(lambda: train.main(["--config", str(cfg)]), "train.py")
+    assert "train.py: error:" not in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # before any step: still one line
+        run_main(lambda: train.main(["--config", str(cfg), "--ckpt_path", str(tmp_path / "missing.ckpt")]), "train.py")
+    assert exc.value.code == 2 and "train.py: error:" in capsys.readouterr().err
