@@ -9,7 +9,10 @@ when present, else a random diffusers UNet2DModel (block_out_channels (32, 64, 6
    settings of 3. computes its own image gradient for one user: dummy gradient with create_graph, window weighted
    matching loss, its image gradient, ``DiffusionPrior.prior_loss`` and its gradient, dynamic clipping; then Adam and
    the box) with target gradients of B = 10, 50, 100 images. B only enters the (one-off) target computation, so the
-   step time should not depend on it: target t(B_max) / t(B_min) <= 1.05. This isolates the step's own cost.
+   step time should not depend on it: target t(B_max) / t(B_min) <= 1.05. This isolates the step's own cost. The
+   "target grad s" column is the client's FedSGD gradient at B (``make_server_view``), timed after one untimed
+   victim forward/backward, so the process's start-up cost (cuDNN/cuBLAS handles, kernel loading, allocator growth)
+   does not land in whichever B runs first.
 2. Inverting Gradients' step at the same B (B reconstructions, 1 restart: batched dummy gradient over B images,
    ``cosine_gradient_distance`` + ``total_variation``, signed Adam, box).
 3. Users per hour through the product's code path: for each U in ``--users`` (and U = 1, the one-at-a-time
@@ -27,9 +30,17 @@ when present, else a random diffusers UNet2DModel (block_out_channels (32, 64, 6
    overhead).
 4. Achieved FLOP/s (``torch.utils.flop_counter.FlopCounterMode``: matmul/conv/attention FLOPs only, elementwise ops
    are not counted) of one ``UserLevelInversion`` training step (the warm-up step of 3.'s fit, counted by the same
-   callback) at U = 1 and at the largest U, against a measured peak (CPU: a 2048^2 float32 matmul with the current
-   threads; CUDA: an 8192^2 bf16 matmul).
-5. Peak memory: CUDA ``max_memory_allocated`` per measurement; CPU the process's ``ru_maxrss`` (monotone).
+   callback) at U = 1 and at the largest U, against a measured peak in the precision the steps run in (``32-true``,
+   as attack.py: float32 with TF32 off, so on CUDA the FP32 peak, not the tensor cores' TF32/bf16 one): a float32
+   matmul, 2048^2 on the CPU with the current threads, 8192^2 on CUDA with TF32 off.
+5. Peak memory. CUDA: each measurement's own peak, ``max_memory_allocated`` during it minus ``memory_allocated`` at
+   its start (taken after ``gc.collect`` and ``empty_cache``; earlier B's target gradients and steps are released as
+   soon as they are no longer needed). What was allocated before the measurement began is not counted: the models,
+   the measurement's inputs (its users' target gradients, one victim-sized copy per user) and any objects of earlier
+   measurements still alive (the user-level steps of 1. are all alive together, they are timed interleaved), so a
+   figure does not depend on which measurements ran before it. The overall figure is the models plus the heaviest
+   measurement on its own (its own peak plus its inputs' target gradients). CPU: only the process's ``ru_maxrss``
+   (monotone), no per-measurement figures.
 
 Times are medians over ``--steps`` timed steps after ``--warmup`` (default 1) warm-up steps; the user-level steps of
 the different B are timed interleaved (one step of each B per round, the starting B rotating from round to round)
@@ -45,6 +56,7 @@ Usage: python scripts/benchmark.py [--device cuda] [--steps N] [--image-size S] 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -77,6 +89,7 @@ VICTIM_DIR = ROOT / "checkpoints" / "fashion_mnist" / "victim_resnet18"
 PRIOR_DIR = ROOT / "checkpoints" / "fashion_mnist" / "ddpm_32"
 ATTACK_CONFIG = ROOT / "configs" / "attack" / "fashion_mnist.yaml"  # section 3 takes its attack settings from here
 NUM_CLASSES = 10
+PRECISION = "32-true"  # the precision of every measured step (Trainer of 3.; attack.full_float32 for the whole run)
 
 
 # ------------------------------------------------------------------------------------------------------ utilities
@@ -99,15 +112,38 @@ def time_steps(fn: Callable[[], None], steps: int, device: torch.device, warmup:
     return out
 
 
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+def tracks_memory(device: torch.device) -> bool:
+    """Whether per-measurement memory is known: CUDA's allocator statistics (the CPU has only ru_maxrss)."""
+    return device.type == "cuda"
 
 
-def section_peak_mib(device: torch.device) -> Optional[float]:
-    """A measurement's own peak: CUDA max_memory_allocated since the last reset; None on the CPU, where only the
-    process's lifetime peak is known (it never falls, so per-B columns would show earlier sections' peaks)."""
-    return peak_mib(device) if device.type == "cuda" else None
+def allocated_mib(device: torch.device) -> float:
+    """Memory allocated now (CUDA memory_allocated), MiB; 0 where not tracked."""
+    return torch.cuda.memory_allocated(device) / 2**20 if tracks_memory(device) else 0.0
+
+
+def reset_peak(device: torch.device) -> int:
+    """Start a memory measurement: free what is no longer referenced (gc.collect, empty_cache), reset CUDA's peak and
+    return the bytes allocated now, the baseline that :func:`section_peak_mib` subtracts (0 where not tracked)."""
+    if not tracks_memory(device):
+        return 0
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def section_peak_mib(device: torch.device, base: int) -> Optional[float]:
+    """A measurement's own peak: CUDA max_memory_allocated since :func:`reset_peak` minus ``base``, the bytes allocated
+    then, so memory held from before (models, inputs, earlier measurements' objects) is not counted and a figure does
+    not depend on what ran before it; None on the CPU, where only the process's lifetime peak is known (it never
+    falls, so per-B columns would show earlier sections' peaks)."""
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20 if tracks_memory(device) else None
+
+
+def gradient_mib(gradient: dict) -> float:
+    """Size of one target gradient (name -> tensor), MiB."""
+    return sum(t.numel() * t.element_size() for t in gradient.values()) / 2**20
 
 
 def fmt_mib(v: Optional[float]) -> str:
@@ -136,16 +172,35 @@ class _GlobalOnlyTracker:
         return None
 
 
-def peak_flops(device: torch.device, tiny: bool) -> tuple[float, str]:
-    """Measured matmul FLOP/s: CPU float32 (n = 2048, 512 when tiny), CUDA bf16 (n = 8192)."""
-    if device.type == "cuda":
-        n, dtype, reps = 8192, torch.bfloat16, 20
-    else:
-        n, dtype, reps = (512 if tiny else 2048), torch.float32, 3
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    times = time_steps(lambda: a @ b, reps, device, warmup=1)
-    return 2 * n**3 / min(times), f"{n}x{n} {str(dtype).replace('torch.', '')} matmul, best of {reps}"
+PEAK_DTYPES = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16}
+
+
+def peak_precision_label(device: torch.device, precision: str) -> str:
+    """The arithmetic of :func:`peak_flops`' matmul, e.g. 'float32, TF32 off' (CUDA at 32-true), 'float32' (CPU)."""
+    dtype = PEAK_DTYPES[precision]
+    name = str(dtype).replace("torch.", "")
+    return f"{name}, TF32 off" if dtype == torch.float32 and device.type == "cuda" else name
+
+
+def peak_flops(device: torch.device, tiny: bool, precision: str = PRECISION) -> tuple[float, str]:
+    """Measured matmul FLOP/s in the precision the measured steps run in: ``32-true`` a float32 matmul with TF32 off
+    (as attack.full_float32 runs the attack: on CUDA the FP32 peak, about 15x below the tensor cores' bf16 one on an
+    H200), ``bf16-mixed`` a bfloat16 one. n = 8192 on CUDA (best of 20), 2048 on the CPU (512 when tiny, best of 3).
+    The TF32 flag is restored afterwards. Returns (FLOP/s, how it was measured)."""
+    if precision not in PEAK_DTYPES:
+        raise ValueError(f"no peak measurement for precision {precision!r}; known: {sorted(PEAK_DTYPES)}")
+    dtype = PEAK_DTYPES[precision]
+    n, reps = (8192, 20) if device.type == "cuda" else ((512 if tiny else 2048), 3)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 stays float32 (no effect on bf16 or the CPU)
+    try:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        times = time_steps(lambda: a @ b, reps, device, warmup=1)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    how = f"{n}x{n} {peak_precision_label(device, precision)} matmul, best of {reps} (the measured steps' {precision})"
+    return 2 * n**3 / min(times), how
 
 
 # ------------------------------------------------------------------------------------------------------ models
@@ -268,21 +323,22 @@ def fit_users(victim, prior, views: list, device: torch.device, settings: dict, 
               count_flops: bool = True) -> dict:
     """The product path for U = len(views) users: ``UserLevelInversion(**settings, users_per_step=U)`` bound to the U
     views as attack.py binds a chunk, one ``Trainer.fit`` of warmup + steps steps. Returns s/step (median of the timed
-    steps), their mean, the FLOPs of the first (warm-up) step, the fit's wall time and the peak memory."""
+    steps), their mean, the FLOPs of the first (warm-up) step, the fit's wall time and the peak memory (the fit's
+    own: from before the module is built, the views' target gradients and the models excluded; None on the CPU)."""
     U = len(views)
+    mem_base = reset_peak(device)
     attack = UserLevelInversion(**{**settings, "users_per_step": U})
     if U == 1:
         attack.bind(views[0], prior)
     else:  # as attack.py binds a chunk of users: the attack's seed for every user, one log prefix each
         attack.bind(views, prior, log_prefixes=[f"user{u}/" for u in range(U)])
-    reset_peak(device)
     timer = StepTimer(device, count_flops=count_flops)
     pl_log = logging.getLogger("lightning.pytorch")
     level = pl_log.level
     pl_log.setLevel(logging.WARNING)  # no "GPU available" / "max_steps reached" lines per fit
     with tempfile.TemporaryDirectory(prefix="benchmark_") as tmp:
         trainer = Trainer(
-            accelerator=device.type, devices=[device.index] if device.index is not None else 1, precision="32-true", max_steps=warmup + steps, logger=False,
+            accelerator=device.type, devices=[device.index] if device.index is not None else 1, precision=PRECISION, max_steps=warmup + steps, logger=False,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             num_sanity_val_steps=0, callbacks=[timer], default_root_dir=tmp,
         )
@@ -300,7 +356,7 @@ def fit_users(victim, prior, views: list, device: torch.device, settings: dict, 
         finally:
             pl_log.setLevel(level)
         fit_s = time.perf_counter() - t0
-    peak = section_peak_mib(device)
+    peak = section_peak_mib(device, mem_base)
     # Lightning's teardown moves the module, hence the shared victim and prior, to the CPU: put them back
     victim.to(device)
     prior.to(device)
@@ -416,9 +472,10 @@ def main(argv=None) -> dict:
         raise SystemExit("--device cuda but CUDA is not available")
     from attack import full_float32
 
-    full_float32("32-true")  # what attack.py runs at this precision: CUDA convolutions without TF32
+    full_float32(PRECISION)  # what attack.py runs at this precision: CUDA convolutions without TF32
     t_start = time.perf_counter()
     victim, prior, shape, sources = build_models(args, device)
+    models_mib = allocated_mib(device)
     steps = args.steps
     report: dict = {
         "machine": {
@@ -437,20 +494,30 @@ def main(argv=None) -> dict:
     # 1 + 2: user-level step and Inverting Gradients' step against B. The user-level steps of the different B are
     # timed interleaved (one step of each B per round), so that load drift on a shared machine hits every B alike:
     # their work is identical (B only enters the one-off target), and the ratio is what the target is about.
+    # Memory: each figure is the measurement's own (peak minus what was allocated at its start, see section_peak_mib);
+    # the user-level steps of all B stay alive until their interleaved timing ends, the targets until their IG step.
     user_level, ig, ul_steps, targets = {}, {}, {}, {}
     settings = attack_settings(args.attack_steps)
+    b_lo, b_hi = min(args.batch_sizes), max(args.batch_sizes)
+    # untimed warm-up: the process's first victim forward/backward pays the start-up cost (cuDNN/cuBLAS handles,
+    # kernel loading, allocator growth), which would otherwise land in the "target grad s" of whichever B runs first
+    make_server_view(victim, *random_batch(shape, b_lo, device, seed=0), NUM_CLASSES)
+    sync(device)
     for B in args.batch_sizes:
         imgs, labels = random_batch(shape, B, device, seed=B)
+        sync(device)
         t0 = time.perf_counter()
         view = make_server_view(victim, imgs, labels, NUM_CLASSES)  # the client's FedSGD update
         sync(device)
         targets[B] = (view.target_gradient, labels, time.perf_counter() - t0)
-        reset_peak(device)
+        del imgs
+        mem_base = reset_peak(device)
         ul_steps[B] = UserLevelStep(view, prior, device, settings)
         for _ in range(args.warmup):
             ul_steps[B]()
         sync(device)
-        user_level[B] = {"target_s": targets[B][2], "peak_mib": section_peak_mib(device)}
+        user_level[B] = {"target_s": targets[B][2], "peak_mib": section_peak_mib(device, mem_base)}
+        del view
     ul_times = {B: [] for B in args.batch_sizes}
     order = list(ul_steps)
     for r in range(steps):  # round r starts at a different B (rotation), so no B always runs first or last
@@ -459,13 +526,16 @@ def main(argv=None) -> dict:
     for B, ts in ul_times.items():
         user_level[B].update(s_per_step=statistics.median(ts), s_per_step_mean=statistics.fmean(ts))
     del ul_steps
-    for B in args.batch_sizes:
-        target, labels, _ = targets[B]
-        reset_peak(device)
+    target_mib = gradient_mib(targets[b_lo][0])  # one victim-sized copy per user, the same for every B
+    for B in list(targets):  # the distinct B in --batch-sizes order
+        target, labels, _ = targets.pop(B)  # released after its IG step: later measurements do not hold it
+        mem_base = reset_peak(device)
         ig_step = InvertingGradientsStep(victim, target, labels, shape, device)
         ts = time_steps(ig_step, steps, device, warmup=args.warmup)
-        ig[B] = {"s_per_step": statistics.median(ts), "s_per_step_mean": statistics.fmean(ts), "peak_mib": section_peak_mib(device)}
-    b_lo, b_hi = min(args.batch_sizes), max(args.batch_sizes)
+        ig[B] = {"s_per_step": statistics.median(ts), "s_per_step_mean": statistics.fmean(ts),
+                 "peak_mib": section_peak_mib(device, mem_base)}
+        del target, labels, ig_step
+    del targets
     ratio = user_level[b_hi]["s_per_step"] / user_level[b_lo]["s_per_step"]
     report["user_level_step"] = {str(b): v for b, v in user_level.items()}
     report["user_level_ratio"] = {"B_lo": b_lo, "B_hi": b_hi, "ratio": ratio, "target": 1.05,
@@ -502,21 +572,29 @@ def main(argv=None) -> dict:
     }
 
     # 4: FLOP/s of one step against a measured peak
-    peak, peak_how = peak_flops(device, args.tiny)
+    peak, peak_how = peak_flops(device, args.tiny, PRECISION)
     U_last = max(args.users)
     fl = {"peak_flops": peak, "peak_measured_by": peak_how,
+          "peak_precision": peak_precision_label(device, PRECISION),  # the steps' arithmetic, e.g. 'float32, TF32 off'
           "counted": "matmul/conv/attention FLOPs (FlopCounterMode) of one UserLevelInversion training_step (the warm-up step)"}
     for k, U in (("one_at_a_time", 1), (f"batched_U{U_last}", U_last)):
         f, t = throughput[U]["flops_per_step"], throughput[U]["s_per_step"]
         fl[k] = {"U": U, "flops_per_step": f, "s_per_step": t, "flops_per_s": f / t if f else None,
                  "fraction_of_peak": f / t / peak if f else None}
     report["flops"] = fl
-    report["peak_memory_mib"] = {
-        "how": "torch.cuda.max_memory_allocated per section" if device.type == "cuda" else "process ru_maxrss (monotone)",
-        "overall": peak_mib(device) if device.type != "cuda" else max(
-            [v["peak_mib"] for v in user_level.values()] + [v["peak_mib"] for v in ig.values()]
-            + [v["peak_mib"] for v in throughput.values()]),
-    }
+    if tracks_memory(device):
+        # the heaviest measurement on its own: its own peak plus its inputs (1 target gradient per B, U per fit)
+        heaviest = max([v["peak_mib"] + target_mib for v in (*user_level.values(), *ig.values())]
+                       + [v["peak_mib"] + U * target_mib for U, v in throughput.items()])
+        report["peak_memory_mib"] = {
+            "how": ("CUDA: per measurement its own peak (max_memory_allocated minus memory_allocated at its start: "
+                    "models, inputs and earlier measurements' objects not counted); overall = models + the heaviest "
+                    "measurement with its inputs' target gradients"),
+            "models": models_mib, "target_gradient_per_user": target_mib, "overall": models_mib + heaviest,
+        }
+    else:
+        report["peak_memory_mib"] = {"how": "process ru_maxrss (monotone; no per-measurement figures on the CPU)",
+                                     "overall": peak_mib(device)}
     report["wall_s"] = time.perf_counter() - t_start
     print_report(report)
     if args.json:
@@ -537,8 +615,11 @@ def print_report(r: dict) -> None:
     print(f"images {tuple(c['image_shape'])}, {c['steps']} timed steps (median), users/hour at {c['attack_steps']} steps/user")
     print("-" * 96)
     print("[1] seconds per step vs client batch size B")
+    print("    (target grad s: the client's gradient at B, after an untimed warm-up; own peak MiB: the measurement's "
+          "peak above what was allocated at its start)")
     w = (6, 22, 18, 14, 26, 14)
-    print(fmt_row(["B", "user-level s/step", "target grad s", "peak MiB", "Inverting Gradients s/step", "peak MiB"], w))
+    print(fmt_row(["B", "user-level s/step", "target grad s", "own peak MiB", "Inverting Gradients s/step",
+                   "own peak MiB"], w))
     for b, v in r["user_level_step"].items():
         g = r["inverting_gradients_step"][b]
         print(fmt_row([b, f"{v['s_per_step']:.4f}", f"{v['target_s']:.4f}", fmt_mib(v['peak_mib']),
@@ -551,7 +632,7 @@ def print_report(r: dict) -> None:
     u = r["users_per_hour"]
     print(f"    {u['how']}")
     w = (16, 12, 18, 16, 22, 10)
-    print(fmt_row(["mode", "s/step", "user-steps/s", "users/hour", "speedup vs 1-at-a-time", "peak MiB"], w))
+    print(fmt_row(["mode", "s/step", "user-steps/s", "users/hour", "speedup vs 1-at-a-time", "own peak MiB"], w))
     o = u["one_at_a_time"]
     print(fmt_row(["one-at-a-time", f"{o['s_per_step']:.4f}", f"{o['user_steps_per_s']:.3f}", f"{o['users_per_hour']:.2f}", "1.00x", fmt_mib(o['peak_mib'])], w))
     for U, v in u["batched"].items():
@@ -570,10 +651,12 @@ def print_report(r: dict) -> None:
                 print(f"{k:<16} FLOP count unavailable")
             else:
                 print(f"{k:<16} {v['flops_per_step'] / 1e9:.3f} GFLOP/step  {v['flops_per_s'] / 1e9:.2f} GFLOP/s  "
-                      f"{100 * v['fraction_of_peak']:.1f}% of peak")
+                      f"{100 * v['fraction_of_peak']:.1f}% of the {f['peak_precision']} peak")
     print("-" * 96)
     pm = r["peak_memory_mib"]
     print(f"[4] peak memory {pm['overall']:.0f} MiB ({pm['how']})")
+    if "models" in pm:
+        print(f"    models {pm['models']:.0f} MiB, target gradient {pm['target_gradient_per_user']:.0f} MiB per user")
     print(f"wall time {r['wall_s']:.1f} s")
     print("=" * 96)
 

@@ -4,7 +4,8 @@
 The benchmark users are single-class (p = 1.0), where every strategy is exact. This script measures the harder case:
 for each victim (the shipped trained ResNet-18 and the same architecture at random initialisation, seed 0) and each
 (B, alpha) cell, ``--trials`` batches of Fashion-MNIST test images whose label counts are drawn as
-Multinomial(B, Dirichlet(alpha * 1_10)) (numpy seed ``--seed``); the client computes its FedSGD gradient
+Multinomial(B, Dirichlet(alpha * 1_10)) (numpy seed ``--seed``, restarted for each victim, so both victims are
+scored on the same batches: the trained-vs-random rows are paired); the client computes its FedSGD gradient
 (:func:`inversion.scenario.fedsgd_gradient`) and the server infers counts from the last layer's bias gradient with
 
 - ``bias_corrected``: this project's default (:mod:`inversion.label_inference`; offset pi = mean gradient of the
@@ -78,11 +79,12 @@ def main(argv=None) -> None:
     y_np = np.asarray(labels).astype(np.int64)
     y_all = torch.from_numpy(y_np.copy())
     by_class = [np.where(y_np == c)[0] for c in range(10)]
-    rng = np.random.default_rng(args.seed)
     print("| victim | B | alpha | method | wrong share | dominant recovered | all counts exact |")
     print("|---|---|---|---|---|---|---|")
     for random_init in (False, True):
         victim, _ = load_victim(VictimSpec(random_init=random_init))
+        # a fresh generator per victim: both victims are scored on the same batches (a paired comparison)
+        rng = np.random.default_rng(args.seed)
         for B, alpha in CELLS:
             stats: dict[str, list] = {}
             for _ in range(args.trials):

@@ -103,3 +103,108 @@ def test_check_checkpoints_refuses_bad_input_before_any_work(tmp_path, capsys):
             mod.main(argv)
         assert exc.value.code == 2 and msg in capsys.readouterr().err, argv
     assert (tmp_path / "old.json").read_text() == "{}"
+
+
+def _live_tensor_bytes(*_args) -> int:
+    """A fake CUDA allocator counter: bytes of the storages of every live plain tensor and parameter (the callers,
+    reset_peak, collect cycles first)."""
+    import gc
+
+    import torch
+
+    kinds = (torch.Tensor, torch.nn.Parameter)
+    storages = {}
+    for obj in gc.get_objects():
+        if type(obj) in kinds:
+            st = obj.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+    return sum(storages.values())
+
+
+def test_benchmark_peak_memory_is_each_measurements_own(monkeypatch):
+    """Review D #3: every 'peak MiB' was max_memory_allocated since a reset, i.e. it included all memory still held
+    from earlier measurements (the user-level steps of earlier B, every B's target gradient), so it grew with a B's
+    position in the list. With a fake allocator counter (live tensor bytes) the figure of each B and of the U = 1 fit
+    must not depend on the order of --batch-sizes."""
+    import torch
+
+    bench = load_benchmark()
+    monkeypatch.setattr(bench, "tracks_memory", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", _live_tensor_bytes)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", _live_tensor_bytes)  # the peak: what is live at its end
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda *a: None)
+    runs = [bench.main(["--tiny", "--batch-sizes", order, "--users", "1", "--steps", "1"]) for order in ("2,5", "5,2")]
+    for r in runs:
+        for section in ("user_level_step", "inverting_gradients_step"):
+            assert all(v["peak_mib"] > 0 for v in r[section].values()), r[section]
+    a, b = runs
+    for B in ("2", "5"):
+        assert a["user_level_step"][B]["peak_mib"] == pytest.approx(b["user_level_step"][B]["peak_mib"], abs=1e-3), B
+        assert a["inverting_gradients_step"][B]["peak_mib"] == pytest.approx(
+            b["inverting_gradients_step"][B]["peak_mib"], abs=1e-3), B
+    assert a["users_per_hour"]["one_at_a_time"]["peak_mib"] == pytest.approx(
+        b["users_per_hour"]["one_at_a_time"]["peak_mib"], abs=1e-3)
+    pm = a["peak_memory_mib"]
+    assert pm["models"] > 0 and pm["target_gradient_per_user"] > 0 and pm["overall"] > pm["models"]
+
+
+def test_benchmark_target_time_excludes_start_up_cost(monkeypatch):
+    """Review D #4: the first B's "target grad s" timed the process's first victim forward/backward, start-up cost
+    included (whichever B ran first was slowest). A fake clock jumps 1000 s inside the first make_server_view call,
+    standing in for the one-off start-up cost: no B's target time may contain it, so an untimed warm-up call must come
+    first. (No timing assertion: the jump is 1000 s, a real tiny target takes well under one.)"""
+    import time
+
+    bench = load_benchmark()
+    offset = [0.0]
+    real_view = bench.make_server_view
+
+    def view_with_start_up_cost(*args, **kwargs):
+        if offset[0] == 0.0:
+            offset[0] = 1000.0  # the clock jumps during the first call only
+        return real_view(*args, **kwargs)
+
+    fake_time = type("FakeTime", (), {"perf_counter": staticmethod(lambda: time.perf_counter() + offset[0])})
+    monkeypatch.setattr(bench, "time", fake_time)
+    monkeypatch.setattr(bench, "make_server_view", view_with_start_up_cost)
+    report = bench.main(["--tiny", "--batch-sizes", "5,2", "--users", "1", "--steps", "1"])
+    assert offset[0] == 1000.0
+    for B, v in report["user_level_step"].items():
+        assert 0 < v["target_s"] < 1000.0, (B, v["target_s"])
+
+
+def test_peak_flops_uses_the_precision_of_the_measured_steps(monkeypatch):
+    """Review D #5: on CUDA the peak was an 8192^2 bf16 matmul while the attack runs in float32 with TF32 off
+    (32-true), so "% of peak" came out ~15x too small on an H200. The CUDA peak is now measured by a float32 matmul with
+    TF32 off (flag restored after), and the label says so. Run on the CPU with a fake CUDA device: the matrices are
+    made small on the CPU and the device sync is skipped; the dtype and TF32 flag seen by the matmul are recorded."""
+    import torch
+
+    bench = load_benchmark()
+    seen = {}
+    real_randn = torch.randn
+
+    def small_randn(*size, device=None, dtype=None, **kw):
+        seen["dtype"], seen["device"] = dtype, torch.device(device)
+        return real_randn(4, 4, dtype=dtype)
+
+    real_time_steps = bench.time_steps
+
+    def recording_time_steps(fn, steps, device, warmup=1):
+        seen["tf32"] = torch.backends.cuda.matmul.allow_tf32
+        return real_time_steps(fn, steps, torch.device("cpu"), warmup)
+
+    monkeypatch.setattr(torch, "randn", small_randn)
+    monkeypatch.setattr(bench, "time_steps", recording_time_steps)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        peak, how = bench.peak_flops(torch.device("cuda"), False)
+        assert torch.backends.cuda.matmul.allow_tf32 is True  # restored
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert seen["device"].type == "cuda" and seen["dtype"] == torch.float32 and seen["tf32"] is False, seen
+    assert peak > 0 and "8192x8192 float32, TF32 off matmul" in how and "32-true" in how, how
+    assert bench.peak_precision_label(torch.device("cuda"), "32-true") == "float32, TF32 off"
+    assert bench.peak_precision_label(torch.device("cpu"), "32-true") == "float32"
