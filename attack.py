@@ -1673,8 +1673,42 @@ def main(argv: Optional[list[str]] = None) -> Path:
         ConfigError (a ValueError) and the loaders' errors: see :func:`prepare`.
     """
     parser = build_parser()
+    warn_overrides_replaced_by_later_configs(list(sys.argv[1:] if argv is None else argv))
     cfg = parser.parse_args(argv)
     return run(cfg)
+
+
+def warn_overrides_replaced_by_later_configs(argv: list[str]) -> list[str]:
+    """jsonargparse applies the command line in order, so ``--attack.init_args.steps 5 --config overlay.yaml`` keeps
+    the overlay's steps when it sets them (4,000 steps where 5 were meant). Print one note on stderr per override
+    that a later ``--config`` file sets again (the key, the file; overrides belong after every --config,
+    ``--print_config`` shows the resolved config) and return the notes. Unreadable files are left to the parser."""
+    import yaml
+
+    from inversion.cli import flat_entries
+
+    notes = []
+    for i, arg in enumerate(argv):
+        if not arg.startswith("--") or arg.startswith("--config") or arg in ("--print_config", "--help", "-h"):
+            continue
+        key = arg[2:].split("=", 1)[0]
+        for j in range(i + 1, len(argv)):
+            a = argv[j]
+            path = a.split("=", 1)[1] if a.startswith("--config=") else (
+                argv[j + 1] if a == "--config" and j + 1 < len(argv) else None)
+            if path is None:
+                continue
+            try:
+                entries = flat_entries(yaml.safe_load(Path(path).read_text()) or {})
+            except (OSError, yaml.YAMLError, AttributeError):
+                continue
+            if any(k == key or k.startswith(key + ".") or key.startswith(k + ".") for k in entries):
+                notes.append(f"--{key} comes before --config {path}, which sets it again: the file's value is used "
+                             "(put overrides after every --config; --print_config shows the resolved config)")
+                break
+    for n in notes:
+        print(f"[attack] note: {n}", file=sys.stderr, flush=True)
+    return notes
 
 
 if __name__ == "__main__":

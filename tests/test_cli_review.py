@@ -151,3 +151,20 @@ def test_train_a_value_error_after_the_first_step_keeps_its_traceback(tmp_path, 
     with pytest.raises(SystemExit) as exc:  # before any step: still one line
         run_main(lambda: train.main(["--config", str(cfg), "--ckpt_path", str(tmp_path / "missing.ckpt")]), "train.py")
     assert exc.value.code == 2 and "train.py: error:" in capsys.readouterr().err
+
+
+def test_an_override_before_a_config_that_sets_it_again_is_named(capsys):
+    """--attack.init_args.steps 5 --config configs/method/inverting_gradients.yaml ran 4,000 steps silently."""
+    base = str(ROOT / "configs" / "attack" / "fashion_mnist.yaml")
+    ig = str(ROOT / "configs" / "method" / "inverting_gradients.yaml")
+    notes = attack.warn_overrides_replaced_by_later_configs(
+        ["--config", base, "--attack.init_args.steps", "5", "--seed", "3", f"--config={ig}"])
+    assert len(notes) == 1 and notes[0].startswith(f"--attack.init_args.steps comes before --config {ig}")
+    assert "[attack] note: --attack.init_args.steps" in capsys.readouterr().err
+    # after every --config, or a key the later file does not set: nothing to say
+    assert attack.warn_overrides_replaced_by_later_configs(
+        ["--config", base, "--config", ig, "--attack.init_args.steps", "5"]) == []
+    assert attack.warn_overrides_replaced_by_later_configs(["--seed", "3", "--config", ig]) == []
+    parser = attack.build_parser()
+    cfg = parser.parse_args(["--config", base, "--attack.init_args.steps", "5", "--config", ig])
+    assert cfg.attack.init_args.steps != 5  # the behaviour the note describes
