@@ -1543,8 +1543,11 @@ def run(cfg: Namespace) -> Path:
                     (run_dir / PARTIAL_DIR).mkdir(exist_ok=True)
                     write_results(run_dir, [r for _, r, _ in local], name=f"{PARTIAL_DIR}/rank{rank}-{os.getpid()}.csv")
                 print(
-                    f"[attack] {uid}: dominant {user.dominant_class}, inferred {inferred.dominant}, evaluator "
-                    f"{row.get('evaluator_class')} (p={row.get('evaluator_prob')}), PSNR nearest {row.get('psnr_nearest')} dB, "
+                    f"[attack] {uid}: dominant {user.dominant_class}, inferred {inferred.dominant}, "
+                    + (f"evaluator {row['evaluator_class']} (p={row.get('evaluator_prob')}), "
+                       if row.get("evaluator_class") is not None else "")
+                    + "".join(f"{k} {row[k]}, " for k in ("gender_pred", "id_nearest_is_own") if row.get(k) is not None)
+                    + f"PSNR nearest {row.get('psnr_nearest')} dB, "
                     f"{seconds:.1f} s" + (f" (share of a {len(chunk)}-user step)" if len(chunk) > 1 else ""),
                     flush=True,
                 )
