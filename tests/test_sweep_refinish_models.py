@@ -4,9 +4,7 @@ run directory; refinish refuses a run whose victim or prior changed, and records
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -17,9 +15,10 @@ from diffusers import DDPMPipeline, DDPMScheduler
 import attack
 import sweep
 from lightning_modules.classifier import save_classifier
-from tests.helpers import QUIET_FIT_WARNINGS, save_tiny_assets, tiny_unet, tiny_victim
+from tests.helpers import QUIET_FIT_WARNINGS, tiny_unet, tiny_victim
+from tests.test_attack_e2e import tiny_config
+from tests.test_refinish import load_refinish
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = QUIET_FIT_WARNINGS
 
 
@@ -35,23 +34,21 @@ def retrain(assets: dict[str, str], role: str) -> None:
 
 @pytest.fixture
 def tiny(tmp_path) -> tuple[Path, dict[str, str]]:
-    """A tiny attack config over this test's own tiny victim, DDPM and evaluator (the tests retrain them)."""
-    assets = save_tiny_assets(tmp_path / "assets", size=8)
-    cfg = {
-        "seed": 0,
-        "users": {"class_path": "FashionMNISTUsers", "init_args": {"num_users": 2, "batch_size": 3, "image_size": 8}},
-        "victim": {"checkpoint": assets["victim"]},
-        "prior": {"path": assets["prior"]},
-        "attack": {"class_path": "UserLevelInversion",
-                   "init_args": {"steps": 3, "t_max": 300, "t_min": 10, "t_final": 20, "denoise_steps": 2}},
-        "evaluation": {"evaluator": assets["evaluator"], "lpips": False},
-        "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False},
-        "logger": {"backend": "none"},
-        "output": {"root": str(tmp_path / "unused_runs"), "name": "tiny"},
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path, assets
+    """A tiny attack config (tests/test_attack_e2e.tiny_config: its own tiny victim, DDPM and evaluator, which the
+    tests retrain) and the paths of those three models."""
+    path = tiny_config(tmp_path, **{"attack.init_args.steps": 3, "logger.backend": "none",
+                                    "output.root": str(tmp_path / "unused_runs")})
+    cfg = yaml.safe_load(path.read_text())
+    return path, {"victim": cfg["victim"]["checkpoint"], "prior": cfg["prior"]["path"],
+                  "evaluator": cfg["evaluation"]["evaluator"]}
+
+
+def two_finished_cells(tmp_path: Path, tiny):
+    """A sweep over seed 0 and 1 on the tiny config, run once: (sweep, runner calls, index, slug -> run dir)."""
+    s = sweep.load_sweep(write_sweep(tmp_path, tiny[0], {"seed": [0, 1]}))
+    calls: list[list[str]] = []
+    idx = sweep.run_sweep(s, runner=models_runner(calls), report=False)
+    return s, calls, idx, {slug: Path(e["run_dir"]) for slug, e in idx["cells"].items()}
 
 
 def write_sweep(tmp_path: Path, base: Path, grid: dict) -> Path:
@@ -95,11 +92,8 @@ def test_an_unfinished_cell_whose_prior_changed_starts_in_a_new_run_dir(tmp_path
     """The cell's interrupted run dir was made with a prior retrained since: attack.py --resume would refuse it
     ("the prior model files changed"), and the sweep resumed it anyway, recorded the cell failed, and did so again
     on every re-run. Now the plan notes why and starts the cell in a new run dir; the old one is kept and listed."""
-    base, assets = tiny
-    s = sweep.load_sweep(write_sweep(tmp_path, base, {"seed": [0, 1]}))
-    calls: list[list[str]] = []
-    idx = sweep.run_sweep(s, runner=models_runner(calls), report=False)
-    old = {slug: Path(e["run_dir"]) for slug, e in idx["cells"].items()}
+    s, calls, idx, old = two_finished_cells(tmp_path, tiny)
+    assets = tiny[1]
     for run in old.values():
         (run / "summary.json").write_text(json.dumps({"status": "interrupted", "run_dir": str(run)}))
 
@@ -134,11 +128,8 @@ def test_a_finished_cell_whose_models_changed_runs_again_in_a_new_run_dir(tmp_pa
     three) was retrained in place since, and the sweep's report pooled old-model and new-model cells. Now it runs
     again in a new run dir with a note naming the changed model; with --max-cells reached it is pending, not
     finished (the report leaves it out); the old run dir is kept."""
-    base, assets = tiny
-    s = sweep.load_sweep(write_sweep(tmp_path, base, {"seed": [0, 1]}))
-    calls: list[list[str]] = []
-    idx = sweep.run_sweep(s, runner=models_runner(calls), report=False)
-    old = {slug: Path(e["run_dir"]) for slug, e in idx["cells"].items()}
+    s, calls, idx, old = two_finished_cells(tmp_path, tiny)
+    assets = tiny[1]
     sweep.run_sweep(s, runner=models_runner(calls), report=False)
     assert len(calls) == 2  # unchanged: both skipped
     capsys.readouterr()
@@ -188,11 +179,8 @@ def test_a_newer_unfinished_run_dir_is_resumed_after_a_finished_one_with_old_mod
 def test_a_run_dir_without_models_json_is_not_checked(tmp_path, tiny):
     """Run dirs made before models.json existed: skipped when finished, resumed when not (as attack.py --resume
     does not check them)."""
-    base, assets = tiny
-    s = sweep.load_sweep(write_sweep(tmp_path, base, {"seed": [0, 1]}))
-    calls: list[list[str]] = []
-    idx = sweep.run_sweep(s, runner=models_runner(calls), report=False)
-    old = {slug: Path(e["run_dir"]) for slug, e in idx["cells"].items()}
+    s, calls, idx, old = two_finished_cells(tmp_path, tiny)
+    assets = tiny[1]
     for run in old.values():
         (run / "models.json").unlink()
     (old["seed=1"] / "summary.json").write_text(json.dumps({"status": "interrupted"}))
@@ -225,14 +213,6 @@ def test_the_fingerprints_are_hashed_once_per_model_set(tmp_path, tiny, monkeypa
 
 
 # ------------------------------------------------------------------------------------------------ refinish.py
-def load_refinish():
-    spec = importlib.util.spec_from_file_location("refinish_script", ROOT / "scripts" / "refinish.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 try:
     from datamodules.fashion_mnist import find_fashion_mnist_root
 
