@@ -50,7 +50,7 @@ from lightning.pytorch.utilities import rank_zero_warn  # noqa: E402  (one warni
 from lightning_modules.base_attack import AttackDivergedError, AttackResult, GradientInversionAttack  # noqa: E402
 from lightning_modules.baselines import DLG, InvertingGradients, iDLG  # noqa: E402,F401
 from lightning_modules.user_level_inversion import UserLevelInversion  # noqa: E402,F401
-from inversion.cli import mark_raised_during_work  # noqa: E402
+from inversion.cli import flat_entries, mark_raised_during_work  # noqa: E402
 from inversion.defenses import STRENGTH_KEYS  # noqa: E402
 from inversion.scenario import TargetGradientError  # noqa: E402
 from inversion.fsutils import atomic_write_bytes, check_run_name, find_input_path, new_run_dir  # noqa: E402,F401  (new_run_dir, atomic_write_bytes: scripts use them from attack)
@@ -1057,8 +1057,6 @@ def comparable_config(parser: ArgumentParser, cfg: Namespace) -> dict:
         d.pop(k, None)
     for k in RESUMABLE_TRAINER_KEYS:
         (d.get("trainer") or {}).pop(k, None)
-    from inversion.cli import flat_entries
-
     return flat_entries(d)
 
 
@@ -1685,27 +1683,27 @@ def warn_overrides_replaced_by_later_configs(argv: list[str]) -> list[str]:
     """jsonargparse applies the command line in order, so ``--attack.init_args.steps 5 --config overlay.yaml`` keeps
     the overlay's steps when it sets them (4,000 steps where 5 were meant). Print one note on stderr per override
     that a later ``--config`` file sets again (the key, the file; overrides belong after every --config,
-    ``--print_config`` shows the resolved config) and return the notes. Unreadable files are left to the parser."""
+    ``--print_config`` shows the resolved config) and return the notes. Each file is read once; unreadable files
+    are left to the parser."""
     import yaml
 
-    from inversion.cli import flat_entries
-
+    configs: list[tuple[int, str, dict]] = []  # (position in argv, path, its flattened keys)
+    for j, a in enumerate(argv):
+        path = a.split("=", 1)[1] if a.startswith("--config=") else (
+            argv[j + 1] if a == "--config" and j + 1 < len(argv) else None)
+        if path is None:
+            continue
+        try:
+            configs.append((j, path, flat_entries(yaml.safe_load(Path(path).read_text()) or {})))
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
     notes = []
     for i, arg in enumerate(argv):
         if not arg.startswith("--") or arg.startswith("--config") or arg in ("--print_config", "--help", "-h"):
             continue
         key = arg[2:].split("=", 1)[0]
-        for j in range(i + 1, len(argv)):
-            a = argv[j]
-            path = a.split("=", 1)[1] if a.startswith("--config=") else (
-                argv[j + 1] if a == "--config" and j + 1 < len(argv) else None)
-            if path is None:
-                continue
-            try:
-                entries = flat_entries(yaml.safe_load(Path(path).read_text()) or {})
-            except (OSError, yaml.YAMLError, AttributeError):
-                continue
-            if any(k == key or k.startswith(key + ".") or key.startswith(k + ".") for k in entries):
+        for j, path, entries in configs:
+            if j > i and any(k == key or k.startswith(key + ".") or key.startswith(k + ".") for k in entries):
                 notes.append(f"--{key} comes before --config {path}, which sets it again: the file's value is used "
                              "(put overrides after every --config; --print_config shows the resolved config)")
                 break
