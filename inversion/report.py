@@ -1359,8 +1359,9 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, users_per_
     """Build the report (see module docstring) and return the folder it was written to.
 
     ``variants``: the extra group keys to use (a subset of :data:`VARIANT_KEYS`) instead of every key the runs
-    differ in. ``pool_run_names``: never group by ``run_name`` (:func:`group_keys`): runs whose names differ but
-    whose settings agree (a sweep's seed or first_user cells) are pooled as repeated measurements. The folder is
+    differ in. ``pool_run_names``: ``run_name`` splits no row (:func:`group_keys`; it stays a label where each setting
+    has one name): runs whose names differ but whose settings agree (a sweep's seed or first_user cells) are pooled
+    as repeated measurements, a shared user counted once (:func:`drop_duplicate_users`). The folder is
     ``out_dir`` or, if that exists, the first free ``out_dir-N``; files are written in a
     temporary sibling folder which is renamed into place at the end, so a crash leaves no half-written report.
 
@@ -1393,7 +1394,6 @@ def _build_report(run_dirs: list[Path], loaded: pd.DataFrame, out_dir, users_per
     notes += duplicates
     left_out = loaded["run_dir"].value_counts().sub(df["run_dir"].value_counts(), fill_value=0).astype(int).to_dict()
     printed = list(notes)
-    df.attrs["pool_run_names"] = pool_run_names
     if variants is not None:
         df.attrs["variant_keys"] = list(variants)
         keys = group_keys(df)
