@@ -54,7 +54,8 @@ _LAYOUT = (
 def find_celeba_root(root: Optional[str | os.PathLike]) -> Path:
     """Return the ``celeba`` folder (the one holding ``img_align_celeba/`` and the three txt files).
 
-    ``root/celeba`` is used when it exists, else ``root`` itself.
+    ``root/celeba`` is used when it exists or when ``root`` holds none of CelebA's entries, else ``root`` itself;
+    missing entries are named by absolute path.
 
     Raises:
         DataNotFoundError: ``root`` unset or a required file/folder missing; one error naming every missing entry,
@@ -62,8 +63,11 @@ def find_celeba_root(root: Optional[str | os.PathLike]) -> Path:
     """
     if root is None or str(root) == "":
         raise DataNotFoundError("CelebA root is not set. " + _LAYOUT)
-    base = Path(root).expanduser()
-    if (base / "celeba").is_dir():
+    base = Path(root).expanduser().absolute()
+    entries = (IMAGE_DIR, IDENTITY_FILE, ATTR_FILE, PARTITION_FILE)
+    if (base / "celeba").is_dir() or not any((base / e).exists() for e in entries):
+        # torchvision's layout ROOT/celeba/...; ROOT itself only when it already holds part of CelebA (so a root with
+        # nothing in it reports the paths README names, e.g. /abs/data/celeba/img_align_celeba/, not data/...)
         base = base / "celeba"
     missing = [str(base / IMAGE_DIR) + "/"] if not (base / IMAGE_DIR).is_dir() else []
     missing += [str(base / f) for f in (IDENTITY_FILE, ATTR_FILE, PARTITION_FILE) if not (base / f).is_file()]

@@ -96,8 +96,16 @@ def test_celeba_missing_files_error(tmp_path):
     assert "missing" in msg and str(tmp_path / "celeba" / "list_attr_celeba.txt") in msg
     with pytest.raises(DataNotFoundError, match="not set"):
         CelebADataModule(root=None).prepare_data()
-    with pytest.raises(DataNotFoundError, match="img_align_celeba"):
+    with pytest.raises(DataNotFoundError, match="img_align_celeba") as err:
         find_celeba_root(tmp_path / "nowhere")
+    # nothing there: the missing paths are torchvision's layout under ROOT/celeba, as README says
+    assert f"missing {tmp_path / 'nowhere' / 'celeba' / 'img_align_celeba'}/," in str(err.value)
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "list_attr_celeba.txt").write_text("0\n")
+    with pytest.raises(DataNotFoundError) as err:  # ROOT is (part of) the celeba folder itself
+        find_celeba_root(tmp_path / "flat")
+    assert f"missing {tmp_path / 'flat' / 'img_align_celeba'}/," in str(err.value)
+    assert "flat/list_attr_celeba.txt" not in str(err.value).split(". Expected")[0]
 
 
 def test_celeba_missing_image_error(tmp_path):
