@@ -47,7 +47,9 @@ from datamodules.celeba import CelebAUsers  # noqa: E402,F401  (short class name
 from datamodules.folder import FolderUsers  # noqa: E402,F401
 from datamodules.users import FashionMNISTUsers  # noqa: E402,F401
 from lightning.pytorch.utilities import rank_zero_warn  # noqa: E402  (one warning, not one per DDP process)
-from lightning_modules.base_attack import AttackDivergedError, AttackResult, GradientInversionAttack  # noqa: E402
+from lightning_modules.base_attack import (  # noqa: E402
+    AttackDivergedError, AttackResult, GradientInversionAttack, intended_warnings_silenced,
+)
 from lightning_modules.baselines import DLG, InvertingGradients, iDLG  # noqa: E402,F401
 from lightning_modules.user_level_inversion import UserLevelInversion  # noqa: E402,F401
 from inversion.cli import flat_entries, mark_raised_during_work  # noqa: E402
@@ -1509,7 +1511,8 @@ def run(cfg: Namespace) -> Path:
             attack.wall_clock_start = t0
             resumed_from = last.is_file()
             try:
-                trainer.fit(attack, ckpt_path=str(last) if resumed_from else None)
+                with intended_warnings_silenced():  # the frozen eval-mode victim/prior (by design)
+                    trainer.fit(attack, ckpt_path=str(last) if resumed_from else None)
             except SystemExit:  # Lightning turns Ctrl-C into a graceful shutdown and exit(1)
                 if trainer.interrupted:
                     raise KeyboardInterrupt from None

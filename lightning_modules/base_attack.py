@@ -8,6 +8,8 @@ Lightning ``Trainer`` for ``steps`` optimisation steps. The Trainer's ``max_step
 from __future__ import annotations
 
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -17,6 +19,22 @@ from torch.utils.data import DataLoader, Dataset
 
 from inversion.label_inference import LabelInference, check_label_threat
 from inversion.scenario import ServerView
+
+# Lightning's warning that every attack fit raises by design, silenced around it by :func:`intended_warnings_silenced`:
+# the victim and the prior are frozen in eval mode (the threat model: the client computes its update in eval mode;
+# ResNet-18 in train mode also fails at B = 1).
+INTENDED_LIGHTNING_WARNINGS = (r".*module\(s\) in eval mode",)
+
+
+@contextmanager
+def intended_warnings_silenced():
+    """Context manager: inside it, Lightning's "Found N module(s) in eval mode" warning
+    (:data:`INTENDED_LIGHTNING_WARNINGS`, intended for an attack fit) is ignored; every other warning shows as
+    before, and the filters are restored on exit (``warnings.catch_warnings``)."""
+    with warnings.catch_warnings():
+        for pattern in INTENDED_LIGHTNING_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
+        yield
 
 
 class AttackDivergedError(RuntimeError):

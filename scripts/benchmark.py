@@ -82,6 +82,7 @@ from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 from inversion.prior import DiffusionPrior  # noqa: E402
 from inversion.scenario import ServerView, make_server_view, victim_parameters  # noqa: E402
+from lightning_modules.base_attack import intended_warnings_silenced  # noqa: E402
 from lightning_modules.baselines import cosine_gradient_distance, total_variation  # noqa: E402
 from lightning_modules.user_level_inversion import UserLevelInversion  # noqa: E402
 
@@ -344,7 +345,8 @@ def fit_users(victim, prior, views: list, device: torch.device, settings: dict, 
         )
         t0 = time.perf_counter()
         try:
-            trainer.fit(attack)
+            with intended_warnings_silenced():
+                trainer.fit(attack)
         except Exception as exc:
             if not timer.failed_while_counting:
                 raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +73,13 @@ def tiny_config(tmp_path: Path, **overrides) -> Path:
 @pytest.mark.slow
 def test_attack_py_writes_every_output(tmp_path):
     cfg = tiny_config(tmp_path)
-    run_dir = attack.main(["--config", str(cfg)])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        filters = list(warnings.filters)
+        run_dir = attack.main(["--config", str(cfg)])
+        assert warnings.filters == filters  # the silencing is scoped to each fit
+    # Lightning's warning about the intentionally frozen eval-mode victim/prior is not shown (it reads as a problem)
+    assert not [str(w.message) for w in seen if "eval mode" in str(w.message)]
     assert run_dir.parent == tmp_path / "runs" and run_dir.name.startswith("tiny-")
     for name in ("config.yaml", "results.csv", "summary.json"):
         assert (run_dir / name).stat().st_size > 0
