@@ -34,6 +34,29 @@ def run_main(main: Callable[[], Any], prog: str) -> None:
         raise SystemExit(2)
 
 
+def parse_device(text: str):
+    """A script's ``--device`` value as a ``torch.device`` this machine has: ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Raises:
+        ValueError: not a device string, another device type (``mps``, ``gpu``, ...), CUDA asked for on a machine
+            without it, or ``cuda:N`` beyond the visible devices; the message starts with ``--device 'TEXT'`` and
+            says what to pass instead (scripts pass it to ``ArgumentParser.error``).
+    """
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {text!r}: {exc} (use cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {text!r}: use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {text!r}: CUDA is not available on this machine (use cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def flat_entries(node: Any, prefix: str = "") -> dict:
     """A nested config dict as ``{dotted key: leaf value}`` (lists, None and empty dicts are leaves), e.g.
     ``{"trainer": {"precision": "32-true"}}`` -> ``{"trainer.precision": "32-true"}``."""

@@ -82,6 +82,7 @@ from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 from inversion.prior import DiffusionPrior  # noqa: E402
 from inversion.scenario import ServerView, make_server_view, victim_parameters  # noqa: E402
+from inversion.cli import parse_device  # noqa: E402
 from lightning_modules.base_attack import intended_warnings_silenced  # noqa: E402
 from lightning_modules.baselines import cosine_gradient_distance, total_variation  # noqa: E402
 from lightning_modules.user_level_inversion import UserLevelInversion  # noqa: E402
@@ -449,11 +450,9 @@ def parse_args(argv=None):
     except ValueError as exc:
         p.error(f"--batch-sizes and --users take comma lists of integers, e.g. 10,50,100 ({exc})")
     try:
-        device = torch.device(args.device)
-    except RuntimeError as exc:
-        p.error(f"--device {args.device!r}: {exc} (use cpu, cuda or cuda:N)")
-    if device.type not in ("cpu", "cuda"):
-        p.error(f"--device {args.device!r}: cpu, cuda or cuda:N")
+        parse_device(args.device)
+    except ValueError as exc:
+        p.error(str(exc))
     if args.json and Path(args.json).exists():
         p.error(f"--json {args.json} exists: results are never overwritten; give a new path")
     if args.steps < 1 or args.warmup < 1 or args.image_size < 1 or min(args.batch_sizes) < 1 or min(args.users) < 1:
@@ -469,9 +468,7 @@ def fmt_row(cells, widths):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but CUDA is not available")
+    device = torch.device(args.device)  # checked by parse_args (inversion.cli.parse_device)
     from attack import full_float32
 
     full_float32(PRECISION)  # what attack.py runs at this precision: CUDA convolutions without TF32

@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from inversion.cli import parse_device  # noqa: E402
 
 
 def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> float:
@@ -80,15 +81,9 @@ def main(argv=None) -> int:
         ap.error(f"--n-test must be in 1..10000 and --n-samples, --ddim-steps >= 1 (got {args.n_test}, "
                  f"{args.n_samples}, {args.ddim_steps})")
     try:  # a bad or unavailable device failed only at the prior, after the test-split accuracies
-        device = torch.device(args.device)
-    except RuntimeError as exc:
-        ap.error(f"--device {args.device!r}: {exc} (use cpu, cuda or cuda:N)")
-    if device.type not in ("cpu", "cuda"):
-        ap.error(f"--device {args.device!r}: cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        ap.error(f"--device {args.device}: CUDA is not available on this machine")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        ap.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        parse_device(args.device)
+    except ValueError as exc:
+        ap.error(str(exc))
     for flag, path in (("--json", args.json), ("--grid", args.grid)):
         if path and Path(path).exists():
             ap.error(f"{flag} {path} exists: results are never overwritten; give a new path")

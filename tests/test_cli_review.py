@@ -168,3 +168,37 @@ def test_an_override_before_a_config_that_sets_it_again_is_named(capsys):
     parser = attack.build_parser()
     cfg = parser.parse_args(["--config", base, "--attack.init_args.steps", "5", "--config", ig])
     assert cfg.attack.init_args.steps != 5  # the behaviour the note describes
+
+
+def test_parse_device_accepts_what_the_machine_has_and_names_the_rest(monkeypatch):
+    import torch
+
+    from inversion.cli import parse_device
+
+    assert parse_device("cpu") == torch.device("cpu")
+    for text, match in (("gpu", "use cpu, cuda or cuda:N"), ("mps", "use cpu, cuda or cuda:N"),
+                        ("cuda:x", "use cpu, cuda or cuda:N")):
+        with pytest.raises(ValueError, match=rf"--device '{text}': .*{match}"):
+            parse_device(text)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="CUDA is not available on this machine"):
+        parse_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert parse_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match=r"this machine has 2 CUDA device\(s\)"):
+        parse_device("cuda:2")
+
+
+def test_benchmark_refuses_cuda_without_cuda_at_parse_time(monkeypatch, capsys):
+    """benchmark.py checked CUDA's presence only in main (after parsing), with a bare SystemExit message; it now
+    shares check_checkpoints' parse-time check (inversion.cli.parse_device)."""
+    import torch
+
+    from tests.test_benchmark import load_benchmark
+
+    bench = load_benchmark()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exc:
+        bench.parse_args(["--device", "cuda:0", "--tiny"])
+    assert exc.value.code == 2 and "CUDA is not available on this machine" in capsys.readouterr().err
