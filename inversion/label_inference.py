@@ -32,6 +32,10 @@ Strategies (``LABEL_STRATEGIES``):
   11-30% and finds the dominant class in 12-15 of 15 batches at Dirichlet alpha 0.5 and 0.1.
 - ``known``: the server is given the labels (threat model with known labels).
 
+Ties: when classes share the most negative bias entry exactly (a sign compression or 2-level quantisation of the
+update makes every present class equal), the dominant class is the tied class with the most negative weight-row sum
+(:func:`break_dominant_tie`), not the lowest class id.
+
 Uninformative signal: when the last-layer signal has no negative entry (all zero, e.g. a defense zeroed or masked
 the last layer; all equal; or a saturated victim), no class is proven present and every strategy falls back to the
 argmin (class 0 for an all-equal signal). The result then has ``informative=False`` and :func:`infer_labels` warns
@@ -247,6 +251,52 @@ def check_label_threat(strategy: str, batch_size: Optional[int], known_labels: b
         raise ValueError(f"label strategy 'idlg' is exact only for B = 1, got B = {batch_size}; use bias_corrected")
 
 
+def _final_weight_row_sums(target_gradient: "OrderedDict[str, torch.Tensor]", num_classes: int):
+    """float32 (C,) row sums of the output-side-most 2-D gradient with ``num_classes`` rows (the last layer's weight),
+    or None when there is none."""
+    for name in reversed(list(target_gradient)):
+        g = target_gradient[name]
+        if g.dim() == 2 and g.shape[0] == num_classes:
+            return g.detach().float().sum(dim=1).cpu()
+    return None
+
+
+def break_dominant_tie(result: LabelInference, signal: torch.Tensor, tiebreak: Optional[torch.Tensor]) -> LabelInference:
+    """Choose the dominant class among classes tied at the most negative ``signal`` by the most negative
+    ``tiebreak`` (the last layer's weight-row sums), instead of the lowest class id.
+
+    Every strategy's dominant class is the argmin of the bias signal. A sign compression or a 2-level quantisation of
+    the update gives every present class the same bias entry, so that argmin fell on the lowest present class id.
+    The weight rows still tell the classes apart: row c of the weight gradient is (1/B) sum_i (p_ic - y_ic) h_i with
+    non-negative features h_i (ReLU, pooling), so its sum is a feature-weighted form of (1) that is most negative for
+    the class with the most images (LLG reads labels from these sums when a layer has no bias), and after sign
+    compression it counts the row's negative entries. When the choice moves the dominant class, its count and
+    presence are swapped with the old dominant's (both had the same signal, so either assignment fits (1)).
+
+    Args:
+        result: a strategy's output (dominant = argmin of ``signal``).
+        signal: float32 (C,) the bias signal the strategy read.
+        tiebreak: float32 (C,) weight-row sums, or None (no weight / no bias: nothing to break with).
+
+    Returns:
+        ``result`` itself when there is no tie (or nothing to break it with), else a new :class:`LabelInference`.
+    """
+    if tiebreak is None:
+        return result
+    tied = torch.nonzero(signal == signal[result.dominant]).flatten()
+    if tied.numel() < 2:
+        return result
+    new = int(tied[torch.argmin(tiebreak[tied])])  # lowest id among exact ties of the tie-break too
+    old = result.dominant
+    if new == old:
+        return result
+    counts, present = result.counts.clone(), result.present.clone()
+    if counts[new] < counts[old]:
+        counts[[new, old]] = counts[[old, new]]
+        present[[new, old]] = present[[old, new]]
+    return LabelInference(counts, present, new, result.strategy, result.informative)
+
+
 def infer_labels(
     target_gradient: "OrderedDict[str, torch.Tensor]",
     num_classes: int,
@@ -279,6 +329,8 @@ def infer_labels(
         return LabelInference(counts, counts > 0, int(counts.argmax()), "known")
     signal = last_layer_signal(target_gradient, num_classes).cpu()
     result = LABEL_STRATEGIES[strategy](signal, batch_size)
+    if _final_layer(target_gradient, num_classes)[0] == "bias":  # (with no bias the row sums are the signal)
+        result = break_dominant_tie(result, signal, _final_weight_row_sums(target_gradient, num_classes))
     if not result.informative:
         what = "is all zero" if not signal.any() else f"has no negative entry (min {float(signal.min()):.3g})"
         warnings.warn(

@@ -192,6 +192,26 @@ def test_single_class_batch_exact_on_resnet_and_dominant_at_b50():
     assert inf.dominant == 4 and inf.counts.sum() == 50
 
 
+def test_a_tied_bias_signal_under_sign_compression_picks_the_dominant_class_by_the_weight_rows():
+    """Sign compression makes every present class's bias entry equal: the dominant class was the lowest present id
+    (1 here, against a true 4). The last layer's weight-row sums break the tie (break_dominant_tie)."""
+    from inversion.defenses import SignCompression
+    from inversion.label_inference import break_dominant_tie, last_layer_signal
+
+    model, _ = tiny_victim(seed=3)
+    y = torch.tensor([4] * 6 + [1] * 2 + [2] * 2)
+    for seed in range(3):
+        g = SignCompression()(fedsgd_gradient(model, torch.rand(10, 1, 8, 8, generator=torch.Generator().manual_seed(seed)), y))
+        signal = last_layer_signal(g, 10)
+        assert (signal[[1, 2, 4]] == signal.min()).all()  # the tie
+        for strategy in ("sign", "bias_corrected"):
+            inf = infer_labels(g, 10, batch_size=10, strategy=strategy)
+            assert inf.dominant == 4 and inf.counts[4] == inf.counts.max() and inf.counts.sum() == 10, (strategy, inf)
+            assert inf.present.nonzero().flatten().tolist() == [1, 2, 4]
+    untied = infer_labels(fedsgd_gradient(model, torch.rand(10, 1, 8, 8), y), 10, batch_size=10)
+    assert break_dominant_tie(untied, torch.arange(10.0), -torch.arange(10.0)) is untied  # no tie: unchanged
+
+
 def test_idlg_sign_known_and_errors():
     model = LinearHead(zero=False)
     g = fedsgd_gradient(model, torch.rand(1, 1, 8, 8), torch.tensor([6]))
