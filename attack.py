@@ -475,11 +475,7 @@ def validate(cfg: Namespace, source: UserSource, victim_cfg: dict) -> None:
                 "from the global random generator: a user's noise then depends on the users run before it and on the "
                 "run's order, and changes on --resume, in split runs (first_user) and on refinish (which refuses "
                 "such runs). Give it a seed (e.g. seed: 0; each client gets its own stream from it).", stacklevel=2)
-        a = dict(cfg.attack.init_args or {})
-        output_terms = [k for k, on in (
-            ("output_weight", float(a.get("output_weight") or 0) > 0),
-            ("selection_output_weight", int(a.get("final_candidates") or 1) > 1
-             and float(a.get("selection_output_weight", 1.0) or 0) > 0)) if on]
+        output_terms = _output_terms_on(cfg)
         if output_terms:
             rank_zero_warn(
                 f"attack.init_args.{' and '.join(output_terms)} > 0 under client defenses: the output-matching target "
@@ -487,10 +483,29 @@ def validate(cfg: Namespace, source: UserSource, victim_cfg: dict) -> None:
                 "unmasked gradient; clipping, noise, pruning and compression bias it (toward the inferred label "
                 "proportions). The attack still runs; set them to 0 for the paper's method under defenses.",
                 stacklevel=2)
+    b = cfg.threat.fedavg_batch_size
+    if (cfg.threat.protocol == "fedavg" and not cfg.threat.reveal_batch_size and b
+            and b < getattr(source, "batch_size", 1) and _output_terms_on(cfg)):
+        rank_zero_warn(
+            f"attack.init_args.{' and '.join(_output_terms_on(cfg))} > 0 under FedAvg with B hidden and local "
+            f"mini-batches of {b}: the server divides the weight difference by lr x epochs, not by the ceil(B / {b}) "
+            "local steps it cannot count, so the pseudo-gradient is that many times too large and the output-matching "
+            "target read from its bias (p = g + n / B) is off. The attack still runs; reveal B "
+            "(threat.reveal_batch_size true) or set the output terms to 0.", stacklevel=2)
     if cfg.logger.backend not in ("wandb", "csv", "none"):
         raise ConfigError(f"logger.backend must be wandb, csv or none, got {cfg.logger.backend!r}")
     if cfg.logger.backend == "wandb":
         wandb_mode(cfg.logger)  # raises on a mode W&B does not know, before the run directory exists
+
+
+def _output_terms_on(cfg: Namespace) -> list[str]:
+    """The attack's output-matching terms the config turns on (``output_weight``, ``selection_output_weight`` with
+    more than one final candidate): both read the batch's mean softmax from the last layer's bias gradient."""
+    a = dict(cfg.attack.init_args or {})
+    return [k for k, on in (
+        ("output_weight", float(a.get("output_weight") or 0) > 0),
+        ("selection_output_weight", int(a.get("final_candidates") or 1) > 1
+         and float(a.get("selection_output_weight", 1.0) or 0) > 0)) if on]
 
 
 def defense_label(defenses: list[dict]) -> tuple[str, float]:

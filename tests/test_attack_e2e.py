@@ -674,3 +674,23 @@ def test_a_checkpoint_the_resume_cannot_load_names_the_folder_to_delete(tmp_path
     with pytest.raises(ValueError, match=r"\[checkpoint .*user_0001.last\.ckpt: to start user_0001 afresh, delete "
                                          r".*checkpoints.user_0001 and resume again\]"):
         attack.main(["--config", str(cfg), "--checkpoint_every", "2", "--resume", str(run_dir)])
+
+
+@pytest.mark.parametrize("threat, warns", [
+    ({"reveal_batch_size": False, "fedavg_batch_size": 1}, True),  # B = 3 in 3 hidden steps: divisor 3x too small
+    ({"reveal_batch_size": True, "fedavg_batch_size": 1}, False),  # the server counts the steps
+    ({"reveal_batch_size": False, "fedavg_batch_size": 0}, False),  # one step per epoch: lr x epochs is right
+])
+def test_output_terms_under_fedavg_with_hidden_b_and_mini_batches_warn_before_the_run(tmp_path, threat, warns):
+    """With B hidden and local mini-batches b < B the server divides by lr x epochs, so the pseudo-gradient is
+    ceil(B / b) times too large and the mean softmax read from it (p = g + n / B) is off: said at preparation."""
+    base = {"steps": 4, "t_max": 300, "t_min": 10, "t_final": 20, "denoise_steps": 2, "output_weight": 0.5}
+    cfg_path = tiny_config(tmp_path, **{"attack.init_args": base, "threat.protocol": "fedavg",
+                                        **{f"threat.{k}": v for k, v in threat.items()}})
+    parser = attack.build_parser()
+    cfg = parser.parse_args(["--config", str(cfg_path)])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        attack.prepare(parser, cfg)
+    msgs = [str(x.message) for x in seen if "B hidden and local mini-batches" in str(x.message)]
+    assert (len(msgs) == 1 and "output_weight > 0" in msgs[0] and "ceil(B / 1)" in msgs[0]) if warns else not msgs
