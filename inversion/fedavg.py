@@ -30,6 +30,13 @@ mini-batch's mean gradient gets the same weight 1/K as the full ones, so its ima
 not approach the FedSGD gradient however small eta is: in float64, ``||(1) - g|| / ||g||`` was about 0.6 at B = 5,
 b = 2, E = 1, eta = 1e-7 on the tiny conv victim of tests/helpers.py (0.4 on the BatchNorm net of tests/test_fedavg.py),
 against 1e-7 at B = 4, b = 2.
+
+Large local learning rates. With BatchNorm in eval mode its running statistics do not follow the weights as they
+move, so several local steps at a large eta can blow up: on the shipped ResNet-18 at E = 5, eta = 0.1, b = 5,
+B = 10 (shuffled), 5 of 6 mixed-class users (p = 0.6) reached a NaN/inf local loss at epochs 2-4, none of 6
+single-class users (p = 1.0, what ``configs/sweep/fedavg.yaml`` runs); the largest local loss per user reached
+1e8-1e30 where the same loop in train mode stayed below 25. :func:`fedavg_client_update` then raises (the run stops
+at that user); lower ``threat.fedavg_lr`` (0.01, the threat config's default, is the measured-safe setting).
 """
 
 from __future__ import annotations
@@ -171,7 +178,10 @@ def fedavg_client_update(
             if not losses:
                 raise_if_unused(list(params), grads)  # before any weight moves, as the FedSGD client does
             if not torch.isfinite(loss):
-                raise ValueError(f"FedAvg: local loss is NaN/inf at epoch {epoch}, step {len(losses)}; lower local_lr")
+                raise ValueError(
+                    f"FedAvg: local loss is NaN/inf at epoch {epoch}, step {len(losses)} (local lr {local_lr}, "
+                    f"{epochs} epochs): the client trains with BatchNorm in eval mode, whose frozen statistics let "
+                    "large local steps diverge (see inversion/fedavg.py); lower threat.fedavg_lr, e.g. 0.01")
             losses.append(float(loss.detach()))
             with torch.no_grad():
                 for p, g in zip(params.values(), grads):

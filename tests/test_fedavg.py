@@ -191,3 +191,11 @@ def test_pseudo_gradient_reaches_fedsgd_at_small_lr_only_when_b_divides_B():
     assert rel(up.pseudo_gradient, fedsgd_gradient(victim, x, y)) > 0.1
     means = [fedsgd_gradient(victim, x[s : s + 2], y[s : s + 2]) for s in (0, 2, 4)]
     assert rel(up.pseudo_gradient, {n: sum(m[n] for m in means) / 3 for n in means[0]}) < 1e-5
+
+
+def test_a_diverging_local_loss_names_the_step_the_lr_and_what_to_lower():
+    x, y = batch(6)
+    with pytest.raises(ValueError, match=r"NaN/inf at epoch \d+, step \d+ \(local lr 1e\+20, 3 epochs\).*"
+                                         r"BatchNorm in eval mode.*lower threat.fedavg_lr"):
+        fedavg_client_update(bn_convnet(), x, y, epochs=3, local_lr=1e20, local_batch_size=2)
+    fedavg_client_update(bn_convnet(), x, y, epochs=3, local_lr=0.01, local_batch_size=2)  # a small lr runs
