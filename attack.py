@@ -572,7 +572,15 @@ def stable_user_index(user: User, position: int) -> int:
     return int(position)
 
 
-def client_update(victim, user: User, threat: ThreatSpec, num_classes: int, user_index: int = 0):
+def _update_norm(update) -> float:
+    """Global L2 norm of a client update (name -> tensor), rounded to 4 significant digits for results.csv."""
+    from inversion.defenses import global_l2_norm
+
+    return float(f"{float(global_l2_norm(update)):.4g}")
+
+
+def client_update(victim, user: User, threat: ThreatSpec, num_classes: int, user_index: int = 0,
+                  record: Optional[dict] = None):
     """The client's side and what the server receives; returns the ServerView. ``num_classes``: the victim's number
     of outputs (:func:`inversion.scenario.victim_num_outputs`; the server's label space, at least the users').
 
@@ -585,6 +593,10 @@ def client_update(victim, user: User, threat: ThreatSpec, num_classes: int, user
     (ceil(B / b) times the per-step mean: the server cannot divide by steps it does not know; the cosine matching
     losses ignore the scale). ``meta['pseudo_gradient_steps']`` says which divisor was used. Seeded randomness is offset by :func:`stable_user_index` (``user_index``: the user's
     position in the run, used only for users without an integer id or index).
+
+    ``record`` (evaluation side, never in the view): when given, ``record['update_norm']`` is set to the L2 norm
+    (float) of what the client's defenses receive, the FedSGD gradient or the FedAvg weight difference, so a
+    results row can say how a clip norm and a noise scale compare with this user's update.
     """
     user_index = stable_user_index(user, user_index)
     from inversion.scenario import fedsgd_gradient, make_server_view
@@ -597,6 +609,8 @@ def client_update(victim, user: User, threat: ThreatSpec, num_classes: int, user
             victim, user.images, user.labels, epochs=threat.fedavg_epochs, local_lr=threat.fedavg_lr,
             local_batch_size=threat.fedavg_batch_size or None, shuffle=threat.fedavg_shuffle, seed=user_index,
         )
+        if record is not None:
+            record["update_norm"] = _update_norm(upd.delta)
         delta = user_defenses(threat, user_index)(upd.delta) if threat.defenses else upd.delta
         # the server's divisor: lr x the local steps, which it knows unless B is hidden and the client split its
         # batch into mini-batches of b (ceil(B / b) steps per epoch); then lr x epochs, as the server can compute
@@ -610,6 +624,8 @@ def client_update(victim, user: User, threat: ThreatSpec, num_classes: int, user
             meta.pop("local_steps", None)
     else:
         grad = fedsgd_gradient(victim, user.images, user.labels)
+        if record is not None:
+            record["update_norm"] = _update_norm(grad)
         if threat.defenses:
             grad = user_defenses(threat, user_index)(grad)
     view = make_server_view(
@@ -1501,7 +1517,9 @@ def run(cfg: Namespace) -> Path:
         for chunk in chunks:
             uids = [user_uid(u) for _, u in chunk]
             name = chunk_name(uids)
-            views = [client_update(victim, user, init.threat, victim_classes, user_index=i) for i, user in chunk]
+            records: list[dict] = [{} for _ in chunk]  # evaluation side: each update's norm before defenses
+            views = [client_update(victim, user, init.threat, victim_classes, user_index=i, record=rec)
+                     for (i, user), rec in zip(chunk, records)]
             attack: GradientInversionAttack = attack_cls(**attack_kwargs, log_prefix=f"{name}/")
             attack.log_images_every = cfg.image_log_every or attack.log_images_every
             if len(chunk) == 1:
@@ -1541,10 +1559,11 @@ def run(cfg: Namespace) -> Path:
             seconds = (time.time() - t0 + attack.seconds_before_resume) / len(chunk)
             if trainer.interrupted:
                 raise KeyboardInterrupt
-            for (i, user), uid, result in zip(chunk, uids, attack.results()):
+            for (i, user), uid, result, rec in zip(chunk, uids, attack.results(), records):
                 inferred = result.labels
                 # device: where it ran (after the fit the module is back on the CPU)
                 row = user_row(attack, user, result, init, evaluator, victim, gallery, trainer.strategy.root_device.type)
+                row.update(rec)
                 row.update(steps=result.steps, seconds=round(seconds, 2), seconds_per_step=round(seconds / max(1, result.steps), 4))
                 if per_step > 1:
                     row["users_per_step"] = len(chunk)

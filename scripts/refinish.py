@@ -234,9 +234,10 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
 
     victim_classes = victim_num_outputs(victim, source.image_shape)  # the server's label space, as attack.py's
 
-    def server_side(i, user, r):
-        """The server's view of user i rebuilt as attack.py built it, checked against the run's label inference."""
-        view = attack_main.client_update(victim, user, init.threat, victim_classes, user_index=i)
+    def server_side(i, user, r, record=None):
+        """The server's view of user i rebuilt as attack.py built it, checked against the run's label inference
+        (``record`` gets the update's norm, as attack.py's results rows)."""
+        view = attack_main.client_update(victim, user, init.threat, victim_classes, user_index=i, record=record)
         attack = attack_cls(**attack_kwargs).bind(view, prior).to(device)
         counts = attack_main.counts_text(attack.labels)
         if r.get("inferred_counts") not in (None, "", counts):
@@ -264,13 +265,15 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
     try:
         for i, user, r, raw, raw_source in plan:
             t0 = time.time()
-            attack = server_side(i, user, r)
+            record: dict = {}
+            attack = server_side(i, user, r, record)
             denoised = attack.final_stage(raw.to(device))
             seconds = time.time() - t0
             result = attack_main.AttackResult(representative=raw, reconstructions=raw, denoised=denoised,
                                               labels=attack.labels, steps=int(r["steps"]), history=attack.history,
                                               extras=attack.candidate_extras(0))
             row = attack_main.user_row(attack, user, result, init, evaluator, victim, gallery, device.type)
+            row.update(record)
             row.update(steps=r["steps"], seconds=r["seconds"], seconds_per_step=r["seconds_per_step"])
             if r.get("users_per_step"):
                 row["users_per_step"] = r["users_per_step"]

@@ -95,6 +95,7 @@ def test_attack_py_writes_every_output(tmp_path):
         assert float(r["psnr_nearest"]) >= float(r["psnr_mean"])
         assert int(r["victim_correct"]) == (r["victim_class"] == r["dominant_class"])
         assert 0.0 <= float(r["victim_prob_of_dominant"]) <= 1.0
+        assert float(r["update_norm"]) > 0  # the client's update before defenses (evaluation side)
     assert [r["user_dir"] for r in rows] == ["users/user_0000", "users/user_0001"]
     for uid in ("user_0000", "user_0001"):
         for png in ("batch.png", "raw.png", "denoised.png", "grid.png"):

@@ -199,3 +199,26 @@ def test_a_diverging_local_loss_names_the_step_the_lr_and_what_to_lower():
                                          r"BatchNorm in eval mode.*lower threat.fedavg_lr"):
         fedavg_client_update(bn_convnet(), x, y, epochs=3, local_lr=1e20, local_batch_size=2)
     fedavg_client_update(bn_convnet(), x, y, epochs=3, local_lr=0.01, local_batch_size=2)  # a small lr runs
+
+
+def test_client_update_records_the_update_norm_before_defenses_outside_the_servers_view():
+    """results.csv's update_norm: the norm of what the defenses receive (FedSGD gradient, FedAvg weight difference),
+    given to the evaluation through ``record`` and never placed in the server's view."""
+    import attack
+    from datamodules.users import User
+
+    x, y = batch(4)
+    victim = bn_convnet()
+    user = User(user_id=0, images=x, labels=y, num_classes=4, dominant_class=int(y[0]))
+    norm = lambda d: float(torch.sqrt(sum((v.double() ** 2).sum() for v in d.values())))  # noqa: E731
+    g_norm = norm(fedsgd_gradient(victim, x, y))
+    clip = [{"name": "clip", "clip_norm": g_norm / 10}]
+    record: dict = {}
+    view = attack.client_update(victim, user, attack.ThreatSpec(defenses=clip), 4, record=record)
+    assert record == {"update_norm": pytest.approx(g_norm, rel=1e-3)} and "update_norm" not in view.meta
+    assert norm(view.target_gradient) == pytest.approx(g_norm / 10, rel=1e-4)  # the server saw the clipped one
+    record = {}
+    attack.client_update(victim, user, attack.ThreatSpec(protocol="fedavg", fedavg_epochs=2, fedavg_lr=0.01,
+                                                         defenses=clip), 4, record=record)
+    delta = fedavg_client_update(victim, x, y, epochs=2, local_lr=0.01).delta
+    assert record["update_norm"] == pytest.approx(norm(delta), rel=1e-3)
