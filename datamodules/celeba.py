@@ -63,8 +63,8 @@ def find_celeba_root(root: Optional[str | os.PathLike]) -> Path:
     """
     if root is None or str(root) == "":
         raise DataNotFoundError("CelebA root is not set. " + _LAYOUT)
-    base = Path(root).expanduser().absolute()
-    entries = (IMAGE_DIR, IDENTITY_FILE, ATTR_FILE, PARTITION_FILE)
+    base = given = Path(root).expanduser().absolute()
+    entries = (IMAGE_DIR, IDENTITY_FILE, ATTR_FILE, PARTITION_FILE, f"{IMAGE_DIR}.zip")
     if (base / "celeba").is_dir() or not any((base / e).exists() for e in entries):
         # torchvision's layout ROOT/celeba/...; ROOT itself only when it already holds part of CelebA (so a root with
         # nothing in it reports the paths README names, e.g. /abs/data/celeba/img_align_celeba/, not data/...)
@@ -72,9 +72,9 @@ def find_celeba_root(root: Optional[str | os.PathLike]) -> Path:
     missing = [str(base / IMAGE_DIR) + "/"] if not (base / IMAGE_DIR).is_dir() else []
     missing += [str(base / f) for f in (IDENTITY_FILE, ATTR_FILE, PARTITION_FILE) if not (base / f).is_file()]
     if missing:
-        zip_hint = (
-            f" ({IMAGE_DIR}.zip is there: unzip it in {base}.)" if (base / f"{IMAGE_DIR}.zip").is_file() else ""
-        )
+        zips = [d for d in dict.fromkeys((base, given)) if (d / f"{IMAGE_DIR}.zip").is_file()]
+        zip_hint = (f" ({zips[0] / IMAGE_DIR}.zip is there: unzip it so that {base / IMAGE_DIR}/ holds the images.)"
+                    if zips else "")
         raise DataNotFoundError(f"CelebA not found: missing {', '.join(missing)}.{zip_hint} " + _LAYOUT)
     return base
 

@@ -162,7 +162,7 @@ def audit(cfg) -> Path:
 
     seed_everything(cfg.seed, verbose=False)
     parser = build_parser()
-    init = parser.instantiate_classes(cfg)
+    init = parser.instantiate(cfg) if hasattr(parser, "instantiate") else parser.instantiate_classes(cfg)
     spec: AuditSpec = init.audit
     source = init.users
     source.check()

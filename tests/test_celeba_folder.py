@@ -106,6 +106,11 @@ def test_celeba_missing_files_error(tmp_path):
         find_celeba_root(tmp_path / "flat")
     assert f"missing {tmp_path / 'flat' / 'img_align_celeba'}/," in str(err.value)
     assert "flat/list_attr_celeba.txt" not in str(err.value).split(". Expected")[0]
+    (tmp_path / "zipped").mkdir()
+    (tmp_path / "zipped" / "img_align_celeba.zip").write_bytes(b"PK")  # the download, not yet unzipped, in ROOT
+    with pytest.raises(DataNotFoundError) as err:
+        find_celeba_root(tmp_path / "zipped")
+    assert f"unzip it so that {tmp_path / 'zipped' / 'img_align_celeba'}/ holds the images" in str(err.value)
 
 
 def test_celeba_missing_image_error(tmp_path):
