@@ -999,7 +999,9 @@ def log_final(logger, run_dir: Optional[Path], rows: list[dict], grids: dict, st
     if hasattr(logger, "log_table"):
         keys = list(dict.fromkeys(k for r in rows for k in r))
         logger.log_table(key="final/results", columns=keys, data=typed_table(rows, keys))
-    logger.log_metrics({f"final/{k}": v for k, v in summarize(rows).items()})
+    # at the attack's last step (the CSV logger otherwise numbers the row by its buffer length: step 0 after a flush)
+    last_step = max((int(float(r.get("steps") or 0)) for r in rows), default=0)
+    logger.log_metrics({f"final/{k}": v for k, v in summarize(rows).items()}, step=last_step)
     if callable(getattr(logger, "save", None)):  # every Lightning logger has it (a duck-typed one may not)
         logger.save()  # CSVLogger writes only every flush_logs_every_n_steps: the final/* row was never written
 
@@ -1084,10 +1086,13 @@ RESUMABLE_TRAINER_KEYS = ("accelerator", "devices", "strategy", "num_nodes", "en
 
 def comparable_config(parser: ArgumentParser, cfg: Namespace) -> dict:
     """The config as a flat dict (dotted keys) without the keys that may differ between a run and its resume:
-    ``resume``, ``output``, ``checkpoint_every``, ``logger`` and :data:`RESUMABLE_TRAINER_KEYS`."""
+    ``resume``, ``output``, ``checkpoint_every``, ``logger``, the image logging intervals (``image_log_every``,
+    ``attack.init_args.log_images_every``: what is logged, not what is computed) and
+    :data:`RESUMABLE_TRAINER_KEYS`."""
     d = json.loads(dump_config(parser, cfg, "json"))
-    for k in ("resume", "output", "checkpoint_every", "logger"):
+    for k in ("resume", "output", "checkpoint_every", "logger", "image_log_every"):
         d.pop(k, None)
+    ((d.get("attack") or {}).get("init_args") or {}).pop("log_images_every", None)
     for k in RESUMABLE_TRAINER_KEYS:
         (d.get("trainer") or {}).pop(k, None)
     return flat_entries(d)
@@ -1267,7 +1272,8 @@ def start_distributed(cfg: Namespace, trainer_kwargs: dict):
 def check_run_args(cfg: Namespace) -> None:
     """The top-level run settings' ranges, checked by :func:`prepare` (so also by sweep.py's pre-check of every cell
     and by refinish): ``--seed`` in Lightning's ``seed_everything`` range, ``--checkpoint_every`` >= 0, and
-    ``output.name`` one plain folder name (not checked with ``--resume``, which makes no new directory).
+    ``--image_log_every`` >= 0, ``output.name`` one plain folder name (not checked with ``--resume``, which makes no
+    new directory).
 
     Raises:
         ConfigError: naming the key, its value and the allowed values.
@@ -1277,6 +1283,9 @@ def check_run_args(cfg: Namespace) -> None:
         raise ConfigError(f"--seed must be an integer in [0, 2**32 - 1] (Lightning's seed_everything), got {seed}")
     if int(cfg.get("checkpoint_every") or 0) < 0:
         raise ConfigError(f"--checkpoint_every must be >= 0 (0: no mid-user checkpoints), got {cfg.checkpoint_every}")
+    if int(cfg.get("image_log_every") or 0) < 0:  # step % -k == 0 at every step: an image logged every step
+        raise ConfigError(f"--image_log_every must be >= 0 (0: the attack's own log_images_every), got "
+                          f"{cfg.image_log_every}")
     output = cfg.get("output")
     if output is not None and not cfg.get("resume"):  # a resume makes no directory (names of older runs are kept)
         try:
@@ -1531,8 +1540,10 @@ def run(cfg: Namespace) -> Path:
                 callbacks.append(TQDMProgressBar(refresh_rate=max(1, attack.steps // 100)))
             ckpt_dir = run_dir / "checkpoints" / name
             if cfg.checkpoint_every:
+                # no version counter: a run directory moved between resumes made Lightning save last-v1.ckpt
+                # (its recorded dirpath differs), which the next --resume (reading last.ckpt) never found
                 callbacks.append(ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=cfg.checkpoint_every,
-                                                 save_last=True, save_top_k=0))
+                                                 save_last=True, save_top_k=0, enable_version_counter=False))
             trainer = Trainer(
                 max_steps=attack.steps, logger=logger if logger is not None else False,
                 enable_checkpointing=bool(cfg.checkpoint_every), default_root_dir=str(run_dir / "lightning"),
@@ -1609,7 +1620,7 @@ def run(cfg: Namespace) -> Path:
         if status == "finished" and rank == 0 and ckpt_root.is_dir():  # leftovers (a chunk cut short while writing)
             for d in ckpt_root.iterdir():
                 shutil.rmtree(d, ignore_errors=True)
-        summary = {"status": status, "run_dir": str(run_dir), "processes": world,
+        summary = {"status": status, "run_dir": str(run_dir.resolve()), "processes": world,
                    "attack_seed": attack_kwargs.get("seed"), **summarize(rows)}
         if rank == 0:
             atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")

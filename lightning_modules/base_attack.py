@@ -140,6 +140,8 @@ class GradientInversionAttack(LightningModule):
         super().__init__()
         if steps < 1:
             raise ValueError(f"attack.steps must be >= 1, got {steps}")
+        if log_images_every < 0:  # step % -k == 0 holds at every step: an image per step, not none
+            raise ValueError(f"attack.log_images_every must be >= 0 (0: never), got {log_images_every}")
         allowed = self.label_strategies()
         if label_strategy not in allowed:
             raise ValueError(f"{type(self).__name__}: unknown label_strategy {label_strategy!r}; choose one of "

@@ -323,7 +323,11 @@ def test_resume_skips_finished_users_and_continues_the_interrupted_one(tmp_path,
 
     spy.calls.clear()
     spy.at = None
-    assert attack.main(["--config", str(cfg), "--checkpoint_every", "2", "--resume", str(run_dir)]) == run_dir
+    monkeypatch.chdir(tmp_path)  # resumed by a relative path, with another image logging interval (logging only)
+    resumed = attack.main(["--config", str(cfg), "--checkpoint_every", "2", "--resume", f"runs/{run_dir.name}",
+                           "--image_log_every", "3", "--attack.init_args.log_images_every", "3"])
+    assert resumed.resolve() == run_dir
+    assert json.loads((run_dir / "summary.json").read_text())["run_dir"] == str(run_dir.resolve())
     assert spy.calls == [("user_0001/", 2), ("user_0001/", 3)]  # user 0 skipped, user 1 resumed at step 2
     rows = list(csv.DictReader((run_dir / "results.csv").open()))
     assert [r["user"] for r in rows] == ["0", "1"] and rows[0] == first[0] and rows[1]["steps"] == "4"
@@ -409,7 +413,7 @@ def test_log_final_draws_one_row_per_user_and_a_table_of_every_column():
         def log_table(self, key, columns, data):
             self.tables.append((key, columns, data))
 
-        def log_metrics(self, metrics):
+        def log_metrics(self, metrics, step=None):
             self.metrics.append(metrics)
 
     log = Logger()
@@ -695,3 +699,32 @@ def test_output_terms_under_fedavg_with_hidden_b_and_mini_batches_warn_before_th
         attack.prepare(parser, cfg)
     msgs = [str(x.message) for x in seen if "B hidden and local mini-batches" in str(x.message)]
     assert (len(msgs) == 1 and "output_weight > 0" in msgs[0] and "ceil(B / 1)" in msgs[0]) if warns else not msgs
+
+
+def test_a_run_directory_moved_between_resumes_keeps_saving_last_ckpt(tmp_path, monkeypatch):
+    """Lightning records the checkpoint folder's absolute path; after the run directory moved, a resumed fit saved
+    last-v1.ckpt beside the old last.ckpt, and every later --resume restarted from the old step."""
+    import shutil
+
+    from tests.helpers import interrupt_user_at
+
+    cfg = tiny_config(tmp_path, **{"logger.backend": "csv", "users.init_args.num_users": 1,
+                                   "attack.init_args.steps": 6})
+    spy = interrupt_user_at(monkeypatch, "user_0000/", 3)
+    with pytest.raises(SystemExit):
+        attack.main(["--config", str(cfg), "--checkpoint_every", "2"])
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    moved = tmp_path / "moved" / run_dir.name
+    moved.parent.mkdir()
+    shutil.move(str(run_dir), str(moved))
+    spy.calls.clear()
+    spy.at = ("user_0000/", 5)  # interrupted again, after the checkpoint of step 4
+    with pytest.raises(SystemExit):
+        attack.main(["--config", str(cfg), "--checkpoint_every", "2", "--resume", str(moved)])
+    ckpts = sorted(p.name for p in (moved / "checkpoints" / "user_0000").iterdir())
+    assert ckpts == ["last.ckpt"]
+    assert torch.load(moved / "checkpoints" / "user_0000" / "last.ckpt", weights_only=False)["global_step"] == 4
+    spy.calls.clear()
+    spy.at = None
+    attack.main(["--config", str(cfg), "--checkpoint_every", "2", "--resume", str(moved)])
+    assert spy.calls == [("user_0000/", 4), ("user_0000/", 5)]  # continued from step 4, not from step 2 again

@@ -46,7 +46,7 @@ def test_log_final_reads_resumed_users_grids_from_their_png(tmp_path):
         def log_image(self, key, images, step=None, caption=None):
             self.images.append(images[0])
 
-        def log_metrics(self, metrics):
+        def log_metrics(self, metrics, step=None):
             pass
 
     g0 = torch.rand(5, 3, 4, 4)
@@ -75,6 +75,9 @@ def test_loss_curves_have_a_point_per_step_for_short_attacks(tmp_path):
     final = [r for r in rows if r.get("final/psnr_nearest_mean")]
     (result,) = list(csv.DictReader((run_dir / "results.csv").open()))
     assert len(final) == 1 and float(final[0]["final/psnr_nearest_mean"]) == pytest.approx(float(result["psnr_nearest"]))
+    assert final[0]["step"] == "4"  # after the attack's steps 0-3 (it was 0: the CSV buffer's length after a flush)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert Path(summary["run_dir"]).is_absolute() and Path(summary["run_dir"]) == run_dir.resolve()
 
 
 def test_attack_init_args_log_images_every_is_honoured(tmp_path):

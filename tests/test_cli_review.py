@@ -31,6 +31,8 @@ needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="needs `apt-get instal
     (["--output.name", "a/b"], "output.name must be one plain folder name"),
     (["--output.name", ".."], "output.name must be one plain folder name"),
     (["--users.init_args.seed", "-1"], r"users.init_args.seed must be an integer >= 0"),
+    (["--image_log_every", "-1"], "--image_log_every must be >= 0"),  # step % -1 == 0: an image every step
+    (["--attack.init_args.log_images_every", "-2"], "log_images_every must be >= 0"),
 ])
 def test_prepare_refuses_bad_run_settings_before_any_run_dir(tmp_path, argv, match):
     """sweep.py validates every cell with attack.prepare: --seed -1 and --checkpoint_every -5 were checked only in

@@ -267,7 +267,7 @@ def test_log_final_sets_the_wandb_status_when_no_user_finished():
         def log_image(self, **kw):
             self.logged.append("image")
 
-        def log_metrics(self, metrics):
+        def log_metrics(self, metrics, step=None):
             self.logged.append("metrics")
 
     log = Logger()
