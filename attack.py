@@ -1637,7 +1637,7 @@ def run(cfg: Namespace) -> Path:
 
                     wandb.finish(exit_code=0 if status == "finished" else 1)
     if status != "finished":
-        raise SystemExit(1 if "diverged" in status else 130)
+        raise SystemExit(1 if status.startswith(("diverged", "incomplete")) else 130)
     if rank == 0:
         print(json.dumps(summary, indent=2), flush=True)
     return run_dir
@@ -1649,7 +1649,10 @@ def gather_ranks(status: str, rows: list[dict], local: list, grids: dict, rank: 
     stopped early, diverged or was interrupted still meets the others). ``local``: this rank's (user index, row,
     grid) of finished users (ranks > 0; their images are already in ``run_dir``). Rank 0 merges the rows into
     ``results.csv`` (sorted by user), adds their grids to ``grids`` (``str(user)`` -> grid) and removes the merged ``partial/`` files; the
-    run's status is rank 0's, or the first other rank's that did not finish ('rank r: ...').
+    run's status is rank 0's, or the first other rank's that did not finish ('rank r: ...'). When the gather itself
+    fails (a broken or timed-out process group), rank 0 merges the rows the other ranks wrote to ``partial/``
+    (kept for --resume) and a would-be "finished" run whose users are not all there becomes
+    'incomplete: ...' (exit status 1).
 
     Returns:
         (status, rows): the run's status and, on rank 0, every rank's rows (other ranks: their own arguments).
@@ -1662,6 +1665,22 @@ def gather_ranks(status: str, rows: list[dict], local: list, grids: dict, rank: 
     except Exception as exc:  # noqa: BLE001  (a broken process group: the partial files keep the rows)
         print(f"[attack] rank {rank}: could not gather the other processes' users ({exc}); rows of ranks > 0 stay in "
               f"{run_dir / PARTIAL_DIR} and are read by --resume", file=sys.stderr)
+        if rank != 0:
+            return status, rows
+        # rank 0 merges what the other ranks wrote to disk; a run missing users is not "finished" (sweep.py would
+        # skip it and its report would lack them)
+        seen = {str(r["user"]) for r in rows}
+        for part in sorted((run_dir / PARTIAL_DIR).glob("rank*.csv")):
+            for r in csv.DictReader(part.open()):
+                if str(r["user"]) not in seen:
+                    rows.append(r)
+                    seen.add(str(r["user"]))
+        rows = sort_rows(rows, users)
+        write_results(run_dir, rows)
+        missing = [u.user_id for u in users if str(u.user_id) not in seen]
+        if missing and status == "finished":
+            status = (f"incomplete: the processes' results could not be gathered ({type(exc).__name__}) and "
+                      f"{len(missing)} of {len(users)} users have no row (first: {missing[:5]}); --resume runs them")
         return status, rows
     if rank != 0:
         return status, rows

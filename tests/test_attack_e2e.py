@@ -486,6 +486,27 @@ def test_gather_ranks_merges_every_rank_and_reports_a_stopped_one(tmp_path):
     assert not (run_dir / attack.PARTIAL_DIR).exists()
 
 
+def test_a_failed_gather_merges_the_partial_rows_and_is_not_finished_while_users_lack_rows(tmp_path, capsys):
+    """A broken (or timed-out) process group made gather_ranks return rank 0's own rows and status: the run said
+    "finished" (exit 0, checkpoints removed, sweep.py skipping the cell) with another rank's users missing from
+    results.csv. Rank 0 now merges partial/ from disk and reports 'incomplete' while users are missing."""
+    from datamodules.users import User
+
+    users = [User(u, torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long), 2, 0) for u in range(3)]
+    (tmp_path / attack.PARTIAL_DIR).mkdir()
+    attack.write_results(tmp_path, [{"user": 2, "psnr": 2.0}], name=f"{attack.PARTIAL_DIR}/rank1-1.csv")
+    # no process group here: all_gather_object raises, as a broken one does
+    status, rows = attack.gather_ranks("finished", [{"user": 0, "psnr": 0.0}], [], {}, 0, 2, tmp_path, users)
+    assert status.startswith("incomplete:") and "1 of 3 users have no row (first: [1])" in status
+    assert [str(r["user"]) for r in rows] == ["0", "2"]
+    assert [r["user"] for r in csv.DictReader((tmp_path / "results.csv").open())] == ["0", "2"]
+    assert (tmp_path / attack.PARTIAL_DIR / "rank1-1.csv").is_file()  # kept for --resume
+    attack.write_results(tmp_path, [{"user": 1, "psnr": 1.0}], name=f"{attack.PARTIAL_DIR}/rank2-1.csv")
+    status, rows = attack.gather_ranks("finished", [{"user": 0, "psnr": 0.0}], [], {}, 0, 3, tmp_path, users)
+    assert status == "finished" and [str(r["user"]) for r in rows] == ["0", "1", "2"]  # every user is there
+    assert "could not gather" in capsys.readouterr().err
+
+
 def test_resume_reads_the_rows_other_ranks_left_in_partial(tmp_path):
     """A run stopped hard before rank 0 merged: --resume counts rank 1's finished users (partial/rank1-*.csv) as
     done, besides results.csv's."""
