@@ -495,7 +495,8 @@ def validate(cfg: Namespace, source: UserSource, victim_cfg: dict) -> None:
     if cfg.logger.backend not in ("wandb", "csv", "none"):
         raise ConfigError(f"logger.backend must be wandb, csv or none, got {cfg.logger.backend!r}")
     if cfg.logger.backend == "wandb":
-        wandb_mode(cfg.logger)  # raises on a mode W&B does not know, before the run directory exists
+        if wandb_mode(cfg.logger) in ("online", "shared"):  # raises on a mode W&B does not know, before the run dir
+            check_wandb_login()
 
 
 def _output_terms_on(cfg: Namespace) -> list[str]:
@@ -832,6 +833,28 @@ def wandb_mode(spec) -> str:
         raise ConfigError(f"logger.mode must be online, offline, disabled or shared (or null: WANDB_MODE, else offline), "
                           f"got {mode!r}")
     return mode
+
+
+def check_wandb_login() -> None:
+    """Raise before any work when W&B has no API key for an online run (``wandb.login(verify=False)``: reads
+    WANDB_API_KEY or ~/.netrc, asks on a terminal, makes no network call). Without it the run failed with a
+    UsageError traceback at ``wandb.init``, after the models loaded and the run directory was made.
+
+    Raises:
+        ConfigError: no key (and no terminal to ask on); says how to log in or to run offline.
+    """
+    import wandb
+
+    env_mode = os.environ.pop("WANDB_MODE", None)  # WANDB_MODE=offline makes login a no-op; the run's mode is online
+    try:
+        wandb.login(verify=False)
+    except wandb.errors.UsageError as exc:
+        raise ConfigError(f"logger.mode online needs a W&B API key ({str(exc).strip()}): run `wandb login` or set "
+                          "WANDB_API_KEY, or run with --logger.mode offline and `wandb sync` the run's wandb/ folder "
+                          "later") from None
+    finally:
+        if env_mode is not None:
+            os.environ["WANDB_MODE"] = env_mode
 
 
 def wandb_attempts(run_dir: Path) -> list[tuple[str, Optional[str]]]:

@@ -176,6 +176,23 @@ def test_an_unknown_wandb_mode_fails_before_any_run_dir(tmp_path):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+@needs_fmnist
+def test_an_online_run_without_a_wandb_key_fails_before_any_run_dir(tmp_path, monkeypatch):
+    """An online run with no API key failed at wandb.init with a UsageError traceback, after the models loaded and
+    the run directory (summary.json 'failed') was made; a key (WANDB_API_KEY, not checked online) lets it pass."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc
+    monkeypatch.setenv("NETRC", str(tmp_path / "home" / ".netrc"))
+    cfg = tiny_config(tmp_path, **{"logger.mode": "online"})
+    parser = attack.build_parser()
+    with pytest.raises(attack.ConfigError, match=r"logger.mode online needs a W&B API key.*wandb login.*offline"):
+        attack.prepare(parser, parser.parse_args(["--config", str(cfg)]))
+    assert not (tmp_path / "runs").exists()
+    assert os.environ.get("WANDB_MODE") == "offline"  # the check's own unsetting is undone (tests/CI set it)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    attack.check_wandb_login()  # a key is there: no error (verify=False: no network)
+
+
 # ------------------------------------------------------------------------------------------------ 2. offline resume
 def test_resume_starts_a_fresh_wandb_run_offline_and_continues_the_same_one_online(tmp_path, stub_wandb_init):
     run_dir = tmp_path / "tiny-20260101-000000-abcdef"
