@@ -238,12 +238,19 @@ class Cell:
         return args
 
 
-def _file_sha256(path: str) -> Optional[str]:
-    """SHA-256 of a config file's bytes (None when it cannot be read: validation names the missing file)."""
+def _file_sha256(path: str, content: bool = True) -> Optional[str]:
+    """SHA-256 of a config file: of its parsed YAML content (``content``; comments and layout do not count), or of
+    its bytes (how sweeps hashed before; :meth:`Sweep.hash` ``legacy``). None when it cannot be read or parsed
+    (validation names the file)."""
+    import yaml
+
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    except OSError:
+        data = Path(path).read_bytes()
+        if content:
+            data = json.dumps(yaml.safe_load(data), sort_keys=True, default=str).encode()
+    except (OSError, yaml.YAMLError):
         return None
+    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass
@@ -257,15 +264,17 @@ class Sweep:
     source: Optional[Path] = None
     cells: list[Cell] = field(default_factory=list)
 
-    def resolved(self) -> dict[str, Any]:
+    def resolved(self, legacy: bool = False) -> dict[str, Any]:
         """What the hash covers: everything that decides the cells' results (not where they are written), the
-        contents of every config file a cell reads included (an edited base config is another sweep)."""
+        parsed contents of every config file a cell reads included (an edited base config is another sweep; an
+        edited comment is not). ``legacy``: the files' bytes instead, as sweeps made before hashed them."""
         files = [self.base, *self.configs, *(f for c in self.cells for f in c.config_files)]
         return {"name": self.name, "base": self.base, "configs": self.configs, "fixed": self.fixed, "grid": self.grid,
-                "config_sha256": {f: _file_sha256(_absolute(f)) for f in dict.fromkeys(files)}}
+                "config_sha256": {f: _file_sha256(_absolute(f), content=not legacy) for f in dict.fromkeys(files)}}
 
-    def hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.resolved(), sort_keys=True, default=str).encode()).hexdigest()
+    def hash(self, legacy: bool = False) -> str:
+        """SHA-256 of :meth:`resolved` (``legacy``: of the byte-hashed form older sweep.json files recorded)."""
+        return hashlib.sha256(json.dumps(self.resolved(legacy), sort_keys=True, default=str).encode()).hexdigest()
 
 
 class _DuplicateKeyError(ValueError):
@@ -549,7 +558,7 @@ def open_sweep_dir(sweep: Sweep, new: bool, create: bool = True) -> Path:
             old = json.loads(meta.read_text())
         except ValueError as exc:
             raise SweepError(f"{meta} is unreadable ({exc}); use --new for a fresh sweep directory") from None
-        if old.get("hash") != sweep.hash():
+        if old.get("hash") not in (sweep.hash(), sweep.hash(legacy=True)):  # a sweep dir made before: its bytes
             raise SweepError(
                 f"resume directory from another config: {root} was made by sweep {old.get('name')!r} (hash "
                 f"{str(old.get('hash'))[:12]}), this config hashes to {sweep.hash()[:12]}; use --new for a fresh "
