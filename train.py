@@ -15,7 +15,9 @@ split.
 Last checkpoint at the end. A ModelCheckpoint with ``save_last: true`` writes ``last.ckpt`` every
 ``every_n_train_steps``, but Lightning writes it at the end of training only when no checkpoint was ever saved: a
 run stopped by ``max_time`` or a ``max_steps`` off that grid would resume up to N-1 steps before its export.
-train.py adds :class:`SaveLastAtTrainEnd`, which then writes ``last.ckpt`` at the final step.
+train.py adds :class:`SaveLastAtTrainEnd`, which then writes ``last.ckpt`` at the final step, from the final batch's
+``on_train_batch_end`` as Lightning's own checkpoints are (before the stopped epoch is counted as completed, so a
+resume trains the rest of that epoch).
 
 Run directories. Every fresh run writes into a new directory ``<default_root_dir>/<YYYYmmdd-HHMMSS>-<6 hex>``
 (``train_runs/`` when ``trainer.default_root_dir`` is unset), printed at start. Every configured path under
@@ -409,22 +411,61 @@ def _process_rank() -> int:
 
 
 class SaveLastAtTrainEnd(Callback):
-    """At the end of training, write ``last.ckpt`` of every ModelCheckpoint with ``save_last=True`` whose last save
-    was at another step than the final ``global_step`` (train.py adds it to every Trainer).
+    """Write ``last.ckpt`` of every ModelCheckpoint with ``save_last=True`` at the step where training stops, when
+    that checkpoint's last save was at another step (train.py adds this callback to every Trainer).
 
     Lightning 2.6's ModelCheckpoint writes ``last.ckpt`` at train end only when it never saved a checkpoint: a run
     stopped by ``max_time``, or by a ``max_steps`` that is not a multiple of ``every_n_train_steps``, kept the
     ``last.ckpt`` of up to N-1 steps before the end while the export (written at fit end) had the final weights, and
-    ``--ckpt_path last`` resumed from the older step. Runs on every rank (saving is collective); nothing happens
-    when the final step is already saved, no step was taken, for ``save_last='link'`` (a link names an existing
-    checkpoint), or under ``fast_dev_run``. Uses the ModelCheckpoint's own ``_save_last_checkpoint`` (as its
-    ``on_train_end`` does), so the file name, versioning and state are Lightning's.
+    ``--ckpt_path last`` resumed from the older step.
+
+    When. The checkpoint is written where Lightning's own ModelCheckpoint would write it, so that it resumes the same
+    way: in ``on_train_batch_end`` of the final batch when ``max_steps`` is reached or ``trainer.should_stop`` is set
+    there (Lightning's ``max_time`` Timer), or in ``on_validation_end`` when a validation sets ``should_stop``. Both
+    come before Lightning counts the (possibly partial) epoch as completed: a checkpoint written in ``on_train_end``
+    recorded epoch e+1 and a completed epoch, so a resume skipped the rest of an interrupted epoch (a run with
+    ``max_epochs`` trained fewer batches than configured). ``on_train_end`` still writes it when training ended at an
+    epoch's end (``max_epochs``, or a stop set at the epoch's end), where the epoch is complete. This callback moves
+    itself to the end of ``trainer.callbacks`` at setup, so it runs after the Timer and the ModelCheckpoints.
+
+    Runs on every rank (saving is collective); nothing happens when the final step is already saved, no step was
+    taken, for ``save_last='link'`` (a link names an existing checkpoint), or under ``fast_dev_run``. Uses the
+    ModelCheckpoint's own ``_save_last_checkpoint`` (as its ``on_train_end`` does), so the file name, versioning and
+    state are Lightning's.
     """
 
-    def on_train_end(self, trainer, pl_module) -> None:
-        from lightning.pytorch.callbacks import ModelCheckpoint
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Run after every other callback (the Timer that ``max_time`` adds last, the ModelCheckpoints)."""
+        if trainer.callbacks and trainer.callbacks[-1] is not self:
+            # a new list: Lightning is iterating over the old one while it calls ``setup``
+            trainer.callbacks = [cb for cb in trainer.callbacks if cb is not self] + [self]
 
-        if trainer.fast_dev_run or trainer.global_step == 0:
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._stops_now(trainer):
+            self._save_last(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking and self._stops_now(trainer):
+            self._save_last(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._save_last(trainer)
+
+    @staticmethod
+    def _stops_now(trainer) -> bool:
+        """Whether the fit loop ends after this batch: ``max_steps`` reached, or ``should_stop`` set and the
+        ``min_steps``/``min_epochs`` met (the conditions of Lightning's fit and epoch loops, read without their
+        log lines)."""
+        if trainer.max_steps is not None and trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:
+            return True
+        return bool(trainer.should_stop) and trainer.fit_loop._can_stop_early
+
+    @staticmethod
+    def _save_last(trainer) -> None:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        if trainer.fast_dev_run or trainer.global_step == 0 or trainer.state.fn != TrainerFn.FITTING:
             return
         for cb in trainer.checkpoint_callbacks:
             if (isinstance(cb, ModelCheckpoint) and cb.save_last is True

@@ -123,13 +123,16 @@ class ExportModel(Callback):
         sample_grid: for modules with ``sample(n, steps, seed)``: save a seeded DDIM grid as ``samples.png``
             (``sample_grid_size`` images, 8 per row, ``sample_steps`` DDIM steps, seed 0; the default 64 x 100 steps
             takes minutes on a CPU: turn it off or shrink it for quick trials).
-        sample_grid_size, sample_steps: the grid's number of samples (>= 1) and DDIM steps (>= 1).
+        sample_grid_size, sample_steps: the grid's number of samples (>= 1) and DDIM steps (>= 1, and at most the
+            module's ``scheduler.config.num_train_timesteps``: checked at fit start, :meth:`check_sampling`).
         title: first line of the model card.
 
     Several ExportModel callbacks may share a Trainer (e.g. float32 and float16 exports) when their ``dirpath``
     differ: the state key names the folder (:attr:`state_key`).
 
     Raises:
+        ValueError: at construction, ``sample_grid_size`` or ``sample_steps`` < 1; at fit start, before training,
+            ``sample_steps`` above the module's number of training timesteps (:meth:`check_sampling`).
         FileExistsError: at fit start, when ``dirpath`` exists, the run is not a resume and ``overwrite`` is false.
         NotADirectoryError, PermissionError, OSError: at fit start, before training, when ``dirpath`` cannot be
             created or written (e.g. it lies under a regular file): :func:`check_export_parent`.
@@ -207,10 +210,32 @@ class ExportModel(Callback):
     def _elapsed(self) -> float:
         return self.wall_time_s + (time.time() - self._t0 if self._t0 is not None else 0.0)
 
+    def check_sampling(self, pl_module) -> None:
+        """Refuse a sample grid the export could not draw: with ``sample_grid`` on and a module that has ``sample``
+        and a ``scheduler`` whose config has ``num_train_timesteps`` T, ``sample_steps`` must be <= T (DDIM takes
+        at most one step per training timestep; diffusers' ``set_timesteps`` refuses more).
+
+        Raises:
+            ValueError: ``sample_steps`` > T, naming this callback's ``sample_steps`` and
+                ``model.init_args.num_train_timesteps``.
+        """
+        if not (self.sample_grid and hasattr(pl_module, "sample")):
+            return
+        config = getattr(getattr(pl_module, "scheduler", None), "config", None)
+        steps = config.get("num_train_timesteps") if isinstance(config, dict) else None
+        if isinstance(steps, int) and self.sample_steps > steps:
+            raise ValueError(
+                f"ExportModel (dirpath {self.dirpath}): sample_steps {self.sample_steps} exceeds the model's "
+                f"num_train_timesteps {steps} (model.init_args.num_train_timesteps; DDIM takes at most one step per "
+                f"training timestep): set this callback's init_args.sample_steps to at most {steps}, or "
+                "sample_grid: false")
+
     def on_fit_start(self, trainer, pl_module) -> None:  # after a checkpoint restore, before the first step
-        """Before training: refuse an existing folder on a fresh run (:meth:`check_target`) and, on rank 0, create
-        the parent folders and write a probe folder there (:func:`check_export_parent`), so an export folder that
-        cannot be written fails now, not after the training."""
+        """Before training: refuse a sample grid the export could not draw (:meth:`check_sampling`), an existing
+        folder on a fresh run (:meth:`check_target`) and, on rank 0, create the parent folders and write a probe
+        folder there (:func:`check_export_parent`), so an export folder that cannot be written fails now, not after
+        the training."""
+        self.check_sampling(pl_module)
         self.check_target(resuming=bool(trainer.ckpt_path))
         if getattr(trainer, "is_global_zero", True):
             check_export_parent(self.dirpath, create=True)
@@ -269,8 +294,9 @@ class ExportModel(Callback):
         (title, command, global step, the epochs those steps amount to (:func:`epochs_trained`: ``epoch`` = full
         epochs completed, ``epochs_trained`` = fractional, ``batches_per_epoch``, ``accumulate_grad_batches``), wall
         time in seconds, the scalar ``callback_metrics``, hparams, precision, torch version), ``MODEL_CARD.md``
-        (:func:`render_model_card`) and, when ``sample_grid`` and the module has ``sample``, ``samples.png``: an 8x8
-        grid of ``sample(64, num_inference_steps=100, seed=0)``.
+        (:func:`render_model_card`) and, when ``sample_grid`` and the module has ``sample``, ``samples.png``: a grid,
+        8 images per row (all in one row when fewer; the last row may be partial), of ``sample(sample_grid_size,
+        num_inference_steps=sample_steps, seed=0)`` (64 and 100 by default: an 8x8 grid).
         The module is put in eval mode meanwhile and its previous mode restored; the temporary folder is removed if
         anything fails before it is moved into place.
         """

@@ -449,9 +449,18 @@ class FolderUsers(UserSource):
 
 
 def find_images(root: str | os.PathLike) -> list[Path]:
-    """Every .jpg/.jpeg/.png under ``root`` (``~`` expanded; recursively, following no symlinked folders), sorted by
-    path. Hidden files and folders (names starting with '.', e.g. AppleDouble ``._x.jpg``) are skipped
-    (:func:`is_image_file`).
+    """Every .jpg/.jpeg/.png under ``root`` (``~`` expanded; recursively), sorted by path. Hidden files and folders
+    (names starting with '.', e.g. AppleDouble ``._x.jpg``) are skipped (:func:`is_image_file`).
+
+    Symlinked folders are followed, as torchvision's ``ImageFolder`` does (``os.walk(followlinks=True)``): a dataset
+    assembled from links to folders elsewhere is listed whole (they were skipped silently, so a prior trained on a
+    subset). Each real folder is listed once: a link to a folder already listed, or to one of its own ancestors (a
+    cycle), is not descended into (real paths compared, :func:`os.path.realpath`), so the walk ends and no image is
+    listed twice: a folder reachable by two paths is listed under the first one the top-down walk (names sorted)
+    queues. A symlinked root is followed too.
+
+    Returns:
+        the image paths, as found under ``root`` (links not resolved), sorted.
 
     Raises:
         DataNotFoundError: ``root`` missing or holding no image (the message names the path and the config key).
@@ -463,8 +472,15 @@ def find_images(root: str | os.PathLike) -> list[Path]:
             ".jpg/.jpeg/.png images (searched recursively, e.g. FFHQ's images1024x1024)."
         )
     files = []
-    for dirpath, dirnames, filenames in os.walk(base):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    seen = {os.path.realpath(base)}  # real paths of the folders listed or queued: a link to one of them is a repeat
+    for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+        keep = []
+        for d in sorted(d for d in dirnames if not d.startswith(".")):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if real not in seen:
+                seen.add(real)
+                keep.append(d)
+        dirnames[:] = keep
         files += [Path(dirpath) / f for f in filenames if is_image_file(f)]
     if not files:
         raise DataNotFoundError(
@@ -487,7 +503,8 @@ class ImageFolderDataModule(ImageDataModule):
     DataLoader worker hours in.
 
     Args:
-        root: folder searched recursively for .jpg/.jpeg/.png (``~`` expanded).
+        root: folder searched recursively for .jpg/.jpeg/.png (``~`` expanded; symlinked folders are followed, each
+            real folder once: :func:`find_images`).
         image_size: output side in pixels; channels: 3 (RGB) or 1 (grey).
         batch_size: training batch size (must not exceed the training images, since the last partial batch is
             dropped).

@@ -1,8 +1,18 @@
 """DDPM image prior: diffusers ``UNet2DModel`` + ``DDPMScheduler`` trained on epsilon-prediction MSE with EMA.
 
-Follows diffusers' ``examples/unconditional_image_generation/train_unconditional.py`` (Ho et al. 2020, eq. 14):
-x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, loss = |eps_theta(x_t, t) - eps|^2. Exported with
-``DDPMPipeline.save_pretrained`` so that the attack loads it exactly like any diffusers DDPM folder or hub id.
+What matches diffusers' ``examples/unconditional_image_generation/train_unconditional.py``: the objective (Ho et al.
+2020, eq. 14): images mapped to [-1, 1], t uniform in 0..T-1, x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,
+loss = |eps_theta(x_t, t) - eps|^2 (MSE); the EMA's warm-up form (power 3/4, inv_gamma 1, applied after
+each optimiser step; here one count ahead, see :meth:`DDPMPrior._ema_step_decay`); the export
+(``DDPMPipeline.save_pretrained``, so the attack loads it like any diffusers DDPM folder or hub id).
+
+What differs (the recipe the shipped priors were trained with; kept as it is): the optimiser is AdamW with torch's
+default betas (0.9, 0.999) and eps 1e-8, ``weight_decay`` from the config (default 0), the learning rate ``lr``
+with a linear warm-up over ``warmup_steps`` and then constant (no decay), and no gradient-norm clipping (Lightning's
+``trainer.gradient_clip_val`` is unset in the shipped configs). That script uses AdamW betas (0.95, 0.999), weight
+decay 1e-6, lr 1e-4 with a 500-step warm-up and a cosine decay, and clips the gradient norm to 1.0. Its EMA's
+maximal decay is 0.9999 (here ``ema_decay``, 0.999 by default), and its UNet is larger (widths 128..512, six
+levels); here the widths, depth, attention, T and beta schedule are ``model.init_args``.
 """
 
 from __future__ import annotations
@@ -26,7 +36,8 @@ class DDPMPrior(Resumable, LightningModule):
     Args:
         image_size: side of the square images in pixels (the UNet's ``sample_size``).
         in_channels: image channels (1 for Fashion-MNIST, 3 for faces).
-        block_out_channels: UNet widths per resolution level.
+        block_out_channels: UNet widths per resolution level, each a multiple of 32 (the UNet's GroupNorm groups,
+            :func:`check_unet_widths`).
         layers_per_block: ResNet blocks per level.
         attention: use attention blocks at the two lowest resolutions.
         num_train_timesteps: T of the forward process.
@@ -34,7 +45,8 @@ class DDPMPrior(Resumable, LightningModule):
         lr: AdamW learning rate; warmup_steps: linear warm-up.
         ema_decay: maximal EMA decay (with diffusers' EMA warm-up, power 3/4).
         sample_every_n_steps: log a seeded DDIM sample grid every so many optimiser steps (0: never).
-        sample_grid_size: number of images in that grid; sample_inference_steps: DDIM steps for it.
+        sample_grid_size: number of images in that grid (>= 1); sample_inference_steps: DDIM steps for it
+            (1..num_train_timesteps). Both checked at construction when sampling is on (:func:`check_sampling`).
         init_weights: optional diffusers DDPM folder (e.g. a shipped prior; looked up as given, then under the
             repository root: :func:`inversion.fsutils.find_input_path`) or hub id, in the pipeline layout (unet/,
             scheduler/) or the root layout of single-model repos (:func:`inversion.prior.load_ddpm_parts`), whose UNet
@@ -44,6 +56,13 @@ class DDPMPrior(Resumable, LightningModule):
             again from step 0 (decay 1 - (1 + k)^-3/4 after k steps), so a short second stage averages over fewer
             steps than ``ema_decay`` implies (the shipped prior's 6,518-step stage ended at decay ~0.9986). Ignored
             when train.py restores a checkpoint (its weights replace it; the name is kept for the model card).
+
+    Raises:
+        ValueError: at construction, before any training, naming the ``model.init_args`` key: a width of
+            ``block_out_channels`` that is not a multiple of 32 (:func:`check_unet_widths`); an ``image_size`` that
+            is not a multiple of 2**(levels - 1); with sampling on, a ``sample_grid_size`` < 1 or a
+            ``sample_inference_steps`` outside 1..num_train_timesteps (:func:`check_sampling`); an ``init_weights``
+            of another UNet config or noise schedule (:func:`check_warm_start`).
     """
 
     def __init__(
@@ -67,6 +86,8 @@ class DDPMPrior(Resumable, LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        check_unet_widths(block_out_channels)
+        check_sampling(sample_every_n_steps, sample_grid_size, sample_inference_steps, num_train_timesteps)
         n = len(block_out_channels)
         if image_size < 1 or image_size % 2 ** (n - 1):
             raise ValueError(
@@ -87,6 +108,7 @@ class DDPMPrior(Resumable, LightningModule):
             block_out_channels=tuple(block_out_channels),
             down_block_types=tuple(down),
             up_block_types=tuple(up),
+            norm_num_groups=NORM_NUM_GROUPS,  # UNet2DModel's default, spelled out for check_unet_widths
         )
         self.scheduler = DDPMScheduler(
             num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, prediction_type="epsilon"
@@ -210,6 +232,69 @@ class DDPMPrior(Resumable, LightningModule):
         pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(self.scheduler.config))
         pipe.save_pretrained(str(dirpath), safe_serialization=True)
         return Path(dirpath)
+
+
+#: GroupNorm groups of every UNet normalisation layer (UNet2DModel's default; not configurable in DDPMPrior)
+NORM_NUM_GROUPS = 32
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_unet_widths(block_out_channels: Sequence[int]) -> None:
+    """Refuse UNet widths that the UNet's GroupNorm layers cannot split into groups, before the UNet is built.
+
+    Every normalisation layer of the UNet splits its channels into :data:`NORM_NUM_GROUPS` (32) groups, so every
+    width must be a multiple of 32 (torch's own error, 'num_channels (8) must be divisible by num_groups (32)',
+    names neither the config key nor the fix).
+
+    Args:
+        block_out_channels: UNet widths per resolution level (``model.init_args.block_out_channels``).
+
+    Raises:
+        ValueError: the list is empty, or a width is not a positive integer multiple of 32; names
+            ``model.init_args.block_out_channels`` and the offending widths.
+    """
+    widths = list(block_out_channels)
+    bad = [c for c in widths if not _is_int(c) or c < 1 or c % NORM_NUM_GROUPS]
+    if not widths or bad:
+        raise ValueError(
+            f"model.init_args.block_out_channels {widths} must be a non-empty list of positive multiples of "
+            f"{NORM_NUM_GROUPS} (the UNet's GroupNorm layers split every width into norm_num_groups = "
+            f"{NORM_NUM_GROUPS} groups, fixed by DDPMPrior)" + (f"; not: {bad}" if bad else ""))
+
+
+def check_sampling(sample_every_n_steps: int, sample_grid_size: int, sample_inference_steps: int,
+                   num_train_timesteps: int) -> None:
+    """Refuse periodic-sampling settings that would fail only at the first sample, after training started.
+
+    Checked only when sampling is on (``sample_every_n_steps`` != 0): the grid size and DDIM steps are unused
+    otherwise.
+
+    Args:
+        sample_every_n_steps: optimiser steps between sample grids, an integer >= 0 (0: no sampling).
+        sample_grid_size: images per grid, an integer >= 1.
+        sample_inference_steps: DDIM steps, an integer in 1..``num_train_timesteps`` (DDIM takes at most one step
+            per training timestep; diffusers refuses more).
+        num_train_timesteps: T of the forward process.
+
+    Raises:
+        ValueError: naming the ``model.init_args`` key, its value and the allowed range.
+    """
+    if not _is_int(sample_every_n_steps) or sample_every_n_steps < 0:
+        raise ValueError(f"model.init_args.sample_every_n_steps must be an integer >= 0 (0: no sample grids), got "
+                         f"{sample_every_n_steps!r}")
+    if sample_every_n_steps == 0:
+        return
+    off = "; or set model.init_args.sample_every_n_steps: 0 for no sample grids"
+    if not _is_int(sample_grid_size) or sample_grid_size < 1:
+        raise ValueError(f"model.init_args.sample_grid_size must be an integer >= 1, got {sample_grid_size!r}{off}")
+    if not _is_int(sample_inference_steps) or not 1 <= sample_inference_steps <= num_train_timesteps:
+        raise ValueError(
+            f"model.init_args.sample_inference_steps must be an integer in 1..{num_train_timesteps} "
+            f"(model.init_args.num_train_timesteps: DDIM takes at most one step per training timestep), got "
+            f"{sample_inference_steps!r}{off}")
 
 
 #: UNet2DModel config keys a warm start may change: they do not change the function the weights compute in eval mode

@@ -492,3 +492,30 @@ def test_face_gallery_is_the_same_for_a_split_run_and_a_full_run(celeba, monkeyp
     assert len(with_gallery) == len(full_run) == 2 and len(split_run) == 0  # the user itself left out
     assert all(torch.equal(a, b) for a, b in zip(with_gallery, full_run))
     assert not any(torch.equal(o, split_users[0].images) for o in with_gallery)
+
+
+def test_image_folder_follows_symlinked_folders_once_and_survives_a_cycle(tmp_path):
+    """os.walk without followlinks skipped a symlinked sub-folder silently (the prior trained on 2 of 5 images);
+    now links are followed like torchvision's ImageFolder, each real folder once, and a link back up ends."""
+    from datamodules.folder import find_images
+
+    elsewhere = tmp_path / "elsewhere" / "part2"
+    elsewhere.mkdir(parents=True)
+    for k in range(3):
+        _noise(24, 24, seed=10 + k).save(elsewhere / f"b{k}.png")
+    root = tmp_path / "ffhq"
+    (root / "part1").mkdir(parents=True)
+    for k in range(2):
+        _noise(24, 24, seed=k).save(root / "part1" / f"a{k}.jpg")
+    (root / "part2").symlink_to(elsewhere, target_is_directory=True)
+    (root / "part1" / "loop").symlink_to(root, target_is_directory=True)  # a cycle: part1/loop/part1/loop/...
+    (root / "z_again").symlink_to(root / "part1", target_is_directory=True)  # a second path to part1: not listed
+    found = find_images(root)
+    assert [p.relative_to(root).as_posix() for p in found] == [
+        "part1/a0.jpg", "part1/a1.jpg", "part2/b0.png", "part2/b1.png", "part2/b2.png"]  # was the first two only
+    dm = ImageFolderDataModule(str(root), image_size=16, batch_size=2, val_fraction=0.0)
+    dm.setup("fit")
+    assert sorted(Path(p).name for p in dm._train.paths) == ["a0.jpg", "a1.jpg", "b0.png", "b1.png", "b2.png"]
+    # a symlinked root is followed too
+    (tmp_path / "root_link").symlink_to(root, target_is_directory=True)
+    assert len(find_images(tmp_path / "root_link")) == 5

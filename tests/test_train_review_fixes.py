@@ -11,6 +11,9 @@
 6. A classifier warm start refuses another input normalisation.
 7. The train configs leave W&B's mode to WANDB_MODE (no offline: true, which forces dryrun).
 8. The resume config (config-resume-k.yaml) is written when training starts, after the whole checkpoint restore.
+9. last.ckpt at a stop (max_steps, max_time) is written from the final batch's on_train_batch_end, before Lightning
+   counts the stopped epoch as completed, so a resume trains the rest of that epoch (as from Lightning's own
+   checkpoints).
 """
 
 from __future__ import annotations
@@ -330,3 +333,106 @@ def test_export_probe_at_fit_start_reports_what_the_file_system_refused(tmp_path
     with pytest.raises(PermissionError, match=r"cannot be written: creating a folder in .*new failed \(Permission denied\)"):
         export.check_export_parent(target, create=True)
     assert (tmp_path / "new").is_dir() and not target.exists()  # the parent was made, the export folder was not
+
+
+# ------------------------------------------------------------------------------------------ 9 last.ckpt at a stop
+class BatchSpy(Callback):
+    """Records ``(current_epoch, batch_idx)`` of every training batch that started."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, int]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batches.append((trainer.current_epoch, batch_idx))
+
+
+def _fit_3_batches(root: Path, ckpt_path=None, **trainer_kw) -> tuple[Trainer, list[tuple[int, int]]]:
+    """A tiny convnet on 12 images in batches of 4 (3 batches an epoch), with train.py's SaveLastAtTrainEnd and a
+    ModelCheckpoint that saves only last.ckpt (no every_n_train_steps: only the stop writes it)."""
+    import train
+
+    torch.manual_seed(0)
+    model = ImageClassifier(arch="convnet", in_channels=1, num_classes=4, image_size=8)
+    data = DataLoader(TensorDataset(torch.rand(12, 1, 8, 8), torch.arange(12) % 4), batch_size=4)
+    spy = BatchSpy()
+    trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                      num_sanity_val_steps=0, accelerator="cpu", devices=1, default_root_dir=str(root),
+                      callbacks=[train.SaveLastAtTrainEnd(), spy,
+                                 ModelCheckpoint(dirpath=str(root / "ckpt"), save_last=True, save_top_k=0)],
+                      **trainer_kw)
+    trainer.fit(model, data, ckpt_path=ckpt_path)
+    return trainer, spy.batches
+
+
+def _epoch_and_step(ckpt: Path) -> tuple[int, int]:
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    return saved["epoch"], saved["global_step"]
+
+
+def test_last_checkpoint_at_max_steps_mid_epoch_resumes_the_rest_of_the_epoch(tmp_path):
+    """Saved in on_train_end, the stopped epoch was already counted as completed (epoch 1): a resume with
+    max_epochs=2 skipped batch 2 of epoch 0 and trained 5 steps in all."""
+    _, first = _fit_3_batches(tmp_path, max_steps=2)
+    assert first == [(0, 0), (0, 1)]
+    assert _epoch_and_step(tmp_path / "ckpt" / "last.ckpt") == (0, 2)  # was (1, 2)
+    trainer, resumed = _fit_3_batches(tmp_path, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), max_epochs=2,
+                                      max_steps=-1)
+    assert resumed == [(0, 2), (1, 0), (1, 1), (1, 2)]  # was [(1, 0), (1, 1), (1, 2)]
+    assert trainer.global_step == 6 and trainer.current_epoch == 2  # was 5
+
+
+def test_last_checkpoint_at_max_steps_on_an_epoch_end_resumes_without_a_phantom_batch(tmp_path):
+    """Stopped by max_steps on the last batch of an epoch and resumed by steps: the on_train_end checkpoint made
+    Lightning start a batch 3 of a 3-batch epoch 1, then epoch 2."""
+    _fit_3_batches(tmp_path, max_steps=3)
+    assert _epoch_and_step(tmp_path / "ckpt" / "last.ckpt") == (0, 3)  # was (1, 3)
+    trainer, resumed = _fit_3_batches(tmp_path, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), max_steps=5)
+    assert resumed == [(1, 0), (1, 1)]  # was [(1, 3), (2, 0)]
+    # the stopped epoch 1 counts as ended after fit (as in any max_steps stop); was 3 (after an epoch 2)
+    assert trainer.global_step == 5 and trainer.current_epoch == 2
+
+
+def test_last_checkpoint_at_max_time_is_written_after_the_timer_stopped(tmp_path, monkeypatch):
+    """Trainer(max_time=...) appends its Timer after the given callbacks; SaveLastAtTrainEnd moves itself behind it
+    at setup, so it sees the stop the Timer sets in on_train_batch_end (here: after step 2, patched)."""
+    from lightning.pytorch.callbacks import Timer
+
+    import train
+
+    def stop_after_2_steps(self, trainer):
+        trainer.should_stop = trainer.should_stop or trainer.global_step >= 2
+
+    monkeypatch.setattr(Timer, "_check_time_remaining", stop_after_2_steps)
+    trainer, first = _fit_3_batches(tmp_path, max_time="00:01:00:00")
+    assert first == [(0, 0), (0, 1)]
+    assert _epoch_and_step(tmp_path / "ckpt" / "last.ckpt") == (0, 2)  # was (1, 2)
+    assert isinstance(trainer.callbacks[-1], train.SaveLastAtTrainEnd)
+    monkeypatch.undo()
+    trainer, resumed = _fit_3_batches(tmp_path, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), max_epochs=2)
+    assert resumed == [(0, 2), (1, 0), (1, 1), (1, 2)] and trainer.global_step == 6
+
+
+def test_last_checkpoint_at_max_epochs_is_still_written_at_train_end(tmp_path):
+    _fit_3_batches(tmp_path, max_epochs=1)
+    assert _epoch_and_step(tmp_path / "ckpt" / "last.ckpt") == (1, 3)  # a complete epoch
+    trainer, resumed = _fit_3_batches(tmp_path, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), max_epochs=2)
+    assert resumed == [(1, 0), (1, 1), (1, 2)] and trainer.global_step == 6
+
+
+def test_train_py_resume_after_a_max_steps_stop_trains_the_configured_epochs(tmp_path, fake_fmnist):
+    """train.py end to end: 24 training images in batches of 8 (3 an epoch), stopped at max_steps 2 off the
+    checkpoint grid, resumed with --ckpt_path last to max_epochs 2: 6 steps in all (was 5)."""
+    import train
+
+    root = tmp_path / "tr"
+    cfg = _train_config(tmp_path, fake_fmnist, root, every=100, steps=2)
+    loaded = yaml.safe_load(cfg.read_text())
+    loaded["data"]["init_args"]["val_size"] = 176
+    cfg.write_text(yaml.safe_dump(loaded))
+    train.main(["--config", str(cfg)])
+    run = _only_run(root)
+    assert _epoch_and_step(run / "ckpt" / "last.ckpt") == (0, 2)
+    train.main(["--config", str(cfg), "--ckpt_path", "last", "--trainer.max_epochs", "2",
+                "--trainer.max_steps", "-1"])
+    assert _epoch_and_step(run / "ckpt" / "last.ckpt") == (2, 6)  # was (2, 5)
+    assert json.loads((tmp_path / "export" / "training_summary.json").read_text())["global_step"] == 6

@@ -263,3 +263,72 @@ def test_non_square_prior_is_refused():
         DiffusionPrior(unet, DDPMScheduler(num_train_timesteps=10), (1, 8, 8))
     unet.register_to_config(sample_size=(8, 8))
     assert DiffusionPrior(unet, DDPMScheduler(num_train_timesteps=10), (1, 8, 8)).prior_size == 8
+
+
+def _sampling_ddpm(**kw) -> DDPMPrior:
+    """_tiny_ddpm with the sampling settings left to ``kw``."""
+    return DDPMPrior(image_size=8, block_out_channels=(32, 32), layers_per_block=1, **kw)
+
+
+def test_ddpm_refuses_sampling_settings_before_training():
+    """With periodic sampling on, a DDIM step count outside 1..T (0: ZeroDivisionError, 2000: diffusers' ValueError)
+    or an empty grid (a reshape error) failed at the first sample, after training started."""
+    steps = r"model.init_args.sample_inference_steps must be an integer in 1\.\.{}"
+    for bad in (0, 2000, -1):
+        with pytest.raises(ValueError, match=steps.format(1000) + rf" .*got {bad}; or set .*sample_every_n_steps: 0"):
+            _sampling_ddpm(sample_every_n_steps=1, sample_inference_steps=bad)
+    with pytest.raises(ValueError, match=steps.format(10) + " .*got 50"):
+        _sampling_ddpm(sample_every_n_steps=1, num_train_timesteps=10)  # the default 50 steps > T = 10
+    with pytest.raises(ValueError, match="model.init_args.sample_grid_size must be an integer >= 1, got 0"):
+        _sampling_ddpm(sample_every_n_steps=1, sample_grid_size=0)
+    with pytest.raises(ValueError, match=r"model.init_args.sample_every_n_steps must be an integer >= 0 .*got -1"):
+        _sampling_ddpm(sample_every_n_steps=-1)
+    # the bounds are accepted; with sampling off the grid settings are not used, so not checked
+    _sampling_ddpm(sample_every_n_steps=1, sample_inference_steps=1000, sample_grid_size=1)
+    _sampling_ddpm(sample_every_n_steps=0, sample_inference_steps=0, sample_grid_size=0)
+    module = _sampling_ddpm(sample_every_n_steps=1, num_train_timesteps=10, sample_inference_steps=10,
+                            sample_grid_size=2)
+    _trainer(max_steps=1).fit(module, _loader(labels=False))  # samples once, with every one of the 10 timesteps
+
+
+def test_ddpm_refuses_block_widths_the_group_norm_cannot_split():
+    """torch's own error named neither the config key nor the rule: 'num_channels (8) must be divisible by
+    num_groups (32)'."""
+    with pytest.raises(ValueError, match=r"model.init_args.block_out_channels \[8, 8\] must be a non-empty list of "
+                                         r"positive multiples of 32 .*norm_num_groups = 32.*; not: \[8, 8\]"):
+        DDPMPrior(image_size=8, block_out_channels=(8, 8), layers_per_block=1)
+    with pytest.raises(ValueError, match=r"block_out_channels \[32, 48\] .*; not: \[48\]"):
+        DDPMPrior(image_size=8, block_out_channels=[32, 48], layers_per_block=1)
+    with pytest.raises(ValueError, match=r"block_out_channels \[\] must be a non-empty list"):
+        DDPMPrior(image_size=8, block_out_channels=[], layers_per_block=1)
+    module = DDPMPrior(image_size=8, block_out_channels=(32, 64), layers_per_block=1)
+    from lightning_modules.ddpm import NORM_NUM_GROUPS
+
+    assert NORM_NUM_GROUPS == 32 and module.unet.config.norm_num_groups == 32
+
+
+def test_export_refuses_more_sample_steps_than_training_timesteps_before_training(tmp_path):
+    """sample_steps > T made the final export's DDIM fail after the whole training; now on_fit_start refuses it."""
+    from callbacks.export import ExportModel
+
+    class Steps(Callback):
+        steps = 0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            Steps.steps += 1
+
+    out = tmp_path / "ddpm"
+    module = _tiny_ddpm(num_train_timesteps=10)
+    with pytest.raises(ValueError, match=r"sample_steps 11 exceeds the model's num_train_timesteps 10 "
+                                         r"\(model.init_args.num_train_timesteps.*at most 10, or sample_grid: false"):
+        _trainer(max_steps=1, callbacks=[ExportModel(str(out), sample_grid_size=2, sample_steps=11), Steps()]).fit(
+            module, _loader(labels=False))
+    assert Steps.steps == 0 and not out.exists()
+    # no grid: nothing to refuse; T steps: the grid is drawn
+    _trainer(max_steps=1, callbacks=[ExportModel(str(out), sample_grid=False, sample_steps=11)]).fit(
+        _tiny_ddpm(num_train_timesteps=10), _loader(labels=False))
+    assert not (out / "samples.png").exists()
+    _trainer(max_steps=1, callbacks=[ExportModel(str(out), overwrite=True, sample_grid_size=2, sample_steps=10)]).fit(
+        _tiny_ddpm(num_train_timesteps=10), _loader(labels=False))
+    assert (out / "samples.png").is_file()
+    assert "2 seeded DDIM samples, 10 steps" in (out / "MODEL_CARD.md").read_text()
