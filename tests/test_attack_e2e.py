@@ -524,6 +524,20 @@ def test_resume_reads_the_rows_other_ranks_left_in_partial(tmp_path):
     assert [(r["user"], r["psnr_nearest"]) for r in rows] == [("0", "10.0"), ("1", "11.0")]
 
 
+TINY_ATTACK = {"steps": 4, "t_max": 300, "t_min": 10, "t_final": 20, "denoise_steps": 2}
+
+
+def prepare_warnings(cfg_path: Path, containing: str) -> list[str]:
+    """The messages of the warnings ``attack.prepare`` gives for the config file ``cfg_path`` that contain
+    ``containing`` (every warning recorded, none filtered)."""
+    parser = attack.build_parser()
+    cfg = parser.parse_args(["--config", str(cfg_path)])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        attack.prepare(parser, cfg)
+    return [str(x.message) for x in seen if containing in str(x.message)]
+
+
 @pytest.mark.parametrize("attack_args, warns", [
     ({"output_weight": 0.5}, "output_weight > 0 under client defenses"),
     ({"final_candidates": 4}, "selection_output_weight > 0 under client defenses"),
@@ -533,17 +547,9 @@ def test_resume_reads_the_rows_other_ranks_left_in_partial(tmp_path):
 def test_output_terms_under_defenses_warn_before_the_run(tmp_path, attack_args, warns):
     """The output-matching target (mean softmax from the bias gradient) is biased by defenses that rescale or mask
     the update: said once, at preparation, and only when an output term is on."""
-    import warnings as w
-
-    base = {"steps": 4, "t_max": 300, "t_min": 10, "t_final": 20, "denoise_steps": 2}
-    cfg_path = tiny_config(tmp_path, **{"attack.init_args": {**base, **attack_args},
+    cfg_path = tiny_config(tmp_path, **{"attack.init_args": {**TINY_ATTACK, **attack_args},
                                         "threat.defenses": [{"name": "clip", "clip_norm": 1.0}]})
-    parser = attack.build_parser()
-    cfg = parser.parse_args(["--config", str(cfg_path)])
-    with w.catch_warnings(record=True) as seen:
-        w.simplefilter("always")
-        attack.prepare(parser, cfg)
-    msgs = [str(x.message) for x in seen if "under client defenses" in str(x.message)]
+    msgs = prepare_warnings(cfg_path, "under client defenses")
     assert (msgs and warns in msgs[0] and len(msgs) == 1) if warns else not msgs
 
 
@@ -710,15 +716,9 @@ def test_a_checkpoint_the_resume_cannot_load_names_the_folder_to_delete(tmp_path
 def test_output_terms_under_fedavg_with_hidden_b_and_mini_batches_warn_before_the_run(tmp_path, threat, warns):
     """With B hidden and local mini-batches b < B the server divides by lr x epochs, so the pseudo-gradient is
     ceil(B / b) times too large and the mean softmax read from it (p = g + n / B) is off: said at preparation."""
-    base = {"steps": 4, "t_max": 300, "t_min": 10, "t_final": 20, "denoise_steps": 2, "output_weight": 0.5}
-    cfg_path = tiny_config(tmp_path, **{"attack.init_args": base, "threat.protocol": "fedavg",
-                                        **{f"threat.{k}": v for k, v in threat.items()}})
-    parser = attack.build_parser()
-    cfg = parser.parse_args(["--config", str(cfg_path)])
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        attack.prepare(parser, cfg)
-    msgs = [str(x.message) for x in seen if "B hidden and local mini-batches" in str(x.message)]
+    cfg_path = tiny_config(tmp_path, **{"attack.init_args": {**TINY_ATTACK, "output_weight": 0.5},
+                                        "threat.protocol": "fedavg", **{f"threat.{k}": v for k, v in threat.items()}})
+    msgs = prepare_warnings(cfg_path, "B hidden and local mini-batches")
     assert (len(msgs) == 1 and "output_weight > 0" in msgs[0] and "ceil(B / 1)" in msgs[0]) if warns else not msgs
 
 
