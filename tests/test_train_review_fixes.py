@@ -436,3 +436,27 @@ def test_train_py_resume_after_a_max_steps_stop_trains_the_configured_epochs(tmp
                 "--trainer.max_steps", "-1"])
     assert _epoch_and_step(run / "ckpt" / "last.ckpt") == (2, 6)  # was (2, 5)
     assert json.loads((tmp_path / "export" / "training_summary.json").read_text())["global_step"] == 6
+
+
+def test_a_monitored_checkpoint_due_at_the_final_validation_is_still_saved(tmp_path):
+    """SaveLastAtTrainEnd writes last.ckpt at the stopping batch; Lightning then took that step as saved and skipped
+    a monitored ModelCheckpoint's own top-k save at the validation right after it (no epoch=0-step=4.ckpt, best '')."""
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from train import SaveLastAtTrainEnd
+
+    class Monitored(BoringModel):
+        def validation_step(self, batch, batch_idx):
+            loss = self.step(batch)
+            self.log("val_loss", loss)
+            return {"x": loss}
+
+    torch.manual_seed(0)
+    mc = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=-1, save_last=True)
+    trainer = Trainer(callbacks=[mc, SaveLastAtTrainEnd()], logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, limit_train_batches=4, limit_val_batches=2, num_sanity_val_steps=0,
+                      default_root_dir=tmp_path, max_steps=6, val_check_interval=2)
+    trainer.fit(Monitored())
+    assert sorted(os.listdir(tmp_path)) == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "epoch=1-step=6.ckpt",
+                                            "last.ckpt"]
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 6
