@@ -840,18 +840,21 @@ def check_wandb_login() -> None:
     WANDB_API_KEY or ~/.netrc, asks on a terminal, makes no network call). Without it the run failed with a
     UsageError traceback at ``wandb.init``, after the models loaded and the run directory was made.
 
+    Not checked (``wandb.login`` returns False without looking for a key): a process in which W&B was already set
+    up offline (a notebook after an offline run), or offline chosen at W&B's prompt; ``wandb.init`` then says so.
+
     Raises:
-        ConfigError: no key (and no terminal to ask on); says how to log in or to run offline.
+        ConfigError: no key (and no terminal to ask on) or a malformed key; says how to log in or to run offline.
     """
     import wandb
 
+    fix = ("run `wandb login` or set WANDB_API_KEY, or run with --logger.mode offline and `wandb sync` the run's "
+           "wandb/ folder later")
     env_mode = os.environ.pop("WANDB_MODE", None)  # WANDB_MODE=offline makes login a no-op; the run's mode is online
     try:
         wandb.login(verify=False)
-    except wandb.errors.UsageError as exc:
-        raise ConfigError(f"logger.mode online needs a W&B API key ({str(exc).strip()}): run `wandb login` or set "
-                          "WANDB_API_KEY, or run with --logger.mode offline and `wandb sync` the run's wandb/ folder "
-                          "later") from None
+    except wandb.errors.Error as exc:  # no key (UsageError), a malformed one (AuthenticationError), ...
+        raise ConfigError(f"logger.mode online needs a W&B API key ({str(exc).strip()}): {fix}") from None
     finally:
         if env_mode is not None:
             os.environ["WANDB_MODE"] = env_mode

@@ -180,6 +180,9 @@ def test_an_unknown_wandb_mode_fails_before_any_run_dir(tmp_path):
 def test_an_online_run_without_a_wandb_key_fails_before_any_run_dir(tmp_path, monkeypatch):
     """An online run with no API key failed at wandb.init with a UsageError traceback, after the models loaded and
     the run directory (summary.json 'failed') was made; a key (WANDB_API_KEY, not checked online) lets it pass."""
+    import wandb
+
+    wandb.teardown()  # an offline W&B set up by an earlier test in this process makes login skip the key lookup
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc
     monkeypatch.setenv("NETRC", str(tmp_path / "home" / ".netrc"))
@@ -189,8 +192,12 @@ def test_an_online_run_without_a_wandb_key_fails_before_any_run_dir(tmp_path, mo
         attack.prepare(parser, parser.parse_args(["--config", str(cfg)]))
     assert not (tmp_path / "runs").exists()
     assert os.environ.get("WANDB_MODE") == "offline"  # the check's own unsetting is undone (tests/CI set it)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 3)  # malformed: W&B's AuthenticationError, not a traceback
+    with pytest.raises(attack.ConfigError, match="needs a W&B API key.*40"):
+        attack.check_wandb_login()
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     attack.check_wandb_login()  # a key is there: no error (verify=False: no network)
+
 
 
 # ------------------------------------------------------------------------------------------------ 2. offline resume
