@@ -34,7 +34,8 @@ Strategies (``LABEL_STRATEGIES``):
 
 Ties: when classes share the most negative bias entry exactly (a sign compression or 2-level quantisation of the
 update makes every present class equal), the dominant class is the tied class with the most negative weight-row sum
-(:func:`break_dominant_tie`), not the lowest class id.
+(:func:`break_dominant_tie`), not the lowest class id. Only for an informative signal (some entry negative): an
+uninformative one keeps the fallback below.
 
 Uninformative signal: when the last-layer signal has no negative entry (all zero, e.g. a defense zeroed or masked
 the last layer; all equal; or a saturated victim), no class is proven present and every strategy falls back to the
@@ -329,7 +330,9 @@ def infer_labels(
         return LabelInference(counts, counts > 0, int(counts.argmax()), "known")
     signal = last_layer_signal(target_gradient, num_classes).cpu()
     result = LABEL_STRATEGIES[strategy](signal, batch_size)
-    if _final_layer(target_gradient, num_classes)[0] == "bias":  # (with no bias the row sums are the signal)
+    # (with no bias the row sums are the signal; an uninformative bias (no negative entry, e.g. zeroed by a defense)
+    # keeps the documented fallback)
+    if result.informative and _final_layer(target_gradient, num_classes)[0] == "bias":
         result = break_dominant_tie(result, signal, _final_weight_row_sums(target_gradient, num_classes))
     if not result.informative:
         what = "is all zero" if not signal.any() else f"has no negative entry (min {float(signal.min()):.3g})"

@@ -208,6 +208,10 @@ def test_a_tied_bias_signal_under_sign_compression_picks_the_dominant_class_by_t
             inf = infer_labels(g, 10, batch_size=10, strategy=strategy)
             assert inf.dominant == 4 and inf.counts[4] == inf.counts.max() and inf.counts.sum() == 10, (strategy, inf)
             assert inf.present.nonzero().flatten().tolist() == [1, 2, 4]
+    zeroed = OrderedDict((n, torch.zeros_like(t) if n.endswith("bias") else t) for n, t in g.items())
+    with pytest.warns(UserWarning, match="no class is proven present"):
+        guess = infer_labels(zeroed, 10, batch_size=10)  # a zeroed bias: nothing proven present, the fallback stays
+    assert not guess.informative and guess.dominant == 0
     untied = infer_labels(fedsgd_gradient(model, torch.rand(10, 1, 8, 8), y), 10, batch_size=10)
     assert break_dominant_tie(untied, torch.arange(10.0), -torch.arange(10.0)) is untied  # no tie: unchanged
 
