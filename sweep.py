@@ -551,6 +551,7 @@ def open_sweep_dir(sweep: Sweep, new: bool, create: bool = True) -> Path:
     fresh suffixed one. Raises :class:`SweepError` for a directory from another config."""
     root = Path(sweep.root)
     meta = root / "sweep.json"
+    legacy = None
     if root.exists() and new:
         root = _free_dir(root)
     elif meta.is_file():
@@ -563,11 +564,15 @@ def open_sweep_dir(sweep: Sweep, new: bool, create: bool = True) -> Path:
                 f"resume directory from another config: {root} was made by sweep {old.get('name')!r} (hash "
                 f"{str(old.get('hash'))[:12]}), this config hashes to {sweep.hash()[:12]}; use --new for a fresh "
                 f"suffixed directory or set another root")
+        if old.get("hash") != sweep.hash():
+            legacy = old  # recorded with the byte hash: re-recorded below with the content hash
     elif root.exists() and any(root.iterdir()):
         raise SweepError(f"{root} exists, is not empty and holds no sweep.json: not a sweep directory; use --new or "
                          f"another root")
     if create:
         root.mkdir(parents=True, exist_ok=True)
+        if legacy is not None:  # so that a later comment edit does not turn this sweep into "another config"
+            atomic_write_json(meta, {**legacy, "hash": sweep.hash(), "config": sweep.resolved()})
         if not (root / "sweep.json").is_file():
             atomic_write_json(root / "sweep.json", {"name": sweep.name, "hash": sweep.hash(),
                                                     "source": str(sweep.source), "root": str(root),

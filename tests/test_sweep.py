@@ -359,6 +359,9 @@ def test_edited_base_config_is_another_sweep(tmp_path, tiny_base):
     legacy = dict(json.loads(meta.read_text()), hash=sweep.load_sweep(cfg).hash(legacy=True))
     meta.write_text(json.dumps(legacy))  # a sweep directory made when the files' bytes were hashed
     sweep.run_sweep(sweep.load_sweep(cfg), runner=_fake_runner, report=False)  # still resumable
+    assert json.loads(meta.read_text())["hash"] == h1  # and re-recorded with the content hash
+    base.write_text("# another comment\n" + base.read_text())
+    sweep.run_sweep(sweep.load_sweep(cfg), runner=_fake_runner, report=False)  # so a later comment edit resumes too
     base.write_text(tiny_base.read_text().replace("steps: 3", "steps: 4"))
     assert sweep.load_sweep(cfg).hash() != h1
     with pytest.raises(sweep.SweepError, match="resume directory from another config"):
