@@ -422,9 +422,12 @@ def load_runs(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
 
     Numeric-looking columns are converted to float (empty cells -> NaN; "True"/"False" -> 1/0); ``B`` to int.
 
+    A run directory of attack.py (config.yaml or summary.json) without results.csv, stopped before its first user
+    finished, adds no rows (:func:`run_notes` names it).
+
     Raises:
-        FileNotFoundError: a run has no results.csv.
-        ValueError: a results.csv lacks ``user``, ``method`` or ``B``.
+        FileNotFoundError: a folder that is no run directory (no results.csv, config.yaml or summary.json).
+        ValueError: a results.csv lacks ``user``, ``method`` or ``B``; no run directory has results.csv.
     """
     frames = []
     entries_by_setting: dict = {}  # setting -> its config entries (for the labels of what differs between settings)
@@ -433,6 +436,8 @@ def load_runs(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
         d = Path(d)
         csv = d / "results.csv"
         if not csv.is_file():
+            if (d / "summary.json").is_file() or (d / "config.yaml").is_file():
+                continue  # attack.py's run stopped before its first user finished: no rows (run_notes names it)
             raise FileNotFoundError(f"{csv} not found: expected a run directory written by attack.py")
         df = pd.read_csv(csv)
         missing = [c for c in ("user", "method", "B") if c not in df.columns]
@@ -459,7 +464,8 @@ def load_runs(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
             df["final_stage"] = final_stage_of(d)
         frames.append(df)
     if not frames:
-        raise ValueError("no run directories given")
+        raise ValueError("no run directories given" if not run_dirs else
+                         f"none of the {len(run_dirs)} run directories has results.csv (no user finished)")
     df = pd.concat(frames, ignore_index=True)
     df["user"] = _user_ids(df["user"])  # over all runs: one type, so halves of one user source pool and pair
     merged, unparsed = match_unparsed_settings(entries_by_setting, parsed_by_setting)

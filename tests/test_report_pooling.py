@@ -135,6 +135,15 @@ def test_runs_that_did_not_finish_are_named(tmp_path, base_config, capsys):
     assert f"{runs[3]} has no summary.json" in err and str(runs[0]) not in err
     md = (out / "summary.md").read_text()
     assert "## Notes" in md and f"{runs[1]} ended with status 'interrupted'" in md
+    # a run interrupted before its first user finished has no results.csv: it refused the whole report
+    early = _run(tmp_path, _edit(base_config, users__init_args__first_user=9), "20261201-110000", {9: 1.0},
+                 status="interrupted", hexid="eeeeee")
+    (early / "results.csv").unlink()
+    out = report.build_report([*runs, early], tmp_path / "rep2")
+    assert pd.read_csv(out / "summary.csv").loc[0, "n_users"] == 4
+    assert f"{early} ended with status 'interrupted': its finished users (0 row(s)" in (out / "summary.md").read_text()
+    with pytest.raises(ValueError, match="none of the 1 run directories has results.csv"):
+        report.build_report([early], tmp_path / "rep3")
 
 
 def test_privacy_markdown_shows_the_setting_when_it_varies(tmp_path, base_config):
