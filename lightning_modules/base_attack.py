@@ -20,17 +20,27 @@ from torch.utils.data import DataLoader, Dataset
 from inversion.label_inference import LabelInference, check_label_threat
 from inversion.scenario import ServerView
 
-# Lightning's warning that every attack fit raises by design, silenced around it by :func:`intended_warnings_silenced`:
-# the victim and the prior are frozen in eval mode (the threat model: the client computes its update in eval mode;
-# ResNet-18 in train mode also fails at B = 1).
-INTENDED_LIGHTNING_WARNINGS = (r".*module\(s\) in eval mode",)
+# Lightning's warnings that attack fits raise by design, silenced around them by :func:`intended_warnings_silenced`:
+# - the victim and the prior are frozen in eval mode (the threat model: the client computes its update in eval mode;
+#   ResNet-18 in train mode also fails at B = 1);
+# - with --checkpoint_every (manual optimisation), "no pre-optimization state was saved": a checkpoint at step k
+#   holds the state after k steps and records global_step k, which is what a resume continues from;
+# - on a mid-user resume, "your dataloader is not resumable": the step loader's values are unused, the attacks count
+#   steps by global_step / batch_idx, which Lightning restores (a resumed user's results equal an uninterrupted
+#   run's: tests/test_batched_attack.py).
+INTENDED_LIGHTNING_WARNINGS = (
+    r".*module\(s\) in eval mode",
+    r"Using ModelCheckpoint with manual optimization and every_n_train_steps",
+    r"You're resuming from a checkpoint that ended before the epoch ended",
+)
 
 
 @contextmanager
 def intended_warnings_silenced():
-    """Context manager: inside it, Lightning's "Found N module(s) in eval mode" warning
-    (:data:`INTENDED_LIGHTNING_WARNINGS`, intended for an attack fit) is ignored; every other warning shows as
-    before, and the filters are restored on exit (``warnings.catch_warnings``)."""
+    """Context manager: inside it, Lightning's warnings that an attack fit raises by design
+    (:data:`INTENDED_LIGHTNING_WARNINGS`: modules in eval mode, manual-optimisation checkpoints, a mid-epoch resume
+    of the step loader) are ignored; every other warning shows as before, and the filters are restored on exit
+    (``warnings.catch_warnings``)."""
     with warnings.catch_warnings():
         for pattern in INTENDED_LIGHTNING_WARNINGS:
             warnings.filterwarnings("ignore", message=pattern)
