@@ -242,7 +242,8 @@ def build_parser() -> ArgumentParser:
     """
     from lightning import Trainer
 
-    p = AttackArgumentParser(description=__doc__.split("\n\n")[0], default_env=False, exit_on_error=True)
+    p = AttackArgumentParser(description=__doc__.split("\n\n")[0], default_env=False, exit_on_error=True,
+                             allow_abbrev=False)  # a misspelt option is an error, not a longer option it prefixes
     p.add_argument("--config", action=ActionConfigFile, help="One YAML per experiment (configs/attack/*.yaml).")
     p.add_subclass_arguments(UserSource, "users", required=True, help="Who the FL users are.")
     p.add_class_arguments(VictimSpec, "victim")

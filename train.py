@@ -686,7 +686,7 @@ def main(args=None) -> None:
         save_config_callback=SaveRunConfig,
         # appended to the config's (not parsed or saved)
         trainer_defaults={"callbacks": [SaveLastAtTrainEnd(), MarkTrainingStarted()]},
-        parser_kwargs={"default_env": False},
+        parser_kwargs={"default_env": False, "allow_abbrev": False},  # --trainer.max_step is not --max_steps
     )
     try:
         check_data_model_agree(cli.model, cli.datamodule)

@@ -204,3 +204,18 @@ def test_benchmark_refuses_cuda_without_cuda_at_parse_time(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
         bench.parse_args(["--device", "cuda:0", "--tiny"])
     assert exc.value.code == 2 and "CUDA is not available on this machine" in capsys.readouterr().err
+
+
+def test_a_misspelt_option_is_not_taken_as_a_longer_one_it_prefixes(tmp_path, capsys):
+    """argparse's prefix matching took --checkpoint_ever for --checkpoint_every and train.py's --trainer.max_step
+    for --trainer.max_steps: a misspelling could silently set another option."""
+    import train
+
+    with pytest.raises(SystemExit):
+        attack.build_parser().parse_args(["--config", str(ROOT / "configs/attack/fashion_mnist.yaml"),
+                                          "--checkpoint_ever", "2"])
+    assert "unrecognized arguments: --checkpoint_ever" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(["--config", str(ROOT / "configs/train/evaluator_fashion_mnist.yaml"), "--trainer.max_step", "3",
+                    "--print_config"])
+    assert "unrecognized arguments: --trainer.max_step" in capsys.readouterr().err
