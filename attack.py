@@ -786,15 +786,17 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
     """Run-level means of results.csv rows (as written to summary.json and logged as ``final/*``).
 
     Returns:
-        ``{"users": len(rows)}`` plus ``<key>_mean`` for each of evaluator_correct_raw, evaluator_prob,
-        psnr_nearest/psnr_mean (dB), mse_nearest/mse_mean (pixels in [0, 1]), lpips_nearest/lpips_mean, seconds and
-        seconds_per_step, over the rows where the value is present, non-empty and finite (a key with no such value
+        ``{"users": len(rows)}`` plus ``<key>_mean`` for each of evaluator_correct_raw, evaluator_prob (the
+        evaluator's confidence in the class it read, right or wrong), evaluator_prob_of_dominant (its probability of
+        the user's dominant class), psnr_nearest/psnr_mean (dB), mse_nearest/mse_mean (pixels in [0, 1]),
+        ssim_nearest/ssim_mean, lpips_nearest/lpips_mean, seconds and seconds_per_step, over the rows where the value is present, non-empty and finite (a key with no such value
         is left out); the mean of evaluator_correct is named ``evaluator_accuracy`` (fraction in [0, 1]). Values may
         be numbers or numeric strings (rows read back from results.csv on resume).
     """
     out: dict[str, Any] = {"users": len(rows)}
-    for k in ("evaluator_correct", "evaluator_correct_raw", "evaluator_prob", "psnr_nearest", "psnr_mean", "mse_nearest",
-              "mse_mean", "lpips_nearest", "lpips_mean", "seconds", "seconds_per_step"):
+    for k in ("evaluator_correct", "evaluator_correct_raw", "evaluator_prob", "evaluator_prob_of_dominant",
+              "psnr_nearest", "psnr_mean", "mse_nearest", "mse_mean", "ssim_nearest", "ssim_mean", "lpips_nearest",
+              "lpips_mean", "seconds", "seconds_per_step"):
         vals = [float(r[k]) for r in rows if r.get(k) not in (None, "")]
         vals = [v for v in vals if math.isfinite(v)]
         if vals:

@@ -102,6 +102,11 @@ def test_attack_py_writes_every_output(tmp_path):
             assert (run_dir / "users" / uid / png).stat().st_size > 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["users"] == 2
+    # the run-level mean of the evaluator's probability of the dominant class (README's reading guide); SSIM is NaN
+    # on 8x8 images (an 11x11 window), so its mean is left out
+    assert summary["evaluator_prob_of_dominant_mean"] == pytest.approx(
+        sum(float(r["evaluator_prob_of_dominant"]) for r in rows) / 2)
+    assert "ssim_nearest_mean" not in summary
     (wb,) = run_dir.glob("wandb/offline-run-*")
     media = wb / "files" / "media"
     (table,) = (media / "table" / "final").glob("results_*.table.json")  # the results table as a wandb.Table
@@ -756,3 +761,11 @@ def test_a_run_directory_moved_between_resumes_keeps_saving_last_ckpt(tmp_path, 
     spy.at = None
     attack.main(["--config", str(cfg), "--checkpoint_every", "2", "--resume", str(moved)])
     assert spy.calls == [("user_0000/", 4), ("user_0000/", 5)]  # continued from step 4, not from step 2 again
+
+
+def test_summary_means_include_ssim_and_the_probability_of_the_dominant_class():
+    rows = [{"ssim_nearest": "0.25", "ssim_mean": 0.1, "evaluator_prob": 0.9, "evaluator_prob_of_dominant": 0.2},
+            {"ssim_nearest": "0.75", "ssim_mean": "nan", "evaluator_prob": 0.7, "evaluator_prob_of_dominant": ""}]
+    s = attack.summarize(rows)
+    assert s["ssim_nearest_mean"] == 0.5 and s["ssim_mean_mean"] == 0.1  # NaN and empty cells left out
+    assert s["evaluator_prob_mean"] == pytest.approx(0.8) and s["evaluator_prob_of_dominant_mean"] == 0.2
