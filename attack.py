@@ -228,7 +228,24 @@ class AttackArgumentParser(ArgumentParser):
         items = [" ".join(item.split()) for item in re.split(r"\n\s*- ", "\n" + block.strip()) if item.strip()]
         items = [i for i in items if "NoneType" not in i]
         items = [re.sub(r"^Problem with given class_path '(?:.*\.)?(\w+)': ", rf"{key} (\1): ", i) for i in items]
+        items = [cls._suggest(key, i) for i in items]
         return "; ".join(i if i.startswith(f"{key} (") else f"{key}: {i}" for i in items) if items else message
+
+    @classmethod
+    def _suggest(cls, key: str, item: str) -> str:
+        """``item`` with "did you mean ...?" appended when it says a shipped class does not accept an option whose
+        name is close to one of the class's init arguments (``--attack.init_args.step`` -> 'steps')."""
+        import difflib
+        import inspect
+        import re
+
+        m = re.match(rf"{key} \((\w+)\): Option '(\w+)' is not accepted", item)
+        owner = next((c for c in cls.known(key) if m and c.__name__ == m.group(1)), None)
+        if owner is None:
+            return item
+        names = [n for n in inspect.signature(owner.__init__).parameters if n not in ("self", "log_prefix")]
+        close = difflib.get_close_matches(m.group(2), names, n=3)
+        return item + (f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else "")
 
 
 def build_parser() -> ArgumentParser:

@@ -219,3 +219,14 @@ def test_a_misspelt_option_is_not_taken_as_a_longer_one_it_prefixes(tmp_path, ca
         train.main(["--config", str(ROOT / "configs/train/evaluator_fashion_mnist.yaml"), "--trainer.max_step", "3",
                     "--print_config"])
     assert "unrecognized arguments: --trainer.max_step" in capsys.readouterr().err
+
+
+@needs_fmnist
+@pytest.mark.parametrize("arg, hint", [("--attack.init_args.step", "did you mean 'steps'?"),
+                                       ("--users.init_args.batchsize", "did you mean 'batch_size'?"),
+                                       ("--attack.init_args.zzz", None)])
+def test_a_misspelt_init_argument_gets_a_suggestion(tmp_path, capsys, arg, hint):
+    with pytest.raises(SystemExit):
+        attack.main(["--config", str(tiny_config(tmp_path)), arg, "5"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "is not accepted" in err and (hint in err if hint else "did you mean" not in err)
