@@ -235,17 +235,13 @@ class AttackArgumentParser(ArgumentParser):
     def _suggest(cls, key: str, item: str) -> str:
         """``item`` with "did you mean ...?" appended when it says a shipped class does not accept an option whose
         name is close to one of the class's init arguments (``--attack.init_args.step`` -> 'steps')."""
-        import difflib
-        import inspect
         import re
+
+        from inversion.cli import did_you_mean
 
         m = re.match(rf"{key} \((\w+)\): Option '(\w+)' is not accepted", item)
         owner = next((c for c in cls.known(key) if m and c.__name__ == m.group(1)), None)
-        if owner is None:
-            return item
-        names = [n for n in inspect.signature(owner.__init__).parameters if n not in ("self", "log_prefix")]
-        close = difflib.get_close_matches(m.group(2), names, n=3)
-        return item + (f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else "")
+        return item if owner is None else item + did_you_mean(owner, m.group(2), skip=("self", "log_prefix"))
 
 
 def build_parser() -> ArgumentParser:

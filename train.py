@@ -72,7 +72,7 @@ from typing import Any, Optional
 os.environ.setdefault("WANDB_MODE", "offline")
 
 from lightning import Callback, LightningDataModule, LightningModule  # noqa: E402
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback  # noqa: E402
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
@@ -533,6 +533,17 @@ class SaveRunConfig(SaveConfigCallback):
         self.already_saved = True
 
 
+class TrainArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser with one readable line for an option the model or data class does not take
+    (:func:`inversion.cli.clarify_subclass_error`: ``model (ImageClassifier): Option 'lrr' is not accepted (did you
+    mean 'lr'?)`` instead of jsonargparse's Union-subtype dump)."""
+
+    def error(self, message: str, ex: Optional[Exception] = None):  # type: ignore[override]
+        from inversion.cli import clarify_subclass_error
+
+        return super().error(clarify_subclass_error(message), ex)
+
+
 class TrainCLI(LightningCLI):
     """LightningCLI with ``--ckpt_path`` / ``--test_after_fit`` and one run directory per run (module docstring).
 
@@ -687,6 +698,7 @@ def main(args=None) -> None:
         # appended to the config's (not parsed or saved)
         trainer_defaults={"callbacks": [SaveLastAtTrainEnd(), MarkTrainingStarted()]},
         parser_kwargs={"default_env": False, "allow_abbrev": False},  # --trainer.max_step is not --max_steps
+        parser_class=TrainArgumentParser,
     )
     try:
         check_data_model_agree(cli.model, cli.datamodule)

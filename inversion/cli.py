@@ -57,6 +57,49 @@ def parse_device(text: str):
     return device
 
 
+def did_you_mean(owner: type, option: str, skip: tuple[str, ...] = ("self",)) -> str:
+    """`` (did you mean 'x'?)`` naming up to three init arguments of class ``owner`` close to the unknown ``option``
+    (``difflib.get_close_matches``), or "" when none is close."""
+    import difflib
+    import inspect
+
+    try:
+        names = [n for n in inspect.signature(owner.__init__).parameters if n not in skip]
+    except (TypeError, ValueError):
+        return ""
+    close = difflib.get_close_matches(option, names, n=3)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def clarify_subclass_error(message: str) -> str:
+    """jsonargparse's error for an option a subclass group's class does not take, as one line.
+
+    ``Parser key "model": Does not validate against any of the Union subtypes ... - Problem with given class_path
+    'lightning_modules.classifier.ImageClassifier': Option 'lrr' is not accepted - Expected a <class 'NoneType'> ...
+    Given value: NestedArg(...)`` becomes ``model (ImageClassifier): Option 'lrr' is not accepted (did you mean
+    'lr'?)``. Any other message is returned unchanged."""
+    import importlib
+    import re
+
+    m = re.match(r'Parser key "([\w.]+)":', message)
+    problems = re.findall(r"Problem with given class_path '([\w.]+)':\s*(.+?)\s*(?=\n\s*- |\n\s*Given value|$)",
+                          message, re.S)
+    if not m or not problems:
+        return message
+    out = []
+    for path, problem in problems:
+        problem = " ".join(problem.split())
+        module, _, name = path.rpartition(".")
+        unknown = re.match(r"Option '(\w+)' is not accepted", problem)
+        if unknown and module:
+            try:
+                problem += did_you_mean(getattr(importlib.import_module(module), name), unknown.group(1))
+            except Exception:  # noqa: BLE001  (a suggestion is optional; the message stands without it)
+                pass
+        out.append(f"{m.group(1)} ({name}): {problem}")
+    return "; ".join(out)
+
+
 def flat_entries(node: Any, prefix: str = "") -> dict:
     """A nested config dict as ``{dotted key: leaf value}`` (lists, None and empty dicts are leaves), e.g.
     ``{"trainer": {"precision": "32-true"}}`` -> ``{"trainer.precision": "32-true"}``."""

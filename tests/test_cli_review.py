@@ -230,3 +230,16 @@ def test_a_misspelt_init_argument_gets_a_suggestion(tmp_path, capsys, arg, hint)
         attack.main(["--config", str(tiny_config(tmp_path)), arg, "5"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "is not accepted" in err and (hint in err if hint else "did you mean" not in err)
+
+
+def test_train_py_names_a_model_or_data_option_the_class_does_not_take_in_one_line(capsys):
+    """train.py printed jsonargparse's Union-subtype dump ending in 'Given value: NestedArg(key='lrr', ...)'."""
+    import train
+    from inversion.cli import clarify_subclass_error
+
+    with pytest.raises(SystemExit):
+        train.main(["--config", str(ROOT / "configs/train/evaluator_fashion_mnist.yaml"), "--model.init_args.lrr", "0.1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: model (ImageClassifier): Option 'lrr' is not accepted (did you mean 'lr'?)"
+    assert not any("NestedArg" in line or "NoneType" in line for line in err)
+    assert clarify_subclass_error('Parser key "trainer.max_steps": Expected int') == 'Parser key "trainer.max_steps": Expected int'
