@@ -296,7 +296,7 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
         status = f"failed: {type(exc).__name__}: {exc}"
         raise
     finally:
-        summary = {"status": status, "run_dir": str(out_dir), "refinished_from": str(run_dir), "changed": changed,
+        summary = {"status": status, "run_dir": str(out_dir.resolve()), "refinished_from": str(run_dir.resolve()), "changed": changed,
                    "attack_seed": attack_kwargs.get("seed"), **attack_main.summarize(rows)}
         attack_main.atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         try:  # the finished users' grid, table and metrics, also after a Ctrl-C

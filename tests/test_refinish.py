@@ -49,13 +49,16 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_refinish_with_selection_equals_the_attack_run_with_selection(runs):
+def test_refinish_with_selection_equals_the_attack_run_with_selection(runs, monkeypatch):
     single, select = runs
     rf = load_refinish()
     source_before = {p.relative_to(single): p.read_bytes() for p in sorted(single.rglob("*")) if p.is_file()}
-    out = rf.main([str(single), "--attack.init_args.final_candidates", "3",
-                   "--attack.init_args.selection_output_weight", "1.0", "--logger.backend", "csv"])
+    monkeypatch.chdir(single.parent)  # the run given by a relative path
+    out = rf.main([single.name, "--attack.init_args.final_candidates", "3",
+                   "--attack.init_args.selection_output_weight", "1.0", "--logger.backend", "csv"]).resolve()
     assert out.parent == single.parent and out.name.startswith("tiny_refinished-")
+    summary = json.loads((out / "summary.json").read_text())  # absolute paths, like attack.py's summary.json
+    assert summary["run_dir"] == str(out.resolve()) and summary["refinished_from"] == str(single.resolve())
     got, want = rows(out), rows(select)
     assert [r["user"] for r in got] == [r["user"] for r in want] == ["0", "1"]
     for g, w in zip(got, want):
