@@ -6,7 +6,10 @@ one value per batch image (shape (B,)). :func:`image_metrics` reduces them to th
 for MSE/LPIPS, max for PSNR/SSIM) and the "mean" (mean over the batch) value.
 
 Sources: PSNR and SSIM from torchmetrics (``torchmetrics.functional``; SSIM of Wang et al. 2004 with an 11x11
-Gaussian window, sigma 1.5, data_range 1). LPIPS is the standard one (Zhang et al. 2018, arXiv 1801.03924): the
+Gaussian window, sigma 1.5, data_range 1, in torchmetrics' convention: the image is reflect-padded and the SSIM map
+averaged over every pixel, borders included, whereas skimage / Wang et al.'s reference code average only the
+positions where the whole window fits. At 28 x 28 that valid region is 18 x 18 and the two differ a lot (0.07 vs
+0.15 on one measured pair): compare SSIM figures only with torchmetrics-based ones). LPIPS is the standard one (Zhang et al. 2018, arXiv 1801.03924): the
 ``lpips`` package, AlexNet trunk with torchvision's ImageNet weights, v0.1 linear heads. The AlexNet features are
 loaded from ``torch.hub.get_dir()/checkpoints/alexnet-owt-7be5be79.pth`` (installed offline by
 ``scripts/install_lpips_weights.py``); the trunk is never left with random weights.
@@ -121,7 +124,8 @@ def psnr(x_hat: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
 
 
 def ssim(x_hat: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
-    """SSIM per batch image (torchmetrics, Gaussian 11x11, sigma 1.5, data_range 1): returns (B,) in [-1, 1].
+    """SSIM per batch image (torchmetrics, Gaussian 11x11, sigma 1.5, data_range 1; reflect-padded, the map averaged
+    over all pixels: see the module docstring): returns (B,) in [-1, 1].
 
     Raises ValueError for images smaller than the 11 x 11 window.
     """

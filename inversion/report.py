@@ -745,6 +745,23 @@ def _tied_top(histogram, cls) -> bool:
         return False
 
 
+def label_hits(df: pd.DataFrame) -> pd.Series:
+    """Per row, whether label inference found the user's dominant class: 1.0 when ``inferred_dominant`` is
+    ``dominant_class`` or another class tied for the top count of ``true_histogram`` (:func:`_tied_top`), 0.0 when
+    not, NaN when either column is empty (not measured). The rule of ``label_accuracy`` (:func:`aggregate`), for
+    hand-built tables too (:func:`count_cell` counts it)."""
+    out = pd.Series(math.nan, index=df.index, dtype=float)
+    if "dominant_class" not in df or "inferred_dominant" not in df:
+        return out
+    both = df[["dominant_class", "inferred_dominant"]].dropna()
+    hits = both["dominant_class"] == both["inferred_dominant"]
+    if "true_histogram" in df:  # a class tied for the top count is as right as the one results.csv names
+        tied = [_tied_top(h, c) for h, c in zip(df.loc[both.index, "true_histogram"], both["inferred_dominant"])]
+        hits = hits | pd.Series(tied, index=both.index, dtype=bool)
+    out[both.index] = hits.astype(float)
+    return out
+
+
 def aggregate(df: pd.DataFrame, keys: Optional[Sequence[str]] = None, metrics: Optional[Sequence[str]] = None) -> pd.DataFrame:
     """Per group (default :func:`group_keys`: method, B and what the runs differ in): n_users, evaluator/label
     accuracy and avg/std/n over rows of every metric column (or of ``metrics``).
@@ -773,12 +790,8 @@ def aggregate(df: pd.DataFrame, keys: Optional[Sequence[str]] = None, metrics: O
             low, high = wilson_interval(int(ok.sum()), len(ok)) if independent else (math.nan, math.nan)
             row["evaluator_accuracy_ci_low"], row["evaluator_accuracy_ci_high"] = low, high
         if "dominant_class" in g and "inferred_dominant" in g:
-            both = g[["dominant_class", "inferred_dominant"]].dropna()
-            hits = both["dominant_class"] == both["inferred_dominant"]
-            if "true_histogram" in g:  # a class tied for the top count is as right as the one results.csv names
-                tied = [_tied_top(h, c) for h, c in zip(g.loc[both.index, "true_histogram"], both["inferred_dominant"])]
-                hits = hits | pd.Series(tied, index=both.index, dtype=bool)
-            row["label_accuracy"] = float(hits.mean()) if len(both) else math.nan
+            hits = label_hits(g).dropna()
+            row["label_accuracy"] = float(hits.mean()) if len(hits) else math.nan
         for m in metrics:
             v = g[m].astype(float)
             v = v[np.isfinite(v)]
@@ -1397,6 +1410,12 @@ def _build_report(run_dirs: list[Path], loaded: pd.DataFrame, out_dir, users_per
     loaded.attrs["pool_run_names"] = pool_run_names  # before the duplicates are found (drop_duplicate_users)
     notes = run_notes(run_dirs, loaded)
     df, duplicates = drop_duplicate_users(loaded)
+    privacy_df = None
+    if has_defense_levels(df):  # the curve pools run names, so one user's measurement under two names counts once
+        pooled = loaded.copy()
+        pooled.attrs = {**loaded.attrs, "pool_run_names": True}
+        privacy_df, also = drop_duplicate_users(pooled)
+        duplicates += [f"privacy curve: {m}" for m in also if m not in duplicates]
     notes += duplicates
     left_out = loaded["run_dir"].value_counts().sub(df["run_dir"].value_counts(), fill_value=0).astype(int).to_dict()
     printed = list(notes)
@@ -1419,8 +1438,8 @@ def _build_report(run_dirs: list[Path], loaded: pd.DataFrame, out_dir, users_per
             "gallery": plot_gallery(df, tmp / "gallery.png", users_per_group),
         }
         privacy = None
-        if has_defense_levels(df):
-            privacy = aggregate_privacy(df)
+        if privacy_df is not None:
+            privacy = aggregate_privacy(privacy_df)
             privacy.to_csv(tmp / "privacy.csv", index=False)
             figures["privacy_curve"] = plot_privacy_curve(privacy, tmp / "privacy_curve.png")
         write_markdown(tmp / "summary.md", df, summary, run_dirs, figures, privacy, notes, left_out)

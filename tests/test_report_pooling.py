@@ -167,6 +167,25 @@ def test_privacy_markdown_shows_the_setting_when_it_varies(tmp_path, base_config
     assert "attack.init_args.use_prior=false" in privacy_md and "attack.init_args.use_prior=true" in privacy_md
 
 
+def test_the_privacy_curve_counts_a_measurement_found_under_two_run_names_once(tmp_path, base_config):
+    """The same undefended cell under another output.name (a control copy) stays a row of its own in the tables,
+    but the privacy curve pools run names: it counted each of its users twice (4 PSNR values for 2 users, no Wilson
+    interval)."""
+    dp = [{"name": "gaussian_dp", "clip_norm": 1.0, "sigma": 0.01, "seed": 0}]
+    runs = []
+    for i, (name, defenses) in enumerate([("cell", []), ("control_none", []), ("cell", dp)]):
+        run = _run(tmp_path, _edit(base_config, threat__defenses=defenses, output__name=name), f"20261201-10000{i}",
+                   {0: 10.0, 1: 11.0})
+        rows = pd.read_csv(run / "results.csv").assign(defense="gaussian_dp(clip_norm=1.0,sigma=0.01)" if defenses
+                                                       else "none", defense_strength=0.01 if defenses else None)
+        rows.to_csv(run / "results.csv", index=False)
+        runs.append(run)
+    out = report.build_report(runs, tmp_path / "rep")
+    none = pd.read_csv(out / "privacy.csv").query("defense == 'none'").iloc[0]
+    assert none["n_users"] == 2 and none["psnr_nearest_n"] == 2 and not np.isnan(none["evaluator_accuracy_ci_low"])
+    assert "privacy curve: " in (out / "summary.md").read_text()  # which copy was left out of the curve
+
+
 def test_setting_diff_labels_name_what_differs():
     entries = {"cfg-a": {"attack.steps": 5, "attack.use_prior": True, "k": [1, 2]},
                "cfg-b": {"attack.steps": 60, "attack.use_prior": True, "k": [1, 2], "new": None},
@@ -287,3 +306,13 @@ def test_pooled_cell_names_count_a_shared_user_once(tmp_path, base_config):
     s = pd.read_csv(report.build_report([a, b], tmp_path / "rep", pool_run_names=True) / "summary.csv")
     assert len(s) == 1 and s["n_users"].iloc[0] == 4
     assert s["psnr_nearest_avg"].iloc[0] == pytest.approx(23.0)  # the newer cell's rows of users 0 and 1
+
+
+def test_label_hits_count_a_tied_top_class_and_leave_unmeasured_rows_out():
+    """The hand-built tables counted label inference as inferred == dominant: a class tied for the top count was a
+    miss and an empty cell a failure, unlike the report's label_accuracy."""
+    df = pd.DataFrame({"dominant_class": [0, 3, 1], "inferred_dominant": [2, 3, np.nan],
+                       "true_histogram": ["5 0 5", "0 0 0 9", "0 4"]})
+    assert report.label_hits(df).tolist()[:2] == [1.0, 1.0] and np.isnan(report.label_hits(df).iloc[2])
+    assert report.count_cell(report.label_hits(df)) == "2/2"
+    assert report.aggregate(df.assign(method="m", B=10, user=[0, 1, 2]), keys=["method", "B"]).loc[0, "label_accuracy"] == 1.0

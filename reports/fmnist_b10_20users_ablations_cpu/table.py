@@ -7,7 +7,7 @@ the users whose evaluator class differs from the first row's run (inversion.repo
 """
 import sys
 
-from inversion.report import changed_count, count_cell, mean_std_cell, pool_newest_runs
+from inversion.report import changed_count, count_cell, label_hits, mean_std_cell, pool_newest_runs
 
 ROWS = [  # (row, run names (output.name) pooled into it)
     ("full attack, U = 1 (the paper's run)", ["B10_trained_mu0"]),
@@ -32,7 +32,7 @@ def main(roots):
         if d is None:
             continue
         k, n = changed_count(d, ref)
-        print(f"| {name} | {len(d)} | {count_cell(d.inferred_dominant == d.dominant_class)} | {count_cell(d.evaluator_correct)} "
+        print(f"| {name} | {len(d)} | {count_cell(label_hits(d))} | {count_cell(d.evaluator_correct)} "
               f"| {count_cell(d.evaluator_correct_raw)} | {k}/{n} | {mean_std_cell(d.psnr_nearest)} | {mean_std_cell(d.ssim_nearest)} "
               f"| {mean_std_cell(d.lpips_nearest)} | {mean_std_cell(d.lpips_mean)} | {d.seconds_per_step.mean():.2f} |")
 

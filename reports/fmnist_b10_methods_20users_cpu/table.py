@@ -13,7 +13,7 @@ the class (inversion.report.paired_counts).
 """
 import sys
 
-from inversion.report import count_cell, mean_std_cell, paired_counts, pool_newest_runs
+from inversion.report import count_cell, label_hits, mean_std_cell, paired_counts, pool_newest_runs
 
 ROWS = [  # (row, run names (output.name) pooled into it per B, optimisation steps shown)
     ("user-level, paper's final stage (one denoising from t 100)",
@@ -53,7 +53,7 @@ def main(roots, bs=(10, 50, 100)):
                 share = mean_std_cell(d.all_evaluator_dominant_share, ".2f")
                 most = count_cell(d.all_evaluator_dominant_share > 0.5)
             secs = d.seconds + (d.refinish_seconds if "refinish_seconds" in d else 0)
-            print(f"| {name} | {len(d)} | {steps} | {count_cell(d.inferred_dominant == d.dominant_class)} | {count_cell(d.evaluator_correct)} "
+            print(f"| {name} | {len(d)} | {steps} | {count_cell(label_hits(d))} | {count_cell(d.evaluator_correct)} "
                   f"| {paired} | {share} | {most} | {mean_std_cell(d.psnr_nearest)} | {mean_std_cell(d.ssim_nearest)} "
                   f"| {mean_std_cell(d.lpips_nearest)} | {mean_std_cell(d.lpips_mean)} "
                   f"| {mean_std_cell(d.get('all_lpips_nearest_mean'))} | {secs.mean():.0f} |")
