@@ -1307,7 +1307,9 @@ def start_distributed(cfg: Namespace, trainer_kwargs: dict):
     )
     fabric.launch()
     trainer_kwargs.update(strategy="auto", num_nodes=1)
-    trainer_kwargs["devices"] = [fabric.local_rank] if fabric.device.type == "cuda" else 1
+    # the process's own GPU: Lightning puts rank k on the k-th device of the list (devices [1, 3]: rank 1 on cuda:3),
+    # so its index, not the rank number (which ran rank 1 on cuda:1, another process's or nobody's GPU)
+    trainer_kwargs["devices"] = [fabric.device.index] if fabric.device.type == "cuda" else 1
     return fabric
 
 

@@ -769,3 +769,21 @@ def test_summary_means_include_ssim_and_the_probability_of_the_dominant_class():
     s = attack.summarize(rows)
     assert s["ssim_nearest_mean"] == 0.5 and s["ssim_mean_mean"] == 0.1  # NaN and empty cells left out
     assert s["evaluator_prob_mean"] == pytest.approx(0.8) and s["evaluator_prob_of_dominant_mean"] == 0.2
+
+
+def test_each_process_of_a_device_list_attacks_on_its_own_gpu(monkeypatch):
+    """With --trainer.devices [1, 3] Lightning runs rank 1 on cuda:3; the per-user Trainers got devices [1] (the
+    rank number): another GPU than the process group's."""
+    import lightning.fabric
+
+    class FakeFabric:
+        def __init__(self, **kw):
+            self.kw, self.local_rank, self.device = kw, 1, torch.device("cuda", 3)
+
+        def launch(self):
+            pass
+
+    monkeypatch.setattr(lightning.fabric, "Fabric", FakeFabric)
+    kwargs = {"accelerator": "gpu", "devices": [1, 3], "strategy": "ddp"}
+    fabric = attack.start_distributed(None, kwargs)
+    assert fabric.kw["devices"] == [1, 3] and kwargs["devices"] == [3] and kwargs["strategy"] == "auto"
