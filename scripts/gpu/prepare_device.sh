@@ -23,3 +23,11 @@ cp "$HUB/checkpoints/alexnet-owt-7be5be79.pth" .devdata/torch/hub/checkpoints/
 FM=/usr/share/datasets/fashion-mnist
 cp "$FM"/t10k-images-idx3-ubyte.gz "$FM"/t10k-labels-idx1-ubyte.gz .devdata/fashion-mnist/
 du -sh .whl .devdata
+# what travels: tracked files + these two folders, against the device tool's 64 MiB (fail here, not at the call)
+LIMIT=$((64 * 1024 * 1024))
+ALEX=$(stat -c %s .devdata/torch/hub/checkpoints/alexnet-owt-7be5be79.pth)
+(( ALEX < 20 * 1024 * 1024 )) || { echo "the hub's AlexNet file is $ALEX bytes (a full download?): install the features-only file with scripts/install_lpips_weights.py" >&2; exit 1; }
+TRACKED=$(git ls-files -z --cached --others --exclude-standard | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}')
+EXTRA=$(find .whl .devdata -type f -print0 | xargs -0 stat -c %s | awk '{s += $1} END {print s + 0}')
+echo "travels: working tree (tracked and untracked, not ignored) $TRACKED + carried $EXTRA = $((TRACKED + EXTRA)) bytes of $LIMIT"
+(( TRACKED + EXTRA < LIMIT - 2 * 1024 * 1024 )) || { echo "over the device tool's 64 MiB (2 MiB margin): remove untracked bulk or carry less" >&2; exit 1; }
