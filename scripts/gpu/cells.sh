@@ -15,8 +15,12 @@
 #                  `python scripts/refinish.py RUN_DIR --config configs/extension/final_selection.yaml`
 # Settings by environment (defaults = the methods table's remaining cells):
 #   CELLS="ig:100 dlg:100"          FIRST_USERS="0 10"  USERS=10  UPS=USERS (full cells)
-#   BUDGET_S=540                     the device call's timeout_s: the attacks are interrupted (finished users kept)
-#                                    so that the tarball is written before it (LIMIT_S overrides the attacks' time)
+#   BUDGET_S=540                     the device call's limit: the attacks are interrupted (finished users kept)
+#                                    so that the tarball is written before it (LIMIT_S overrides the attacks' time).
+#                                    The tool lowers a call's limit to the device time left (status: budget_left_s,
+#                                    less the start-up of a cold machine): pass min(timeout_s, that), not always 540.
+#                                    A chunk of UPS users is one optimisation and counts only when it finishes: at
+#                                    4,000 steps it needs 4000 x (s/step at that U) < LIMIT_S, or it comes back empty.
 #   ACCEL=gpu  EXTRA=""              trainer accelerator; extra attack.py arguments (a CPU smoke test:
 #                                    ACCEL=cpu USERS=1 FIRST_USERS=0 CELLS=dlg:10 EXTRA="--attack.init_args.steps 1")
 #   SKIP_WHEELS=1                    use the installed packages (no .whl install)
