@@ -76,6 +76,8 @@ def main(argv=None) -> int:
     ap.add_argument("--strict", action="store_true", help="exit 1 when a bar fails")
     ap.add_argument("--prior-only", action="store_true", help="only the prior's bar (skips the test-split accuracies)")
     ap.add_argument("--device", default="cpu", help="where the prior samples (cpu or cuda)")
+    ap.add_argument("--data-root", default=None,
+                    help="folder holding Fashion-MNIST's t10k-*-ubyte.gz (default: the Debian package's, else a download)")
     args = ap.parse_args(argv)
     if not 1 <= args.n_test <= 10000 or args.n_samples < 1 or args.ddim_steps < 1:
         ap.error(f"--n-test must be in 1..10000 and --n-samples, --ddim-steps >= 1 (got {args.n_test}, "
@@ -99,7 +101,7 @@ def main(argv=None) -> int:
     ck = Path(args.checkpoints)
     names = () if args.prior_only else ("victim_resnet18", "evaluator_convnet")
     if names:
-        raw, labels = load_split("test")
+        raw, labels = load_split("test", root=args.data_root)
         x = to_tensor_images(raw[: args.n_test], 32, 1)
         y = torch.from_numpy(labels[: args.n_test].astype(np.int64))
     report: dict = {"n_test": len(x) if names else 0}
