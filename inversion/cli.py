@@ -97,7 +97,7 @@ def clarify_subclass_error(message: str) -> str:
             except Exception:  # noqa: BLE001  (a suggestion is optional; the message stands without it)
                 pass
         out.append(f"{m.group(1)} ({name}): {problem}")
-    return "; ".join(out)
+    return "; ".join(dict.fromkeys(out))  # one line per problem (a Union of X and list[X] reports it twice)
 
 
 def flat_entries(node: Any, prefix: str = "") -> dict:

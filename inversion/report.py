@@ -552,6 +552,9 @@ def run_notes(run_dirs: Sequence[str | Path], df: pd.DataFrame) -> list[str]:
     notes = []
     for d in run_dirs:
         status = run_status(Path(d))
+        if not (Path(d) / "results.csv").is_file():  # stopped (or killed) before its first user finished
+            notes.append(f"{d} has no results.csv (status {status!r}: no user finished): it adds no rows")
+            continue
         if status == "finished":
             continue
         n = int((df["run_dir"] == str(d)).sum()) if "run_dir" in df else 0

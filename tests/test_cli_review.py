@@ -243,3 +243,15 @@ def test_train_py_names_a_model_or_data_option_the_class_does_not_take_in_one_li
     assert err[-1] == "error: model (ImageClassifier): Option 'lrr' is not accepted (did you mean 'lr'?)"
     assert not any("NestedArg" in line or "NoneType" in line for line in err)
     assert clarify_subclass_error('Parser key "trainer.max_steps": Expected int') == 'Parser key "trainer.max_steps": Expected int'
+
+
+def test_a_problem_jsonargparse_reports_once_per_union_member_is_one_line():
+    from inversion.cli import clarify_subclass_error
+
+    msg = ('Parser key "trainer.logger":\n  Errors:\n'
+           "    - Problem with given class_path 'lightning.pytorch.loggers.WandbLogger':\n"
+           "        Option 'projct' is not accepted\n"
+           "    - Problem with given class_path 'lightning.pytorch.loggers.WandbLogger':\n"
+           "        Option 'projct' is not accepted\n  Given value type: <class 'str'>")
+    assert clarify_subclass_error(msg) == ("trainer.logger (WandbLogger): Option 'projct' is not accepted "
+                                           "(did you mean 'project'?)")

@@ -141,7 +141,7 @@ def test_runs_that_did_not_finish_are_named(tmp_path, base_config, capsys):
     (early / "results.csv").unlink()
     out = report.build_report([*runs, early], tmp_path / "rep2")
     assert pd.read_csv(out / "summary.csv").loc[0, "n_users"] == 4
-    assert f"{early} ended with status 'interrupted': its finished users (0 row(s)" in (out / "summary.md").read_text()
+    assert f"{early} has no results.csv (status 'interrupted': no user finished)" in (out / "summary.md").read_text()
     with pytest.raises(ValueError, match="none of the 1 run directories has results.csv"):
         report.build_report([early], tmp_path / "rep3")
 
