@@ -29,6 +29,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
@@ -1293,6 +1294,12 @@ def open_resume_dir(parser: ArgumentParser, cfg: Namespace) -> tuple[Path, list[
     return run_dir, rows
 
 
+#: the process group's timeout: the only collective is the final gather of every rank's users (gather_ranks), where a
+#: rank that finished its shard waits for the slowest one; torch's default 30 min was shorter than one user's attack
+#: in some cells (DLG at B = 100 takes ~1 h per user on a CPU core), so the gather failed although no rank had.
+DDP_GATHER_TIMEOUT = timedelta(hours=24)
+
+
 def start_distributed(cfg: Namespace, trainer_kwargs: dict):
     """With ``trainer.strategy: ddp`` (or auto with several devices: :func:`distributed`), launch one process per
     device through Lightning Fabric (subprocess launcher, torchrun or SLURM, as Lightning detects) and return the
@@ -1300,10 +1307,11 @@ def start_distributed(cfg: Namespace, trainer_kwargs: dict):
     if not distributed(trainer_kwargs):
         return None
     from lightning.fabric import Fabric
+    from lightning.fabric.strategies import DDPStrategy
 
     fabric = Fabric(
         accelerator=trainer_kwargs.get("accelerator", "auto"), devices=trainer_kwargs.get("devices", "auto"),
-        num_nodes=trainer_kwargs.get("num_nodes", 1), strategy="ddp",
+        num_nodes=trainer_kwargs.get("num_nodes", 1), strategy=DDPStrategy(timeout=DDP_GATHER_TIMEOUT),
     )
     fabric.launch()
     trainer_kwargs.update(strategy="auto", num_nodes=1)

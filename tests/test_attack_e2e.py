@@ -6,6 +6,7 @@ import csv
 import json
 import re
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -787,3 +788,5 @@ def test_each_process_of_a_device_list_attacks_on_its_own_gpu(monkeypatch):
     kwargs = {"accelerator": "gpu", "devices": [1, 3], "strategy": "ddp"}
     fabric = attack.start_distributed(None, kwargs)
     assert fabric.kw["devices"] == [1, 3] and kwargs["devices"] == [3] and kwargs["strategy"] == "auto"
+    # the final gather waits for the slowest rank: longer than torch's 30 min default (an hour-long DLG user)
+    assert fabric.kw["strategy"]._timeout == attack.DDP_GATHER_TIMEOUT >= timedelta(hours=2)
