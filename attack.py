@@ -480,6 +480,7 @@ def validate(cfg: Namespace, source: UserSource, victim_cfg: dict) -> None:
         if unused:
             rank_zero_warn(f"threat.protocol is fedsgd: {unused} apply to FedAvg only and are ignored (set "
                           "threat.protocol fedavg to use them)", stacklevel=2)
+    output_terms = _output_terms_on(cfg)  # read from the bias gradient: warned about below where that is off
     if cfg.threat.defenses:
         from inversion.defenses import build_defenses
 
@@ -490,7 +491,6 @@ def validate(cfg: Namespace, source: UserSource, victim_cfg: dict) -> None:
                 "from the global random generator: a user's noise then depends on the users run before it and on the "
                 "run's order, and changes on --resume, in split runs (first_user) and on refinish (which refuses "
                 "such runs). Give it a seed (e.g. seed: 0; each client gets its own stream from it).", stacklevel=2)
-        output_terms = _output_terms_on(cfg)
         if output_terms:
             rank_zero_warn(
                 f"attack.init_args.{' and '.join(output_terms)} > 0 under client defenses: the output-matching target "
@@ -500,9 +500,9 @@ def validate(cfg: Namespace, source: UserSource, victim_cfg: dict) -> None:
                 stacklevel=2)
     b = cfg.threat.fedavg_batch_size
     if (cfg.threat.protocol == "fedavg" and not cfg.threat.reveal_batch_size and b
-            and b < getattr(source, "batch_size", 1) and _output_terms_on(cfg)):
+            and b < getattr(source, "batch_size", 1) and output_terms):
         rank_zero_warn(
-            f"attack.init_args.{' and '.join(_output_terms_on(cfg))} > 0 under FedAvg with B hidden and local "
+            f"attack.init_args.{' and '.join(output_terms)} > 0 under FedAvg with B hidden and local "
             f"mini-batches of {b}: the server divides the weight difference by lr x epochs, not by the ceil(B / {b}) "
             "local steps it cannot count, so the pseudo-gradient is that many times too large and the output-matching "
             "target read from its bias (p = g + n / B) is off. The attack still runs; reveal B "
@@ -1285,13 +1285,19 @@ def open_resume_dir(parser: ArgumentParser, cfg: Namespace) -> tuple[Path, list[
     check_recorded_attack_seed(run_dir, cfg, "--resume", "run without --resume for a new run directory")
     check_recorded_defense_seeds(run_dir, cfg, "--resume", "run without --resume for a new run directory")
     rows = list(csv.DictReader((run_dir / "results.csv").open())) if (run_dir / "results.csv").is_file() else []
+    return run_dir, with_partial_rows(run_dir, rows)  # users of ranks > 0 not merged (a hard stop)
+
+
+def with_partial_rows(run_dir: Path, rows: list[dict]) -> list[dict]:
+    """``rows`` plus the rows of ``run_dir/partial/rank*.csv`` (written by ranks > 0 as each user finished) of users
+    ``rows`` lacks, each user once (the first row found); ``rows`` is extended in place and returned."""
     seen = {str(r["user"]) for r in rows}
-    for part in sorted((run_dir / PARTIAL_DIR).glob("rank*.csv")):  # users of ranks > 0 not merged (a hard stop)
+    for part in sorted((run_dir / PARTIAL_DIR).glob("rank*.csv")):
         for r in csv.DictReader(part.open()):
             if str(r["user"]) not in seen:
                 rows.append(r)
                 seen.add(str(r["user"]))
-    return run_dir, rows
+    return rows
 
 
 #: the process group's timeout: the only collective is the final gather of every rank's users (gather_ranks), where a
@@ -1607,7 +1613,7 @@ def run(cfg: Namespace) -> Path:
             attack.wall_clock_start = t0
             resumed_from = last.is_file()
             try:
-                with intended_warnings_silenced():  # the frozen eval-mode victim/prior (by design)
+                with intended_warnings_silenced():  # Lightning's warnings an attack fit raises by design
                     trainer.fit(attack, ckpt_path=str(last) if resumed_from else None)
             except SystemExit:  # Lightning turns Ctrl-C into a graceful shutdown and exit(1)
                 if trainer.interrupted:
@@ -1721,14 +1727,9 @@ def gather_ranks(status: str, rows: list[dict], local: list, grids: dict, rank: 
             return status, rows
         # rank 0 merges what the other ranks wrote to disk; a run missing users is not "finished" (sweep.py would
         # skip it and its report would lack them)
-        seen = {str(r["user"]) for r in rows}
-        for part in sorted((run_dir / PARTIAL_DIR).glob("rank*.csv")):
-            for r in csv.DictReader(part.open()):
-                if str(r["user"]) not in seen:
-                    rows.append(r)
-                    seen.add(str(r["user"]))
-        rows = sort_rows(rows, users)
+        rows = sort_rows(with_partial_rows(run_dir, rows), users)
         write_results(run_dir, rows)
+        seen = {str(r["user"]) for r in rows}
         missing = [u.user_id for u in users if str(u.user_id) not in seen]
         if missing and status == "finished":
             status = (f"incomplete: the processes' results could not be gathered ({type(exc).__name__}) and "
