@@ -551,6 +551,7 @@ def open_sweep_dir(sweep: Sweep, new: bool, create: bool = True) -> Path:
     fresh suffixed one. Raises :class:`SweepError` for a directory from another config."""
     root = Path(sweep.root)
     meta = root / "sweep.json"
+    digest = sweep.hash()  # reads and parses every config file: once
     legacy = None
     if root.exists() and new:
         root = _free_dir(root)
@@ -559,12 +560,12 @@ def open_sweep_dir(sweep: Sweep, new: bool, create: bool = True) -> Path:
             old = json.loads(meta.read_text())
         except ValueError as exc:
             raise SweepError(f"{meta} is unreadable ({exc}); use --new for a fresh sweep directory") from None
-        if old.get("hash") not in (sweep.hash(), sweep.hash(legacy=True)):  # a sweep dir made before: its bytes
-            raise SweepError(
-                f"resume directory from another config: {root} was made by sweep {old.get('name')!r} (hash "
-                f"{str(old.get('hash'))[:12]}), this config hashes to {sweep.hash()[:12]}; use --new for a fresh "
-                f"suffixed directory or set another root")
-        if old.get("hash") != sweep.hash():
+        if old.get("hash") != digest:
+            if old.get("hash") != sweep.hash(legacy=True):  # nor a sweep dir recorded with the files' bytes
+                raise SweepError(
+                    f"resume directory from another config: {root} was made by sweep {old.get('name')!r} (hash "
+                    f"{str(old.get('hash'))[:12]}), this config hashes to {digest[:12]}; use --new for a fresh "
+                    f"suffixed directory or set another root")
             legacy = old  # recorded with the byte hash: re-recorded below with the content hash
     elif root.exists() and any(root.iterdir()):
         raise SweepError(f"{root} exists, is not empty and holds no sweep.json: not a sweep directory; use --new or "
@@ -572,9 +573,9 @@ def open_sweep_dir(sweep: Sweep, new: bool, create: bool = True) -> Path:
     if create:
         root.mkdir(parents=True, exist_ok=True)
         if legacy is not None:  # so that a later comment edit does not turn this sweep into "another config"
-            atomic_write_json(meta, {**legacy, "hash": sweep.hash(), "config": sweep.resolved()})
+            atomic_write_json(meta, {**legacy, "hash": digest, "config": sweep.resolved()})
         if not (root / "sweep.json").is_file():
-            atomic_write_json(root / "sweep.json", {"name": sweep.name, "hash": sweep.hash(),
+            atomic_write_json(root / "sweep.json", {"name": sweep.name, "hash": digest,
                                                     "source": str(sweep.source), "root": str(root),
                                                     "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                                                     "config": sweep.resolved(),
