@@ -460,24 +460,28 @@ class SaveLastAtTrainEnd(Callback):
             return True
         return bool(trainer.should_stop) and trainer.fit_loop._can_stop_early
 
+    #: the step at which this callback last wrote the last.ckpt files (so a later hook at the same step does not
+    #: write them again after the epoch is counted complete)
+    saved_step: Optional[int] = None
+
     def _save_last(self, trainer) -> None:
         from lightning.pytorch.callbacks import ModelCheckpoint
         from lightning.pytorch.trainer.states import TrainerFn
 
-        if trainer.fast_dev_run or trainer.global_step == 0 or trainer.state.fn != TrainerFn.FITTING:
+        if (trainer.fast_dev_run or trainer.global_step == 0 or trainer.state.fn != TrainerFn.FITTING
+                or self.saved_step == trainer.global_step):
             return
-        saved = self.__dict__.setdefault("_saved_at", {})  # id(ModelCheckpoint) -> the step this callback saved
         for cb in trainer.checkpoint_callbacks:
             if (isinstance(cb, ModelCheckpoint) and cb.save_last is True
                     and getattr(cb, "_last_global_step_saved", trainer.global_step) != trainer.global_step
-                    and saved.get(id(cb)) != trainer.global_step and hasattr(cb, "_save_last_checkpoint")):
+                    and hasattr(cb, "_save_last_checkpoint")):
                 before = cb._last_global_step_saved
                 cb._save_last_checkpoint(trainer, cb._monitor_candidates(trainer))
-                saved[id(cb)] = trainer.global_step
                 # the ModelCheckpoint's own saves at this step (its top-k checkpoint at the validation that follows
                 # this batch, a save it deferred until then) still happen: Lightning skips every save at a step it
                 # has recorded as saved
                 cb._last_global_step_saved = before
+        self.saved_step = trainer.global_step
 
 
 class MarkTrainingStarted(Callback):
