@@ -79,17 +79,21 @@ class LabelInference:
         return self.counts / self.counts.sum().clamp_min(1e-12)
 
 
-def _final_layer(target_gradient: "OrderedDict[str, torch.Tensor]", num_classes: int):
-    """The output-side-most gradient with ``num_classes`` outputs: ('bias', g) for a 1-D ``*bias`` tensor, ('weight',
-    g) for a 2-D one, or (None, None) when there is none."""
-    names = list(target_gradient)
-    for i in range(len(names) - 1, -1, -1):
-        g = target_gradient[names[i]]
-        if g.dim() == 1 and g.shape[0] == num_classes and names[i].endswith("bias"):
+def _output_side_gradient(target_gradient: "OrderedDict[str, torch.Tensor]", kinds, num_classes: int):
+    """The output-side-most gradient of one of ``kinds`` with ``num_classes`` outputs: ('bias', g) for a 1-D
+    ``*bias`` tensor, ('weight', g) for a 2-D one, or (None, None) when there is none."""
+    for name in reversed(list(target_gradient)):
+        g = target_gradient[name]
+        if "bias" in kinds and g.dim() == 1 and g.shape[0] == num_classes and name.endswith("bias"):
             return "bias", g
-        if g.dim() == 2 and g.shape[0] == num_classes:
+        if "weight" in kinds and g.dim() == 2 and g.shape[0] == num_classes:
             return "weight", g
     return None, None
+
+
+def _final_layer(target_gradient: "OrderedDict[str, torch.Tensor]", num_classes: int):
+    """The output-side-most bias or weight gradient with ``num_classes`` outputs (see _output_side_gradient)."""
+    return _output_side_gradient(target_gradient, ("bias", "weight"), num_classes)
 
 
 def last_layer_signal(target_gradient: "OrderedDict[str, torch.Tensor]", num_classes: int) -> torch.Tensor:
@@ -178,7 +182,8 @@ def _idlg(signal: torch.Tensor, batch_size: Optional[int]) -> LabelInference:
 def _sign(signal: torch.Tensor, batch_size: Optional[int]) -> LabelInference:
     """Presence from the sign alone (negative: present), equal shares of the images. With B given, at most B
     classes can be present: when more are negative (noise or a defense on the update), the B most negative are
-    kept, so that every class marked present gets at least one image."""
+    kept, so that every class marked present gets at least one image; the B mod k images that do not split evenly
+    over the k present classes go one each to the most negative ones (the dominant class first)."""
     present = signal < 0
     if not present.any():
         present[torch.argmin(signal)] = True
@@ -186,9 +191,15 @@ def _sign(signal: torch.Tensor, batch_size: Optional[int]) -> LabelInference:
         keep = torch.argsort(signal)[:batch_size]  # the most negative B
         present = torch.zeros_like(present)
         present[keep] = True
-    counts = present.float() / present.sum()
-    if batch_size:
-        counts = round_to_total(counts, batch_size)
+    k = int(present.sum())
+    if not batch_size:
+        counts = present.float() / k
+    else:  # equal shares; the B mod k images left over go to the most negative present classes, so that the
+        # dominant (most negative) class also has the largest count
+        counts = present.float() * (batch_size // k)
+        rest = batch_size - (batch_size // k) * k
+        order = torch.argsort(torch.where(present, signal, torch.full_like(signal, float("inf"))), stable=True)
+        counts[order[:rest]] += 1
     return LabelInference(counts, present, int(torch.argmin(signal)), "sign", _informative(signal))
 
 
@@ -255,11 +266,8 @@ def check_label_threat(strategy: str, batch_size: Optional[int], known_labels: b
 def _final_weight_row_sums(target_gradient: "OrderedDict[str, torch.Tensor]", num_classes: int):
     """float32 (C,) row sums of the output-side-most 2-D gradient with ``num_classes`` rows (the last layer's weight),
     or None when there is none."""
-    for name in reversed(list(target_gradient)):
-        g = target_gradient[name]
-        if g.dim() == 2 and g.shape[0] == num_classes:
-            return g.detach().float().sum(dim=1).cpu()
-    return None
+    _, g = _output_side_gradient(target_gradient, ("weight",), num_classes)
+    return None if g is None else g.detach().float().sum(dim=1).cpu()
 
 
 def break_dominant_tie(result: LabelInference, signal: torch.Tensor, tiebreak: Optional[torch.Tensor]) -> LabelInference:

@@ -216,6 +216,18 @@ def test_a_tied_bias_signal_under_sign_compression_picks_the_dominant_class_by_t
     assert break_dominant_tie(untied, torch.arange(10.0), -torch.arange(10.0)) is untied  # no tie: unchanged
 
 
+def test_sign_strategy_gives_the_leftover_images_to_the_most_negative_classes():
+    """B = 3 over two present classes: the spare image went to a tied remainder picked by argsort (class 3 got 2,
+    the dominant class 5 got 1), so inferred_dominant and inferred_counts named different classes."""
+    signal = torch.tensor([0.15, 0.51, 2.57, -1.76, 0.37, -1.83])
+    g = OrderedDict([("fc.weight", torch.zeros(6, 4)), ("fc.bias", signal)])
+    inf = infer_labels(g, 6, batch_size=3, strategy="sign")
+    assert inf.dominant == 5 and inf.counts.tolist() == [0.0, 0.0, 0.0, 1.0, 0.0, 2.0]
+    inf = infer_labels(g, 6, batch_size=7, strategy="sign")
+    assert inf.counts.tolist() == [0.0, 0.0, 0.0, 3.0, 0.0, 4.0]
+    assert infer_labels(g, 6, strategy="sign").counts.tolist() == [0.0, 0.0, 0.0, 0.5, 0.0, 0.5]
+
+
 def test_idlg_sign_known_and_errors():
     model = LinearHead(zero=False)
     g = fedsgd_gradient(model, torch.rand(1, 1, 8, 8), torch.tensor([6]))
