@@ -448,6 +448,10 @@ class FolderUsers(UserSource):
         return out
 
 
+# The folders of FFHQ's download script (NVlabs/ffhq-dataset download_ffhq.py): the same faces at other resolutions.
+FFHQ_VERSIONS = ("images1024x1024", "thumbnails128x128", "in-the-wild-images", "tfrecords")
+
+
 def find_images(root: str | os.PathLike) -> list[Path]:
     """Every .jpg/.jpeg/.png under ``root`` (``~`` expanded; recursively), sorted by path. Hidden files and folders
     (names starting with '.', e.g. AppleDouble ``._x.jpg``) are skipped (:func:`is_image_file`).
@@ -464,6 +468,7 @@ def find_images(root: str | os.PathLike) -> list[Path]:
 
     Raises:
         DataNotFoundError: ``root`` missing or holding no image (the message names the path and the config key).
+        ValueError: images in more than one of FFHQ's download folders (:data:`FFHQ_VERSIONS`) under ``root``.
     """
     base = Path(root).expanduser() if root else None
     if base is None or not base.is_dir():
@@ -486,6 +491,13 @@ def find_images(root: str | os.PathLike) -> list[Path]:
         raise DataNotFoundError(
             f"no .jpg/.jpeg/.png image under {base} (searched recursively). Fix: set `data.init_args.root` to the "
             "folder holding the images."
+        )
+    versions = sorted({part for f in files for part in f.relative_to(base).parts[:-1] if part in FFHQ_VERSIONS})
+    if len(versions) > 1:
+        raise ValueError(
+            f"{base} holds FFHQ's {' and '.join(versions)} side by side: every face would be listed once per "
+            "version (a prior trained on duplicates, and the same face in the training and the validation split). "
+            f"Fix: set `data.init_args.root` to one of them, e.g. {base / versions[0]}."
         )
     return sorted(files)
 

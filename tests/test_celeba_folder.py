@@ -519,3 +519,20 @@ def test_image_folder_follows_symlinked_folders_once_and_survives_a_cycle(tmp_pa
     # a symlinked root is followed too
     (tmp_path / "root_link").symlink_to(root, target_is_directory=True)
     assert len(find_images(tmp_path / "root_link")) == 5
+
+
+def test_an_ffhq_root_with_two_resolutions_side_by_side_is_refused_with_the_folder_to_use(tmp_path):
+    """FFHQ's download script writes images1024x1024/ and thumbnails128x128/ into one root: that root listed every
+    face twice (a review measured 20 of 50 faces in both the training and the validation split)."""
+    from datamodules.folder import find_images
+
+    root = tmp_path / "ffhq"
+    for version in ("images1024x1024", "thumbnails128x128"):
+        (root / version / "00000").mkdir(parents=True)
+        for k in range(2):
+            _noise(24, 24, seed=k).save(root / version / "00000" / f"0000{k}.png")
+    with pytest.raises(ValueError, match=r"images1024x1024 and thumbnails128x128 side by side.*root` to one of them"):
+        find_images(root)
+    with pytest.raises(ValueError, match="side by side"):
+        ImageFolderDataModule(str(root), image_size=16, batch_size=2).setup("fit")
+    assert len(find_images(root / "thumbnails128x128")) == 2  # one version: fine
