@@ -10,6 +10,7 @@ import copy
 import math
 import warnings
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, Optional
 
 import numpy as np
@@ -258,8 +259,10 @@ def build_label_skewed_users(
 
 def dominant_count(dominant_fraction: float, batch_size: int) -> int:
     """Images of the dominant class in a batch of B: round(p * B) with halves rounded up (Python's round() sends
-    2.5 to 2), at least 1."""
-    return max(1, math.floor(dominant_fraction * batch_size + 0.5))
+    2.5 to 2), at least 1. p is read as the decimal it is written as (``Fraction(str(p))``): in floating point
+    0.7 * 45 is 31.499999999999996, which rounded down to 31 instead of 32."""
+    exact = Fraction(str(dominant_fraction)) * batch_size
+    return max(1, math.floor(exact + Fraction(1, 2)))
 
 
 def check_user_settings(batch_size: int, dominant_fraction: float, dirichlet_alpha: Optional[float],

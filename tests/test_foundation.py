@@ -354,6 +354,7 @@ def test_label_skew_ties_go_to_the_designed_dominant_class_and_bad_settings_fail
             assert u.dominant_class == int(hist.argmax())
     assert ties > 10  # the case this test is about occurs
     assert dominant_count(0.5, 5) == 3 and dominant_count(0.25, 10) == 3 and dominant_count(1.0, 7) == 7
+    assert dominant_count(0.7, 45) == 32 and dominant_count(0.58, 25) == 15 and dominant_count(0.29, 50) == 15  # p*B x.5
     for kw, match in (({"first_user": -5}, "first_user must be >= 0"), ({"dominant_fraction": 1.5}, r"\(0, 1\]"),
                       ({"dirichlet_alpha": 0.0}, "dirichlet_alpha must be > 0"), ({"batch_size": 0}, ">= 1")):
         with pytest.raises(ValueError, match=match):
