@@ -748,8 +748,9 @@ def evaluate(result: AttackResult, user: User, evaluator, lpips: bool, victim=No
                        victim_prob_of_dominant=round(float(vp[user.dominant_class]), 4))
     if evaluator is not None:
         with torch.no_grad():
-            probs = F.softmax(evaluator(final.float()), dim=1)[0]
-            probs_raw = F.softmax(evaluator(result.representative.float()), dim=1)[0]
+            ev_device = next(evaluator.parameters()).device  # as the victim above: the images may sit elsewhere
+            probs = F.softmax(evaluator(final.float().to(ev_device)), dim=1)[0].cpu()
+            probs_raw = F.softmax(evaluator(result.representative.float().to(ev_device)), dim=1)[0].cpu()
         row.update(evaluator_class=int(probs.argmax()), evaluator_prob=round(float(probs.max()), 4),
                    evaluator_class_raw=int(probs_raw.argmax()))
         if scored:
