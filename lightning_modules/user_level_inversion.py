@@ -76,6 +76,7 @@ from lightning_modules.base_attack import AttackDivergedError, AttackResult, Gra
 LABEL_TARGETS = ("dominant", "soft")
 INITS = ("noise", "gray")
 LR_DECAYS = ("none", "cosine", "step")
+MATCHING_REDUCTIONS = ("mean", "sum")
 
 
 def final_stage_label(final_denoise: bool, final_candidates: int, t_final: int, selection_output_weight: float,
@@ -113,6 +114,12 @@ class UserLevelInversion(GradientInversionAttack):
         window_width_deep, window_width_shallow: window half-widths in layers (parameter tensors), toward deeper
             and toward shallower layers.
         window_floor: weight of layers outside the window.
+        matching_reduction: how the weighted per-layer distances combine. 'mean' (default): sum_l w_l d_l / sum_l w_l
+            (in [0, 2]; the plain mean over layers with the window off), as every recorded measurement used.
+            'sum': sum_l w_l(s) d_l, the issue's (and the paper's Eq.) literal form: the window's total weight (or
+            L with the window off) then scales the matching gradient, which moves with the window and changes when
+            dynamic clipping fires (the shipped ResNet-18: sum_l w_l from 7.0 to 19.4 over a run, L = 62); kappa
+            and lambda were tuned for 'mean'.
         use_prior: add the diffusion prior loss (needs a prior at :meth:`bind`).
         prior_weight: lambda.
         t_max, t_min: timestep range of the prior loss (T = 1000 for the shipped prior).
@@ -164,6 +171,7 @@ class UserLevelInversion(GradientInversionAttack):
         window_width_deep: float = 12.0,
         window_width_shallow: float = 24.0,
         window_floor: float = 0.0,
+        matching_reduction: str = "mean",
         use_prior: bool = True,
         prior_weight: float = 1.0,
         t_max: int = 800,
@@ -195,6 +203,8 @@ class UserLevelInversion(GradientInversionAttack):
             raise ValueError(f"attack.lr_decay must be one of {LR_DECAYS}, got {lr_decay!r}")
         if users_per_step < 1:
             raise ValueError(f"attack.users_per_step must be >= 1, got {users_per_step}")
+        if matching_reduction not in MATCHING_REDUCTIONS:
+            raise ValueError(f"attack.matching_reduction must be one of {MATCHING_REDUCTIONS}, got {matching_reduction!r}")
         # one check per setting, naming it and its value (`not x > 0` also refuses NaN)
         if denoise_method not in ("ddim", "ddpm"):
             raise ValueError(f"attack.denoise_method must be 'ddim' or 'ddpm', got {denoise_method!r}")
@@ -436,6 +446,13 @@ class UserLevelInversion(GradientInversionAttack):
         w = sliding_window_weights(L, c, self.hparams.window_width_deep, self.hparams.window_width_shallow, self.hparams.window_floor)
         return w, c
 
+    def matching_scale(self, weights: Optional[torch.Tensor]) -> float:
+        """The factor from the normalised matching loss to the configured one: 1 for matching_reduction 'mean',
+        sum_l w_l (L with the window off) for 'sum'."""
+        if self.hparams.matching_reduction == "mean":
+            return 1.0
+        return float(weights.sum()) if weights is not None else float(len(self.param_names))
+
     def timestep(self, progress: float, user: int = 0) -> int:
         """t(s) of the prior loss: annealed (the same for every user), or drawn from ``user``'s own t stream."""
         hp = self.hparams
@@ -445,8 +462,8 @@ class UserLevelInversion(GradientInversionAttack):
 
     def matching_loss(self, x: torch.Tensor, weights: Optional[torch.Tensor], user: int = 0) -> torch.Tensor:
         """Gradient matching loss of image x (1, C, H, W) in [0, 1] against ``user``'s target gradient and label
-        (the one-user autograd path, create_graph=True); scalar."""
-        return self._matching_loss_and_logits(x, weights, *self._user_target(user))[0]
+        (the one-user autograd path, create_graph=True), reduced as ``matching_reduction`` says; scalar."""
+        return self._matching_loss_and_logits(x, weights, *self._user_target(user))[0] * self.matching_scale(weights)
 
     def _user_target(self, user: int) -> tuple[list[torch.Tensor], torch.Tensor]:
         """``user``'s target gradient (L tensors) and CE target (1, K)."""
@@ -530,6 +547,7 @@ class UserLevelInversion(GradientInversionAttack):
         x = self.x_hat
         weights, centre = self.layer_weights(progress)
         l_match, logits = self._matching_loss_and_logits(x, weights, self.target, self.y_soft)
+        l_match = l_match * self.matching_scale(weights)
         values = {"match": float(l_match.detach())}
         if hp.output_weight > 0:
             l_out = self.output_loss(x, logits)[0]
@@ -566,6 +584,9 @@ class UserLevelInversion(GradientInversionAttack):
         weights, centre = self.layer_weights(progress)
         with self._float32():
             l_match, g_match = self._bm.matching_loss_and_grad(x.detach(), self.y_soft, self._stacked_target, weights)
+        scale = self.matching_scale(weights)
+        if scale != 1.0:
+            l_match, g_match = l_match * scale, g_match * scale
         cols = {"match": l_match}
         if hp.output_weight > 0:  # rows are independent (eval-mode victim): the sum's gradient is per user
             l_out = self.output_loss(x)

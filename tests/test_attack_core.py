@@ -646,3 +646,34 @@ def test_matching_runs_in_float32_under_bf16_autocast():
         loss = atk.matching_loss(x, None)
         assert loss.dtype == torch.float32 and float(loss) == pytest.approx(0.0, abs=1e-5)
         assert float(atk.matching_loss(torch.rand_like(x), None)) > 1e-3
+
+
+@pytest.mark.parametrize("users", [1, 2])
+def test_matching_reduction_sum_scales_the_matching_term_by_the_window_weight_total(users):
+    """'mean' (default) divides sum_l w_l d_l by sum_l w_l; 'sum' is the issue's literal sum_l w_l(s) d_l. The
+    factor reaches dynamic clipping: the logged |g_match| / |g_prior| (before clipping) scales with it."""
+    model, _ = tiny_victim(seed=2)
+    views = [make_server_view(model, torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(3 + u)),
+                              torch.tensor([4, 4 + u]), 10) for u in range(users)]
+    prior = DiffusionPrior(tiny_unet(8), DDPMScheduler(num_train_timesteps=1000), (1, 8, 8))
+    kw = dict(steps=10, kappa=1e6, final_denoise=False, seed=5)
+    got = {}
+    for reduction in ("mean", "sum"):
+        atk = UserLevelInversion(matching_reduction=reduction, **kw).bind(views if users > 1 else views[0], prior)
+        atk.on_fit_start()  # the per-user noise streams and the batched matching, as a fit sets them up
+        step = atk._many_users_gradient if users > 1 else atk._one_user_gradient
+        got[reduction] = (step(0.3), atk)
+    (g_mean, v_mean), atk = got["mean"]
+    (g_sum, v_sum), _ = got["sum"]
+    w, _ = atk.layer_weights(0.3)
+    total = float(w.sum())
+    assert 1.5 < total < len(atk.param_names)  # a partial window: neither 1 nor L
+    for a, b in zip(v_mean, v_sum):
+        assert b["match"] == pytest.approx(total * a["match"], rel=1e-5)
+        assert b["clip_ratio"] == pytest.approx(total * a["clip_ratio"], rel=1e-4)
+        assert b["prior"] == pytest.approx(a["prior"], rel=1e-6)  # the prior term is untouched
+    assert float((g_sum - g_mean).norm()) > 1e-3 * float(g_mean.norm())
+    off = UserLevelInversion(matching_reduction="sum", use_window=False, **kw).bind(views[0], prior)
+    assert off.matching_scale(None) == float(len(off.param_names))  # window off: the plain sum over L layers
+    with pytest.raises(ValueError, match="matching_reduction must be one of"):
+        UserLevelInversion(matching_reduction="median")
