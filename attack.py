@@ -524,14 +524,56 @@ def _output_terms_on(cfg: Namespace) -> list[str]:
          and float(a.get("selection_output_weight", 1.0) or 0) > 0)) if on]
 
 
+def _canonical_defense_params(d: dict) -> list[tuple[str, str]]:
+    """One defense config's settings as (key, text) in the defense class's signature order, numbers written one way
+    (floats as ``repr(float)``: 1 and 1.0 are both '1.0'; ``levels`` as an integer) and settings equal to the class's
+    default left out (an omitted ``stochastic: false`` and a written one give the same label). ``name`` and ``seed``
+    are not part of the label. An unknown defense name keeps its settings as written (it is refused elsewhere)."""
+    import inspect
+
+    from inversion.defenses import DEFENSES
+
+    def number(key, v):
+        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+            return None
+        try:
+            f = float(v)
+        except ValueError:
+            return None
+        return str(int(f)) if key == "levels" and f.is_integer() else repr(f)
+
+    def text(key, v):
+        n = number(key, v)
+        return n if n is not None else str(v)
+
+    params = {k: v for k, v in d.items() if k not in ("name", "seed")}
+    cls = DEFENSES.get(d.get("name"))
+    if cls is None or cls.__init__ is object.__init__:
+        return [(k, text(k, v)) for k, v in params.items()]
+    sig = [p for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"]
+    order = {p.name: i for i, p in enumerate(sig)}
+    defaults = {p.name: p.default for p in sig if p.default is not inspect.Parameter.empty and p.default is not None}
+    out = []
+    for k in sorted(params, key=lambda k: order.get(k, len(order))):
+        v = params[k]
+        if k in defaults and text(k, v) == text(k, defaults[k]):
+            continue
+        out.append((k, text(k, v)))
+    return out
+
+
 def defense_label(defenses: list[dict]) -> tuple[str, float]:
     """A readable label of the configured defenses ('none' when off) and the strength of the first one (its sigma,
-    keep fraction, levels or clip norm; NaN when none) for privacy curves."""
+    keep fraction, levels or clip norm; NaN when none) for privacy curves.
+
+    The label is canonical (:func:`_canonical_defense_params`): the same defense written two ways in YAML
+    (``clip_norm: 1`` / ``1.0``, keys in another order, a default spelled out) gets one label, so the report draws
+    one line for it, e.g. ``gaussian_dp(clip_norm=1.0,sigma=0.01)``."""
     if not defenses:
         return "none", float("nan")
     parts, strength = [], float("nan")
     for d in defenses:
-        params = ",".join(f"{k}={v}" for k, v in d.items() if k not in ("name", "seed"))
+        params = ",".join(f"{k}={v}" for k, v in _canonical_defense_params(d))
         parts.append(f"{d.get('name')}({params})")
         if strength != strength:
             strength = next((float(d[k]) for k in STRENGTH_KEYS if d.get(k) is not None), float("nan"))

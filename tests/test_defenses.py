@@ -301,3 +301,23 @@ def test_a_run_whose_client_noise_was_drawn_another_way_is_not_resumed(tmp_path)
     attack.check_recorded_defense_seeds(tmp_path, cfg(dp), "--resume", "x")
     assert attack.seeded_random_defenses(attack.ThreatSpec(defenses=[{"name": "quantize", "levels": 4,
                                                                        "stochastic": True, "seed": 1}]))
+
+
+def test_the_same_defense_written_two_ways_gets_one_label_and_one_privacy_curve_line():
+    """clip_norm: 1 and clip_norm: 1.0 were two labels ('clip_norm=1' / 'clip_norm=1.0'), so the report drew two
+    lines (one with a single point) for one defense; a spelled-out default was a third."""
+    import attack
+    from inversion.report import _defense_kind
+
+    a = attack.defense_label([{"name": "gaussian_dp", "clip_norm": 1, "sigma": 0.01, "seed": 0}])
+    b = attack.defense_label([{"name": "gaussian_dp", "sigma": 0.01, "clip_norm": 1.0}])
+    assert a == b == ("gaussian_dp(clip_norm=1.0,sigma=0.01)", 0.01)
+    c = attack.defense_label([{"name": "gaussian_dp", "clip_norm": 1.0, "sigma": 0.1, "seed": 0}])
+    assert _defense_kind(a[0]) == _defense_kind(c[0])
+    assert attack.defense_label([{"name": "quantize", "levels": 4, "stochastic": False}]) == \
+        attack.defense_label([{"name": "quantize", "levels": 4.0}]) == ("quantize(levels=4)", 4.0)
+    assert attack.defense_label([{"name": "quantize", "levels": 4, "stochastic": True, "seed": 1}])[0] == \
+        "quantize(levels=4,stochastic=True)"
+    assert attack.defense_label([{"name": "topk_pruning", "keep_fraction": 0.1}, {"name": "sign_compression"}]) == \
+        ("topk_pruning(keep_fraction=0.1)+sign_compression()", 0.1)
+    assert attack.defense_label([])[0] == "none"
