@@ -418,9 +418,9 @@ class DLG(SampleLevelAttack):
         log_prefix: str = "",
     ) -> None:
         super().__init__(steps, label_strategy, seed, log_images_every, log_prefix)
-        if lr <= 0 or max_iter < 1 or history_size < 1:
+        if not (math.isfinite(lr) and lr > 0) or max_iter < 1 or history_size < 1:  # NaN/inf lr: not an input error later
             raise ValueError(
-                f"DLG needs lr > 0, max_iter >= 1, history_size >= 1; got {lr}, {max_iter}, {history_size}"
+                f"DLG needs a finite lr > 0, max_iter >= 1, history_size >= 1; got {lr}, {max_iter}, {history_size}"
             )
         if line_search_fn not in (None, "strong_wolfe"):
             raise ValueError(f"line_search_fn must be None or 'strong_wolfe', got {line_search_fn!r}")
@@ -633,10 +633,10 @@ class InvertingGradients(SampleLevelAttack):
         log_prefix: str = "",
     ) -> None:
         super().__init__(steps, label_strategy, seed, log_images_every, log_prefix)
-        if lr <= 0:
-            raise ValueError(f"InvertingGradients lr must be > 0, got {lr}")
-        if tv_weight < 0:
-            raise ValueError(f"InvertingGradients tv_weight must be >= 0, got {tv_weight}")
+        if not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"InvertingGradients lr must be a finite number > 0, got {lr}")
+        if not (math.isfinite(tv_weight) and tv_weight >= 0):
+            raise ValueError(f"InvertingGradients tv_weight must be a finite number >= 0, got {tv_weight}")
         if restarts < 1:
             raise ValueError(f"InvertingGradients restarts must be >= 1, got {restarts}")
         self.lr = lr

@@ -283,6 +283,11 @@ def test_inverting_gradients_validation():
         InvertingGradients(tv_weight=-1.0)
     with pytest.raises(ValueError, match="steps"):
         InvertingGradients(steps=0)
+    for kw in ({"lr": float("nan")}, {"lr": float("inf")}, {"tv_weight": float("nan")}):  # passed before
+        with pytest.raises(ValueError, match="finite"):
+            InvertingGradients(**kw)
+    with pytest.raises(ValueError, match="finite lr"):
+        DLG(lr=float("nan"))
     with pytest.raises(RuntimeError, match="bind"):
         InvertingGradients(steps=1).configure_optimizers()
 
