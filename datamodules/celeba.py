@@ -32,7 +32,7 @@ import torch
 from datamodules.base import ImageDataModule
 from datamodules.fashion_mnist import DataNotFoundError
 from datamodules.folder import ImageListDataset, _choose, load_image, load_images, raise_if_unreadable
-from datamodules.users import User, UserSource
+from datamodules.users import User, UserSource, check_image_settings
 
 CROP = 178
 IMAGE_DIR = "img_align_celeba"
@@ -558,9 +558,8 @@ class CelebAUsers(UserSource):
                 "configs; the identity stays in each user's meta for the face metrics), or split: holdout (the "
                 "identity victim's held-out photos) or train for identity labels."
             )
+        check_image_settings(self.channels, self.image_size)
         index = self.index()
-        if self.image_size < 1:
-            raise ValueError(f"users.init_args.image_size must be >= 1, got {self.image_size}")
         paths = []
         for p in self.plan():
             for r in p["rows"]:

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 
 from datamodules.base import ImageDataModule
 from datamodules.fashion_mnist import DataNotFoundError
-from datamodules.users import User, UserSource
+from datamodules.users import User, UserSource, check_image_settings
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -402,6 +402,7 @@ class FolderUsers(UserSource):
         Raises:
             DataNotFoundError: see :meth:`user_folders`. ValueError: the cases above, with the fix.
         """
+        check_image_settings(self.channels, self.image_size)
         folders = self.user_folders()
         if self.label_mode == "index" and self._num_classes is not None and self._num_classes < len(folders):
             raise ValueError(

@@ -265,6 +265,18 @@ def dominant_count(dominant_fraction: float, batch_size: int) -> int:
     return max(1, math.floor(exact + Fraction(1, 2)))
 
 
+def check_image_settings(channels: int, image_size: int) -> None:
+    """The users' image settings, checked in ``check()`` before any model loads (they failed in ``users()``, after).
+
+    Raises:
+        ValueError: ``channels`` not 1 or 3, or ``image_size`` not an integer >= 1 (naming the config key).
+    """
+    if channels not in (1, 3) or isinstance(channels, bool):
+        raise ValueError(f"users.init_args.channels must be 1 (grey) or 3 (RGB), got {channels!r}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"users.init_args.image_size must be an integer >= 1 (pixels), got {image_size!r}")
+
+
 def check_user_settings(batch_size: int, dominant_fraction: float, dirichlet_alpha: Optional[float],
                         first_user: int) -> None:
     """The label-skew settings' ranges (see :func:`build_label_skewed_users`), checked before any data is loaded.
@@ -333,6 +345,7 @@ class FashionMNISTUsers(UserSource):
         from datamodules.fashion_mnist import load_split
 
         check_user_settings(self.batch_size, self.dominant_fraction, self.dirichlet_alpha, self.first_user)
+        check_image_settings(self.channels, self.image_size)
         _, labels = load_split("test", self.root)  # users come from the test split alone; reading it finds damage
         plan_label_skewed_users(torch.from_numpy(labels.astype(np.int64)), self.num_users, self.batch_size,
                                 self.num_classes, self.dominant_fraction, self.dirichlet_alpha, self.seed,

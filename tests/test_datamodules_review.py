@@ -138,3 +138,14 @@ def test_celeba_holdout_split_is_the_identity_victims_held_out_photos(tmp_path):
         CelebAUsers(tmp_path, split="holdout", target="Male")
     with pytest.raises(ValueError, match=r"identity_holdout must be in \(0, 1\)"):
         CelebAUsers(tmp_path, split="holdout", target="identity", identity_holdout=0.0)
+
+
+def test_users_image_settings_are_checked_before_any_model_loads(tmp_path):
+    """channels 2 or image_size 0 passed check() and failed in users(), after the victim and prior had loaded."""
+    from datamodules.users import FashionMNISTUsers
+
+    for kw, match in (({"channels": 2}, "channels must be 1"), ({"image_size": 0}, "image_size must be an integer")):
+        with pytest.raises(ValueError, match=match):
+            FashionMNISTUsers(root=str(tmp_path / "not_read"), **kw).check()  # before the data is looked for
+        with pytest.raises(ValueError, match=match):
+            FolderUsers(root=str(tmp_path / "not_read"), **kw).check()
