@@ -150,7 +150,7 @@ def scores_per_mode(
         d, logits = attack.layer_distances(x.unsqueeze(0))
         kl = float(attack.output_loss(x.unsqueeze(0), logits)[0]) if max(output_weights) > 0 else 0.0
         for m, w in modes.items():
-            s = float(weighted_layer_mean(d, w))
+            s = float(weighted_layer_mean(d, w)) * attack.matching_scale(w)  # as the attack: 'mean' or 'sum'
             for mu in output_weights:
                 out[(m, mu)].append(s + mu * kl)
     return {k: torch.tensor(v) for k, v in out.items()}

@@ -48,6 +48,24 @@ def test_layer_distances_combine_to_the_attacks_matching_loss():
     assert float(att.output_loss(x, logits)[0]) == pytest.approx(float(att.output_loss(x)[0].detach()), abs=1e-6)
 
 
+def test_audit_scores_are_the_attacks_data_term_under_matching_reduction_sum():
+    """scores_per_mode ignored matching_reduction: under 'sum' its scores were the 'mean' ones (a mu > 0 ranking
+    then weighs the KL against a cosine term 7-62x smaller than the attack's)."""
+    torch.manual_seed(2)
+    images, labels = torch.rand(3, 1, 8, 8), torch.tensor([2, 2, 5])
+    x = torch.rand(2, 1, 8, 8)
+    got = {}
+    for reduction in ("mean", "sum"):
+        att = _bound(images, labels, output_weight=1.0, matching_reduction=reduction)
+        got[reduction] = load_audit().scores_per_mode(att, x, progress=[0.3], output_weights=[0.0, 1.0])
+        for (mode, mu), scores in got[reduction].items():
+            w = att.layer_weights(0.3)[0] if mode.startswith("window") else None
+            ref = att.matching_loss(x[:1].clone().requires_grad_(True), w) + mu * att.output_loss(x[:1])[0]
+            assert float(scores[0]) == pytest.approx(float(ref.detach()), rel=1e-5)
+    L = len(att.param_names)
+    torch.testing.assert_close(got["sum"][("uniform", 0.0)], L * got["mean"][("uniform", 0.0)])
+
+
 def test_layer_distances_vanish_at_a_one_image_users_own_image():
     torch.manual_seed(1)
     x = torch.rand(1, 1, 8, 8)
