@@ -161,3 +161,30 @@ def producing_train_config(folder: str | os.PathLike) -> "str | None":
         if pattern.search(cfg.read_text()):
             return cfg.relative_to(REPO_ROOT).as_posix()
     return None
+
+
+def output_path_problem(flag: str, path: str) -> "str | None":
+    """Why ``path`` (the value of option ``flag``) cannot take a new result file, or None when it can: it must not
+    exist (results are never overwritten), and its folder must be writable, or creatable in its nearest existing
+    ancestor (probed by making and removing a temporary file or folder there, so what the file system refuses, e.g.
+    /proc, is found before any work, not after it; nothing is left behind). Used by the scripts' option checks
+    (scripts/benchmark.py, scripts/check_checkpoints.py)."""
+    target = Path(path)
+    if target.exists() or target.is_symlink():
+        return f"{flag} {path} exists: results are never overwritten; give a new path"
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{flag} {path} cannot be written: {folder} is not a folder; give a path in a writable folder"
+    try:
+        if folder == target.parent:
+            fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe", dir=folder)
+            os.close(fd)
+            os.remove(probe)
+        else:  # the missing folders will be created there
+            os.rmdir(tempfile.mkdtemp(prefix=".probe.", dir=folder))
+    except OSError as exc:
+        return (f"{flag} {path} cannot be written: creating a file in {folder} failed ({exc.strerror or exc}); give a "
+                "path in a writable folder")
+    return None

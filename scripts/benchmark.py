@@ -48,7 +48,14 @@ so that load drift and position in the round affect every B alike. Run with
 ``OMP_NUM_THREADS=1 nice -n 10`` next to trainings. ``--tiny`` (8 px, random tiny models, B = 2, 5, 10,
 U = 1, 2, 4, 2 steps) finishes in seconds; it checks the script, its numbers mean little.
 
-Usage: python scripts/benchmark.py [--device cuda] [--steps N] [--image-size S] [--tiny] [--json OUT]
+``--image-size``, ``--channels`` and ``--prior-arch`` shape the random models: without ``--random-models`` or
+``--tiny`` the shipped 1-channel 32 px checkpoints are measured, and any other value of them is an error (they would
+feed the 32 px victim other images, or be ignored, while the report names the shipped checkpoints); ``--prior-arch``
+needs ``--random-models`` without ``--tiny`` (``--tiny`` has its own tiny UNet). Bad input (options, an existing or
+unwritable ``--json`` path) ends in one ``benchmark.py: error:`` line before any measurement.
+
+Usage: python scripts/benchmark.py [--device cuda] [--steps N] [--tiny] [--json OUT]
+       python scripts/benchmark.py --random-models [--image-size S] [--channels C] [--prior-arch small|ddpm-cifar10]
        python scripts/benchmark.py --device cuda --image-size 64 --random-models --channels 3 --prior-arch ddpm-cifar10
            (the paper's setting: 64x64 RGB faces, a CIFAR-10-sized DDPM, 4,000 steps per attack)
 """
@@ -80,6 +87,7 @@ import torch.nn.functional as F  # noqa: E402
 from lightning import Trainer  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
+from inversion.fsutils import output_path_problem  # noqa: E402
 from inversion.prior import DiffusionPrior  # noqa: E402
 from inversion.scenario import ServerView, make_server_view, victim_parameters  # noqa: E402
 from inversion.cli import parse_device  # noqa: E402
@@ -91,6 +99,7 @@ VICTIM_DIR = ROOT / "checkpoints" / "fashion_mnist" / "victim_resnet18"
 PRIOR_DIR = ROOT / "checkpoints" / "fashion_mnist" / "ddpm_32"
 ATTACK_CONFIG = ROOT / "configs" / "attack" / "fashion_mnist.yaml"  # section 3 takes its attack settings from here
 NUM_CLASSES = 10
+SHIPPED_SHAPE = {"--image-size": ("image_size", 32), "--channels": ("channels", 1), "--prior-arch": ("prior_arch", "small")}
 PRECISION = "32-true"  # the precision of every measured step (Trainer of 3.; attack.full_float32 for the whole run)
 
 
@@ -453,12 +462,24 @@ def parse_args(argv=None):
         parse_device(args.device)
     except ValueError as exc:
         p.error(str(exc))
-    if args.json and Path(args.json).exists():
-        p.error(f"--json {args.json} exists: results are never overwritten; give a new path")
     if args.steps < 1 or args.warmup < 1 or args.image_size < 1 or min(args.batch_sizes) < 1 or min(args.users) < 1:
         p.error("--steps, --warmup, --image-size, batch sizes and user counts must be >= 1")
     if args.attack_steps < args.warmup + args.steps:
         p.error(f"--attack-steps ({args.attack_steps}) must be at least --warmup + --steps ({args.warmup + args.steps})")
+    if not (args.random_models or args.tiny):  # the shipped checkpoints fix the images and the prior
+        other = [f"{flag} {getattr(args, key)}" for flag, (key, shipped) in SHIPPED_SHAPE.items()
+                 if getattr(args, key) != shipped]
+        if other:
+            p.error(f"{', '.join(other)}: --image-size, --channels and --prior-arch apply only to random models "
+                    f"(--random-models or --tiny); without them the shipped 1-channel 32 px checkpoints "
+                    f"({VICTIM_DIR.relative_to(ROOT)}, {PRIOR_DIR.relative_to(ROOT)}) are measured. Add --random-models "
+                    "to measure random models")
+    elif args.tiny and args.prior_arch != "small":
+        p.error(f"--prior-arch {args.prior_arch} applies only to --random-models without --tiny (--tiny measures a "
+                "tiny random UNet); drop --tiny")
+    problem = args.json and output_path_problem("--json", args.json)  # last: the other checks cost nothing
+    if problem:
+        p.error(problem)
     return args
 
 
@@ -661,4 +682,6 @@ def print_report(r: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from inversion.cli import run_main
+
+    run_main(main, "benchmark.py")  # a missing or damaged checkpoint file: one error line, not a traceback

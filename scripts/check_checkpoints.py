@@ -7,6 +7,9 @@
 Bars (issue 3): victim and evaluator top-1 accuracy >= 90% on the Fashion-MNIST test split; 500 prior samples
 (DDIM, 100 steps, eta 0, seed 0) classified by the evaluator with mean top-1 probability >= 0.8 and every class
 between 0.5x and 2x of uniform. Exit status 1 when a bar fails (with --strict).
+
+Bad input (options, a checkpoint folder without its files, a --data-root without the test split, an existing or
+unwritable --json/--grid path) ends in one ``check_checkpoints.py: error:`` line and exit status 2 before any work.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from inversion.cli import parse_device  # noqa: E402
+from inversion.fsutils import output_path_problem  # noqa: E402
 
 
 def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> float:
@@ -37,12 +42,15 @@ def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> float
     return correct / len(x)
 
 
-def prior_sample_report(prior_dir: Path, evaluator, n: int, steps: int, seed: int = 0, device: str = "cpu") -> dict:
-    """Sample ``n`` images with DDIM and classify them with the evaluator; returns the figures of the bar."""
+def prior_sample_report(prior_dir: Path, evaluator, n: int, steps: int, seed: int = 0, device: str = "cpu",
+                        ddpm: Optional[tuple] = None) -> dict:
+    """Sample ``n`` images with DDIM and classify them with the evaluator; returns the figures of the bar.
+    ``ddpm``: the (unet, scheduler) of ``prior_dir`` already loaded (:func:`inversion.prior.load_ddpm`), else it is
+    loaded here."""
     from inversion.prior import load_ddpm
     from lightning_modules.ddpm import sample_ddim
 
-    unet, scheduler = load_ddpm(str(prior_dir), device)
+    unet, scheduler = ddpm if ddpm is not None else load_ddpm(str(prior_dir), device)
     t0 = time.time()
     imgs = sample_ddim(unet, scheduler, n, num_inference_steps=steps, seed=seed, device=device)
     seconds = time.time() - t0
@@ -63,6 +71,27 @@ def prior_sample_report(prior_dir: Path, evaluator, n: int, steps: int, seed: in
         "bar_mean_top1": bool(top1.mean() >= 0.8),
         "bar_class_balance": bool(counts.min() >= 0.5 * uniform and counts.max() <= 2 * uniform),
     }, imgs
+
+
+def load_test_split(data_root: Optional[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST's test split (images uint8 (N, 28, 28), labels), from ``--data-root`` when given.
+
+    Raises:
+        DataNotFoundError (a FileNotFoundError): the split is not there; unlike the data module's own message (which
+            names the configs' ``data.root``), the fix names this script's ``--data-root``.
+        ValueError: a damaged idx file (the message names it).
+    """
+    from datamodules.fashion_mnist import DataNotFoundError, load_split
+
+    try:
+        return load_split("test", root=data_root)
+    except DataNotFoundError as exc:
+        looked = str(exc).split(" Fix: ")[0].rstrip(".")  # "Fashion-MNIST idx files not found (looked in ...)"
+        raise DataNotFoundError(
+            f"{looked}. Fix: pass --data-root FOLDER, a folder holding t10k-images-idx3-ubyte.gz and "
+            "t10k-labels-idx1-ubyte.gz (plain or .gz), or install them with `sudo apt-get install "
+            "dataset-fashion-mnist` and leave --data-root out (--prior-only needs no test split)"
+        ) from None
 
 
 def main(argv=None) -> int:
@@ -87,33 +116,40 @@ def main(argv=None) -> int:
     except ValueError as exc:
         ap.error(str(exc))
     for flag, path in (("--json", args.json), ("--grid", args.grid)):
-        if path and Path(path).exists():
-            ap.error(f"{flag} {path} exists: results are never overwritten; give a new path")
+        problem = path and output_path_problem(flag, path)  # before the minutes of work, not after them
+        if problem:
+            ap.error(problem)
+    if args.json and args.grid and Path(args.json).resolve() == Path(args.grid).resolve():
+        ap.error(f"--json and --grid name the same file {args.json}; give two paths")
     for name in (("evaluator_convnet", "ddpm_32") if args.prior_only else ("victim_resnet18", "evaluator_convnet", "ddpm_32")):
         if not (Path(args.checkpoints) / name).is_dir():
             ap.error(f"{Path(args.checkpoints) / name} not found: --checkpoints must hold victim_resnet18, "
                      "evaluator_convnet and ddpm_32 (as checkpoints/fashion_mnist does)")
 
     from attack import atomic_write_bytes, atomic_write_text
-    from datamodules.fashion_mnist import load_split, to_tensor_images
+    from datamodules.fashion_mnist import to_tensor_images
+    from inversion.prior import load_ddpm
     from lightning_modules.classifier import load_classifier
 
     ck = Path(args.checkpoints)
     names = () if args.prior_only else ("victim_resnet18", "evaluator_convnet")
+    # every checkpoint loaded before any work: a folder without its config.json or weights (FileNotFoundError) or a
+    # damaged one (ValueError) is one error line naming it, not a traceback after the accuracies
+    classifiers = {name: load_classifier(ck / name) for name in (names or ("evaluator_convnet",))}
+    ddpm = load_ddpm(str(ck / "ddpm_32"), args.device)
     if names:
-        raw, labels = load_split("test", root=args.data_root)
+        raw, labels = load_test_split(args.data_root)
         x = to_tensor_images(raw[: args.n_test], 32, 1)
         y = torch.from_numpy(labels[: args.n_test].astype(np.int64))
     report: dict = {"n_test": len(x) if names else 0}
-    evaluator = load_classifier(ck / "evaluator_convnet")[0] if args.prior_only else None
+    evaluator = classifiers["evaluator_convnet"][0]
     for name in names:
-        model, cfg = load_classifier(ck / name)
+        model, cfg = classifiers[name]
         t0 = time.time()
         acc = accuracy(model, x, y)
         report[name] = {"arch": cfg["arch"], "test_accuracy": round(acc, 4), "seconds": round(time.time() - t0, 1), "bar": acc >= 0.9}
-        if name.startswith("evaluator"):
-            evaluator = model
-    prior, imgs = prior_sample_report(ck / "ddpm_32", evaluator, args.n_samples, args.ddim_steps, device=args.device)
+    prior, imgs = prior_sample_report(ck / "ddpm_32", evaluator, args.n_samples, args.ddim_steps, device=args.device,
+                                      ddpm=ddpm)
     report["ddpm_32"] = prior
     if args.grid:
         from PIL import Image
@@ -141,5 +177,11 @@ def main(argv=None) -> int:
     return 0 if ok or not args.strict else 1
 
 
+def _cli() -> None:
+    raise SystemExit(main())  # 1 when a bar fails under --strict
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from inversion.cli import run_main
+
+    run_main(_cli, "check_checkpoints.py")  # bad input: one error line and exit status 2, not a traceback
