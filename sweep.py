@@ -31,7 +31,9 @@ A cell's slug (its run directory's and the report's ``run_name``) is ``lastkey=v
 (:func:`expand_cells`). A key given twice in one mapping of the sweep YAML is an error (YAML would keep the last).
 
 Before any work every key is checked against attack.py's parser and every cell is parsed: an unknown key, an empty
-value list, a missing config file or a value attack.py refuses stops the sweep with one error naming the key.
+value list, a missing config file or a value attack.py refuses stops the sweep with one error naming the key. So
+does a grid value listed twice (``batch_size: [3, 3]``), or two values attack.py reads alike (``seed: [0, "0"]``,
+``lr: [0.001, 1e-3]``): two cells would run the same experiment (they ran twice, as ``x`` and ``x-1``).
 
 The sweep directory holds ``sweep.json`` (the resolved sweep config and its sha256 ``hash``), ``index.json`` (cell
 slug -> run dir, status, overrides; rewritten atomically after each cell), ``cells/<slug>-<time>-<hex>/`` (the
@@ -40,12 +42,18 @@ attack.py run directories) and ``report/`` (:func:`inversion.report.build_report
 row of repeated measurements, not one row per slug; ``report-1``... when it exists). A sweep directory made from a different sweep config is refused unless ``--new`` (then a fresh
 ``<root>-1``, ``-2``... is used). Cells run in this process, one after the other (``attack.main``; a cell with
 ``trainer.strategy: ddp`` or several devices runs as a child ``python attack.py``, see :func:`run_attack_cell`); a
-cell that fails or diverges is recorded and the sweep goes on; Ctrl-C stops the sweep (the cell is recorded as interrupted). Exit
-status: 0 when every cell finished, 1 otherwise, 130 on Ctrl-C.
+cell that fails or diverges is recorded and the sweep goes on; Ctrl-C, or a SIGTERM to sweep.py, stops the sweep (the
+cell is recorded as interrupted). A child ``attack.py`` runs in its own process group: a SIGINT, SIGTERM or SIGHUP to
+sweep.py is forwarded to it and its ranks as SIGINT, and sweep.py waits for them to stop (killing them after
+:data:`CHILD_STOP_TIMEOUT` seconds) before it releases its lock. A config file (base, configs, ``attack`` files)
+edited while the sweep runs stops it before the next cell (exit status 2, naming the file; the finished cells ran the
+old config): restore the file to continue, or use ``--new``. Exit status: 0 when every cell finished, 1 otherwise,
+130 on Ctrl-C or SIGTERM, 2 for a refused config.
 
 Re-running the same sweep skips the cells whose run dir has ``summary.json`` status ``finished`` and continues the
 others where they stopped. What happens to a cell depends on its newest run dir (the newest ``<slug>-<time>-<hex>``
-that holds attack.py's ``config.yaml``):
+that holds attack.py's ``config.yaml``; only run dirs under this sweep directory's ``cells/`` count: the index of a
+copied sweep directory names the original's, which are ignored):
 
 * ``interrupted`` (Ctrl-C), no ``summary.json`` (stopped hard: SIGKILL, a scheduler's time limit, the machine went
   down) or ``failed: ...`` (an exception: out of memory, a full disk, a bug fixed since): the cell is re-run as
@@ -104,7 +112,8 @@ RUN_DIR_RE = r"-\d{8}-\d{6}-[0-9a-f]{6}$"
 
 
 class SweepError(ValueError):
-    """A sweep config or sweep directory that cannot be used; raised before any cell runs."""
+    """A sweep config or sweep directory that cannot be used; raised before any cell runs (or before the next cell,
+    for a config file edited while the sweep runs: :func:`config_files_changed`)."""
 
 
 # ------------------------------------------------------------------------------------------------ small helpers
@@ -399,7 +408,10 @@ def load_sweep(path: str | Path, root_override: Optional[str] = None) -> Sweep:
     # '~' expanded here, as attack.py expands the cells' output.root (else the index and the cells part ways)
     root = os.path.expanduser(str(root_override or raw.get("root") or f"runs/sweeps/{name}"))
     sweep = Sweep(name=name, root=str(root), base=base, configs=configs, fixed=fixed, grid=grid, source=path)
-    sweep.cells = expand_cells(sweep)
+    try:
+        sweep.cells = expand_cells(sweep)
+    except SweepError as exc:
+        raise SweepError(f"{path}: {exc}") from None
     return sweep
 
 
@@ -410,10 +422,23 @@ def expand_cells(sweep: Sweep) -> list[Cell]:
     Slugs: :func:`cell_slug` of the assignment. Cells whose slugs coincide (values that print alike: defenses that
     differ only in ``seed``, ``class_path`` mappings that differ only in ``init_args``, config files of one name in
     different folders) get the keys whose values differ among them spelled out in full, then, if still alike, a
-    hash of those values (``cell_slug``'s ``detail``); only identical assignments (a value listed twice) end with
-    ``-1``, ``-2``... Names of cells that do not collide are unchanged, so their run directories are still found.
+    hash of those values (``cell_slug``'s ``detail``). Names of cells that do not collide are unchanged, so their run
+    directories are still found.
+
+    Raises:
+        SweepError: a grid key that lists one value twice (equal canonical JSON: ``[3, 3]``): two cells would run
+            the same experiment (they were named ``x`` and ``x-1``); or, should it ever happen, two cells whose
+            names still coincide after the value hash.
     """
     keys = list(sweep.grid)
+    for key in keys:  # a value listed twice: every cell with it would run twice
+        seen_values: dict[str, Any] = {}
+        for v in sweep.grid[key]:
+            canon = json.dumps(v, sort_keys=True, default=str)
+            if canon in seen_values:
+                raise SweepError(f"grid key {key!r} lists the value {v!r} twice: its cells would run the same "
+                                 f"experiment twice; remove the duplicate")
+            seen_values[canon] = v
     assignments = [dict(zip(keys, combo)) for combo in itertools.product(*(sweep.grid[k] for k in keys))]
     slugs = [cell_slug(a) for a in assignments]
     details: list[dict[str, int]] = [{} for _ in assignments]
@@ -429,8 +454,11 @@ def expand_cells(sweep: Sweep) -> list[Cell]:
             for i in members:
                 details[i].update(dict.fromkeys(differ, level))
                 slugs[i] = cell_slug(assignments[i], details[i])
+    twice = sorted(slug for slug in set(slugs) if slugs.count(slug) > 1)
+    if twice:  # distinct assignments (checked above) whose value hashes coincide: not expected to happen
+        raise SweepError(f"cells of different values get the same name {twice[0]!r} (their value hashes "
+                         f"coincide); change one of their values")
     cells: list[Cell] = []
-    seen: dict[str, int] = {}
     for i, (assignment, slug) in enumerate(zip(assignments, slugs)):
         files: list[str] = []
         overrides: list[tuple[str, Any]] = list(sweep.fixed.items())
@@ -439,11 +467,6 @@ def expand_cells(sweep: Sweep) -> list[Cell]:
                 files += [] if v is None else ([v] if isinstance(v, str) else list(v))
             else:  # a mapping under the alias 'configs' is attack.py's --attack (it has no --configs)
                 overrides.append(("attack" if k in CONFIG_KEYS else k, v))
-        if slug in seen:  # the same assignment twice (a value listed twice in the grid)
-            seen[slug] += 1
-            slug = f"{slug}-{seen[slug]}"
-        else:
-            seen[slug] = 0
         cells.append(Cell(index=i, slug=slug, assignment=assignment, config_files=files, overrides=overrides))
     return cells
 
@@ -509,6 +532,9 @@ def validate(sweep: Sweep) -> None:
                     break
         raise SweepError(f"cell {cell.slug!r}: attack.py rejects {culprit}: {msg}\nvalid top-level groups: "
                          f"{', '.join(groups)}")
+    same = _same_experiment(sweep, [(cell, cfg) for cell, _, cfg in parsed])
+    if same is not None:
+        raise SweepError(same)
     for cell, p, cfg in parsed:  # what attack.py checks before its first user (values, data, checkpoints, prior's T)
         try:
             with contextlib.redirect_stdout(io.StringIO()):
@@ -517,6 +543,30 @@ def validate(sweep: Sweep) -> None:
         except Exception as exc:  # noqa: BLE001 - any of attack.py's pre-run errors, named with its cell
             raise SweepError(f"cell {cell.slug!r}: attack.py would stop before its first user: "
                              f"{type(exc).__name__}: {exc}") from None
+
+
+def _same_experiment(sweep: Sweep, parsed: list[tuple[Cell, Any]]) -> Optional[str]:
+    """None when every cell's parsed attack.py config (``cfg``, its config file list and ``output.name`` aside)
+    differs from every other's, else one line naming the grid key(s) whose values attack.py reads alike (``seed: [0,
+    "0"]``, ``lr: [0.001, 1e-3]``: YAML reads 1e-3 as a string) and saying to remove the duplicate: those cells
+    would run the same experiment twice. (A value listed twice verbatim is refused earlier, by
+    :func:`expand_cells`.)"""
+    first: dict[str, Cell] = {}
+    for cell, cfg in parsed:
+        d = cfg.as_dict() if hasattr(cfg, "as_dict") else dict(cfg)
+        d.pop("config", None)
+        if isinstance(d.get("output"), dict):
+            d["output"] = {k: v for k, v in d["output"].items() if k != "name"}
+        canon = json.dumps(d, sort_keys=True, default=str)
+        other = first.setdefault(canon, cell)
+        if other is cell:
+            continue
+        differ = [k for k in sweep.grid if json.dumps(other.assignment[k], sort_keys=True, default=str)
+                  != json.dumps(cell.assignment[k], sort_keys=True, default=str)]
+        values = "; ".join(f"grid key {k!r}: {other.assignment[k]!r} and {cell.assignment[k]!r}" for k in differ)
+        return (f"cells {other.slug!r} and {cell.slug!r} are the same experiment ({values or 'equal values'}, which "
+                f"attack.py reads alike): remove the duplicate value")
+    return None
 
 
 def _condense(msg: str) -> str:
@@ -583,6 +633,38 @@ def open_sweep_dir(sweep: Sweep, new: bool, create: bool = True) -> Path:
     return root
 
 
+def _recorded_config(sweep_dir: Path, sweep: Sweep) -> tuple[str, dict[str, Optional[str]]]:
+    """(sweep hash, config file -> SHA-256 of its parsed content) as ``sweep_dir/sweep.json`` records them (read
+    after :func:`open_sweep_dir` checked or wrote it): what :func:`config_files_changed` compares the files with
+    before each cell. A sweep.json without them gives what the files hash to now."""
+    try:
+        meta = json.loads((sweep_dir / "sweep.json").read_text())
+    except (OSError, ValueError):
+        meta = {}
+    files = meta.get("config", {}).get("config_sha256") if isinstance(meta.get("config"), dict) else None
+    if not isinstance(meta.get("hash"), str) or not isinstance(files, dict):
+        return sweep.hash(), sweep.resolved()["config_sha256"]
+    return meta["hash"], files
+
+
+def config_files_changed(sweep: Sweep, sweep_dir: Path, recorded_hash: str,
+                         recorded_files: dict[str, Optional[str]]) -> Optional[str]:
+    """None while the sweep's config files (base, configs, ``attack`` files) hash as when the sweep started
+    (``recorded_hash``: the sweep hash :meth:`Sweep.hash`, over their parsed contents, so an edited comment does not
+    count), else one line naming the changed file(s) (``recorded_files``: their recorded hashes) and saying what to
+    do. A cell hands attack.py the files' paths, read when the cell starts: an edit while the sweep runs changed
+    the cells after it, silently, and the report pooled them with the cells run before it."""
+    if sweep.hash() == recorded_hash:
+        return None
+    now = sweep.resolved()["config_sha256"]
+    changed = [f + (" (now unreadable)" if h is None else "") for f, h in now.items() if h != recorded_files.get(f)]
+    changed = changed or list(now)
+    return (f"config file{'s' if len(changed) > 1 else ''} {', '.join(changed)} changed while the sweep ran (its "
+            f"content no longer hashes as {sweep_dir / 'sweep.json'} records), so the cells left would run another "
+            f"config than the finished ones: restore it and run the same command again to continue, or start a new "
+            f"sweep of the edited config with --new")
+
+
 @contextlib.contextmanager
 def _logging_to(stream):
     """Point every logging StreamHandler that writes to the terminal (Lightning's own handlers hold the stderr of
@@ -616,10 +698,19 @@ def load_index(sweep_dir: Path) -> dict:
     return {"cells": {}}
 
 
+def _inside(cells_root: Path, run_dir: Optional[str | Path]) -> bool:
+    """Whether ``run_dir`` lies in ``cells_root`` (both resolved: symlinks and ``..`` do not fool it)."""
+    if not run_dir:
+        return False
+    return Path(run_dir).resolve().is_relative_to(cells_root.resolve())
+
+
 def find_finished_run(cells_root: Path, slug: str, recorded: Optional[str]) -> Optional[Path]:
     """The cell's finished run dir: the one in the index, else the newest finished ``<slug>-<time>-<hex>`` folder
-    (a cell that finished just before a crash, before the index was written)."""
-    if recorded and _run_status(recorded) == "finished":
+    (a cell that finished just before a crash, before the index was written). A recorded run dir outside
+    ``cells_root`` is not this sweep's (the index of a copied or moved sweep directory still names the original's
+    run dirs): it is ignored and ``cells_root`` scanned instead."""
+    if recorded and _inside(cells_root, recorded) and _run_status(recorded) == "finished":
         return Path(recorded)
     if not cells_root.is_dir():
         return None
@@ -864,6 +955,130 @@ def _summary_text(run_dir: Path) -> str:
     return ", ".join(bits)
 
 
+#: seconds a child attack.py (and its ranks) gets to stop after the SIGINT that a signal to sweep.py forwards to it
+#: (it writes summary.json and gathers its ranks' users), before its process group is killed (SIGKILL)
+CHILD_STOP_TIMEOUT = 300.0
+#: seconds ranks left behind by a child attack.py that ended get to end too, before they are killed
+LEFTOVER_RANK_TIMEOUT = 10.0
+FORWARDED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # to sweep.py: forwarded as SIGINT to a child attack.py
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    """``os.killpg``, quiet when the group is gone."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process that has not exited is left in the process group ``pgid`` (zombies, exited but not reaped
+    yet, do not count; read from /proc where there is one)."""
+    proc = Path("/proc")
+    if proc.is_dir():
+        for d in proc.iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                state, _ppid, pgrp = (d / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+            except (OSError, ValueError, IndexError):
+                continue
+            if int(pgrp) == pgid and state not in ("Z", "X"):
+                return True
+        return False
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _forwarding_signals(target: list[int]):
+    """Meanwhile SIGINT, SIGTERM and SIGHUP to this process are forwarded, once, as SIGINT to the process group
+    ``target[0]`` (as soon as the list holds it) and recorded in the yielded list (signal numbers): a child in its
+    own session is out of reach of a terminal's Ctrl-C and hangup, and of a ``kill`` of sweep.py. Signals this
+    process ignores (``nohup``, a script's ``&``) stay ignored (not forwarded); outside the main thread nothing is
+    forwarded."""
+    import signal
+    import threading
+
+    received: list[int] = []
+
+    def forward(signum, _frame):
+        if not received and target:
+            _signal_group(target[0], signal.SIGINT)
+        received.append(signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for name in FORWARDED_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is None:
+                continue
+            if signal.getsignal(sig) is signal.SIG_IGN:
+                if sig == signal.SIGINT:  # ignored here (a script's background job), still ignored meanwhile, but
+                    # caught rather than SIG_IGN: an ignored signal stays ignored across exec, so the child would
+                    # ignore the SIGINT a SIGTERM forwards
+                    previous[sig] = signal.signal(sig, lambda *_: None)
+                continue
+            previous[sig] = signal.signal(sig, forward)
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+def _run_child(cmd: list[str], **popen_kwargs) -> tuple[int, bool]:
+    """Run ``cmd`` in its own session (process group) and wait for it: (its exit status, whether a signal to this
+    process stopped it). A SIGINT, SIGTERM or SIGHUP to this process sends SIGINT to the child's process group
+    (every DDP rank: attack.py then leaves its run directory consistent, as after Ctrl-C) and waits
+    :data:`CHILD_STOP_TIMEOUT` seconds for it to end before killing the group. Returns only once no process of the
+    group is left (ranks that outlive the child are killed after :data:`LEFTOVER_RANK_TIMEOUT` seconds), so the
+    sweep's lock is never released while one still writes into the run directory."""
+    import signal
+    import subprocess
+
+    target: list[int] = []
+    with _forwarding_signals(target) as received:
+        proc = subprocess.Popen(cmd, start_new_session=True, **popen_kwargs)
+        target.append(proc.pid)
+        if received:  # a signal between the handlers and the child: forward it now
+            _signal_group(proc.pid, signal.SIGINT)
+        deadline, told = None, 0
+        while True:
+            try:
+                code = proc.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if len(received) > told:  # printed here, not in the signal handler (a print there can re-enter one)
+                if deadline is None:
+                    deadline = time.monotonic() + CHILD_STOP_TIMEOUT
+                    print(f"[sweep] {signal.Signals(received[0]).name}: sent SIGINT to attack.py (pid {proc.pid}) and "
+                          f"its ranks; waiting up to {CHILD_STOP_TIMEOUT:.0f} s for them to stop", file=sys.stderr,
+                          flush=True)
+                else:
+                    print(f"[sweep] already stopping attack.py: waiting up to {deadline - time.monotonic():.0f} s more "
+                          f"(to kill it now: kill -KILL -{proc.pid})", file=sys.stderr, flush=True)
+                told = len(received)
+            if deadline is not None and time.monotonic() > deadline:
+                print(f"[sweep] attack.py (pid {proc.pid}) did not stop in {CHILD_STOP_TIMEOUT:.0f} s: killing its "
+                      f"process group", file=sys.stderr, flush=True)
+                _signal_group(proc.pid, signal.SIGKILL)
+                code = proc.wait()
+                break
+        leftover = time.monotonic() + LEFTOVER_RANK_TIMEOUT
+        while _group_alive(proc.pid):  # ranks still running after rank 0 ended
+            if time.monotonic() > leftover:
+                _signal_group(proc.pid, signal.SIGKILL)
+                time.sleep(0.2)
+                break
+            time.sleep(0.1)
+    return code, bool(received)
+
+
 def run_attack_cell(argv: list[str]) -> Optional[Path]:
     """The default cell runner: ``attack.main(argv)`` in this process, returning the run directory; a cell that
     shards its users over several processes (:func:`attack.distributed`: strategy ddp, or several devices) runs as
@@ -871,11 +1086,15 @@ def run_attack_cell(argv: list[str]) -> Optional[Path]:
     Lightning's launcher starts each further rank by re-running the command line, which in this process is
     sweep.py: every rank would have run the sweep (and met its lock).
 
+    The child runs in its own session (:func:`_run_child`): a SIGINT (Ctrl-C), SIGTERM or SIGHUP to sweep.py is
+    forwarded to it and its ranks as SIGINT, and this returns only when every one of them has ended (a signal that
+    reached sweep.py alone left them running, unsupervised, while the lock was released and a second sweep.py
+    could resume the same run directory). Only a SIGKILL of sweep.py still leaves the child running.
+
     Raises:
+        KeyboardInterrupt: a signal to sweep.py stopped the child (the cell is interrupted).
         SystemExit: the child's exit status when it is not 0 (130 after Ctrl-C, 1 when it diverged).
     """
-    import subprocess
-
     import attack
 
     cfg = attack.build_parser().parse_args(argv)
@@ -889,10 +1108,39 @@ def run_attack_cell(argv: list[str]) -> Optional[Path]:
             streams[name] = stream.fileno()
         except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
             streams[name] = None
-    code = subprocess.run([sys.executable, str(Path(attack.__file__).resolve()), *argv], **streams).returncode
+    code, stopped = _run_child([sys.executable, str(Path(attack.__file__).resolve()), *argv], **streams)
+    if stopped:
+        raise KeyboardInterrupt
     if code != 0:
         raise SystemExit(code)
     return None
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c():
+    """Meanwhile the first SIGTERM raises KeyboardInterrupt, as Ctrl-C's SIGINT does (later ones are ignored: the
+    sweep is stopping): a cell running in this process stops as after Ctrl-C (attack.py writes its summary.json),
+    index.json says interrupted and the exit status is 130 (outside Lightning's fit, which handles SIGTERM itself,
+    the process died and left its cell's entry "running"). Not where this process ignores SIGTERM, nor outside the
+    main thread. (A child attack.py gets SIGTERM's forward instead: :func:`_run_child`.)"""
+    import signal
+    import threading
+
+    received: list[int] = []
+
+    def interrupt(signum, _frame):
+        received.append(signum)
+        if len(received) == 1:
+            raise KeyboardInterrupt
+
+    installed, previous = False, None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
+        previous, installed = signal.signal(signal.SIGTERM, interrupt), True
+    try:
+        yield
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def run_sweep(sweep: Sweep, *, new: bool = False, max_cells: Optional[int] = None, report: bool = True,
@@ -901,11 +1149,17 @@ def run_sweep(sweep: Sweep, *, new: bool = False, max_cells: Optional[int] = Non
     """Run (or continue) the sweep; returns the final index. ``runner`` defaults to :func:`run_attack_cell`
     (``attack.main``, or a child ``attack.py`` for multi-process cells); it returns the cell's run directory, or
     None when the newest new run directory of the cell is it. ``fresh``: an unfinished cell starts in a new run dir
-    instead of resuming its newest one (see the module docstring)."""
+    instead of resuming its newest one (see the module docstring). A SIGTERM stops it as Ctrl-C does.
+
+    Raises:
+        SweepError: the sweep directory is from another config or in use (:func:`open_sweep_dir`,
+            :func:`sweep_lock`); or a config file changed while the sweep ran (:func:`config_files_changed`, checked
+            before each cell: index.json is saved, with the reason under ``stopped``, and the lock released).
+    """
     if runner is None:
         runner = run_attack_cell
     sweep_dir = open_sweep_dir(sweep, new)
-    with sweep_lock(sweep_dir):
+    with sweep_lock(sweep_dir), _sigterm_as_ctrl_c():
         return _run_cells(sweep, sweep_dir, max_cells=max_cells, report=report, quiet=quiet, runner=runner,
                           fresh=fresh)
 
@@ -914,7 +1168,8 @@ def _run_cells(sweep: Sweep, sweep_dir: Path, *, max_cells: Optional[int], repor
                runner: Callable[[list[str]], Path], fresh: bool) -> dict:
     cells_root = sweep_dir / "cells"
     index = load_index(sweep_dir)
-    index.update(name=sweep.name, hash=sweep.hash(), sweep_dir=str(sweep_dir))
+    recorded = _recorded_config(sweep_dir, sweep)
+    index.update(name=sweep.name, hash=recorded[0], sweep_dir=str(sweep_dir), stopped=None)
     entries: dict = index["cells"]
     n = len(sweep.cells)
     ran = 0
@@ -925,86 +1180,105 @@ def _run_cells(sweep: Sweep, sweep_dir: Path, *, max_cells: Optional[int], repor
     def save() -> None:
         atomic_write_json(sweep_dir / "index.json", index)
 
-    for cell in sweep.cells:
-        entry = entries.setdefault(cell.slug, {})
-        entry.update(index=cell.index, assignment=cell.assignment, argv=cell.argv(sweep, cells_root))
-        tag = f"[sweep] {cell.index + 1}/{n} {cell.slug}"
-        if max_cells is not None and ran >= max_cells:  # no resume check for a cell left for later; a finished
-            # one is checked for changed model files (else the report pools it)
-            done = find_finished_run(cells_root, cell.slug, entry.get("run_dir"))
-            ok = done is not None and finished_models_changed(cell.argv(sweep, cells_root), done) is None
-            plan = CellPlan("skip", done) if ok else None
-        else:
-            plan = plan_cell(sweep, cell, cells_root, entry.get("run_dir"), fresh)
-        if plan is not None and plan.action == "skip":
-            entry.update(run_dir=str(plan.run_dir), status="finished")
+    def check_config_files() -> None:
+        """Stop the sweep (index saved, :class:`SweepError`) when a config file changed since it started."""
+        changed = config_files_changed(sweep, sweep_dir, *recorded)
+        if changed is not None:
+            index["stopped"] = changed
             save()
-            print(f"{tag}: skipped, finished in {plan.run_dir}", flush=True)
-            continue
-        if plan is None:  # --max-cells reached ("finished": its run used model files that changed since)
-            if entry.get("status") in (None, "running", "finished"):
-                entry["status"] = "pending"
-            save()
-            continue
-        resume = plan.run_dir if plan.action == "resume" else None
-        if resume is None:  # the run dirs this one replaces stay listed (and on disk)
-            for old in (entry.get("run_dir"), plan.run_dir):
-                if old and str(old) not in entry.get("previous_run_dirs", []):
-                    entry.setdefault("previous_run_dirs", []).append(str(old))
-        argv = cell.argv(sweep, cells_root) + (["--resume", str(resume)] if resume else [])
-        before = {d.name for d in _new_run_dirs(cells_root, cell.slug, set())}
-        summary_before = _file_signature(resume / "summary.json") if resume else None
-        entry.update(status="running", run_dir=str(resume) if resume else None, resumed=resume is not None,
-                     started=time.strftime("%Y-%m-%d %H:%M:%S"), error=None)
-        save()
-        if resume:
-            print(f"{tag}: resuming {resume} (was {plan.why}; its finished users are kept) ...", flush=True)
-        else:
-            print(f"{tag}: " + (f"{plan.why} ..." if plan.why else "running ..."), flush=True)
-        t0 = time.time()
-        run_dir: Optional[Path] = None
-        try:
-            log = sweep_dir / "logs" / f"{cell.slug}.log"
-            if quiet:
-                log.parent.mkdir(parents=True, exist_ok=True)
-                with log.open("a") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh), \
-                        _logging_to(fh):
-                    made_dir = runner(argv)
-            else:
-                made_dir = runner(argv)
-            run_dir = Path(made_dir) if made_dir is not None else None  # None: a child process ran it (found below)
-            status = (_run_status(run_dir) if run_dir is not None else None) or "finished"
-        except KeyboardInterrupt:
-            status, interrupted = "interrupted", True
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-            status = "interrupted" if code == 130 else f"failed (exit {exc.code})"
-            interrupted = code == 130
-        except Exception as exc:  # noqa: BLE001 - record and go on with the next cell
-            status = f"failed: {type(exc).__name__}: {exc}"
-        ran += 1
-        if run_dir is None:
-            if resume is not None:
-                run_dir = resume
-                if _file_signature(resume / "summary.json") != summary_before:  # not the last attempt's summary
-                    status = _run_status(run_dir) or status
-            else:
-                made = _new_run_dirs(cells_root, cell.slug, before)
-                run_dir = made[-1] if made else None
-                if run_dir is not None:
-                    status = _run_status(run_dir) or status  # e.g. 'diverged: ...' / 'interrupted' from summary.json
-        entry.update(status=status, run_dir=str(run_dir) if run_dir else None, seconds=round(time.time() - t0, 1),
-                     finished=time.strftime("%Y-%m-%d %H:%M:%S"))
-        save()
-        extra = _summary_text(run_dir) if run_dir and status == "finished" else ""
-        print(f"{tag}: {status} in {time.time() - t0:.1f} s" + (f" -> {run_dir}" if run_dir else "")
-              + (f" ({extra})" if extra else ""), flush=True)
-        if interrupted:
-            stopped_in = run_dir
-            break
+            raise SweepError(changed)
 
-    finished = [e["run_dir"] for e in entries.values()
-                if e.get("run_dir") and e.get("status") == "finished" and _run_status(e["run_dir"]) == "finished"]
+    entry: dict = {}
+    try:
+        for cell in sweep.cells:
+            check_config_files()  # before the cell is planned: its argv reads the config files as they are now
+            entry = entries.setdefault(cell.slug, {})
+            if entry.get("run_dir") and not _inside(cells_root, entry["run_dir"]):  # another sweep directory's
+                # (this one was copied or moved): its own cells/ folder is scanned instead
+                entry["run_dir"] = None
+            entry.update(index=cell.index, assignment=cell.assignment, argv=cell.argv(sweep, cells_root))
+            tag = f"[sweep] {cell.index + 1}/{n} {cell.slug}"
+            if max_cells is not None and ran >= max_cells:  # no resume check for a cell left for later; a finished
+                # one is checked for changed model files (else the report pools it)
+                done = find_finished_run(cells_root, cell.slug, entry.get("run_dir"))
+                ok = done is not None and finished_models_changed(cell.argv(sweep, cells_root), done) is None
+                plan = CellPlan("skip", done) if ok else None
+            else:
+                plan = plan_cell(sweep, cell, cells_root, entry.get("run_dir"), fresh)
+            if plan is not None and plan.action == "skip":
+                entry.update(run_dir=str(plan.run_dir), status="finished")
+                save()
+                print(f"{tag}: skipped, finished in {plan.run_dir}", flush=True)
+                continue
+            if plan is None:  # --max-cells reached ("finished": its run used model files that changed since)
+                if entry.get("status") in (None, "running", "finished"):
+                    entry["status"] = "pending"
+                save()
+                continue
+            check_config_files()  # again, just before the cell reads them (planning it may have taken a while)
+            resume = plan.run_dir if plan.action == "resume" else None
+            if resume is None:  # the run dirs this one replaces stay listed (and on disk)
+                for old in (entry.get("run_dir"), plan.run_dir):
+                    if old and str(old) not in entry.get("previous_run_dirs", []):
+                        entry.setdefault("previous_run_dirs", []).append(str(old))
+            argv = cell.argv(sweep, cells_root) + (["--resume", str(resume)] if resume else [])
+            before = {d.name for d in _new_run_dirs(cells_root, cell.slug, set())}
+            summary_before = _file_signature(resume / "summary.json") if resume else None
+            entry.update(status="running", run_dir=str(resume) if resume else None, resumed=resume is not None,
+                         started=time.strftime("%Y-%m-%d %H:%M:%S"), error=None)
+            save()
+            if resume:
+                print(f"{tag}: resuming {resume} (was {plan.why}; its finished users are kept) ...", flush=True)
+            else:
+                print(f"{tag}: " + (f"{plan.why} ..." if plan.why else "running ..."), flush=True)
+            t0 = time.time()
+            run_dir: Optional[Path] = None
+            try:
+                log = sweep_dir / "logs" / f"{cell.slug}.log"
+                if quiet:
+                    log.parent.mkdir(parents=True, exist_ok=True)
+                    with log.open("a") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh), \
+                            _logging_to(fh):
+                        made_dir = runner(argv)
+                else:
+                    made_dir = runner(argv)
+                run_dir = Path(made_dir) if made_dir is not None else None  # None: a child process ran it (found below)
+                status = (_run_status(run_dir) if run_dir is not None else None) or "finished"
+            except KeyboardInterrupt:
+                status, interrupted = "interrupted", True
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+                status = "interrupted" if code == 130 else f"failed (exit {exc.code})"
+                interrupted = code == 130
+            except Exception as exc:  # noqa: BLE001 - record and go on with the next cell
+                status = f"failed: {type(exc).__name__}: {exc}"
+            ran += 1
+            if run_dir is None:
+                if resume is not None:
+                    run_dir = resume
+                    if _file_signature(resume / "summary.json") != summary_before:  # not the last attempt's summary
+                        status = _run_status(run_dir) or status
+                else:
+                    made = _new_run_dirs(cells_root, cell.slug, before)
+                    run_dir = made[-1] if made else None
+                    if run_dir is not None:
+                        status = _run_status(run_dir) or status  # e.g. 'diverged: ...' / 'interrupted' (summary.json)
+            entry.update(status=status, run_dir=str(run_dir) if run_dir else None, seconds=round(time.time() - t0, 1),
+                         finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+            save()
+            extra = _summary_text(run_dir) if run_dir and status == "finished" else ""
+            print(f"{tag}: {status} in {time.time() - t0:.1f} s" + (f" -> {run_dir}" if run_dir else "")
+                  + (f" ({extra})" if extra else ""), flush=True)
+            if interrupted:
+                stopped_in = run_dir
+                break
+    except KeyboardInterrupt:  # Ctrl-C (or SIGTERM) outside a cell's run: while planning one, between two
+        interrupted = True
+        if entry.get("status") == "running":
+            entry["status"] = "interrupted"
+
+    finished = [e["run_dir"] for e in entries.values() if e.get("run_dir") and e.get("status") == "finished"
+                and _inside(cells_root, e["run_dir"]) and _run_status(e["run_dir"]) == "finished"]
     n_fin = sum(1 for c in sweep.cells if entries.get(c.slug, {}).get("status") == "finished")
     print(f"[sweep] {n_fin}/{n} cells finished", flush=True)
     if interrupted:

@@ -34,7 +34,11 @@ needs_data = pytest.mark.skipif(not HAVE_FMNIST, reason="needs `apt-get install 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory) -> Path:
     """A tiny attack config (2 users, B 3, 8x8 images, 3 steps, no logger)."""
-    root = tmp_path_factory.mktemp("tiny")
+    return write_tiny_base(tmp_path_factory.mktemp("tiny"))
+
+
+def write_tiny_base(root: Path) -> Path:
+    """``root/tiny.yaml``, the config of :func:`tiny_base`, and its tiny models under ``root/assets``."""
     assets = save_tiny_assets(root / "assets", size=8)
     cfg = {
         "seed": 0,
@@ -293,6 +297,14 @@ def test_unknown_or_bad_keys_fail_before_any_work(tmp_path, tiny_base, monkeypat
         ({"users.init_args.batch_size": []}, "'users.init_args.batch_size' has an empty list"),
         ({"output.name": ["x"]}, "'output.name' is set by the sweep"),
         ({"attack": ["configs/ablation/no_such.yaml"]}, "no_such.yaml.*not found"),
+        # the same experiment twice (it ran as batch_size=3 and batch_size=3-1), or values attack.py reads alike
+        ({"users.init_args.batch_size": [3, 3]},
+         r"s\.yaml: grid key 'users.init_args.batch_size' lists the value 3 twice: .*remove the duplicate"),
+        ({"seed": [0, "0"]}, r"cells 'seed=0-\w+' and 'seed=0-\w+' are the same experiment \(grid key 'seed': 0 and "
+                             r"'0', which attack.py reads alike\): remove the duplicate value"),
+        ({"attack.init_args.lr": [0.001, "1e-3"], "seed": [0, 1]},  # YAML reads 1e-3 as a string
+         r"cells 'lr=0.001__seed=0' and 'lr=1e-3__seed=0' are the same experiment \(grid key 'attack.init_args.lr': "
+         r"0.001 and '1e-3', which"),
     ]
     for grid, match in cases:
         cfg = write_sweep(tmp_path / "s.yaml", tiny_base, grid)
@@ -368,6 +380,68 @@ def test_edited_base_config_is_another_sweep(tmp_path, tiny_base):
         sweep.run_sweep(sweep.load_sweep(cfg), runner=_fake_runner)
 
 
+def test_a_config_file_edited_while_the_sweep_runs_stops_it_before_the_next_cell(tmp_path, tiny_base):
+    """Each cell hands attack.py the config files' paths: an edit of the base config during a sweep changed the
+    cells after it silently (the sweep hash was taken once). Now the sweep stops before the next cell, naming the
+    file; index.json is saved with no cell left running and the lock is released. A comment edit does not count
+    (the hash is over the parsed content); the restored file lets the same command continue."""
+    base = tmp_path / "base.yaml"
+    base.write_text(tiny_base.read_text())
+    cfg = write_sweep(tmp_path / "s.yaml", base, {"seed": [0, 1, 2]})
+    s = sweep.load_sweep(cfg)
+    calls: list[list[str]] = []
+
+    def editing(argv):
+        calls.append(argv)
+        if len(calls) == 1:
+            base.write_text("# a comment: not a change\n" + tiny_base.read_text())
+        if len(calls) == 2:
+            base.write_text(tiny_base.read_text().replace("steps: 3", "steps: 30"))
+        return _fake_runner(argv)
+
+    with pytest.raises(sweep.SweepError, match=rf"^config file {base} changed while the sweep ran .*sweep\.json "
+                                               r"records.*restore it and run the same command again to continue, or "
+                                               r"start a new sweep of the edited config with --new$"):
+        sweep.run_sweep(s, runner=editing, report=False)
+    assert len(calls) == 2  # seed=2 did not run on the edited file
+    sweep_dir = tmp_path / "sweep_dir"
+    idx = json.loads((sweep_dir / "index.json").read_text())
+    assert {k: e["status"] for k, e in idx["cells"].items()} == {"seed=0": "finished", "seed=1": "finished"}
+    assert "changed while the sweep ran" in idx["stopped"]
+    with sweep.sweep_lock(sweep_dir):  # released
+        pass
+    with pytest.raises(sweep.SweepError, match="resume directory from another config"):  # the edited file: refused
+        sweep.run_sweep(sweep.load_sweep(cfg), runner=editing, report=False)
+    base.write_text(tiny_base.read_text())  # restored: the same sweep continues
+    idx = sweep.run_sweep(sweep.load_sweep(cfg), runner=_fake_runner, report=False)
+    assert [e["status"] for e in idx["cells"].values()] == ["finished"] * 3 and idx["stopped"] is None
+
+
+def test_a_copied_sweep_directory_uses_its_own_run_dirs(tmp_path, tiny_base):
+    """index.json records absolute run dirs: a copy of a sweep directory skipped its cells as finished in the
+    original's run dirs (and reported those). Now a recorded run dir outside the sweep's cells/ is ignored and the
+    copy's own cells/ scanned: its finished copies are skipped in place, its unfinished ones run."""
+    import shutil
+
+    orig = tmp_path / "orig"
+    s = sweep.load_sweep(write_sweep(tmp_path / "s.yaml", tiny_base, {"seed": [0, 1]}, root=str(orig)))
+    sweep.run_sweep(s, runner=_fake_runner, report=False)
+    before = (orig / "index.json").read_text()
+    copy = tmp_path / "copy"
+    shutil.copytree(orig, copy)
+    (unfinished,) = (copy / "cells").glob("seed=1-*")
+    (unfinished / "summary.json").write_text(json.dumps({"status": "interrupted"}))
+    calls: list[list[str]] = []
+    s2 = sweep.load_sweep(write_sweep(tmp_path / "s2.yaml", tiny_base, {"seed": [0, 1]}, root=str(copy)))
+    idx = sweep.run_sweep(s2, runner=lambda argv: calls.append(argv) or _fake_runner(argv))
+    assert [a[a.index("--output.name") + 1] for a in calls] == ["seed=1"]  # its own copy of seed=1 is unfinished
+    (done,) = (copy / "cells").glob("seed=0-*")
+    assert idx["cells"]["seed=0"] == {**idx["cells"]["seed=0"], "status": "finished", "run_dir": str(done)}
+    assert all(Path(e["run_dir"]).parent == copy / "cells" for e in idx["cells"].values())
+    assert all(str(orig) not in d for e in idx["cells"].values() for d in e.get("previous_run_dirs", []))
+    assert (orig / "index.json").read_text() == before
+
+
 def test_slugs_and_config_values():
     s = sweep.Sweep(name="n", root="r", base="configs/attack/fashion_mnist.yaml", configs=[], fixed={},
                     grid={"attack": [None, "configs/method/dlg.yaml"],
@@ -426,7 +500,8 @@ def test_cells_whose_values_print_alike_get_names_that_tell_them_apart():
         "attack=configs_method_dlg", "attack=configs_sweep_parts_dlg", "attack=base"]
     h1, h2 = (sweep._value_hash(v) for v in (1, 1.0))
     assert h1 != h2 and slugs({"attack.init_args.lr": [1, 1.0, 2]}) == [f"lr=1-{h1}", f"lr=1-{h2}", "lr=2"]
-    assert slugs({"seed": [3, 3]}) == ["seed=3", "seed=3-1"]  # the same cell listed twice
+    with pytest.raises(sweep.SweepError, match=r"^grid key 'seed' lists the value 3 twice: .*remove the duplicate$"):
+        slugs({"seed": [3, 3]})  # the same cell listed twice: it ran twice, as seed=3 and seed=3-1
 
 
 def test_a_key_given_twice_in_a_sweep_yaml_is_an_error(tmp_path):
@@ -673,7 +748,7 @@ def test_privacy_table_keeps_an_ablation_apart_from_the_sweeps_undefended_point(
     rng = np.random.default_rng(2)
     base = {"attack": {"class_path": "UserLevelInversion", "init_args": {"use_prior": True, "steps": 300}},
             "users": {"init_args": {"batch_size": 10, "first_user": 0, "num_users": 3}}}
-    dirs, ok = [], {}
+    dirs = []
     cells = [("full_none", None, True, 0, 1), ("full_none_half2", None, True, 3, 1), ("full_dp", 0.01, True, 0, 0),
              ("no_prior", None, False, 0, 0)]
     for name, sigma, prior, first, correct in cells:
