@@ -5,8 +5,9 @@
     python train.py --config configs/train/ddpm_fashion_mnist.yaml --ckpt_path last     # resume the newest run
 
 A config pins one run: ``model`` (class_path/init_args), ``data``, ``trainer`` (with ``logger`` and
-``callbacks``). Group files under configs/data and configs/model can be layered with several ``--config`` (the
-configs/train files include configs/model ones by path).
+``callbacks``). Group files under configs/data and configs/model are given to their group's option
+(``--data configs/data/fashion_mnist.yaml``, ``--model configs/model/evaluator_convnet.yaml``; not to ``--config``,
+whose files hold the whole config; the configs/train files include configs/model ones by path).
 W&B runs offline unless ``WANDB_MODE`` says otherwise: train.py sets ``WANDB_MODE=offline`` when it is unset, and the
 shipped configs' WandbLogger have no ``offline: true`` (Lightning's ``offline=True`` forces ``WANDB_MODE=dryrun`` over
 any setting), so ``WANDB_MODE=online python train.py ...`` logs online. After fit, classifiers are tested on the test
@@ -102,13 +103,17 @@ def check_data_model_agree(model: LightningModule, data: LightningDataModule) ->
         ("channels", hp.get("in_channels"), getattr(data, "channels", None)),
         ("num_classes", hp.get("num_classes"), getattr(data, "num_classes", None)),
     ]
+    import inspect
+
+    data_options = inspect.signature(type(data).__init__).parameters
     for name, m, d in pairs:
         if m is not None and d is not None and m != d:
-            raise ConfigMismatchError(
-                f"model and data disagree on {name}: model has {m}, data has {d}. Set "
-                f"model.init_args.{'in_channels' if name == 'channels' else name} and "
-                f"data.init_args.{name} to the same value in your config."
-            )
+            model_key = f"model.init_args.{'in_channels' if name == 'channels' else name}"
+            if name in data_options:
+                fix = f"Set {model_key} and data.init_args.{name} to the same value in your config."
+            else:  # the data module derives it (e.g. CelebA's target: 2 for an attribute, the identities' count)
+                fix = f"The data ({type(data).__name__}) gives {d} from its other settings: set {model_key}: {d}."
+            raise ConfigMismatchError(f"model and data disagree on {name}: model has {m}, data has {d}. {fix}")
 
 
 def log_model_hparams_only_on_clash(model: LightningModule, data: LightningDataModule) -> list[str]:

@@ -221,6 +221,28 @@ def test_train_py_rejects_mismatched_shapes_and_unknown_keys(tmp_path, fake_fmni
     assert "widht" in capsys.readouterr().err
 
 
+def test_a_num_classes_clash_names_only_options_that_exist():
+    """CelebA's data module derives num_classes from its target: the fix told users to set data.init_args.num_classes,
+    an option it refuses. Only the model key is named then; a data module that takes the option keeps both."""
+    import train
+    from lightning_modules.classifier import ImageClassifier
+
+    class Derived:  # like CelebADataModule: num_classes follows from the target, not an init argument
+        def __init__(self, target: str = "identity"):
+            self.num_classes, self.image_size, self.channels = 8, 32, 1
+
+    class Given:
+        def __init__(self, num_classes: int = 8):
+            self.num_classes, self.image_size, self.channels = num_classes, 32, 1
+
+    model = ImageClassifier(arch="convnet", num_classes=2, image_size=32, in_channels=1)
+    with pytest.raises(train.ConfigMismatchError, match=r"num_classes: model has 2, data has 8\. The data \(Derived\) "
+                       r"gives 8 from its other settings: set model.init_args.num_classes: 8\.$"):
+        train.check_data_model_agree(model, Derived())
+    with pytest.raises(train.ConfigMismatchError, match=r"Set model.init_args.num_classes and data.init_args.num_classes"):
+        train.check_data_model_agree(model, Given())
+
+
 # ------------------------------------------------------------------------------------------------ shipped
 needs_shipped = pytest.mark.skipif(not (SHIPPED / "victim_resnet18" / "config.json").is_file(), reason="no shipped checkpoints")
 
