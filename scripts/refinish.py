@@ -43,6 +43,9 @@ files hash to now, compared as ``attack.py --resume`` compares them, but without
 checked and a warning says so); the run's users do not match its config any more (the data changed; checked on the
 labels of every user and on the first user's rebuilt label inference; a later user whose rebuilt label inference
 differs stops the refinish at that user, as 'failed: ...' in its summary.json, with the users before it kept).
+A run that did not finish (interrupted, diverged, hard-killed: its summary.json does not say 'finished') is refinished
+for the users it finished, and the new summary.json says 'incomplete: ...' (exit status 1), so the report and sweeps
+do not count it as a whole run.
 
 Exactness: the candidates' noise comes from torch generators on the final stage's device (CUDA when available and
 trainer.accelerator allows it, else the CPU). A run made on the other device type gets statistically equivalent,
@@ -169,6 +172,15 @@ def check_models(run_dir: Path, now: dict[str, str]) -> bool:
     return True
 
 
+def source_run_status(run_dir: Path) -> str:
+    """The status ``run_dir``'s summary.json records ('finished', 'interrupted', 'diverged at ...', ...), or
+    'unknown (no readable summary.json)'."""
+    try:
+        return str(json.loads((run_dir / "summary.json").read_text()).get("status", "unknown (no status)"))
+    except (OSError, ValueError, AttributeError):
+        return "unknown (no readable summary.json)"
+
+
 def refinish(run_dir: Path, overrides: list[str]) -> Path:
     """Refinish ``run_dir`` with the config overrides ``overrides`` (attack.py argument syntax); returns the new
     run directory. See the module docstring. Before any output the model files are checked against the run's
@@ -198,6 +210,7 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
     rows_in = list(csv.DictReader((run_dir / "results.csv").open()))
     if not rows_in:
         raise ConfigError(f"{run_dir}: results.csv has no finished user")
+    source_status = source_run_status(run_dir)
 
     init, source, victim, attack_cls, attack_kwargs, prior, evaluator = attack_main.prepare(parser, cfg)
     fingerprints = attack_main.model_fingerprints(init, prior is not None)  # as attack.run records them
@@ -289,6 +302,9 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
                   f"{row.get('evaluator_class')} (was {r.get('evaluator_class')}), candidate {row['final_candidate']}, "
                   f"{seconds:.1f} s", flush=True)
         status = "finished"
+        if source_status != "finished":  # all of the run's finished users, but the run itself was not finished
+            status = (f"incomplete: refinished the {len(rows)} finished users of a run whose status is "
+                      f"{source_status!r}; continue that run (attack.py --resume) and refinish it again for the rest")
     except KeyboardInterrupt:
         status = "interrupted"
         print(f"[refinish] interrupted; the finished users are kept in {out_dir}", file=sys.stderr)
@@ -306,6 +322,9 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
                 import wandb
 
                 wandb.finish(exit_code=0 if status == "finished" else 1)
+    if status.startswith("incomplete"):
+        print(f"[refinish] {status}", file=sys.stderr)
+        raise SystemExit(1)
     if status != "finished":
         raise SystemExit(130)
     print(json.dumps(summary, indent=2), flush=True)

@@ -102,6 +102,27 @@ def test_refinish_without_changes_reproduces_the_run_and_reads_old_png_runs(runs
         assert abs(float(g["raw_psnr_nearest"]) - float(w["raw_psnr_nearest"])) < 0.2  # quantised to 1/255
 
 
+@pytest.mark.slow
+def test_refinishing_an_unfinished_run_is_incomplete_not_finished(runs, tmp_path):
+    """An interrupted run's refinish wrote status 'finished' with only the users the run had finished, so the report
+    and sweeps took it for a whole run."""
+    import shutil
+
+    single, _ = runs
+    src = tmp_path / single.name
+    shutil.copytree(single, src)
+    summary = json.loads((src / "summary.json").read_text())
+    (src / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
+    rf = load_refinish()
+    with pytest.raises(SystemExit) as exit_info:
+        rf.main([str(src), "--logger.backend", "none", "--output.root", str(tmp_path / "out")])
+    assert exit_info.value.code == 1
+    (out,) = (tmp_path / "out").iterdir()
+    status = json.loads((out / "summary.json").read_text())["status"]
+    assert status.startswith("incomplete: refinished the 2 finished users of a run whose status is 'interrupted'")
+    assert len(rows(out)) == 2
+
+
 @pytest.mark.parametrize("args, match", [
     (["--attack.init_args.steps", "8"], r"attack\.init_args\.steps"),
     (["--users.init_args.batch_size", "4"], r"users\.init_args\.batch_size"),
