@@ -526,8 +526,8 @@ def _output_terms_on(cfg: Namespace) -> list[str]:
 
 def _canonical_defense_params(d: dict) -> list[tuple[str, str]]:
     """One defense config's settings as (key, text) in the defense class's signature order, numbers written one way
-    (floats as ``repr(float)``: 1 and 1.0 are both '1.0'; ``levels`` as an integer) and settings equal to the class's
-    default left out (an omitted ``stochastic: false`` and a written one give the same label). ``name`` and ``seed``
+    (floats as ``repr(float)``: 1 and 1.0 are both '1.0'; ``levels`` as an integer), GaussianDP's ``noise_multiplier``
+    written as its alias ``sigma``, and settings equal to the class's default left out (an omitted ``stochastic: false`` and a written one give the same label). ``name`` and ``seed``
     are not part of the label. An unknown defense name keeps its settings as written (it is refused elsewhere)."""
     import inspect
 
@@ -547,6 +547,9 @@ def _canonical_defense_params(d: dict) -> list[tuple[str, str]]:
         return n if n is not None else str(v)
 
     params = {k: v for k, v in d.items() if k not in ("name", "seed")}
+    if d.get("name") == "gaussian_dp" and "noise_multiplier" in params:  # GaussianDP's alias: one label, 'sigma'
+        nm = params.pop("noise_multiplier")
+        params.setdefault("sigma", nm)  # both given: equal, or GaussianDP refuses them
     cls = DEFENSES.get(d.get("name"))
     if cls is None or cls.__init__ is object.__init__:
         return [(k, text(k, v)) for k, v in params.items()]

@@ -1043,8 +1043,20 @@ def _run_child(cmd: list[str], **popen_kwargs) -> tuple[int, bool]:
     target: list[int] = []
     with _forwarding_signals(target) as received:
         proc = subprocess.Popen(cmd, start_new_session=True, **popen_kwargs)
-        target.append(proc.pid)
-        if received:  # a signal between the handlers and the child: forward it now
+        # the handler forwards only once target holds the pid, and this catch-up only for a signal before that:
+        # signals are held back in between, so one signal is never forwarded twice (a second SIGINT could cut
+        # attack.py's orderly stop short)
+        held = {getattr(signal, n) for n in FORWARDED_SIGNALS if hasattr(signal, n)}
+        masked = hasattr(signal, "pthread_sigmask")
+        if masked:
+            signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        try:
+            early = bool(received)
+            target.append(proc.pid)
+        finally:
+            if masked:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+        if early:  # a signal between the handlers and the child: forward it now
             _signal_group(proc.pid, signal.SIGINT)
         deadline, told = None, 0
         while True:

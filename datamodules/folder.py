@@ -503,12 +503,18 @@ def find_images(root: str | os.PathLike) -> list[Path]:
             f"no .jpg/.jpeg/.png image under {base} (searched recursively). Fix: set `data.init_args.root` to the "
             "folder holding the images."
         )
-    versions = sorted({part for f in files for part in f.relative_to(base).parts[:-1] if part in FFHQ_VERSIONS})
-    if len(versions) > 1:
+    found: dict[str, Path] = {}  # FFHQ version folder name -> the first such folder (at any depth under base)
+    for f in files:
+        parts = f.relative_to(base).parts[:-1]
+        for i, part in enumerate(parts):
+            if part in FFHQ_VERSIONS:
+                found.setdefault(part, base.joinpath(*parts[: i + 1]))
+    if len(found) > 1:
+        versions = sorted(found)
         raise ValueError(
             f"{base} holds FFHQ's {' and '.join(versions)} side by side: every face would be listed once per "
             "version (a prior trained on duplicates, and the same face in the training and the validation split). "
-            f"Fix: set `data.init_args.root` to one of them, e.g. {base / versions[0]}."
+            f"Fix: set `data.init_args.root` to one of them, e.g. {found[versions[0]]}."
         )
     return sorted(files)
 

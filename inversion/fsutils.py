@@ -174,6 +174,8 @@ def output_path_problem(flag: str, path: str) -> "str | None":
         return f"{flag} {path} exists: results are never overwritten; give a new path"
     folder = target.parent
     while not folder.exists() and folder != folder.parent:
+        if folder.is_symlink():  # a broken link: mkdir would fail on it at the end of the run
+            return f"{flag} {path} cannot be written: {folder} is a broken symbolic link; give another path"
         folder = folder.parent
     if not folder.is_dir():
         return f"{flag} {path} cannot be written: {folder} is not a folder; give a path in a writable folder"

@@ -536,3 +536,5 @@ def test_an_ffhq_root_with_two_resolutions_side_by_side_is_refused_with_the_fold
     with pytest.raises(ValueError, match="side by side"):
         ImageFolderDataModule(str(root), image_size=16, batch_size=2).setup("fit")
     assert len(find_images(root / "thumbnails128x128")) == 2  # one version: fine
+    with pytest.raises(ValueError, match=f"e.g. {root / 'images1024x1024'}"):  # the folder that exists, not ROOT/x
+        find_images(tmp_path)

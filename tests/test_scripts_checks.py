@@ -147,14 +147,16 @@ def test_benchmark_refuses_an_unwritable_json_before_any_work(tmp_path, monkeypa
     bench = load_script("benchmark")
     monkeypatch.setattr(bench, "build_models", no_work)
     (tmp_path / "file").write_text("")
-    bad = [str(tmp_path / "file" / "b.json")] + (["/proc/nope/b.json"] if Path("/proc/self").is_dir() else [])
+    (tmp_path / "broken").symlink_to(tmp_path / "nowhere")  # a broken link: the walk went past it to tmp_path
+    bad = [str(tmp_path / "file" / "b.json"), str(tmp_path / "broken" / "b.json")] + (
+        ["/proc/nope/b.json"] if Path("/proc/self").is_dir() else [])
     for path in bad:
         with pytest.raises(SystemExit) as exc:
             bench.main(["--tiny", "--steps", "1", "--users", "1", "--batch-sizes", "2", "--json", path])
         assert exc.value.code == 2 and f"--json {path} cannot be written" in capsys.readouterr().err, path
     for path in (tmp_path / "b.json", tmp_path / "new" / "sub" / "b.json"):
         assert bench.parse_args(["--tiny", "--json", str(path)]).json == str(path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no probe file or folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "file"]  # no probe file or folder left
 
 
 def test_check_checkpoints_refuses_unwritable_outputs_before_any_work(tmp_path, monkeypatch, capsys):
