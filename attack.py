@@ -793,7 +793,8 @@ def evaluate(result: AttackResult, user: User, evaluator, lpips: bool, victim=No
                        victim_prob_of_dominant=round(float(vp[user.dominant_class]), 4))
     if evaluator is not None:
         with torch.no_grad():
-            ev_device = next(evaluator.parameters()).device  # as the victim above: the images may sit elsewhere
+            # as the victim above: the images may sit elsewhere (an evaluator without parameters: as they are)
+            ev_device = next(iter(getattr(evaluator, "parameters", lambda: iter(()))()), final).device
             probs = F.softmax(evaluator(final.float().to(ev_device)), dim=1)[0].cpu()
             probs_raw = F.softmax(evaluator(result.representative.float().to(ev_device)), dim=1)[0].cpu()
         row.update(evaluator_class=int(probs.argmax()), evaluator_prob=round(float(probs.max()), 4),
