@@ -463,7 +463,7 @@ class UserLevelInversion(GradientInversionAttack):
     def matching_loss(self, x: torch.Tensor, weights: Optional[torch.Tensor], user: int = 0) -> torch.Tensor:
         """Gradient matching loss of image x (1, C, H, W) in [0, 1] against ``user``'s target gradient and label
         (the one-user autograd path, create_graph=True), reduced as ``matching_reduction`` says; scalar."""
-        return self._matching_loss_and_logits(x, weights, *self._user_target(user))[0] * self.matching_scale(weights)
+        return self._matching_loss_and_logits(x, weights, *self._user_target(user))[0]
 
     def _user_target(self, user: int) -> tuple[list[torch.Tensor], torch.Tensor]:
         """``user``'s target gradient (L tensors) and CE target (1, K)."""
@@ -480,11 +480,12 @@ class UserLevelInversion(GradientInversionAttack):
             return torch.autograd.grad(ce, self._params, create_graph=create_graph), logits
 
     def _matching_loss_and_logits(self, x, weights, target, y) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`matching_loss` and the victim's logits f_w(x) (1, K) of its forward pass (reused by output
-        matching, so the one-user step runs the victim forward once); float32, also under bf16-mixed."""
+        """:meth:`matching_loss` (scaled by :meth:`matching_scale`) and the victim's logits f_w(x) (1, K) of its
+        forward pass (reused by output matching, so the one-user step runs the victim forward once); float32, also
+        under bf16-mixed."""
         with self._float32():
             dummy, logits = self._dummy_gradient(x, y, create_graph=True)
-            return gradient_matching_loss(target, dummy, weights), logits
+            return gradient_matching_loss(target, dummy, weights) * self.matching_scale(weights), logits
 
     def layer_distances(self, x: torch.Tensor, user: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """The unweighted ingredients of the data term for an image x (1, C, H, W), pixels in [0, 1], without a
@@ -547,7 +548,6 @@ class UserLevelInversion(GradientInversionAttack):
         x = self.x_hat
         weights, centre = self.layer_weights(progress)
         l_match, logits = self._matching_loss_and_logits(x, weights, self.target, self.y_soft)
-        l_match = l_match * self.matching_scale(weights)
         values = {"match": float(l_match.detach())}
         if hp.output_weight > 0:
             l_out = self.output_loss(x, logits)[0]
