@@ -190,7 +190,9 @@ class ImageClassifier(Resumable, LightningModule):
         self._step(batch, "test")
 
     def on_fit_start(self) -> None:
-        """Remember the run's seed (``seed_everything`` sets ``PL_GLOBAL_SEED``) for the exported config."""
+        """Remember the run's seed (``seed_everything`` sets ``PL_GLOBAL_SEED``) for the exported config; a resumed
+        run's RNG states come back here (:class:`~lightning_modules.resumable.Resumable`)."""
+        super().on_fit_start()
         self._run_seed = run_seed()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -56,7 +56,11 @@ class Resumable:
     """LightningModule mixin (put it before ``LightningModule`` in the bases) for train.py's resumes:
 
     - checkpoints carry the global RNG states (:data:`RNG_KEY`), and a run resumed from one sets them at
-      ``on_train_start``, after the CLI's re-seeding and the restore, before the first batch is drawn. Rank 0 writes
+      ``on_fit_start``: after the CLI's re-seeding and the module's restore, before Lightning builds the training
+      DataLoader iterator (which draws the shuffling seed and the workers' base seed from the global stream, so a
+      restore at ``on_train_start`` came one draw late and replayed epoch 0's shuffling and worker augmentation).
+      Strategies that restore the checkpoint only after ``on_fit_start`` get the states at ``on_train_start``, as
+      before. The sanity check runs under Lightning's ``isolate_rng`` and leaves the stream alone. Rank 0 writes
       the checkpoint, so every rank resumes with rank 0's states (as ``seed_everything`` gives every rank the same
       seed). Checkpoints without the key (older runs) resume as before;
     - the ``init_weights`` hparam comes back from the checkpoint when the module was built without it: train.py
@@ -77,8 +81,15 @@ class Resumable:
         if saved and not self.hparams.get("init_weights"):
             self.hparams["init_weights"] = saved
 
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self._restore_rng()
+
     def on_train_start(self) -> None:
         super().on_train_start()
+        self._restore_rng()  # strategies with restore_checkpoint_after_setup load the checkpoint after on_fit_start
+
+    def _restore_rng(self) -> None:
         if self._resume_rng is not None:
             set_rng_states(self._resume_rng)
             self._resume_rng = None
