@@ -204,28 +204,6 @@ class DDPMPrior(Resumable, LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse, before anything is trained, a resume with another ``lr`` or ``weight_decay`` than the checkpoint's:
-        Lightning restores the saved optimiser (its lr, initial_lr and weight decay) and LambdaLR's base_lrs over the
-        ones :meth:`configure_optimizers` builds, so the new values had no effect on training while the exported
-        model card and ``training_summary.json`` recorded them.
-
-        Raises:
-            ValueError: only while fitting (not for ``load_from_checkpoint`` or validate/test), naming both values.
-        """
-        super().on_load_checkpoint(checkpoint)
-        if not (self._trainer is not None and self.trainer.state.fn == "fit"):
-            return
-        saved = checkpoint.get("hyper_parameters") or {}
-        changed = [f"{k} {saved[k]!r} -> {self.hparams[k]!r}" for k in ("lr", "weight_decay")
-                   if k in saved and float(saved[k]) != float(self.hparams[k])]
-        if changed:
-            raise ValueError(
-                f"model.init_args: {', '.join(changed)} on a resume, but a resumed run keeps the checkpoint's optimiser "
-                "(these values would be ignored). Resume with the checkpoint's values, or train on from the exported "
-                "weights in a fresh run (model.init_args.init_weights) with the new ones"
-            )
-
     def on_save_checkpoint(self, checkpoint) -> None:  # EMA weights travel with the Lightning checkpoint
         super().on_save_checkpoint(checkpoint)  # the RNG states (Resumable)
         checkpoint["ema_decay"] = self.ema_decay

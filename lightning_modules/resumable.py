@@ -63,6 +63,8 @@ class Resumable:
       before. The sanity check runs under Lightning's ``isolate_rng`` and leaves the stream alone. Rank 0 writes
       the checkpoint, so every rank resumes with rank 0's states (as ``seed_everything`` gives every rank the same
       seed). Checkpoints without the key (older runs) resume as before;
+    - a resume with another ``lr`` or ``weight_decay`` (:attr:`optimiser_hparams`) is refused (see
+      :meth:`on_load_checkpoint`);
     - the ``init_weights`` hparam comes back from the checkpoint when the module was built without it: train.py
       drops ``model.init_args.init_weights`` when it restores a checkpoint (the checkpoint's weights replace them,
       and the warm-start folder may be gone), and exported model cards should still name the warm start.
@@ -74,8 +76,29 @@ class Resumable:
         super().on_save_checkpoint(checkpoint)
         checkpoint[RNG_KEY] = collect_rng_states()
 
+    #: hparams that configure_optimizers reads but a resume cannot change (Lightning restores the saved optimiser)
+    optimiser_hparams: tuple[str, ...] = ("lr", "weight_decay")
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Keep the checkpoint's RNG states for the resume, and refuse, before anything is trained, a resume whose
+        :attr:`optimiser_hparams` differ from the checkpoint's: Lightning restores the saved optimiser (its lr,
+        initial_lr and weight decay) and the schedulers' base_lrs over those :meth:`configure_optimizers` builds, so
+        new values had no effect on training while the exported model card recorded them.
+
+        Raises:
+            ValueError: only while fitting (not for ``load_from_checkpoint`` or validate/test), naming both values.
+        """
         super().on_load_checkpoint(checkpoint)
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            saved = checkpoint.get("hyper_parameters") or {}
+            changed = [f"{k} {saved[k]!r} -> {self.hparams[k]!r}" for k in self.optimiser_hparams
+                       if k in saved and k in self.hparams and float(saved[k]) != float(self.hparams[k])]
+            if changed:
+                raise ValueError(
+                    f"model.init_args: {', '.join(changed)} on a resume, but a resumed run keeps the checkpoint's "
+                    "optimiser (these values would be ignored). Resume with the checkpoint's values, or train on from "
+                    "the exported weights in a fresh run (model.init_args.init_weights) with the new ones"
+                )
         self._resume_rng = checkpoint.get(RNG_KEY)
         saved = (checkpoint.get("hyper_parameters") or {}).get("init_weights")
         if saved and not self.hparams.get("init_weights"):

@@ -244,23 +244,29 @@ def test_a_run_resumed_at_an_epoch_boundary_trains_exactly_as_the_uninterrupted_
             assert torch.equal(a, b), net
 
 
-def test_ddpm_resume_with_another_lr_or_weight_decay_is_refused_before_any_step(tmp_path):
+@pytest.mark.parametrize("kind", ["ddpm", "classifier"])
+def test_a_resume_with_another_lr_or_weight_decay_is_refused_before_any_step(tmp_path, kind):
     """Lightning restores the checkpoint's optimiser over the configured one: a new lr was silently ignored while the
     model card recorded it."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    def make(**kw):
+        kw = {"lr": 5e-4, "weight_decay": 0.0, **kw}
+        return _tiny_ddpm(**kw) if kind == "ddpm" else ImageClassifier(arch="convnet", image_size=8, **kw)
+
+    labels = kind == "classifier"
     cb = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0, every_n_train_steps=1)
     Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-            callbacks=[cb], max_steps=2).fit(_tiny_ddpm(lr=5e-4), _loader(labels=False))
+            callbacks=[cb], max_steps=2).fit(make(), _loader(labels=labels))
     for kw, named in (({"lr": 1e-3}, "lr 0.0005 -> 0.001"), ({"weight_decay": 0.01}, "weight_decay 0.0 -> 0.01")):
-        module = _tiny_ddpm(**{"lr": 5e-4, **kw})
-        before = [p.detach().clone() for p in module.unet.parameters()]
+        module = make(**kw)
+        before = [p.detach().clone() for p in module.parameters()]
         trainer = _trainer(max_steps=4)
         with pytest.raises(ValueError, match=f"{named} on a resume"):
-            trainer.fit(module, _loader(labels=False), ckpt_path=tmp_path / "last.ckpt")
-        assert trainer.global_step == 0 or all(torch.equal(a, b) for a, b in zip(before, module.unet.parameters()))
+            trainer.fit(module, _loader(labels=labels), ckpt_path=tmp_path / "last.ckpt")
+        assert trainer.global_step == 0 or all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
     trainer = _trainer(max_steps=3)  # the same values resume
-    trainer.fit(_tiny_ddpm(lr=5e-4), _loader(labels=False), ckpt_path=tmp_path / "last.ckpt")
+    trainer.fit(make(), _loader(labels=labels), ckpt_path=tmp_path / "last.ckpt")
     assert trainer.global_step == 3
 
 
