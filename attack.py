@@ -55,6 +55,8 @@ from lightning_modules.baselines import DLG, InvertingGradients, iDLG  # noqa: E
 from lightning_modules.user_level_inversion import UserLevelInversion  # noqa: E402,F401
 from inversion.cli import flat_entries, mark_raised_during_work  # noqa: E402
 from inversion.defenses import STRENGTH_KEYS  # noqa: E402
+from inversion.numbers import float32_step_size  # noqa: E402
+from inversion.fedavg import ClientDivergedError  # noqa: E402
 from inversion.scenario import TargetGradientError  # noqa: E402
 from inversion.fsutils import atomic_write_bytes, check_run_name, find_input_path, new_run_dir  # noqa: E402,F401  (new_run_dir, atomic_write_bytes: scripts use them from attack)
 
@@ -464,8 +466,10 @@ def validate(cfg: Namespace, source: UserSource, victim_cfg: dict) -> None:
 
         B = getattr(source, "batch_size", 1)
         local_steps_for(B, cfg.threat.fedavg_epochs, cfg.threat.fedavg_batch_size or B)  # raises on zero steps
-        if not (cfg.threat.fedavg_lr > 0 and math.isfinite(cfg.threat.fedavg_lr)):
-            raise ConfigError(f"threat.fedavg_lr must be a finite number > 0, got {cfg.threat.fedavg_lr}")
+        try:
+            float32_step_size("threat.fedavg_lr", cfg.threat.fedavg_lr)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         b = cfg.threat.fedavg_batch_size
         if b and b < B and B % b:
             rank_zero_warn(
@@ -1632,8 +1636,14 @@ def run(cfg: Namespace) -> Path:
             uids = [user_uid(u) for _, u in chunk]
             name = chunk_name(uids)
             records: list[dict] = [{} for _ in chunk]  # evaluation side: each update's norm before defenses
-            views = [client_update(victim, user, init.threat, victim_classes, user_index=i, record=rec)
-                     for (i, user), rec in zip(chunk, records)]
+            views = []
+            for (i, user), rec in zip(chunk, records):
+                try:
+                    views.append(client_update(victim, user, init.threat, victim_classes, user_index=i, record=rec))
+                except (TargetGradientError, ClientDivergedError) as exc:  # name the user (a one-user chunk's
+                    if len(chunk) == 1 and isinstance(exc, ClientDivergedError):  # "stopped" line names it already)
+                        raise
+                    raise type(exc)(f"{user_uid(user)}: {exc}") from None
             attack: GradientInversionAttack = attack_cls(**attack_kwargs, log_prefix=f"{name}/")
             attack.log_images_every = cfg.image_log_every or attack.log_images_every
             if len(chunk) == 1:
@@ -1705,7 +1715,7 @@ def run(cfg: Namespace) -> Path:
             if ckpt_dir.exists():
                 shutil.rmtree(ckpt_dir, ignore_errors=True)
         status = "finished"
-    except AttackDivergedError as exc:
+    except (AttackDivergedError, ClientDivergedError) as exc:
         status = f"diverged: {exc}"
         print(f"[attack] {name}: stopped: {str(exc).rstrip('.')}. Results of the finished users are kept in {run_dir}",
               file=sys.stderr)

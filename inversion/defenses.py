@@ -40,6 +40,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 
+from inversion.numbers import FLOAT32_MAX
+
 Update = "OrderedDict[str, torch.Tensor]"
 # The parameter that is a defense's strength on a privacy curve: the first of these a defense config holds
 # (attack.defense_label and inversion.report read it).
@@ -181,6 +183,10 @@ class GaussianDP(Defense):
         self.clip_norm = _number("GaussianDP", "clip_norm", clip_norm)
         if self.clip_norm <= 0:
             raise ValueError(f"GaussianDP: clip_norm must be > 0, got {clip_norm}")
+        if self.noise_multiplier * self.clip_norm > FLOAT32_MAX:  # every noise coordinate would be inf in float32
+            raise ValueError(f"GaussianDP: the noise scale sigma * clip_norm = {self.noise_multiplier * self.clip_norm:.3g} "
+                             f"exceeds float32's largest value {FLOAT32_MAX:.3g} (the update is float32); lower sigma "
+                             "or clip_norm")
         self.clip = Clip(self.clip_norm)
         self.seed = _seed("GaussianDP", seed)
 

@@ -51,6 +51,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from inversion.scenario import raise_if_unused, victim_parameters
+from inversion.numbers import float32_step_size
+
+
+class ClientDivergedError(ValueError):
+    """The client's local training (FedAvg) reached a NaN/inf loss; the message names the epoch and step and the fix.
+    attack.py records the run as 'diverged' (as :class:`lightning_modules.base_attack.AttackDivergedError`)."""
 
 
 def local_steps_for(batch_size: int, epochs: int, local_batch_size: int) -> int:
@@ -80,8 +86,7 @@ def fedavg_pseudo_gradient(
     Raises:
         ValueError: local_lr <= 0 or local_steps < 1.
     """
-    if not local_lr > 0 or not math.isfinite(local_lr):
-        raise ValueError(f"FedAvg: local_lr must be a finite number > 0, got {local_lr!r}")
+    float32_step_size("FedAvg: local_lr", local_lr)  # 1e-300 was 0 in float32: the pseudo-gradient became 0 / 0
     if isinstance(local_steps, bool) or not isinstance(local_steps, int) or local_steps < 1:
         raise ValueError(f"FedAvg: local_steps must be an integer >= 1, got {local_steps!r}")
     scale = 1.0 / (local_lr * local_steps)
@@ -147,8 +152,8 @@ def fedavg_client_update(
     Raises:
         ValueError: before any work, if the settings give zero steps (empty batch, epochs < 1, local batch < 1),
             local_lr <= 0, or images and labels disagree in length; at the first local step, before any weight moves,
-            if a trainable parameter does not affect the loss (as :func:`inversion.scenario.fedsgd_gradient`);
-            or if a local loss becomes NaN/inf.
+            if a trainable parameter does not affect the loss (as :func:`inversion.scenario.fedsgd_gradient`).
+        ClientDivergedError: a local loss becomes NaN/inf (a ValueError).
     """
     if images.dim() != 4:
         raise ValueError(f"FedAvg: images must be (B, C, H, W), got shape {tuple(images.shape)}")
@@ -157,9 +162,7 @@ def fedavg_client_update(
         raise ValueError(f"FedAvg: labels must be int64 (B,) = ({B},), got shape {tuple(labels.shape)}")
     b = B if local_batch_size is None else local_batch_size
     steps = local_steps_for(B, epochs, b)
-    lr_ok = isinstance(local_lr, (int, float)) and not isinstance(local_lr, bool) and math.isfinite(local_lr)
-    if not lr_ok or local_lr <= 0:
-        raise ValueError(f"FedAvg: local_lr must be a finite number > 0, got {local_lr!r}")
+    float32_step_size("FedAvg: local_lr", local_lr)
     b = min(b, B)
 
     model = copy.deepcopy(victim).eval()
@@ -178,7 +181,7 @@ def fedavg_client_update(
             if not losses:
                 raise_if_unused(list(params), grads)  # before any weight moves, as the FedSGD client does
             if not torch.isfinite(loss):
-                raise ValueError(
+                raise ClientDivergedError(
                     f"FedAvg: local loss is NaN/inf at epoch {epoch}, step {len(losses)} (local lr {local_lr}, "
                     f"{epochs} epochs): the client trains with BatchNorm in eval mode, whose frozen statistics let "
                     "large local steps diverge (see inversion/fedavg.py); lower threat.fedavg_lr, e.g. 0.01")

@@ -169,7 +169,10 @@ def check_target_gradient(victim: nn.Module, target: "OrderedDict[str, torch.Ten
                 f"target gradient for {n!r} has shape {tuple(g.shape)}, the victim's parameter has {tuple(p.shape)}"
             )
         if not torch.isfinite(g).all():
-            raise TargetGradientError(f"target gradient for {n!r} holds NaN or inf values")
+            raise TargetGradientError(
+                f"target gradient for {n!r} holds NaN or inf values: a client update must be finite (one a defense or "
+                "FedAvg produced: check threat.defenses and threat.fedavg_* settings, e.g. a noise scale near float32's "
+                "limit)")
 
 
 def make_server_view(

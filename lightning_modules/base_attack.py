@@ -48,13 +48,12 @@ def intended_warnings_silenced():
 
 
 class AttackDivergedError(RuntimeError):
-    """The attack produced NaN/inf (loss or image) at a given step; ``step`` says where."""
+    """The attack produced NaN/inf (loss or image) at a given step; ``step`` says where, ``hint`` what to change
+    (default: the user-level attack's knobs; the baselines, which have no prior, pass their own)."""
 
-    def __init__(self, step: int, what: str) -> None:
-        super().__init__(
-            f"attack diverged at step {step}: {what} is NaN or inf. Lower attack.lr, raise the prior weight, or "
-            "check the target gradient (a defense with a huge noise scale?)."
-        )
+    def __init__(self, step: int, what: str, hint: str = "Lower attack.lr, raise the prior weight, or check the "
+                 "target gradient (a defense with a huge noise scale?).") -> None:
+        super().__init__(f"attack diverged at step {step}: {what} is NaN or inf. {hint}")
         self.step = step
 
 

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from inversion.label_inference import LabelInference, infer_labels
 from inversion.logging_utils import log_image_grid
+from inversion.numbers import float32_step_size
 from inversion.scenario import ServerView, check_target_gradient, victim_parameters
 from lightning_modules.base_attack import AttackDivergedError, AttackResult, GradientInversionAttack
 
@@ -177,6 +178,8 @@ class SampleLevelAttack(GradientInversionAttack, abstract_base=True):
     #: Under 'bf16-mixed' the gradient matching itself runs in float32 (:meth:`_float32`): these attacks have no
     #: network of their own for bf16 to speed up, and a bf16 victim gave a cosine floor of 1.9e-2 at the true image.
     supported_precisions = ("32-true", "32", "64-true", "64", "bf16-mixed", "bf16")
+    #: the fix an :class:`AttackDivergedError` suggests (these attacks have no prior weight to raise)
+    divergence_hint = "Lower attack.lr, or check the target gradient (a defense with a huge noise scale?)."
 
     def __init__(
         self,
@@ -303,7 +306,7 @@ class SampleLevelAttack(GradientInversionAttack, abstract_base=True):
 
     def _check_finite(self, loss: torch.Tensor, step: int, what: str = "gradient loss") -> None:
         if not torch.isfinite(loss).all():
-            raise AttackDivergedError(step, what)
+            raise AttackDivergedError(step, what, self.divergence_hint)
 
     def victim_dtype(self) -> torch.dtype:
         """The floating dtype of the bound victim copy: float32, or float64 after a '64-true' fit (Lightning converts
@@ -404,6 +407,8 @@ class DLG(SampleLevelAttack):
     """
 
     extra_label_strategies = ("optimize",)
+    divergence_hint = ("Lower attack.lr, set attack.line_search_fn strong_wolfe (L-BFGS without a line search can "
+                       "blow up), or check the target gradient (a defense with a huge noise scale?).")
 
     def __init__(
         self,
@@ -418,9 +423,10 @@ class DLG(SampleLevelAttack):
         log_prefix: str = "",
     ) -> None:
         super().__init__(steps, label_strategy, seed, log_images_every, log_prefix)
-        if not (math.isfinite(lr) and lr > 0) or max_iter < 1 or history_size < 1:  # NaN/inf lr: not an input error later
+        float32_step_size("DLG lr (attack.lr)", lr)  # NaN/inf or 1e38: not an error deep inside L-BFGS later
+        if max_iter < 1 or history_size < 1:
             raise ValueError(
-                f"DLG needs a finite lr > 0, max_iter >= 1, history_size >= 1; got {lr}, {max_iter}, {history_size}"
+                f"DLG needs max_iter >= 1 and history_size >= 1; got {max_iter}, {history_size}"
             )
         if line_search_fn not in (None, "strong_wolfe"):
             raise ValueError(f"line_search_fn must be None or 'strong_wolfe', got {line_search_fn!r}")
@@ -633,8 +639,7 @@ class InvertingGradients(SampleLevelAttack):
         log_prefix: str = "",
     ) -> None:
         super().__init__(steps, label_strategy, seed, log_images_every, log_prefix)
-        if not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"InvertingGradients lr must be a finite number > 0, got {lr}")
+        float32_step_size("InvertingGradients lr (attack.lr)", lr)
         if not (math.isfinite(tv_weight) and tv_weight >= 0):
             raise ValueError(f"InvertingGradients tv_weight must be a finite number >= 0, got {tv_weight}")
         if restarts < 1:
@@ -683,7 +688,7 @@ class InvertingGradients(SampleLevelAttack):
         if len(self.diverged) < self.restarts:
             return
         detail = ", ".join(f"restart {r}: {w} at step {st}" for r, (st, w) in sorted(self.diverged.items()))
-        raise AttackDivergedError(step, f"every one of the {self.restarts} restarts ({detail})")
+        raise AttackDivergedError(step, f"every one of the {self.restarts} restarts ({detail})", self.divergence_hint)
 
     def _init_variables(self, view: ServerView) -> None:
         B = self.batch_size
@@ -791,7 +796,7 @@ class InvertingGradients(SampleLevelAttack):
         finals_t = torch.tensor(finals)
         if not torch.isfinite(finals_t).any():
             raise AttackDivergedError(self._steps_done, f"the final gradient loss of every one of the {self.restarts} "
-                                                         "restarts")
+                                                         "restarts", self.divergence_hint)
         best = int(torch.argmin(finals_t))
         extras = {"restart_grad_loss": finals, "best_restart": best, "diverged_restarts": dict(self.diverged)}
         return self._finish(self.x[best], self.fixed_labels, self.label_inference, extras)

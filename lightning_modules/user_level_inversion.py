@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from inversion.batched import BatchedMatching, stack_targets
 from inversion.label_inference import LabelInference, infer_labels, mean_softmax_from_gradient
 from inversion.logging_utils import log_image_grid
+from inversion.numbers import float32_step_size
 from inversion.objectives import (
     clip_matching_gradient,
     clip_matching_gradients,
@@ -217,8 +218,7 @@ class UserLevelInversion(GradientInversionAttack):
                              f"{final_candidates}")
         if not selection_output_weight >= 0:
             raise ValueError(f"attack.selection_output_weight must be >= 0, got {selection_output_weight}")
-        if not lr > 0:
-            raise ValueError(f"attack.lr must be > 0 (Adam's step size on pixels in [0, 1]), got {lr}")
+        float32_step_size("attack.lr (Adam's step size on pixels in [0, 1])", lr)
         if not kappa > 0:
             raise ValueError(f"attack.kappa must be > 0 (the largest allowed |g_match| / |g_prior| of dynamic "
                              f"clipping; to switch clipping off set use_clipping false), got {kappa}")

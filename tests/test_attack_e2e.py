@@ -151,6 +151,12 @@ def test_attack_py_writes_every_output(tmp_path):
         ({"attack.class_path": "lightning_modules.baselines.InvertingGradients",
           "attack.init_args": {"steps": 1, "label_strategy": "idlg"}}, attack.ConfigError, "'idlg' is exact only for B = 1"),
         ({"threat.protocol": "fedavg", "threat.fedavg_lr": float("inf")}, attack.ConfigError, "finite number > 0"),
+        # finite for Python, out of float32's range: a NaN target gradient or an overflow inside Adam after the run
+        # directory existed
+        ({"threat.protocol": "fedavg", "threat.fedavg_lr": 1e-300}, attack.ConfigError, "outside float32's range"),
+        ({"threat.defenses": [{"name": "gaussian_dp", "clip_norm": 1.0, "sigma": 1e39}]}, ValueError,
+         "exceeds float32's largest value"),
+        ({"attack.init_args.lr": 1e39}, ValueError, "attack.lr .*outside float32's range"),
     ],
 )
 def test_bad_input_fails_before_any_run_dir(tmp_path, overrides, error, match):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections import OrderedDict
 from pathlib import Path
 
@@ -351,3 +352,19 @@ def test_small_metric_values_keep_their_digits_and_indices_stay_integers():
     row = attack.evaluate(result, User(0, batch, torch.zeros(3, dtype=torch.long), 0, 0), None, lpips=False)
     assert row["mse_nearest"] == pytest.approx(1e-6, rel=1e-3) and row["psnr_nearest"] == pytest.approx(60.0, abs=1e-3)
     assert row["nearest_index"] == 1 and isinstance(row["nearest_index"], int)
+
+
+def test_a_client_whose_fedavg_training_diverges_stops_the_run_as_diverged(tmp_path, capsys):
+    """A NaN local loss in the client's FedAvg training (a huge fedavg_lr) printed a traceback and recorded the run as
+    'failed: ValueError'; it is a divergence: one line naming the user, epoch and step, status 'diverged', exit 1."""
+    cfg = tiny_config(tmp_path, **{"logger.backend": "none", "image_log_every": 0, "threat.protocol": "fedavg",
+                                   "threat.fedavg_lr": 1e30, "threat.fedavg_epochs": 3})
+    with pytest.raises(SystemExit) as exit_info:
+        attack.main(["--config", str(cfg)])
+    assert exit_info.value.code == 1
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    err = capsys.readouterr().err
+    assert re.search(r"\[attack\] user_0000: stopped: FedAvg: local loss is NaN/inf at epoch \d+, step \d+", err), err
+    assert "Traceback" not in err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"].startswith("diverged: FedAvg: local loss is NaN/inf") and summary["users"] == 0

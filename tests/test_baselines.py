@@ -159,6 +159,8 @@ def test_divergence_raises_through_trainer():
     with pytest.raises(AttackDivergedError, match="gradient loss") as err:
         fit(DLG(steps=3).bind(view))
     assert err.value.step == 0
+    # the fix it suggests is DLG's own: the user-level attack's "raise the prior weight" named a knob DLG lacks
+    assert "line_search_fn strong_wolfe" in str(err.value) and "prior" not in str(err.value)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -286,8 +288,16 @@ def test_inverting_gradients_validation():
     for kw in ({"lr": float("nan")}, {"lr": float("inf")}, {"tv_weight": float("nan")}):  # passed before
         with pytest.raises(ValueError, match="finite"):
             InvertingGradients(**kw)
-    with pytest.raises(ValueError, match="finite lr"):
+    with pytest.raises(ValueError, match="DLG lr .*finite"):
         DLG(lr=float("nan"))
+    from lightning_modules.user_level_inversion import UserLevelInversion
+
+    # beyond float32 (a Python float is finite far beyond): DLG/IG raised deep inside the optimiser, the user-level
+    # attack inside Adam ("value cannot be converted to type float without overflow")
+    for make in (DLG, InvertingGradients, UserLevelInversion):
+        for lr in (1e38 * 10, 1e-300):
+            with pytest.raises(ValueError, match=r"lr.* outside float32's range"):
+                make(lr=lr)
     with pytest.raises(RuntimeError, match="bind"):
         InvertingGradients(steps=1).configure_optimizers()
 

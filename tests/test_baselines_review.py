@@ -173,10 +173,10 @@ def test_inverting_gradients_raises_when_every_restart_diverged():
     with pytest.warns(UserWarning, match="diverged at step 0"), pytest.raises(
         AttackDivergedError,
         match=r"attack diverged at step 0: every one of the 2 restarts \(restart 0: gradient loss at step 0, "
-              r"restart 1: gradient loss at step 0\) is NaN or inf",
+              r"restart 1: gradient loss at step 0\) is NaN or inf. Lower attack.lr, or check",
     ) as err:
         fit(attack)
-    assert err.value.step == 0
+    assert err.value.step == 0 and "prior" not in str(err.value)
 
 
 def test_a_single_restart_that_diverges_raises_without_saying_the_others_go_on(recwarn):

@@ -197,6 +197,8 @@ def test_clip_refuses_a_non_finite_update(bad):
     [
         (lambda: GaussianDP(clip_norm=1.0, noise_multiplier=-0.1), r"noise_multiplier \(sigma\) must be >= 0"),
         (lambda: GaussianDP(clip_norm=0.0, noise_multiplier=0.1), r"clip_norm must be > 0"),
+        # finite for Python, inf for every float32 noise coordinate (a NaN/inf target gradient after the run started)
+        (lambda: GaussianDP(clip_norm=1.0, sigma=1e39), r"sigma \* clip_norm = 1e\+39 exceeds float32's largest"),
         (lambda: GaussianDP(clip_norm=1.0), r"noise_multiplier.*required"),
         (lambda: GaussianDP(clip_norm=1.0, noise_multiplier=0.1, sigma=0.2), r"disagree"),
         (lambda: Clip(-1.0), r"clip_norm must be > 0"),

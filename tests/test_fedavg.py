@@ -98,6 +98,7 @@ def test_seeded_shuffle():
         (dict(local_batch_size=0), "local_batch_size must be an integer >= 1"),
         (dict(local_lr=0.0), "local_lr must be a finite number > 0"),
         (dict(local_lr=float("inf")), "local_lr must be a finite number > 0"),
+        (dict(local_lr=1e-300), "local_lr = 1e-300 is outside float32's range"),  # was 0 / 0: a NaN target later
     ],
 )
 def test_invalid_settings_raise_before_work(kwargs, pattern):

@@ -162,7 +162,7 @@ def test_check_prior_checks_only_the_timesteps_of_mechanisms_that_are_on():
 @pytest.mark.parametrize("kw, match", [
     ({"kappa": 0.0}, r"^attack\.kappa must be > 0 .*got 0\.0$"),
     ({"kappa": float("nan")}, r"^attack\.kappa must be > 0 .*got nan$"),
-    ({"lr": 0.0}, r"^attack\.lr must be > 0 .*got 0\.0$"),
+    ({"lr": 0.0}, r"^attack\.lr .*must be a finite number > 0, got 0\.0$"),
     ({"prior_weight": -1.0}, r"^attack\.prior_weight must be >= 0 .*got -1\.0$"),
     ({"prior_noise_samples": 0}, r"^attack\.prior_noise_samples must be >= 1 .*got 0$"),
     ({"output_weight": -0.5}, r"^attack\.output_weight must be >= 0 .*got -0\.5$"),
