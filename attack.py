@@ -1851,9 +1851,31 @@ def main(argv: Optional[list[str]] = None) -> Path:
         ConfigError (a ValueError) and the loaders' errors: see :func:`prepare`.
     """
     parser = build_parser()
-    warn_overrides_replaced_by_later_configs(list(sys.argv[1:] if argv is None else argv))
+    argv = resume_config_argv(parser, list(sys.argv[1:] if argv is None else argv))
+    warn_overrides_replaced_by_later_configs(argv)
     cfg = parser.parse_args(argv)
     return run(cfg)
+
+
+def resume_config_argv(parser: ArgumentParser, argv: list[str]) -> list[str]:
+    """``--resume RUN_DIR`` without any ``--config``: the run's own ``RUN_DIR/config.yaml`` goes first (a note on
+    stderr), so ``python attack.py --resume RUN_DIR`` continues the run instead of failing with "the following
+    arguments are required: attack, users". Other command lines are returned as they are.
+
+    Raises:
+        SystemExit: (status 2, ``parser.error``) RUN_DIR has no config.yaml.
+    """
+    has_config = any(a == "--config" or a.startswith("--config=") for a in argv)
+    run_dir = next((argv[j + 1] if a == "--resume" and j + 1 < len(argv) else a.split("=", 1)[1]
+                    for j, a in enumerate(argv) if a == "--resume" or a.startswith("--resume=")), None)
+    if has_config or not run_dir or any(a in ("-h", "--help") for a in argv):
+        return argv
+    config = Path(run_dir).expanduser() / "config.yaml"
+    if not config.is_file():
+        parser.error(f"--resume {run_dir}: {config} not found; give the run directory attack.py printed at its start "
+                     "(it holds config.yaml), or add --config with the run's config")
+    print(f"[attack] --resume without --config: using {config}", file=sys.stderr)
+    return ["--config", str(config), *argv]
 
 
 def warn_overrides_replaced_by_later_configs(argv: list[str]) -> list[str]:

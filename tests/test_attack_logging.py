@@ -368,3 +368,16 @@ def test_a_client_whose_fedavg_training_diverges_stops_the_run_as_diverged(tmp_p
     assert "Traceback" not in err
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"].startswith("diverged: FedAvg: local loss is NaN/inf") and summary["users"] == 0
+
+
+def test_resume_without_config_uses_the_run_directorys_own_config(tmp_path, capsys):
+    """`attack.py --resume RUN_DIR` alone failed with "the following arguments are required: attack, users"."""
+    cfg = tiny_config(tmp_path, **{"logger.backend": "none", "image_log_every": 0})
+    run_dir = attack.main(["--config", str(cfg)])
+    capsys.readouterr()
+    assert attack.main(["--resume", str(run_dir)]) == run_dir  # finished: nothing left to attack
+    assert f"using {run_dir / 'config.yaml'}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        attack.main(["--resume", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert f"--resume {tmp_path}: {tmp_path / 'config.yaml'} not found" in capsys.readouterr().err
