@@ -30,7 +30,7 @@ def run_main(main: Callable[[], Any], prog: str) -> None:
     except BAD_INPUT as exc:
         if getattr(exc, _DURING_WORK, False):
             raise
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {clarify_subclass_error(str(exc))}", file=sys.stderr)
         raise SystemExit(2)
 
 
@@ -77,9 +77,30 @@ def clarify_subclass_error(message: str) -> str:
     ``Parser key "model": Does not validate against any of the Union subtypes ... - Problem with given class_path
     'lightning_modules.classifier.ImageClassifier': Option 'lrr' is not accepted - Expected a <class 'NoneType'> ...
     Given value: NestedArg(...)`` becomes ``model (ImageClassifier): Option 'lrr' is not accepted (did you mean
-    'lr'?)``. Any other message is returned unchanged."""
+    'lr'?)``. Two more forms: the class's own error at instantiation (``Does not validate against any of the Union
+    subtypes ... Errors: - classifier checkpoint X not found ... - Expected a <class 'NoneType'> ... Given value:
+    Namespace(class_path='...ImageClassifier', ...)`` becomes ``ImageClassifier: classifier checkpoint X not found
+    ...``), and a group given as a config file that is not there (``Parser key "model": - Expected a path but
+    ../model/x.yaml either not accessible or invalid ...`` says that relative paths in a config file resolve from that
+    file's folder). Any other message is returned unchanged."""
     import importlib
     import re
+
+    missing = re.match(r'Parser key "([\w.]+)":\s*- Expected a path but (\S+) either not accessible or invalid', message)
+    if missing:
+        key, path = missing.groups()
+        return (f"{key}: the config file {path} was not found. A relative path inside a config file resolves from that "
+                "file's own folder: a config copied elsewhere needs the files it names copied along (keeping their "
+                "relative places) or absolute paths")
+    if message.startswith("Does not validate against any of the Union subtypes"):
+        block = message.split("Errors:", 1)[1].split("\nGiven value", 1)[0] if "Errors:" in message else ""
+        errors = [e.strip() for e in re.split(r"\n\s*- ", "\n" + block.strip()) if e.strip()]
+        errors = [" ".join(e.split()) for e in errors if not e.startswith("Expected a <class 'NoneType'>")]
+        cls = re.search(r"class_path='([\w.]+)'", message)
+        if errors:
+            name = f"{cls.group(1).rpartition('.')[2]}: " if cls else ""
+            return "; ".join(name + e for e in dict.fromkeys(errors))
+        return message
 
     m = re.match(r'Parser key "([\w.]+)":', message)
     problems = re.findall(r"Problem with given class_path '([\w.]+)':\s*(.+?)\s*(?=\n\s*- |\n\s*Given value|$)",

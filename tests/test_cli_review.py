@@ -255,3 +255,29 @@ def test_a_problem_jsonargparse_reports_once_per_union_member_is_one_line():
            "        Option 'projct' is not accepted\n  Given value type: <class 'str'>")
     assert clarify_subclass_error(msg) == ("trainer.logger (WandbLogger): Option 'projct' is not accepted "
                                            "(did you mean 'project'?)")
+
+
+def test_train_py_names_a_missing_warm_start_and_a_config_file_copied_away_in_one_line(tmp_path, capsys):
+    """A missing model.init_args.init_weights folder and a config copied out of configs/train/ (its ../model/*.yaml
+    gone) printed jsonargparse's Union dumps ('Expected a <class 'NoneType'>', 'Unexpected import path format')."""
+    import shutil
+
+    import train
+    from inversion.cli import run_main
+
+    cfg = ROOT / "configs/train/victim_fashion_mnist_finetune.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(lambda: train.main(["--config", str(cfg), "--model.init_args.init_weights", str(tmp_path / "gone"),
+                                     "--trainer.default_root_dir", str(tmp_path / "runs")]), "train.py")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"train.py: error: ImageClassifier: classifier checkpoint {tmp_path / 'gone'} not found"), err
+    assert "NoneType" not in err and "Union" not in err
+
+    copied = tmp_path / "victim.yaml"
+    shutil.copy(ROOT / "configs/train/victim_fashion_mnist.yaml", copied)
+    with pytest.raises(SystemExit):
+        train.main(["--config", str(copied)])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: model: the config file ../model/victim_resnet18.yaml was not found. A relative path "
+                          "inside a config file resolves from that file's own folder"), err
