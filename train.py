@@ -65,6 +65,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -681,6 +682,24 @@ class TrainCLI(LightningCLI):
         if self.created_run_dir and self.run_dir is not None:
             _remove_empty_dirs(self.run_dir)
 
+    def discard_fresh_run_dir(self) -> None:
+        """Remove the run directory this process created, files included, for a run that failed before its config
+        was saved and before any step (all it can hold is what the loggers wrote at start, e.g. an offline W&B run
+        folder). An active W&B run is finished first. Rank 0 only; other ranks remove empty folders only."""
+        if not (self.created_run_dir and self.run_dir is not None):
+            return
+        if _process_rank() != 0:
+            _remove_empty_dirs(self.run_dir)
+            return
+        try:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish(exit_code=1)
+        except Exception:  # noqa: BLE001  (removing the folder does not depend on W&B shutting down cleanly)
+            pass
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
 
 def main(args=None) -> None:
     """Command line entry point: build the model and data module from the config with LightningCLI (``args``: the
@@ -720,8 +739,13 @@ def main(args=None) -> None:
         if cli.config.get("test_after_fit") and type(cli.model).test_step is not LightningModule.test_step:
             cli.trainer.test(cli.model, datamodule=cli.datamodule)
     except BaseException as exc:
-        cli.discard_empty_run_dir()
-        if any(isinstance(cb, MarkTrainingStarted) and cb.stepped for cb in cli.trainer.callbacks):
+        stepped = any(isinstance(cb, MarkTrainingStarted) and cb.stepped for cb in cli.trainer.callbacks)
+        saved = any(isinstance(cb, SaveRunConfig) and cb.already_saved for cb in cli.trainer.callbacks)
+        if not stepped and not saved:  # failed in setup (e.g. the data's checks), before its config was written:
+            cli.discard_fresh_run_dir()  # the loggers' start files alone are no run (W&B would sync it)
+        else:
+            cli.discard_empty_run_dir()
+        if stepped:
             from inversion.cli import mark_raised_during_work
 
             mark_raised_during_work(exc)  # a ValueError from step N is a crash to debug: keep its traceback

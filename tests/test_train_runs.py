@@ -351,3 +351,21 @@ def test_existing_export_folder_fails_before_anything_is_created(tmp_path, fake_
     assert "run directory" not in capsys.readouterr().out
     assert not root.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["cfg.yaml", "export", "fmnist"])
+
+
+def test_a_run_that_fails_in_data_setup_leaves_no_run_directory(tmp_path, fake_fmnist, capsys):
+    """The data's checks run in setup, after the loggers start: a batch larger than the training split left a run
+    directory holding only an offline W&B run folder (no config.yaml), which `wandb sync` would upload."""
+    import train
+
+    root = tmp_path / "tr"
+    cfg_path = _config(tmp_path, fake_fmnist, root)
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["data"]["init_args"]["batch_size"] = 10_000
+    cfg["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.WandbLogger",
+                                "init_args": {"save_dir": str(root), "offline": True, "project": "t"}}
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match="batch_size=10000"):
+        train.main(["--config", str(cfg_path)])
+    assert "run directory" in capsys.readouterr().out  # it was created, then removed
+    assert not root.exists() or not _runs(root), list(root.rglob("*"))
