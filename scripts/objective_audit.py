@@ -270,7 +270,8 @@ def collect(run_dirs: list[str], out: str) -> Path:
     """One table over several audit run directories (their summary.json): a row per run (B, victim, run directory
     name), a column per (mode, mu) with correct/users. Writes ``out/objective_audit.md`` and
     ``out/objective_audit.csv`` (atomically, never over existing files); returns the Markdown path. Raises
-    FileNotFoundError for a directory without summary.json, FileExistsError when ``out`` already holds the table."""
+    FileNotFoundError for a directory without summary.json, ValueError for one whose summary.json is not an audit's
+    (an attack.py run's), FileExistsError when ``out`` already holds the table."""
     out_dir = Path(out)
     taken = [p for p in (out_dir / "objective_audit.csv", out_dir / "objective_audit.md") if p.exists()]
     if taken:
@@ -280,7 +281,12 @@ def collect(run_dirs: list[str], out: str) -> Path:
         f = Path(d) / "summary.json"
         if not f.is_file():
             raise FileNotFoundError(f"{d} has no summary.json: is it an objective-audit run directory?")
-        summaries.append({**json.loads(f.read_text()), "run": Path(d).name})
+        summary = json.loads(f.read_text())
+        lacking = [k for k in ("modes", "random_init", "B", "users") if k not in summary]
+        if lacking:  # e.g. an attack.py run directory picked up by a glob: was a KeyError traceback
+            raise ValueError(f"{d}/summary.json lacks {', '.join(lacking)}: {d} is not an objective-audit run "
+                             "directory (an attack.py run?); give the folders `objective_audit.py run` wrote")
+        summaries.append({**summary, "run": Path(d).name})
     summaries.sort(key=lambda s: (bool(s["random_init"]), s["B"], s["run"]))
     cols = list(dict.fromkeys(k for s in summaries for k in s["modes"]))
     header = ["B", "victim", "run", "users"] + cols  # run: reruns and other settings of one (B, victim) stay apart

@@ -144,6 +144,12 @@ def test_collect_tabulates_the_runs_summaries(tmp_path):
     assert md.read_text() == before
     with pytest.raises(FileNotFoundError, match="summary.json"):
         audit.main(["collect", str(tmp_path), "--out", str(tmp_path / "r2")])
+    attack_run = tmp_path / "fashion_mnist-20261202-000000-abcdef"  # an attack.py run among them: was a KeyError
+    attack_run.mkdir()
+    (attack_run / "summary.json").write_text(json.dumps({"status": "finished", "users": 3}))
+    with pytest.raises(ValueError, match="lacks modes, random_init, B: .* is not an objective-audit run directory"):
+        audit.main(["collect", *dirs, str(attack_run), "--out", str(tmp_path / "r3")])
+    assert not (tmp_path / "r3").exists()
 
 
 def test_a_test_split_pool_leaves_the_users_own_images_out(tmp_path):
