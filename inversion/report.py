@@ -438,7 +438,10 @@ def load_runs(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
         if not csv.is_file():
             if (d / "summary.json").is_file() or (d / "config.yaml").is_file():
                 continue  # attack.py's run stopped before its first user finished: no rows (run_notes names it)
-            raise FileNotFoundError(f"{csv} not found: expected a run directory written by attack.py")
+            inner = sorted(p.parent for p in d.glob("*/results.csv"))[:3]
+            raise FileNotFoundError(f"{csv} not found: expected a run directory written by attack.py"
+                                    + (f"; {d} holds run directories ({', '.join(str(p) for p in inner)}, ...): give "
+                                       f"them, e.g. {d}/*" if inner else ""))
         df = pd.read_csv(csv)
         missing = [c for c in ("user", "method", "B") if c not in df.columns]
         if missing:

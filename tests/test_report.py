@@ -115,6 +115,9 @@ def test_missing_columns_and_empty_metrics(tmp_path):
     assert (out / "metrics_vs_B.png").is_file() and not (out / "gallery.png").exists()
     with pytest.raises(FileNotFoundError, match="results.csv"):
         report.build_report([tmp_path / "nothing"], tmp_path / "rep2")
+    # the folder above the run directories: the error points at them
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path} holds run directories \({run}, \.\.\.\): give them, e\.g\. "):
+        report.build_report([tmp_path], tmp_path / "rep3")
 
 
 def test_wandb_offline_logging(tmp_path, monkeypatch):
