@@ -18,6 +18,7 @@ levels); here the widths, depth, attention, T and beta schedule are ``model.init
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -140,6 +141,14 @@ class DDPMPrior(Resumable, LightningModule):
         xt = self.scheduler.add_noise(x0, noise, t)
         eps = unet(xt, t).sample
         return F.mse_loss(eps.float(), noise.float())
+
+    def on_fit_start(self) -> None:
+        """Silence Lightning's "Found N module(s) in eval mode at the start of training" for exactly the EMA UNet's
+        modules (frozen and in eval mode by design; any other module in eval mode changes N and still warns), then
+        :class:`Resumable`'s restore."""
+        n = sum(1 for _ in self.ema_unet.modules())
+        warnings.filterwarnings("ignore", message=rf"Found {n} module\(s\) in eval mode at the start of training\.")
+        super().on_fit_start()
 
     def training_step(self, batch, batch_idx):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch

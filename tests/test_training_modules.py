@@ -386,3 +386,13 @@ def test_export_refuses_more_sample_steps_than_training_timesteps_before_trainin
         _tiny_ddpm(num_train_timesteps=10), _loader(labels=False))
     assert (out / "samples.png").is_file()
     assert "2 seeded DDIM samples, 10 steps" in (out / "MODEL_CARD.md").read_text()
+
+
+def test_ddpm_fit_does_not_warn_about_its_eval_mode_ema_unet(recwarn):
+    """Every DDPM run printed Lightning's 'Found 179 module(s) in eval mode' (the frozen EMA copy, by design)."""
+    _trainer(max_steps=1).fit(_tiny_ddpm(), _loader(labels=False))
+    assert not [w for w in recwarn if "in eval mode at the start of training" in str(w.message)]
+    module = _tiny_ddpm()
+    module.unet.conv_in.eval()  # one more module in eval mode: a real surprise still warns
+    with pytest.warns(UserWarning, match=r"Found \d+ module\(s\) in eval mode"):
+        _trainer(max_steps=1).fit(module, _loader(labels=False))
