@@ -18,6 +18,7 @@ one-at-a-time result up to float rounding and is evaluated and written exactly a
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -58,7 +59,7 @@ from inversion.defenses import STRENGTH_KEYS  # noqa: E402
 from inversion.numbers import float32_step_size  # noqa: E402
 from inversion.fedavg import ClientDivergedError  # noqa: E402
 from inversion.scenario import TargetGradientError  # noqa: E402
-from inversion.fsutils import atomic_write_bytes, check_run_name, find_input_path, new_run_dir  # noqa: E402,F401  (new_run_dir, atomic_write_bytes: scripts use them from attack)
+from inversion.fsutils import atomic_write_bytes, check_run_name, exclusive_lock, find_input_path, new_run_dir  # noqa: E402,F401  (new_run_dir, atomic_write_bytes: scripts use them from attack)
 
 
 # ------------------------------------------------------------------------------------------------ config groups
@@ -1305,6 +1306,14 @@ def check_model_fingerprints(run_dir: Path, now: dict[str, str]) -> None:
                           "directory, or put the original files back")
 
 
+def finished_status(run_dir: Path) -> bool:
+    """Whether ``run_dir/summary.json`` says the run finished (False when missing or unreadable)."""
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("status") == "finished"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def resume_command(run_dir: Path) -> str:
     """The shell command that continues ``run_dir`` (printed on Ctrl-C and on a diverged or failed run): attack.py
     by its path from the current directory (``attack.py`` in the repository root, its absolute path elsewhere),
@@ -1381,8 +1390,8 @@ def start_distributed(cfg: Namespace, trainer_kwargs: dict):
 def check_run_args(cfg: Namespace) -> None:
     """The top-level run settings' ranges, checked by :func:`prepare` (so also by sweep.py's pre-check of every cell
     and by refinish): ``--seed`` in Lightning's ``seed_everything`` range, ``--checkpoint_every`` >= 0, and
-    ``--image_log_every`` >= 0, ``output.name`` one plain folder name (not checked with ``--resume``, which makes no
-    new directory).
+    ``--image_log_every`` >= 0, ``output.name`` one plain folder name and ``output.root`` a folder or a path that can
+    become one (not checked with ``--resume``, which makes no new directory).
 
     Raises:
         ConfigError: naming the key, its value and the allowed values.
@@ -1401,6 +1410,12 @@ def check_run_args(cfg: Namespace) -> None:
             check_run_name(output.get("name") or "")
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        root = Path(str(output.get("root") or ".")).expanduser()
+        blocking = next((p for p in (root, *root.parents) if p.exists() or p.is_symlink()), None)
+        if blocking is not None and not blocking.is_dir():  # was "[Errno 17] File exists" when making the run dir
+            raise ConfigError(f"output.root {output.get('root')}: {blocking} is "
+                              + ("a broken symbolic link" if blocking.is_symlink() and not blocking.exists() else
+                                 "a file, not a folder") + "; give a folder (it is created if missing)")
 
 
 def prepare(parser: ArgumentParser, cfg: Namespace):
@@ -1573,7 +1588,36 @@ def user_images(user: User, result: AttackResult) -> dict[str, torch.Tensor]:
 
 
 def run(cfg: Namespace) -> Path:
-    """Run the configured attack on every user; returns the run directory. See the module docstring."""
+    """Run the configured attack on every user; returns the run directory. See the module docstring.
+
+    While it runs, the first process holds ``RUN_DIR/attack.lock`` (:func:`lock_run_dir`): a second attack.py
+    resuming the same run directory meanwhile stops with a ConfigError before any work (both attacked the same users
+    and wrote the same results.csv)."""
+    with contextlib.ExitStack() as locks:
+        return _run(cfg, locks)
+
+
+RUN_LOCK_FILE = "attack.lock"
+
+
+def lock_run_dir(locks: contextlib.ExitStack, run_dir: Path) -> None:
+    """Take ``run_dir/attack.lock`` (flock, :func:`inversion.fsutils.exclusive_lock`) until ``locks`` closes, in the
+    first process only: a multi-process run's other ranks (RANK, LOCAL_RANK or NODE_RANK set and not 0) share it.
+
+    Raises:
+        ConfigError: another process holds it (a run or a --resume of this directory still going), naming it."""
+    if any(os.environ.get(k, "0") != "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK")):
+        return
+
+    def busy(who: str) -> ConfigError:
+        return ConfigError(f"{run_dir} is in use by another attack.py ({who}): wait for it to end (or stop it), then "
+                           "resume; two processes on one run directory attack the same users and write the same files")
+
+    locks.enter_context(exclusive_lock(run_dir / RUN_LOCK_FILE, busy))
+
+
+def _run(cfg: Namespace, locks: contextlib.ExitStack) -> Path:
+    """:func:`run`'s body; ``locks`` holds the run directory's lock."""
     from lightning import Trainer, seed_everything
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
@@ -1585,6 +1629,7 @@ def run(cfg: Namespace) -> Path:
     resume_rows: list[dict] = []
     if cfg.resume:
         run_dir, resume_rows = open_resume_dir(parser, cfg)
+        lock_run_dir(locks, run_dir)  # before anything is loaded: a resume of a directory in use stops here
     init, source, victim, attack_cls, attack_kwargs, prior, evaluator = prepare(parser, cfg)
     steps = attack_kwargs.get("steps")
     if cfg.checkpoint_every and isinstance(steps, int) and cfg.checkpoint_every > steps:
@@ -1608,6 +1653,8 @@ def run(cfg: Namespace) -> Path:
     # 2. the run directory (rank 0 makes it; the others get its path)
     if not cfg.resume:
         run_dir = new_run_dir(init.output.root, init.output.name) if rank == 0 else None
+        if rank == 0:
+            lock_run_dir(locks, run_dir)  # a new directory: taken before its config.yaml makes it resumable
         if fabric:
             run_dir = Path(fabric.broadcast(str(run_dir) if run_dir else None, src=0))
         if rank == 0:
@@ -1626,6 +1673,9 @@ def run(cfg: Namespace) -> Path:
     shard = [(i, u) for i, u in enumerate(users) if i % world == rank]
     chunks = user_chunks(shard, per_step, done)
     resume_hint = resume_command(run_dir)
+    if cfg.resume and world == 1 and not chunks and len(done) == len(users) and finished_status(run_dir):
+        print(f"[attack] {run_dir} is finished ({len(users)} users); nothing to resume", flush=True)
+        return run_dir  # no logger: an offline W&B run of nothing was started and recorded otherwise
     try:  # from here on summary.json says how the run ended, even for a Ctrl-C while W&B starts
         logger = make_logger(cfg, run_dir, config_dict) if rank == 0 else None
         if rank == 0:

@@ -103,7 +103,7 @@ if str(ROOT) not in sys.path:
 
 os.environ.setdefault("WANDB_MODE", "offline")
 
-from inversion.fsutils import atomic_write_bytes  # noqa: E402
+from inversion.fsutils import atomic_write_bytes, exclusive_lock  # noqa: E402
 
 CONFIG_KEYS = ("attack", "configs")  # grid keys whose values are config files layered over base
 MANAGED_KEYS = ("output.root", "output.name", "logger.group", "config", "resume")
@@ -353,8 +353,8 @@ def load_sweep(path: str | Path, root_override: Optional[str] = None) -> Sweep:
             raise SweepError(f"{path}: {where} must be a config file path, got {p!r}")
         rp = resolve_path(p, path)
         if not rp.is_file():
-            raise SweepError(f"{path}: {where} config file {p!r} not found (looked next to the sweep file, in {ROOT} "
-                             f"and in {Path.cwd()})")
+            places = list(dict.fromkeys(str(d) for d in (path.parent, ROOT, Path.cwd())))
+            raise SweepError(f"{path}: {where} config file {p!r} not found (looked in {', '.join(places)})")
         return _display(rp)
 
     base = config_file(raw["base"], "base")
@@ -912,34 +912,14 @@ def _file_signature(path: Path) -> Optional[tuple[int, int, int]]:
 @contextlib.contextmanager
 def sweep_lock(sweep_dir: Path):
     """Hold ``sweep_dir/sweep.lock`` (``flock``, released when the process ends, however it ends) meanwhile; raises
-    :class:`SweepError` when another process holds it. On a filesystem without locks it goes on unlocked."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX
-        yield
-        return
-    fh = open(sweep_dir / "sweep.lock", "a+")
-    try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            locked = True
-        except BlockingIOError:
-            fh.seek(0)
-            who = fh.read().strip() or "another process"
-            raise SweepError(f"{sweep_dir} is in use by another sweep.py ({who}): wait for it to end, or use --new or "
-                             f"another --root") from None
-        except OSError:
-            locked = False
-        if locked:
-            import socket
+    :class:`SweepError` when another process holds it. On a filesystem without locks it goes on unlocked
+    (:func:`inversion.fsutils.exclusive_lock`)."""
+    def busy(who: str) -> SweepError:
+        return SweepError(f"{sweep_dir} is in use by another sweep.py ({who}): wait for it to end, or use --new or "
+                          "another --root")
 
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-            fh.flush()
+    with exclusive_lock(sweep_dir / "sweep.lock", busy):
         yield
-    finally:
-        fh.close()
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -1355,7 +1335,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--root", default=None, help="sweep directory (overrides the YAML's root)")
     ap.add_argument("--no-report", action="store_true", help="do not build the report at the end")
     ap.add_argument("--quiet", action="store_true", help="send each cell's output to <sweep>/logs/<slug>.log")
-    args = ap.parse_args(argv)
+    args, unknown = ap.parse_known_args(argv)
+    if unknown:
+        ap.error(f"unrecognized arguments: {' '.join(unknown)}. sweep.py takes no attack overrides: copy the sweep "
+                 "YAML (or its base config) and edit it, so the sweep directory records what every cell ran")
     if args.max_cells is not None and args.max_cells < 0:
         ap.error("--max-cells must be >= 0")
     try:

@@ -8,11 +8,13 @@ give them the modes an ordinary ``open``/``mkdir`` would: 0666 / 0777 masked by 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 
 def current_umask() -> int:
@@ -190,3 +192,43 @@ def output_path_problem(flag: str, path: str) -> "str | None":
         return (f"{flag} {path} cannot be written: creating a file in {folder} failed ({exc.strerror or exc}); give a "
                 "path in a writable folder")
     return None
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path, busy: Callable[[str], Exception]) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the file ``path`` (created if missing; it names the holder: pid, host, since)
+    while the block runs; the kernel releases it when the process ends, however it ends.
+
+    Args:
+        path: the lock file, e.g. ``<sweep dir>/sweep.lock`` or ``<run dir>/attack.lock``.
+        busy: builds the exception to raise when another process holds the lock, from the holder's description.
+
+    Raises:
+        whatever ``busy`` returns, when the lock is held elsewhere (before the block runs). On a filesystem
+        without locks, or off POSIX, the block runs unlocked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    fh = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            fh.seek(0)
+            raise busy(fh.read().strip() or "another process") from None
+        except OSError:
+            locked = False
+        if locked:
+            import socket
+
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            fh.flush()
+        yield
+    finally:
+        fh.close()

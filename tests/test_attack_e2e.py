@@ -157,6 +157,8 @@ def test_attack_py_writes_every_output(tmp_path):
         ({"threat.defenses": [{"name": "gaussian_dp", "clip_norm": 1.0, "sigma": 1e39}]}, ValueError,
          "exceeds float32's largest value"),
         ({"attack.init_args.lr": 1e39}, ValueError, "attack.lr .*outside float32's range"),
+        ({"output.root": __file__}, attack.ConfigError, "output.root .* is a file, not a folder"),  # was "[Errno 17]"
+        ({"output.root": __file__ + "/runs"}, attack.ConfigError, "output.root .* is a file, not a folder"),
     ],
 )
 def test_bad_input_fails_before_any_run_dir(tmp_path, overrides, error, match):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from collections import OrderedDict
 from pathlib import Path
@@ -375,9 +376,28 @@ def test_resume_without_config_uses_the_run_directorys_own_config(tmp_path, caps
     cfg = tiny_config(tmp_path, **{"logger.backend": "none", "image_log_every": 0})
     run_dir = attack.main(["--config", str(cfg)])
     capsys.readouterr()
+    before = sorted(p for p in run_dir.rglob("*"))
     assert attack.main(["--resume", str(run_dir)]) == run_dir  # finished: nothing left to attack
-    assert f"using {run_dir / 'config.yaml'}" in capsys.readouterr().err
+    out = capsys.readouterr()
+    assert f"using {run_dir / 'config.yaml'}" in out.err and "is finished (2 users); nothing to resume" in out.out
+    assert sorted(p for p in run_dir.rglob("*")) == before  # no new logger run, no file rewritten
     with pytest.raises(SystemExit) as exit_info:
         attack.main(["--resume", str(tmp_path)])
     assert exit_info.value.code == 2
     assert f"--resume {tmp_path}: {tmp_path / 'config.yaml'} not found" in capsys.readouterr().err
+
+
+def test_a_resume_of_a_run_directory_in_use_stops_before_any_work(tmp_path, capsys):
+    """Two `attack.py --resume D` at once both attacked the same users and wrote the same results.csv; the running
+    process holds D/attack.lock, so the second stops with one line naming it, and D is left as it was."""
+    from inversion.fsutils import exclusive_lock
+
+    cfg = tiny_config(tmp_path, **{"logger.backend": "none", "image_log_every": 0, "users.init_args.num_users": 1})
+    run_dir = attack.main(["--config", str(cfg)])
+    (run_dir / "summary.json").unlink()  # as if it had been stopped
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != attack.RUN_LOCK_FILE}
+    with exclusive_lock(run_dir / attack.RUN_LOCK_FILE, RuntimeError):  # another process's run
+        with pytest.raises(attack.ConfigError, match=f"{run_dir} is in use by another attack.py .*pid {os.getpid()}"):
+            attack.main(["--config", str(cfg), "--resume", str(run_dir)])
+    assert before == {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != attack.RUN_LOCK_FILE}
+    assert attack.main(["--config", str(cfg), "--resume", str(run_dir)]) == run_dir  # free again: it resumes

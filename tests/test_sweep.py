@@ -859,3 +859,12 @@ def test_sweep_root_expands_home(tmp_path, tiny_base, monkeypatch):
     s = sweep.load_sweep(cfg)
     assert s.root == str(tmp_path / "home" / "sweeps" / "t")
     assert sweep.open_sweep_dir(s, new=False) == tmp_path / "home" / "sweeps" / "t" and not (tmp_path / "~").exists()
+
+
+def test_attack_overrides_on_sweep_py_say_it_takes_none(tmp_path, capsys):
+    """`sweep.py --config X --attack.init_args.steps 2` said only 'unrecognized arguments'."""
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.main(["--config", str(tmp_path / "s.yaml"), "--attack.init_args.steps", "2"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --attack.init_args.steps 2. sweep.py takes no attack overrides: copy" in err
