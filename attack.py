@@ -1411,7 +1411,10 @@ def check_run_args(cfg: Namespace) -> None:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         root = Path(str(output.get("root") or ".")).expanduser()
-        blocking = next((p for p in (root, *root.parents) if p.exists() or p.is_symlink()), None)
+        try:
+            blocking = next((p for p in (root, *root.parents) if p.exists() or p.is_symlink()), None)
+        except OSError:  # an unreadable ancestor: making the run directory says what is wrong
+            blocking = None
         if blocking is not None and not blocking.is_dir():  # was "[Errno 17] File exists" when making the run dir
             raise ConfigError(f"output.root {output.get('root')}: {blocking} is "
                               + ("a broken symbolic link" if blocking.is_symlink() and not blocking.exists() else
@@ -1598,15 +1601,20 @@ def run(cfg: Namespace) -> Path:
 
 
 RUN_LOCK_FILE = "attack.lock"
+#: environment variables by which launchers tell a process its (global, local or node) rank
+LAUNCHER_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "SLURM_LOCALID",
+                           "JSM_NAMESPACE_RANK", "JSM_NAMESPACE_LOCAL_RANK", "OMPI_COMM_WORLD_RANK",
+                           "OMPI_COMM_WORLD_LOCAL_RANK", "PMI_RANK")
 
 
 def lock_run_dir(locks: contextlib.ExitStack, run_dir: Path) -> None:
     """Take ``run_dir/attack.lock`` (flock, :func:`inversion.fsutils.exclusive_lock`) until ``locks`` closes, in the
-    first process only: a multi-process run's other ranks (RANK, LOCAL_RANK or NODE_RANK set and not 0) share it.
+    first process only: a multi-process run's other processes share it (any launcher rank variable set and not 0:
+    :data:`LAUNCHER_RANK_VARIABLES`, torchrun's, Lightning's, SLURM's, LSF's, MPI's).
 
     Raises:
         ConfigError: another process holds it (a run or a --resume of this directory still going), naming it."""
-    if any(os.environ.get(k, "0") != "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK")):
+    if any(os.environ.get(k, "0").strip() not in ("", "0") for k in LAUNCHER_RANK_VARIABLES):
         return
 
     def busy(who: str) -> ConfigError:

@@ -87,11 +87,11 @@ def clarify_subclass_error(message: str) -> str:
     import re
 
     missing = re.match(r'Parser key "([\w.]+)":\s*- Expected a path but (\S+) either not accessible or invalid', message)
-    if missing:
+    if missing and missing.group(2).lower().endswith((".yaml", ".yml", ".json")):  # else a class name (typo?)
         key, path = missing.groups()
-        return (f"{key}: the config file {path} was not found. A relative path inside a config file resolves from that "
-                "file's own folder: a config copied elsewhere needs the files it names copied along (keeping their "
-                "relative places) or absolute paths")
+        return (f"{key}: the config file {path} was not found. A relative path resolves from the current folder on the "
+                "command line and from the naming file's own folder inside a config file: a config copied elsewhere "
+                "needs the files it names copied along (keeping their relative places) or absolute paths")
     if message.startswith("Does not validate against any of the Union subtypes"):
         block = message.split("Errors:", 1)[1].split("\nGiven value", 1)[0] if "Errors:" in message else ""
         errors = [e.strip() for e in re.split(r"\n\s*- ", "\n" + block.strip()) if e.strip()]

@@ -144,11 +144,21 @@ class DDPMPrior(Resumable, LightningModule):
 
     def on_fit_start(self) -> None:
         """Silence Lightning's "Found N module(s) in eval mode at the start of training" for exactly the EMA UNet's
-        modules (frozen and in eval mode by design; any other module in eval mode changes N and still warns), then
-        :class:`Resumable`'s restore."""
+        modules (frozen and in eval mode by design; any other module in eval mode changes N and still warns) until
+        :meth:`on_train_start` (Lightning warns just before it), then :class:`Resumable`'s restore."""
         n = sum(1 for _ in self.ema_unet.modules())
+        self._eval_mode_filter = warnings.catch_warnings()  # restores the filters as they were at on_train_start
+        self._eval_mode_filter.__enter__()
         warnings.filterwarnings("ignore", message=rf"Found {n} module\(s\) in eval mode at the start of training\.")
         super().on_fit_start()
+
+    def on_train_start(self) -> None:
+        """Drop :meth:`on_fit_start`'s warning filter (a later fit in this process warns again), then
+        :class:`Resumable`'s late restore."""
+        if getattr(self, "_eval_mode_filter", None) is not None:
+            self._eval_mode_filter.__exit__(None, None, None)
+            self._eval_mode_filter = None
+        super().on_train_start()
 
     def training_step(self, batch, batch_idx):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch

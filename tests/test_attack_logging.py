@@ -401,3 +401,19 @@ def test_a_resume_of_a_run_directory_in_use_stops_before_any_work(tmp_path, caps
             attack.main(["--config", str(cfg), "--resume", str(run_dir)])
     assert before == {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != attack.RUN_LOCK_FILE}
     assert attack.main(["--config", str(cfg), "--resume", str(run_dir)]) == run_dir  # free again: it resumes
+
+
+@pytest.mark.parametrize("variable", ["LOCAL_RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "JSM_NAMESPACE_RANK"])
+def test_the_run_lock_is_taken_by_the_first_process_only(tmp_path, monkeypatch, variable):
+    """A multi-process resume takes the lock before the processes meet: under srun/LSF/MPI (no RANK/LOCAL_RANK)
+    every task tried it and all but one stopped with 'in use'."""
+    import contextlib
+
+    from inversion.fsutils import exclusive_lock
+
+    with exclusive_lock(tmp_path / attack.RUN_LOCK_FILE, RuntimeError), contextlib.ExitStack() as locks:
+        monkeypatch.setenv(variable, "1")
+        attack.lock_run_dir(locks, tmp_path)  # another rank of the same run: shares it
+        monkeypatch.setenv(variable, "0")
+        with pytest.raises(attack.ConfigError, match="in use by another attack.py"):
+            attack.lock_run_dir(locks, tmp_path)

@@ -280,4 +280,11 @@ def test_train_py_names_a_missing_warm_start_and_a_config_file_copied_away_in_on
         train.main(["--config", str(copied)])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: model: the config file ../model/victim_resnet18.yaml was not found. A relative path "
-                          "inside a config file resolves from that file's own folder"), err
+                          "resolves from the current folder on the command line and from the naming file's own folder "
+                          "inside a config file"), err
+    # a mistyped class is not a missing config file (jsonargparse tries every value as a path first)
+    with pytest.raises(SystemExit):
+        train.main(["--config", str(ROOT / "configs/train/victim_fashion_mnist.yaml"),
+                    "--model", "lightning_modules.classifier.ImageClasifier"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "config file" not in err and "ImageClasifier" in err, err

@@ -392,6 +392,7 @@ def test_ddpm_fit_does_not_warn_about_its_eval_mode_ema_unet(recwarn):
     """Every DDPM run printed Lightning's 'Found 179 module(s) in eval mode' (the frozen EMA copy, by design)."""
     _trainer(max_steps=1).fit(_tiny_ddpm(), _loader(labels=False))
     assert not [w for w in recwarn if "in eval mode at the start of training" in str(w.message)]
+    assert not [f for f in __import__("warnings").filters if f[1] is not None and "in eval mode" in f[1].pattern]
     module = _tiny_ddpm()
     module.unet.conv_in.eval()  # one more module in eval mode: a real surprise still warns
     with pytest.warns(UserWarning, match=r"Found \d+ module\(s\) in eval mode"):
