@@ -97,13 +97,17 @@ time.sleep(600)
 
 @pytest.mark.parametrize("sig, mode", [(signal.SIGTERM, "stops"), (signal.SIGINT, "stops"),
                                        (signal.SIGTERM, "hangs")])
-def test_a_signal_to_the_sweep_is_forwarded_to_the_childs_process_group(tmp_path, monkeypatch, sig, mode):
+def test_a_signal_to_the_sweep_is_forwarded_to_the_childs_process_group(tmp_path, monkeypatch, request, sig, mode):
     """The child gets SIGINT (it stops, 130), its 'rank' that outlives it is killed after LEFTOVER_RANK_TIMEOUT; a
     child that ignores the SIGINT is killed after CHILD_STOP_TIMEOUT. _run_child returns only when every process of
     the group is gone, and restores this process's signal handlers."""
     monkeypatch.setattr(sweep, "CHILD_STOP_TIMEOUT", 2.0)
     monkeypatch.setattr(sweep, "LEFTOVER_RANK_TIMEOUT", 1.0)
     ready = tmp_path / "ready"
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # pytest run as a shell's background job (`cmd &`): the
+        # sweep keeps an ignored SIGINT ignored (by design), so this test's own SIGINT would never arrive
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
 
     def send():
