@@ -105,7 +105,9 @@ def test_run_seed_changes_the_attack_but_not_the_users(tmp_path):
     u = Path("users/user_0000")
     assert (a / u / "batch.png").read_bytes() == (b / u / "batch.png").read_bytes()  # the same client
     ra, rb, rc = (torch.load(d / u / "raw.pt") for d in (a, b, c))
-    assert not torch.equal(ra, rb) and torch.equal(rb, rc)  # another attack, reproducibly
+    # another attack, reproducibly (to float rounding: CI runs torch with 2 threads, whose CPU reductions in the double
+    # backward may round differently from run to run; bit-equal with OMP_NUM_THREADS=1)
+    assert (ra - rb).abs().max() > 1e-2 and torch.allclose(rb, rc, atol=1e-4, rtol=0)
 
 
 def test_fedavg_target_with_hidden_batch_size_uses_only_what_the_server_knows():

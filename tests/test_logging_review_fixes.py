@@ -177,12 +177,13 @@ def test_an_unknown_wandb_mode_fails_before_any_run_dir(tmp_path):
 
 
 @needs_fmnist
-def test_an_online_run_without_a_wandb_key_fails_before_any_run_dir(tmp_path, monkeypatch):
+def test_an_online_run_without_a_wandb_key_fails_before_any_run_dir(tmp_path, monkeypatch, request):
     """An online run with no API key failed at wandb.init with a UsageError traceback, after the models loaded and
     the run directory (summary.json 'failed') was made; a key (WANDB_API_KEY, not checked online) lets it pass."""
     import wandb
 
     wandb.teardown()  # an offline W&B set up by an earlier test in this process makes login skip the key lookup
+    request.addfinalizer(wandb.teardown)  # and this test's login (a fake key) must not reach later tests' wandb.init
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc
     monkeypatch.setenv("NETRC", str(tmp_path / "home" / ".netrc"))
