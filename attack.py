@@ -1306,14 +1306,6 @@ def check_model_fingerprints(run_dir: Path, now: dict[str, str]) -> None:
                           "directory, or put the original files back")
 
 
-def finished_status(run_dir: Path) -> bool:
-    """Whether ``run_dir/summary.json`` says the run finished (False when missing or unreadable)."""
-    try:
-        return json.loads((run_dir / "summary.json").read_text()).get("status") == "finished"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def resume_command(run_dir: Path) -> str:
     """The shell command that continues ``run_dir`` (printed on Ctrl-C and on a diverged or failed run): attack.py
     by its path from the current directory (``attack.py`` in the repository root, its absolute path elsewhere),
@@ -1661,11 +1653,10 @@ def _run(cfg: Namespace, locks: contextlib.ExitStack) -> Path:
     # 2. the run directory (rank 0 makes it; the others get its path)
     if not cfg.resume:
         run_dir = new_run_dir(init.output.root, init.output.name) if rank == 0 else None
-        if rank == 0:
-            lock_run_dir(locks, run_dir)  # a new directory: taken before its config.yaml makes it resumable
         if fabric:
             run_dir = Path(fabric.broadcast(str(run_dir) if run_dir else None, src=0))
         if rank == 0:
+            lock_run_dir(locks, run_dir)  # a new directory: taken before its config.yaml makes it resumable
             atomic_write_text(run_dir / "config.yaml", dump_config(parser, cfg))
             atomic_write_text(run_dir / ATTACK_SEED_FILE, f"{attack_kwargs['seed']}\n")
             atomic_write_text(run_dir / DEFENSE_SEEDS_FILE, DEFENSE_SEEDS_SCHEME + "\n")
@@ -1681,9 +1672,12 @@ def _run(cfg: Namespace, locks: contextlib.ExitStack) -> Path:
     shard = [(i, u) for i, u in enumerate(users) if i % world == rank]
     chunks = user_chunks(shard, per_step, done)
     resume_hint = resume_command(run_dir)
-    if cfg.resume and world == 1 and not chunks and len(done) == len(users) and finished_status(run_dir):
-        print(f"[attack] {run_dir} is finished ({len(users)} users); nothing to resume", flush=True)
-        return run_dir  # no logger: an offline W&B run of nothing was started and recorded otherwise
+    if cfg.resume and world == 1 and not chunks and len(done) == len(users):
+        from inversion.report import run_status  # summary.json's status (imported only here: it loads pandas)
+
+        if run_status(run_dir) == "finished":
+            print(f"[attack] {run_dir} is finished ({len(users)} users); nothing to resume", flush=True)
+            return run_dir  # no logger: an offline W&B run of nothing was started and recorded otherwise
     try:  # from here on summary.json says how the run ended, even for a Ctrl-C while W&B starts
         logger = make_logger(cfg, run_dir, config_dict) if rank == 0 else None
         if rank == 0:
