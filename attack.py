@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import json
 import math
@@ -1599,21 +1600,39 @@ LAUNCHER_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLU
                            "OMPI_COMM_WORLD_LOCAL_RANK", "PMI_RANK")
 
 
-def lock_run_dir(locks: contextlib.ExitStack, run_dir: Path) -> None:
+def lock_run_dir(locks: contextlib.ExitStack, run_dir: Path) -> bool:
     """Take ``run_dir/attack.lock`` (flock, :func:`inversion.fsutils.exclusive_lock`) until ``locks`` closes, in the
     first process only: a multi-process run's other processes share it (any launcher rank variable set and not 0:
     :data:`LAUNCHER_RANK_VARIABLES`, torchrun's, Lightning's, SLURM's, LSF's, MPI's).
 
+    Returns:
+        False when ``run_dir`` cannot be written (read-only: permissions or filesystem) and its summary.json says
+        "finished": no lock is needed to read it; the caller must then refuse any work that would write there.
+        True otherwise.
+
     Raises:
-        ConfigError: another process holds it (a run or a --resume of this directory still going), naming it."""
+        ConfigError: another process holds it (a run or a --resume of this directory still going), naming it; or
+        ``run_dir`` is read-only and the run is not finished (a resume writes results there)."""
     if any(os.environ.get(k, "0").strip() not in ("", "0") for k in LAUNCHER_RANK_VARIABLES):
-        return
+        return True
 
     def busy(who: str) -> ConfigError:
         return ConfigError(f"{run_dir} is in use by another attack.py ({who}): wait for it to end (or stop it), then "
                            "resume; two processes on one run directory attack the same users and write the same files")
 
-    locks.enter_context(exclusive_lock(run_dir / RUN_LOCK_FILE, busy))
+    try:
+        locks.enter_context(exclusive_lock(run_dir / RUN_LOCK_FILE, busy))
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        from inversion.report import run_status  # imported only here: it loads pandas
+
+        if run_status(run_dir) == "finished":
+            return False
+        raise ConfigError(f"--resume {run_dir}: the directory is not writable ({exc.strerror}), and a resume writes "
+                          "its results there: make it writable, or copy it somewhere writable and resume the copy") \
+            from None
+    return True
 
 
 def _run(cfg: Namespace, locks: contextlib.ExitStack) -> Path:
@@ -1627,9 +1646,11 @@ def _run(cfg: Namespace, locks: contextlib.ExitStack) -> Path:
     check_devices(dict(cfg.trainer))
     parser = build_parser()
     resume_rows: list[dict] = []
+    writable = True
     if cfg.resume:
         run_dir, resume_rows = open_resume_dir(parser, cfg)
-        lock_run_dir(locks, run_dir)  # before anything is loaded: a resume of a directory in use stops here
+        # before anything is loaded: a resume of a directory in use stops here
+        writable = lock_run_dir(locks, run_dir)
     init, source, victim, attack_cls, attack_kwargs, prior, evaluator = prepare(parser, cfg)
     steps = attack_kwargs.get("steps")
     if cfg.checkpoint_every and isinstance(steps, int) and cfg.checkpoint_every > steps:
@@ -1678,6 +1699,10 @@ def _run(cfg: Namespace, locks: contextlib.ExitStack) -> Path:
         if run_status(run_dir) == "finished":
             print(f"[attack] {run_dir} is finished ({len(users)} users); nothing to resume", flush=True)
             return run_dir  # no logger: an offline W&B run of nothing was started and recorded otherwise
+    if cfg.resume and not writable:  # finished, yet users left (a multi-process resume skips the check above)
+        raise ConfigError(f"--resume {run_dir}: the directory is not writable, and this resume has users left to "
+                          f"attack ({len(users) - len(done)} of {len(users)}): copy it somewhere writable and resume "
+                          "the copy")
     try:  # from here on summary.json says how the run ended, even for a Ctrl-C while W&B starts
         logger = make_logger(cfg, run_dir, config_dict) if rank == 0 else None
         if rank == 0:

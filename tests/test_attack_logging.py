@@ -419,3 +419,26 @@ def test_the_run_lock_is_taken_by_the_first_process_only(tmp_path, monkeypatch, 
         monkeypatch.setenv(variable, "0")
         with pytest.raises(attack.ConfigError, match="in use by another attack.py"):
             attack.lock_run_dir(locks, tmp_path)
+
+
+def test_a_resume_in_a_read_only_run_directory(tmp_path, monkeypatch, capsys):
+    """`--resume D` of a finished run in a read-only D failed with a PermissionError traceback (from creating
+    attack.lock); now it says "nothing to resume". An unfinished one gets one line saying D is not writable."""
+    import errno
+
+    cfg = tiny_config(tmp_path, **{"logger.backend": "none", "image_log_every": 0, "users.init_args.num_users": 1})
+    run_dir = attack.main(["--config", str(cfg)])
+    capsys.readouterr()
+
+    def read_only(path, busy):  # as open(path, "a+") in a read-only directory (chmod does not stop root)
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(attack, "exclusive_lock", read_only)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert attack.main(["--resume", str(run_dir)]) == run_dir
+    assert "is finished (1 users); nothing to resume" in capsys.readouterr().out
+    (run_dir / "summary.json").unlink()  # as if it had been stopped
+    with pytest.raises(attack.ConfigError, match=rf"--resume {run_dir}: the directory is not writable \(Permission"):
+        attack.main(["--resume", str(run_dir)])
+    before.pop(run_dir / "summary.json")
+    assert before == {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
