@@ -17,7 +17,7 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
-from inversion.fsutils import publish_dir
+from inversion.fsutils import fsync_dir, fsync_tree, publish_dir
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -27,11 +27,14 @@ def atomic_replace_dir(tmp_dir: Path, target: Path) -> None:
 
     Two renames on the same file system: a reader sees the old folder or the new one complete, never a half-written
     one, but between the renames ``target`` is briefly absent (POSIX has no atomic swap of non-empty folders). If
-    the second rename fails, the old folder is put back before the error propagates.
+    the second rename fails, the old folder is put back before the error propagates. ``tmp_dir``'s files are
+    fsynced before the renames and the parent folder after them (:func:`inversion.fsutils.fsync_tree`, best
+    effort), so a power loss cannot leave ``target`` with empty or truncated weights.
 
     Raises:
         OSError: a rename failed (``target`` is then as it was).
     """
+    fsync_tree(tmp_dir)
     old = None
     if target.exists():
         old = target.with_name(target.name + f".old-{int(time.time() * 1000)}")
@@ -42,6 +45,7 @@ def atomic_replace_dir(tmp_dir: Path, target: Path) -> None:
         if old is not None and not target.exists():
             old.rename(target)
         raise
+    fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

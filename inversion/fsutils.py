@@ -58,6 +58,25 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(path: str | Path) -> None:
+    """fsync every file under the folder ``path`` (recursively), then each folder bottom-up, so that a folder about
+    to be renamed into place holds its whole contents on disk even after a power loss. Best effort as
+    :func:`fsync_dir` (a file that cannot be opened or fsynced is skipped); symbolic links are not followed."""
+    for root, dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            try:
+                fd = os.open(os.path.join(root, name), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            except OSError:
+                continue
+            try:
+                os.fsync(fd)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        fsync_dir(root)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename: readers see the
     old file or the whole new one, never a part. The temporary file is flushed and fsynced before the rename (a

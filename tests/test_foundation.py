@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -299,6 +300,32 @@ def test_atomic_replace_dir_swaps_and_restores_the_old_folder_on_failure(tmp_pat
         atomic_replace_dir(newer, target)  # does not exist: its rename raises FileNotFoundError
     assert (target / "v").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddpm"]
+
+
+def test_atomic_replace_dir_fsyncs_the_new_files_before_the_rename(tmp_path, monkeypatch):
+    """save_pretrained's files were renamed into place without an fsync: safe against a process crash, but a power
+    loss could leave the export folder with empty weights. Every file and folder of the new export is fsynced before
+    the rename, the parent folder after it."""
+    from callbacks.export import atomic_replace_dir
+
+    target, new = tmp_path / "ddpm", tmp_path / ".ddpm.tmp"
+    (new / "unet").mkdir(parents=True)
+    (new / "unet" / "w.safetensors").write_bytes(b"w" * 100)
+    (new / "model_index.json").write_text("{}")
+    inodes = {p.stat().st_ino: p.name for p in (new, new / "unet", new / "unet" / "w.safetensors",
+                                                 new / "model_index.json")}
+    synced, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        synced.append((os.fstat(fd).st_ino, target.exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    atomic_replace_dir(new, target)
+    before_rename = {ino for ino, moved in synced if not moved}
+    assert set(inodes) <= before_rename, [inodes[i] for i in set(inodes) - before_rename]
+    assert (tmp_path.stat().st_ino, True) in synced  # the parent, after the rename
+    assert (target / "unet" / "w.safetensors").read_bytes() == b"w" * 100
 
 
 def test_attack_users_need_only_the_test_split(tmp_path, monkeypatch):
