@@ -60,7 +60,7 @@ from inversion.defenses import STRENGTH_KEYS  # noqa: E402
 from inversion.numbers import float32_step_size  # noqa: E402
 from inversion.fedavg import ClientDivergedError  # noqa: E402
 from inversion.scenario import TargetGradientError  # noqa: E402
-from inversion.fsutils import atomic_write_bytes, check_run_name, exclusive_lock, find_input_path, new_run_dir  # noqa: E402,F401  (new_run_dir, atomic_write_bytes: scripts use them from attack)
+from inversion.fsutils import atomic_write_bytes, check_run_name, exclusive_lock, find_input_path, new_run_dir, run_status  # noqa: E402,F401  (new_run_dir, atomic_write_bytes: scripts use them from attack)
 
 
 # ------------------------------------------------------------------------------------------------ config groups
@@ -1625,8 +1625,6 @@ def lock_run_dir(locks: contextlib.ExitStack, run_dir: Path) -> bool:
     except OSError as exc:
         if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
-        from inversion.report import run_status  # imported only here: it loads pandas
-
         if run_status(run_dir) == "finished":
             return False
         raise ConfigError(f"--resume {run_dir}: the directory is not writable ({exc.strerror}), and a resume writes "
@@ -1694,8 +1692,6 @@ def _run(cfg: Namespace, locks: contextlib.ExitStack) -> Path:
     chunks = user_chunks(shard, per_step, done)
     resume_hint = resume_command(run_dir)
     if cfg.resume and world == 1 and not chunks and len(done) == len(users):
-        from inversion.report import run_status  # summary.json's status (imported only here: it loads pandas)
-
         if run_status(run_dir) == "finished":
             print(f"[attack] {run_dir} is finished ({len(users)} users); nothing to resume", flush=True)
             return run_dir  # no logger: an offline W&B run of nothing was started and recorded otherwise

@@ -103,7 +103,7 @@ if str(ROOT) not in sys.path:
 
 os.environ.setdefault("WANDB_MODE", "offline")
 
-from inversion.fsutils import atomic_write_bytes, exclusive_lock  # noqa: E402
+from inversion.fsutils import atomic_write_bytes, exclusive_lock, run_status  # noqa: E402
 
 CONFIG_KEYS = ("attack", "configs")  # grid keys whose values are config files layered over base
 MANAGED_KEYS = ("output.root", "output.name", "logger.group", "config", "resume")
@@ -578,16 +578,6 @@ def _condense(msg: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ sweep directory
-def _run_status(run_dir: Optional[str | Path]) -> Optional[str]:
-    if not run_dir:
-        return None
-    p = Path(run_dir) / "summary.json"
-    try:
-        return json.loads(p.read_text()).get("status")
-    except (OSError, ValueError):
-        return None
-
-
 def _free_dir(p: Path) -> Path:
     for i in range(1, 10000):
         cand = p.with_name(f"{p.name}-{i}")
@@ -710,13 +700,13 @@ def find_finished_run(cells_root: Path, slug: str, recorded: Optional[str]) -> O
     (a cell that finished just before a crash, before the index was written). A recorded run dir outside
     ``cells_root`` is not this sweep's (the index of a copied or moved sweep directory still names the original's
     run dirs): it is ignored and ``cells_root`` scanned instead."""
-    if recorded and _inside(cells_root, recorded) and _run_status(recorded) == "finished":
+    if recorded and _inside(cells_root, recorded) and run_status(recorded) == "finished":
         return Path(recorded)
     if not cells_root.is_dir():
         return None
     pat = re.compile(re.escape(slug) + RUN_DIR_RE)
     for d in sorted((d for d in cells_root.iterdir() if pat.match(d.name)), key=lambda d: d.name, reverse=True):
-        if _run_status(d) == "finished":
+        if run_status(d) == "finished":
             return d
     return None
 
@@ -883,12 +873,12 @@ def plan_cell(sweep: Sweep, cell: Cell, cells_root: Path, recorded: Optional[str
         if stale is None:
             return CellPlan("skip", done)
     last = latest_run(cells_root, cell.slug)
-    if done is not None and (last is None or _run_status(last) == "finished"):
+    if done is not None and (last is None or run_status(last) == "finished"):
         return CellPlan("new", done, f"{done.name} finished, but {stale}; running the cell again in a new run "
                                      f"directory (the old one is kept)")
     if last is None:
         return CellPlan("new")
-    status = _run_status(last)
+    status = run_status(last)
     was = _status_text(status)
     if fresh:
         return CellPlan("new", last, f"--fresh: {last.name} ({was}) is kept, starting in a new run directory")
@@ -1235,7 +1225,7 @@ def _run_cells(sweep: Sweep, sweep_dir: Path, *, max_cells: Optional[int], repor
                 else:
                     made_dir = runner(argv)
                 run_dir = Path(made_dir) if made_dir is not None else None  # None: a child process ran it (found below)
-                status = (_run_status(run_dir) if run_dir is not None else None) or "finished"
+                status = (run_status(run_dir) if run_dir is not None else None) or "finished"
             except KeyboardInterrupt:
                 status, interrupted = "interrupted", True
             except SystemExit as exc:
@@ -1249,12 +1239,12 @@ def _run_cells(sweep: Sweep, sweep_dir: Path, *, max_cells: Optional[int], repor
                 if resume is not None:
                     run_dir = resume
                     if _file_signature(resume / "summary.json") != summary_before:  # not the last attempt's summary
-                        status = _run_status(run_dir) or status
+                        status = run_status(run_dir) or status
                 else:
                     made = _new_run_dirs(cells_root, cell.slug, before)
                     run_dir = made[-1] if made else None
                     if run_dir is not None:
-                        status = _run_status(run_dir) or status  # e.g. 'diverged: ...' / 'interrupted' (summary.json)
+                        status = run_status(run_dir) or status  # e.g. 'diverged: ...' / 'interrupted' (summary.json)
             entry.update(status=status, run_dir=str(run_dir) if run_dir else None, seconds=round(time.time() - t0, 1),
                          finished=time.strftime("%Y-%m-%d %H:%M:%S"))
             save()
@@ -1270,7 +1260,7 @@ def _run_cells(sweep: Sweep, sweep_dir: Path, *, max_cells: Optional[int], repor
             entry["status"] = "interrupted"
 
     finished = [e["run_dir"] for e in entries.values() if e.get("run_dir") and e.get("status") == "finished"
-                and _inside(cells_root, e["run_dir"]) and _run_status(e["run_dir"]) == "finished"]
+                and _inside(cells_root, e["run_dir"]) and run_status(e["run_dir"]) == "finished"]
     n_fin = sum(1 for c in sweep.cells if entries.get(c.slug, {}).get("status") == "finished")
     print(f"[sweep] {n_fin}/{n} cells finished", flush=True)
     if interrupted:

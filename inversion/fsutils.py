@@ -14,7 +14,7 @@ import secrets
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 
 def current_umask() -> int:
@@ -251,3 +251,19 @@ def exclusive_lock(path: str | Path, busy: Callable[[str], Exception]) -> Iterat
         yield
     finally:
         fh.close()
+
+
+def run_status(run_dir: "str | Path | None") -> Optional[str]:
+    """``status`` of attack.py's ``run_dir/summary.json`` ('finished', 'interrupted', 'diverged: ...',
+    'failed: ...'); None when ``run_dir`` is None or empty, or there is no summary.json (a run still going, or
+    stopped too hard to write it), or it cannot be read or is not a JSON object with a status. The one reader of a
+    run's status for attack.py, sweep.py, scripts/refinish.py and inversion.report."""
+    import json
+
+    if not run_dir:
+        return None
+    try:
+        status = json.loads((Path(run_dir) / "summary.json").read_text()).get("status")
+    except Exception:  # noqa: BLE001 - no readable summary: unknown
+        return None
+    return None if status is None else str(status)

@@ -91,7 +91,7 @@ import pandas as pd
 
 from inversion.defenses import STRENGTH_KEYS
 from inversion.cli import mark_raised_during_work
-from inversion.fsutils import atomic_write_bytes, find_input_path, publish_dir
+from inversion.fsutils import atomic_write_bytes, find_input_path, publish_dir, run_status  # noqa: F401 (run_status: callers import it from here too)
 
 __all__ = ["GROUP_KEYS", "DuplicateUserError", "aggregate", "aggregate_privacy", "build_report", "changed_count",
            "count_cell", "drop_duplicate_users", "group_keys", "load_runs", "main", "mean_std_cell", "measurement_of",
@@ -359,18 +359,6 @@ def measurement_of(run_dir: Path) -> Optional[str]:
     if not _identity_known(entries, parsed):
         return None
     return _hash(_without(entries, LOCATION_CONFIG_KEYS), "meas-")
-
-
-def run_status(run_dir: Path) -> Optional[str]:
-    """``status`` of the run's summary.json ('finished', 'interrupted', 'diverged: ...', 'failed: ...'); None when
-    there is none (a run still going, or stopped too hard to write it) or it cannot be read."""
-    import json
-
-    try:
-        status = json.loads((Path(run_dir) / "summary.json").read_text()).get("status")
-    except Exception:  # noqa: BLE001 - no summary: unknown
-        return None
-    return None if status is None else str(status)
 
 
 def _run_age(run_dir: Path) -> tuple:

@@ -71,6 +71,7 @@ import torch  # noqa: E402
 
 import attack as attack_main  # noqa: E402
 from attack import ConfigError  # noqa: E402
+from inversion.fsutils import run_status  # noqa: E402
 
 #: attack.init_args keys a refinish may change: the final stage only.
 FINAL_STAGE_KEYS = ("final_denoise", "final_candidates", "t_final", "selection_output_weight", "denoise_method",
@@ -172,15 +173,6 @@ def check_models(run_dir: Path, now: dict[str, str]) -> bool:
     return True
 
 
-def source_run_status(run_dir: Path) -> str:
-    """The status ``run_dir``'s summary.json records ('finished', 'interrupted', 'diverged at ...', ...), or
-    'unknown (no readable summary.json)'."""
-    try:
-        return str(json.loads((run_dir / "summary.json").read_text()).get("status", "unknown (no status)"))
-    except (OSError, ValueError, AttributeError):
-        return "unknown (no readable summary.json)"
-
-
 def refinish(run_dir: Path, overrides: list[str]) -> Path:
     """Refinish ``run_dir`` with the config overrides ``overrides`` (attack.py argument syntax); returns the new
     run directory. See the module docstring. Before any output the model files are checked against the run's
@@ -210,7 +202,7 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
     rows_in = list(csv.DictReader((run_dir / "results.csv").open()))
     if not rows_in:
         raise ConfigError(f"{run_dir}: results.csv has no finished user")
-    source_status = source_run_status(run_dir)
+    source_status = run_status(run_dir) or "unknown (no readable summary.json)"
 
     init, source, victim, attack_cls, attack_kwargs, prior, evaluator = attack_main.prepare(parser, cfg)
     fingerprints = attack_main.model_fingerprints(init, prior is not None)  # as attack.run records them

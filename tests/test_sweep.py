@@ -868,3 +868,24 @@ def test_attack_overrides_on_sweep_py_say_it_takes_none(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "unrecognized arguments: --attack.init_args.steps 2. sweep.py takes no attack overrides: copy" in err
+
+
+def test_a_summary_json_that_is_not_an_object_reads_as_no_status(tmp_path, tiny_base, capsys):
+    """sweep.py read summary.json with its own reader, which raised AttributeError on a JSON array or string
+    (``.get`` of a list), stopping the whole sweep; the shared reader (inversion.fsutils.run_status, also used by
+    attack.py, refinish and the report) reads it as no status: the cell is resumed like one stopped hard."""
+    from inversion.fsutils import run_status
+
+    assert run_status(None) is None and run_status(tmp_path) is None
+    (tmp_path / "summary.json").write_text('{"status": "finished"}')
+    assert run_status(tmp_path) == "finished" and run_status(str(tmp_path)) == "finished"
+    cfg = write_sweep(tmp_path / "s.yaml", tiny_base, {"seed": [0]})
+    s = sweep.load_sweep(cfg)
+    idx = sweep.run_sweep(s, runner=_config_runner([]), report=False)
+    run_dir = Path(idx["cells"]["seed=0"]["run_dir"])
+    for text in ("[]", '"finished"', "[1, 2"):
+        (run_dir / "summary.json").write_text(text)
+        assert run_status(run_dir) is None
+        capsys.readouterr()
+        sweep.dry_run(s, new=False)
+        assert f"seed=0: resume {run_dir} (was no summary.json: stopped hard)" in capsys.readouterr().out
