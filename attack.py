@@ -572,8 +572,9 @@ def _canonical_defense_params(d: dict) -> list[tuple[str, str]]:
 
 
 def defense_label(defenses: list[dict]) -> tuple[str, float]:
-    """A readable label of the configured defenses ('none' when off) and the strength of the first one (its sigma,
-    keep fraction, levels or clip norm; NaN when none) for privacy curves.
+    """A readable label of the configured defenses ('none' when off) and the strength of the first one that has
+    one (its sigma, keep fraction, levels or clip norm, :data:`inversion.defenses.STRENGTH_KEYS` in that order; NaN
+    when none has: sign compression alone) for privacy curves.
 
     The label is canonical (:func:`_canonical_defense_params`): the same defense written two ways in YAML
     (``clip_norm: 1`` / ``1.0``, keys in another order, a default spelled out) gets one label, so the report draws

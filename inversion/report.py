@@ -56,7 +56,7 @@ Notes in summary.md). When more than one defense (or strength) is present, also:
   summary.csv), ``label_accuracy`` and avg/std/n of ``psnr_nearest`` and ``lpips_nearest`` (when present);
 * ``privacy_curve.png``: attack success (evaluator accuracy with its Wilson interval as error bars; LPIPS nearest and
   PSNR nearest when measured) against
-  the defense strength (the first defense's sigma / keep fraction / levels / clip norm, see attack.defense_label),
+  the defense strength (the sigma / keep fraction / levels / clip norm of the first defense that has one, see attack.defense_label),
   one line per method (and per defense kind, per B, protocol, victim_init, final_stage when several). The x axis is logarithmic when the positive
   strengths span more than 10x. ``none`` (no defense) is drawn as a hollow square at the left end of each line with
   the tick label ``none`` (at x = 0 on a linear axis; one decade left of the smallest strength on a log axis, since
@@ -831,8 +831,11 @@ def newest_run(roots: Sequence[str | Path], name: str) -> Optional[Path]:
     """The newest run directory of ``output.name`` ``name`` directly under any of ``roots``.
 
     attack.py names run folders ``NAME-YYYYmmdd-HHMMSS-hex`` (:data:`RUN_DIR_SUFFIX`); the newest is the one with
-    the latest timestamp in its name (ties: folder name order). Only folders holding ``results.csv`` count; a folder
-    whose name merely starts with ``name`` (``B10_ig_u0`` for ``B10_ig``) does not match. Missing roots are skipped.
+    the latest timestamp in its name. Copies of one run under two roots (the same folder name: e.g. a partial run
+    kept in git beside the copy that goes on) are told apart by finished before not, then more users in
+    ``results.csv``, then the later ``results.csv`` modification time, never by the order of ``roots``. Only
+    folders holding ``results.csv`` count; a folder whose name merely starts with ``name`` (``B10_ig_u0`` for
+    ``B10_ig``) does not match. Missing roots are skipped.
 
     Returns:
         The folder, or None when no run of that name exists.
@@ -842,7 +845,14 @@ def newest_run(roots: Sequence[str | Path], name: str) -> Optional[Path]:
     pattern = re.compile(re.escape(name) + RUN_DIR_SUFFIX)
     found = [d for r in roots if Path(r).is_dir() for d in Path(r).iterdir()
              if pattern.fullmatch(d.name) and (d / "results.csv").is_file()]
-    return max(found, key=lambda d: (d.name[len(name):], d.name)) if found else None
+
+    def age(d: Path) -> tuple:
+        csv = d / "results.csv"
+        with open(csv, "rb") as fh:
+            rows = sum(1 for _ in fh)
+        return d.name[len(name):], run_status(d) == "finished", rows, csv.stat().st_mtime
+
+    return max(found, key=age) if found else None
 
 
 def pool_users(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
@@ -854,9 +864,17 @@ def pool_users(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
     Raises:
         DuplicateUserError: a user appears twice (in two runs, or twice in one), since which row to keep would be a
             guess: pass each user's run once (see :func:`newest_run` for picking the latest of reruns).
-        FileNotFoundError, ValueError: as :func:`load_runs`.
+        ValueError: the runs' users come from different user sources (:func:`user_source_of`: another batch size,
+            data, users seed...), so one user id would name two different batches; as :func:`load_runs`.
+        FileNotFoundError: as :func:`load_runs`.
     """
     df = load_runs(run_dirs)
+    sources = df.assign(source=_user_source_column(df)).dropna(subset=["source"]).groupby("source")["run"].unique()
+    if len(sources) > 1:
+        raise ValueError("the pooled runs attack users of different sources (another batch size, data or users seed; "
+                         "user ids then name different batches): "
+                         + "; ".join(f"{s}: {', '.join(runs)}" for s, runs in sources.items())
+                         + ". Pool runs of one user configuration that differ only in the user range.")
     dup = df[df["user"].duplicated(keep=False)]
     if len(dup):
         where = dup.groupby("user")["run"].apply(lambda r: ", ".join(r)).head(5)
@@ -899,11 +917,31 @@ def mean_std_cell(values: Optional[pd.Series], fmt: str = ".3g") -> str:
     return f"{v.mean():{fmt}}" + (f" ± {v.std(ddof=1):.2g}" if len(v) > 1 else "")
 
 
+def _user_source_column(df: pd.DataFrame) -> pd.Series:
+    """Each row's user source (:func:`user_source_of`, the part of ``user_key`` before the user id); NaN where the
+    config did not say (then ``user_key`` holds the run folder instead) or ``df`` has no ``user_key``."""
+    if "user_key" not in df:
+        return pd.Series(np.nan, index=df.index, dtype=object)
+    key = df["user_key"].astype(str)
+    source = key.str.rsplit("|", n=1).str[0]
+    return source.where(key.str.startswith("users-"))
+
+
 def _shared_users(a: pd.DataFrame, b: pd.DataFrame, column: str, caller: str, convert=lambda c: c) -> pd.DataFrame:
-    """Columns ``a``, ``b``: ``column`` of both per-user frames (``convert`` applied) on the users both measured."""
+    """Columns ``a``, ``b``: ``column`` of both per-user frames (``convert`` applied) on the users both measured.
+
+    Raises:
+        KeyError: ``column`` missing from either frame.
+        ValueError: ``a`` and ``b`` come from different user sources (:func:`user_source_of`): their user ids name
+            different batches (e.g. user 3 at B = 50 and at B = 100), so no user is shared."""
     for name, d in (("a", a), ("b", b)):
         if column not in d:
             raise KeyError(f"{caller}: column {column!r} not in {name} (has {list(d.columns)[:8]}...)")
+    sa, sb = (set(_user_source_column(d).dropna()) for d in (a, b))
+    if sa and sb and sa != sb:
+        raise ValueError(f"{caller}: a and b attack users of different sources ({sorted(sa)} vs {sorted(sb)}: another "
+                         "batch size, data or users seed), so their user ids name different batches; compare runs of "
+                         "one user configuration")
     ca, cb = convert(a[column]).rename("a"), convert(b[column]).rename("b")
     if ca.index.dtype != cb.index.dtype:  # ids loaded separately: integers in one, strings in the other
         ca, cb = ca.set_axis(ca.index.astype(str)), cb.set_axis(cb.index.astype(str))
@@ -919,6 +957,7 @@ def paired_counts(a: pd.DataFrame, b: pd.DataFrame, column: str = "evaluator_cor
 
     Raises:
         KeyError: ``column`` missing from either frame.
+        ValueError: the frames' users come from different user sources (see :func:`_shared_users`).
     """
     joined = _shared_users(a, b, column, "paired_counts", _to_number)
     x, y = joined["a"] != 0, joined["b"] != 0
@@ -932,6 +971,7 @@ def changed_count(a: pd.DataFrame, b: pd.DataFrame, column: str = "evaluator_cla
 
     Raises:
         KeyError: ``column`` missing from either frame.
+        ValueError: the frames' users come from different user sources (see :func:`_shared_users`).
     """
     joined = _shared_users(a, b, column, "changed_count")
     return int((joined["a"] != joined["b"]).sum()), int(len(joined))
@@ -1331,7 +1371,7 @@ def write_markdown(path: Path, df: pd.DataFrame, summary: pd.DataFrame, run_dirs
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     if privacy is not None:
         lines += ["## Privacy (per method, B, defense, defense_strength; pooled over runs)", "",
-                  "`defense_strength` is the first defense's sigma / keep fraction / levels / clip norm; `-` = none. "
+                  "`defense_strength` is the sigma / keep fraction / levels / clip norm of the first defense that has one; `-` = none. "
                   "In privacy_curve.png 'none' is the hollow square at the left.", "",
                   _markdown_table(privacy, df), ""]
     lines += ["## Figures", ""]

@@ -209,7 +209,7 @@ def audit(cfg) -> Path:
             obj_class = int(best_per_class.argmin())
             rank = int((best_per_class < best_per_class[dominant]).sum()) + 1
             rows.append({
-                "user": i, "B": user.batch_size, "mode": mode, "output_weight": mu, "dominant_class": dominant,
+                "user": user.user_id, "B": user.batch_size, "mode": mode, "output_weight": mu, "dominant_class": dominant,
                 "inferred_label": int(att.labels.dominant), "objective_class": obj_class,
                 "objective_correct": int(obj_class == dominant), "dominant_rank": rank,
                 "best_score": round(float(best_per_class.min()), 5),

@@ -80,11 +80,13 @@ def test_layer_distances_vanish_at_a_one_image_users_own_image():
 @pytest.mark.skipif(not HAVE_FMNIST, reason="needs `apt-get install dataset-fashion-mnist`")
 def test_audit_scores_the_users_own_image_as_perfect_and_summarises_the_table(tmp_path):
     audit = load_audit()
-    cfg = tiny_config(tmp_path, **{"users.init_args.batch_size": 1, "attack.init_args.label_strategy": "idlg"})
+    cfg = tiny_config(tmp_path, **{"users.init_args.batch_size": 1, "attack.init_args.label_strategy": "idlg",
+                                   "users.init_args.first_user": 5})
     run_dir = audit.main(["--config", str(cfg), "--audit.per_class", "2", "--audit.output_weights", "[0, 1]",
                           "--audit.progress", "[0.0, 1.0]"])
     rows = list(csv.DictReader((run_dir / "audit.csv").open()))
     assert len(rows) == 2 * 3 * 2  # users x (uniform, window@0, window@1) x mu
+    assert {r["user"] for r in rows} == {"5", "6"}  # the users' ids, as results.csv has them (was 0, 1)
     assert {(r["mode"], r["output_weight"]) for r in rows} == {
         (m, w) for m in ("uniform", "window@0", "window@1") for w in ("0.0", "1.0")}
     for r in rows:

@@ -316,3 +316,73 @@ def test_label_hits_count_a_tied_top_class_and_leave_unmeasured_rows_out():
     assert report.label_hits(df).tolist()[:2] == [1.0, 1.0] and np.isnan(report.label_hits(df).iloc[2])
     assert report.count_cell(report.label_hits(df)) == "2/2"
     assert report.aggregate(df.assign(method="m", B=10, user=[0, 1, 2]), keys=["method", "B"]).loc[0, "label_accuracy"] == 1.0
+
+
+def test_pooling_and_pairing_refuse_users_of_different_sources(tmp_path, base_config):
+    """pool_users and paired_counts matched users by bare id: user 3 at B = 50 and user 3 at B = 100 (different
+    batches) were pooled or paired as one user. Halves that differ only in the user range still pool."""
+    b50 = _edit(base_config, users__init_args__batch_size=50, output__name="b50")
+    b50_u10 = _edit(b50, users__init_args__first_user=10)
+    b100 = _edit(base_config, users__init_args__batch_size=100, output__name="b100")
+    r50 = _run(tmp_path, b50, "20260101-000000", {0: 10.0, 1: 11.0})
+    r50b = _run(tmp_path, b50_u10, "20260101-000001", {10: 12.0})
+    r100 = _run(tmp_path, b100, "20260101-000000", {0: 9.0, 1: 8.0})
+    r100b = _run(tmp_path, _edit(b100, users__init_args__first_user=20), "20260101-000001", {20: 9.0})
+    assert list(report.pool_users([r50, r50b]).index) == [0, 1, 10]
+    with pytest.raises(ValueError, match="attack users of different sources .*b50-20260101-000000-000000.*"
+                                         "Pool runs of one user configuration"):
+        report.pool_users([r50, r100b])  # disjoint ids: this pooled B = 50 and B = 100 users into one row
+    with pytest.raises(ValueError, match="paired_counts: a and b attack users of different sources"):
+        report.paired_counts(report.pool_users([r50]), report.pool_users([r100]))
+    with pytest.raises(ValueError, match="changed_count: a and b attack users of different sources"):
+        report.changed_count(report.pool_users([r50]), report.pool_users([r100]), "psnr_nearest")
+    assert report.paired_counts(report.pool_users([r50]), report.pool_users([r50, r50b]))["n"] == 2
+
+
+def test_newest_run_prefers_the_fuller_copy_of_one_run_whatever_the_root_order(tmp_path, base_config):
+    """Two copies of one run folder (a partial run kept in git and the copy that went on) tied on the name, and the
+    first root given won however many users it held."""
+    cfg = _edit(base_config, output__name="dlg")
+    stale = _run(tmp_path / "kept", cfg, "20260101-000000", {0: 1.0, 1: 1.0, 2: 1.0}, status="interrupted")
+    live = _run(tmp_path / "runs", cfg, "20260101-000000", {u: 1.0 for u in range(8)}, status="interrupted")
+    for roots in ([tmp_path / "kept", tmp_path / "runs"], [tmp_path / "runs", tmp_path / "kept"]):
+        assert report.newest_run(roots, "dlg") == live
+    (stale / "summary.json").write_text(json.dumps({"status": "finished"}))  # finished beats more rows
+    assert report.newest_run([tmp_path / "runs", tmp_path / "kept"], "dlg") == stale
+    newer = _run(tmp_path / "kept", cfg, "20260102-000000", {0: 1.0}, status=None)  # a later stamp still wins
+    assert report.newest_run([tmp_path / "runs", tmp_path / "kept"], "dlg") == newer
+
+
+def _load_table(folder: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"table_{folder}", ROOT / "reports" / folder / "table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _table_run(root: Path, cfg: dict, name: str, extra: dict) -> Path:
+    run = _run(root, _edit(cfg, output__name=name), "20260101-000000", {0: 7.0, 1: 8.0})
+    df = pd.read_csv(run / "results.csv")
+    for col in ("ssim_nearest", "lpips_nearest", "lpips_mean", "seconds", "seconds_per_step"):
+        df[col] = 1.0
+    df["evaluator_correct_raw"] = 1
+    for col, values in extra.items():
+        df[col] = values
+    df.to_csv(run / "results.csv", index=False)
+    return run
+
+
+def test_the_report_tables_leave_unmeasured_users_out_and_run_without_their_reference(tmp_path, base_config, capsys):
+    """The methods table counted a user without a measured all-B share as not 'most read as the class' (NaN > 0.5
+    is False) while the share column beside it left that user out; the ablation table raised TypeError when its
+    U = 1 reference run was missing."""
+    _table_run(tmp_path, base_config, "B100_trained_ig_u0", {"all_evaluator_dominant_share": [0.8, float("nan")]})
+    _load_table("fmnist_b10_methods_20users_cpu").main([tmp_path], bs=(100,))
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| Inverting Gradients"))
+    assert "| 0.80 | 1/1 |" in row, row  # was "| 0.80 | 1/2 |"
+    _table_run(tmp_path, base_config, "B10_trained_no_prior", {"evaluator_class": [3, 4]})
+    _load_table("fmnist_b10_20users_ablations_cpu").main([tmp_path])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| no prior"))
+    assert row.startswith("| no prior | 2 | 2/2 | 2/2 | 2/2 | - |"), row

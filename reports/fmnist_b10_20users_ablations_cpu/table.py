@@ -31,9 +31,9 @@ def main(roots):
         d = pool_newest_runs(roots, names)
         if d is None:
             continue
-        k, n = changed_count(d, ref)
+        changed = "{}/{}".format(*changed_count(d, ref)) if ref is not None else "-"  # no U = 1 run: '-'
         print(f"| {name} | {len(d)} | {count_cell(label_hits(d))} | {count_cell(d.evaluator_correct)} "
-              f"| {count_cell(d.evaluator_correct_raw)} | {k}/{n} | {mean_std_cell(d.psnr_nearest)} | {mean_std_cell(d.ssim_nearest)} "
+              f"| {count_cell(d.evaluator_correct_raw)} | {changed} | {mean_std_cell(d.psnr_nearest)} | {mean_std_cell(d.ssim_nearest)} "
               f"| {mean_std_cell(d.lpips_nearest)} | {mean_std_cell(d.lpips_mean)} | {d.seconds_per_step.mean():.2f} |")
 
 

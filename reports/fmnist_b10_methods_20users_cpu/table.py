@@ -51,7 +51,7 @@ def main(roots, bs=(10, 50, 100)):
             share = most = "-"
             if "all_evaluator_dominant_share" in d:
                 share = mean_std_cell(d.all_evaluator_dominant_share, ".2f")
-                most = count_cell(d.all_evaluator_dominant_share > 0.5)
+                most = count_cell((d.all_evaluator_dominant_share > 0.5).where(d.all_evaluator_dominant_share.notna()))
             secs = d.seconds + (d.refinish_seconds if "refinish_seconds" in d else 0)
             print(f"| {name} | {len(d)} | {steps} | {count_cell(label_hits(d))} | {count_cell(d.evaluator_correct)} "
                   f"| {paired} | {share} | {most} | {mean_std_cell(d.psnr_nearest)} | {mean_std_cell(d.ssim_nearest)} "
