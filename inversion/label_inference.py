@@ -128,8 +128,9 @@ def mean_softmax_from_gradient(
     entries (from noise or wrong counts) are clamped to 0 and the result renormalised.
 
     Args:
-        target_gradient: name -> gradient in the victim's parameter order; its last 1-D tensor named ``*bias`` with C
-            entries is taken as the final layer's bias gradient.
+        target_gradient: name -> gradient in the victim's parameter order; the output-side-most parameter with C
+            outputs (:func:`_final_layer`) must be a bias (``*bias``, C entries): it is taken as the final layer's
+            bias gradient. An earlier C-entry bias is not the logits' bias and is not used.
         label_proportions: float (C,) inferred label distribution n / B (sums to 1), e.g.
             ``LabelInference.proportions``.
 

@@ -16,18 +16,50 @@ from typing import Optional, Sequence
 import torch
 
 
+def pow2_rescale(t: torch.Tensor, dims: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """``t`` times a power of two chosen so that its largest |entry| (over ``dims``; all when None) lies in
+    [0.5, 1): an exact scaling in floating point (only exponents change, barring entries that fall to subnormals),
+    so a cosine similarity with the result is bit for bit the one with ``t``, while the squared norms of a huge
+    target gradient (e.g. Gaussian noise of std 1e18 from a DP defense: ``sum(g**2)`` past 3.4e38) no longer
+    overflow float32 into inf and a NaN image gradient.
+
+    Args:
+        t: float32 tensor (any shape), e.g. one layer's target gradient.
+        dims: dimensions to take the max over, keeping the others apart (e.g. ``range(1, t.dim())`` for one scale
+            per user of a stacked (U, ...) target); None: one scale for the whole tensor.
+
+    Returns:
+        float32 tensor of ``t``'s shape. All-zero (or non-finite) slices are left as they are; the power of two is
+        kept within float32's normal range (2**-126 .. 2**127), so tiny or huge slices are brought only that far.
+    """
+    t = t.float()
+    return t * pow2_scale(t.detach().abs().amax() if dims is None else
+                          t.detach().abs().amax(dim=tuple(dims), keepdim=True))
+
+
+def pow2_scale(amax: torch.Tensor) -> torch.Tensor:
+    """The power of two 2**-e (float32, ``amax``'s shape) that brings a positive finite ``amax`` into [0.5, 1)
+    (``amax = m * 2**e``, :func:`torch.frexp`); 1 where ``amax`` is 0 or not finite; e clamped to -127..126 so the
+    result is a normal float32. Built from its exponent bits, so it is exact on any device (no exp2 rounding)."""
+    _, e = torch.frexp(amax.float())
+    e = torch.where(torch.isfinite(amax) & (amax > 0), e, torch.zeros_like(e)).clamp(-127, 126)
+    return ((127 - e).to(torch.int32) << 23).view(torch.float32)
+
+
 def layer_cosine_distances(target: Sequence[torch.Tensor], dummy: Sequence[torch.Tensor], eps: float = 1e-12) -> torch.Tensor:
     """1 - <g_l, g_hat_l> / (|g_l| |g_hat_l|) for each layer l; float32 (L,), values in [0, 2].
 
     ``target`` and ``dummy`` are sequences of L tensors with matching shapes (one per victim parameter, input side
     first); differentiable w.r.t. ``dummy``. Each norm is floored at ``eps`` on its own (a zero gradient gives
-    distance 1), so the distance is scale-invariant for any gradient whose norm is above ``eps``.
+    distance 1), so the distance is scale-invariant for any gradient whose norm is above ``eps``. Each target layer
+    is first rescaled by a power of two (:func:`pow2_rescale`: exact), so a target too large for float32 squared
+    norms (a huge DP noise) still gives a finite distance and image gradient.
     """
     if len(target) != len(dummy):
         raise ValueError(f"{len(target)} target layers but {len(dummy)} dummy layers")
     out = []
     for g, h in zip(target, dummy):
-        g, h = g.flatten().float(), h.flatten().float()
+        g, h = pow2_rescale(g.flatten()), h.flatten().float()
         out.append(1.0 - (g * h).sum() / (g.norm().clamp_min(eps) * h.norm().clamp_min(eps)))
     return torch.stack(out)
 

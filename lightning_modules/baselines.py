@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from inversion.label_inference import LabelInference, infer_labels
 from inversion.logging_utils import log_image_grid
 from inversion.numbers import float32_step_size
+from inversion.objectives import pow2_scale
 from inversion.scenario import ServerView, check_target_gradient, victim_parameters
 from lightning_modules.base_attack import AttackDivergedError, AttackResult, GradientInversionAttack
 
@@ -89,7 +90,9 @@ def cosine_gradient_distance(
     are summed over all layers before dividing. ``eps`` floors each norm on its own (a zero gradient gives 1), so the
     distance is scale-invariant for gradients whose norm is above ``eps``. The floor is applied to the squared norm
     before the square root (``sqrt(max(||d||^2, eps^2))``), so an exactly zero dummy gradient has a finite gradient
-    (flooring after the root backpropagated 0/0 = NaN through sqrt at 0).
+    (flooring after the root backpropagated 0/0 = NaN through sqrt at 0). The target is first multiplied by one
+    power of two (:func:`inversion.objectives.pow2_scale` of its largest |entry|: exact, the distance unchanged), so
+    a target too large for float32 squared norms (a huge DP noise) still gives a finite distance and gradient.
 
     Returns:
         float scalar tensor in [0, 2] (differentiable w.r.t. ``dummy``).
@@ -99,6 +102,8 @@ def cosine_gradient_distance(
     """
     d, t = _as_list(dummy), _as_list(target)
     _check_pairs(d, t)
+    scale = pow2_scale(torch.stack([b.detach().abs().amax().float() for b in t]).amax())
+    t = [b * scale.to(b.device, b.dtype) for b in t]
     dot = sum((a * b).sum() for a, b in zip(d, t))
     dn = sum(a.pow(2).sum() for a in d)
     tn = sum(b.pow(2).sum() for b in t)

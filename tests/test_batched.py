@@ -202,3 +202,40 @@ def test_bad_shapes_raise():
         BatchedMatching(victim, param_names=["nope.weight"])
     with pytest.raises(ValueError, match="conv_impl"):
         BatchedMatching(victim, conv_impl="fast")
+
+
+def test_a_target_too_large_for_float32_norms_gives_finite_losses_and_gradients():
+    """A DP defense with noise std 1e18 (accepted: sigma x clip_norm below float32's max) made sum(g**2) overflow to
+    inf in every cosine distance: the user-level per-layer distance, Inverting Gradients' whole-gradient distance and
+    the batched path all gave NaN image gradients (the run stopped as 'diverged'). Each target is now multiplied by
+    a power of two first: finite there, and bit for bit unchanged on an ordinary target."""
+    from collections import OrderedDict
+
+    from inversion.defenses import GaussianDP
+    from inversion.objectives import layer_cosine_distances
+    from lightning_modules.baselines import cosine_gradient_distance
+
+    torch.manual_seed(0)
+    victim = TinyMLP()
+    params = victim_parameters(victim)
+    names = list(params)
+    clean = fedsgd_gradient(victim, torch.rand(4, 1, 8, 8), torch.tensor([1, 2, 3, 1]))
+    noisy = GaussianDP(clip_norm=1.0, noise_multiplier=1e18, seed=0)(OrderedDict(clean))
+    assert not torch.isfinite(sum(g.pow(2).sum() for g in noisy.values()))  # the overflow this is about
+    xd = torch.rand(1, 1, 8, 8, requires_grad=True)
+    dummy = torch.autograd.grad(F.cross_entropy(victim(xd), torch.tensor([1])), list(params.values()),
+                                create_graph=True)
+    for target, bitwise in ((clean, True), (noisy, False)):
+        per_layer = layer_cosine_distances([target[n] for n in names], dummy)
+        whole = cosine_gradient_distance(dummy, [target[n] for n in names])
+        for loss in (per_layer.mean(), whole):
+            g = torch.autograd.grad(loss, xd, retain_graph=True)[0]
+            assert torch.isfinite(loss) and torch.isfinite(g).all() and g.abs().max() > 0
+        if bitwise:  # the old formula, unscaled: identical values
+            ref = torch.stack([1.0 - (t.flatten() * h.flatten()).sum() / (t.norm() * h.norm())
+                               for t, h in zip([target[n] for n in names], dummy)])
+            assert torch.equal(per_layer, ref)
+    bm = BatchedMatching(victim)
+    y = F.one_hot(torch.tensor([1, 2]), 10).float()
+    losses, grads = bm.matching_loss_and_grad(torch.rand(2, 1, 8, 8), y, stack_targets([noisy, clean], bm.param_names))
+    assert torch.isfinite(losses).all() and torch.isfinite(grads).all() and grads[0].abs().max() > 0
