@@ -1696,10 +1696,11 @@ def _run(cfg: Namespace, locks: contextlib.ExitStack) -> Path:
         if run_status(run_dir) == "finished":
             print(f"[attack] {run_dir} is finished ({len(users)} users); nothing to resume", flush=True)
             return run_dir  # no logger: an offline W&B run of nothing was started and recorded otherwise
-    if cfg.resume and not writable:  # finished, yet users left (a multi-process resume skips the check above)
-        raise ConfigError(f"--resume {run_dir}: the directory is not writable, and this resume has users left to "
-                          f"attack ({len(users) - len(done)} of {len(users)}): copy it somewhere writable and resume "
-                          "the copy")
+    if cfg.resume and not writable:  # finished (lock_run_dir), multi-process: the check above is one-process only
+        left = len(users) - len(done)
+        raise ConfigError(f"--resume {run_dir}: the directory is not writable and the run is finished"
+                          + (f", yet this resume has {left} of {len(users)} users left to attack: copy it somewhere "
+                             "writable and resume the copy" if left else f" ({len(users)} users): nothing to resume"))
     try:  # from here on summary.json says how the run ended, even for a Ctrl-C while W&B starts
         logger = make_logger(cfg, run_dir, config_dict) if rank == 0 else None
         if rank == 0:

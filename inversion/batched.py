@@ -53,7 +53,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad, grad_and_value, vmap
 
-from inversion.objectives import pow2_rescale
 from inversion.scenario import victim_parameters
 
 
@@ -275,8 +274,7 @@ class BatchedMatching:
         for t, n, s in zip(targets, self.param_names, self.param_shapes):
             if tuple(t.shape) != (U, *s):
                 raise ValueError(f"target for {n!r} must have shape {(U, *s)} (U users x parameter), got {tuple(t.shape)}")
-            # one exact power-of-two scale per user and layer (as layer_cosine_distances: huge targets stay finite)
-            tg.append(pow2_rescale(t.to(device=dev, dtype=torch.float32), dims=range(1, t.dim())))
+            tg.append(t.to(device=dev, dtype=torch.float32))
         L = self.num_layers
         if weights is None:
             w = torch.ones(U, L, device=dev)

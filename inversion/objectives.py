@@ -19,22 +19,31 @@ import torch
 def pow2_rescale(t: torch.Tensor, dims: Optional[Sequence[int]] = None) -> torch.Tensor:
     """``t`` times a power of two chosen so that its largest |entry| (over ``dims``; all when None) lies in
     [0.5, 1): an exact scaling in floating point (only exponents change, barring entries that fall to subnormals),
-    so a cosine similarity with the result is bit for bit the one with ``t``, while the squared norms of a huge
-    target gradient (e.g. Gaussian noise of std 1e18 from a DP defense: ``sum(g**2)`` past 3.4e38) no longer
-    overflow float32 into inf and a NaN image gradient.
+    so a cosine similarity with the result equals the one with ``t`` bit for bit (when both norms are above the
+    distance's ``eps`` floor), while the squared norms of a huge target gradient (e.g. Gaussian noise of std 1e18
+    from a DP defense: ``sum(g**2)`` past 3.4e38) no longer overflow float32 into inf and NaN image gradients.
+    The attacks apply it to their target gradient once, when they bind it (not per step).
 
     Args:
-        t: float32 tensor (any shape), e.g. one layer's target gradient.
+        t: float tensor (any shape), e.g. one layer's target gradient.
         dims: dimensions to take the max over, keeping the others apart (e.g. ``range(1, t.dim())`` for one scale
-            per user of a stacked (U, ...) target); None: one scale for the whole tensor.
+            per user of a stacked (U, ...) target; an empty sequence: one scale per entry); None: one scale for the
+            whole tensor.
 
     Returns:
-        float32 tensor of ``t``'s shape. All-zero (or non-finite) slices are left as they are; the power of two is
-        kept within float32's normal range (2**-126 .. 2**127), so tiny or huge slices are brought only that far.
+        float32 tensor of ``t``'s shape. Empty tensors, all-zero and non-finite slices are left as they are; the
+        power of two is kept within float32's normal range (2**-126 .. 2**127), so tiny or huge slices are brought
+        only that far.
     """
     t = t.float()
-    return t * pow2_scale(t.detach().abs().amax() if dims is None else
-                          t.detach().abs().amax(dim=tuple(dims), keepdim=True))
+    if t.numel() == 0:
+        return t
+    a = t.detach().abs()
+    if dims is None:
+        a = a.amax()
+    elif len(tuple(dims)):
+        a = a.amax(dim=tuple(dims), keepdim=True)
+    return t * pow2_scale(a)
 
 
 def pow2_scale(amax: torch.Tensor) -> torch.Tensor:
@@ -51,15 +60,15 @@ def layer_cosine_distances(target: Sequence[torch.Tensor], dummy: Sequence[torch
 
     ``target`` and ``dummy`` are sequences of L tensors with matching shapes (one per victim parameter, input side
     first); differentiable w.r.t. ``dummy``. Each norm is floored at ``eps`` on its own (a zero gradient gives
-    distance 1), so the distance is scale-invariant for any gradient whose norm is above ``eps``. Each target layer
-    is first rescaled by a power of two (:func:`pow2_rescale`: exact), so a target too large for float32 squared
-    norms (a huge DP noise) still gives a finite distance and image gradient.
+    distance 1), so the distance is scale-invariant for any gradient whose norm is above ``eps``. A target whose
+    squared norm overflows float32 (a huge DP noise) gives NaN: pass it through :func:`pow2_rescale` once first, as
+    the attacks do when they bind their target.
     """
     if len(target) != len(dummy):
         raise ValueError(f"{len(target)} target layers but {len(dummy)} dummy layers")
     out = []
     for g, h in zip(target, dummy):
-        g, h = pow2_rescale(g.flatten()), h.flatten().float()
+        g, h = g.flatten().float(), h.flatten().float()
         out.append(1.0 - (g * h).sum() / (g.norm().clamp_min(eps) * h.norm().clamp_min(eps)))
     return torch.stack(out)
 

@@ -176,6 +176,9 @@ SEED_CONFIG_KEYS = ("seed", "threat.defenses", "users.init_args.seed", "attack.i
 LOCATION_CONFIG_KEYS = tuple(k for k in POOLED_CONFIG_KEYS if k not in SEED_CONFIG_KEYS)
 # the users' range, not which users: left out of a user's identity (see user_source_of)
 USER_RANGE_KEYS = ("users.init_args.first_user", "users.init_args.num_users")
+# where the users' data lies: left out of the check that pooled or paired runs attacked the same batches per user id
+# (the same Fashion-MNIST files under /usr/share/datasets and under a GPU machine's .devdata; see _user_batches_of)
+USER_LOCATION_KEYS = ("users.init_args.root",)
 
 _CONFIG_CACHE: dict = {}
 
@@ -848,9 +851,13 @@ def newest_run(roots: Sequence[str | Path], name: str) -> Optional[Path]:
 
     def age(d: Path) -> tuple:
         csv = d / "results.csv"
-        with open(csv, "rb") as fh:
-            rows = sum(1 for _ in fh)
-        return d.name[len(name):], run_status(d) == "finished", rows, csv.stat().st_mtime
+        try:
+            with open(csv, "rb") as fh:
+                rows = sum(1 for _ in fh)
+            mtime = csv.stat().st_mtime
+        except OSError:  # unreadable or gone since: the other copies win
+            rows, mtime = -1, 0.0
+        return d.name[len(name):], run_status(d) == "finished", rows, mtime
 
     return max(found, key=age) if found else None
 
@@ -864,8 +871,9 @@ def pool_users(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
     Raises:
         DuplicateUserError: a user appears twice (in two runs, or twice in one), since which row to keep would be a
             guess: pass each user's run once (see :func:`newest_run` for picking the latest of reruns).
-        ValueError: the runs' users come from different user sources (:func:`user_source_of`: another batch size,
-            data, users seed...), so one user id would name two different batches; as :func:`load_runs`.
+        ValueError: the runs' users come from different user sources (:func:`_user_batches_of`: another batch size,
+            dataset, users seed...; not the data's folder), so one user id would name two different batches; as
+            :func:`load_runs`.
         FileNotFoundError: as :func:`load_runs`.
     """
     df = load_runs(run_dirs)
@@ -917,14 +925,25 @@ def mean_std_cell(values: Optional[pd.Series], fmt: str = ".3g") -> str:
     return f"{v.mean():{fmt}}" + (f" ± {v.std(ddof=1):.2g}" if len(v) > 1 else "")
 
 
+def _user_batches_of(run_dir: str | Path) -> Optional[str]:
+    """Which batch each user id of the run names: 'users-' and 6 hex digits of the SHA-256 of its ``users.*`` config
+    entries without the user range (:data:`USER_RANGE_KEYS`) and the data's location (:data:`USER_LOCATION_KEYS`);
+    None unless attack.py's parser reads the run's config (a config as written may lack defaults added since, and
+    would differ from a parsed one on those alone)."""
+    entries, parsed = _read_config(Path(run_dir) / "config.yaml")
+    if not parsed or entries is None:
+        return None
+    users = {k: v for k, v in entries.items() if k == "users" or k.startswith("users.")}
+    return _hash(_without(users, USER_RANGE_KEYS + USER_LOCATION_KEYS), "users-")
+
+
 def _user_source_column(df: pd.DataFrame) -> pd.Series:
-    """Each row's user source (:func:`user_source_of`, the part of ``user_key`` before the user id); NaN where the
-    config did not say (then ``user_key`` holds the run folder instead) or ``df`` has no ``user_key``."""
-    if "user_key" not in df:
+    """Each row's :func:`_user_batches_of` its run directory (``run_dir``); NaN where unknown (no ``run_dir``
+    column, or a config attack.py's parser does not read)."""
+    if "run_dir" not in df:
         return pd.Series(np.nan, index=df.index, dtype=object)
-    key = df["user_key"].astype(str)
-    source = key.str.rsplit("|", n=1).str[0]
-    return source.where(key.str.startswith("users-"))
+    by_dir = {d: _user_batches_of(d) for d in df["run_dir"].dropna().unique()}
+    return df["run_dir"].map(by_dir)
 
 
 def _shared_users(a: pd.DataFrame, b: pd.DataFrame, column: str, caller: str, convert=lambda c: c) -> pd.DataFrame:
@@ -932,7 +951,7 @@ def _shared_users(a: pd.DataFrame, b: pd.DataFrame, column: str, caller: str, co
 
     Raises:
         KeyError: ``column`` missing from either frame.
-        ValueError: ``a`` and ``b`` come from different user sources (:func:`user_source_of`): their user ids name
+        ValueError: ``a`` and ``b`` come from different user sources (:func:`_user_batches_of`): their user ids name
             different batches (e.g. user 3 at B = 50 and at B = 100), so no user is shared."""
     for name, d in (("a", a), ("b", b)):
         if column not in d:

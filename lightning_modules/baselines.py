@@ -91,8 +91,11 @@ def cosine_gradient_distance(
     distance is scale-invariant for gradients whose norm is above ``eps``. The floor is applied to the squared norm
     before the square root (``sqrt(max(||d||^2, eps^2))``), so an exactly zero dummy gradient has a finite gradient
     (flooring after the root backpropagated 0/0 = NaN through sqrt at 0). The target is first multiplied by one
-    power of two (:func:`inversion.objectives.pow2_scale` of its largest |entry|: exact, the distance unchanged), so
-    a target too large for float32 squared norms (a huge DP noise) still gives a finite distance and gradient.
+    power of two (:func:`inversion.objectives.pow2_scale` of its largest |entry|: exact, the distance unchanged
+    bit for bit when the target's norm is above ``eps``; below it the floor no longer applies to a non-zero target),
+    so a target too large for float32 squared norms (a huge DP noise) still gives a finite distance and gradient;
+    a float16/bfloat16 target is multiplied in float32. One pass over the target per call: small beside the dummy
+    gradient's double backward of the B images.
 
     Returns:
         float scalar tensor in [0, 2] (differentiable w.r.t. ``dummy``).
@@ -102,8 +105,10 @@ def cosine_gradient_distance(
     """
     d, t = _as_list(dummy), _as_list(target)
     _check_pairs(d, t)
-    scale = pow2_scale(torch.stack([b.detach().abs().amax().float() for b in t]).amax())
-    t = [b * scale.to(b.device, b.dtype) for b in t]
+    amax = [b.detach().abs().amax().float() for b in t if b.numel()]
+    scale = pow2_scale(torch.stack(amax).amax()) if amax else None
+    if scale is not None:
+        t = [b * scale.to(b.device, torch.promote_types(b.dtype, torch.float32)) for b in t]
     dot = sum((a * b).sum() for a, b in zip(d, t))
     dn = sum(a.pow(2).sum() for a in d)
     tn = sum(b.pow(2).sum() for b in t)

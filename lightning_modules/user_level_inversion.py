@@ -65,6 +65,7 @@ from inversion.objectives import (
     clip_matching_gradients,
     gradient_matching_loss,
     layer_cosine_distances,
+    pow2_rescale,
     sliding_window_weights,
     timestep_at,
     weighted_layer_mean,
@@ -340,12 +341,15 @@ class UserLevelInversion(GradientInversionAttack):
         params = victim_parameters(self.victim)
         self.param_names = list(params)
         self._params = list(params.values())
+        # each layer's target times an exact power of two (per user; objectives.pow2_rescale): the cosine distances
+        # are unchanged, and a huge target (DP noise std 1e18) no longer overflows their float32 squared norms
         if U == 1:
-            self.target = [view.target_gradient[n].float() for n in self.param_names]
+            self.target = [pow2_rescale(view.target_gradient[n]) for n in self.param_names]
             self._stacked_target = None
         else:  # L tensors (U, *shape_l), the layout BatchedMatching takes
             self.target = None
-            self._stacked_target = stack_targets([v.target_gradient for v in views], self.param_names)
+            self._stacked_target = [pow2_rescale(t, dims=range(1, t.dim())) for t in
+                                    stack_targets([v.target_gradient for v in views], self.param_names)]
         self.user_labels = [
             infer_labels(v.target_gradient, v.num_classes, v.batch_size, self.label_strategy, known_labels=v.labels)
             for v in views

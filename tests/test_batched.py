@@ -206,36 +206,56 @@ def test_bad_shapes_raise():
 
 def test_a_target_too_large_for_float32_norms_gives_finite_losses_and_gradients():
     """A DP defense with noise std 1e18 (accepted: sigma x clip_norm below float32's max) made sum(g**2) overflow to
-    inf in every cosine distance: the user-level per-layer distance, Inverting Gradients' whole-gradient distance and
-    the batched path all gave NaN image gradients (the run stopped as 'diverged'). Each target is now multiplied by
-    a power of two first: finite there, and bit for bit unchanged on an ordinary target."""
+    inf in every cosine distance: the user-level attack (one user and many users per step) and Inverting Gradients
+    gave NaN image gradients (the run stopped as 'diverged'). The user-level attack multiplies its target by exact
+    powers of two when it binds it (pow2_rescale), IG's distance does so per call: finite, and the same values as
+    before on an ordinary target."""
+    import dataclasses
     from collections import OrderedDict
 
     from inversion.defenses import GaussianDP
-    from inversion.objectives import layer_cosine_distances
+    from inversion.objectives import layer_cosine_distances, pow2_rescale
     from lightning_modules.baselines import cosine_gradient_distance
+    from lightning_modules.user_level_inversion import UserLevelInversion
 
     torch.manual_seed(0)
     victim = TinyMLP()
     params = victim_parameters(victim)
     names = list(params)
-    clean = fedsgd_gradient(victim, torch.rand(4, 1, 8, 8), torch.tensor([1, 2, 3, 1]))
+    view = make_server_view(victim, torch.rand(4, 1, 8, 8), torch.tensor([1, 2, 3, 1]), 10, reveal_labels=True)
+    clean = view.target_gradient
     noisy = GaussianDP(clip_norm=1.0, noise_multiplier=1e18, seed=0)(OrderedDict(clean))
     assert not torch.isfinite(sum(g.pow(2).sum() for g in noisy.values()))  # the overflow this is about
+    noisy_view = dataclasses.replace(view, target_gradient=noisy)
     xd = torch.rand(1, 1, 8, 8, requires_grad=True)
     dummy = torch.autograd.grad(F.cross_entropy(victim(xd), torch.tensor([1])), list(params.values()),
                                 create_graph=True)
-    for target, bitwise in ((clean, True), (noisy, False)):
-        per_layer = layer_cosine_distances([target[n] for n in names], dummy)
+
+    def image_grad(loss):
+        return torch.autograd.grad(loss, xd, retain_graph=True)[0]
+
+    raw = layer_cosine_distances([noisy[n] for n in names], dummy).mean()
+    assert not torch.isfinite(image_grad(raw)).all()  # unscaled: NaN (why the attacks rescale)
+    for target in (clean, noisy):
         whole = cosine_gradient_distance(dummy, [target[n] for n in names])
-        for loss in (per_layer.mean(), whole):
-            g = torch.autograd.grad(loss, xd, retain_graph=True)[0]
-            assert torch.isfinite(loss) and torch.isfinite(g).all() and g.abs().max() > 0
-        if bitwise:  # the old formula, unscaled: identical values
-            ref = torch.stack([1.0 - (t.flatten() * h.flatten()).sum() / (t.norm() * h.norm())
-                               for t, h in zip([target[n] for n in names], dummy)])
-            assert torch.equal(per_layer, ref)
-    bm = BatchedMatching(victim)
-    y = F.one_hot(torch.tensor([1, 2]), 10).float()
-    losses, grads = bm.matching_loss_and_grad(torch.rand(2, 1, 8, 8), y, stack_targets([noisy, clean], bm.param_names))
-    assert torch.isfinite(losses).all() and torch.isfinite(grads).all() and grads[0].abs().max() > 0
+        scaled = layer_cosine_distances([pow2_rescale(target[n]) for n in names], dummy)
+        for loss in (whole, scaled.mean()):
+            assert torch.isfinite(loss) and torch.isfinite(image_grad(loss)).all() and image_grad(loss).abs().max() > 0
+    unscaled = layer_cosine_distances([clean[n] for n in names], dummy)
+    assert torch.equal(layer_cosine_distances([pow2_rescale(clean[n]) for n in names], dummy), unscaled)
+    ref = [t.flatten() for t in clean.values()]  # IG's formula without the rescaling: the same value
+    dot = sum((a.flatten() * b).sum() for a, b in zip(dummy, ref))
+    norm = lambda v: sum(a.pow(2).sum() for a in v).sqrt()  # noqa: E731
+    assert torch.equal(cosine_gradient_distance(dummy, list(clean.values())), 1 - dot / (norm(dummy) * norm(ref)))
+
+    x = torch.rand(2, 1, 8, 8)
+    for views in ([noisy_view], [noisy_view, view]):  # one user; two users per step (BatchedMatching)
+        attack = UserLevelInversion(steps=2, use_prior=False, final_denoise=False, label_strategy="known").bind(views)
+        w, _ = attack.layer_weights(0.3)
+        for u in range(len(views)):
+            xu = x[u : u + 1].clone().requires_grad_(True)
+            loss = attack.matching_loss(xu, w, user=u)
+            assert torch.isfinite(loss) and torch.isfinite(torch.autograd.grad(loss, xu)[0]).all()
+        if len(views) == 2:
+            losses, grads = BatchedMatching(victim).matching_loss_and_grad(x, attack.y_soft, attack._stacked_target, w)
+            assert torch.isfinite(losses).all() and torch.isfinite(grads).all() and grads[0].abs().max() > 0

@@ -320,9 +320,10 @@ def test_label_hits_count_a_tied_top_class_and_leave_unmeasured_rows_out():
 
 def test_pooling_and_pairing_refuse_users_of_different_sources(tmp_path, base_config):
     """pool_users and paired_counts matched users by bare id: user 3 at B = 50 and user 3 at B = 100 (different
-    batches) were pooled or paired as one user. Halves that differ only in the user range still pool."""
+    batches) were pooled or paired as one user. Halves that differ only in the user range and the data's folder (a
+    GPU machine's copy of the files) still pool."""
     b50 = _edit(base_config, users__init_args__batch_size=50, output__name="b50")
-    b50_u10 = _edit(b50, users__init_args__first_user=10)
+    b50_u10 = _edit(b50, users__init_args__first_user=10, users__init_args__root=str(tmp_path))  # data elsewhere
     b100 = _edit(base_config, users__init_args__batch_size=100, output__name="b100")
     r50 = _run(tmp_path, b50, "20260101-000000", {0: 10.0, 1: 11.0})
     r50b = _run(tmp_path, b50_u10, "20260101-000001", {10: 12.0})
