@@ -442,6 +442,17 @@ def check_devices(trainer: dict) -> None:
                 "process per device; several nodes: --trainer.num_nodes)"
             )
     strategy = str(trainer.get("strategy") or "auto")
+    if isinstance(trainer.get("strategy"), str):  # Lightning's own check comes only once a user's Trainer is built
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        known = sorted(StrategyRegistry.available_strategies())
+        if strategy.lower() != "auto" and strategy.lower() not in known:
+            import difflib
+
+            close = difflib.get_close_matches(strategy.lower(), ["auto", *known], n=1)
+            raise ConfigError(f"trainer.strategy {strategy!r} is not a Lightning strategy"
+                              + (f" (did you mean {close[0]!r}?)" if close else "")
+                              + "; attack.py uses auto (one device) or ddp (one process per device, users sharded)")
     total = requested_devices(trainer) * int(trainer.get("num_nodes") or 1)
     if total > 1 and not distributed(trainer):
         raise ConfigError(
@@ -1634,6 +1645,28 @@ def lock_run_dir(locks: contextlib.ExitStack, run_dir: Path) -> bool:
     return True
 
 
+def set_aside_unreadable_checkpoint(path: Path, name: str) -> Optional[Path]:
+    """Check that a chunk's ``last.ckpt`` loads before a resume continues from it; one that does not (truncated by
+    a kill or a full disk while Lightning wrote it, which it does in place) is renamed to
+    ``last.unreadable-<time>.ckpt`` beside it, with one line saying so, and the chunk ``name`` starts again, as
+    without a checkpoint. Without this, every --resume failed on it with a traceback and status 'failed: OSError'.
+
+    Returns:
+        The new path of a set-aside checkpoint; None when ``path`` loads (or is gone)."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=False)
+        return None
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # noqa: BLE001 - any reason it cannot be read: unpickling, zip, truncation, OS errors
+        reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+    bad = path.with_name(f"last.unreadable-{time.strftime('%Y%m%d-%H%M%S')}.ckpt")
+    os.replace(path, bad)
+    print(f"[attack] {name}: its checkpoint {path} cannot be read ({reason}); set aside as {bad.name}, {name} "
+          "starts again from step 0", file=sys.stderr, flush=True)
+    return bad
+
+
 def _run(cfg: Namespace, locks: contextlib.ExitStack) -> Path:
     """:func:`run`'s body; ``locks`` holds the run directory's lock."""
     from lightning import Trainer, seed_everything
@@ -1741,9 +1774,9 @@ def _run(cfg: Namespace, locks: contextlib.ExitStack) -> Path:
                 **{"log_every_n_steps": default_log_every(attack.steps), **trainer_kwargs},
             )
             last = ckpt_dir / "last.ckpt"
+            resumed_from = last.is_file() and set_aside_unreadable_checkpoint(last, name) is None
             t0 = time.time()
             attack.wall_clock_start = t0
-            resumed_from = last.is_file()
             try:
                 with intended_warnings_silenced():  # Lightning's warnings an attack fit raises by design
                     trainer.fit(attack, ckpt_path=str(last) if resumed_from else None)

@@ -297,6 +297,11 @@ def test_several_devices_shard_users_under_ddp_or_auto_and_are_refused_otherwise
     with pytest.raises(attack.ConfigError, match="strategy 'fsdp' with 2 devices.*--trainer.strategy ddp"):
         attack.check_devices({"accelerator": "cpu", "devices": 2, "strategy": "fsdp"})
     attack.check_devices({"accelerator": "cpu", "devices": 1, "strategy": "fsdp"})
+    # a misspelt strategy: Lightning's "invalid strategy name" came only at the first user's Trainer, after the run
+    # directory and the W&B run existed
+    with pytest.raises(attack.ConfigError, match="trainer.strategy 'dpp' is not a Lightning strategy \\(did you mean 'ddp'"):
+        attack.check_devices({"accelerator": "cpu", "devices": 1, "strategy": "dpp"})
+    attack.check_devices({"accelerator": "cpu", "devices": 1, "strategy": "DDP"})  # Lightning lower-cases it
 
 
 def test_check_devices_accepts_what_the_machine_has(monkeypatch):
@@ -798,3 +803,27 @@ def test_each_process_of_a_device_list_attacks_on_its_own_gpu(monkeypatch):
     assert fabric.kw["devices"] == [1, 3] and kwargs["devices"] == [3] and kwargs["strategy"] == "auto"
     # the final gather waits for the slowest rank: longer than torch's 30 min default (an hour-long DLG user)
     assert fabric.kw["strategy"]._timeout == attack.DDP_GATHER_TIMEOUT >= timedelta(hours=2)
+
+
+def test_a_resume_sets_aside_an_unreadable_checkpoint_and_restarts_that_user(tmp_path, monkeypatch, capsys):
+    """A last.ckpt truncated by a kill while Lightning wrote it (in place) made every --resume fail with a
+    traceback ('failed: OSError: [Errno 22] Invalid argument'); now it is renamed aside, named on stderr, and that
+    user starts again from step 0."""
+    from tests.helpers import interrupt_user_at
+
+    cfg = tiny_config(tmp_path, **{"logger.backend": "none", "image_log_every": 0, "users.init_args.num_users": 1})
+    spy = interrupt_user_at(monkeypatch, "user_0000/", 3)
+    with pytest.raises(SystemExit):
+        attack.main(["--config", str(cfg), "--checkpoint_every", "2"])
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    last = run_dir / "checkpoints" / "user_0000" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # truncated
+    spy.calls.clear()
+    spy.at = None
+    capsys.readouterr()
+    assert attack.main(["--config", str(cfg), "--checkpoint_every", "2", "--resume", str(run_dir)]) == run_dir
+    err = capsys.readouterr().err
+    assert re.search(r"user_0000: its checkpoint .*last.ckpt cannot be read \(\w+.*\); set aside as "
+                     r"last.unreadable-\d{8}-\d{6}.ckpt, user_0000 starts again from step 0", err), err
+    assert spy.calls[0] == ("user_0000/", 0)  # from the start
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
