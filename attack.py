@@ -1971,7 +1971,8 @@ def resume_config_argv(parser: ArgumentParser, argv: list[str]) -> list[str]:
     arguments are required: attack, users". Other command lines are returned as they are.
 
     Raises:
-        SystemExit: (status 2, ``parser.error``) RUN_DIR has no config.yaml.
+        SystemExit: (status 2, ``parser.error``) RUN_DIR has no config.yaml, or it is another tool's run directory
+            (scripts/objective_audit.py's: an ``audit`` group; train.py's: ``model`` and ``data`` groups).
     """
     has_config = any(a == "--config" or a.startswith("--config=") for a in argv)
     run_dir = next((argv[j + 1] if a == "--resume" and j + 1 < len(argv) else a.split("=", 1)[1]
@@ -1981,7 +1982,19 @@ def resume_config_argv(parser: ArgumentParser, argv: list[str]) -> list[str]:
     config = Path(run_dir).expanduser() / "config.yaml"
     if not config.is_file():
         parser.error(f"--resume {run_dir}: {config} not found; give the run directory attack.py printed at its start "
-                     "(it holds config.yaml), or add --config with the run's config")
+                     "(it holds config.yaml)")
+    try:
+        import yaml
+
+        groups = set(yaml.safe_load(config.read_text()) or {})
+    except Exception:  # noqa: BLE001 - an unreadable config is the parser's to report
+        groups = set()
+    other = ("scripts/objective_audit.py's (an 'audit' group; it is not resumed: run the audit again)"
+             if "audit" in groups else
+             "train.py's ('model' and 'data' groups; continue a training with train.py --ckpt_path last)"
+             if {"model", "data"} <= groups else None)
+    if other:
+        parser.error(f"--resume {run_dir}: this is {other}, not a run directory of attack.py")
     print(f"[attack] --resume without --config: using {config}", file=sys.stderr)
     return ["--config", str(config), *argv]
 

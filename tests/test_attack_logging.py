@@ -386,7 +386,18 @@ def test_resume_without_config_uses_the_run_directorys_own_config(tmp_path, caps
     with pytest.raises(SystemExit) as exit_info:
         attack.main(["--resume", str(tmp_path)])
     assert exit_info.value.code == 2
-    assert f"--resume {tmp_path}: {tmp_path / 'config.yaml'} not found" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--resume {tmp_path}: {tmp_path / 'config.yaml'} not found" in err
+    assert "add --config" not in err  # a resume needs the run's config.yaml whatever --config says
+    # another tool's run directory: named (was "Option 'audit.per_class' is not accepted" / "Group 'trainer' does
+    # not accept option 'logger.init_args.name'")
+    for folder, text, says in (("audit", "users: {}\naudit:\n  per_class: 2\n", "scripts/objective_audit.py's"),
+                               ("train", "trainer: {}\nmodel: {}\ndata: {}\n", "train.py's")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "config.yaml").write_text(text)
+        with pytest.raises(SystemExit):
+            attack.main(["--resume", str(tmp_path / folder)])
+        assert f"this is {says}" in " ".join(capsys.readouterr().err.split())
 
 
 def test_a_resume_of_a_run_directory_in_use_stops_before_any_work(tmp_path, capsys):
