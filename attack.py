@@ -1960,6 +1960,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
     """
     parser = build_parser()
     argv = resume_config_argv(parser, list(sys.argv[1:] if argv is None else argv))
+    refuse_duplicate_keys(parser, argv)
     warn_overrides_replaced_by_later_configs(argv)
     cfg = parser.parse_args(argv)
     return run(cfg)
@@ -1997,6 +1998,30 @@ def resume_config_argv(parser: ArgumentParser, argv: list[str]) -> list[str]:
         parser.error(f"--resume {run_dir}: this is {other}, not a run directory of attack.py")
     print(f"[attack] --resume without --config: using {config}", file=sys.stderr)
     return ["--config", str(config), *argv]
+
+
+def refuse_duplicate_keys(parser: ArgumentParser, argv: list[str]) -> None:
+    """Refuse a ``--config`` file that gives a key twice in one mapping (YAML, and so jsonargparse, keeps the last
+    one silently: ``steps: 3`` then ``steps: 5`` ran 5 steps), as sweep.py refuses it in a sweep file
+    (:func:`inversion.cli.unique_key_loader`). Files that cannot be read or parsed are left to the parser.
+
+    Raises:
+        SystemExit: (status 2, ``parser.error``) naming the file, the key and both lines."""
+    import yaml
+
+    from inversion.cli import DuplicateKeyError, unique_key_loader
+
+    for j, a in enumerate(argv):
+        path = a.split("=", 1)[1] if a.startswith("--config=") else (
+            argv[j + 1] if a == "--config" and j + 1 < len(argv) else None)
+        if path is None:
+            continue
+        try:
+            yaml.load(Path(path).read_text(), Loader=unique_key_loader())
+        except DuplicateKeyError as exc:
+            parser.error(f"--config {path}: {exc}")
+        except (OSError, yaml.YAMLError, UnicodeDecodeError):
+            continue
 
 
 def warn_overrides_replaced_by_later_configs(argv: list[str]) -> list[str]:

@@ -84,7 +84,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import functools
 import hashlib
 import io
 import itertools
@@ -103,6 +102,7 @@ if str(ROOT) not in sys.path:
 
 os.environ.setdefault("WANDB_MODE", "offline")
 
+from inversion.cli import DuplicateKeyError, unique_key_loader  # noqa: E402
 from inversion.fsutils import atomic_write_bytes, exclusive_lock, run_status  # noqa: E402
 
 CONFIG_KEYS = ("attack", "configs")  # grid keys whose values are config files layered over base
@@ -286,42 +286,6 @@ class Sweep:
         return hashlib.sha256(json.dumps(self.resolved(legacy), sort_keys=True, default=str).encode()).hexdigest()
 
 
-class _DuplicateKeyError(ValueError):
-    """A key given twice in one YAML mapping (raised by :func:`_unique_key_loader`'s loader)."""
-
-
-@functools.lru_cache(maxsize=None)
-def _unique_key_loader():
-    """A ``yaml.SafeLoader`` subclass that refuses a key given twice in one mapping (``yaml.safe_load`` keeps the
-    last one silently: ``grid: {seed: [0, 1], seed: [5]}`` would sweep seed 5 alone). Merge keys (``<<:``) and the
-    keys they bring in may still be overridden, as YAML intends.
-
-    Raises (when loading):
-        _DuplicateKeyError: naming the key and the lines of both occurrences.
-    """
-    import yaml
-
-    class UniqueKeyLoader(yaml.SafeLoader):
-        def compose_mapping_node(self, anchor):
-            # checked on the composed node, before PyYAML flattens merge keys into it (an anchored mapping that
-            # holds a '<<:' is flattened in place, so checking at construction saw its merged keys as repeats)
-            node = super().compose_mapping_node(anchor)
-            first: dict = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
-                    continue
-                key, line = (key_node.tag, key_node.value), key_node.start_mark.line + 1
-                if key in first:
-                    raise _DuplicateKeyError(
-                        f"key {key_node.value!r} is given twice in one mapping (lines {first[key]} and {line}); YAML "
-                        f"would keep only the last one. Fix: delete one, or merge their values into one entry "
-                        f"(e.g. one list of all the values for a grid key)")
-                first[key] = line
-            return node
-
-    return UniqueKeyLoader
-
-
 def load_sweep(path: str | Path, root_override: Optional[str] = None) -> Sweep:
     """Read and resolve a sweep YAML (paths resolved, cells expanded). A mapping under ``configs`` (in fixed or as
     a grid value) is the ``attack`` override it aliases. Raises :class:`SweepError` on a bad file: invalid YAML, a
@@ -332,8 +296,8 @@ def load_sweep(path: str | Path, root_override: Optional[str] = None) -> Sweep:
     if not path.is_file():
         raise SweepError(f"sweep config {path} not found")
     try:
-        raw = yaml.load(path.read_text(), Loader=_unique_key_loader()) or {}
-    except _DuplicateKeyError as exc:
+        raw = yaml.load(path.read_text(), Loader=unique_key_loader()) or {}
+    except DuplicateKeyError as exc:
         raise SweepError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise SweepError(f"{path}: not valid YAML: {exc}") from None

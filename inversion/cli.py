@@ -3,6 +3,7 @@ traceback (:func:`run_main`); configs compared key by key (:func:`flat_entries`)
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Any, Callable
 
@@ -131,3 +132,39 @@ def flat_entries(node: Any, prefix: str = "") -> dict:
         return out
     return {prefix[:-1]: node}
 
+
+class DuplicateKeyError(ValueError):
+    """A key given twice in one YAML mapping (raised by :func:`unique_key_loader`'s loader)."""
+
+
+@functools.lru_cache(maxsize=None)
+def unique_key_loader():
+    """A ``yaml.SafeLoader`` subclass that refuses a key given twice in one mapping (``yaml.safe_load`` keeps the
+    last one silently: ``grid: {seed: [0, 1], seed: [5]}`` would sweep seed 5 alone; ``steps: 3`` then ``steps: 5`` in an attack config ran 5
+    steps). Used by sweep.py for sweep files and by attack.py for its ``--config`` files. Merge keys (``<<:``) and the
+    keys they bring in may still be overridden, as YAML intends.
+
+    Raises (when loading):
+        DuplicateKeyError: naming the key and the lines of both occurrences.
+    """
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def compose_mapping_node(self, anchor):
+            # checked on the composed node, before PyYAML flattens merge keys into it (an anchored mapping that
+            # holds a '<<:' is flattened in place, so checking at construction saw its merged keys as repeats)
+            node = super().compose_mapping_node(anchor)
+            first: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key, line = (key_node.tag, key_node.value), key_node.start_mark.line + 1
+                if key in first:
+                    raise DuplicateKeyError(
+                        f"key {key_node.value!r} is given twice in one mapping (lines {first[key]} and {line}); YAML "
+                        f"would keep only the last one. Fix: delete one, or merge their values into one entry "
+                        f"(e.g. one list of all the values for a grid key)")
+                first[key] = line
+            return node
+
+    return UniqueKeyLoader

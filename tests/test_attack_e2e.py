@@ -322,6 +322,20 @@ def test_unknown_config_key_is_rejected(tmp_path, capsys):
     assert "stepz" in capsys.readouterr().err
 
 
+def test_a_key_given_twice_in_a_config_file_is_rejected(tmp_path, capsys):
+    """``steps: 3`` then ``steps: 5`` in one attack YAML ran 5 steps without a word (sweep.py refused the same in
+    a sweep file); now one line names the file, the key and both lines, before any run directory."""
+    cfg = tiny_config(tmp_path)
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("attack:\n  init_args:\n    steps: 3\n    steps: 5\n")
+    with pytest.raises(SystemExit) as exit_info:
+        attack.main(["--config", str(cfg), "--config", str(overlay)])
+    assert exit_info.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"--config {overlay}: key 'steps' is given twice in one mapping (lines 3 and 4)" in err, err
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.slow
 def test_resume_skips_finished_users_and_continues_the_interrupted_one(tmp_path, monkeypatch):
     from tests.helpers import interrupt_user_at

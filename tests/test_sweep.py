@@ -523,7 +523,9 @@ def test_a_key_given_twice_in_a_sweep_yaml_is_an_error(tmp_path):
     text = ("common: &common {name: gaussian_dp, clip_norm: 1.0}\n"
             "grid: {threat.defenses: [[&strong {<<: *common, clip_norm: 2.0, sigma: 0.1}]]}\n"
             "x: {<<: *strong}\n")
-    assert yaml.load(text, Loader=sweep._unique_key_loader()) == yaml.safe_load(text)
+    from inversion.cli import unique_key_loader
+
+    assert yaml.load(text, Loader=unique_key_loader()) == yaml.safe_load(text)
 
 
 def test_fixed_configs_mapping_with_a_grid_attack_mapping_is_refused_like_fixed_attack(tmp_path):
