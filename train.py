@@ -730,6 +730,14 @@ def main(args=None) -> None:
     )
     try:
         check_data_model_agree(cli.model, cli.datamodule)
+        if cli.resolved_ckpt_path and hasattr(cli.model, "check_resume_hparams"):
+            # before fit: Resumable.on_load_checkpoint refuses it too, but only after the loggers started (a W&B run
+            # in the resumed run's folder, its latest-run link moved to the refused attempt)
+            import torch
+
+            saved = torch.load(cli.resolved_ckpt_path, map_location="cpu", weights_only=False)
+            cli.model.check_resume_hparams(saved.get("hyper_parameters") or {})
+            del saved
         clash = log_model_hparams_only_on_clash(cli.model, cli.datamodule)
         if clash and _process_rank() == 0:
             print(f"[train] model and data both set {', '.join(clash)} to different values; the loggers get the "

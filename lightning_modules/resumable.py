@@ -90,19 +90,27 @@ class Resumable:
         """
         super().on_load_checkpoint(checkpoint)
         if self._trainer is not None and self.trainer.state.fn == "fit":
-            saved = checkpoint.get("hyper_parameters") or {}
-            changed = [f"{k} {saved[k]!r} -> {self.hparams[k]!r}" for k in self.optimiser_hparams
-                       if k in saved and k in self.hparams and float(saved[k]) != float(self.hparams[k])]
-            if changed:
-                raise ValueError(
-                    f"model.init_args: {', '.join(changed)} on a resume, but a resumed run keeps the checkpoint's "
-                    "optimiser (these values would be ignored). Resume with the checkpoint's values, or train on from "
-                    "the exported weights in a fresh run (model.init_args.init_weights) with the new ones"
-                )
+            self.check_resume_hparams(checkpoint.get("hyper_parameters") or {})
         self._resume_rng = checkpoint.get(RNG_KEY)
         saved = (checkpoint.get("hyper_parameters") or {}).get("init_weights")
         if saved and not self.hparams.get("init_weights"):
             self.hparams["init_weights"] = saved
+
+    def check_resume_hparams(self, saved: dict) -> None:
+        """Refuse resuming from a checkpoint whose hyper-parameters ``saved`` hold another value of one of
+        :attr:`optimiser_hparams` than this module (see :meth:`on_load_checkpoint`); train.py calls it before fit,
+        so that the refusal comes before any logger starts in the resumed run's directory.
+
+        Raises:
+            ValueError: naming each changed value (``lr 0.0005 -> 0.001``) and what to do instead."""
+        changed = [f"{k} {saved[k]!r} -> {self.hparams[k]!r}" for k in self.optimiser_hparams
+                   if k in saved and k in self.hparams and float(saved[k]) != float(self.hparams[k])]
+        if changed:
+            raise ValueError(
+                f"model.init_args: {', '.join(changed)} on a resume, but a resumed run keeps the checkpoint's "
+                "optimiser (these values would be ignored). Resume with the checkpoint's values, or train on from "
+                "the exported weights in a fresh run (model.init_args.init_weights) with the new ones"
+            )
 
     def on_fit_start(self) -> None:
         super().on_fit_start()

@@ -3,6 +3,7 @@ reuse and overwrite each other's directories)."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -369,3 +370,28 @@ def test_a_run_that_fails_in_data_setup_leaves_no_run_directory(tmp_path, fake_f
         train.main(["--config", str(cfg_path)])
     assert "run directory" in capsys.readouterr().out  # it was created, then removed
     assert not root.exists() or not _runs(root), list(root.rglob("*"))
+
+
+def test_a_refused_resume_leaves_the_resumed_run_as_it_was(tmp_path, fake_fmnist):
+    """A resume with another lr was refused only when Lightning loaded the checkpoint, after the loggers had started
+    in the resumed run's folder (csv/version_1; with the shipped configs an offline W&B run there, latest-run moved
+    to the refused attempt); train.py now compares the checkpoint's lr / weight_decay before fit: nothing is
+    written."""
+    import train
+
+    root = tmp_path / "tr"
+    cfg = _config(tmp_path, fake_fmnist, root)
+    train.main(["--config", str(cfg)])
+    (run,) = _runs(root)
+    def state():  # W&B's own files inside a run folder settle in the background: compare the runs, not their files
+        files = sorted(str(p.relative_to(run)) for p in run.rglob("*") if "wandb" not in p.relative_to(run).parts)
+        wandb_dir = run / "wandb"
+        runs = sorted(p.name for p in wandb_dir.iterdir()) if wandb_dir.is_dir() else []
+        latest = wandb_dir / "latest-run"
+        return files, runs, (os.readlink(latest) if latest.is_symlink() else None)
+
+    before = state()
+    with pytest.raises(ValueError, match=r"model.init_args: lr 0.002 -> 0.01 on a resume"):
+        train.main(["--config", str(cfg), "--ckpt_path", "last", "--model.init_args.lr", "0.01"])
+    assert state() == before
+    assert _step(run / "ckpt" / "last.ckpt") == 2
