@@ -625,6 +625,10 @@ class TrainCLI(LightningCLI):
             self.resolved_ckpt_path, self.resuming = str(ckpt), True
         else:
             ckpt_path = os.path.expanduser(ckpt_path) if ckpt_path else ckpt_path
+            if ckpt_path and Path(ckpt_path).is_dir():
+                raise FileNotFoundError(
+                    f"--ckpt_path {ckpt_path} is a folder; pass a Lightning .ckpt file or 'last' (an export folder "
+                    "holds weights, not a training state: start from them with model.init_args.init_weights)")
             if ckpt_path and not Path(ckpt_path).is_file():
                 raise FileNotFoundError(f"--ckpt_path {ckpt_path} does not exist; pass a .ckpt file or 'last'")
             self.resolved_ckpt_path = ckpt_path or None
@@ -735,8 +739,14 @@ def main(args=None) -> None:
             # in the resumed run's folder, its latest-run link moved to the refused attempt)
             import torch
 
-            saved = torch.load(cli.resolved_ckpt_path, map_location="cpu", weights_only=False)
-            cli.model.check_resume_hparams(saved.get("hyper_parameters") or {})
+            try:
+                saved = torch.load(cli.resolved_ckpt_path, map_location="cpu", weights_only=False)
+                hparams = saved.get("hyper_parameters") or {}
+            except Exception as exc:  # noqa: BLE001 - README.md, a .safetensors export, a truncated last.ckpt
+                raise ValueError(f"--ckpt_path {cli.resolved_ckpt_path} is not a Lightning checkpoint train.py can "
+                                 f"read ({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); pass a .ckpt "
+                                 "file a train.py run saved (its ckpt/last.ckpt), or 'last'") from None
+            cli.model.check_resume_hparams(hparams)
             del saved
         clash = log_model_hparams_only_on_clash(cli.model, cli.datamodule)
         if clash and _process_rank() == 0:

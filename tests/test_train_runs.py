@@ -395,3 +395,21 @@ def test_a_refused_resume_leaves_the_resumed_run_as_it_was(tmp_path, fake_fmnist
         train.main(["--config", str(cfg), "--ckpt_path", "last", "--model.init_args.lr", "0.01"])
     assert state() == before
     assert _step(run / "ckpt" / "last.ckpt") == 2
+
+
+def test_a_ckpt_path_that_is_a_folder_or_no_checkpoint_gets_one_line(tmp_path, fake_fmnist):
+    """--ckpt_path naming an export folder said 'does not exist'; naming README.md or a .safetensors export ended in
+    torch's UnpicklingError traceback. Both are one line now, and no run directory is left."""
+    import train
+
+    root = tmp_path / "tr"
+    cfg = _config(tmp_path, fake_fmnist, root)
+    folder = tmp_path / "export_folder"
+    folder.mkdir()
+    with pytest.raises(FileNotFoundError, match="is a folder; pass a Lightning .ckpt file or 'last'"):
+        train.main(["--config", str(cfg), "--ckpt_path", str(folder)])
+    notes = tmp_path / "notes.md"
+    notes.write_text("# not a checkpoint\n")
+    with pytest.raises(ValueError, match=rf"--ckpt_path {notes} is not a Lightning checkpoint train.py can read"):
+        train.main(["--config", str(cfg), "--ckpt_path", str(notes)])
+    assert not root.exists() or _runs(root) == []
