@@ -186,6 +186,11 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
                           "results.csv)")
     parser = attack_main.build_parser()
     old_cfg = parser.parse_path(str(run_dir / "config.yaml"))
+    if not issubclass(attack_main.resolve_attack_class(old_cfg.attack.class_path), UserLevelInversion):
+        # before the overrides are parsed: a baseline does not take final-stage options ('final_candidates' is not
+        # accepted), which named the option rather than the run
+        raise ConfigError(f"refinish reruns the user-level attack's final stage; {run_dir} ran "
+                          f"{old_cfg.attack.class_path}")
     cfg = parser.parse_args(["--config", str(run_dir / "config.yaml"), *overrides])
     as_dict = lambda c: json.loads(attack_main.dump_config(parser, c, "json"))  # noqa: E731
     old, new = as_dict(old_cfg), as_dict(cfg)

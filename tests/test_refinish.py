@@ -153,6 +153,10 @@ def test_refinish_refuses_what_is_not_a_finished_run(tmp_path):
     (run_dir / "results.csv").write_text("user\n0\n")
     with pytest.raises(attack.ConfigError, match="final stage"):
         rf.main([str(run_dir)])
+    # with a final-stage option: the same line (was "attack (InvertingGradients): Option 'final_candidates' is not
+    # accepted", from parsing the override before the check)
+    with pytest.raises(attack.ConfigError, match=f"refinish reruns the user-level attack's final stage; {run_dir} ran"):
+        rf.main([str(run_dir), "--attack.init_args.final_candidates", "2"])
 
 
 def test_evaluate_counts_the_candidates_of_the_users_class():
