@@ -427,8 +427,14 @@ def load_runs(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
         d = Path(d)
         csv = d / "results.csv"
         if not csv.is_file():
+            if (d / "audit.csv").is_file():  # scripts/objective_audit.py's run: another table, not attack results
+                raise ValueError(f"{d} is a run directory of scripts/objective_audit.py: its tables are {d}/audit.csv "
+                                 f"and {d}/summary.md (`objective_audit.py collect` gathers several), not a report's")
             if (d / "summary.json").is_file() or (d / "config.yaml").is_file():
                 continue  # attack.py's run stopped before its first user finished: no rows (run_notes names it)
+            if (d / "sweep.json").is_file() and (d / "cells").is_dir():
+                raise FileNotFoundError(f"{d} is a sweep directory of sweep.py: its report is in {d}/report (written "
+                                        f"when the sweep finished); to report its cells again, give {d}/cells/*")
             inner = sorted(p.parent for p in d.glob("*/results.csv"))[:3]
             raise FileNotFoundError(f"{csv} not found: expected a run directory written by attack.py"
                                     + (f"; {d} holds run directories ({', '.join(str(p) for p in inner)}, ...): give "

@@ -118,6 +118,18 @@ def test_missing_columns_and_empty_metrics(tmp_path):
     # the folder above the run directories: the error points at them
     with pytest.raises(FileNotFoundError, match=rf"{tmp_path} holds run directories \({run}, \.\.\.\): give them, e\.g\. "):
         report.build_report([tmp_path], tmp_path / "rep3")
+    # a sweep directory (was "results.csv not found") and an objective audit's run (was "no user finished")
+    sweep_dir = tmp_path / "mysweep"
+    (sweep_dir / "cells").mkdir(parents=True)
+    (sweep_dir / "sweep.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=rf"{sweep_dir} is a sweep directory of sweep.py: its report is in "):
+        report.build_report([sweep_dir], tmp_path / "rep4")
+    audit = tmp_path / "audit_run"
+    audit.mkdir()
+    for name in ("audit.csv", "config.yaml", "summary.json"):
+        (audit / name).write_text("{}")
+    with pytest.raises(ValueError, match=rf"{audit} is a run directory of scripts/objective_audit.py"):
+        report.build_report([audit], tmp_path / "rep5")
 
 
 def test_wandb_offline_logging(tmp_path, monkeypatch):
