@@ -2000,6 +2000,17 @@ def resume_config_argv(parser: ArgumentParser, argv: list[str]) -> list[str]:
     return ["--config", str(config), *argv]
 
 
+def config_file_args(argv: list[str]) -> list[tuple[int, str]]:
+    """``(position, path)`` of every ``--config PATH`` / ``--config=PATH`` on the command line ``argv``, in order."""
+    out = []
+    for j, a in enumerate(argv):
+        if a.startswith("--config="):
+            out.append((j, a.split("=", 1)[1]))
+        elif a == "--config" and j + 1 < len(argv):
+            out.append((j, argv[j + 1]))
+    return out
+
+
 def refuse_duplicate_keys(parser: ArgumentParser, argv: list[str]) -> None:
     """Refuse a ``--config`` file that gives a key twice in one mapping (YAML, and so jsonargparse, keeps the last
     one silently: ``steps: 3`` then ``steps: 5`` ran 5 steps), as sweep.py refuses it in a sweep file
@@ -2011,11 +2022,7 @@ def refuse_duplicate_keys(parser: ArgumentParser, argv: list[str]) -> None:
 
     from inversion.cli import DuplicateKeyError, unique_key_loader
 
-    for j, a in enumerate(argv):
-        path = a.split("=", 1)[1] if a.startswith("--config=") else (
-            argv[j + 1] if a == "--config" and j + 1 < len(argv) else None)
-        if path is None:
-            continue
+    for _, path in config_file_args(argv):
         try:
             yaml.load(Path(path).read_text(), Loader=unique_key_loader())
         except DuplicateKeyError as exc:
@@ -2033,11 +2040,7 @@ def warn_overrides_replaced_by_later_configs(argv: list[str]) -> list[str]:
     import yaml
 
     configs: list[tuple[int, str, dict]] = []  # (position in argv, path, its flattened keys)
-    for j, a in enumerate(argv):
-        path = a.split("=", 1)[1] if a.startswith("--config=") else (
-            argv[j + 1] if a == "--config" and j + 1 < len(argv) else None)
-        if path is None:
-            continue
+    for j, path in config_file_args(argv):
         try:
             configs.append((j, path, flat_entries(yaml.safe_load(Path(path).read_text()) or {})))
         except (OSError, yaml.YAMLError, AttributeError):

@@ -42,12 +42,10 @@ def publish_dir(path: str | Path) -> None:
     os.chmod(path, 0o777 & ~current_umask())
 
 
-def fsync_dir(path: str | Path) -> None:
-    """fsync the folder ``path`` so that a rename into it survives a crash (POSIX); best effort: platforms or file
-    systems that cannot open or fsync a folder (Windows, some network mounts) are skipped silently."""
-    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+def _fsync_path(path: str | Path, flags: int) -> None:
+    """Open ``path`` read-only with ``flags`` added and fsync it; best effort (an open or fsync error is skipped)."""
     try:
-        fd = os.open(path, flags)
+        fd = os.open(path, os.O_RDONLY | flags)
     except OSError:
         return
     try:
@@ -58,22 +56,19 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def fsync_dir(path: str | Path) -> None:
+    """fsync the folder ``path`` so that a rename into it survives a crash (POSIX); best effort: platforms or file
+    systems that cannot open or fsync a folder (Windows, some network mounts) are skipped silently."""
+    _fsync_path(path, getattr(os, "O_DIRECTORY", 0))
+
+
 def fsync_tree(path: str | Path) -> None:
     """fsync every file under the folder ``path`` (recursively), then each folder bottom-up, so that a folder about
     to be renamed into place holds its whole contents on disk even after a power loss. Best effort as
     :func:`fsync_dir` (a file that cannot be opened or fsynced is skipped); symbolic links are not followed."""
-    for root, dirs, files in os.walk(path, topdown=False):
+    for root, _, files in os.walk(path, topdown=False):
         for name in files:
-            try:
-                fd = os.open(os.path.join(root, name), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
+            _fsync_path(os.path.join(root, name), getattr(os, "O_NOFOLLOW", 0))
         fsync_dir(root)
 
 
