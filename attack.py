@@ -398,7 +398,7 @@ def distributed(trainer: dict) -> bool:
     """Whether attack.py shards the users over one process per device (:func:`start_distributed`): strategy
     ddp*, or strategy auto with more than one device in all (Lightning's own reading of ``devices: 2``: one
     process each). Every per-user Trainer then runs on its process's single device."""
-    strategy = str(trainer.get("strategy") or "auto")
+    strategy = str(trainer.get("strategy") or "auto").lower()  # Lightning lower-cases a strategy name
     total = requested_devices(trainer) * int(trainer.get("num_nodes") or 1)
     return strategy.startswith("ddp") or (strategy == "auto" and total > 1)
 
@@ -1651,15 +1651,30 @@ def set_aside_unreadable_checkpoint(path: Path, name: str) -> Optional[Path]:
     ``last.unreadable-<time>.ckpt`` beside it, with one line saying so, and the chunk ``name`` starts again, as
     without a checkpoint. Without this, every --resume failed on it with a traceback and status 'failed: OSError'.
 
+    Only the errors a cut-short file gives count (EOFError, UnpicklingError, torch's zip-reader RuntimeError, EINVAL
+    from a short zip): anything else (an import error of a pickled class, an I/O error, out of memory) propagates,
+    and the file stays where it is.
+
     Returns:
         The new path of a set-aside checkpoint; None when ``path`` loads (or is gone)."""
+    import errno
+    import pickle
+    import re
+
     try:
         torch.load(path, map_location="cpu", weights_only=False)
         return None
     except FileNotFoundError:
         return None
-    except Exception as exc:  # noqa: BLE001 - any reason it cannot be read: unpickling, zip, truncation, OS errors
-        reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+    except (EOFError, pickle.UnpicklingError, RuntimeError, OSError) as exc:
+        text = " ".join(str(exc).split())
+        truncated = (isinstance(exc, (EOFError, pickle.UnpicklingError))
+                     or (isinstance(exc, RuntimeError) and re.search(r"PytorchStreamReader|zip archive|central "
+                                                                     r"directory", text) is not None)
+                     or (isinstance(exc, OSError) and exc.errno == errno.EINVAL))
+        if not truncated:  # e.g. a passing I/O error, or a module the pickle names is gone: the file may be fine
+            raise
+        reason = f"{type(exc).__name__}: {text[:200]}"
     bad = path.with_name(f"last.unreadable-{time.strftime('%Y%m%d-%H%M%S')}.ckpt")
     os.replace(path, bad)
     print(f"[attack] {name}: its checkpoint {path} cannot be read ({reason}); set aside as {bad.name}, {name} "

@@ -743,9 +743,14 @@ def main(args=None) -> None:
                 saved = torch.load(cli.resolved_ckpt_path, map_location="cpu", weights_only=False)
                 hparams = saved.get("hyper_parameters") or {}
             except Exception as exc:  # noqa: BLE001 - README.md, a .safetensors export, a truncated last.ckpt
+                what = f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]})"
+                if cli.resuming:  # 'last' found this file: saying "pass 'last'" would go round in a circle
+                    raise ValueError(f"--ckpt_path last: the newest run's checkpoint {cli.resolved_ckpt_path} cannot be "
+                                     f"read {what}; move it aside (an earlier .ckpt of the run can be passed as "
+                                     "--ckpt_path FILE), or start a fresh run") from None
                 raise ValueError(f"--ckpt_path {cli.resolved_ckpt_path} is not a Lightning checkpoint train.py can "
-                                 f"read ({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); pass a .ckpt "
-                                 "file a train.py run saved (its ckpt/last.ckpt), or 'last'") from None
+                                 f"read {what}; pass a .ckpt file a train.py run saved (its ckpt/last.ckpt), or "
+                                 "'last'") from None
             cli.model.check_resume_hparams(hparams)
             del saved
         clash = log_model_hparams_only_on_clash(cli.model, cli.datamodule)

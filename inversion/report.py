@@ -402,6 +402,17 @@ def final_stage_of(run_dir: Path) -> Optional[str]:
     return final_stage_label(*(a[k] for k in inspect.signature(final_stage_label).parameters))
 
 
+def _has_audit_group(run_dir: Path) -> bool:
+    """Whether ``run_dir/config.yaml`` has a top-level ``audit`` group (scripts/objective_audit.py's runs; it writes
+    config.yaml first and audit.csv at the end)."""
+    import yaml
+
+    try:
+        return "audit" in (yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
+    except Exception:  # noqa: BLE001 - no or unreadable config: not known to be an audit
+        return False
+
+
 def load_runs(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
     """Concatenate ``RUN_DIR/results.csv`` of every run, adding ``run`` (folder name), ``run_dir``, ``run_name``
     (see :func:`run_name_of`), ``setting`` (:func:`setting_of`), ``user_key`` (which user a row is: the run's
@@ -427,7 +438,7 @@ def load_runs(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
         d = Path(d)
         csv = d / "results.csv"
         if not csv.is_file():
-            if (d / "audit.csv").is_file():  # scripts/objective_audit.py's run: another table, not attack results
+            if (d / "audit.csv").is_file() or _has_audit_group(d):  # scripts/objective_audit.py's (finished or not)
                 raise ValueError(f"{d} is a run directory of scripts/objective_audit.py: its tables are {d}/audit.csv "
                                  f"and {d}/summary.md (`objective_audit.py collect` gathers several), not a report's")
             if (d / "summary.json").is_file() or (d / "config.yaml").is_file():

@@ -302,6 +302,7 @@ def test_several_devices_shard_users_under_ddp_or_auto_and_are_refused_otherwise
     with pytest.raises(attack.ConfigError, match="trainer.strategy 'dpp' is not a Lightning strategy \\(did you mean 'ddp'"):
         attack.check_devices({"accelerator": "cpu", "devices": 1, "strategy": "dpp"})
     attack.check_devices({"accelerator": "cpu", "devices": 1, "strategy": "DDP"})  # Lightning lower-cases it
+    attack.check_devices({"accelerator": "cpu", "devices": 2, "strategy": "DDP"})  # and shards the users with it
 
 
 def test_check_devices_accepts_what_the_machine_has(monkeypatch):
@@ -841,3 +842,22 @@ def test_a_resume_sets_aside_an_unreadable_checkpoint_and_restarts_that_user(tmp
                      r"last.unreadable-\d{8}-\d{6}.ckpt, user_0000 starts again from step 0", err), err
     assert spy.calls[0] == ("user_0000/", 0)  # from the start
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+
+
+def test_only_a_cut_short_checkpoint_is_set_aside(tmp_path, monkeypatch):
+    """set_aside_unreadable_checkpoint renamed an intact checkpoint on any load error (a module the pickle names
+    gone, an I/O error), throwing the user's progress away; only the errors of a cut-short file count now."""
+    import pickle
+
+    good = tmp_path / "a" / "last.ckpt"
+    good.parent.mkdir()
+    torch.save({"global_step": 3}, good)
+    assert attack.set_aside_unreadable_checkpoint(good, "user_0000") is None and good.is_file()
+    for exc in (ModuleNotFoundError("No module named 'oldmod'"), OSError(5, "Input/output error"), MemoryError()):
+        monkeypatch.setattr(torch, "load", lambda *a, exc=exc, **k: (_ for _ in ()).throw(exc))
+        with pytest.raises(type(exc)):
+            attack.set_aside_unreadable_checkpoint(good, "user_0000")
+        assert good.is_file()
+    monkeypatch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(pickle.UnpicklingError("truncated")))
+    bad = attack.set_aside_unreadable_checkpoint(good, "user_0000")
+    assert bad is not None and bad.is_file() and not good.exists()

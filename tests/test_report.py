@@ -126,10 +126,13 @@ def test_missing_columns_and_empty_metrics(tmp_path):
         report.build_report([sweep_dir], tmp_path / "rep4")
     audit = tmp_path / "audit_run"
     audit.mkdir()
-    for name in ("audit.csv", "config.yaml", "summary.json"):
-        (audit / name).write_text("{}")
+    (audit / "config.yaml").write_text("users: {}\naudit:\n  per_class: 2\n")  # stopped before audit.csv
     with pytest.raises(ValueError, match=rf"{audit} is a run directory of scripts/objective_audit.py"):
         report.build_report([audit], tmp_path / "rep5")
+    (audit / "audit.csv").write_text("user\n0\n")
+    (audit / "config.yaml").write_text("{}")
+    with pytest.raises(ValueError, match=rf"{audit} is a run directory of scripts/objective_audit.py"):
+        report.build_report([audit], tmp_path / "rep6")
 
 
 def test_wandb_offline_logging(tmp_path, monkeypatch):

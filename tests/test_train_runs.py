@@ -413,3 +413,10 @@ def test_a_ckpt_path_that_is_a_folder_or_no_checkpoint_gets_one_line(tmp_path, f
     with pytest.raises(ValueError, match=rf"--ckpt_path {notes} is not a Lightning checkpoint train.py can read"):
         train.main(["--config", str(cfg), "--ckpt_path", str(notes)])
     assert not root.exists() or _runs(root) == []
+    # 'last' finding a cut-short checkpoint: the message names it and does not send the user back to 'last'
+    train.main(["--config", str(cfg)])
+    (run,) = _runs(root)
+    last = run / "ckpt" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:100])
+    with pytest.raises(ValueError, match=rf"--ckpt_path last: the newest run's checkpoint {last} cannot be read"):
+        train.main(["--config", str(cfg), "--ckpt_path", "last", "--trainer.max_steps", "4"])
