@@ -165,7 +165,16 @@ class AttackArgumentParser(ArgumentParser):
     GROUPS = {"attack": (GradientInversionAttack, "attack method"), "users": (UserSource, "user source")}
 
     def error(self, message: str, ex: Optional[Exception] = None):  # type: ignore[override]
-        return super().error(self.clarify(message), ex)
+        import inspect
+
+        from lightning import Trainer
+
+        from inversion.cli import suggest_for_unrecognized
+
+        # jsonargparse adds the trainer group's options lazily: name them from Trainer's signature
+        known = [*self._option_string_actions, *(f"--trainer.{k}" for k in inspect.signature(Trainer.__init__).parameters
+                                                 if k not in ("self", *TRAINER_SKIP))]
+        return super().error(suggest_for_unrecognized(self.clarify(message), known), ex)
 
     @classmethod
     def known(cls, key: str) -> list[type]:

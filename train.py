@@ -549,9 +549,9 @@ class TrainArgumentParser(LightningArgumentParser):
     mean 'lr'?)`` instead of jsonargparse's Union-subtype dump)."""
 
     def error(self, message: str, ex: Optional[Exception] = None):  # type: ignore[override]
-        from inversion.cli import clarify_subclass_error
+        from inversion.cli import clarify_subclass_error, suggest_for_unrecognized
 
-        return super().error(clarify_subclass_error(message), ex)
+        return super().error(suggest_for_unrecognized(clarify_subclass_error(message), self._option_string_actions), ex)
 
 
 class TrainCLI(LightningCLI):

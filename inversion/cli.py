@@ -168,3 +168,24 @@ def unique_key_loader():
             return node
 
     return UniqueKeyLoader
+
+
+def suggest_for_unrecognized(message: str, known_options) -> str:
+    """argparse's ``unrecognized arguments: --trainer.max_stepz 3`` with `` (did you mean --trainer.max_steps?)``
+    appended for each unknown ``--option`` close to one of ``known_options`` (a parser's option strings, e.g.
+    ``parser._option_string_actions``; difflib, cutoff 0.8); any other message is returned unchanged."""
+    import difflib
+    import re
+
+    m = re.match(r"unrecognized arguments: (.*)", message, re.S)
+    if not m:
+        return message
+    known = [k for k in known_options if k.startswith("--")]
+    hints = []
+    for arg in m.group(1).split():
+        option = arg.split("=", 1)[0]
+        if option.startswith("--"):
+            close = difflib.get_close_matches(option, known, n=1, cutoff=0.8)
+            if close:
+                hints.append(f"{option}: did you mean {close[0]}?")
+    return message + (f" ({'; '.join(hints)})" if hints else "")

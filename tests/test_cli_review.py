@@ -288,3 +288,19 @@ def test_train_py_names_a_missing_warm_start_and_a_config_file_copied_away_in_on
                     "--model", "lightning_modules.classifier.ImageClasifier"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "config file" not in err and "ImageClasifier" in err, err
+
+
+def test_a_misspelt_top_level_option_gets_a_suggestion(capsys):
+    """`--trainer.precison` / `--trainer.max_stepz` gave "unrecognized arguments" alone (attack.py, train.py); the
+    closest known option is suggested now (attack.py's trainer options, added lazily, come from Trainer's
+    signature less the ones the attack sets itself)."""
+    import train
+
+    REPO = Path(__file__).resolve().parents[1]
+
+    with pytest.raises(SystemExit):
+        attack.main(["--config", str(REPO / "configs/attack/fashion_mnist.yaml"), "--trainer.precison", "32-true"])
+    assert "(--trainer.precison: did you mean --trainer.precision?)" in " ".join(capsys.readouterr().err.split())
+    with pytest.raises(SystemExit):
+        train.main(["--config", str(REPO / "configs/train/evaluator_fashion_mnist.yaml"), "--trainer.max_stepz=3"])
+    assert "(--trainer.max_stepz: did you mean --trainer.max_steps?)" in " ".join(capsys.readouterr().err.split())
