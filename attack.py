@@ -1666,7 +1666,6 @@ def set_aside_unreadable_checkpoint(path: Path, name: str) -> Optional[Path]:
 
     Returns:
         The new path of a set-aside checkpoint; None when ``path`` loads (or is gone)."""
-    import errno
     import pickle
     import re
 
@@ -2008,12 +2007,9 @@ def resume_config_argv(parser: ArgumentParser, argv: list[str]) -> list[str]:
     if not config.is_file():
         parser.error(f"--resume {run_dir}: {config} not found; give the run directory attack.py printed at its start "
                      "(it holds config.yaml)")
-    try:
-        import yaml
+    from inversion.cli import config_groups
 
-        groups = set(yaml.safe_load(config.read_text()) or {})
-    except Exception:  # noqa: BLE001 - an unreadable config is the parser's to report
-        groups = set()
+    groups = config_groups(config)  # an unreadable config (no groups) is the parser's to report
     other = ("scripts/objective_audit.py's (an 'audit' group; it is not resumed: run the audit again)"
              if "audit" in groups else
              "train.py's ('model' and 'data' groups; continue a training with train.py --ckpt_path last)"

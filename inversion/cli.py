@@ -133,6 +133,20 @@ def flat_entries(node: Any, prefix: str = "") -> dict:
     return {prefix[:-1]: node}
 
 
+def config_groups(path) -> set:
+    """The top-level keys of the YAML config file ``path`` (e.g. {'users', 'attack', ...} for attack.py's,
+    {'audit', ...} for scripts/objective_audit.py's, {'model', 'data', 'trainer', ...} for train.py's); empty when it
+    cannot be read or parsed, or is not a mapping."""
+    import yaml
+    from pathlib import Path
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except Exception:  # noqa: BLE001 - unreadable or not YAML: no groups known
+        return set()
+    return set(data) if isinstance(data, dict) else set()
+
+
 class DuplicateKeyError(ValueError):
     """A key given twice in one YAML mapping (raised by :func:`unique_key_loader`'s loader)."""
 

@@ -90,7 +90,7 @@ import numpy as np
 import pandas as pd
 
 from inversion.defenses import STRENGTH_KEYS
-from inversion.cli import mark_raised_during_work
+from inversion.cli import config_groups, mark_raised_during_work
 from inversion.fsutils import atomic_write_bytes, find_input_path, publish_dir, run_status  # noqa: F401 (run_status: callers import it from here too)
 
 __all__ = ["GROUP_KEYS", "DuplicateUserError", "aggregate", "aggregate_privacy", "build_report", "changed_count",
@@ -349,8 +349,14 @@ def user_source_of(run_dir: Path) -> Optional[str]:
     entries, parsed = _read_config(Path(run_dir) / "config.yaml")
     if not _identity_known(entries, parsed):
         return None
+    return _users_hash(entries, USER_RANGE_KEYS)
+
+
+def _users_hash(entries: dict, left_out: Sequence[str]) -> str:
+    """'users-' and 6 hex digits of the SHA-256 of the ``users.*`` entries of a flat config ``entries`` without the
+    keys ``left_out`` (:func:`user_source_of`, :func:`_user_batches_of`)."""
     users = {k: v for k, v in entries.items() if k == "users" or k.startswith("users.")}
-    return _hash(_without(users, USER_RANGE_KEYS), "users-")
+    return _hash(_without(users, left_out), "users-")
 
 
 def measurement_of(run_dir: Path) -> Optional[str]:
@@ -402,17 +408,6 @@ def final_stage_of(run_dir: Path) -> Optional[str]:
     return final_stage_label(*(a[k] for k in inspect.signature(final_stage_label).parameters))
 
 
-def _has_audit_group(run_dir: Path) -> bool:
-    """Whether ``run_dir/config.yaml`` has a top-level ``audit`` group (scripts/objective_audit.py's runs; it writes
-    config.yaml first and audit.csv at the end)."""
-    import yaml
-
-    try:
-        return "audit" in (yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
-    except Exception:  # noqa: BLE001 - no or unreadable config: not known to be an audit
-        return False
-
-
 def load_runs(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
     """Concatenate ``RUN_DIR/results.csv`` of every run, adding ``run`` (folder name), ``run_dir``, ``run_name``
     (see :func:`run_name_of`), ``setting`` (:func:`setting_of`), ``user_key`` (which user a row is: the run's
@@ -438,7 +433,8 @@ def load_runs(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
         d = Path(d)
         csv = d / "results.csv"
         if not csv.is_file():
-            if (d / "audit.csv").is_file() or _has_audit_group(d):  # scripts/objective_audit.py's (finished or not)
+            # scripts/objective_audit.py's run, finished or not (it writes config.yaml first and audit.csv at the end)
+            if (d / "audit.csv").is_file() or "audit" in config_groups(d / "config.yaml"):
                 raise ValueError(f"{d} is a run directory of scripts/objective_audit.py: its tables are {d}/audit.csv "
                                  f"and {d}/summary.md (`objective_audit.py collect` gathers several), not a report's")
             if (d / "summary.json").is_file() or (d / "config.yaml").is_file():
@@ -950,8 +946,7 @@ def _user_batches_of(run_dir: str | Path) -> Optional[str]:
     entries, parsed = _read_config(Path(run_dir) / "config.yaml")
     if not parsed or entries is None:
         return None
-    users = {k: v for k, v in entries.items() if k == "users" or k.startswith("users.")}
-    return _hash(_without(users, USER_RANGE_KEYS + USER_LOCATION_KEYS), "users-")
+    return _users_hash(entries, USER_RANGE_KEYS + USER_LOCATION_KEYS)
 
 
 def _user_source_column(df: pd.DataFrame) -> pd.Series:
