@@ -12,38 +12,18 @@ FIRST="${1:?usage: queue_half.sh FIRST_USER (0 or 10)}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 source .venv/bin/activate
+source scripts/queue_lib.sh
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline
-OUT=runs/methods20
-KEPT=reports/fmnist_b10_methods_20users_cpu/kept_runs
-mkdir -p "$OUT"
-if [[ -d "$KEPT" ]]; then  # committed partial runs: copy back those this machine lacks
-  for d in "$KEPT"/*/; do
-    [[ -d "$d" ]] || continue
-    [[ -e "$OUT/$(basename "$d")" ]] || cp -r "$d" "$OUT/"
-  done
-fi
-common=(--config configs/attack/fashion_mnist.yaml --users.init_args.num_users 10 --users.init_args.first_user "$FIRST"
-        --logger.backend csv --trainer.enable_progress_bar false --output.root "$OUT")
+QUEUE_OUT=runs/methods20
+queue_restore "$QUEUE_OUT" reports/fmnist_b10_methods_20users_cpu/kept_runs
+QUEUE_COMMON=(--config configs/attack/fashion_mnist.yaml --users.init_args.num_users 10
+              --users.init_args.first_user "$FIRST"
+              --logger.backend csv --trainer.enable_progress_bar false --output.root "$QUEUE_OUT")
 ig=(--config configs/sweep/parts/inverting_gradients_200.yaml --attack.init_args.steps 200)
 dlg=(--config configs/method/dlg.yaml --attack.init_args.steps 10)
 
-run_cell() {  # name batch_size method-args...
-  local name="$1" b="$2"; shift 2
-  local newest status
-  newest=$(ls -d "$OUT/$name"-2* 2>/dev/null | sort | tail -n 1)
-  if [[ -n "$newest" ]]; then
-    status=$(python -c "import json,sys; print(json.load(open(sys.argv[1])).get('status',''))" "$newest/summary.json" 2>/dev/null)
-    if [[ "$status" == finished ]]; then echo "[queue] $name: finished ($newest)"; return 0; fi
-    echo "[queue] $name: continuing $newest ($(date))"
-    python attack.py "${common[@]}" --users.init_args.batch_size "$b" "$@" --output.name "$name" --resume "$newest"
-  else
-    echo "[queue] $name: new run ($(date))"
-    python attack.py "${common[@]}" --users.init_args.batch_size "$b" "$@" --output.name "$name"
-  fi
-}
-
 # IG B = 50 finished on 2026-11-30 (its figures are in README.md here; its run directories were not kept)
-run_cell "B50_trained_dlg_u$FIRST" 50 "${dlg[@]}"
-run_cell "B100_trained_ig_u$FIRST" 100 "${ig[@]}"
-run_cell "B100_trained_dlg_u$FIRST" 100 "${dlg[@]}"
+queue_run_cell "B50_trained_dlg_u$FIRST" --users.init_args.batch_size 50 "${dlg[@]}"
+queue_run_cell "B100_trained_ig_u$FIRST" --users.init_args.batch_size 100 "${ig[@]}"
+queue_run_cell "B100_trained_dlg_u$FIRST" --users.init_args.batch_size 100 "${dlg[@]}"
 echo "[queue] done ($(date))"
