@@ -211,7 +211,9 @@ def output_path_problem(flag: str, path: str) -> "str | None":
 @contextlib.contextmanager
 def exclusive_lock(path: str | Path, busy: Callable[[str], Exception]) -> Iterator[None]:
     """Hold an exclusive ``flock`` on the file ``path`` (created if missing; it names the holder: pid, host, since)
-    while the block runs; the kernel releases it when the process ends, however it ends.
+    while the block runs; the kernel releases it when the process ends, however it ends. When the block ends
+    normally or by an exception the file is emptied (it stays, empty: a later holder writes its own line); a process
+    killed hard leaves its line, naming a pid that no longer runs.
 
     Args:
         path: the lock file, e.g. ``<sweep dir>/sweep.lock`` or ``<run dir>/attack.lock``.
@@ -227,6 +229,7 @@ def exclusive_lock(path: str | Path, busy: Callable[[str], Exception]) -> Iterat
         yield
         return
     fh = open(path, "a+")
+    locked = False
     try:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -245,6 +248,11 @@ def exclusive_lock(path: str | Path, busy: Callable[[str], Exception]) -> Iterat
             fh.flush()
         yield
     finally:
+        if locked:  # the file stays (unlinking a flock file races a waiting opener): it no longer names a holder
+            with contextlib.suppress(OSError):
+                fh.seek(0)
+                fh.truncate()
+                fh.flush()
         fh.close()
 
 

@@ -414,6 +414,20 @@ def test_a_resume_of_a_run_directory_in_use_stops_before_any_work(tmp_path, caps
             attack.main(["--config", str(cfg), "--resume", str(run_dir)])
     assert before == {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != attack.RUN_LOCK_FILE}
     assert attack.main(["--config", str(cfg), "--resume", str(run_dir)]) == run_dir  # free again: it resumes
+    assert (run_dir / attack.RUN_LOCK_FILE).read_text() == ""  # a finished run's lock names no (dead) holder
+
+
+def test_the_lock_file_is_emptied_when_its_holder_ends_normally_or_by_an_exception(tmp_path):
+    from inversion.fsutils import exclusive_lock
+
+    lock = tmp_path / "x.lock"
+    with pytest.raises(KeyError), exclusive_lock(lock, RuntimeError):
+        assert f"pid {os.getpid()}" in lock.read_text()
+        raise KeyError("stop")
+    assert lock.read_text() == ""
+    with exclusive_lock(lock, RuntimeError):
+        assert f"pid {os.getpid()}" in lock.read_text()
+    assert lock.exists() and lock.read_text() == ""
 
 
 @pytest.mark.parametrize("variable", ["LOCAL_RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "JSM_NAMESPACE_RANK"])
