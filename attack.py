@@ -1604,6 +1604,20 @@ def user_images(user: User, result: AttackResult) -> dict[str, torch.Tensor]:
     return images
 
 
+def models_line(victim: torch.nn.Module, prior) -> str:
+    """One line for the run's start: what the attack optimises (the dummy images only) and what stays fixed (the
+    victim's and the prior's weights, with their parameter counts). It replaces Lightning's model summary, which
+    lists the victim's weights as "trainable" because they require grad (``trainer.enable_model_summary: true``
+    brings that summary back, printed at each user's fit)."""
+    def millions(module) -> str:
+        return f"{sum(p.numel() for p in module.parameters()) / 1e6:.1f} M"
+
+    unet = getattr(prior, "unet", None)
+    return ("[attack] optimised: the dummy image(s) only; fixed: the victim's weights ("
+            + millions(victim) + ", the target and dummy gradients are taken with respect to them)"
+            + (f" and the prior's UNet ({millions(unet)})" if unet is not None else ""))
+
+
 def run(cfg: Namespace) -> Path:
     """Run the configured attack on every user; returns the run directory. See the module docstring.
 
@@ -1723,6 +1737,9 @@ def _run(cfg: Namespace, locks: contextlib.ExitStack) -> Path:
     gallery = face_gallery(init, source, users)  # the identity columns' impostors (faces only)
     trainer_kwargs = {k: v for k, v in dict(cfg.trainer).items() if v is not None}
     trainer_kwargs.setdefault("enable_progress_bar", True)
+    # Lightning's summary counts the victim's weights as trainable (they require grad: the dummy gradient is taken
+    # with respect to them) and printed it for every user: models_line says what is optimised, once per run
+    trainer_kwargs.setdefault("enable_model_summary", False)
     full_float32(str(trainer_kwargs.get("precision", "32-true")))
     fabric = start_distributed(cfg, trainer_kwargs)
     rank, world = (fabric.global_rank, fabric.world_size) if fabric else (0, 1)
@@ -1763,6 +1780,7 @@ def _run(cfg: Namespace, locks: contextlib.ExitStack) -> Path:
             print(f"[attack] run directory: {run_dir}  ({len(users)} users, {len(done)} already done, "
                   f"B = {getattr(source, 'batch_size', '?')}, {world} process(es)"
                   + (f", {per_step} users per step" if per_step > 1 else "") + ")", flush=True)
+            print(models_line(victim, prior), flush=True)
         for chunk in chunks:
             uids = [user_uid(u) for _, u in chunk]
             name = chunk_name(uids)

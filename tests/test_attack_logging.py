@@ -467,3 +467,14 @@ def test_a_resume_in_a_read_only_run_directory(tmp_path, monkeypatch, capsys):
         attack.main(["--resume", str(run_dir)])
     before.pop(run_dir / "summary.json")
     assert before == {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+
+def test_the_run_says_once_what_it_optimises_instead_of_a_model_summary_per_user(tmp_path, capfd):
+    """Lightning's model summary, printed at every user's fit, listed the victim's 11.2 M weights as "trainable"
+    (they require grad for the dummy gradient); a new user read that as training the victim."""
+    cfg = tiny_config(tmp_path, **{"logger.backend": "none", "image_log_every": 0, "users.init_args.num_users": 2})
+    attack.main(["--config", str(cfg)])
+    out = capfd.readouterr().out
+    assert out.count("[attack] optimised: the dummy image(s) only; fixed: the victim's weights (") == 1
+    assert "the prior's UNet (" in out
+    assert "Trainable params" not in out
