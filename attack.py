@@ -1350,7 +1350,7 @@ def open_resume_dir(parser: ArgumentParser, cfg: Namespace) -> tuple[Path, list[
     run_dir = Path(os.path.expanduser(str(cfg.resume)))
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"--resume {run_dir}: not a run directory of attack.py (no config.yaml)")
-    old = comparable_config(parser, parser.parse_path(str(run_dir / "config.yaml")))
+    old = comparable_config(parser, parse_run_config(parser, run_dir, "--resume"))
     new = comparable_config(parser, cfg)
     if old != new:
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -1358,8 +1358,37 @@ def open_resume_dir(parser: ArgumentParser, cfg: Namespace) -> tuple[Path, list[
                           "run without --resume for a new run directory")
     check_recorded_attack_seed(run_dir, cfg, "--resume", "run without --resume for a new run directory")
     check_recorded_defense_seeds(run_dir, cfg, "--resume", "run without --resume for a new run directory")
-    rows = list(csv.DictReader((run_dir / "results.csv").open())) if (run_dir / "results.csv").is_file() else []
+    rows: list[dict] = []
+    if (run_dir / "results.csv").is_file():
+        with (run_dir / "results.csv").open() as fh:
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+        if reader.fieldnames and "user" not in reader.fieldnames:
+            raise ConfigError(f"--resume {run_dir}: its results.csv has no header row naming a 'user' column (first "
+                              f"line: {','.join(reader.fieldnames[:4])},...); it was edited or cut: restore it "
+                              "(attack.py writes it whole, header first) or move it aside to attack every user again")
     return run_dir, with_partial_rows(run_dir, rows)  # users of ranks > 0 not merged (a hard stop)
+
+
+def parse_run_config(parser: ArgumentParser, run_dir: Path, what: str) -> Namespace:
+    """``run_dir/config.yaml`` parsed by ``parser`` (attack.py's), argparse's own error output swallowed.
+
+    Raises:
+        ConfigError: it does not parse (written by another version of attack.py, or edited): one line naming the
+            file and the parser's reason, instead of a usage message that read as a fault of the command line.
+    """
+    path = run_dir / "config.yaml"
+    exit_on_error, parser.exit_on_error = parser.exit_on_error, False
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            return parser.parse_path(str(path))
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - jsonargparse raises ArgumentError (or exits)
+        reason = " ".join(str(exc).split())[:400] or type(exc).__name__
+        raise ConfigError(f"{what} {run_dir}: its config.yaml does not parse with this version of attack.py "
+                          f"({reason}); it was written by another version or edited: fix {path}, or start a new "
+                          "run") from None
+    finally:
+        parser.exit_on_error = exit_on_error
 
 
 def with_partial_rows(run_dir: Path, rows: list[dict]) -> list[dict]:

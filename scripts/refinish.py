@@ -185,7 +185,7 @@ def refinish(run_dir: Path, overrides: list[str]) -> Path:
         raise ConfigError(f"{run_dir}: not a run directory of attack.py with finished users (needs config.yaml and "
                           "results.csv)")
     parser = attack_main.build_parser()
-    old_cfg = parser.parse_path(str(run_dir / "config.yaml"))
+    old_cfg = attack_main.parse_run_config(parser, run_dir, "refinish")
     if not issubclass(attack_main.resolve_attack_class(old_cfg.attack.class_path), UserLevelInversion):
         # before the overrides are parsed: a baseline does not take final-stage options ('final_candidates' is not
         # accepted), which named the option rather than the run

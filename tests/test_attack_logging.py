@@ -478,3 +478,21 @@ def test_the_run_says_once_what_it_optimises_instead_of_a_model_summary_per_user
     assert out.count("[attack] optimised: the dummy image(s) only; fixed: the victim's weights (") == 1
     assert "the prior's UNet (" in out
     assert "Trainable params" not in out
+
+
+def test_a_resume_names_a_run_config_or_results_file_it_cannot_read(tmp_path):
+    """A kept run's config.yaml that this version cannot parse gave argparse's usage line ("Option 'foo' is not
+    accepted"), read as a fault of the command line; a results.csv without its header gave KeyError: 'user'."""
+    cfg = tiny_config(tmp_path, **{"logger.backend": "none", "image_log_every": 0, "users.init_args.num_users": 1})
+    run_dir = attack.main(["--config", str(cfg)])
+    (run_dir / "summary.json").unlink()  # as if it had been stopped
+    config = (run_dir / "config.yaml").read_text()
+    (run_dir / "config.yaml").write_text(config + "foo: 1\n")
+    with pytest.raises(attack.ConfigError, match=r"its config\.yaml does not parse with this version .*foo"):
+        attack.main(["--config", str(cfg), "--resume", str(run_dir)])
+    (run_dir / "config.yaml").write_text(config)
+    results = (run_dir / "results.csv").read_text()
+    (run_dir / "results.csv").write_text(results.split("\n", 1)[1])  # the header line lost
+    with pytest.raises(attack.ConfigError, match="its results.csv has no header row naming a 'user' column"):
+        attack.main(["--config", str(cfg), "--resume", str(run_dir)])
+    assert (run_dir / "results.csv").read_text() == results.split("\n", 1)[1]  # left as it was
