@@ -1,29 +1,33 @@
 """scripts/queue_lib.sh: the CPU queues that carry a report's cells across sessions (reports/*/queue_half.sh and
-persist.sh). What they decide (skip a finished cell, resume an unfinished one, start a missing one) and what they keep
-in git (small result files and images, never checkpoints) is checked here with attack.py replaced by an echo."""
+persist.sh). What they decide (resume a cell's newest run, start a missing one, leave a diverged one), what they keep
+in git (small result files and images, never checkpoints) and how a signal stops them are checked here, with
+attack.py replaced by an echo or by a stand-in script."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or os.name != "posix", reason="needs bash on POSIX")
+LIB = ROOT / "scripts" / "queue_lib.sh"
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
 
 def run_bash(script: str, cwd: Path) -> str:
-    """Run ``script`` after sourcing queue_lib.sh, with ``python attack.py ...`` echoed instead of run."""
-    prelude = (
-        f"source {ROOT / 'scripts' / 'queue_lib.sh'}\n"
-        f'python() {{ if [[ "$1" == attack.py ]]; then echo "ATTACK $*"; else {sys.executable} "$@"; fi; }}\n'
-        f"export PYTHONPATH={ROOT}\n"
-    )
-    done = subprocess.run(["bash", "-c", prelude + script], cwd=cwd, capture_output=True, text=True, check=True)
+    """Run ``script`` after sourcing queue_lib.sh, with the attack.py child echoed instead of run."""
+    stub = ('python() { if [[ "$1" == -c && "$3" == python && "$4" == attack.py ]]; then shift 3; echo "ATTACK $*"; '
+            f'else {sys.executable} "$@"; fi; }}\n')
+    done = subprocess.run(["bash", "-c", f"source {LIB}\n{stub}{script}"], cwd=cwd, env=ENV, capture_output=True,
+                          text=True, check=True)
     return done.stdout
 
 
@@ -32,32 +36,36 @@ def make_run(root: Path, name: str, status: str | None, users: int = 2) -> Path:
     for u in range(users):
         user = run / "users" / f"user_{u:04d}"
         user.mkdir(parents=True)
-        (user / "raw.png").write_bytes(b"png")
-        (user / "raw.pt").write_bytes(b"pt")
+        for f in ("raw.png", "raw.pt", "denoised.png", "grid.png", "batch.png"):
+            (user / f).write_bytes(f.encode())
         (user / "last.ckpt").write_bytes(b"x" * 1000)
-    (run / "config.yaml").write_text("seed: 0\n")
+    for f in ("config.yaml", "attack_seed.txt", "defense_seeds.txt", "models.json"):
+        (run / f).write_text(f)
     (run / "results.csv").write_text("user\n" + "".join(f"{u}\n" for u in range(users)))
-    (run / "grid.png").write_bytes(b"grid")
     if status is not None:
         (run / "summary.json").write_text(json.dumps({"status": status}))
     return run
 
 
-def test_run_cell_skips_a_finished_cell_resumes_the_newest_unfinished_one_and_starts_a_missing_one(tmp_path):
+def test_run_cell_resumes_the_newest_run_leaves_a_diverged_one_and_starts_a_missing_one(tmp_path):
     out = tmp_path / "runs"
-    make_run(out, "A-20261201-000000-aaaaaa", "finished")
+    finished = make_run(out, "A-20261201-000000-aaaaaa", "finished")  # resumed too: attack.py checks its config
     make_run(out, "B-20261201-000000-bbbbbb", "finished")
     newest_b = make_run(out, "B-20261202-000000-cccccc", "interrupted")
+    make_run(out, "B-20261203-000000-dddddd.old", None)  # a persist leftover is never the newest
+    make_run(out, "D-20261201-000000-eeeeee", "diverged: NaN at step 7")
     stdout = run_bash(
         f"QUEUE_OUT={out}; QUEUE_COMMON=(--config c.yaml)\n"
-        "queue_run_cell A --x 1\nqueue_run_cell B --x 2\nqueue_run_cell C --x 3\n",
+        "queue_run_cell A --x 1\nqueue_run_cell B --x 2\nqueue_run_cell C --x 3\nqueue_run_cell D --x 4\n",
         tmp_path,
     )
-    lines = [ln for ln in stdout.splitlines() if ln.startswith(("ATTACK", "[queue] A: finished"))]
-    assert lines[0].startswith("[queue] A: finished")
-    assert lines[1] == f"ATTACK attack.py --config c.yaml --x 2 --output.name B --resume {newest_b}"
-    assert lines[2] == "ATTACK attack.py --config c.yaml --x 3 --output.name C"
-    assert len(lines) == 3
+    attacks = [ln for ln in stdout.splitlines() if ln.startswith("ATTACK")]
+    assert attacks == [
+        f"ATTACK attack.py --config c.yaml --x 1 --output.name A --resume {finished}",
+        f"ATTACK attack.py --config c.yaml --x 2 --output.name B --resume {newest_b}",
+        "ATTACK attack.py --config c.yaml --x 3 --output.name C",
+    ]
+    assert "[queue] D: diverged: NaN at step 7" in stdout and "not retried" in stdout
 
 
 def test_persist_keeps_results_and_images_but_no_checkpoints_and_restore_copies_back_only_what_is_missing(tmp_path):
@@ -68,15 +76,52 @@ def test_persist_keeps_results_and_images_but_no_checkpoints_and_restore_copies_
     stdout = run_bash(f"queue_persist {out} {kept}\n", tmp_path)
     assert f"kept {kept}/{run.name} (3 users)" in stdout
     files = sorted(str(p.relative_to(kept / run.name)) for p in (kept / run.name).rglob("*") if p.is_file())
-    assert files == ["config.yaml", "results.csv"] + [
-        f"users/user_{u:04d}/{f}" for u in range(3) for f in ("raw.png", "raw.pt")
-    ]
+    assert files == sorted(["attack_seed.txt", "config.yaml", "defense_seeds.txt", "models.json", "results.csv"] + [
+        f"users/user_{u:04d}/{f}" for u in range(3) for f in ("denoised.png", "grid.png", "raw.png", "raw.pt")])
     assert not list(kept.glob(".tmp-*")) and not list(kept.glob("*.old"))
 
     shutil.rmtree(out)
     (out / "B-keep-mine").mkdir(parents=True)
     (kept / "B-keep-mine").mkdir()
     (kept / "B-keep-mine" / "results.csv").write_text("kept\n")
+    (kept / "C-20261201-000000-ffffff.old").mkdir()  # a persist cut short between its two renames
     run_bash(f"queue_restore {out} {kept}\n", tmp_path)
-    assert (out / run.name / "users" / "user_0002" / "raw.pt").read_bytes() == b"pt"
+    assert (out / run.name / "users" / "user_0002" / "raw.pt").read_bytes() == b"raw.pt"
     assert not (out / "B-keep-mine" / "results.csv").exists()  # an existing run directory is never overwritten
+    assert not (out / "C-20261201-000000-ffffff.old").exists()
+
+
+@pytest.mark.parametrize("sig, int_ignored", [(signal.SIGTERM, True), (signal.SIGINT, False), (signal.SIGHUP, False)])
+def test_a_signal_to_the_queue_stops_the_running_attack_as_ctrl_c_and_starts_no_next_cell(tmp_path, sig, int_ignored):
+    """`kill QUEUE_PID` left attack.py running (orphaned), and a restarted queue then met its lock and went on to the
+    next cell. A queue started as a script's background job (`nohup bash queue.sh &`) has SIGINT ignored, and so
+    had its attack.py, which then never raised KeyboardInterrupt."""
+    (tmp_path / "attack.py").write_text(
+        "import sys, time\nfrom pathlib import Path\n"
+        "name = sys.argv[sys.argv.index('--output.name') + 1]\n"
+        "Path(name + '.started').write_text('')\n"
+        "try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    Path(name + '.interrupted').write_text('')\n"
+        "    sys.exit(1)\n")
+    (tmp_path / "queue.sh").write_text(f"source {LIB}\nQUEUE_OUT=runs; QUEUE_COMMON=()\n"
+                                       "queue_run_cell first\nqueue_run_cell second\n")
+
+    def start():
+        os.setsid()
+        signal.signal(signal.SIGINT, signal.SIG_IGN if int_ignored else signal.SIG_DFL)
+
+    queue = subprocess.Popen(["bash", "queue.sh"], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, preexec_fn=start)
+    try:
+        for _ in range(600):
+            if (tmp_path / "first.started").exists():
+                break
+            time.sleep(0.05)
+        assert (tmp_path / "first.started").exists()
+        os.kill(queue.pid, sig)  # the queue's bash only, as `kill PID` does
+        out, _ = queue.communicate(timeout=30)
+    finally:
+        if queue.poll() is None:
+            os.killpg(queue.pid, signal.SIGKILL)
+    assert (tmp_path / "first.interrupted").exists(), out
+    assert "[queue] stopped" in out and queue.returncode == 130
+    assert not (tmp_path / "second.started").exists()
