@@ -41,7 +41,8 @@ the keys it sets), only when runs alike in every other key have different config
 ablation table (full vs no_prior vs no_window ..., one ``output.name`` each) comes out directly, and the figures
 draw one line per method and extra key. ``--variants final_stage,victim_init`` (any subset of these keys) groups
 by exactly those instead, e.g. to pool runs of different names that share a final stage (a note says when that
-pools runs of different settings).
+pools runs of different settings). ``--pool-run-names`` pools runs whose names differ but whose settings agree (the
+halves ``..._u0`` / ``..._u10`` of a split cell) while every other key still splits rows.
 
 Before pooling: a user found twice with the same run name, setting, seeds and defenses (a rerun, a resumed copy, an
 interrupted sweep cell and its re-run: :func:`drop_duplicate_users`) counts once, from the newest finished run, and a
@@ -1451,8 +1452,8 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, users_per_
 
     Before anything is pooled, runs that did not finish (:func:`run_notes`) and users found twice
     (:func:`drop_duplicate_users`: counted once) are printed on stderr (``[report] note: ...``, ``[report] warning:
-    ...``) and listed under Notes in summary.md; so is, on stderr only, a ``variants`` choice that pools runs of
-    different settings into one row.
+    ...``) and listed under Notes in summary.md; so is a ``variants`` choice that pools runs of different settings
+    into one row.
 
     Raises:
         UnknownVariantError (a ValueError): a variant key that is not one of VARIANT_KEYS (before anything is read).
@@ -1487,9 +1488,12 @@ def _build_report(run_dirs: list[Path], loaded: pd.DataFrame, out_dir, users_per
     if variants is not None:
         df.attrs["variant_keys"] = list(variants)
         keys = group_keys(df)
-        if "setting" not in keys and _splits(df, keys, "setting"):  # as asked; said on the terminal only
-            printed.append(f"--variants {','.join(variants) or chr(39) * 2} pools runs of different settings into "
-                           "one row (add setting to the variants to keep them apart)")
+        if "setting" not in keys and _splits(df, keys, "setting"):  # as asked; said here and in summary.md
+            pooled_note = (f"--variants {','.join(variants) or chr(39) * 2} pools runs of different settings into "
+                           "one row (add setting to the variants to keep them apart; to pool only the halves of a "
+                           "split cell, use --pool-run-names without --variants)")
+            printed.append(pooled_note)
+            notes.append(pooled_note)
     for n in printed:
         print(f"[report] {'warning' if n in duplicates else 'note'}: {n}", file=sys.stderr)
     summary = aggregate(df)
@@ -1561,11 +1565,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--variants", default=None,
                     help=f"comma-separated extra group keys, from {','.join(VARIANT_KEYS)} (default: every key the "
                          "runs differ in; '' for none)")
+    ap.add_argument("--pool-run-names", action="store_true",
+                    help="pool runs whose names differ but whose settings agree (the halves of a split cell, "
+                         "..._u0 and ..._u10; a sweep's seed cells) as one row; other settings still split rows")
     args = ap.parse_args(argv)
     requested = args.out
     variants = None if args.variants is None else [k for k in args.variants.split(",") if k]
     try:
-        out = build_report(args.run_dirs, requested, args.gallery_users, args.wandb, args.wandb_project, variants)
+        out = build_report(args.run_dirs, requested, args.gallery_users, args.wandb, args.wandb_project, variants,
+                           pool_run_names=args.pool_run_names)
     except UnknownVariantError as exc:
         ap.error(f"--variants: {exc}")
     if out != requested:

@@ -387,3 +387,27 @@ def test_the_report_tables_leave_unmeasured_users_out_and_run_without_their_refe
     _load_table("fmnist_b10_20users_ablations_cpu").main([tmp_path])
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| no prior"))
     assert row.startswith("| no prior | 2 | 2/2 | 2/2 | 2/2 | - |"), row
+
+
+def test_pool_run_names_on_the_command_line_pools_the_halves_of_split_cells_but_not_two_victims(tmp_path, base_config,
+                                                                                               capsys):
+    """The README said the halves of a split cell (`..._u0`, `..._u10`) pool with `--variants ''`, which also pooled
+    the trained and the random victim's cells into one row (a note on stderr only). `--pool-run-names` pools the
+    halves and keeps the victims apart; `--variants ''` now says what it pooled under Notes in summary.md too."""
+    runs = []
+    for victim, psnr in (("trained", 10.0), ("random", 20.0)):
+        for first in (0, 10):
+            cfg = _edit(base_config, output__name=f"B10_{victim}_u{first}", users__init_args__first_user=first,
+                        victim__random_init=victim == "random")
+            runs.append(_run(tmp_path, cfg, f"2026120{1 + len(runs)}-100000",
+                             {first: psnr + first / 10, first + 1: psnr + first / 10}))
+    assert report.main([*map(str, runs), "--out", str(tmp_path / "rep"), "--pool-run-names"]) in (0, None)
+    s = pd.read_csv(tmp_path / "rep" / "summary.csv")
+    assert "run_name" not in s.columns and len(s) == 2
+    by_victim = {"random" if "random_init=true" in r.setting_diff.lower() else "trained": r for r in s.itertuples()}
+    assert by_victim["trained"].n_users == 4 and by_victim["trained"].psnr_nearest_avg == pytest.approx(10.5)
+    assert by_victim["random"].n_users == 4 and by_victim["random"].psnr_nearest_avg == pytest.approx(20.5)
+    report.main([*map(str, runs), "--out", str(tmp_path / "mixed"), "--variants", ""])
+    mixed = tmp_path / "mixed"
+    assert len(pd.read_csv(mixed / "summary.csv")) == 1
+    assert "pools runs of different settings into one row" in (mixed / "summary.md").read_text()
