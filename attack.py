@@ -1764,6 +1764,14 @@ def _run(cfg: Namespace, locks: contextlib.ExitStack) -> Path:
     users = source.users()
     per_step = users_per_step_of(attack_cls, attack_kwargs, len(users))
     gallery = face_gallery(init, source, users)  # the identity columns' impostors (faces only)
+    names = getattr(source, "class_names", None)
+
+    def named(label) -> str:  # "5 Sandal" where the source names its classes
+        try:
+            return f"{label} {names[int(label)]}" if names else str(label)
+        except (IndexError, TypeError, ValueError):
+            return str(label)
+
     trainer_kwargs = {k: v for k, v in dict(cfg.trainer).items() if v is not None}
     trainer_kwargs.setdefault("enable_progress_bar", True)
     # Lightning's summary counts the victim's weights as trainable (they require grad: the dummy gradient is taken
@@ -1882,8 +1890,8 @@ def _run(cfg: Namespace, locks: contextlib.ExitStack) -> Path:
                     (run_dir / PARTIAL_DIR).mkdir(exist_ok=True)
                     write_results(run_dir, [r for _, r, _ in local], name=f"{PARTIAL_DIR}/rank{rank}-{os.getpid()}.csv")
                 print(
-                    f"[attack] {uid}: dominant {user.dominant_class}, inferred {inferred.dominant}, "
-                    + (f"evaluator {row['evaluator_class']} (p={row.get('evaluator_prob')}), "
+                    f"[attack] {uid}: dominant {named(user.dominant_class)}, inferred {named(inferred.dominant)}, "
+                    + (f"evaluator {named(row['evaluator_class'])} (p={row.get('evaluator_prob')}), "
                        if row.get("evaluator_class") is not None else "")
                     + "".join(f"{k} {row[k]}, " for k in ("gender_pred", "id_nearest_is_own") if row.get(k) is not None)
                     + f"PSNR nearest {row.get('psnr_nearest')} dB, "

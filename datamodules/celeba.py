@@ -476,6 +476,12 @@ class CelebAUsers(UserSource):
         attribute."""
         return len(self.classes) if self.target == "identity" else 2
 
+    @property
+    def class_names(self) -> Optional[tuple]:
+        """``('not <attr>', '<attr>')`` for an attribute target (printed beside the label); None for identities
+        (class k is identity ``classes[k]``: the printed ids are the class indices)."""
+        return (f"not {self.target}", self.target) if self.target != "identity" else None
+
     def plan(self) -> list[dict]:
         """Which identity and which images each user gets, without loading any image.
 

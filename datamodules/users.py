@@ -16,6 +16,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from datamodules.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
+
 
 @dataclass
 class User:
@@ -58,6 +60,8 @@ class UserSource:
     num_classes: int
     image_size: int
     channels: int
+    #: names of the classes by label (printed beside the ids, e.g. "5 Sandal"); None: ids only
+    class_names: Optional[tuple] = None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -304,6 +308,7 @@ class FashionMNISTUsers(UserSource):
     """
 
     num_classes = 10
+    class_names = FASHION_MNIST_CLASSES
 
     def __init__(
         self,

@@ -478,6 +478,15 @@ def test_the_run_says_once_what_it_optimises_instead_of_a_model_summary_per_user
     assert out.count("[attack] optimised: the dummy image(s) only; fixed: the victim's weights (") == 1
     assert "the prior's UNet (" in out
     assert "Trainable params" not in out
+    # classes are named beside their ids (torchvision's FashionMNIST.classes)
+    from datamodules.fashion_mnist import CLASSES
+
+    import re
+
+    line = re.search(r"\[attack\] user_0000: dominant (\d+) (.+?), inferred (\d+) (.+?), evaluator (\d+) (.+?) \(p=", out)
+    assert line, out
+    for k in (0, 2, 4):
+        assert line.group(k + 2) == CLASSES[int(line.group(k + 1))]
 
 
 def test_a_resume_names_a_run_config_or_results_file_it_cannot_read(tmp_path):
