@@ -1766,11 +1766,9 @@ def _run(cfg: Namespace, locks: contextlib.ExitStack) -> Path:
     gallery = face_gallery(init, source, users)  # the identity columns' impostors (faces only)
     names = getattr(source, "class_names", None)
 
-    def named(label) -> str:  # "5 Sandal" where the source names its classes
-        try:
-            return f"{label} {names[int(label)]}" if names else str(label)
-        except (IndexError, TypeError, ValueError):
-            return str(label)
+    def named(label) -> str:  # "5 Sandal" where the source names its classes (an in-range integer label)
+        ok = names and isinstance(label, numbers.Integral) and not isinstance(label, bool) and 0 <= label < len(names)
+        return f"{label} {names[int(label)]}" if ok else str(label)
 
     trainer_kwargs = {k: v for k, v in dict(cfg.trainer).items() if v is not None}
     trainer_kwargs.setdefault("enable_progress_bar", True)

@@ -8,30 +8,32 @@
 #   queue_persist OUT KEPT      copy OUT/*-2*/ to KEPT, keeping config.yaml, results.csv, summary.json, models.json,
 #                               attack_seed.txt, defense_seeds.txt and each user's raw.pt, raw.png, denoised.png, grid.png
 #                               (~15 KB per user; no checkpoints)
-# Stopping: a SIGINT, SIGTERM or SIGHUP to the queue's bash (`kill PID`, Ctrl-C) sends SIGINT to the running
-# attack.py, which stops as on Ctrl-C (finished users and checkpoints kept), and the queue exits (130) without
-# starting the next cell. attack.py runs in its own process group (a SIGKILL of the queue leaves it running). Every step is safe to restart: a resume skips finished users and continues a user from its last
-# checkpoint when the run wrote them (--checkpoint_every).
+# Stopping: `kill PID` (SIGTERM) of the queue's bash sends SIGTERM to the running attack.py, which stops as on
+# Ctrl-C (status "interrupted"; finished users and checkpoints kept), and the queue exits (130) without starting
+# another cell; so do SIGINT (Ctrl-C in a terminal) and SIGHUP where the queue does not ignore them (`nohup ... &`
+# from a script starts it with both ignored: use SIGTERM). attack.py runs in its own process group, so a terminal's
+# Ctrl-C reaches it once, through the queue; a SIGKILL of the queue leaves it running. The trap is set by the
+# first queue_run_cell (persist.sh and queue_restore keep the default: a signal just ends them).
 
 QUEUE_CHILD=""
 QUEUE_STOPPED=""
 queue_stop() {
   QUEUE_STOPPED=1
-  if [[ -n "$QUEUE_CHILD" ]]; then kill -INT "$QUEUE_CHILD" 2>/dev/null; fi
+  if [[ -n "$QUEUE_CHILD" ]]; then kill -TERM "$QUEUE_CHILD" 2>/dev/null; fi
 }
-trap queue_stop INT TERM HUP
 
 queue_attack() {  # python attack.py ARGS.. as a child that a signal to the queue stops cleanly; its exit status
+  if [[ -n "$QUEUE_STOPPED" ]]; then echo "[queue] stopped ($(date))"; exit 130; fi
   # A script's background child starts with SIGINT ignored, and Python then never raises KeyboardInterrupt: reset
-  # it before exec'ing attack.py. Its own process group: a Ctrl-C in a terminal reaches the queue only, which
-  # forwards one SIGINT (a second one, straight from the terminal, would cut Lightning's graceful stop short).
+  # it (for a Ctrl-C or kill -INT sent to attack.py itself), and give attack.py its own process group.
   python -c 'import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.setpgid(0, 0); os.execvp(sys.argv[1], sys.argv[1:])' \
     python attack.py "$@" &
   QUEUE_CHILD=$!
+  if [[ -n "$QUEUE_STOPPED" ]]; then kill -TERM "$QUEUE_CHILD" 2>/dev/null; fi  # a signal just before $! was set
   local rc
-  while :; do  # wait returns early (> 128) when a trapped signal arrives: wait again until the child has ended
+  wait "$QUEUE_CHILD"; rc=$?
+  while (( rc > 128 )) && kill -0 "$QUEUE_CHILD" 2>/dev/null; do  # wait ended early by a trapped signal
     wait "$QUEUE_CHILD"; rc=$?
-    kill -0 "$QUEUE_CHILD" 2>/dev/null || break
   done
   QUEUE_CHILD=""
   if [[ -n "$QUEUE_STOPPED" ]]; then echo "[queue] stopped ($(date))"; exit 130; fi
@@ -57,6 +59,7 @@ queue_restore() {
 }
 
 queue_run_cell() {
+  trap queue_stop INT TERM HUP
   local name="$1"; shift
   local newest status
   newest=$(queue_newest "$QUEUE_OUT" "$name")

@@ -97,7 +97,9 @@ def test_a_signal_to_the_queue_stops_the_running_attack_as_ctrl_c_and_starts_no_
     next cell. A queue started as a script's background job (`nohup bash queue.sh &`) has SIGINT ignored, and so
     had its attack.py, which then never raised KeyboardInterrupt."""
     (tmp_path / "attack.py").write_text(
-        "import sys, time\nfrom pathlib import Path\n"
+        "import signal, sys, time\nfrom pathlib import Path\n"
+        "def stop(*_):\n    raise KeyboardInterrupt\n"
+        "signal.signal(signal.SIGTERM, stop)  # as attack.py (Lightning) stops on SIGTERM: status 'interrupted'\n"
         "name = sys.argv[sys.argv.index('--output.name') + 1]\n"
         "Path(name + '.started').write_text('')\n"
         "try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    Path(name + '.interrupted').write_text('')\n"
@@ -125,3 +127,44 @@ def test_a_signal_to_the_queue_stops_the_running_attack_as_ctrl_c_and_starts_no_
     assert (tmp_path / "first.interrupted").exists(), out
     assert "[queue] stopped" in out and queue.returncode == 130
     assert not (tmp_path / "second.started").exists()
+
+
+def test_a_signal_between_cells_starts_no_next_cell_and_persist_is_not_trapped(tmp_path):
+    """A signal that came while no attack.py ran (restore, the status check, between cells) was only noted, and the
+    next multi-hour cell started; persist.sh inherited the trap and ignored `kill PID`."""
+    stdout = subprocess.run(["bash", "-c", f"source {LIB}\nQUEUE_OUT=runs; QUEUE_COMMON=()\n"
+                             "queue_stop\nqueue_run_cell first\necho not-reached\n"],
+                            cwd=tmp_path, env=ENV, capture_output=True, text=True)
+    assert stdout.returncode == 130 and "[queue] stopped" in stdout.stdout and "not-reached" not in stdout.stdout
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
+    persist = subprocess.Popen(["bash", "-c", f"source {LIB}\nkill -TERM $$\necho not-reached\n"], cwd=tmp_path,
+                               env=ENV, stdout=subprocess.PIPE, text=True)
+    out, _ = persist.communicate(timeout=30)
+    assert persist.returncode == -signal.SIGTERM and "not-reached" not in out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="needs dataset-fashion-mnist")
+def test_attack_py_stops_on_sigterm_as_on_ctrl_c(tmp_path):
+    """What the queue relies on (and a cluster's time limit sends): SIGTERM to attack.py ends the run 'interrupted'
+    with the resume command, its checkpoint kept, rather than 'failed' or killed."""
+    from tests.test_attack_e2e import tiny_config
+
+    cfg = tiny_config(tmp_path, **{"attack.init_args.steps": 100000, "logger.backend": "none",
+                                   "users.init_args.num_users": 1})
+    proc = subprocess.Popen([sys.executable, str(ROOT / "attack.py"), "--config", str(cfg), "--checkpoint_every", "20"],
+                            cwd=ROOT, env={**ENV, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(1200):
+            if list((tmp_path / "runs").glob("*/checkpoints/*/last.ckpt")):
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted", out
+    assert f"--resume {run_dir}" in out and list(run_dir.glob("checkpoints/*/last.ckpt"))
