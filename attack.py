@@ -2051,7 +2051,7 @@ def resume_config_argv(parser: ArgumentParser, argv: list[str]) -> list[str]:
         SystemExit: (status 2, ``parser.error``) RUN_DIR has no config.yaml, or it is another tool's run directory
             (scripts/objective_audit.py's: an ``audit`` group; train.py's: ``model`` and ``data`` groups).
     """
-    has_config = any(a == "--config" or a.startswith("--config=") for a in argv)
+    has_config = any(a == "--config" for a in argv) or bool(config_file_args(argv))
     run_dir = next((argv[j + 1] if a == "--resume" and j + 1 < len(argv) else a.split("=", 1)[1]
                     for j, a in enumerate(argv) if a == "--resume" or a.startswith("--resume=")), None)
     if has_config or not run_dir or any(a in ("-h", "--help") for a in argv):
