@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The full-fidelity cells' report, from whatever the queues have finished so far (runs/full20; partial cells count
+# their finished users, named under Notes): each half cell's newest run is refinished with the final-selection
+# extension (configs/extension/final_selection.yaml: 32 candidates from t_final 400; seconds per user, no
+# optimisation repeated) into a new folder under runs/full20_refinished/, then inversion.report pools the halves
+# (--pool-run-names) into one row per cell and final stage (the paper's 'denoise t=100' and 'select N=32').
+#   bash reports/fmnist_full_20users_cpu/make_report.sh [OUT]    # OUT default: reports/fmnist_full_20users_cpu/report
+# OUT is never overwritten (inversion.report picks OUT-1, OUT-2, ... when it exists).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$ROOT"
+source .venv/bin/activate
+source scripts/queue_lib.sh
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 WANDB_MODE=offline
+OUT="${1:-reports/fmnist_full_20users_cpu/report}"
+REFINISHED="runs/full20_refinished/$(date +%Y%m%d-%H%M%S)"
+runs=()
+for cell in B10 B100 B50; do
+  for victim in trained random; do
+    for first in 0 10; do
+      newest=$(queue_newest runs/full20 "${cell}_${victim}_u${first}")
+      [[ -n "$newest" && -s "$newest/results.csv" ]] || continue
+      runs+=("$newest")
+      # 'incomplete' (exit 1) for a run still going: its finished users are refinished all the same
+      python scripts/refinish.py "$newest" --config configs/extension/final_selection.yaml --logger.backend csv \
+        --output.root "$REFINISHED" --trainer.enable_progress_bar false || true
+    done
+  done
+done
+[[ ${#runs[@]} -gt 0 ]] || { echo "no finished users under runs/full20 yet"; exit 1; }
+python -m inversion.report "${runs[@]}" "$REFINISHED"/*/ --pool-run-names --out "$OUT"
