@@ -16,8 +16,6 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from datamodules.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
-
 
 @dataclass
 class User:
@@ -308,7 +306,13 @@ class FashionMNISTUsers(UserSource):
     """
 
     num_classes = 10
-    class_names = FASHION_MNIST_CLASSES
+
+    @property
+    def class_names(self) -> tuple:
+        """torchvision's FashionMNIST.classes, by label (imported here: datamodules.fashion_mnist loads Lightning)."""
+        from datamodules.fashion_mnist import CLASSES
+
+        return CLASSES
 
     def __init__(
         self,
