@@ -538,3 +538,9 @@ def test_an_ffhq_root_with_two_resolutions_side_by_side_is_refused_with_the_fold
     assert len(find_images(root / "thumbnails128x128")) == 2  # one version: fine
     with pytest.raises(ValueError, match=f"e.g. {root / 'images1024x1024'}"):  # the folder that exists, not ROOT/x
         find_images(tmp_path)
+
+
+def test_celeba_users_name_attribute_classes_and_leave_identities_as_ids(tmp_path):
+    make_celeba(tmp_path)
+    assert CelebAUsers(tmp_path, num_users=1, batch_size=1, target="Male").class_names == ("not Male", "Male")
+    assert CelebAUsers(tmp_path, num_users=1, batch_size=1, target="identity").class_names is None
