@@ -57,7 +57,9 @@ Notes in summary.md). When more than one defense (or strength) is present, also:
   summary.csv), ``label_accuracy`` and avg/std/n of ``psnr_nearest`` and ``lpips_nearest`` (when present);
 * ``privacy_curve.png``: attack success (evaluator accuracy with its Wilson interval as error bars; LPIPS nearest and
   PSNR nearest when measured) against
-  the defense strength (the sigma / keep fraction / levels / clip norm of the first defense that has one, see attack.defense_label),
+  the defense strength (the sigma / keep fraction / levels / clip norm of the first defense that has one, see
+  attack.defense_label; for a composition of defenses whose runs differ in one such parameter of another defense, that
+  parameter: :func:`strength_params`; the x axis is named by it when all lines share one),
   one line per method (and per defense kind, per B, protocol, victim_init, final_stage when several). The x axis is logarithmic when the positive
   strengths span more than 10x. ``none`` (no defense) is drawn as a hollow square at the left end of each line with
   the tick label ``none`` (at x = 0 on a linear axis; one decade left of the smallest strength on a log axis, since
@@ -486,6 +488,13 @@ def load_runs(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
         df["defense"] = df["defense"].fillna("none").astype(str) if "defense" in df else "none"
         df["defense_strength"] = (pd.to_numeric(df["defense_strength"], errors="coerce")
                                   if "defense_strength" in df else math.nan)
+        # a composition whose varying parameter is not its first defense's strength (strength_params): that value
+        params = strength_params(df["defense"].unique())
+        moved = {lab: _strength_value(lab, prm) for lab, prm in params.items()
+                 if prm is not None and prm != _default_strength_param(_defense_parts(lab))}
+        if moved:
+            is_moved = df["defense"].isin(list(moved))
+            df.loc[is_moved, "defense_strength"] = df.loc[is_moved, "defense"].map(moved)
     for c in df.columns:
         if c in TEXT_COLUMNS:
             continue
@@ -1103,25 +1112,70 @@ def plot_metrics_vs_b(df: pd.DataFrame, summary: pd.DataFrame, path: Path) -> Op
     return path
 
 
-def _defense_kind(label: str) -> str:
-    """The line a defense label belongs to: the label without the parameter that is its strength (the curve's x:
-    the first defense holding one of :data:`inversion.defenses.STRENGTH_KEYS`, the first such key, as
-    ``attack.defense_label`` picks it), every other setting kept:
-    'gaussian_dp(clip_norm=1.0,sigma=0.01)+topk_pruning(keep_fraction=0.1)' ->
-    'gaussian_dp(clip_norm=1.0)+topk_pruning(keep_fraction=0.1)', so two clip norms are two lines."""
-    import re
+def _defense_parts(label: str) -> list[tuple[str, list[tuple[str, str]]]]:
+    """``'gaussian_dp(clip_norm=1.0,sigma=0.01)+topk_pruning(keep_fraction=0.1)'`` (``attack.defense_label``) ->
+    ``[('gaussian_dp', [('clip_norm', '1.0'), ('sigma', '0.01')]), ('topk_pruning', [('keep_fraction', '0.1')])]``;
+    [] for 'none' or a label of another form."""
+    out = []
+    for name, params in re.findall(r"(\w+)\(([^)]*)\)", str(label)):
+        items = [kv.split("=", 1) for kv in params.split(",") if kv]
+        out.append((name, [(kv[0], kv[1] if len(kv) > 1 else "") for kv in items]))
+    return out
 
-    parts = re.findall(r"(\w+)\(([^)]*)\)", str(label))
+
+def _default_strength_param(parts) -> Optional[tuple[int, str]]:
+    """(defense index, key) of ``attack.defense_label``'s strength: the first defense holding one of
+    :data:`inversion.defenses.STRENGTH_KEYS`, the first such key."""
+    for i, (_, items) in enumerate(parts):
+        keys = [k for k, _ in items]
+        key = next((k for k in STRENGTH_KEYS if k in keys), None)
+        if key is not None:
+            return i, key
+    return None
+
+
+def strength_params(labels) -> dict[str, Optional[tuple[int, str]]]:
+    """For each defense label, the (defense index, key) whose value is its strength on the privacy curve.
+
+    Labels of one composition (the same defenses with the same keys, e.g. ``topk_pruning(keep_fraction=0.1)+
+    gaussian_dp(clip_norm=1.0,sigma=S)`` for several S) take the one :data:`inversion.defenses.STRENGTH_KEYS`
+    parameter whose value differs among them, so a sweep of the second defense's sigma is one curve over sigma; when
+    none or several differ, the default of ``attack.defense_label`` (the first defense holding such a key: there the
+    pruning's keep fraction, the same x for every sigma) stays."""
+    parsed = {str(lab): _defense_parts(lab) for lab in set(map(str, labels))}
+    groups: dict[tuple, list[str]] = {}
+    for lab, parts in parsed.items():
+        if parts:
+            groups.setdefault(tuple((n, tuple(k for k, _ in items)) for n, items in parts), []).append(lab)
+    out = {lab: _default_strength_param(parts) for lab, parts in parsed.items()}
+    for structure, labs in groups.items():
+        varying = [(i, k) for i, (_, keys) in enumerate(structure) for k in STRENGTH_KEYS if k in keys
+                   and len({dict(parsed[lab][i][1])[k] for lab in labs}) > 1]
+        if len(varying) == 1:
+            for lab in labs:
+                out[lab] = varying[0]
+    return out
+
+
+def _strength_value(label: str, param: Optional[tuple[int, str]]) -> float:
+    try:
+        return float(dict(_defense_parts(label)[param[0]][1])[param[1]])
+    except (TypeError, IndexError, KeyError, ValueError):
+        return math.nan
+
+
+def _defense_kind(label: str, param: Optional[tuple[int, str]] = None) -> str:
+    """The line a defense label belongs to: the label without the parameter that is its strength (the curve's x:
+    ``param``, (defense index, key) from :func:`strength_params`; by default the first defense holding one of
+    :data:`inversion.defenses.STRENGTH_KEYS`, the first such key, as ``attack.defense_label`` picks it), every other
+    setting kept: 'gaussian_dp(clip_norm=1.0,sigma=0.01)+topk_pruning(keep_fraction=0.1)' ->
+    'gaussian_dp(clip_norm=1.0)+topk_pruning(keep_fraction=0.1)', so two clip norms are two lines."""
+    parts = _defense_parts(label)
     if not parts:
         return str(label)
-    out, dropped = [], False
-    for name, params in parts:
-        items = [kv for kv in params.split(",") if kv]
-        keys = [kv.split("=", 1)[0] for kv in items]
-        drop = None if dropped else next((k for k in STRENGTH_KEYS if k in keys), None)
-        dropped = dropped or drop is not None
-        out.append(f"{name}({','.join(kv for kv, k in zip(items, keys) if k != drop)})")
-    return "+".join(out)
+    drop = param if param is not None else _default_strength_param(parts)
+    return "+".join(f"{name}({','.join(f'{k}={v}' for k, v in items if drop != (i, k))})"
+                    for i, (name, items) in enumerate(parts))
 
 
 PRIVACY_METRICS = [("evaluator_accuracy", "evaluator accuracy (higher = attack succeeds)"),
@@ -1157,7 +1211,10 @@ def plot_privacy_curve(privacy: pd.DataFrame, path: Path) -> Optional[Path]:
     if privacy.empty:
         return None
     p = privacy.copy()
-    p["kind"] = p["defense"].map(_defense_kind)
+    params = strength_params(p["defense"])
+    p["kind"] = [_defense_kind(lab, params.get(str(lab))) for lab in p["defense"]]
+    x_names = {f"{_defense_parts(lab)[i][0]} {k}" for lab, prm in params.items() if prm is not None
+               for i, k in [prm]}
     is_none = p["defense"] == "none"
     strength = p["defense_strength"].astype(float)
     on_curve = is_none | np.isfinite(strength)
@@ -1215,7 +1272,7 @@ def plot_privacy_curve(privacy: pd.DataFrame, path: Path) -> Optional[Path]:
             ax.set_xticks(ticks, [names.get(t, f"{t:g}") for t in ticks], fontsize=8)
             ax.minorticks_off()
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel("defense strength" + (" (log scale)" if log else ""))
+        ax.set_xlabel((next(iter(x_names)) if len(x_names) == 1 else "defense strength") + (" (log scale)" if log else ""))
         if m == "evaluator_accuracy":
             ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
@@ -1403,7 +1460,8 @@ def write_markdown(path: Path, df: pd.DataFrame, summary: pd.DataFrame, run_dirs
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     if privacy is not None:
         lines += ["## Privacy (per method, B, defense, defense_strength; pooled over runs)", "",
-                  "`defense_strength` is the sigma / keep fraction / levels / clip norm of the first defense that has one; `-` = none. "
+                  "`defense_strength` is the sigma / keep fraction / levels / clip norm of the first defense that has one "
+                  "(of a composition whose runs differ in one such parameter of another defense: that one); `-` = none. "
                   "In privacy_curve.png 'none' is the hollow square at the left.", "",
                   _markdown_table(privacy, df), ""]
     lines += ["## Figures", ""]

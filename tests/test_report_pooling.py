@@ -411,3 +411,30 @@ def test_pool_run_names_on_the_command_line_pools_the_halves_of_split_cells_but_
     mixed = tmp_path / "mixed"
     assert len(pd.read_csv(mixed / "summary.csv")) == 1
     assert "pools runs of different settings into one row" in (mixed / "summary.md").read_text()
+
+
+def test_a_composition_whose_second_defense_varies_is_one_privacy_curve_over_that_parameter(tmp_path, base_config):
+    """pruning(keep 0.1) + DP noise at two sigmas: the strength was the pruning's keep fraction (the first defense
+    holding a strength key) for both, so the two sigmas were one x and two one-point lines; now the sigma is the x."""
+    runs = []
+    for i, sigma in enumerate([None, 0.001, 0.01]):
+        run = _run(tmp_path, _edit(base_config, output__name="cell"), f"20261201-10000{i}", {0: 10.0 + i, 1: 11.0 + i})
+        label = "none" if sigma is None else f"topk_pruning(keep_fraction=0.1)+gaussian_dp(clip_norm=1.0,sigma={sigma})"
+        rows = pd.read_csv(run / "results.csv").assign(defense=label, defense_strength=None if sigma is None else 0.1)
+        rows.to_csv(run / "results.csv", index=False)
+        runs.append(run)
+    out = report.build_report(runs, tmp_path / "rep")
+    privacy = pd.read_csv(out / "privacy.csv")
+    defended = privacy[privacy["defense"] != "none"].sort_values("defense_strength")
+    assert list(defended["defense_strength"]) == [0.001, 0.01]
+    assert list(defended["psnr_nearest_avg"]) == pytest.approx([11.5, 12.5])
+    assert report.strength_params(defended["defense"]) == {lab: (1, "sigma") for lab in defended["defense"]}
+    assert {report._defense_kind(lab, (1, "sigma")) for lab in defended["defense"]} == {
+        "topk_pruning(keep_fraction=0.1)+gaussian_dp(clip_norm=1.0)"}
+    # one defense, or nothing varying: the first defense's strength, as attack.py writes it
+    assert report.strength_params(["gaussian_dp(clip_norm=1.0,sigma=0.01)", "gaussian_dp(clip_norm=2.0,sigma=0.01)",
+                                   "none"]) == {"gaussian_dp(clip_norm=1.0,sigma=0.01)": (0, "clip_norm"),
+                                                "gaussian_dp(clip_norm=2.0,sigma=0.01)": (0, "clip_norm"),
+                                                "none": None}
+    assert report.strength_params(["gaussian_dp(clip_norm=1.0,sigma=0.01)"]) == {
+        "gaussian_dp(clip_norm=1.0,sigma=0.01)": (0, "sigma")}
