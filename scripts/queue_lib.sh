@@ -1,5 +1,7 @@
 # Shared by the CPU queues that run a report's cells across sessions on a 2-core machine, one half of the users per
 # core (reports/*/queue_half.sh) and keep partial run directories in git (reports/*/persist.sh). Source it, then:
+#   queue_init OUT KEPT         cd to the repository, activate .venv, one thread per process, offline hub and W&B;
+#                               set QUEUE_OUT=OUT and copy back the kept runs (queue_restore OUT KEPT)
 #   queue_restore OUT KEPT      copy committed run directories from KEPT back to OUT where OUT lacks them
 #   queue_run_cell NAME ARGS..  run attack.py "${QUEUE_COMMON[@]}" ARGS.. --output.name NAME under $QUEUE_OUT:
 #                               --resume the newest OUT/NAME-* run when there is one (attack.py checks its config is
@@ -40,6 +42,15 @@ queue_attack() {  # python attack.py ARGS.. as a child that a signal to the queu
   return "$rc"
 }
 
+QUEUE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+queue_init() {
+  cd "$QUEUE_ROOT"
+  source .venv/bin/activate
+  export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline
+  QUEUE_OUT="$1"
+  queue_restore "$1" "$2"
+}
+
 queue_newest() {  # the newest run directory OUT/NAME-2*, not a persist leftover (*.old)
   local d newest=""
   for d in "$1/$2"-2*/; do
@@ -69,7 +80,7 @@ queue_run_cell() {
       echo "[queue] $name: $status ($newest); not retried: move that directory aside to run the cell again"
       return 0
     fi
-    echo "[queue] $name: ${status:-unfinished}, resuming $newest ($(date))"
+    echo "[queue] $name: ${status:-unfinished} ($newest): attack.py --resume ($(date))"
     queue_attack "${QUEUE_COMMON[@]}" "$@" --output.name "$name" --resume "$newest"
   else
     echo "[queue] $name: new run ($(date))"

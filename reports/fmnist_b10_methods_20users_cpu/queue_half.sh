@@ -9,13 +9,8 @@
 # committed, without checkpoints) when runs/methods20 lacks them: see persist.sh there.
 set -uo pipefail
 FIRST="${1:?usage: queue_half.sh FIRST_USER (0 or 10)}"
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-cd "$ROOT"
-source .venv/bin/activate
-source scripts/queue_lib.sh
-export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline
-QUEUE_OUT=runs/methods20
-queue_restore "$QUEUE_OUT" reports/fmnist_b10_methods_20users_cpu/kept_runs
+source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/queue_lib.sh"
+queue_init runs/methods20 reports/fmnist_b10_methods_20users_cpu/kept_runs
 QUEUE_COMMON=(--config configs/attack/fashion_mnist.yaml --users.init_args.num_users 10
               --users.init_args.first_user "$FIRST"
               --logger.backend csv --trainer.enable_progress_bar false --output.root "$QUEUE_OUT")
