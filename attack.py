@@ -575,7 +575,8 @@ def _canonical_defense_params(d: dict) -> list[tuple[str, str]]:
     params = {k: v for k, v in d.items() if k not in ("name", "seed")}
     if d.get("name") == "gaussian_dp" and "noise_multiplier" in params:  # GaussianDP's alias: one label, 'sigma'
         nm = params.pop("noise_multiplier")
-        params.setdefault("sigma", nm)  # both given: equal, or GaussianDP refuses them
+        if params.get("sigma") is None:  # both given: equal, or GaussianDP refuses them; 'sigma: null' is unset
+            params["sigma"] = nm
     cls = DEFENSES.get(d.get("name"))
     if cls is None or cls.__init__ is object.__init__:
         return [(k, text(k, v)) for k, v in params.items()]

@@ -58,8 +58,9 @@ Notes in summary.md). When more than one defense (or strength) is present, also:
 * ``privacy_curve.png``: attack success (evaluator accuracy with its Wilson interval as error bars; LPIPS nearest and
   PSNR nearest when measured) against
   the defense strength (the sigma / keep fraction / levels / clip norm of the first defense that has one, see
-  attack.defense_label; for a composition of defenses whose runs differ in one such parameter of another defense, that
-  parameter: :func:`strength_params`; the x axis is named by it when all lines share one),
+  attack.defense_label; where another such parameter is what the runs of one composition vary, e.g. the sigma of
+  pruning + DP noise or the clip norm of clipping alone, that parameter: :func:`strength_params`, in privacy.csv too,
+  while summary.csv keeps results.csv's value; the x axis is named by the parameter when all lines share one),
   one line per method (and per defense kind, per B, protocol, victim_init, final_stage when several). The x axis is logarithmic when the positive
   strengths span more than 10x. ``none`` (no defense) is drawn as a hollow square at the left end of each line with
   the tick label ``none`` (at x = 0 on a linear axis; one decade left of the smallest strength on a log axis, since
@@ -99,8 +100,8 @@ from inversion.fsutils import atomic_write_bytes, find_input_path, publish_dir, 
 __all__ = ["GROUP_KEYS", "DuplicateUserError", "aggregate", "aggregate_privacy", "build_report", "changed_count",
            "count_cell", "drop_duplicate_users", "group_keys", "load_runs", "main", "mean_std_cell", "measurement_of",
            "newest_run", "paired_counts", "plot_gallery", "plot_metrics_vs_b", "plot_privacy_curve",
-           "pool_newest_runs", "pool_users", "run_notes", "run_status", "setting_diff_labels", "setting_of",
-           "user_source_of"]
+           "pool_newest_runs", "pool_users", "privacy_strengths", "run_notes", "run_status", "setting_diff_labels",
+           "setting_of", "strength_params", "user_source_of"]
 
 GROUP_KEYS = ["method", "B"]
 # Extra group keys, used only when the runs differ in them (see group_keys); defense and strength go together.
@@ -488,13 +489,6 @@ def load_runs(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
         df["defense"] = df["defense"].fillna("none").astype(str) if "defense" in df else "none"
         df["defense_strength"] = (pd.to_numeric(df["defense_strength"], errors="coerce")
                                   if "defense_strength" in df else math.nan)
-        # a composition whose varying parameter is not its first defense's strength (strength_params): that value
-        params = strength_params(df["defense"].unique())
-        moved = {lab: _strength_value(lab, prm) for lab, prm in params.items()
-                 if prm is not None and prm != _default_strength_param(_defense_parts(lab))}
-        if moved:
-            is_moved = df["defense"].isin(list(moved))
-            df.loc[is_moved, "defense_strength"] = df.loc[is_moved, "defense"].map(moved)
     for c in df.columns:
         if c in TEXT_COLUMNS:
             continue
@@ -842,6 +836,7 @@ def aggregate_privacy(df: pd.DataFrame) -> pd.DataFrame:
     :func:`setting_of`) stay apart: a trained and a random victim are two curves, and an ablation run without the
     prior is not pooled into the undefended point of the full attack."""
     extra = [k for k in PRIVACY_SPLIT_KEYS if _varies(df, k)]
+    df = df.assign(defense_strength=privacy_strengths(df, extra))  # a composition's varying parameter (strength_params)
     return aggregate(df, PRIVACY_KEYS + extra, metrics=["psnr_nearest", "lpips_nearest"])
 
 
@@ -1112,15 +1107,35 @@ def plot_metrics_vs_b(df: pd.DataFrame, summary: pd.DataFrame, path: Path) -> Op
     return path
 
 
-def _defense_parts(label: str) -> list[tuple[str, list[tuple[str, str]]]]:
+def _defense_parts(label: str) -> list[tuple[str, list[tuple[str, Optional[str]]]]]:
     """``'gaussian_dp(clip_norm=1.0,sigma=0.01)+topk_pruning(keep_fraction=0.1)'`` (``attack.defense_label``) ->
-    ``[('gaussian_dp', [('clip_norm', '1.0'), ('sigma', '0.01')]), ('topk_pruning', [('keep_fraction', '0.1')])]``;
-    [] for 'none' or a label of another form."""
-    out = []
-    for name, params in re.findall(r"(\w+)\(([^)]*)\)", str(label)):
-        items = [kv.split("=", 1) for kv in params.split(",") if kv]
-        out.append((name, [(kv[0], kv[1] if len(kv) > 1 else "") for kv in items]))
-    return out
+    ``[('gaussian_dp', [('clip_norm', '1.0'), ('sigma', '0.01')]), ('topk_pruning', [('keep_fraction', '0.1')])]``.
+    Commas and parentheses inside brackets (a list value) do not split; an item without '=' is kept as
+    ``(item, None)``. [] for 'none' or a label of another form."""
+    out, pos, text = [], 0, str(label)
+    while True:
+        m = re.compile(r"\+?(\w+)\(").match(text, pos)
+        if m is None:
+            return out if pos == len(text) else []
+        depth, j, items, start = 0, m.end(), [], m.end()
+        while j < len(text):
+            c = text[j]
+            if c in "([{":
+                depth += 1
+            elif c in ")]}" and depth:
+                depth -= 1
+            elif c == ")" or (c == "," and depth == 0):
+                if j > start:
+                    items.append(text[start:j])
+                start = j + 1
+                if c == ")":
+                    break
+            j += 1
+        else:
+            return []  # unbalanced
+        out.append((m.group(1), [(kv.split("=", 1)[0], kv.split("=", 1)[1]) if "=" in kv else (kv, None)
+                                 for kv in items]))
+        pos = j + 1
 
 
 def _default_strength_param(parts) -> Optional[tuple[int, str]]:
@@ -1134,34 +1149,75 @@ def _default_strength_param(parts) -> Optional[tuple[int, str]]:
     return None
 
 
-def strength_params(labels) -> dict[str, Optional[tuple[int, str]]]:
-    """For each defense label, the (defense index, key) whose value is its strength on the privacy curve.
+def _float(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
 
-    Labels of one composition (the same defenses with the same keys, e.g. ``topk_pruning(keep_fraction=0.1)+
-    gaussian_dp(clip_norm=1.0,sigma=S)`` for several S) take the one :data:`inversion.defenses.STRENGTH_KEYS`
-    parameter whose value differs among them, so a sweep of the second defense's sigma is one curve over sigma; when
-    none or several differ, the default of ``attack.defense_label`` (the first defense holding such a key: there the
-    pruning's keep fraction, the same x for every sigma) stays."""
-    parsed = {str(lab): _defense_parts(lab) for lab in set(map(str, labels))}
+
+def strength_params(labels) -> dict[str, Optional[tuple[int, str]]]:
+    """For each defense label of one privacy curve's runs (one method, B and setting), the (defense index, key)
+    whose value is its strength, the curve's x.
+
+    By default the strength of ``attack.defense_label``: the first defense holding one of
+    :data:`inversion.defenses.STRENGTH_KEYS`, the first such key. Among labels of one composition (the same defenses
+    with the same keys) another such parameter is taken when it puts more runs on lines of two or more points, each
+    line being the labels alike in everything else: e.g. ``topk_pruning(keep_fraction=0.1)+gaussian_dp(clip_norm=1.0,
+    sigma=S)`` for several S is one curve over sigma, not one point per S at the keep fraction; and
+    ``gaussian_dp(clip_norm=C,sigma=0.0)`` (clipping only) for several C is a curve over the clip norm. A clip norm
+    next to nonzero noise is never the strength (the noise std is sigma * clip_norm: the clip norm alone does not
+    order the runs by privacy); ties keep the default."""
+    parsed = {lab: _defense_parts(lab) for lab in dict.fromkeys(map(str, labels))}
+    out = {lab: _default_strength_param(parts) for lab, parts in parsed.items()}
     groups: dict[tuple, list[str]] = {}
     for lab, parts in parsed.items():
         if parts:
             groups.setdefault(tuple((n, tuple(k for k, _ in items)) for n, items in parts), []).append(lab)
-    out = {lab: _default_strength_param(parts) for lab, parts in parsed.items()}
     for structure, labs in groups.items():
-        varying = [(i, k) for i, (_, keys) in enumerate(structure) for k in STRENGTH_KEYS if k in keys
-                   and len({dict(parsed[lab][i][1])[k] for lab in labs}) > 1]
-        if len(varying) == 1:
+        default = out[labs[0]]
+        values = {lab: [dict(items) for _, items in parsed[lab]] for lab in labs}
+
+        def eligible(i: int, k: str) -> bool:
+            if k == "clip_norm" and any(_float(values[lab][i].get(n)) != 0 for lab in labs
+                                        for n in ("sigma", "noise_multiplier") if n in values[lab][i]):
+                return False
+            return all(math.isfinite(_float(values[lab][i][k])) for lab in labs)
+
+        def score(param: tuple[int, str]) -> int:
+            lines: dict[str, set] = {}
             for lab in labs:
-                out[lab] = varying[0]
+                lines.setdefault(_defense_kind(lab, param), set()).add(values[lab][param[0]][param[1]])
+            return sum(1 for lab in labs if len(lines[_defense_kind(lab, param)]) > 1)
+
+        candidates = [(i, k) for i, (_, keys) in enumerate(structure) for k in STRENGTH_KEYS
+                      if k in keys and eligible(i, k)]
+        best = max(candidates, key=lambda c: (score(c), c == default), default=None)
+        if best is not None and best != default and score(best) > (score(default) if default in candidates else 0):
+            for lab in labs:
+                out[lab] = best
     return out
 
 
 def _strength_value(label: str, param: Optional[tuple[int, str]]) -> float:
     try:
-        return float(dict(_defense_parts(label)[param[0]][1])[param[1]])
-    except (TypeError, IndexError, KeyError, ValueError):
+        return _float(dict(_defense_parts(label)[param[0]][1])[param[1]])
+    except (TypeError, IndexError, KeyError):
         return math.nan
+
+
+def privacy_strengths(df: pd.DataFrame, split: Sequence[str] = ()) -> pd.Series:
+    """``defense_strength`` as the privacy curve reads it: results.csv's value (``attack.defense_label``'s), except
+    for the labels :func:`strength_params` gives another parameter, chosen per (method, B, ``split`` keys)."""
+    d = df.reset_index(drop=True)
+    out = pd.to_numeric(d["defense_strength"], errors="coerce").astype(float).to_numpy(copy=True)
+    for _, g in d.groupby(["method", "B", *[k for k in split if k in d]], dropna=False, sort=False):
+        params = strength_params(g["defense"])
+        for pos, lab in zip(g.index, g["defense"].astype(str)):
+            prm = params.get(lab)
+            if prm is not None and prm != _default_strength_param(_defense_parts(lab)):
+                out[pos] = _strength_value(lab, prm)
+    return pd.Series(out, index=df.index, name="defense_strength")
 
 
 def _defense_kind(label: str, param: Optional[tuple[int, str]] = None) -> str:
@@ -1169,12 +1225,12 @@ def _defense_kind(label: str, param: Optional[tuple[int, str]] = None) -> str:
     ``param``, (defense index, key) from :func:`strength_params`; by default the first defense holding one of
     :data:`inversion.defenses.STRENGTH_KEYS`, the first such key, as ``attack.defense_label`` picks it), every other
     setting kept: 'gaussian_dp(clip_norm=1.0,sigma=0.01)+topk_pruning(keep_fraction=0.1)' ->
-    'gaussian_dp(clip_norm=1.0)+topk_pruning(keep_fraction=0.1)', so two clip norms are two lines."""
+    'gaussian_dp(clip_norm=1.0)+topk_pruning(keep_fraction=0.1)', so two clip norms (beside noise) are two lines."""
     parts = _defense_parts(label)
     if not parts:
         return str(label)
     drop = param if param is not None else _default_strength_param(parts)
-    return "+".join(f"{name}({','.join(f'{k}={v}' for k, v in items if drop != (i, k))})"
+    return "+".join(f"{name}({','.join(k if v is None else f'{k}={v}' for k, v in items if drop != (i, k))})"
                     for i, (name, items) in enumerate(parts))
 
 
@@ -1210,11 +1266,16 @@ def plot_privacy_curve(privacy: pd.DataFrame, path: Path) -> Optional[Path]:
 
     if privacy.empty:
         return None
-    p = privacy.copy()
-    params = strength_params(p["defense"])
-    p["kind"] = [_defense_kind(lab, params.get(str(lab))) for lab in p["defense"]]
-    x_names = {f"{_defense_parts(lab)[i][0]} {k}" for lab, prm in params.items() if prm is not None
-               for i, k in [prm]}
+    p = privacy.copy().reset_index(drop=True)
+    split = [k for k in PRIVACY_SPLIT_KEYS if k in p]  # present only when the runs differ in it
+    p["defense_strength"] = privacy_strengths(p, split)  # as aggregate_privacy sets it (also for other frames)
+    p["kind"] = p["defense"].astype(str)
+    x_names = set()
+    for _, g in p.groupby(["method", "B", *split], dropna=False, sort=False):
+        params = strength_params(g["defense"])
+        p.loc[g.index, "kind"] = [_defense_kind(str(lab), params.get(str(lab))) for lab in g["defense"]]
+        x_names |= {f"{_defense_parts(lab)[prm[0]][0]} {prm[1]}" for lab, prm in params.items()
+                    if prm is not None and math.isfinite(_strength_value(lab, prm))}
     is_none = p["defense"] == "none"
     strength = p["defense_strength"].astype(float)
     on_curve = is_none | np.isfinite(strength)
@@ -1234,7 +1295,6 @@ def plot_privacy_curve(privacy: pd.DataFrame, path: Path) -> Optional[Path]:
     if not metrics:
         return None
     multi_b = p["B"].nunique() > 1
-    split = [k for k in PRIVACY_SPLIT_KEYS if k in p]  # present only when the runs differ in it
     kinds = [k for k in sorted(p.loc[~is_none & on_curve, "kind"].unique())] or ["none"]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.6), squeeze=False)
     for ax, (m, title) in zip(axes[0], metrics):
@@ -1461,7 +1521,8 @@ def write_markdown(path: Path, df: pd.DataFrame, summary: pd.DataFrame, run_dirs
     if privacy is not None:
         lines += ["## Privacy (per method, B, defense, defense_strength; pooled over runs)", "",
                   "`defense_strength` is the sigma / keep fraction / levels / clip norm of the first defense that has one "
-                  "(of a composition whose runs differ in one such parameter of another defense: that one); `-` = none. "
+                  "(where the runs of one composition vary another such parameter, e.g. the sigma of pruning + noise or the "
+                  "clip norm of clipping alone: that one; summary.csv keeps the first); `-` = none. "
                   "In privacy_curve.png 'none' is the hollow square at the left.", "",
                   _markdown_table(privacy, df), ""]
     lines += ["## Figures", ""]

@@ -314,7 +314,8 @@ def test_the_same_defense_written_two_ways_gets_one_label_and_one_privacy_curve_
     a = attack.defense_label([{"name": "gaussian_dp", "clip_norm": 1, "sigma": 0.01, "seed": 0}])
     b = attack.defense_label([{"name": "gaussian_dp", "sigma": 0.01, "clip_norm": 1.0}])
     assert a == b == ("gaussian_dp(clip_norm=1.0,sigma=0.01)", 0.01)
-    for spelled in ({"noise_multiplier": 0.01}, {"noise_multiplier": 0.01, "sigma": 0.01}):  # GaussianDP's alias
+    for spelled in ({"noise_multiplier": 0.01}, {"noise_multiplier": 0.01, "sigma": 0.01},  # GaussianDP's alias
+                    {"noise_multiplier": 0.01, "sigma": None}):  # 'sigma: null' beside it labelled 'sigma=None'
         assert attack.defense_label([{"name": "gaussian_dp", "clip_norm": 1.0, **spelled}]) == a
     c = attack.defense_label([{"name": "gaussian_dp", "clip_norm": 1.0, "sigma": 0.1, "seed": 0}])
     assert _defense_kind(a[0]) == _defense_kind(c[0])

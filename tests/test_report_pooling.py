@@ -415,7 +415,8 @@ def test_pool_run_names_on_the_command_line_pools_the_halves_of_split_cells_but_
 
 def test_a_composition_whose_second_defense_varies_is_one_privacy_curve_over_that_parameter(tmp_path, base_config):
     """pruning(keep 0.1) + DP noise at two sigmas: the strength was the pruning's keep fraction (the first defense
-    holding a strength key) for both, so the two sigmas were one x and two one-point lines; now the sigma is the x."""
+    holding a strength key) for both, so the two sigmas were one x and two one-point lines; now the sigma is the x
+    of the privacy table and curve (summary.csv keeps results.csv's value)."""
     runs = []
     for i, sigma in enumerate([None, 0.001, 0.01]):
         run = _run(tmp_path, _edit(base_config, output__name="cell"), f"20261201-10000{i}", {0: 10.0 + i, 1: 11.0 + i})
@@ -428,13 +429,28 @@ def test_a_composition_whose_second_defense_varies_is_one_privacy_curve_over_tha
     defended = privacy[privacy["defense"] != "none"].sort_values("defense_strength")
     assert list(defended["defense_strength"]) == [0.001, 0.01]
     assert list(defended["psnr_nearest_avg"]) == pytest.approx([11.5, 12.5])
-    assert report.strength_params(defended["defense"]) == {lab: (1, "sigma") for lab in defended["defense"]}
-    assert {report._defense_kind(lab, (1, "sigma")) for lab in defended["defense"]} == {
+    assert set(pd.read_csv(out / "summary.csv")["defense_strength"].dropna()) == {0.1}
+
+
+def test_strength_params_choose_the_parameter_that_makes_curves():
+    comp = "topk_pruning(keep_fraction={k})+gaussian_dp(clip_norm=1.0,sigma={s})"
+    sweep = [comp.format(k=0.1, s=s) for s in (0.001, 0.01, 0.1)]
+    assert report.strength_params(sweep) == {lab: (1, "sigma") for lab in sweep}
+    assert {report._defense_kind(lab, (1, "sigma")) for lab in sweep} == {
         "topk_pruning(keep_fraction=0.1)+gaussian_dp(clip_norm=1.0)"}
-    # one defense, or nothing varying: the first defense's strength, as attack.py writes it
-    assert report.strength_params(["gaussian_dp(clip_norm=1.0,sigma=0.01)", "gaussian_dp(clip_norm=2.0,sigma=0.01)",
-                                   "none"]) == {"gaussian_dp(clip_norm=1.0,sigma=0.01)": (0, "clip_norm"),
-                                                "gaussian_dp(clip_norm=2.0,sigma=0.01)": (0, "clip_norm"),
-                                                "none": None}
+    # one more cell at another keep fraction does not turn the sigma sweep back into one-point lines
+    more = sweep + [comp.format(k=0.5, s=0.01)]
+    assert set(report.strength_params(more).values()) == {(1, "sigma")}
+    # clipping only (sigma 0): a curve over the clip norm; next to nonzero noise the clip norm is not a strength
+    clip = [f"gaussian_dp(clip_norm={c},sigma=0.0)" for c in (0.1, 1.0, 10.0)]
+    assert set(report.strength_params(clip + ["none"]).values()) == {(0, "clip_norm"), None}
+    noisy = [f"gaussian_dp(clip_norm={c},sigma=0.5)" for c in (0.1, 1.0)]
+    assert set(report.strength_params(noisy).values()) == {(0, "sigma")}
+    # nothing varies: attack.defense_label's choice
     assert report.strength_params(["gaussian_dp(clip_norm=1.0,sigma=0.01)"]) == {
         "gaussian_dp(clip_norm=1.0,sigma=0.01)": (0, "sigma")}
+    # a list value's commas and brackets do not split; an item without '=' stays as written
+    assert report._defense_parts("foo(a=[1, 2],sigma=0.1)+bar(x)") == [
+        ("foo", [("a", "[1, 2]"), ("sigma", "0.1")]), ("bar", [("x", None)])]
+    assert report._defense_kind("foo(a=[1, 2],sigma=0.1)+bar(x)") == "foo(a=[1, 2])+bar(x)"
+    assert report._defense_parts("none") == [] and report._defense_kind("none") == "none"
