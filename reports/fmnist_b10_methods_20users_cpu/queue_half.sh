@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The methods table's baseline cells at B = 50 and 100 on one CPU core, for one half of the 20 users:
+#   mkdir -p runs/methods20
 #   nohup bash reports/fmnist_b10_methods_20users_cpu/queue_half.sh 0  > runs/methods20/queue_u0.log  2>&1 &
 #   nohup bash reports/fmnist_b10_methods_20users_cpu/queue_half.sh 10 > runs/methods20/queue_u10.log 2>&1 &
-# Cells in order: DLG B = 50, IG B = 100, DLG B = 100 (10 users each, first_user 0 or 10). A cell whose
-# newest run directory (runs/methods20/<name>-*) says "finished" is skipped; an unfinished one is continued with
-# attack.py --resume (its finished users are skipped); otherwise a new run starts. Safe to kill and restart.
-# Run directories also come back from reports/fmnist_b10_methods_20users_cpu/kept_runs/ (the partial runs a session
-# committed, without checkpoints) when runs/methods20 lacks them: see persist.sh there.
+# Cells in order: DLG B = 50, IG B = 100, DLG B = 100 (10 users each, first_user 0 or 10). Each cell's newest run
+# directory (runs/methods20/<name>-*) is continued with attack.py --resume (it checks the config, skips finished
+# users, says "nothing to resume" for a finished run); otherwise a new run starts. `kill PID` stops it cleanly;
+# safe to restart. Run directories also come back from kept_runs/ (see persist.sh and scripts/queue_lib.sh).
 set -uo pipefail
 FIRST="${1:?usage: queue_half.sh FIRST_USER (0 or 10)}"
 source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/queue_lib.sh"
