@@ -9,7 +9,7 @@
 #                               run that diverged is not retried (it would diverge again): one line says so
 #   queue_persist OUT KEPT      copy OUT/*-2*/ to KEPT, keeping config.yaml, results.csv, summary.json, models.json,
 #                               attack_seed.txt, defense_seeds.txt and each user's raw.pt, raw.png, denoised.png, grid.png
-#                               (~15 KB per user; no checkpoints)
+#                               (~18 KB per user; no checkpoints)
 # Stopping: `kill PID` (SIGTERM) of the queue's bash sends SIGTERM to the running attack.py, which stops as on
 # Ctrl-C (status "interrupted"; finished users and checkpoints kept), and the queue exits (130) without starting
 # another cell; so do SIGINT (Ctrl-C in a terminal) and SIGHUP where the queue does not ignore them (`nohup ... &`
