@@ -455,10 +455,10 @@ def check_devices(trainer: dict) -> None:
         from lightning.pytorch.strategies import StrategyRegistry
 
         known = sorted(StrategyRegistry.available_strategies())
-        if strategy != "auto" and strategy not in known:
+        if strategy.lower() != "auto" and strategy.lower() not in known:
             import difflib
 
-            close = difflib.get_close_matches(strategy, ["auto", *known], n=1)
+            close = difflib.get_close_matches(strategy.lower(), ["auto", *known], n=1)
             raise ConfigError(f"trainer.strategy {strategy!r} is not a Lightning strategy"
                               + (f" (did you mean {close[0]!r}?)" if close else "")
                               + "; attack.py uses auto (one device) or ddp (one process per device, users sharded)")
