@@ -678,6 +678,8 @@ OVERLAY_CHANGES = {  # overlay: (output.name, attack changes, changes outside at
     # selection_output_weight 1.0 is set in the overlay too but is already the default (no change)
     "configs/extension/final_selection.yaml": ("extension_final_selection", {"final_candidates": 32, "t_final": 400},
                                                {}),
+    "configs/extension/final_selection_full.yaml": ("extension_final_selection_full",
+                                                    {"final_candidates": 32, "t_final": 600}, {}),
     "configs/extension/output_matching.yaml": ("extension_output_matching", {"output_weight": 1.0}, {}),
     "configs/method/dlg.yaml": ("dlg", {"class_path": "lightning_modules.baselines.DLG", "init_args": {
         "steps": 300, "lr": 1.0, "max_iter": 20, "history_size": 100, "line_search_fn": None,

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The full-fidelity cells' report, from whatever the queues have finished so far (runs/full20; partial cells count
 # their finished users, named under Notes): each half cell's newest run is refinished with the final-selection
-# extension (configs/extension/final_selection.yaml: 32 candidates from t_final 400; seconds per user, no
-# optimisation repeated) into a new folder under runs/full20_refinished/, then inversion.report pools the halves
-# (--pool-run-names) into one row per cell and final stage (the paper's 'denoise t=100' and 'select N=32').
+# extensions (configs/extension/final_selection_full.yaml: 32 candidates from t_final 600, chosen on these cells'
+# B = 10 trained cell; configs/extension/final_selection.yaml: from t_final 400, chosen at 300 steps; seconds per
+# user, no optimisation repeated) into a new folder under runs/full20_refinished/, then inversion.report pools the
+# halves (--pool-run-names) into one row per cell and final stage (the paper's 'denoise t=100', 'select N=32 t=600'
+# and 'select N=32 t=400').
 #   bash reports/fmnist_full_20users_cpu/make_report.sh [OUT]    # OUT default: reports/fmnist_full_20users_cpu/report
 # OUT is never overwritten (inversion.report picks OUT-1, OUT-2, ... when it exists).
 set -euo pipefail
@@ -21,8 +23,10 @@ for cell in B10 B100 B50; do
       [[ -n "$newest" && -s "$newest/results.csv" ]] || continue
       runs+=("$newest")
       # 'incomplete' (exit 1) for a run still going: its finished users are refinished all the same
-      python scripts/refinish.py "$newest" --config configs/extension/final_selection.yaml --logger.backend csv \
-        --output.root "$REFINISHED" --trainer.enable_progress_bar false || true
+      for ext in final_selection_full final_selection; do
+        python scripts/refinish.py "$newest" --config "configs/extension/$ext.yaml" --logger.backend csv \
+          --output.root "$REFINISHED" --trainer.enable_progress_bar false || true
+      done
     done
   done
 done

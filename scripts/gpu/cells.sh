@@ -12,7 +12,7 @@
 #                  stage) with the shipped or a randomly initialised victim, bf16-mixed, all USERS of a process in
 #                  one batched optimisation (UPS; a chunk's users finish together, so a chunk cut by the deadline
 #                  is lost); the final-selection extension is applied here afterwards by
-#                  `python scripts/refinish.py RUN_DIR --config configs/extension/final_selection.yaml`
+#                  `python scripts/refinish.py RUN_DIR --config configs/extension/final_selection_full.yaml`
 # Settings by environment (defaults = the methods table's remaining cells):
 #   CELLS="ig:100 dlg:100"          FIRST_USERS="0 10"  USERS=10  UPS=USERS (full cells)
 #   BUDGET_S=540                     the device call's limit: the attacks are interrupted (finished users kept)
