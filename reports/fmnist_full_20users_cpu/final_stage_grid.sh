@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Final stages compared on the full-fidelity cells' optimised images (no optimisation repeated: scripts/refinish.py
-# reruns only the final stage, ~2-5 s per user on a CPU core). Each half cell's newest run under runs/full20 whose
+# reruns only the final stage, ~1-15 s per user on a CPU core). Each half cell's newest run under runs/full20 whose
 # name matches CELL (default B10_trained) is refinished with every setting below into runs/full20_grid/<time>/, then
 # inversion.report pools the halves into one row per final stage.
 #   bash reports/fmnist_full_20users_cpu/final_stage_grid.sh [CELL] [OUT]
@@ -28,11 +28,15 @@ done
 for run in "${runs[@]}"; do
   for s in "${SETTINGS[@]}"; do
     read -r n t mu <<<"$s"
-    # 'incomplete' (exit 1) for a run still going: its finished users are refinished all the same
+    # 'incomplete' (exit 1) for a run still going: its finished users are refinished all the same; any other failure
+    # (a config error: 2, Ctrl-C: 130) stops the grid
     python scripts/refinish.py "$run" --config configs/extension/final_selection.yaml \
       --attack.init_args.final_candidates "$n" --attack.init_args.t_final "$t" \
       --attack.init_args.selection_output_weight "$mu" --output.name "grid_N${n}_t${t}_mu${mu}" \
-      --logger.backend csv --output.root "$GRID" --trainer.enable_progress_bar false || true
+      --logger.backend csv --output.root "$GRID" --trainer.enable_progress_bar false || { rc=$?; ((rc == 1)) || exit $rc; }
   done
 done
-python -m inversion.report "$GRID"/*/ --pool-run-names --out "$OUT"
+shopt -s nullglob
+done_runs=("$GRID"/*/)
+[[ ${#done_runs[@]} -gt 0 ]] || { echo "no refinished run under $GRID"; exit 1; }
+python -m inversion.report "${done_runs[@]}" --pool-run-names --out "$OUT"

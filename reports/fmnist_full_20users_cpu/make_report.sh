@@ -22,13 +22,15 @@ for cell in B10 B100 B50; do
       newest=$(queue_newest runs/full20 "${cell}_${victim}_u${first}")
       [[ -n "$newest" && -s "$newest/results.csv" ]] || continue
       runs+=("$newest")
-      # 'incomplete' (exit 1) for a run still going: its finished users are refinished all the same
+      # 'incomplete' (exit 1) for a run still going: its finished users are refinished all the same; any other
+      # failure (a config error: 2, Ctrl-C: 130) stops the report
       for ext in final_selection_full final_selection; do
         python scripts/refinish.py "$newest" --config "configs/extension/$ext.yaml" --logger.backend csv \
-          --output.root "$REFINISHED" --trainer.enable_progress_bar false || true
+          --output.root "$REFINISHED" --trainer.enable_progress_bar false || { rc=$?; ((rc == 1)) || exit $rc; }
       done
     done
   done
 done
 [[ ${#runs[@]} -gt 0 ]] || { echo "no finished users under runs/full20 yet"; exit 1; }
+shopt -s nullglob
 python -m inversion.report "${runs[@]}" "$REFINISHED"/*/ --pool-run-names --out "$OUT"
