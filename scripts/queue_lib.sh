@@ -51,6 +51,12 @@ queue_init() {
   queue_restore "$1" "$2"
 }
 
+queue_init_report() {  # queue_init OUT KEPT for a report script: keeps the caller's OMP_NUM_THREADS (default 1)
+  local threads="${OMP_NUM_THREADS:-1}"
+  queue_init "$@"
+  export OMP_NUM_THREADS="$threads"
+}
+
 queue_newest() {  # the newest run directory OUT/NAME-2*, not a persist leftover (*.old)
   local d newest=""
   for d in "$1/$2"-2*/; do

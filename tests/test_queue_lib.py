@@ -168,3 +168,25 @@ def test_attack_py_stops_on_sigterm_as_on_ctrl_c(tmp_path):
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted", out
     assert f"--resume {run_dir}" in out and list(run_dir.glob("checkpoints/*/last.ckpt"))
+
+
+def test_report_init_keeps_the_callers_threads_where_a_queue_gets_one(tmp_path):
+    """queue_init gives a queue's attack.py one thread (one half cell per core); queue_init_report (make_report.sh,
+    final_stage_grid.sh) keeps the caller's OMP_NUM_THREADS, default 1; both restore the kept runs into OUT."""
+    kept = tmp_path / "kept"
+    make_run(kept, "B10_trained_u0-20260101-000000-aaaaaa", "finished")
+    env = {k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS"}
+    script = ("source {lib}; OMP_NUM_THREADS=3 {init} {out} {kept} >/dev/null; echo \"$OMP_NUM_THREADS\"; "
+              "ls {out}")
+    got = {}
+    for init in ("queue_init", "queue_init_report"):
+        out = tmp_path / init
+        done = subprocess.run(["bash", "-c", script.format(lib=LIB, init=init, out=out, kept=kept)], env=env,
+                              capture_output=True, text=True, check=True)
+        got[init] = done.stdout.split()
+    assert got == {"queue_init": ["1", "B10_trained_u0-20260101-000000-aaaaaa"],
+                   "queue_init_report": ["3", "B10_trained_u0-20260101-000000-aaaaaa"]}
+    env.pop("OMP_NUM_THREADS", None)
+    done = subprocess.run(["bash", "-c", f"source {LIB}; queue_init_report {tmp_path / 'o2'} {kept}; "
+                           "echo \"$OMP_NUM_THREADS\""], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.split()[-1] == "1"

@@ -8,10 +8,8 @@
 # Settings: the final-selection extension's (N 32, t_final 400, mu_sel 1) with a larger t_final (more of the image
 # redrawn by the prior: more varied candidates), more candidates, and the score's output term weighted 0 / 1 / 3.
 set -euo pipefail
-threads="${OMP_NUM_THREADS:-1}"
 source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/queue_lib.sh"
-queue_init runs/full20 reports/fmnist_full_20users_cpu/kept_runs  # on a fresh machine: the kept runs
-export OMP_NUM_THREADS="$threads"
+queue_init_report runs/full20 reports/fmnist_full_20users_cpu/kept_runs  # on a fresh machine: the kept runs
 CELL="${1:-B10_trained}"
 OUT="${2:-reports/fmnist_full_20users_cpu/grid_$CELL}"
 GRID="runs/full20_grid/$(date +%Y%m%d-%H%M%S)"

@@ -9,10 +9,8 @@
 #   bash reports/fmnist_full_20users_cpu/make_report.sh [OUT]    # OUT default: reports/fmnist_full_20users_cpu/report
 # OUT is never overwritten (inversion.report picks OUT-1, OUT-2, ... when it exists).
 set -euo pipefail
-threads="${OMP_NUM_THREADS:-1}"
 source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/queue_lib.sh"
-queue_init runs/full20 reports/fmnist_full_20users_cpu/kept_runs  # on a fresh machine: the kept runs
-export OMP_NUM_THREADS="$threads"
+queue_init_report runs/full20 reports/fmnist_full_20users_cpu/kept_runs  # on a fresh machine: the kept runs
 OUT="${1:-reports/fmnist_full_20users_cpu/report}"
 REFINISHED="runs/full20_refinished/$(date +%Y%m%d-%H%M%S)"
 runs=()
