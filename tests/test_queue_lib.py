@@ -110,6 +110,9 @@ def test_a_signal_to_the_queue_stops_the_running_attack_as_ctrl_c_and_starts_no_
     def start():
         os.setsid()
         signal.signal(signal.SIGINT, signal.SIG_IGN if int_ignored else signal.SIG_DFL)
+        # a queue that does not ignore SIGHUP (bash cannot trap a signal ignored at its start): a test run under
+        # `nohup` passed its ignored SIGHUP on, and the SIGHUP case waited out its timeout
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
     queue = subprocess.Popen(["bash", "queue.sh"], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, preexec_fn=start)
