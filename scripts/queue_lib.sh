@@ -7,6 +7,7 @@
 #                               --resume the newest OUT/NAME-* run when there is one (attack.py checks its config is
 #                               this one and says "nothing to resume" when it is finished), else start a new run; a
 #                               run that diverged is not retried (it would diverge again): one line says so
+#   queue_refinish RUN ARGS..   scripts/refinish.py RUN ARGS..; only its "incomplete" exit (1) lets the caller go on
 #   queue_persist OUT KEPT      copy OUT/*-2*/ to KEPT, keeping config.yaml, results.csv, summary.json, models.json,
 #                               attack_seed.txt, defense_seeds.txt and each user's raw.pt, raw.png, denoised.png, grid.png
 #                               (~18 KB per user; no checkpoints)
@@ -55,6 +56,11 @@ queue_init_report() {  # queue_init OUT KEPT for a report script: keeps the call
   local threads="${OMP_NUM_THREADS:-1}"
   queue_init "$@"
   export OMP_NUM_THREADS="$threads"
+}
+
+queue_refinish() {  # python scripts/refinish.py RUN ARGS..: a run still going ('incomplete', exit 1) is refinished
+  # for its finished users and the caller goes on; any other failure (a config error: 2, Ctrl-C: 130) ends the caller
+  python scripts/refinish.py "$@" || { local rc=$?; ((rc == 1)) || exit $rc; }
 }
 
 queue_newest() {  # the newest run directory OUT/NAME-2*, not a persist leftover (*.old)

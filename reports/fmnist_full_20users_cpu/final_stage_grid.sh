@@ -26,12 +26,10 @@ done
 for run in "${runs[@]}"; do
   for s in "${SETTINGS[@]}"; do
     read -r n t mu <<<"$s"
-    # 'incomplete' (exit 1) for a run still going: its finished users are refinished all the same; any other failure
-    # (a config error: 2, Ctrl-C: 130) stops the grid
-    python scripts/refinish.py "$run" --config configs/extension/final_selection.yaml \
+    queue_refinish "$run" --config configs/extension/final_selection.yaml \
       --attack.init_args.final_candidates "$n" --attack.init_args.t_final "$t" \
       --attack.init_args.selection_output_weight "$mu" --output.name "grid_N${n}_t${t}_mu${mu}" \
-      --logger.backend csv --output.root "$GRID" --trainer.enable_progress_bar false || { rc=$?; ((rc == 1)) || exit $rc; }
+      --logger.backend csv --output.root "$GRID" --trainer.enable_progress_bar false
   done
 done
 shopt -s nullglob

@@ -20,11 +20,9 @@ for cell in B10 B100 B50; do
       newest=$(queue_newest runs/full20 "${cell}_${victim}_u${first}")
       [[ -n "$newest" && -s "$newest/results.csv" ]] || continue
       runs+=("$newest")
-      # 'incomplete' (exit 1) for a run still going: its finished users are refinished all the same; any other
-      # failure (a config error: 2, Ctrl-C: 130) stops the report
-      for ext in final_selection_full final_selection; do
-        python scripts/refinish.py "$newest" --config "configs/extension/$ext.yaml" --logger.backend csv \
-          --output.root "$REFINISHED" --trainer.enable_progress_bar false || { rc=$?; ((rc == 1)) || exit $rc; }
+      for ext in final_selection_full final_selection; do  # a run still going: its finished users
+        queue_refinish "$newest" --config "configs/extension/$ext.yaml" --logger.backend csv \
+          --output.root "$REFINISHED" --trainer.enable_progress_bar false
       done
     done
   done

@@ -6,7 +6,8 @@
 #   nohup bash reports/fmnist_full_20users_cpu/queue_half.sh 10 > runs/full20/queue_u10.log 2>&1 &
 # 0.25 s per step with one half per core of a 2-core machine: ~16.5 minutes per user, ~2.8 hours per cell. Cells in
 # order: the bar's (trained victim) B = 10, 100, 50, then the random victim's B = 10, 100, 50 (B = 10 random was
-# started second before session 21 moved the trained cells first: its partial run is resumed when its turn comes). Each cell checkpoints every 500 steps and is continued with attack.py --resume (scripts/queue_lib.sh).
+# started second before session 21 moved the trained cells first: its partial run is resumed when its turn comes).
+# Each cell checkpoints every 500 steps and is continued with attack.py --resume (scripts/queue_lib.sh).
 # Before the machine goes away: `kill PID` of each queue (its attack.py stops 'interrupted'), then
 # `bash reports/fmnist_full_20users_cpu/persist.sh` and commit kept_runs/ (the next machine copies them back; a user
 # in progress there restarts, as checkpoints are not kept in git).
@@ -18,8 +19,8 @@ QUEUE_COMMON=(--config configs/attack/fashion_mnist_full.yaml --users.init_args.
               --users.init_args.first_user "$FIRST" --checkpoint_every 500
               --logger.backend csv --trainer.enable_progress_bar false --output.root "$QUEUE_OUT")
 for victim in trained random; do
+  random_init=false; [[ $victim == random ]] && random_init=true
   for b in 10 100 50; do
-    random_init=false; [[ $victim == random ]] && random_init=true
     queue_run_cell "B${b}_${victim}_u$FIRST" --users.init_args.batch_size "$b" --victim.random_init "$random_init"
   done
 done
