@@ -9,8 +9,11 @@
 #                               run that diverged is not retried (it would diverge again): one line says so
 #   queue_refinish RUN ARGS..   scripts/refinish.py RUN ARGS..; only its "incomplete" exit (1) lets the caller go on
 #   queue_persist OUT KEPT      copy OUT/*-2*/ to KEPT, keeping config.yaml, results.csv, summary.json, models.json,
-#                               attack_seed.txt, defense_seeds.txt and each user's raw.pt, raw.png, denoised.png, grid.png
-#                               (~18 KB per user; no checkpoints)
+#                               attack_seed.txt, defense_seeds.txt, each user's raw.pt, raw.png, denoised.png, grid.png
+#                               (~18 KB per user) and the mid-user checkpoint of a user in progress
+#                               (checkpoints/<user>/last.ckpt: the dummy image and Adam's state, ~50 KB; attack.py deletes
+#                               a user's checkpoint when the user finishes), so the next session resumes that user at its
+#                               last checkpoint (--checkpoint_every) instead of restarting it
 # Stopping: `kill PID` (SIGTERM) of the queue's bash sends SIGTERM to the running attack.py, which stops as on
 # Ctrl-C (status "interrupted"; finished users and checkpoints kept), and the queue exits (130) without starting
 # another cell; so do SIGINT (Ctrl-C in a terminal) and SIGHUP where the queue does not ignore them (`nohup ... &`
@@ -115,7 +118,8 @@ dst.mkdir(parents=True)
 for f in ("config.yaml", "results.csv", "summary.json", "models.json", "attack_seed.txt", "defense_seeds.txt"):
     if (src / f).is_file():
         shutil.copy2(src / f, dst / f)
-for img in sorted(p for name in ("raw.png", "raw.pt", "denoised.png", "grid.png") for p in src.glob(f"users/*/{name}")):
+for img in sorted([p for name in ("raw.png", "raw.pt", "denoised.png", "grid.png") for p in src.glob(f"users/*/{name}")]
+                  + list(src.glob("checkpoints/*/last.ckpt"))):
     (dst / img.parent.relative_to(src)).mkdir(parents=True, exist_ok=True)
     shutil.copy2(img, dst / img.relative_to(src))
 PY

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
+import shutil
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -766,8 +768,6 @@ def test_output_terms_under_fedavg_with_hidden_b_and_mini_batches_warn_before_th
 def test_a_run_directory_moved_between_resumes_keeps_saving_last_ckpt(tmp_path, monkeypatch):
     """Lightning records the checkpoint folder's absolute path; after the run directory moved, a resumed fit saved
     last-v1.ckpt beside the old last.ckpt, and every later --resume restarted from the old step."""
-    import shutil
-
     from tests.helpers import interrupt_user_at
 
     cfg = tiny_config(tmp_path, **{"logger.backend": "csv", "users.init_args.num_users": 1,
@@ -790,6 +790,39 @@ def test_a_run_directory_moved_between_resumes_keeps_saving_last_ckpt(tmp_path, 
     spy.at = None
     attack.main(["--config", str(cfg), "--checkpoint_every", "2", "--resume", str(moved)])
     assert spy.calls == [("user_0000/", 4), ("user_0000/", 5)]  # continued from step 4, not from step 2 again
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_a_run_kept_in_git_by_queue_persist_resumes_the_user_in_progress_at_its_checkpoint(tmp_path, monkeypatch):
+    """The CPU queues keep a subset of each run directory in git (scripts/queue_lib.sh: queue_persist) and copy it
+    back on the next machine (queue_restore). The user in progress used to restart there (no checkpoint was kept):
+    up to a whole user's attack (~17 minutes at 4,000 steps) lost per queue per session."""
+    import subprocess
+    import sys
+
+    from tests.helpers import interrupt_user_at
+
+    cfg = tiny_config(tmp_path, **{"logger.backend": "csv", "users.init_args.num_users": 2,
+                                   "attack.init_args.steps": 6})
+    spy = interrupt_user_at(monkeypatch, "user_0001/", 5)  # after user 1's checkpoint of step 4
+    with pytest.raises(SystemExit):
+        attack.main(["--config", str(cfg), "--checkpoint_every", "2"])
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    lib = Path(attack.__file__).resolve().parent / "scripts" / "queue_lib.sh"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run(["bash", "-c", f"source {lib}\nqueue_persist runs kept"], cwd=tmp_path, env=env, check=True,
+                   capture_output=True)
+    kept = tmp_path / "kept" / run_dir.name
+    assert (kept / "checkpoints" / "user_0001" / "last.ckpt").is_file() and not (kept / "logs").exists()
+    shutil.rmtree(tmp_path / "runs")  # a fresh machine: only what git kept
+    subprocess.run(["bash", "-c", f"source {lib}\nqueue_restore runs kept"], cwd=tmp_path, env=env, check=True)
+    spy.calls.clear()
+    spy.at = None
+    attack.main(["--config", str(cfg), "--checkpoint_every", "2", "--resume", str(run_dir)])
+    assert spy.calls == [("user_0001/", 4), ("user_0001/", 5)]  # user 0 kept, user 1 continued from step 4
+    rows = list(csv.DictReader((run_dir / "results.csv").open()))
+    assert [r["user"] for r in rows] == ["0", "1"] and rows[1]["steps"] == "6"
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
 
 
 def test_summary_means_include_ssim_and_the_probability_of_the_dominant_class():

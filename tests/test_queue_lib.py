@@ -1,6 +1,6 @@
 """scripts/queue_lib.sh: the CPU queues that carry a report's cells across sessions (reports/*/queue_half.sh and
 persist.sh). What they decide (resume a cell's newest run, start a missing one, leave a diverged one), what they keep
-in git (small result files and images, never checkpoints) and how a signal stops them are checked here, with
+in git (small result files and images, and the checkpoint of a user in progress) and how a signal stops them are checked here, with
 attack.py replaced by an echo or by a stand-in script."""
 
 from __future__ import annotations
@@ -68,16 +68,22 @@ def test_run_cell_resumes_the_newest_run_leaves_a_diverged_one_and_starts_a_miss
     assert "[queue] D: diverged: NaN at step 7" in stdout and "not retried" in stdout
 
 
-def test_persist_keeps_results_and_images_but_no_checkpoints_and_restore_copies_back_only_what_is_missing(tmp_path):
+def test_persist_keeps_results_images_and_the_mid_user_checkpoint_and_restore_copies_back_only_what_is_missing(tmp_path):
     out, kept = tmp_path / "runs", tmp_path / "kept"
     run = make_run(out, "A-20261201-000000-aaaaaa", None, users=3)
+    (run / "checkpoints" / "user_0003").mkdir(parents=True)  # the user in progress: resumed at its last checkpoint
+    (run / "checkpoints" / "user_0003" / "last.ckpt").write_bytes(b"ckpt")
+    (run / "checkpoints" / "user_0003" / "step=500.ckpt").write_bytes(b"other")  # only last.ckpt is read by --resume
+    (run / "logs").mkdir()
+    (run / "logs" / "metrics.csv").write_text("step\n")
     (kept / run.name / "users").mkdir(parents=True)  # an older kept copy is replaced whole
     (kept / run.name / "stale.txt").write_text("old")
     stdout = run_bash(f"queue_persist {out} {kept}\n", tmp_path)
     assert f"kept {kept}/{run.name} (3 users)" in stdout
     files = sorted(str(p.relative_to(kept / run.name)) for p in (kept / run.name).rglob("*") if p.is_file())
     assert files == sorted(["attack_seed.txt", "config.yaml", "defense_seeds.txt", "models.json", "results.csv"] + [
-        f"users/user_{u:04d}/{f}" for u in range(3) for f in ("denoised.png", "grid.png", "raw.png", "raw.pt")])
+        f"users/user_{u:04d}/{f}" for u in range(3) for f in ("denoised.png", "grid.png", "raw.png", "raw.pt")]
+        + ["checkpoints/user_0003/last.ckpt"])
     assert not list(kept.glob(".tmp-*")) and not list(kept.glob("*.old"))
 
     shutil.rmtree(out)
@@ -87,6 +93,7 @@ def test_persist_keeps_results_and_images_but_no_checkpoints_and_restore_copies_
     (kept / "C-20261201-000000-ffffff.old").mkdir()  # a persist cut short between its two renames
     run_bash(f"queue_restore {out} {kept}\n", tmp_path)
     assert (out / run.name / "users" / "user_0002" / "raw.pt").read_bytes() == b"raw.pt"
+    assert (out / run.name / "checkpoints" / "user_0003" / "last.ckpt").read_bytes() == b"ckpt"
     assert not (out / "B-keep-mine" / "results.csv").exists()  # an existing run directory is never overwritten
     assert not (out / "C-20261201-000000-ffffff.old").exists()
 
